@@ -1,0 +1,1 @@
+//! OTP-grade supervision trees for tokio tasks (work in progress).
