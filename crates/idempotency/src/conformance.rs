@@ -1,0 +1,420 @@
+//! The conformance suite every [`Store`] must pass.
+//!
+//! The same checks run against the memory, embedded, Redis and PostgreSQL
+//! stores, so the engine can rely on one contract. A store written by a user
+//! can run them too:
+//!
+//! ```
+//! # #[cfg(any())] // needs a real store
+//! # async fn demo() {
+//! let store = my_crate::MyStore::connect().await;
+//! keel_idempotency::conformance::run(&store).await;
+//! # }
+//! ```
+//!
+//! Every case uses keys of its own, under a prefix unique to the run, so the
+//! suite can share a Redis or PostgreSQL server with other tests running at
+//! the same time. Lease and TTL cases wait on tokio's clock, so they run
+//! instantly under paused time with stores that read tokio's clock, and take
+//! a fraction of a second against real servers.
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use crate::store::{Claim, FencingToken, Fingerprint, Store, StoreError, StoreKey};
+
+/// The lease the suite uses where it waits for expiry.
+pub const SHORT_LEASE: Duration = Duration::from_millis(300);
+
+/// A lease long enough never to expire during a case.
+pub const LONG_LEASE: Duration = Duration::from_secs(60);
+
+const TTL: Duration = Duration::from_secs(600);
+
+/// Runs every single-instance case against `store`, panicking with the
+/// case's name on the first failure.
+pub async fn run<S: Store + ?Sized>(store: &S) {
+    let p = unique_prefix();
+    claim_then_in_flight(store, &p).await;
+    complete_then_replay(store, &p).await;
+    wrong_token_is_fenced(store, &p).await;
+    release_frees_key_with_higher_token(store, &p).await;
+    complete_is_once(store, &p).await;
+    keys_are_independent(store, &p).await;
+    payloads_round_trip(store, &p).await;
+    lease_expiry_fences_old_holder(store, &p).await;
+    completed_record_expires(store, &p).await;
+    concurrent_claims_one_winner(store, &p).await;
+    many_keys_concurrent(store, &p).await;
+}
+
+/// Runs the cross-instance case: two store instances `a` and `b` backed by
+/// the same server, 200 keys with 8 concurrent duplicate claims each, split
+/// across both; exactly 200 claims may win.
+pub async fn run_shared<S: Store + ?Sized>(a: &S, b: &S) {
+    let p = unique_prefix();
+    let fp = fp(1);
+    let keys: Vec<StoreKey> = (0..200).map(|i| key(&p, &format!("shared-{i}"))).collect();
+    let mut claims = Vec::new();
+    for k in &keys {
+        for dup in 0..8 {
+            let s = if dup % 2 == 0 { a } else { b };
+            claims.push(async move { (k, s.claim(k, fp, LONG_LEASE).await) });
+        }
+    }
+    let results = join_all(claims).await;
+    let mut winners = HashSet::new();
+    for (k, r) in results {
+        match r.unwrap_or_else(|e| panic!("[run_shared] claim {k} failed: {e}")) {
+            Claim::Acquired { .. } => {
+                assert!(winners.insert(k.clone()), "[run_shared] {k} acquired twice");
+            }
+            Claim::InFlight { .. } => {}
+            other => panic!("[run_shared] unexpected {other:?}"),
+        }
+    }
+    assert_eq!(
+        winners.len(),
+        200,
+        "[run_shared] every key must be won exactly once"
+    );
+}
+
+/// A prefix unique to this process and call, for keys that must not collide
+/// with other tests sharing the server.
+///
+/// ```
+/// let a = keel_idempotency::conformance::unique_prefix();
+/// let b = keel_idempotency::conformance::unique_prefix();
+/// assert_ne!(a, b);
+/// ```
+pub fn unique_prefix() -> String {
+    static SEQ: AtomicU64 = AtomicU64::new(0);
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    format!(
+        "conf-{}-{nanos:x}-{}",
+        std::process::id(),
+        SEQ.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+fn key(prefix: &str, name: &str) -> StoreKey {
+    StoreKey::new(format!("{prefix}:{name}")).expect("suite keys are valid")
+}
+
+fn fp(n: u8) -> Fingerprint {
+    Fingerprint([n; 32])
+}
+
+async fn acquire<S: Store + ?Sized>(
+    store: &S,
+    k: &StoreKey,
+    lease: Duration,
+    case: &str,
+) -> FencingToken {
+    match store.claim(k, fp(1), lease).await {
+        Ok(Claim::Acquired { token }) => token,
+        other => panic!("[{case}] expected Acquired for {k}, got {other:?}"),
+    }
+}
+
+async fn claim_then_in_flight<S: Store + ?Sized>(store: &S, p: &str) {
+    let case = "claim_then_in_flight";
+    let k = key(p, case);
+    acquire(store, &k, LONG_LEASE, case).await;
+    match store.claim(&k, fp(2), LONG_LEASE).await {
+        Ok(Claim::InFlight {
+            fingerprint,
+            retry_after,
+        }) => {
+            assert_eq!(
+                fingerprint,
+                fp(1),
+                "[{case}] in-flight claim keeps the holder's fingerprint"
+            );
+            assert!(
+                retry_after > Duration::ZERO && retry_after <= LONG_LEASE,
+                "[{case}] retry_after {retry_after:?} must be within the lease"
+            );
+        }
+        other => panic!("[{case}] expected InFlight, got {other:?}"),
+    }
+}
+
+async fn complete_then_replay<S: Store + ?Sized>(store: &S, p: &str) {
+    let case = "complete_then_replay";
+    let k = key(p, case);
+    let token = acquire(store, &k, LONG_LEASE, case).await;
+    store
+        .complete(&k, token, b"result", TTL)
+        .await
+        .unwrap_or_else(|e| panic!("[{case}] complete failed: {e}"));
+    for _ in 0..2 {
+        match store.claim(&k, fp(9), LONG_LEASE).await {
+            Ok(Claim::Completed {
+                fingerprint,
+                payload,
+            }) => {
+                assert_eq!(fingerprint, fp(1), "[{case}] stored fingerprint");
+                assert_eq!(payload, b"result", "[{case}] stored payload");
+            }
+            other => panic!("[{case}] expected Completed, got {other:?}"),
+        }
+    }
+}
+
+async fn wrong_token_is_fenced<S: Store + ?Sized>(store: &S, p: &str) {
+    let case = "wrong_token_is_fenced";
+    let k = key(p, case);
+    let token = acquire(store, &k, LONG_LEASE, case).await;
+    let wrong = FencingToken(token.0.wrapping_add(1000));
+    assert!(
+        matches!(
+            store.complete(&k, wrong, b"x", TTL).await,
+            Err(StoreError::Fenced)
+        ),
+        "[{case}] complete with a foreign token must be fenced"
+    );
+    assert!(
+        matches!(store.release(&k, wrong).await, Err(StoreError::Fenced)),
+        "[{case}] release with a foreign token must be fenced"
+    );
+    let missing = key(p, "never-claimed");
+    assert!(
+        matches!(
+            store.complete(&missing, token, b"x", TTL).await,
+            Err(StoreError::Fenced)
+        ),
+        "[{case}] complete of an unclaimed key must be fenced"
+    );
+    // The holder is unaffected.
+    store
+        .complete(&k, token, b"ok", TTL)
+        .await
+        .unwrap_or_else(|e| panic!("[{case}] holder's complete failed: {e}"));
+}
+
+async fn release_frees_key_with_higher_token<S: Store + ?Sized>(store: &S, p: &str) {
+    let case = "release_frees_key_with_higher_token";
+    let k = key(p, case);
+    let first = acquire(store, &k, LONG_LEASE, case).await;
+    store
+        .release(&k, first)
+        .await
+        .unwrap_or_else(|e| panic!("[{case}] release failed: {e}"));
+    let second = acquire(store, &k, LONG_LEASE, case).await;
+    assert!(
+        second > first,
+        "[{case}] token after release {second:?} must exceed {first:?}"
+    );
+    assert!(
+        matches!(
+            store.complete(&k, first, b"late", TTL).await,
+            Err(StoreError::Fenced)
+        ),
+        "[{case}] the released token must be fenced"
+    );
+    assert!(
+        matches!(store.release(&k, first).await, Err(StoreError::Fenced)),
+        "[{case}] releasing twice must be fenced"
+    );
+}
+
+async fn complete_is_once<S: Store + ?Sized>(store: &S, p: &str) {
+    let case = "complete_is_once";
+    let k = key(p, case);
+    let token = acquire(store, &k, LONG_LEASE, case).await;
+    store
+        .complete(&k, token, b"first", TTL)
+        .await
+        .unwrap_or_else(|e| panic!("[{case}] complete failed: {e}"));
+    assert!(
+        matches!(
+            store.complete(&k, token, b"second", TTL).await,
+            Err(StoreError::Fenced)
+        ),
+        "[{case}] a second complete must be fenced"
+    );
+    assert!(
+        matches!(store.release(&k, token).await, Err(StoreError::Fenced)),
+        "[{case}] release after complete must be fenced"
+    );
+    match store.claim(&k, fp(1), LONG_LEASE).await {
+        Ok(Claim::Completed { payload, .. }) => assert_eq!(payload, b"first", "[{case}]"),
+        other => panic!("[{case}] expected Completed, got {other:?}"),
+    }
+}
+
+async fn keys_are_independent<S: Store + ?Sized>(store: &S, p: &str) {
+    let case = "keys_are_independent";
+    let a = key(p, "indep-a");
+    let b = key(p, "indep-b");
+    let ta = acquire(store, &a, LONG_LEASE, case).await;
+    let tb = acquire(store, &b, LONG_LEASE, case).await;
+    store
+        .complete(&a, ta, b"A", TTL)
+        .await
+        .unwrap_or_else(|e| panic!("[{case}] complete a: {e}"));
+    match store.claim(&b, fp(1), LONG_LEASE).await {
+        Ok(Claim::InFlight { .. }) => {}
+        other => panic!("[{case}] b must still be in flight, got {other:?}"),
+    }
+    store
+        .complete(&b, tb, b"B", TTL)
+        .await
+        .unwrap_or_else(|e| panic!("[{case}] complete b: {e}"));
+    for (k, want) in [(&a, b"A"), (&b, b"B")] {
+        match store.claim(k, fp(1), LONG_LEASE).await {
+            Ok(Claim::Completed { payload, .. }) => assert_eq!(payload, want, "[{case}]"),
+            other => panic!("[{case}] expected Completed, got {other:?}"),
+        }
+    }
+}
+
+async fn payloads_round_trip<S: Store + ?Sized>(store: &S, p: &str) {
+    let case = "payloads_round_trip";
+    let all_bytes: Vec<u8> = (0..=255u8).cycle().take(4096).collect();
+    let large: Vec<u8> = (0..(1 << 20))
+        .map(|i: u32| (i.wrapping_mul(2_654_435_761) >> 24) as u8)
+        .collect();
+    for (name, payload) in [
+        ("empty", Vec::new()),
+        ("all-bytes", all_bytes),
+        ("1MiB", large),
+    ] {
+        let k = key(p, &format!("{case}-{name}"));
+        let token = acquire(store, &k, LONG_LEASE, case).await;
+        store
+            .complete(&k, token, &payload, TTL)
+            .await
+            .unwrap_or_else(|e| panic!("[{case}/{name}] complete failed: {e}"));
+        match store.claim(&k, fp(1), LONG_LEASE).await {
+            Ok(Claim::Completed { payload: got, .. }) => {
+                assert!(
+                    got == payload,
+                    "[{case}/{name}] payload changed in the store"
+                );
+            }
+            other => panic!("[{case}/{name}] expected Completed, got {other:?}"),
+        }
+    }
+}
+
+async fn lease_expiry_fences_old_holder<S: Store + ?Sized>(store: &S, p: &str) {
+    let case = "lease_expiry_fences_old_holder";
+    let k = key(p, case);
+    let old = acquire(store, &k, SHORT_LEASE, case).await;
+    tokio::time::sleep(SHORT_LEASE * 2).await;
+    let new = acquire(store, &k, LONG_LEASE, case).await;
+    assert!(
+        new > old,
+        "[{case}] token after expiry {new:?} must exceed {old:?}"
+    );
+    assert!(
+        matches!(
+            store.complete(&k, old, b"stale", TTL).await,
+            Err(StoreError::Fenced)
+        ),
+        "[{case}] the expired holder's completion must be refused"
+    );
+    assert!(
+        matches!(store.release(&k, old).await, Err(StoreError::Fenced)),
+        "[{case}] the expired holder's release must be refused"
+    );
+    store
+        .complete(&k, new, b"fresh", TTL)
+        .await
+        .unwrap_or_else(|e| panic!("[{case}] new holder's complete failed: {e}"));
+    match store.claim(&k, fp(1), LONG_LEASE).await {
+        Ok(Claim::Completed { payload, .. }) => assert_eq!(payload, b"fresh", "[{case}]"),
+        other => panic!("[{case}] expected Completed, got {other:?}"),
+    }
+}
+
+async fn completed_record_expires<S: Store + ?Sized>(store: &S, p: &str) {
+    let case = "completed_record_expires";
+    let k = key(p, case);
+    let first = acquire(store, &k, LONG_LEASE, case).await;
+    store
+        .complete(&k, first, b"short-lived", SHORT_LEASE)
+        .await
+        .unwrap_or_else(|e| panic!("[{case}] complete failed: {e}"));
+    tokio::time::sleep(SHORT_LEASE * 2).await;
+    let second = acquire(store, &k, LONG_LEASE, case).await;
+    assert!(
+        second > first,
+        "[{case}] token after TTL expiry must exceed the first"
+    );
+}
+
+async fn concurrent_claims_one_winner<S: Store + ?Sized>(store: &S, p: &str) {
+    let case = "concurrent_claims_one_winner";
+    let k = key(p, case);
+    let results = join_all((0..64).map(|_| store.claim(&k, fp(1), LONG_LEASE))).await;
+    let mut acquired = 0;
+    for r in results {
+        match r {
+            Ok(Claim::Acquired { .. }) => acquired += 1,
+            Ok(Claim::InFlight { .. }) => {}
+            other => panic!("[{case}] unexpected {other:?}"),
+        }
+    }
+    assert_eq!(
+        acquired, 1,
+        "[{case}] exactly one of 64 concurrent claims may win"
+    );
+}
+
+async fn many_keys_concurrent<S: Store + ?Sized>(store: &S, p: &str) {
+    let case = "many_keys_concurrent";
+    let keys: Vec<StoreKey> = (0..100).map(|i| key(p, &format!("{case}-{i}"))).collect();
+    let claims = keys.iter().flat_map(|k| {
+        (0..8).map(move |_| async move { (k, store.claim(k, fp(1), LONG_LEASE).await) })
+    });
+    let mut winners = HashSet::new();
+    for (k, r) in join_all(claims).await {
+        match r {
+            Ok(Claim::Acquired { .. }) => {
+                assert!(winners.insert(k.clone()), "[{case}] {k} won twice")
+            }
+            Ok(Claim::InFlight { .. }) => {}
+            other => panic!("[{case}] unexpected {other:?}"),
+        }
+    }
+    assert_eq!(
+        winners.len(),
+        100,
+        "[{case}] every key must be won exactly once"
+    );
+}
+
+/// Polls all futures concurrently on the current task and returns their
+/// outputs in order; enough for the suite without a futures dependency.
+async fn join_all<F: std::future::Future>(futures: impl IntoIterator<Item = F>) -> Vec<F::Output> {
+    let mut set = Vec::new();
+    for f in futures {
+        set.push(Box::pin(f));
+    }
+    let mut out: Vec<Option<F::Output>> = set.iter().map(|_| None).collect();
+    std::future::poll_fn(|cx| {
+        let mut pending = false;
+        for (slot, fut) in out.iter_mut().zip(set.iter_mut()) {
+            if slot.is_none() {
+                match fut.as_mut().poll(cx) {
+                    std::task::Poll::Ready(v) => *slot = Some(v),
+                    std::task::Poll::Pending => pending = true,
+                }
+            }
+        }
+        if pending {
+            std::task::Poll::Pending
+        } else {
+            std::task::Poll::Ready(())
+        }
+    })
+    .await;
+    out.into_iter().flatten().collect()
+}

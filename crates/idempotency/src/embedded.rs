@@ -1,0 +1,1 @@
+//! Embedded durable store on redb (to be written).

@@ -1,0 +1,1 @@
+//! In-memory store: sharded, bounded, TTL expiry (to be written).

@@ -1,0 +1,1 @@
+//! PostgreSQL store: one statement per operation (to be written).

@@ -1,0 +1,1 @@
+//! Redis store: one round trip per operation (to be written).
