@@ -22,12 +22,22 @@ struct Model {
 impl Model {
     fn restart_escalates(&mut self, now: Instant) -> bool {
         self.all_restarts.push(now);
-        let in_window = self.all_restarts.iter().filter(|&&t| now - t <= self.period).count();
+        let in_window = self
+            .all_restarts
+            .iter()
+            .filter(|&&t| now - t <= self.period)
+            .count();
         in_window > self.intensity
     }
 }
 
-fn run_case(intensity: u32, period_ms: u64, children: usize, strategy: Strategy, steps: &[(u64, usize)]) {
+fn run_case(
+    intensity: u32,
+    period_ms: u64,
+    children: usize,
+    strategy: Strategy,
+    steps: &[(u64, usize)],
+) {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_time()
         .start_paused(true)
@@ -35,7 +45,9 @@ fn run_case(intensity: u32, period_ms: u64, children: usize, strategy: Strategy,
         .expect("runtime");
     rt.block_on(async {
         let log = Log::default();
-        let puppets: Vec<Puppet> = (0..children).map(|i| Puppet::new(&format!("c{i}"), &log)).collect();
+        let puppets: Vec<Puppet> = (0..children)
+            .map(|i| Puppet::new(&format!("c{i}"), &log))
+            .collect();
         let sup = puppets
             .iter()
             .fold(
@@ -66,7 +78,9 @@ fn run_case(intensity: u32, period_ms: u64, children: usize, strategy: Strategy,
                     .expect("event stream open");
                 match e.kind {
                     EventKind::Escalated { .. } if &*e.path == "root" => break true,
-                    EventKind::Ready if victim.starts() == starts_before + 1 && handle.is_ready() => {
+                    EventKind::Ready
+                        if victim.starts() == starts_before + 1 && handle.is_ready() =>
+                    {
                         break false;
                     }
                     _ => {}
@@ -113,5 +127,11 @@ fn boundary_restart_exactly_at_the_period_still_counts() {
     // Two restarts exactly `period` apart are both inside the window.
     run_case(1, 1000, 1, Strategy::OneForOne, &[(0, 0), (1000, 0)]);
     // One millisecond later the first has left the window.
-    run_case(1, 1000, 1, Strategy::OneForOne, &[(0, 0), (1001, 0), (1001, 0)]);
+    run_case(
+        1,
+        1000,
+        1,
+        Strategy::OneForOne,
+        &[(0, 0), (1001, 0), (1001, 0)],
+    );
 }
