@@ -1,0 +1,316 @@
+//! The connection registry: who is connected, and how to ask each to close.
+//!
+//! Registering and unregistering are O(1) and touch one shard of a sharded
+//! map, chosen by the connection's id, so accepts on different cores do not
+//! contend on one lock and no single task sits on the path.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use tokio::sync::{Notify, watch};
+
+/// What kind of connection an entry is; plans may treat them differently
+/// (an HTTP/1 connection closes after its next response, a tunnel closes
+/// with a WebSocket close frame).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ConnKind {
+    /// A downstream HTTP/1.1 connection.
+    Http1,
+    /// A downstream HTTP/2 connection.
+    Http2,
+    /// An upgraded connection (WebSocket or other) tunnelled to an upstream.
+    Tunnel,
+}
+
+/// How a connection is asked to close.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CloseRequest {
+    /// Finish what is in flight and close (`Connection: close`, GOAWAY, a
+    /// WebSocket close frame), or close now (the deadline passed).
+    pub force: bool,
+    /// A suggested wait before reconnecting, spread across connections so
+    /// clients do not come back together; send it to the client (for
+    /// example in the WebSocket close reason).
+    pub reconnect_after: Duration,
+}
+
+/// Identifies one registered connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ConnId(pub u64);
+
+struct Entry {
+    kind: ConnKind,
+    endpoint: Option<Arc<str>>,
+    close: watch::Sender<Option<CloseRequest>>,
+    /// The drains this connection is part of (usually none or one); each
+    /// counts its members down as they leave.
+    drains: Vec<Arc<Tally>>,
+}
+
+/// How many of a drain's connections are still here, and a wake-up for the
+/// drain when one leaves.
+#[derive(Debug, Default)]
+pub(crate) struct Tally {
+    pub(crate) remaining: AtomicUsize,
+    pub(crate) left: Notify,
+}
+
+struct Shared {
+    shards: Box<[Mutex<HashMap<u64, Entry>>]>,
+    next_id: AtomicU64,
+    live: AtomicUsize,
+}
+
+/// All live connections of a server.
+///
+/// ```
+/// use keel_drain::{ConnKind, Registry};
+///
+/// let registry = Registry::new();
+/// let conn = registry.register(ConnKind::Http1, None);
+/// assert_eq!(registry.len(), 1);
+/// drop(conn); // unregisters
+/// assert_eq!(registry.len(), 0);
+/// ```
+#[derive(Clone)]
+pub struct Registry {
+    shared: Arc<Shared>,
+}
+
+impl Default for Registry {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl std::fmt::Debug for Registry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Registry")
+            .field("live", &self.len())
+            .finish()
+    }
+}
+
+impl Registry {
+    /// A registry with one shard per available core (at least 8).
+    pub fn new() -> Self {
+        let n = std::thread::available_parallelism()
+            .map_or(8, |n| n.get() * 4)
+            .max(8)
+            .next_power_of_two();
+        Self {
+            shared: Arc::new(Shared {
+                shards: (0..n).map(|_| Mutex::new(HashMap::new())).collect(),
+                next_id: AtomicU64::new(1),
+                live: AtomicUsize::new(0),
+            }),
+        }
+    }
+
+    fn shard(&self, id: u64) -> MutexGuard<'_, HashMap<u64, Entry>> {
+        let shards = &self.shared.shards;
+        // Every write under a shard lock is a single map operation, so a
+        // poisoned lock still holds a consistent map.
+        shards[(id as usize) & (shards.len() - 1)]
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Registers a connection of `kind`, optionally tied to an upstream
+    /// `endpoint` (for tunnels, so one endpoint can be drained). The
+    /// connection stays registered until the returned guard is dropped.
+    pub fn register(&self, kind: ConnKind, endpoint: Option<Arc<str>>) -> Registration {
+        let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
+        let (close, rx) = watch::channel(None);
+        self.shard(id).insert(
+            id,
+            Entry {
+                kind,
+                endpoint,
+                close,
+                drains: Vec::new(),
+            },
+        );
+        self.shared.live.fetch_add(1, Ordering::Relaxed);
+        Registration {
+            registry: self.clone(),
+            id,
+            close: rx,
+        }
+    }
+
+    /// How many connections are registered.
+    pub fn len(&self) -> usize {
+        self.shared.live.load(Ordering::Relaxed)
+    }
+
+    /// True when no connection is registered.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Enlists the registered connections that `filter` accepts in a
+    /// drain counted by `tally`; returns their ids in registration order.
+    pub(crate) fn enlist(&self, filter: &Target, tally: &Arc<Tally>) -> Vec<ConnId> {
+        let mut ids = Vec::new();
+        for shard in self.shared.shards.iter() {
+            let mut shard = shard.lock().unwrap_or_else(|p| p.into_inner());
+            for (id, entry) in shard.iter_mut() {
+                if filter.accepts(entry.kind, entry.endpoint.as_deref()) {
+                    entry.drains.push(tally.clone());
+                    // Counted under the shard lock, so a connection leaving
+                    // right now is either not enlisted or counted down.
+                    tally.remaining.fetch_add(1, Ordering::SeqCst);
+                    ids.push(ConnId(*id));
+                }
+            }
+        }
+        ids.sort_unstable();
+        ids
+    }
+
+    /// Counts the registered connections `filter` accepts, by kind.
+    pub fn count(&self, filter: &Target) -> usize {
+        self.shared
+            .shards
+            .iter()
+            .map(|s| {
+                s.lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .values()
+                    .filter(|e| filter.accepts(e.kind, e.endpoint.as_deref()))
+                    .count()
+            })
+            .sum()
+    }
+
+    /// Asks connection `id` to close. Returns false if it is already gone.
+    pub fn close(&self, id: ConnId, request: CloseRequest) -> bool {
+        match self.shard(id.0).get(&id.0) {
+            Some(entry) => {
+                // A forced close always replaces a gentle one; a gentle one
+                // never downgrades a forced one.
+                entry.close.send_if_modified(|current| {
+                    let upgrade = current.as_ref().is_none_or(|c| !c.force && request.force);
+                    if upgrade {
+                        *current = Some(request.clone());
+                    }
+                    upgrade
+                });
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// True while connection `id` is registered.
+    pub fn contains(&self, id: ConnId) -> bool {
+        self.shard(id.0).contains_key(&id.0)
+    }
+
+    fn unregister(&self, id: u64) {
+        let removed = self.shard(id).remove(&id);
+        if let Some(entry) = removed {
+            self.shared.live.fetch_sub(1, Ordering::Relaxed);
+            for tally in entry.drains {
+                tally.remaining.fetch_sub(1, Ordering::SeqCst);
+                tally.left.notify_one();
+            }
+        }
+    }
+}
+
+/// Which connections a drain applies to.
+///
+/// ```
+/// use keel_drain::{ConnKind, Target};
+///
+/// let all = Target::All;
+/// assert!(all.accepts(ConnKind::Http1, None));
+/// let blue = Target::Endpoint("http://10.0.0.1:3000".into());
+/// assert!(blue.accepts(ConnKind::Tunnel, Some("http://10.0.0.1:3000")));
+/// assert!(!blue.accepts(ConnKind::Tunnel, Some("http://10.0.0.2:3000")));
+/// ```
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Target {
+    /// Every connection (the whole server is leaving).
+    All,
+    /// Only connections of one kind.
+    Kind(ConnKind),
+    /// Only connections tied to this upstream endpoint (blue/green).
+    Endpoint(String),
+}
+
+impl Target {
+    /// True when a connection of `kind` tied to `endpoint` is targeted.
+    pub fn accepts(&self, kind: ConnKind, endpoint: Option<&str>) -> bool {
+        match self {
+            Target::All => true,
+            Target::Kind(k) => *k == kind,
+            Target::Endpoint(e) => endpoint == Some(e.as_str()),
+        }
+    }
+}
+
+/// A registered connection; dropping it unregisters.
+///
+/// The connection's task waits on [`closing`](Self::closing) next to its
+/// own work, and closes the way its protocol does when asked.
+///
+/// ```
+/// use keel_drain::{CloseRequest, ConnKind, Registry};
+/// use std::time::Duration;
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() {
+/// let registry = Registry::new();
+/// let mut conn = registry.register(ConnKind::Tunnel, None);
+/// registry.close(conn.id(), CloseRequest { force: false, reconnect_after: Duration::from_secs(2) });
+/// let request = conn.closing().await;
+/// assert_eq!(request.reconnect_after, Duration::from_secs(2));
+/// # }
+/// ```
+#[derive(Debug)]
+pub struct Registration {
+    registry: Registry,
+    id: u64,
+    close: watch::Receiver<Option<CloseRequest>>,
+}
+
+impl Registration {
+    /// This connection's id.
+    pub fn id(&self) -> ConnId {
+        ConnId(self.id)
+    }
+
+    /// Resolves when the connection is asked to close (again, when a
+    /// gentle request is upgraded to a forced one). Cancel-safe.
+    pub async fn closing(&mut self) -> CloseRequest {
+        loop {
+            if self.close.changed().await.is_err() {
+                // The entry is gone from the registry: close now.
+                return CloseRequest {
+                    force: true,
+                    reconnect_after: Duration::ZERO,
+                };
+            }
+            if let Some(req) = self.close.borrow_and_update().clone() {
+                return req;
+            }
+        }
+    }
+
+    /// The close request received so far, if any.
+    pub fn requested(&self) -> Option<CloseRequest> {
+        self.close.borrow().clone()
+    }
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        self.registry.unregister(self.id);
+    }
+}
