@@ -48,4 +48,6 @@ mod plan;
 mod registry;
 
 pub use plan::{Drain, DrainPlan, Pacing, Progress, start};
-pub use registry::{CloseRequest, ConnId, ConnKind, Registration, Registry, Target};
+pub use registry::{
+    CloseRequest, ConnId, ConnKind, Registration, Registry, Target, parse_reconnect_hint,
+};

@@ -37,6 +37,47 @@ pub struct CloseRequest {
     pub reconnect_after: Duration,
 }
 
+impl CloseRequest {
+    /// The WebSocket close code a drained tunnel sends: 1012, Service
+    /// Restart (RFC 6455 registry).
+    pub const WEBSOCKET_CODE: u16 = 1012;
+
+    /// The WebSocket close reason carrying the reconnect hint, for example
+    /// `keel drain; reconnect_after_ms=1234` (well under the 123-byte limit
+    /// of a close reason). [`parse_reconnect_hint`] reads it back.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use keel_drain::{CloseRequest, parse_reconnect_hint};
+    ///
+    /// let req = CloseRequest { force: false, reconnect_after: Duration::from_millis(1234) };
+    /// assert_eq!(req.close_reason(), "keel drain; reconnect_after_ms=1234");
+    /// assert_eq!(parse_reconnect_hint(&req.close_reason()), Some(Duration::from_millis(1234)));
+    /// ```
+    pub fn close_reason(&self) -> String {
+        format!(
+            "keel drain; reconnect_after_ms={}",
+            self.reconnect_after.as_millis()
+        )
+    }
+}
+
+/// Reads the reconnect hint from a close reason written by
+/// [`CloseRequest::close_reason`]; `None` when there is none.
+///
+/// ```
+/// use keel_drain::parse_reconnect_hint;
+/// assert_eq!(parse_reconnect_hint("going away"), None);
+/// assert_eq!(parse_reconnect_hint("reconnect_after_ms=x"), None);
+/// ```
+pub fn parse_reconnect_hint(reason: &str) -> Option<Duration> {
+    reason
+        .split(';')
+        .find_map(|part| part.trim().strip_prefix("reconnect_after_ms="))
+        .and_then(|ms| ms.parse::<u64>().ok())
+        .map(Duration::from_millis)
+}
+
 /// Identifies one registered connection.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ConnId(pub u64);
