@@ -1,0 +1,2 @@
+//! Engine overhead per request (written below).
+fn main() {}
