@@ -142,7 +142,7 @@ pub enum StoreDown {
 ///     .required(true)
 ///     .lease_for_timeout(Duration::from_secs(10))
 ///     .in_flight(InFlight::Wait(Duration::from_secs(5)));
-/// assert_eq!(policy.get_lease(), Duration::from_secs(15));
+/// assert_eq!(policy.get_lease(), Duration::from_secs(11)); // timeout + 10 %, at least 1 s
 /// ```
 #[derive(Clone, Debug)]
 pub struct Policy {
