@@ -567,6 +567,24 @@ impl Engine {
         self.inner.policy.methods.contains(method)
     }
 
+    /// True if [`Engine::begin`] needs this request's body: its method is
+    /// covered and it carries a key (or the route requires one). Otherwise
+    /// the caller may stream the body straight through; `begin` would pass
+    /// the request through anyway.
+    ///
+    /// ```
+    /// use keel_idempotency::{engine::{Engine, Policy, RequestHead}, memory::MemoryStore};
+    /// let engine = Engine::new(std::sync::Arc::new(MemoryStore::new()), Policy::default());
+    /// let keyed = http::Request::post("/a").header("idempotency-key", "k").body(()).unwrap();
+    /// let plain = http::Request::post("/a").body(()).unwrap();
+    /// assert!(engine.needs_body(RequestHead::from(&keyed)));
+    /// assert!(!engine.needs_body(RequestHead::from(&plain)));
+    /// ```
+    pub fn needs_body(&self, head: RequestHead<'_>) -> bool {
+        let policy = &self.inner.policy;
+        self.covers(head.method) && (policy.required || head.headers.contains_key(&policy.header))
+    }
+
     /// Decides what to do with one request whose full body is `body`. See
     /// the [module docs](self).
     ///
