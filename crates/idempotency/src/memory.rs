@@ -246,11 +246,17 @@ fn payload_len(e: &Entry) -> usize {
     }
 }
 
+/// One shard on cache lines of its own, so that threads working on
+/// neighbouring shards do not invalidate each other's lines (false sharing).
+#[repr(align(128))]
+#[derive(Default)]
+struct Padded(Mutex<Shard>);
+
 /// A sharded, bounded in-memory [`Store`]. See the [module docs](self).
 pub struct MemoryStore {
-    shards: Box<[Mutex<Shard>]>,
+    shards: Box<[Padded]>,
     mask: usize,
-    hasher: RandomState,
+    seed: u64,
     shard_entries: usize,
     shard_bytes: usize,
 }
@@ -291,9 +297,9 @@ impl MemoryStore {
     pub fn with_config(config: MemoryConfig) -> Self {
         let n = config.shards;
         Self {
-            shards: (0..n).map(|_| Mutex::new(Shard::default())).collect(),
+            shards: (0..n).map(|_| Padded::default()).collect(),
             mask: n - 1,
-            hasher: RandomState::new(),
+            seed: RandomState::new().hash_one(0x6b65_656cu64),
             shard_entries: config.max_entries.div_ceil(n),
             shard_bytes: config.max_bytes.div_ceil(n),
         }
@@ -306,7 +312,7 @@ impl MemoryStore {
     /// assert_eq!(keel_idempotency::memory::MemoryStore::new().len(), 0);
     /// ```
     pub fn len(&self) -> usize {
-        self.shards.iter().map(|s| lock(s).map.len()).sum()
+        self.shards.iter().map(|s| lock(&s.0).map.len()).sum()
     }
 
     /// True when no entry is held.
@@ -324,14 +330,11 @@ impl MemoryStore {
     /// assert_eq!(keel_idempotency::memory::MemoryStore::new().bytes(), 0);
     /// ```
     pub fn bytes(&self) -> usize {
-        self.shards.iter().map(|s| lock(s).bytes).sum()
+        self.shards.iter().map(|s| lock(&s.0).bytes).sum()
     }
 
     fn shard(&self, key: &StoreKey) -> MutexGuard<'_, Shard> {
-        let h = self.hasher.hash_one(key) as usize;
-        // The map inside the shard hashes again with its own state; using
-        // the high bits here keeps the two from correlating.
-        lock(&self.shards[(h >> 7) & self.mask])
+        lock(&self.shards[shard_hash(key.as_str().as_bytes(), self.seed) as usize & self.mask].0)
     }
 
     /// The synchronous core of [`Store::claim`].
@@ -342,8 +345,9 @@ impl MemoryStore {
         lease: Duration,
     ) -> Result<Claim, StoreError> {
         let now = Instant::now();
-        let mut shard = self.shard(key);
-        if let Some(e) = shard.map.get(key) {
+        let mut guard = self.shard(key);
+        let shard = &mut *guard;
+        if let Some(e) = shard.map.get_mut(key) {
             if e.expires > now {
                 return Ok(match &e.state {
                     State::InFlight { .. } => Claim::InFlight {
@@ -356,7 +360,15 @@ impl MemoryStore {
                     },
                 });
             }
-            shard.remove(key);
+            // Expired: take the slot over in place (no key copy, no
+            // rehash); the claim needs no more room than the old entry.
+            shard.last_token += 1;
+            let token = FencingToken(shard.last_token);
+            shard.bytes -= payload_len(e);
+            e.fingerprint = fingerprint;
+            e.expires = now + lease;
+            e.state = State::InFlight { token };
+            return Ok(Claim::Acquired { token });
         }
         let cost = Entry::cost(key, 0);
         let (max_entries, max_bytes) = (self.shard_entries, self.shard_bytes);
@@ -452,8 +464,28 @@ impl MemoryStore {
 
     fn purge_now(&self) -> u64 {
         let now = Instant::now();
-        self.shards.iter().map(|s| lock(s).purge(now)).sum()
+        self.shards.iter().map(|s| lock(&s.0).purge(now)).sum()
     }
+}
+
+/// A cheap multiplicative hash for picking the shard, so each operation
+/// runs the map's keyed (DoS-resistant) hash only once. Keys crafted to land
+/// in one shard can only make that shard busier, never break the map, whose
+/// own hasher is randomly keyed.
+fn shard_hash(bytes: &[u8], seed: u64) -> u64 {
+    const K: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut h = seed;
+    let mut chunks = bytes.chunks_exact(8);
+    for c in &mut chunks {
+        let mut w = [0u8; 8];
+        w.copy_from_slice(c);
+        h = (h.rotate_left(5) ^ u64::from_le_bytes(w)).wrapping_mul(K);
+    }
+    for &b in chunks.remainder() {
+        h = (h.rotate_left(5) ^ u64::from(b)).wrapping_mul(K);
+    }
+    // Fold the well-mixed high bits down to where the mask reads.
+    h ^ (h >> 32)
 }
 
 /// Locks a shard, recovering from poisoning: every critical section leaves
