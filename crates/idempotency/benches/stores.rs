@@ -166,35 +166,38 @@ fn memory(c: &mut Criterion) {
 }
 
 fn embedded(c: &mut Criterion) {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let store = Arc::new(
-        keel_idempotency::embedded::EmbeddedStore::open(dir.path().join("bench.redb"))
-            .expect("open"),
-    );
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .expect("runtime");
     let pool = keys(0);
-    let mut i = 0usize;
     let mut g = c.benchmark_group("claim_complete");
     g.throughput(Throughput::Elements(1));
     g.sample_size(10);
-    g.bench_function("embedded/1t", |b| {
-        b.iter(|| {
-            rt.block_on(async {
-                i += 1;
-                let k = &pool[i % POOL];
-                let Ok(Claim::Acquired { token }) = store.claim(k, FP, LEASE).await else {
-                    panic!("key must be free");
-                };
-                store
-                    .complete(k, token, b"{\"id\":1}", TTL)
-                    .await
-                    .expect("complete");
+    for (name, durable_claims) in [("embedded/1t", true), ("embedded_fast_claims/1t", false)] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Arc::new(
+            keel_idempotency::embedded::EmbeddedStore::open(dir.path().join("bench.redb"))
+                .expect("open")
+                .durable_claims(durable_claims),
+        );
+        let mut i = 0usize;
+        g.bench_function(name, |b| {
+            b.iter(|| {
+                rt.block_on(async {
+                    i += 1;
+                    let k = &pool[i % POOL];
+                    let Ok(Claim::Acquired { token }) = store.claim(k, FP, LEASE).await else {
+                        panic!("key must be free");
+                    };
+                    store
+                        .complete(k, token, b"{\"id\":1}", TTL)
+                        .await
+                        .expect("complete");
+                })
             })
-        })
-    });
+        });
+    }
     g.finish();
 }
 

@@ -21,6 +21,15 @@ async fn conformance_suite() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn conformance_suite_with_fast_claims() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = EmbeddedStore::open_dir(dir.path())
+        .expect("open")
+        .durable_claims(false);
+    conformance::run(&store).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_handles_on_one_file_are_one_store() {
     let dir = tempfile::tempdir().expect("tempdir");
     let a = EmbeddedStore::open_dir(dir.path()).expect("open");
