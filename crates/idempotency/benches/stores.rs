@@ -198,6 +198,44 @@ fn embedded(c: &mut Criterion) {
             })
         });
     }
+    // 64 callers at once: group commit puts their writes in shared
+    // transactions, one fsync each.
+    let mt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = Arc::new(
+        keel_idempotency::embedded::EmbeddedStore::open(dir.path().join("bench.redb"))
+            .expect("open"),
+    );
+    let pool = Arc::new(pool);
+    g.bench_function("embedded/64_concurrent", |b| {
+        b.iter_custom(|iters| {
+            let (store, pool) = (store.clone(), pool.clone());
+            mt.block_on(async move {
+                let start = Instant::now();
+                let mut tasks = tokio::task::JoinSet::new();
+                for t in 0..64u64 {
+                    let (store, pool) = (store.clone(), pool.clone());
+                    tasks.spawn(async move {
+                        for n in 0..iters.div_ceil(64) {
+                            let k = &pool[((t * 1024 + n) as usize) % POOL];
+                            if let Ok(Claim::Acquired { token }) = store.claim(k, FP, LEASE).await {
+                                store
+                                    .complete(k, token, b"{\"id\":1}", TTL)
+                                    .await
+                                    .expect("complete");
+                            }
+                        }
+                    });
+                }
+                while tasks.join_next().await.is_some() {}
+                start.elapsed()
+            })
+        })
+    });
     g.finish();
 }
 

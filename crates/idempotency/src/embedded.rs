@@ -44,7 +44,10 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::mpsc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use tokio::sync::oneshot;
 
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
 
@@ -65,9 +68,10 @@ const HEADER: usize = 1 + 8 + 8 + 32;
 /// A durable [`Store`] in one redb file. See the [module docs](self).
 #[derive(Clone)]
 pub struct EmbeddedStore {
+    writer: Arc<Writer>,
     db: Arc<Database>,
     path: PathBuf,
-    claim_durability: Durability,
+    durable_claims: bool,
 }
 
 impl std::fmt::Debug for EmbeddedStore {
@@ -186,10 +190,17 @@ impl EmbeddedStore {
         tx.open_table(RECORDS).map_err(unavailable)?;
         tx.open_table(META).map_err(unavailable)?;
         tx.commit().map_err(unavailable)?;
+        let db = Arc::new(db);
+        let writer = Writer::spawn(db.clone()).map_err(|e| {
+            StoreError::Unavailable(format!(
+                "cannot start the embedded store's writer thread: {e}"
+            ))
+        })?;
         Ok(Self {
-            db: Arc::new(db),
+            writer: Arc::new(writer),
+            db,
             path,
-            claim_durability: Durability::Immediate,
+            durable_claims: true,
         })
     }
 
@@ -207,11 +218,7 @@ impl EmbeddedStore {
     /// let store = keel_idempotency::embedded::EmbeddedStore::open_dir(dir.path()).unwrap().durable_claims(false);
     /// ```
     pub fn durable_claims(mut self, on: bool) -> Self {
-        self.claim_durability = if on {
-            Durability::Immediate
-        } else {
-            Durability::None
-        };
+        self.durable_claims = on;
         self
     }
 
@@ -255,79 +262,31 @@ impl EmbeddedStore {
             .map_err(|e| StoreError::Unavailable(format!("embedded store task failed: {e}")))?
     }
 
-    fn claim_sync(
-        db: &Database,
-        key: &str,
-        fp: Fingerprint,
-        lease: Duration,
-        durability: Durability,
-    ) -> Result<Claim, StoreError> {
-        // Fast path: a live row needs no write lock.
-        {
-            let tx = db.begin_read().map_err(unavailable)?;
-            let table = tx.open_table(RECORDS).map_err(unavailable)?;
-            if let Some(v) = table.get(key).map_err(unavailable)? {
-                let row = parse(v.value())?;
-                if let Some(c) = live_claim(&row, now_ms()) {
-                    return Ok(c);
-                }
-            }
+    /// A live row for `key` from a read transaction (no write lock), if
+    /// there is one.
+    fn read_live(db: &Database, key: &str) -> Result<Option<Claim>, StoreError> {
+        let tx = db.begin_read().map_err(unavailable)?;
+        let table = tx.open_table(RECORDS).map_err(unavailable)?;
+        match table.get(key).map_err(unavailable)? {
+            Some(v) => Ok(live_claim(&parse(v.value())?, now_ms())),
+            None => Ok(None),
         }
-        let mut tx = db.begin_write().map_err(unavailable)?;
-        tx.set_durability(durability).map_err(unavailable)?;
-        let token = {
-            let mut table = tx.open_table(RECORDS).map_err(unavailable)?;
-            let now = now_ms();
-            // Check again under the write lock: another writer may have
-            // claimed between the read above and now.
-            if let Some(v) = table.get(key).map_err(unavailable)? {
-                let row = parse(v.value())?;
-                if let Some(c) = live_claim(&row, now) {
-                    return Ok(c);
-                }
-            }
-            let mut meta = tx.open_table(META).map_err(unavailable)?;
-            let last = meta
-                .get(LAST_TOKEN)
-                .map_err(unavailable)?
-                .map_or(0, |v| v.value());
-            let token = FencingToken(last + 1);
-            meta.insert(LAST_TOKEN, token.0).map_err(unavailable)?;
-            let row = encode(IN_FLIGHT, token, add_ms(now, lease), &fp, &[]);
-            table.insert(key, row.as_slice()).map_err(unavailable)?;
-            token
-        };
-        tx.commit().map_err(unavailable)?;
-        Ok(Claim::Acquired { token })
     }
 
-    /// Runs `f` on the row held by `token` in a write transaction, or
-    /// fails with `Fenced`.
-    fn with_held(
-        db: &Database,
-        key: &str,
-        token: FencingToken,
-        f: impl FnOnce(&mut redb::Table<&str, &[u8]>, Fingerprint, u64) -> Result<(), StoreError>,
-    ) -> Result<(), StoreError> {
-        let mut tx = db.begin_write().map_err(unavailable)?;
-        tx.set_durability(Durability::Immediate)
-            .map_err(unavailable)?;
-        {
-            let mut table = tx.open_table(RECORDS).map_err(unavailable)?;
-            let now = now_ms();
-            let fp = match table.get(key).map_err(unavailable)? {
-                Some(v) => {
-                    let row = parse(v.value())?;
-                    if row.kind != IN_FLIGHT || row.token != token || row.expires_ms <= now {
-                        return Err(StoreError::Fenced);
-                    }
-                    row.fingerprint
-                }
-                None => return Err(StoreError::Fenced),
-            };
-            f(&mut table, fp, now)?;
-        }
-        tx.commit().map_err(unavailable)
+    /// Hands a job to the writer thread and waits for its outcome.
+    async fn submit<T>(
+        &self,
+        job: impl FnOnce(oneshot::Sender<Result<T, StoreError>>) -> Job,
+    ) -> Result<T, StoreError> {
+        let (tx, rx) = oneshot::channel();
+        let stopped = || StoreError::Unavailable("embedded store writer has stopped".into());
+        self.writer
+            .jobs
+            .as_ref()
+            .ok_or_else(stopped)?
+            .send(job(tx))
+            .map_err(|_| stopped())?;
+        rx.await.map_err(|_| stopped())?
     }
 
     fn purge_sync(db: &Database) -> Result<u64, StoreError> {
@@ -360,11 +319,22 @@ impl Store for EmbeddedStore {
         fingerprint: Fingerprint,
         lease: Duration,
     ) -> BoxFuture<'a, Result<Claim, StoreError>> {
-        let key = key.as_str().to_owned();
-        let durability = self.claim_durability;
-        Box::pin(
-            self.blocking(move |db| Self::claim_sync(db, &key, fingerprint, lease, durability)),
-        )
+        Box::pin(async move {
+            // Replays and in-flight answers: a read transaction, no writer.
+            let k = key.as_str().to_owned();
+            if let Some(live) = self.blocking(move |db| Self::read_live(db, &k)).await? {
+                return Ok(live);
+            }
+            let durable = self.durable_claims;
+            self.submit(|reply| Job::Claim {
+                key: key.as_str().to_owned(),
+                fingerprint,
+                lease,
+                durable,
+                reply,
+            })
+            .await
+        })
     }
 
     fn complete<'a>(
@@ -374,16 +344,12 @@ impl Store for EmbeddedStore {
         payload: &'a [u8],
         ttl: Duration,
     ) -> BoxFuture<'a, Result<(), StoreError>> {
-        let key = key.as_str().to_owned();
-        let payload = payload.to_vec();
-        Box::pin(self.blocking(move |db| {
-            Self::with_held(db, &key, token, |table, fp, now| {
-                let row = encode(COMPLETED, token, add_ms(now, ttl), &fp, &payload);
-                table
-                    .insert(key.as_str(), row.as_slice())
-                    .map_err(unavailable)?;
-                Ok(())
-            })
+        Box::pin(self.submit(move |reply| Job::Complete {
+            key: key.as_str().to_owned(),
+            token,
+            payload: payload.to_vec(),
+            ttl,
+            reply,
         }))
     }
 
@@ -392,12 +358,10 @@ impl Store for EmbeddedStore {
         key: &'a StoreKey,
         token: FencingToken,
     ) -> BoxFuture<'a, Result<(), StoreError>> {
-        let key = key.as_str().to_owned();
-        Box::pin(self.blocking(move |db| {
-            Self::with_held(db, &key, token, |table, _, _| {
-                table.remove(key.as_str()).map_err(unavailable)?;
-                Ok(())
-            })
+        Box::pin(self.submit(move |reply| Job::Release {
+            key: key.as_str().to_owned(),
+            token,
+            reply,
         }))
     }
 
@@ -408,6 +372,241 @@ impl Store for EmbeddedStore {
     fn name(&self) -> &'static str {
         "embedded"
     }
+}
+
+/// The most jobs committed in one transaction.
+const MAX_BATCH: usize = 1024;
+
+/// One write, queued for the writer thread.
+enum Job {
+    Claim {
+        key: String,
+        fingerprint: Fingerprint,
+        lease: Duration,
+        durable: bool,
+        reply: oneshot::Sender<Result<Claim, StoreError>>,
+    },
+    Complete {
+        key: String,
+        token: FencingToken,
+        payload: Vec<u8>,
+        ttl: Duration,
+        reply: oneshot::Sender<Result<(), StoreError>>,
+    },
+    Release {
+        key: String,
+        token: FencingToken,
+        reply: oneshot::Sender<Result<(), StoreError>>,
+    },
+}
+
+enum Outcome {
+    Claim(Result<Claim, StoreError>),
+    Done(Result<(), StoreError>),
+}
+
+impl Job {
+    fn durable(&self) -> bool {
+        match self {
+            Job::Claim { durable, .. } => *durable,
+            Job::Complete { .. } | Job::Release { .. } => true,
+        }
+    }
+
+    fn answer(self, outcome: Outcome) {
+        // A caller that went away (cancelled future) no longer needs the
+        // answer; its write stands.
+        match (self, outcome) {
+            (Job::Claim { reply, .. }, Outcome::Claim(r)) => drop(reply.send(r)),
+            (Job::Complete { reply, .. } | Job::Release { reply, .. }, Outcome::Done(r)) => {
+                drop(reply.send(r))
+            }
+            (job, _) => job.fail("internal error: mismatched outcome"),
+        }
+    }
+
+    fn fail(self, why: &str) {
+        let err = || StoreError::Unavailable(format!("embedded store: {why}"));
+        match self {
+            Job::Claim { reply, .. } => drop(reply.send(Err(err()))),
+            Job::Complete { reply, .. } | Job::Release { reply, .. } => {
+                drop(reply.send(Err(err())))
+            }
+        }
+    }
+}
+
+/// Group commit: one thread owns redb's single writer and commits every
+/// job queued meanwhile in one transaction, so N concurrent requests pay
+/// one fsync instead of N. redb allows one write transaction at a time in
+/// any case; replays and in-flight answers never come here.
+struct Writer {
+    jobs: Option<mpsc::Sender<Job>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Writer {
+    fn spawn(db: Arc<Database>) -> std::io::Result<Self> {
+        let (tx, rx) = mpsc::channel::<Job>();
+        let thread = std::thread::Builder::new()
+            .name("keel-idem-redb".into())
+            .spawn(move || {
+                while let Ok(first) = rx.recv() {
+                    let mut batch = vec![first];
+                    while batch.len() < MAX_BATCH {
+                        match rx.try_recv() {
+                            Ok(job) => batch.push(job),
+                            Err(_) => break,
+                        }
+                    }
+                    match commit_batch(&db, &batch) {
+                        Ok(outcomes) => {
+                            for (job, outcome) in batch.into_iter().zip(outcomes) {
+                                job.answer(outcome);
+                            }
+                        }
+                        Err(e) => {
+                            let why = e.to_string();
+                            for job in batch {
+                                job.fail(&why);
+                            }
+                        }
+                    }
+                }
+            })?;
+        Ok(Self {
+            jobs: Some(tx),
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for Writer {
+    fn drop(&mut self) {
+        // Closing the queue ends the thread after its last batch; joining
+        // it releases the database before the store's drop returns, so the
+        // file can be reopened at once.
+        self.jobs.take();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Applies `batch` in order in one transaction. Per-job refusals (fenced,
+/// corrupt) are outcomes; a database error fails the whole batch, and
+/// nothing of it is written.
+fn commit_batch(db: &Database, batch: &[Job]) -> Result<Vec<Outcome>, redb::Error> {
+    let mut tx = db.begin_write()?;
+    let durable = batch.iter().any(Job::durable);
+    tx.set_durability(if durable {
+        Durability::Immediate
+    } else {
+        Durability::None
+    })?;
+    let mut outcomes = Vec::with_capacity(batch.len());
+    let mut dirty = false;
+    {
+        let mut table = tx.open_table(RECORDS)?;
+        let mut meta = tx.open_table(META)?;
+        let first_token = meta.get(LAST_TOKEN)?.map_or(0, |v| v.value());
+        let mut last = first_token;
+        let now = now_ms();
+        for job in batch {
+            outcomes.push(apply(&mut table, &mut last, now, job, &mut dirty)?);
+        }
+        if last != first_token {
+            meta.insert(LAST_TOKEN, last)?;
+        }
+    }
+    if dirty {
+        tx.commit()?;
+    } else {
+        // Nothing changed (every answer was a live row or a refusal): skip
+        // the commit and its fsync.
+        tx.abort()?;
+    }
+    Ok(outcomes)
+}
+
+fn apply(
+    table: &mut redb::Table<&str, &[u8]>,
+    last: &mut u64,
+    now: u64,
+    job: &Job,
+    dirty: &mut bool,
+) -> Result<Outcome, redb::Error> {
+    match job {
+        Job::Claim {
+            key,
+            fingerprint,
+            lease,
+            ..
+        } => {
+            // Check again under the writer: another claim may have won
+            // since the caller's read.
+            let live = match table.get(key.as_str())? {
+                Some(v) => match parse(v.value()) {
+                    Ok(row) => live_claim(&row, now).map(Ok),
+                    Err(e) => Some(Err(e)),
+                },
+                None => None,
+            };
+            if let Some(r) = live {
+                return Ok(Outcome::Claim(r));
+            }
+            *last += 1;
+            let token = FencingToken(*last);
+            let row = encode(IN_FLIGHT, token, add_ms(now, *lease), fingerprint, &[]);
+            table.insert(key.as_str(), row.as_slice())?;
+            *dirty = true;
+            Ok(Outcome::Claim(Ok(Claim::Acquired { token })))
+        }
+        Job::Complete {
+            key,
+            token,
+            payload,
+            ttl,
+            ..
+        } => {
+            let fp = match held(table, key, *token, now)? {
+                Ok(fp) => fp,
+                Err(e) => return Ok(Outcome::Done(Err(e))),
+            };
+            let row = encode(COMPLETED, *token, add_ms(now, *ttl), &fp, payload);
+            table.insert(key.as_str(), row.as_slice())?;
+            *dirty = true;
+            Ok(Outcome::Done(Ok(())))
+        }
+        Job::Release { key, token, .. } => {
+            if let Err(e) = held(table, key, *token, now)? {
+                return Ok(Outcome::Done(Err(e)));
+            }
+            table.remove(key.as_str())?;
+            *dirty = true;
+            Ok(Outcome::Done(Ok(())))
+        }
+    }
+}
+
+/// The fingerprint of `key`'s claim if `token` holds it right now, else
+/// `Fenced` (or `Corrupt`).
+fn held(
+    table: &redb::Table<&str, &[u8]>,
+    key: &str,
+    token: FencingToken,
+    now: u64,
+) -> Result<Result<Fingerprint, StoreError>, redb::Error> {
+    Ok(match table.get(key)? {
+        Some(v) => match parse(v.value()) {
+            Ok(row) if row.kind == IN_FLIGHT && row.token == token && row.expires_ms > now => {
+                Ok(row.fingerprint)
+            }
+            Ok(_) => Err(StoreError::Fenced),
+            Err(e) => Err(e),
+        },
+        None => Err(StoreError::Fenced),
+    })
 }
 
 /// Spawns a task that calls [`Store::purge_expired`] on `store` every
