@@ -1,15 +1,17 @@
 //! Embedded durable store on [redb]: one file on local disk, no server.
 //!
-//! Every claim, completion and release is one redb write transaction
-//! committed with immediate durability (fsync) before the call returns, so
-//! a completed record survives a process restart and a crash (`kill -9`,
-//! power loss). Claims are durable too: after a crash and a quick restart,
-//! a key whose first request was running stays in flight until its lease
-//! ends instead of being executed again at once.
+//! Every claim, completion and release is committed with immediate
+//! durability (fsync) before the call returns, so a completed record
+//! survives a process restart and a crash (`kill -9`, power loss). Claims
+//! are durable too by default: after a crash and a quick restart, a key
+//! whose first request was running stays in flight until its lease ends
+//! instead of being executed again at once.
 //!
-//! Replays and in-flight answers are served from a read transaction
-//! (concurrent, no write lock); only a free key takes the single writer.
-//! redb calls block, so each operation runs on tokio's blocking pool.
+//! Writes go through **group commit**: one thread owns redb's single writer
+//! and commits every write queued while the previous commit was syncing in
+//! one transaction, so N concurrent requests share one fsync. Replays and
+//! in-flight answers are served from a read transaction (concurrent, no
+//! writer) on tokio's blocking pool.
 //!
 //! Expiry uses the wall clock (records outlive the process). Expired records
 //! are ignored on read and removed by [`Store::purge_expired`]; run it
