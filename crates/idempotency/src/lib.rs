@@ -1,9 +1,85 @@
-//! Exactly-once `Idempotency-Key` handling (work in progress).
+//! Exactly-once `Idempotency-Key` handling.
 //!
-//! The storage seam is [`store::Store`]; every store passes
-//! [`conformance`].
+//! A client that does not know whether its POST went through retries it with
+//! the same `Idempotency-Key`. This crate makes sure the operation runs at
+//! most once and every retry gets the first result, across concurrent
+//! duplicates, crashed holders and several instances sharing a store.
+//!
+//! # How it works
+//!
+//! 1. The [engine](engine::Engine) parses the key (Structured Field string
+//!    `"abc"` or bare `abc`), scopes it to the tenant (a digest of the
+//!    `Authorization` header by default), the method and the path, and
+//!    hashes all that into a [`store::StoreKey`]. It fingerprints the request
+//!    (BLAKE3 of method, path, query, body, chosen headers; optionally
+//!    canonical JSON).
+//! 2. It **claims** the key in one atomic store operation, with a lease and
+//!    a [fencing token](store::FencingToken). The first request wins and
+//!    executes; a duplicate gets 409 with `Retry-After` (or waits and gets
+//!    the replay); a key reused for a different request gets 422.
+//! 3. When the operation finishes, the [`engine::Guard`] records the
+//!    response (status, allow-listed headers, body, original request id)
+//!    for the TTL, or releases the claim for "not processed" answers (408,
+//!    409, 425, 429), or locks the key as "outcome unknown" when the result
+//!    was lost. A holder whose lease expired is fenced off: its late
+//!    completion cannot overwrite the newer claim's record.
+//! 4. Retries get the stored response with `Idempotent-Replayed: true` and
+//!    `Original-Request-Id`. `Set-Cookie` is never replayed unless allowed.
+//!
+//! Refusals are `application/problem+json` ([`problem`]) with a stable
+//! `type` per kind. If the store is down the engine fails closed (503 with
+//! `Retry-After`) or open, per route, behind a [gate](gate::StoreGate) that
+//! stops calling a dead store.
+//!
+//! # Pieces
+//!
+//! - [`engine`]: the per-request decision ([`engine::Engine::begin`]) and
+//!   its [`engine::Policy`];
+//! - [`layer`]: a tower [`Layer`](layer::IdempotencyLayer) for axum/hyper
+//!   services, a thin adapter over the engine;
+//! - [`consumer`]: [`consumer::process_once`] for message consumers, on the
+//!   same stores;
+//! - stores behind one trait ([`store::Store`]), all passing
+//!   [`conformance`]: [`memory`] (sharded, bounded),
+//!   `embedded` (durable on local disk, redb), `redis` and `postgres`.
+//!
+//! # Example
+//!
+//! ```
+//! use std::sync::Arc;
+//! use keel_idempotency::engine::{Begin, Engine, Policy};
+//! use keel_idempotency::memory::MemoryStore;
+//!
+//! # tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap().block_on(async {
+//! let engine = Engine::new(Arc::new(MemoryStore::new()), Policy::default());
+//! let req = http::Request::post("/charges")
+//!     .header("authorization", "Bearer alice")
+//!     .header("idempotency-key", "\"5f1c\"")
+//!     .body(())
+//!     .unwrap();
+//! match engine.begin(&req, b"amount=100").await {
+//!     Begin::Execute(mut guard) => {
+//!         guard.mark_started();
+//!         let response = http::Response::new("charged");
+//!         guard.complete(&response).await.unwrap();
+//!     }
+//!     Begin::Replay(response) | Begin::Reject(response) => { let _ = response; }
+//!     Begin::PassThrough(_) => {}
+//! }
+//! let Begin::Replay(again) = engine.begin(&req, b"amount=100").await else { panic!() };
+//! assert_eq!(again.body(), "charged");
+//! # });
+//! ```
 
+pub mod codec;
 pub mod conformance;
+pub mod consumer;
+pub mod engine;
+pub mod fingerprint;
+pub mod gate;
+pub mod key;
+pub mod layer;
+pub mod problem;
 pub mod store;
 
 pub mod memory;

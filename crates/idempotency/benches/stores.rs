@@ -1,0 +1,243 @@
+//! Claim+complete pairs per second: the memory store on one and two threads
+//! beside a single-`Mutex<HashMap>` baseline doing the same work, and the
+//! embedded (redb) store.
+//!
+//! Run: `cargo bench -p keel-idempotency --bench stores`
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, Waker};
+use std::time::{Duration, Instant};
+
+use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use keel_idempotency::memory::MemoryStore;
+use keel_idempotency::store::{Claim, FencingToken, Fingerprint, Store, StoreError, StoreKey};
+
+const FP: Fingerprint = Fingerprint([3; 32]);
+const LEASE: Duration = Duration::from_secs(30);
+/// Records complete with a zero TTL, so the next use of the same key finds
+/// an expired record and claims again: the map stays the size of the key
+/// pool while every iteration does a full claim + complete.
+const TTL: Duration = Duration::ZERO;
+const POOL: usize = 65_536;
+
+/// Polls a future that is ready at once (the memory store's are).
+fn now<F: Future>(f: F) -> F::Output {
+    let mut f = std::pin::pin!(f);
+    match f.as_mut().poll(&mut Context::from_waker(Waker::noop())) {
+        Poll::Ready(v) => v,
+        Poll::Pending => panic!("memory store futures are ready at once"),
+    }
+}
+
+fn keys(thread: usize) -> Vec<StoreKey> {
+    (0..POOL)
+        .map(|i| StoreKey::new(format!("idem:t{thread}:{i:064x}")).expect("valid"))
+        .collect()
+}
+
+/// Token, payload once completed, expiry.
+type Slot = (FencingToken, Option<Vec<u8>>, Instant);
+
+/// The same semantics as the memory store under one global lock.
+#[derive(Default)]
+struct MutexMap {
+    map: Mutex<HashMap<StoreKey, Slot>>,
+    next: std::sync::atomic::AtomicU64,
+}
+
+impl MutexMap {
+    fn claim(&self, key: &StoreKey) -> Claim {
+        let now = Instant::now();
+        let mut map = self.map.lock().expect("not poisoned");
+        if let Some((_, payload, expires)) = map.get(key)
+            && *expires > now
+        {
+            return match payload {
+                None => Claim::InFlight {
+                    fingerprint: FP,
+                    retry_after: *expires - now,
+                },
+                Some(p) => Claim::Completed {
+                    fingerprint: FP,
+                    payload: p.clone(),
+                },
+            };
+        }
+        let token = FencingToken(self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1);
+        map.insert(key.clone(), (token, None, now + LEASE));
+        Claim::Acquired { token }
+    }
+
+    fn complete(
+        &self,
+        key: &StoreKey,
+        token: FencingToken,
+        payload: &[u8],
+    ) -> Result<(), StoreError> {
+        let now = Instant::now();
+        let mut map = self.map.lock().expect("not poisoned");
+        match map.get_mut(key) {
+            Some((t, p @ None, expires)) if *t == token && *expires > now => {
+                *p = Some(payload.to_vec());
+                *expires = now + TTL;
+                Ok(())
+            }
+            _ => Err(StoreError::Fenced),
+        }
+    }
+}
+
+fn memory_pairs(store: &MemoryStore, keys: &[StoreKey], iters: u64) {
+    for i in 0..iters as usize {
+        let k = &keys[i % POOL];
+        let Ok(Claim::Acquired { token }) = now(store.claim(k, FP, LEASE)) else {
+            panic!("key must be free");
+        };
+        now(store.complete(k, token, b"{\"id\":1}", TTL)).expect("complete");
+    }
+}
+
+fn mutex_pairs(map: &MutexMap, keys: &[StoreKey], iters: u64) {
+    for i in 0..iters as usize {
+        let k = &keys[i % POOL];
+        let Claim::Acquired { token } = map.claim(k) else {
+            panic!("key must be free");
+        };
+        map.complete(k, token, b"{\"id\":1}").expect("complete");
+    }
+}
+
+/// Runs `work` on `threads` threads, each doing `iters / threads` pairs on
+/// its own pool of keys, and returns the wall time from the common start to
+/// the last finish. One thread runs inline (no spawn in the measurement).
+fn on_threads<S: Sync>(
+    shared: &S,
+    pools: &[Vec<StoreKey>],
+    threads: usize,
+    iters: u64,
+    work: fn(&S, &[StoreKey], u64),
+) -> Duration {
+    if threads == 1 {
+        let t = Instant::now();
+        work(shared, &pools[0], iters);
+        return t.elapsed();
+    }
+    let barrier = std::sync::Barrier::new(threads);
+    std::thread::scope(|s| {
+        let handles: Vec<_> = pools[..threads]
+            .iter()
+            .map(|pool| {
+                let barrier = &barrier;
+                s.spawn(move || {
+                    barrier.wait();
+                    let t = Instant::now();
+                    work(shared, pool, iters / threads as u64);
+                    (t, Instant::now())
+                })
+            })
+            .collect();
+        let spans: Vec<_> = handles
+            .into_iter()
+            .map(|h| h.join().expect("no panic"))
+            .collect();
+        let start = spans.iter().map(|s| s.0).min().expect("threads");
+        let end = spans.iter().map(|s| s.1).max().expect("threads");
+        end - start
+    })
+}
+
+fn memory(c: &mut Criterion) {
+    let pools: Vec<Vec<StoreKey>> = (0..2).map(keys).collect();
+    let mut g = c.benchmark_group("claim_complete");
+    g.throughput(Throughput::Elements(1));
+    for threads in [1, 2] {
+        let store = MemoryStore::new();
+        g.bench_function(format!("memory/{threads}t"), |b| {
+            b.iter_custom(|iters| on_threads(&store, &pools, threads, iters, memory_pairs))
+        });
+        let map = MutexMap::default();
+        g.bench_function(format!("mutex_hashmap/{threads}t"), |b| {
+            b.iter_custom(|iters| on_threads(&map, &pools, threads, iters, mutex_pairs))
+        });
+    }
+    g.finish();
+}
+
+fn embedded(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let pool = keys(0);
+    let mut g = c.benchmark_group("claim_complete");
+    g.throughput(Throughput::Elements(1));
+    g.sample_size(10);
+    for (name, durable_claims) in [("embedded/1t", true), ("embedded_fast_claims/1t", false)] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Arc::new(
+            keel_idempotency::embedded::EmbeddedStore::open(dir.path().join("bench.redb"))
+                .expect("open")
+                .durable_claims(durable_claims),
+        );
+        let mut i = 0usize;
+        g.bench_function(name, |b| {
+            b.iter(|| {
+                rt.block_on(async {
+                    i += 1;
+                    let k = &pool[i % POOL];
+                    let Ok(Claim::Acquired { token }) = store.claim(k, FP, LEASE).await else {
+                        panic!("key must be free");
+                    };
+                    store
+                        .complete(k, token, b"{\"id\":1}", TTL)
+                        .await
+                        .expect("complete");
+                })
+            })
+        });
+    }
+    // 64 callers at once: group commit puts their writes in shared
+    // transactions, one fsync each.
+    let mt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = Arc::new(
+        keel_idempotency::embedded::EmbeddedStore::open(dir.path().join("bench.redb"))
+            .expect("open"),
+    );
+    let pool = Arc::new(pool);
+    g.bench_function("embedded/64_concurrent", |b| {
+        b.iter_custom(|iters| {
+            let (store, pool) = (store.clone(), pool.clone());
+            mt.block_on(async move {
+                let start = Instant::now();
+                let mut tasks = tokio::task::JoinSet::new();
+                for t in 0..64u64 {
+                    let (store, pool) = (store.clone(), pool.clone());
+                    tasks.spawn(async move {
+                        for n in 0..iters.div_ceil(64) {
+                            let k = &pool[((t * 1024 + n) as usize) % POOL];
+                            if let Ok(Claim::Acquired { token }) = store.claim(k, FP, LEASE).await {
+                                store
+                                    .complete(k, token, b"{\"id\":1}", TTL)
+                                    .await
+                                    .expect("complete");
+                            }
+                        }
+                    });
+                }
+                while tasks.join_next().await.is_some() {}
+                start.elapsed()
+            })
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(benches, memory, embedded);
+criterion_main!(benches);

@@ -1,0 +1,1151 @@
+//! The engine: decides, per request, whether to execute, replay or refuse.
+//!
+//! It knows the `http` crate's types but nothing of hyper or of any server,
+//! so the gateway and the [tower layer](crate::layer) drive it the same way:
+//!
+//! ```
+//! use std::sync::Arc;
+//! use bytes::Bytes;
+//! use http::{Request, Response, StatusCode};
+//! use keel_idempotency::engine::{Begin, Engine, Policy};
+//! use keel_idempotency::memory::MemoryStore;
+//!
+//! # tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap().block_on(async {
+//! let engine = Engine::new(Arc::new(MemoryStore::new()), Policy::default());
+//! let request = Request::post("/orders")
+//!     .header("idempotency-key", "order-1")
+//!     .header("x-request-id", "req-1")
+//!     .body(())
+//!     .unwrap();
+//! let body = br#"{"sku":"A1"}"#;
+//!
+//! // First request: execute, then record the response.
+//! let Begin::Execute(mut guard) = engine.begin(&request, body).await else { panic!() };
+//! guard.mark_started(); // the request is about to leave for the upstream
+//! let response = Response::builder().status(201).body(Bytes::from("created")).unwrap();
+//! guard.complete(&response).await.unwrap();
+//!
+//! // A retry with the same key and body gets the first response back.
+//! let Begin::Replay(replay) = engine.begin(&request, body).await else { panic!() };
+//! assert_eq!(replay.status(), StatusCode::CREATED);
+//! assert_eq!(replay.headers()["idempotent-replayed"], "true");
+//! assert_eq!(replay.headers()["original-request-id"], "req-1");
+//! assert_eq!(replay.body(), "created");
+//! # });
+//! ```
+//!
+//! # Finishing a claim
+//!
+//! [`Begin::Execute`] hands over a [`Guard`] that holds the claim. Finish it
+//! with exactly one of:
+//!
+//! - [`Guard::complete`] with the response (the outcome policy decides
+//!   whether it is stored or released);
+//! - [`Guard::release`] when the operation certainly did not run (the
+//!   upstream refused the connection, the request never left);
+//! - [`Guard::outcome_unknown`] when it may have run but the result is lost
+//!   (connection dropped after sending, timeout): the key is then locked
+//!   with a record that answers retries with a clear 409 problem instead of
+//!   running the operation again.
+//!
+//! A guard dropped unfinished (a panic, a cancelled future) finishes itself
+//! on a spawned task: it releases the claim if [`Guard::mark_started`] was
+//! never called, and records "outcome unknown" if it was. Without a tokio
+//! runtime at drop time the claim simply lapses when its lease expires.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, Uri};
+
+use crate::codec::{Record, StoredResponse};
+use crate::fingerprint::FingerprintConfig;
+use crate::gate::{ConsecutiveFailures, StoreGate};
+use crate::key::parse_key;
+use crate::problem::{Problem, ProblemKind};
+use crate::store::{Claim, FencingToken, Fingerprint, Store, StoreError, StoreKey};
+
+/// The default key header, `Idempotency-Key`.
+pub const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
+/// Set to `true` on every replayed response.
+pub const IDEMPOTENT_REPLAYED: HeaderName = HeaderName::from_static("idempotent-replayed");
+/// The `x-request-id` of the request that executed, on replays.
+pub const ORIGINAL_REQUEST_ID: HeaderName = HeaderName::from_static("original-request-id");
+/// The request id header the engine records by default.
+pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// A caller-supplied tenant extractor; see [`Tenant::Function`].
+pub type TenantFn = Arc<dyn Fn(&RequestHead<'_>) -> Option<String> + Send + Sync>;
+
+/// How the tenant part of the lookup key is found.
+#[derive(Clone)]
+pub enum Tenant {
+    /// A digest of this header's value (default: `Authorization`). Requests
+    /// without it share one anonymous tenant.
+    Header(HeaderName),
+    /// A caller-supplied function (an account id from a verified token, for
+    /// instance). `None` means the anonymous tenant.
+    Function(TenantFn),
+    /// No tenant: for services where every client is the same principal.
+    Single,
+}
+
+impl std::fmt::Debug for Tenant {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Header(h) => f.debug_tuple("Header").field(h).finish(),
+            Self::Function(_) => f.write_str("Function(..)"),
+            Self::Single => f.write_str("Single"),
+        }
+    }
+}
+
+/// What to do with a duplicate that arrives while the first is running.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum InFlight {
+    /// Answer 409 with `Retry-After` at once (default).
+    Reject,
+    /// Wait up to this long for the first to finish, then replay its
+    /// response (or 409 if it is still running).
+    Wait(Duration),
+}
+
+/// What a 5xx response means for the key.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ServerErrors {
+    /// Store it and replay it: the operation may have happened (default,
+    /// Stripe's rule).
+    Store,
+    /// Release the claim so a retry runs again: only for operations their
+    /// owner knows are safe to re-run.
+    Release,
+}
+
+/// What to do when the store cannot be reached.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StoreDown {
+    /// 503 problem with `Retry-After` (default).
+    FailClosed,
+    /// Pass the request through without idempotency.
+    FailOpen,
+}
+
+/// One route's idempotency settings. Cheap to clone; build with the
+/// chained setters.
+///
+/// ```
+/// use keel_idempotency::engine::{InFlight, Policy};
+/// use std::time::Duration;
+///
+/// let policy = Policy::default()
+///     .required(true)
+///     .lease_for_timeout(Duration::from_secs(10))
+///     .in_flight(InFlight::Wait(Duration::from_secs(5)));
+/// assert_eq!(policy.get_lease(), Duration::from_secs(11)); // timeout + 10 %, at least 1 s
+/// ```
+#[derive(Clone, Debug)]
+pub struct Policy {
+    header: HeaderName,
+    methods: Vec<Method>,
+    required: bool,
+    max_key_len: usize,
+    ttl: Duration,
+    lease: Duration,
+    tenant: Tenant,
+    fingerprint: FingerprintConfig,
+    in_flight: InFlight,
+    server_errors: ServerErrors,
+    store_down: StoreDown,
+    store_retry_after: Duration,
+    max_body: usize,
+    max_response: usize,
+    replay_headers: Vec<HeaderName>,
+    request_id_header: HeaderName,
+    namespace: String,
+}
+
+impl Default for Policy {
+    /// POST and PATCH, key optional, 255-character keys, 24 h TTL, 35 s
+    /// lease (a 30 s timeout plus margin), tenant from `Authorization`,
+    /// 409 on in-flight duplicates, 5xx stored, fail-closed, 1 MiB request
+    /// and response limits.
+    fn default() -> Self {
+        Self {
+            header: IDEMPOTENCY_KEY,
+            methods: vec![Method::POST, Method::PATCH],
+            required: false,
+            max_key_len: 255,
+            ttl: Duration::from_secs(24 * 3600),
+            lease: Duration::from_secs(35),
+            tenant: Tenant::Header(http::header::AUTHORIZATION),
+            fingerprint: FingerprintConfig::default(),
+            in_flight: InFlight::Reject,
+            server_errors: ServerErrors::Store,
+            store_down: StoreDown::FailClosed,
+            store_retry_after: Duration::from_secs(2),
+            max_body: 1 << 20,
+            max_response: 1 << 20,
+            replay_headers: [
+                "content-type",
+                "content-encoding",
+                "content-language",
+                "location",
+                "etag",
+                "last-modified",
+                "cache-control",
+            ]
+            .into_iter()
+            .map(HeaderName::from_static)
+            .collect(),
+            request_id_header: X_REQUEST_ID,
+            namespace: "idem".into(),
+        }
+    }
+}
+
+macro_rules! setter {
+    ($(#[$doc:meta])* $name:ident: $ty:ty, $example:literal) => {
+        $(#[$doc])*
+        ///
+        /// ```
+        /// # use keel_idempotency::engine::*;
+        /// # use std::time::Duration;
+        #[doc = $example]
+        /// ```
+        pub fn $name(mut self, value: $ty) -> Self {
+            self.$name = value;
+            self
+        }
+    };
+}
+
+impl Policy {
+    setter!(
+        /// The key header's name (default `Idempotency-Key`).
+        header: HeaderName,
+        "let p = Policy::default().header(http::HeaderName::from_static(\"x-idempotency-key\"));"
+    );
+    setter!(
+        /// Whether a covered request without a key is refused with 400
+        /// (`true`) or passed through untouched (`false`, default).
+        required: bool,
+        "let p = Policy::default().required(true);"
+    );
+    setter!(
+        /// The longest key accepted (default 255 characters).
+        max_key_len: usize,
+        "let p = Policy::default().max_key_len(64);"
+    );
+    setter!(
+        /// How long a completed result is kept and replayed (default 24 h).
+        ttl: Duration,
+        "let p = Policy::default().ttl(Duration::from_secs(3600));"
+    );
+    setter!(
+        /// How long a claim holds before another request may take the key
+        /// over (default 35 s). Prefer [`Policy::lease_for_timeout`].
+        lease: Duration,
+        "let p = Policy::default().lease(Duration::from_secs(5));"
+    );
+    setter!(
+        /// Where the tenant comes from (default: a digest of
+        /// `Authorization`).
+        tenant: Tenant,
+        "let p = Policy::default().tenant(Tenant::Header(http::HeaderName::from_static(\"x-api-key\")));"
+    );
+    setter!(
+        /// What goes into the fingerprint.
+        fingerprint: FingerprintConfig,
+        "let p = Policy::default().fingerprint(keel_idempotency::fingerprint::FingerprintConfig::default().canonical_json(true));"
+    );
+    setter!(
+        /// What an in-flight duplicate gets (default: 409).
+        in_flight: InFlight,
+        "let p = Policy::default().in_flight(InFlight::Wait(Duration::from_secs(2)));"
+    );
+    setter!(
+        /// What a 5xx response does to the key (default: stored).
+        server_errors: ServerErrors,
+        "let p = Policy::default().server_errors(ServerErrors::Release);"
+    );
+    setter!(
+        /// What happens when the store is unreachable (default: 503).
+        store_down: StoreDown,
+        "let p = Policy::default().store_down(StoreDown::FailOpen);"
+    );
+    setter!(
+        /// The `Retry-After` of the 503 sent when the store is down
+        /// (default 2 s).
+        store_retry_after: Duration,
+        "let p = Policy::default().store_retry_after(Duration::from_secs(5));"
+    );
+    setter!(
+        /// The largest request body on a covered request (default 1 MiB);
+        /// larger ones get 413.
+        max_body: usize,
+        "let p = Policy::default().max_body(64 << 10);"
+    );
+    setter!(
+        /// The largest response body kept for replay (default 1 MiB). A
+        /// larger response is still delivered; the key keeps a record that
+        /// says so and retries get a 409 problem.
+        max_response: usize,
+        "let p = Policy::default().max_response(256 << 10);"
+    );
+    setter!(
+        /// The request id header recorded and echoed as
+        /// `Original-Request-Id` (default `x-request-id`).
+        request_id_header: HeaderName,
+        "let p = Policy::default().request_id_header(http::HeaderName::from_static(\"x-correlation-id\"));"
+    );
+    setter!(
+        /// A prefix for store keys, so that several engines (or test runs)
+        /// can share one store without meeting (default `idem`). Printable
+        /// ASCII, at most 64 characters; anything else is replaced.
+        namespace: String,
+        "let p = Policy::default().namespace(\"orders-api\".to_string());"
+    );
+
+    /// The methods covered (default POST and PATCH); others pass through.
+    ///
+    /// ```
+    /// # use keel_idempotency::engine::Policy;
+    /// let p = Policy::default().methods([http::Method::POST, http::Method::PUT]);
+    /// ```
+    pub fn methods(mut self, methods: impl IntoIterator<Item = Method>) -> Self {
+        self.methods = methods.into_iter().collect();
+        self
+    }
+
+    /// Sets the lease to the route's timeout plus a margin (a tenth of the
+    /// timeout, at least 1 s and at most 30 s), so a claim outlives a slow
+    /// but healthy request and lapses soon after a crashed one.
+    ///
+    /// ```
+    /// # use keel_idempotency::engine::Policy;
+    /// # use std::time::Duration;
+    /// assert_eq!(Policy::default().lease_for_timeout(Duration::from_secs(2)).get_lease(), Duration::from_secs(3));
+    /// ```
+    pub fn lease_for_timeout(mut self, timeout: Duration) -> Self {
+        let margin = (timeout / 10).clamp(Duration::from_secs(1), Duration::from_secs(30));
+        self.lease = timeout + margin;
+        self
+    }
+
+    /// Replays header `name` too. `Set-Cookie` is replayed only if named
+    /// here.
+    ///
+    /// ```
+    /// # use keel_idempotency::engine::Policy;
+    /// let p = Policy::default().replay_header(http::HeaderName::from_static("x-order-id"));
+    /// assert!(p.replay_headers().iter().any(|h| h == "x-order-id"));
+    /// ```
+    pub fn replay_header(mut self, name: HeaderName) -> Self {
+        if !self.replay_headers.contains(&name) {
+            self.replay_headers.push(name);
+        }
+        self
+    }
+
+    /// Replaces the whole replay allow-list.
+    ///
+    /// ```
+    /// # use keel_idempotency::engine::Policy;
+    /// let p = Policy::default().replay_headers_only([http::header::CONTENT_TYPE]);
+    /// assert_eq!(p.replay_headers().len(), 1);
+    /// ```
+    pub fn replay_headers_only(mut self, names: impl IntoIterator<Item = HeaderName>) -> Self {
+        self.replay_headers = names.into_iter().collect();
+        self
+    }
+
+    /// The replay allow-list.
+    ///
+    /// ```
+    /// # use keel_idempotency::engine::Policy;
+    /// assert!(!Policy::default().replay_headers().iter().any(|h| h == "set-cookie"));
+    /// ```
+    pub fn replay_headers(&self) -> &[HeaderName] {
+        &self.replay_headers
+    }
+
+    /// The lease.
+    ///
+    /// ```
+    /// # use keel_idempotency::engine::Policy;
+    /// assert_eq!(Policy::default().get_lease().as_secs(), 35);
+    /// ```
+    pub fn get_lease(&self) -> Duration {
+        self.lease
+    }
+
+    /// The TTL of results.
+    ///
+    /// ```
+    /// # use keel_idempotency::engine::Policy;
+    /// assert_eq!(Policy::default().get_ttl().as_secs(), 86_400);
+    /// ```
+    pub fn get_ttl(&self) -> Duration {
+        self.ttl
+    }
+
+    /// The request body limit.
+    ///
+    /// ```
+    /// # use keel_idempotency::engine::Policy;
+    /// assert_eq!(Policy::default().get_max_body(), 1 << 20);
+    /// ```
+    pub fn get_max_body(&self) -> usize {
+        self.max_body
+    }
+}
+
+/// The parts of a request the engine reads. Built from an
+/// [`http::Request`] or [`http::request::Parts`] (by reference) with
+/// `into()`.
+///
+/// ```
+/// use keel_idempotency::engine::RequestHead;
+/// let req = http::Request::post("/a?b=1").body(()).unwrap();
+/// let head = RequestHead::from(&req);
+/// assert_eq!(head.uri.path(), "/a");
+/// ```
+#[derive(Clone, Copy, Debug)]
+pub struct RequestHead<'a> {
+    /// The method.
+    pub method: &'a Method,
+    /// The target.
+    pub uri: &'a Uri,
+    /// The headers.
+    pub headers: &'a HeaderMap,
+}
+
+impl<'a, B> From<&'a Request<B>> for RequestHead<'a> {
+    fn from(r: &'a Request<B>) -> Self {
+        Self {
+            method: r.method(),
+            uri: r.uri(),
+            headers: r.headers(),
+        }
+    }
+}
+
+impl<'a> From<&'a http::request::Parts> for RequestHead<'a> {
+    fn from(p: &'a http::request::Parts) -> Self {
+        Self {
+            method: &p.method,
+            uri: &p.uri,
+            headers: &p.headers,
+        }
+    }
+}
+
+/// Why a request was passed through without idempotency.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PassReason {
+    /// Its method is not covered by the route.
+    MethodNotCovered,
+    /// It carries no key and the route does not require one.
+    NoKey,
+    /// The store is unreachable and the route fails open.
+    StoreUnavailable,
+}
+
+/// The engine's decision for one request.
+#[derive(Debug)]
+#[must_use = "the decision says whether to run the request"]
+pub enum Begin {
+    /// Run the operation, then finish the [`Guard`].
+    Execute(Guard),
+    /// Send this stored response; do not run the operation.
+    Replay(Response<Bytes>),
+    /// Send this problem response; do not run the operation.
+    Reject(Response<Bytes>),
+    /// Run the operation without idempotency.
+    PassThrough(PassReason),
+}
+
+/// What [`Guard::complete`] did with the response.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Completion {
+    /// Stored for replay.
+    Stored,
+    /// The status means "not processed" (408, 409, 425, 429), or a 5xx on
+    /// a route that releases them: the claim was released and a retry will
+    /// run again.
+    Released,
+    /// The body was over the limit: a record saying so was stored.
+    TooLarge,
+}
+
+struct Inner {
+    store: Arc<dyn Store>,
+    gate: Arc<dyn StoreGate>,
+    policy: Policy,
+    namespace: String,
+}
+
+/// The idempotency engine for one route (or several sharing a policy).
+/// Cheap to clone; share the store and the gate between routes.
+#[derive(Clone)]
+pub struct Engine {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine")
+            .field("store", &self.inner.store.name())
+            .field("policy", &self.inner.policy)
+            .finish()
+    }
+}
+
+impl Engine {
+    /// An engine over `store` with `policy` and a default
+    /// [`ConsecutiveFailures`] gate of its own.
+    ///
+    /// ```
+    /// use keel_idempotency::{engine::{Engine, Policy}, memory::MemoryStore};
+    /// let engine = Engine::new(std::sync::Arc::new(MemoryStore::new()), Policy::default());
+    /// ```
+    pub fn new(store: Arc<dyn Store>, policy: Policy) -> Self {
+        Self::with_gate(store, Arc::new(ConsecutiveFailures::default()), policy)
+    }
+
+    /// An engine whose store calls go through `gate` (share one gate per
+    /// store between the routes that use it).
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// use keel_idempotency::{engine::{Engine, Policy}, gate::AlwaysAllow, memory::MemoryStore};
+    /// let engine = Engine::with_gate(Arc::new(MemoryStore::new()), Arc::new(AlwaysAllow), Policy::default());
+    /// ```
+    pub fn with_gate(store: Arc<dyn Store>, gate: Arc<dyn StoreGate>, policy: Policy) -> Self {
+        let mut namespace: String = policy
+            .namespace
+            .chars()
+            .map(|c| if c.is_ascii_graphic() { c } else { '_' })
+            .take(64)
+            .collect();
+        if namespace.is_empty() {
+            namespace.push_str("idem");
+        }
+        Self {
+            inner: Arc::new(Inner {
+                store,
+                gate,
+                policy,
+                namespace,
+            }),
+        }
+    }
+
+    /// The route's policy.
+    ///
+    /// ```
+    /// use keel_idempotency::{engine::{Engine, Policy}, memory::MemoryStore};
+    /// let engine = Engine::new(std::sync::Arc::new(MemoryStore::new()), Policy::default());
+    /// assert_eq!(engine.policy().get_max_body(), 1 << 20);
+    /// ```
+    pub fn policy(&self) -> &Policy {
+        &self.inner.policy
+    }
+
+    /// True if the engine may act on this request (its method is covered),
+    /// so the caller must buffer the body (up to
+    /// [`Policy::get_max_body`] + 1 bytes) before [`Engine::begin`].
+    ///
+    /// ```
+    /// use keel_idempotency::{engine::{Engine, Policy}, memory::MemoryStore};
+    /// let engine = Engine::new(std::sync::Arc::new(MemoryStore::new()), Policy::default());
+    /// assert!(engine.covers(&http::Method::POST));
+    /// assert!(!engine.covers(&http::Method::GET));
+    /// ```
+    pub fn covers(&self, method: &Method) -> bool {
+        self.inner.policy.methods.contains(method)
+    }
+
+    /// True if [`Engine::begin`] needs this request's body: its method is
+    /// covered and it carries a key (or the route requires one). Otherwise
+    /// the caller may stream the body straight through; `begin` would pass
+    /// the request through anyway.
+    ///
+    /// ```
+    /// use keel_idempotency::{engine::{Engine, Policy, RequestHead}, memory::MemoryStore};
+    /// let engine = Engine::new(std::sync::Arc::new(MemoryStore::new()), Policy::default());
+    /// let keyed = http::Request::post("/a").header("idempotency-key", "k").body(()).unwrap();
+    /// let plain = http::Request::post("/a").body(()).unwrap();
+    /// assert!(engine.needs_body(RequestHead::from(&keyed)));
+    /// assert!(!engine.needs_body(RequestHead::from(&plain)));
+    /// ```
+    pub fn needs_body(&self, head: RequestHead<'_>) -> bool {
+        let policy = &self.inner.policy;
+        self.covers(head.method) && (policy.required || head.headers.contains_key(&policy.header))
+    }
+
+    /// Decides what to do with one request whose full body is `body`. See
+    /// the [module docs](self).
+    ///
+    /// ```
+    /// use keel_idempotency::{engine::{Begin, Engine, Policy}, memory::MemoryStore};
+    /// # tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap().block_on(async {
+    /// let engine = Engine::new(std::sync::Arc::new(MemoryStore::new()), Policy::default().required(true));
+    /// let req = http::Request::post("/pay").body(()).unwrap();
+    /// let Begin::Reject(problem) = engine.begin(&req, b"").await else { panic!() };
+    /// assert_eq!(problem.status(), 400);
+    /// # });
+    /// ```
+    pub async fn begin<'a>(&self, head: impl Into<RequestHead<'a>>, body: &[u8]) -> Begin {
+        let head = head.into();
+        let policy = &self.inner.policy;
+        if !self.covers(head.method) {
+            return Begin::PassThrough(PassReason::MethodNotCovered);
+        }
+        let mut values = head.headers.get_all(&policy.header).iter();
+        let (Some(value), None) = (values.next(), values.next()) else {
+            if head.headers.contains_key(&policy.header) {
+                return reject(Problem::new(
+                    ProblemKind::KeyInvalid,
+                    format!("send exactly one {} header", policy.header),
+                ));
+            }
+            if policy.required {
+                return reject(Problem::new(
+                    ProblemKind::KeyMissing,
+                    format!(
+                        "{} {} requires an {} header; send a unique value (a UUID) and reuse it on retries",
+                        head.method,
+                        head.uri.path(),
+                        policy.header
+                    ),
+                ));
+            }
+            return Begin::PassThrough(PassReason::NoKey);
+        };
+        let client_key = match parse_key(value.as_bytes(), policy.max_key_len) {
+            Ok(k) => k,
+            Err(e) => return reject(Problem::new(ProblemKind::KeyInvalid, e.to_string())),
+        };
+        if body.len() > policy.max_body {
+            return reject(Problem::new(
+                ProblemKind::BodyTooLarge,
+                format!(
+                    "idempotent requests on this route accept bodies up to {} bytes",
+                    policy.max_body
+                ),
+            ));
+        }
+        let key = self.store_key(&head, &client_key);
+        let fingerprint = policy
+            .fingerprint
+            .digest(head.method, head.uri, head.headers, body);
+        let request_id = head
+            .headers
+            .get(&policy.request_id_header)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        self.claim_loop(key, fingerprint, request_id).await
+    }
+
+    /// The store key: namespace, then a digest of tenant, method, path and
+    /// client key. Hashing keeps it short and printable whatever the inputs,
+    /// and the length prefixes keep `("a:b", "c")` apart from `("a", "b:c")`.
+    fn store_key(&self, head: &RequestHead<'_>, client_key: &str) -> StoreKey {
+        let tenant = match &self.inner.policy.tenant {
+            Tenant::Header(name) => head.headers.get(name).map(|v| v.as_bytes().to_vec()),
+            Tenant::Function(f) => f(head).map(String::into_bytes),
+            Tenant::Single => None,
+        };
+        let mut h = blake3::Hasher::new();
+        for part in [
+            b"keel-idempotency-key-v1".as_slice(),
+            tenant.as_deref().unwrap_or(b""),
+            head.method.as_str().as_bytes(),
+            head.uri.path().as_bytes(),
+            client_key.as_bytes(),
+        ] {
+            h.update(&(part.len() as u64).to_be_bytes());
+            h.update(part);
+        }
+        h.update(&[u8::from(tenant.is_some())]);
+        let digest = h.finalize();
+        let hex = digest.to_hex();
+        // Namespace is at most 64 printable characters and the digest 64 hex
+        // digits, so this is always a valid key.
+        StoreKey::new(format!("{}:{}", self.inner.namespace, hex.as_str()))
+            .or_else(|| StoreKey::new(hex.as_str()))
+            .expect("a hex digest is a valid store key")
+    }
+
+    async fn claim_loop(
+        &self,
+        key: StoreKey,
+        fingerprint: Fingerprint,
+        request_id: Option<String>,
+    ) -> Begin {
+        let inner = &self.inner;
+        let policy = &inner.policy;
+        let deadline = match policy.in_flight {
+            InFlight::Wait(max) => Some(tokio::time::Instant::now() + max),
+            InFlight::Reject => None,
+        };
+        let mut backoff = Duration::from_millis(5);
+        loop {
+            if !inner.gate.allow() {
+                return self.store_down("the idempotency store is failing; calls are paused");
+            }
+            let claim = inner.store.claim(&key, fingerprint, policy.lease).await;
+            match claim {
+                Err(StoreError::Unavailable(why)) => {
+                    inner.gate.on_failure();
+                    return self.store_down(&why);
+                }
+                Err(e) => {
+                    inner.gate.on_success();
+                    return corrupt(&e.to_string());
+                }
+                Ok(Claim::Acquired { token }) => {
+                    inner.gate.on_success();
+                    return Begin::Execute(Guard {
+                        state: Some(GuardState {
+                            inner: inner.clone(),
+                            key,
+                            token,
+                            request_id,
+                            started: false,
+                        }),
+                    });
+                }
+                Ok(Claim::InFlight {
+                    fingerprint: theirs,
+                    retry_after,
+                }) => {
+                    inner.gate.on_success();
+                    if theirs != fingerprint {
+                        return mismatch();
+                    }
+                    let now = tokio::time::Instant::now();
+                    match deadline {
+                        Some(d) if now < d => {
+                            // Poll the store again soon: completion is not
+                            // pushed to waiters, and a short exponential
+                            // backoff keeps both latency and load low.
+                            let nap = backoff
+                                .min(d - now)
+                                .min(retry_after.max(Duration::from_millis(1)));
+                            tokio::time::sleep(nap).await;
+                            backoff = (backoff * 2).min(Duration::from_millis(250));
+                        }
+                        _ => {
+                            return reject(
+                                Problem::new(
+                                    ProblemKind::InFlight,
+                                    "a request with this key is still being processed; retry after the delay given",
+                                )
+                                .retry_after(retry_after),
+                            );
+                        }
+                    }
+                }
+                Ok(Claim::Completed {
+                    fingerprint: theirs,
+                    payload,
+                }) => {
+                    inner.gate.on_success();
+                    if theirs != fingerprint {
+                        return mismatch();
+                    }
+                    return match Record::decode(&payload) {
+                        Ok(record) => replay(record),
+                        Err(e) => corrupt(&e.to_string()),
+                    };
+                }
+            }
+        }
+    }
+
+    fn store_down(&self, why: &str) -> Begin {
+        match self.inner.policy.store_down {
+            StoreDown::FailOpen => Begin::PassThrough(PassReason::StoreUnavailable),
+            StoreDown::FailClosed => reject(
+                Problem::new(
+                    ProblemKind::StoreUnavailable,
+                    format!("cannot check the idempotency key right now ({why}); retry later with the same key"),
+                )
+                .retry_after(self.inner.policy.store_retry_after),
+            ),
+        }
+    }
+}
+
+fn reject(p: Problem) -> Begin {
+    Begin::Reject(p.to_response())
+}
+
+fn mismatch() -> Begin {
+    reject(Problem::new(
+        ProblemKind::FingerprintMismatch,
+        "this idempotency key was used for a different request (method, path, query or body differ); use a new key for a new request",
+    ))
+}
+
+fn corrupt(why: &str) -> Begin {
+    // Never fail open on a record we cannot read: it may stand for an
+    // operation that already ran.
+    reject(
+        Problem::new(
+            ProblemKind::StoreUnavailable,
+            format!("the stored record for this key cannot be read ({why})"),
+        )
+        .retry_after(Duration::from_secs(60)),
+    )
+}
+
+fn replay(record: Record) -> Begin {
+    match record {
+        Record::Response(stored) => {
+            let mut response = Response::new(Bytes::from(stored.body));
+            *response.status_mut() = StatusCode::from_u16(stored.status).unwrap_or(StatusCode::OK);
+            let headers = response.headers_mut();
+            for (name, value) in stored.headers {
+                if let (Ok(n), Ok(v)) = (
+                    HeaderName::from_bytes(name.as_bytes()),
+                    HeaderValue::from_bytes(&value),
+                ) {
+                    headers.append(n, v);
+                }
+            }
+            headers.insert(IDEMPOTENT_REPLAYED, HeaderValue::from_static("true"));
+            if let Some(v) = stored
+                .request_id
+                .and_then(|id| HeaderValue::from_str(&id).ok())
+            {
+                headers.insert(ORIGINAL_REQUEST_ID, v);
+            }
+            Begin::Replay(response)
+        }
+        Record::OutcomeUnknown { request_id } => {
+            let mut p = Problem::new(
+                ProblemKind::OutcomeUnknown,
+                "an earlier request with this key may have been processed, but its result was lost; it will not be run again. Check the resource's state, then use a new key if needed",
+            );
+            p.original_request_id = request_id;
+            reject(p)
+        }
+        Record::TooLarge {
+            status,
+            request_id,
+            body_len,
+        } => {
+            let mut p = Problem::new(
+                ProblemKind::ResponseNotStored,
+                format!(
+                    "an earlier request with this key was processed (status {status}), but its {body_len}-byte response was too large to keep for replay; it will not be run again"
+                ),
+            );
+            p.original_request_id = request_id;
+            reject(p)
+        }
+    }
+}
+
+struct GuardState {
+    inner: Arc<Inner>,
+    key: StoreKey,
+    token: FencingToken,
+    request_id: Option<String>,
+    started: bool,
+}
+
+/// Holds the claim on a key while the operation runs. See
+/// [Finishing a claim](self#finishing-a-claim).
+#[must_use = "finish the guard with complete, release or outcome_unknown"]
+pub struct Guard {
+    state: Option<GuardState>,
+}
+
+impl std::fmt::Debug for Guard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.state {
+            Some(s) => f
+                .debug_struct("Guard")
+                .field("key", &s.key)
+                .field("token", &s.token)
+                .field("started", &s.started)
+                .finish(),
+            None => f.write_str("Guard(finished)"),
+        }
+    }
+}
+
+impl Guard {
+    /// Records that the operation may now run (call it just before the
+    /// request leaves for the upstream or the handler is invoked). From
+    /// here on, dropping the guard unfinished locks the key as "outcome
+    /// unknown" instead of releasing it.
+    ///
+    /// ```
+    /// # use keel_idempotency::{engine::*, memory::MemoryStore};
+    /// # tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap().block_on(async {
+    /// # let engine = Engine::new(std::sync::Arc::new(MemoryStore::new()), Policy::default());
+    /// # let req = http::Request::post("/x").header("idempotency-key", "k").body(()).unwrap();
+    /// let Begin::Execute(mut guard) = engine.begin(&req, b"").await else { panic!() };
+    /// guard.mark_started();
+    /// assert!(guard.is_started());
+    /// guard.outcome_unknown().await.unwrap();
+    /// # });
+    /// ```
+    pub fn mark_started(&mut self) {
+        if let Some(s) = &mut self.state {
+            s.started = true;
+        }
+    }
+
+    /// Whether [`Guard::mark_started`] was called.
+    ///
+    /// ```
+    /// # use keel_idempotency::{engine::*, memory::MemoryStore};
+    /// # tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap().block_on(async {
+    /// # let engine = Engine::new(std::sync::Arc::new(MemoryStore::new()), Policy::default());
+    /// # let req = http::Request::post("/x").header("idempotency-key", "k").body(()).unwrap();
+    /// let Begin::Execute(guard) = engine.begin(&req, b"").await else { panic!() };
+    /// assert!(!guard.is_started());
+    /// guard.release().await.unwrap();
+    /// # });
+    /// ```
+    pub fn is_started(&self) -> bool {
+        self.state.as_ref().is_some_and(|s| s.started)
+    }
+
+    /// The claim's fencing token.
+    ///
+    /// ```
+    /// # use keel_idempotency::{engine::*, memory::MemoryStore};
+    /// # tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap().block_on(async {
+    /// # let engine = Engine::new(std::sync::Arc::new(MemoryStore::new()), Policy::default());
+    /// # let req = http::Request::post("/x").header("idempotency-key", "k").body(()).unwrap();
+    /// let Begin::Execute(guard) = engine.begin(&req, b"").await else { panic!() };
+    /// assert!(guard.token().is_some());
+    /// guard.release().await.unwrap();
+    /// # });
+    /// ```
+    pub fn token(&self) -> Option<FencingToken> {
+        self.state.as_ref().map(|s| s.token)
+    }
+
+    /// Finishes with the operation's response, applying the outcome
+    /// policy: 408, 409, 425 and 429 (and 5xx on routes that release them)
+    /// release the claim; a body over the limit stores a "too large"
+    /// record; anything else is stored for replay with its allow-listed
+    /// headers.
+    ///
+    /// Deliver the response to the client whatever this returns. An error
+    /// means the result could not be recorded: [`StoreError::Fenced`] if
+    /// the lease had expired and another request took the key over, or the
+    /// store being down (the claim then lapses when its lease ends).
+    ///
+    /// ```
+    /// # use keel_idempotency::{engine::*, memory::MemoryStore};
+    /// # tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap().block_on(async {
+    /// # let engine = Engine::new(std::sync::Arc::new(MemoryStore::new()), Policy::default());
+    /// # let req = http::Request::post("/x").header("idempotency-key", "k").body(()).unwrap();
+    /// let Begin::Execute(guard) = engine.begin(&req, b"").await else { panic!() };
+    /// let busy = http::Response::builder().status(429).body("slow down").unwrap();
+    /// assert_eq!(guard.complete(&busy).await.unwrap(), Completion::Released);
+    /// # });
+    /// ```
+    pub async fn complete<B: AsRef<[u8]>>(
+        self,
+        response: &Response<B>,
+    ) -> Result<Completion, StoreError> {
+        self.complete_parts(
+            response.status(),
+            response.headers(),
+            response.body().as_ref(),
+        )
+        .await
+    }
+
+    /// [`Guard::complete`] from the response's pieces.
+    ///
+    /// ```
+    /// # use keel_idempotency::{engine::*, memory::MemoryStore};
+    /// # tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap().block_on(async {
+    /// # let engine = Engine::new(std::sync::Arc::new(MemoryStore::new()), Policy::default());
+    /// # let req = http::Request::post("/x").header("idempotency-key", "k").body(()).unwrap();
+    /// let Begin::Execute(guard) = engine.begin(&req, b"").await else { panic!() };
+    /// let done = guard.complete_parts(http::StatusCode::OK, &http::HeaderMap::new(), b"ok").await;
+    /// assert_eq!(done.unwrap(), Completion::Stored);
+    /// # });
+    /// ```
+    pub async fn complete_parts(
+        mut self,
+        status: StatusCode,
+        headers: &HeaderMap,
+        body: &[u8],
+    ) -> Result<Completion, StoreError> {
+        let Some(s) = self.state.take() else {
+            return Err(StoreError::Fenced);
+        };
+        let policy = &s.inner.policy;
+        let not_processed = matches!(status.as_u16(), 408 | 409 | 425 | 429);
+        let release = not_processed
+            || (status.is_server_error() && policy.server_errors == ServerErrors::Release);
+        if release {
+            return s.release().await.map(|()| Completion::Released);
+        }
+        if body.len() > policy.max_response {
+            let record = Record::TooLarge {
+                status: status.as_u16(),
+                request_id: s.request_id.clone(),
+                body_len: body.len() as u64,
+            };
+            return s.store(&record).await.map(|()| Completion::TooLarge);
+        }
+        let kept = policy
+            .replay_headers
+            .iter()
+            .flat_map(|name| {
+                headers
+                    .get_all(name)
+                    .iter()
+                    .map(move |v| (name.as_str().to_owned(), v.as_bytes().to_vec()))
+            })
+            .collect();
+        let record = Record::Response(StoredResponse {
+            status: status.as_u16(),
+            request_id: s.request_id.clone(),
+            headers: kept,
+            body: body.to_vec(),
+        });
+        s.store(&record).await.map(|()| Completion::Stored)
+    }
+
+    /// Finishes with a response too large to buffer (a gateway that
+    /// streamed it): records that the operation ran with `status` and a
+    /// body of `body_len` bytes, unless the status releases the claim.
+    ///
+    /// ```
+    /// # use keel_idempotency::{engine::*, memory::MemoryStore};
+    /// # tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap().block_on(async {
+    /// # let engine = Engine::new(std::sync::Arc::new(MemoryStore::new()), Policy::default());
+    /// # let req = http::Request::post("/x").header("idempotency-key", "k").body(()).unwrap();
+    /// let Begin::Execute(guard) = engine.begin(&req, b"").await else { panic!() };
+    /// assert_eq!(guard.complete_unbuffered(http::StatusCode::OK, 5 << 20).await.unwrap(), Completion::TooLarge);
+    /// # });
+    /// ```
+    pub async fn complete_unbuffered(
+        mut self,
+        status: StatusCode,
+        body_len: u64,
+    ) -> Result<Completion, StoreError> {
+        let Some(s) = self.state.take() else {
+            return Err(StoreError::Fenced);
+        };
+        let policy = &s.inner.policy;
+        let release = matches!(status.as_u16(), 408 | 409 | 425 | 429)
+            || (status.is_server_error() && policy.server_errors == ServerErrors::Release);
+        if release {
+            return s.release().await.map(|()| Completion::Released);
+        }
+        let record = Record::TooLarge {
+            status: status.as_u16(),
+            request_id: s.request_id.clone(),
+            body_len,
+        };
+        s.store(&record).await.map(|()| Completion::TooLarge)
+    }
+
+    /// Gives the key up: the operation did not run (refused before it
+    /// started), so a retry may run it.
+    ///
+    /// ```
+    /// # use keel_idempotency::{engine::*, memory::MemoryStore};
+    /// # tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap().block_on(async {
+    /// # let engine = Engine::new(std::sync::Arc::new(MemoryStore::new()), Policy::default());
+    /// # let req = http::Request::post("/x").header("idempotency-key", "k").body(()).unwrap();
+    /// let Begin::Execute(guard) = engine.begin(&req, b"").await else { panic!() };
+    /// guard.release().await.unwrap();
+    /// assert!(matches!(engine.begin(&req, b"").await, Begin::Execute(_)));
+    /// # });
+    /// ```
+    pub async fn release(mut self) -> Result<(), StoreError> {
+        match self.state.take() {
+            Some(s) => s.release().await,
+            None => Err(StoreError::Fenced),
+        }
+    }
+
+    /// Locks the key as "outcome unknown": the operation may have run but
+    /// its result is lost. Retries get a 409 problem, never a re-run.
+    ///
+    /// ```
+    /// # use keel_idempotency::{engine::*, memory::MemoryStore};
+    /// # tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap().block_on(async {
+    /// # let engine = Engine::new(std::sync::Arc::new(MemoryStore::new()), Policy::default());
+    /// # let req = http::Request::post("/x").header("idempotency-key", "k").body(()).unwrap();
+    /// let Begin::Execute(guard) = engine.begin(&req, b"").await else { panic!() };
+    /// guard.outcome_unknown().await.unwrap();
+    /// let Begin::Reject(p) = engine.begin(&req, b"").await else { panic!() };
+    /// assert_eq!(p.status(), 409);
+    /// # });
+    /// ```
+    pub async fn outcome_unknown(mut self) -> Result<(), StoreError> {
+        match self.state.take() {
+            Some(s) => s.outcome_unknown().await,
+            None => Err(StoreError::Fenced),
+        }
+    }
+}
+
+impl GuardState {
+    async fn store(&self, record: &Record) -> Result<(), StoreError> {
+        let payload = record.encode();
+        let r = self
+            .inner
+            .store
+            .complete(&self.key, self.token, &payload, self.inner.policy.ttl)
+            .await;
+        self.report(&r);
+        r
+    }
+
+    async fn release(&self) -> Result<(), StoreError> {
+        let r = self.inner.store.release(&self.key, self.token).await;
+        self.report(&r);
+        r
+    }
+
+    async fn outcome_unknown(&self) -> Result<(), StoreError> {
+        self.store(&Record::OutcomeUnknown {
+            request_id: self.request_id.clone(),
+        })
+        .await
+    }
+
+    fn report(&self, r: &Result<(), StoreError>) {
+        match r {
+            Err(StoreError::Unavailable(_)) => self.inner.gate.on_failure(),
+            _ => self.inner.gate.on_success(),
+        }
+    }
+}
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        let Some(s) = self.state.take() else { return };
+        // Drop cannot await; finish on the runtime if there is one. If there
+        // is none, the claim lapses at the end of its lease.
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(async move {
+                let _ = if s.started {
+                    s.outcome_unknown().await
+                } else {
+                    s.release().await
+                };
+            });
+        }
+    }
+}

@@ -1,0 +1,198 @@
+//! A tower [`Layer`] that puts the [engine](crate::engine) in front of any
+//! `http` service (axum routers, hyper services).
+//!
+//! A thin adapter: it buffers the request body (up to the route's limit)
+//! when the engine needs it, asks [`Engine::begin`], and then calls the
+//! inner service, replays or refuses. Executed responses are buffered so
+//! they can be recorded; an error from the inner service, or a response
+//! body that fails mid-way, locks the key as "outcome unknown" (the
+//! operation may have run). Requests the engine does not cover stream
+//! through untouched.
+//!
+//! ```
+//! use std::convert::Infallible;
+//! use std::sync::Arc;
+//! use bytes::Bytes;
+//! use http_body_util::{BodyExt, Full};
+//! use keel_idempotency::engine::{Engine, Policy};
+//! use keel_idempotency::layer::IdempotencyLayer;
+//! use keel_idempotency::memory::MemoryStore;
+//! use tower::{Layer, Service, ServiceExt};
+//!
+//! # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
+//! let engine = Engine::new(Arc::new(MemoryStore::new()), Policy::default());
+//! let handler = tower::service_fn(|_req: http::Request<_>| async {
+//!     Ok::<_, Infallible>(http::Response::new(Full::new(Bytes::from("created"))))
+//! });
+//! let mut svc = IdempotencyLayer::new(engine).layer(handler);
+//! let request = || http::Request::post("/orders")
+//!     .header("idempotency-key", "k1")
+//!     .body(Full::new(Bytes::from("{}")))
+//!     .unwrap();
+//! let first = svc.ready().await.unwrap().call(request()).await.unwrap();
+//! assert!(!first.headers().contains_key("idempotent-replayed"));
+//! let again = svc.ready().await.unwrap().call(request()).await.unwrap();
+//! assert_eq!(again.headers()["idempotent-replayed"], "true");
+//! assert_eq!(again.into_body().collect().await.unwrap().to_bytes(), "created");
+//! # });
+//! ```
+
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body::Body;
+use http_body_util::{BodyExt, Either, Full, LengthLimitError, Limited};
+use tower_layer::Layer;
+use tower_service::Service;
+
+use crate::engine::{Begin, Engine, RequestHead};
+use crate::problem::{Problem, ProblemKind};
+use crate::store::BoxFuture;
+
+/// The error type of bodies this layer produces.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The request body the inner service receives: the original (streamed)
+/// body, or the buffered one.
+pub type LayerRequestBody<B> = Either<B, Full<Bytes>>;
+
+/// The response body the layer returns: the inner service's own, or a
+/// buffered, replayed or problem body.
+pub type LayerResponseBody<B> = Either<B, Full<Bytes>>;
+
+/// Wraps a service with [`Idempotency`].
+#[derive(Clone, Debug)]
+pub struct IdempotencyLayer {
+    engine: Engine,
+}
+
+impl IdempotencyLayer {
+    /// A layer driving `engine`.
+    ///
+    /// ```
+    /// use keel_idempotency::{engine::{Engine, Policy}, layer::IdempotencyLayer, memory::MemoryStore};
+    /// let layer = IdempotencyLayer::new(Engine::new(std::sync::Arc::new(MemoryStore::new()), Policy::default()));
+    /// ```
+    pub fn new(engine: Engine) -> Self {
+        Self { engine }
+    }
+}
+
+impl<S> Layer<S> for IdempotencyLayer {
+    type Service = Idempotency<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        Idempotency {
+            inner,
+            engine: self.engine.clone(),
+        }
+    }
+}
+
+/// The service made by [`IdempotencyLayer`].
+#[derive(Clone, Debug)]
+pub struct Idempotency<S> {
+    inner: S,
+    engine: Engine,
+}
+
+fn buffered<B>(bytes: Bytes) -> Either<B, Full<Bytes>> {
+    Either::Right(Full::new(bytes))
+}
+
+fn plain<B>(status: StatusCode, text: &'static str) -> Response<LayerResponseBody<B>> {
+    let mut r = Response::new(buffered(Bytes::from_static(text.as_bytes())));
+    *r.status_mut() = status;
+    r
+}
+
+impl<S, ReqB, ResB> Service<Request<ReqB>> for Idempotency<S>
+where
+    S: Service<Request<LayerRequestBody<ReqB>>, Response = Response<ResB>> + Clone + Send + 'static,
+    S::Future: Send,
+    S::Error: Send + 'static,
+    ReqB: Body<Data = Bytes> + Send + 'static,
+    ReqB::Error: Into<BoxError>,
+    ResB: Body<Data = Bytes> + Send + 'static,
+    ResB::Error: Into<BoxError>,
+{
+    type Response = Response<LayerResponseBody<ResB>>;
+    type Error = S::Error;
+    type Future = BoxFuture<'static, Result<Self::Response, S::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<ReqB>) -> Self::Future {
+        // The clone that was driven to readiness serves this call.
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let engine = self.engine.clone();
+        Box::pin(async move {
+            if !engine.needs_body(RequestHead::from(&req)) {
+                let response = inner.call(req.map(Either::Left)).await?;
+                return Ok(response.map(Either::Left));
+            }
+            let (parts, body) = req.into_parts();
+            let max = engine.policy().get_max_body();
+            let bytes = match Limited::new(body, max).collect().await {
+                Ok(collected) => collected.to_bytes(),
+                Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => {
+                    let p = Problem::new(
+                        ProblemKind::BodyTooLarge,
+                        format!(
+                            "idempotent requests on this route accept bodies up to {max} bytes"
+                        ),
+                    );
+                    return Ok(p.to_response().map(buffered));
+                }
+                Err(_) => {
+                    return Ok(plain(
+                        StatusCode::BAD_REQUEST,
+                        "could not read the request body",
+                    ));
+                }
+            };
+            match engine.begin(&parts, &bytes).await {
+                Begin::PassThrough(_) => {
+                    let response = inner
+                        .call(Request::from_parts(parts, buffered(bytes)))
+                        .await?;
+                    Ok(response.map(Either::Left))
+                }
+                Begin::Replay(r) | Begin::Reject(r) => Ok(r.map(buffered)),
+                Begin::Execute(mut guard) => {
+                    guard.mark_started();
+                    // On error the guard is dropped started, which records
+                    // "outcome unknown" on a spawned task.
+                    let response = inner
+                        .call(Request::from_parts(parts, buffered(bytes)))
+                        .await?;
+                    let (rparts, rbody) = response.into_parts();
+                    // Keep only Send values across the awaits below.
+                    let collected = rbody.collect().await.ok().map(|c| c.to_bytes());
+                    match collected {
+                        Some(body) => {
+                            // The client gets its response even if recording
+                            // fails; a retry then meets the claim (409) until
+                            // its lease ends.
+                            let _ = guard
+                                .complete_parts(rparts.status, &rparts.headers, &body)
+                                .await;
+                            Ok(Response::from_parts(rparts, buffered(body)))
+                        }
+                        None => {
+                            let _ = guard.outcome_unknown().await;
+                            Ok(plain(
+                                StatusCode::BAD_GATEWAY,
+                                "the response body failed mid-way",
+                            ))
+                        }
+                    }
+                }
+            }
+        })
+    }
+}

@@ -1,0 +1,182 @@
+//! `application/problem+json` (RFC 9457) answers, one stable `type` per kind.
+//!
+//! ```
+//! use keel_idempotency::problem::{Problem, ProblemKind};
+//!
+//! let p = Problem::new(ProblemKind::InFlight, "the first request is still running")
+//!     .retry_after(std::time::Duration::from_millis(1500));
+//! let response = p.to_response();
+//! assert_eq!(response.status(), 409);
+//! assert_eq!(response.headers()["retry-after"], "2");
+//! assert_eq!(response.headers()["content-type"], "application/problem+json");
+//! let body: serde_json::Value = serde_json::from_slice(response.body()).unwrap();
+//! assert_eq!(body["type"], "urn:keel:problem:idempotency-in-flight");
+//! ```
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderValue, Response, StatusCode, header};
+
+/// The content type of every problem answer.
+pub const CONTENT_TYPE: &str = "application/problem+json";
+
+/// Each kind of refusal the engine makes; its [`type_uri`](Self::type_uri)
+/// never changes, so clients can branch on it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum ProblemKind {
+    /// 400: the route requires a key and none was sent.
+    KeyMissing,
+    /// 400: the key is empty, too long or not printable ASCII.
+    KeyInvalid,
+    /// 422: the key was used before for a different request.
+    FingerprintMismatch,
+    /// 409 with `Retry-After`: the first request with this key is running.
+    InFlight,
+    /// 413: the body is over the route's limit for idempotent requests.
+    BodyTooLarge,
+    /// 503 with `Retry-After`: the store cannot be reached (fail-closed).
+    StoreUnavailable,
+    /// 409: an earlier request with this key may have run but its outcome
+    /// was lost; it will not be run again under this key.
+    OutcomeUnknown,
+    /// 409: an earlier request with this key ran, but its response was too
+    /// large to keep for replay.
+    ResponseNotStored,
+}
+
+impl ProblemKind {
+    /// The stable `type` URI.
+    ///
+    /// ```
+    /// use keel_idempotency::problem::ProblemKind;
+    /// assert_eq!(ProblemKind::KeyMissing.type_uri(), "urn:keel:problem:idempotency-key-missing");
+    /// ```
+    pub fn type_uri(self) -> &'static str {
+        match self {
+            Self::KeyMissing => "urn:keel:problem:idempotency-key-missing",
+            Self::KeyInvalid => "urn:keel:problem:idempotency-key-invalid",
+            Self::FingerprintMismatch => "urn:keel:problem:idempotency-key-reused",
+            Self::InFlight => "urn:keel:problem:idempotency-in-flight",
+            Self::BodyTooLarge => "urn:keel:problem:idempotency-body-too-large",
+            Self::StoreUnavailable => "urn:keel:problem:idempotency-store-unavailable",
+            Self::OutcomeUnknown => "urn:keel:problem:idempotency-outcome-unknown",
+            Self::ResponseNotStored => "urn:keel:problem:idempotency-response-not-stored",
+        }
+    }
+
+    /// The HTTP status.
+    ///
+    /// ```
+    /// use keel_idempotency::problem::ProblemKind;
+    /// assert_eq!(ProblemKind::FingerprintMismatch.status(), 422);
+    /// ```
+    pub fn status(self) -> StatusCode {
+        match self {
+            Self::KeyMissing | Self::KeyInvalid => StatusCode::BAD_REQUEST,
+            Self::FingerprintMismatch => StatusCode::UNPROCESSABLE_ENTITY,
+            Self::InFlight | Self::OutcomeUnknown | Self::ResponseNotStored => StatusCode::CONFLICT,
+            Self::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::StoreUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+        }
+    }
+
+    /// The short, fixed `title`.
+    ///
+    /// ```
+    /// use keel_idempotency::problem::ProblemKind;
+    /// assert!(!ProblemKind::InFlight.title().is_empty());
+    /// ```
+    pub fn title(self) -> &'static str {
+        match self {
+            Self::KeyMissing => "Idempotency-Key header required",
+            Self::KeyInvalid => "Invalid Idempotency-Key",
+            Self::FingerprintMismatch => "Idempotency-Key reused for a different request",
+            Self::InFlight => "A request with this Idempotency-Key is in progress",
+            Self::BodyTooLarge => "Request body too large for an idempotent request",
+            Self::StoreUnavailable => "Idempotency store unavailable",
+            Self::OutcomeUnknown => "Outcome of the earlier request is unknown",
+            Self::ResponseNotStored => "Earlier response was not stored",
+        }
+    }
+}
+
+/// One problem answer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Problem {
+    /// Its kind.
+    pub kind: ProblemKind,
+    /// What happened and what to do next, for humans.
+    pub detail: String,
+    /// When to retry, for `Retry-After` (rounded up to whole seconds).
+    pub retry_after: Option<Duration>,
+    /// The `x-request-id` of the earlier request, where one is involved.
+    pub original_request_id: Option<String>,
+}
+
+impl Problem {
+    /// A problem of `kind` with `detail`.
+    ///
+    /// ```
+    /// use keel_idempotency::problem::{Problem, ProblemKind};
+    /// assert_eq!(Problem::new(ProblemKind::KeyMissing, "send one").kind, ProblemKind::KeyMissing);
+    /// ```
+    pub fn new(kind: ProblemKind, detail: impl Into<String>) -> Self {
+        Self {
+            kind,
+            detail: detail.into(),
+            retry_after: None,
+            original_request_id: None,
+        }
+    }
+
+    /// Adds `Retry-After`.
+    ///
+    /// ```
+    /// use keel_idempotency::problem::{Problem, ProblemKind};
+    /// let p = Problem::new(ProblemKind::InFlight, "").retry_after(std::time::Duration::ZERO);
+    /// assert_eq!(p.to_response().headers()["retry-after"], "1");
+    /// ```
+    pub fn retry_after(mut self, after: Duration) -> Self {
+        self.retry_after = Some(after);
+        self
+    }
+
+    /// The full response: status, `content-type`, `Retry-After` and the
+    /// JSON body.
+    ///
+    /// ```
+    /// use keel_idempotency::problem::{Problem, ProblemKind};
+    /// let r = Problem::new(ProblemKind::BodyTooLarge, "limit 1 MiB").to_response();
+    /// assert_eq!(r.status(), 413);
+    /// ```
+    pub fn to_response(&self) -> Response<Bytes> {
+        let mut body = serde_json::json!({
+            "type": self.kind.type_uri(),
+            "title": self.kind.title(),
+            "status": self.kind.status().as_u16(),
+            "detail": self.detail,
+        });
+        if let Some(id) = &self.original_request_id {
+            body["original_request_id"] = serde_json::Value::String(id.clone());
+        }
+        let mut response = Response::new(Bytes::from(body.to_string()));
+        *response.status_mut() = self.kind.status();
+        let headers = response.headers_mut();
+        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(CONTENT_TYPE));
+        if let Some(after) = self.retry_after {
+            // Round up and never say 0: "retry now" invites a hot loop.
+            let secs = after.as_secs() + u64::from(after.subsec_nanos() > 0);
+            headers.insert(header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
+        }
+        if let Some(id) = self
+            .original_request_id
+            .as_deref()
+            .and_then(|v| HeaderValue::from_str(v).ok())
+        {
+            headers.insert(crate::engine::ORIGINAL_REQUEST_ID, id);
+        }
+        response
+    }
+}

@@ -1,0 +1,145 @@
+//! The tower layer in front of an axum router and a plain tower service.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use axum::Router;
+use axum::body::Body;
+use axum::routing::{get, post};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use keel_idempotency::engine::{Engine, Policy};
+use keel_idempotency::layer::IdempotencyLayer;
+use keel_idempotency::memory::MemoryStore;
+use tower::{Layer, ServiceExt};
+
+fn engine(policy: Policy) -> Engine {
+    Engine::new(Arc::new(MemoryStore::new()), policy)
+}
+
+fn router(engine: Engine, runs: Arc<AtomicUsize>) -> Router {
+    Router::new()
+        .route(
+            "/orders",
+            post(move |body: String| {
+                let runs = runs.clone();
+                async move {
+                    let n = runs.fetch_add(1, Ordering::SeqCst) + 1;
+                    (
+                        axum::http::StatusCode::CREATED,
+                        [("set-cookie", "s=1")],
+                        format!("order {n}: {body}"),
+                    )
+                }
+            }),
+        )
+        .route("/orders", get(|| async { "list" }))
+        .layer(IdempotencyLayer::new(engine))
+}
+
+fn post_req(key: &str, body: &'static str) -> http::Request<Body> {
+    http::Request::post("/orders")
+        .header("idempotency-key", key)
+        .header("x-request-id", "r-1")
+        .body(Body::from(body))
+        .expect("request")
+}
+
+async fn text(
+    r: http::Response<impl http_body::Body<Data = Bytes, Error = impl std::fmt::Debug>>,
+) -> String {
+    let bytes = r.into_body().collect().await.expect("body").to_bytes();
+    String::from_utf8(bytes.to_vec()).expect("utf-8")
+}
+
+#[tokio::test]
+async fn axum_router_runs_once_and_replays() {
+    let runs = Arc::new(AtomicUsize::new(0));
+    let app = router(engine(Policy::default()), runs.clone());
+    let first = app
+        .clone()
+        .oneshot(post_req("k", "a"))
+        .await
+        .expect("infallible");
+    assert_eq!(first.status(), 201);
+    assert_eq!(first.headers()["set-cookie"], "s=1");
+    assert_eq!(text(first).await, "order 1: a");
+    let again = app
+        .clone()
+        .oneshot(post_req("k", "a"))
+        .await
+        .expect("infallible");
+    assert_eq!(again.status(), 201);
+    assert_eq!(again.headers()["idempotent-replayed"], "true");
+    assert_eq!(again.headers()["original-request-id"], "r-1");
+    assert!(!again.headers().contains_key("set-cookie"));
+    assert_eq!(text(again).await, "order 1: a");
+    let other = app
+        .clone()
+        .oneshot(post_req("k", "b"))
+        .await
+        .expect("infallible");
+    assert_eq!(other.status(), 422);
+    assert_eq!(other.headers()["content-type"], "application/problem+json");
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
+    // Without a key (optional by default) and for GET, requests pass.
+    let no_key = http::Request::post("/orders")
+        .body(Body::from("c"))
+        .expect("request");
+    assert_eq!(
+        text(app.clone().oneshot(no_key).await.expect("infallible")).await,
+        "order 2: c"
+    );
+    let list = http::Request::get("/orders")
+        .header("idempotency-key", "k")
+        .body(Body::empty())
+        .expect("request");
+    assert_eq!(
+        text(app.oneshot(list).await.expect("infallible")).await,
+        "list"
+    );
+}
+
+#[tokio::test]
+async fn axum_body_limit_is_413() {
+    let runs = Arc::new(AtomicUsize::new(0));
+    let app = router(engine(Policy::default().max_body(4)), runs.clone());
+    let r = app
+        .oneshot(post_req("k", "12345"))
+        .await
+        .expect("infallible");
+    assert_eq!(r.status(), 413);
+    assert_eq!(runs.load(Ordering::SeqCst), 0);
+}
+
+#[tokio::test]
+async fn service_error_locks_the_key_as_outcome_unknown() {
+    let e = engine(Policy::default());
+    let calls = Arc::new(AtomicUsize::new(0));
+    let c = calls.clone();
+    let failing = tower::service_fn(move |_req: http::Request<_>| {
+        c.fetch_add(1, Ordering::SeqCst);
+        async {
+            Err::<http::Response<Full<Bytes>>, _>(std::io::Error::other(
+                "connection reset after sending",
+            ))
+        }
+    });
+    let svc = IdempotencyLayer::new(e).layer(failing);
+    let req = || {
+        http::Request::post("/pay")
+            .header("idempotency-key", "p")
+            .body(Full::new(Bytes::from_static(b"x")))
+            .expect("request")
+    };
+    assert!(svc.clone().oneshot(req()).await.is_err());
+    // The guard finishes on a spawned task.
+    tokio::task::yield_now().await;
+    let retry = svc.oneshot(req()).await.expect("answered by the engine");
+    assert_eq!(retry.status(), 409);
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        1,
+        "the operation is not run again"
+    );
+}
