@@ -703,7 +703,7 @@ impl Inner {
     fn allow(&self) -> Result<Admit, Rejected> {
         let mode = self.mode.load(Acquire);
         if mode == Mode::Normal.code() {
-            return self.decide(true);
+            return self.decide(true).inspect_err(|_| self.count_rejection());
         }
         match Mode::from_code(mode) {
             Mode::Disabled => Ok((self.generation(), None, self.start())),
@@ -719,9 +719,14 @@ impl Inner {
                     self.counters.rejected.fetch_add(1, Relaxed);
                     Err(r)
                 }
-                None => self.decide(true),
+                None => self.decide(true).inspect_err(|_| self.count_rejection()),
             },
         }
+    }
+
+    #[cold]
+    fn count_rejection(&self) {
+        self.counters.rejected.fetch_add(1, Relaxed);
     }
 
     /// The forced-open rejection, or `None` once its time has passed (the
@@ -835,7 +840,6 @@ impl Inner {
     }
 
     fn reject(&self, reason: RejectReason, retry_after: Option<Duration>) -> Rejected {
-        self.counters.rejected.fetch_add(1, Relaxed);
         Rejected {
             reason,
             retry_after,

@@ -12,6 +12,8 @@ use tokio::sync::broadcast;
 
 const SHARDS: usize = 16;
 
+type Shard = RwLock<HashMap<Arc<str>, Breaker>>;
+
 /// A set of named breakers (for example `"app"` per upstream and
 /// `"app/http://10.0.0.1:80"` per endpoint) sharing one event stream.
 ///
@@ -25,7 +27,7 @@ const SHARDS: usize = 16;
 /// assert_eq!(reg.snapshot().len(), 1);
 /// ```
 pub struct Registry {
-    shards: Box<[RwLock<HashMap<Arc<str>, Breaker>>]>,
+    shards: Box<[Shard]>,
     defaults: Config,
     events: broadcast::Sender<Event>,
 }
@@ -54,7 +56,7 @@ impl Registry {
         }
     }
 
-    fn shard(&self, name: &str) -> &RwLock<HashMap<Arc<str>, Breaker>> {
+    fn shard(&self, name: &str) -> &Shard {
         let mut h = DefaultHasher::new();
         name.hash(&mut h);
         &self.shards[(h.finish() as usize) % SHARDS]
