@@ -10,8 +10,8 @@
 //!   `service_fn` (the overhead tower-resilience reports).
 
 use criterion::{Criterion, criterion_group, criterion_main};
-use std::hint::black_box;
 use failsafe::CircuitBreaker as _;
+use std::hint::black_box;
 use std::time::{Duration, Instant};
 use tower::{Layer, Service, ServiceExt};
 
