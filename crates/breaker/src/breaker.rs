@@ -72,6 +72,9 @@ pub(crate) struct Inner {
     rate: Option<RateWindow>,
     fault_ppm: u64,
     slow_nanos: Option<u64>,
+    /// No fault injection and no slow-call policy: a closed ask needs
+    /// neither a clock nor a random number.
+    plain: bool,
     /// Recovery shares in parts per million, per step.
     steps_ppm: Box<[u64]>,
     counters: AtomicCounters,
@@ -258,7 +261,7 @@ impl Breaker {
         let steps_ppm = cfg
             .recovery
             .as_ref()
-            .map(|r| r.steps.iter().map(|s| (s * 1e6) as u64).collect())
+            .map(|r| r.steps.iter().map(|s| (s * 1e6).round() as u64).collect())
             .unwrap_or_default();
         let inner = Inner {
             name,
@@ -279,7 +282,8 @@ impl Breaker {
             alarm: AtomicBool::new(false),
             fuse,
             rate,
-            fault_ppm: (cfg.fault_injection * 1e6) as u64,
+            fault_ppm: (cfg.fault_injection * 1e6).round() as u64,
+            plain: slow_nanos.is_none() && cfg.fault_injection == 0.0,
             slow_nanos,
             steps_ppm,
             counters: AtomicCounters::default(),
@@ -323,6 +327,26 @@ impl Breaker {
     /// ```
     #[inline]
     pub fn allow(&self) -> Result<Permit<'_>, Rejected> {
+        let i = &*self.inner;
+        // The common case, kept small enough to inline: no override, closed,
+        // nothing that needs a clock or a random number.
+        if i.plain && i.mode.load(Acquire) == Mode::Normal.code() {
+            let w = i.state.load(Acquire);
+            if w & 7 == State::Closed.code() {
+                return Ok(Permit {
+                    breaker: Holder::Borrowed(i),
+                    generation: w >> STATE_BITS,
+                    probe: None,
+                    start: None,
+                    reported: false,
+                });
+            }
+        }
+        self.allow_slow()
+    }
+
+    #[inline(never)]
+    fn allow_slow(&self) -> Result<Permit<'_>, Rejected> {
         self.inner.allow().map(|(g, probe, start)| Permit {
             breaker: Holder::Borrowed(&self.inner),
             generation: g,
@@ -775,7 +799,7 @@ impl Inner {
             let generation = w >> STATE_BITS;
             match State::from_code(w) {
                 State::Closed => {
-                    if self.fault_ppm > 0 && self.random() % 1_000_000 < self.fault_ppm {
+                    if reserve && self.fault_ppm > 0 && self.random() % 1_000_000 < self.fault_ppm {
                         self.counters.fault_injected.fetch_add(1, Relaxed);
                         return Err(self.reject(RejectReason::FaultInjected, None));
                     }
@@ -848,6 +872,9 @@ impl Inner {
 
     fn peek(&self) -> Result<(), Rejected> {
         let mode = Mode::from_code(self.mode.load(Acquire));
+        if mode == Mode::Normal && State::from_code(self.state.load(Acquire)) == State::Closed {
+            return Ok(());
+        }
         match mode {
             Mode::Disabled | Mode::MetricsOnly => Ok(()),
             Mode::ForcedOpen | Mode::Normal => {

@@ -167,7 +167,7 @@ impl RatioBudget {
             .unwrap_or(u64::MAX)
             .max(BUCKETS);
         Self {
-            ratio_ppm: (ratio * 1e6) as u64,
+            ratio_ppm: (ratio * 1e6).round() as u64,
             reserve: (u128::from(min_per_sec) * u128::from(ttl_nanos) / 1_000_000_000) as u64,
             buckets: (0..BUCKETS)
                 .map(|_| Bucket {
