@@ -26,22 +26,88 @@ fn failsafe() -> impl failsafe::CircuitBreaker + Clone + Send + Sync {
 /// Runs `op` `iters` times on each of `threads` threads at once and
 /// returns the wall time.
 fn on_threads<F: Fn() + Sync>(threads: usize, iters: u64, op: F) -> Duration {
+    run_threads(threads, iters, op).0
+}
+
+/// This thread's time on a CPU so far, from the scheduler (nanoseconds).
+/// Unlike wall time it does not grow while other processes on this shared
+/// 2-core machine hold the CPU, so it isolates the cost of the code itself
+/// (cache-line contention between our threads still shows up in it).
+fn thread_cpu() -> Duration {
+    std::fs::read_to_string("/proc/thread-self/schedstat")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse().ok())
+        .map(Duration::from_nanos)
+        .unwrap_or_default()
+}
+
+/// Wall time, and mean on-CPU time per thread.
+fn run_threads<F: Fn() + Sync>(threads: usize, iters: u64, op: F) -> (Duration, Duration) {
     let barrier = std::sync::Barrier::new(threads + 1);
     std::thread::scope(|s| {
-        for _ in 0..threads {
-            s.spawn(|| {
-                barrier.wait();
-                for _ in 0..iters {
-                    op();
-                }
-                barrier.wait();
-            });
-        }
+        let handles: Vec<_> = (0..threads)
+            .map(|_| {
+                s.spawn(|| {
+                    barrier.wait();
+                    let cpu = thread_cpu();
+                    for _ in 0..iters {
+                        op();
+                    }
+                    let cpu = thread_cpu() - cpu;
+                    barrier.wait();
+                    cpu
+                })
+            })
+            .collect();
         barrier.wait();
         let start = Instant::now();
         barrier.wait();
-        start.elapsed()
+        let wall = start.elapsed();
+        let cpu: Duration = handles.into_iter().map(|h| h.join().expect("thread")).sum();
+        (wall, cpu / threads as u32)
     })
+}
+
+/// Per-thread CPU time per ask: equal at 1 and 2 threads means perfect
+/// scaling, whatever else the machine is running.
+fn ask_cpu(c: &mut Criterion) {
+    for threads in [1usize, 2] {
+        let mut g = c.benchmark_group(if threads == 1 {
+            "ask_cpu/1thread"
+        } else {
+            "ask_cpu/2threads"
+        });
+        let k = keel();
+        g.bench_function("keel_allow", |b| {
+            b.iter_custom(|iters| {
+                run_threads(threads, iters, || {
+                    let p = black_box(&k).allow();
+                    black_box(p.is_ok());
+                })
+                .1
+            })
+        });
+        let f = failsafe();
+        g.bench_function("failsafe_is_call_permitted", |b| {
+            b.iter_custom(|iters| {
+                run_threads(threads, iters, || {
+                    black_box(black_box(&f).is_call_permitted());
+                })
+                .1
+            })
+        });
+        g.bench_function("keel_allow_success", |b| {
+            b.iter_custom(|iters| {
+                run_threads(threads, iters, || {
+                    if let Ok(p) = black_box(&k).allow() {
+                        p.success();
+                    }
+                })
+                .1
+            })
+        });
+        g.finish();
+    }
 }
 
 fn ask(c: &mut Criterion) {
@@ -174,6 +240,6 @@ criterion_group! {
         .warm_up_time(Duration::from_millis(500))
         .measurement_time(Duration::from_secs(2))
         .sample_size(30);
-    targets = ask, tower_layers
+    targets = ask, ask_cpu, tower_layers
 }
 criterion_main!(benches);
