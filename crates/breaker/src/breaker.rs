@@ -694,6 +694,32 @@ impl Breaker {
 
 type Admit = (u64, Option<(usize, u64)>, Option<u64>);
 
+/// The breaker's clock, read on first use and then remembered.
+struct LazyNow<'a> {
+    inner: &'a Inner,
+    value: std::cell::Cell<Option<u64>>,
+}
+
+impl<'a> LazyNow<'a> {
+    fn new(inner: &'a Inner) -> Self {
+        Self {
+            inner,
+            value: std::cell::Cell::new(None),
+        }
+    }
+
+    fn get(&self) -> u64 {
+        match self.value.get() {
+            Some(v) => v,
+            None => {
+                let v = self.inner.now();
+                self.value.set(Some(v));
+                v
+            }
+        }
+    }
+}
+
 impl Inner {
     #[inline]
     fn now(&self) -> u64 {
@@ -933,9 +959,12 @@ impl Inner {
         probe: Option<(usize, u64)>,
     ) {
         let c = &self.counters;
-        let now = self.now();
+        // Reading the clock costs more than the rest of a success; only
+        // the slow-call check, the fuse ring, time windows, transitions and
+        // the alarm need it, so it is read at most once and only then.
+        let clock = LazyNow::new(self);
         let slow = match (self.slow_nanos, start) {
-            (Some(th), Some(s)) => now.saturating_sub(s) >= th,
+            (Some(th), Some(s)) => clock.get().saturating_sub(s) >= th,
             _ => false,
         };
         match outcome {
@@ -967,7 +996,7 @@ impl Inner {
         match (State::from_code(w), probe) {
             (State::HalfOpen, Some((i, token))) => {
                 if failed || slow {
-                    self.transition(w, State::Open, Reason::ProbeFailed, now);
+                    self.transition(w, State::Open, Reason::ProbeFailed, clock.get());
                 } else if self.probes[i]
                     .compare_exchange(token, (token & !DEADLINE_MASK) | DONE, AcqRel, Acquire)
                     .is_ok()
@@ -978,15 +1007,15 @@ impl Inner {
                     } else {
                         State::Closed
                     };
-                    self.transition(w, to, Reason::ProbesSucceeded, now);
+                    self.transition(w, to, Reason::ProbesSucceeded, clock.get());
                 }
             }
             (State::HalfOpen, None) => {
                 if failed {
-                    self.transition(w, State::Open, Reason::Melt, now);
+                    self.transition(w, State::Open, Reason::Melt, clock.get());
                 }
             }
-            (State::Closed | State::Recovering, _) => self.evaluate(w, now, failed, slow),
+            (State::Closed | State::Recovering, _) => self.evaluate(w, &clock, failed, slow),
             (State::Open, _) => {}
         }
     }
@@ -1010,15 +1039,17 @@ impl Inner {
         }
     }
 
-    fn evaluate(&self, w: u64, now: u64, failed: bool, slow: bool) {
+    fn evaluate(&self, w: u64, clock: &LazyNow<'_>, failed: bool, slow: bool) {
         let mut trip = None;
         if failed
             && let Some(f) = &self.fuse
-            && f.melt(now)
+            && f.melt(clock.get())
         {
             trip = Some(Reason::FailureCount);
         }
         if let (Some(r), Some(p)) = (&self.rate, &self.cfg.rate) {
+            // Count windows ignore the time.
+            let now = if r.needs_time() { clock.get() } else { 0 };
             let t = r.record(now, failed, slow);
             let min = match (State::from_code(w), &self.cfg.recovery) {
                 (State::Recovering, Some(rec)) => rec.min_calls,
@@ -1036,9 +1067,9 @@ impl Inner {
             }
         }
         if let Some(reason) = trip {
-            self.transition(w, State::Open, reason, now);
-        } else if State::from_code(w) == State::Closed {
-            self.poll_alarm(now);
+            self.transition(w, State::Open, reason, clock.get());
+        } else if State::from_code(w) == State::Closed && self.alarm.load(Acquire) {
+            self.poll_alarm(clock.get());
         }
     }
 

@@ -111,6 +111,11 @@ impl RateWindow {
         }
     }
 
+    /// Whether `record` and `totals` look at the time.
+    pub(crate) fn needs_time(&self) -> bool {
+        matches!(self, Self::Time { .. })
+    }
+
     /// Records one outcome and returns the window's totals after it.
     pub(crate) fn record(&self, now: u64, failed: bool, slow: bool) -> Totals {
         match self {
