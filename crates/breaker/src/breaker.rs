@@ -33,6 +33,19 @@ pub(crate) fn splitmix(mut z: u64) -> u64 {
     z ^ (z >> 31)
 }
 
+/// Keeps what outcomes write off the cache lines that `allow` reads, so
+/// recording on one core does not slow asks on another (false sharing).
+#[repr(align(128))]
+#[derive(Default)]
+struct Padded<T>(T);
+
+impl<T> std::ops::Deref for Padded<T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        &self.0
+    }
+}
+
 #[derive(Default)]
 struct AtomicCounters {
     successes: AtomicU64,
@@ -68,8 +81,8 @@ pub(crate) struct Inner {
     ticket: AtomicU64,
     rng: AtomicU64,
     alarm: AtomicBool,
-    fuse: Option<FuseWindow>,
-    rate: Option<RateWindow>,
+    fuse: Padded<Option<FuseWindow>>,
+    rate: Padded<Option<RateWindow>>,
     fault_ppm: u64,
     slow_nanos: Option<u64>,
     /// No fault injection and no slow-call policy: a closed ask needs
@@ -77,7 +90,7 @@ pub(crate) struct Inner {
     plain: bool,
     /// Recovery shares in parts per million, per step.
     steps_ppm: Box<[u64]>,
-    counters: AtomicCounters,
+    counters: Padded<AtomicCounters>,
     events: broadcast::Sender<Event>,
 }
 
@@ -280,13 +293,13 @@ impl Breaker {
             ticket: AtomicU64::new(0),
             rng: AtomicU64::new(cfg.seed),
             alarm: AtomicBool::new(false),
-            fuse,
-            rate,
+            fuse: Padded(fuse),
+            rate: Padded(rate),
             fault_ppm: (cfg.fault_injection * 1e6).round() as u64,
             plain: slow_nanos.is_none() && cfg.fault_injection == 0.0,
             slow_nanos,
             steps_ppm,
-            counters: AtomicCounters::default(),
+            counters: Padded::default(),
             events,
             cfg,
         };
@@ -1042,12 +1055,12 @@ impl Inner {
     fn evaluate(&self, w: u64, clock: &LazyNow<'_>, failed: bool, slow: bool) {
         let mut trip = None;
         if failed
-            && let Some(f) = &self.fuse
+            && let Some(f) = &*self.fuse
             && f.melt(clock.get())
         {
             trip = Some(Reason::FailureCount);
         }
-        if let (Some(r), Some(p)) = (&self.rate, &self.cfg.rate) {
+        if let (Some(r), Some(p)) = (&*self.rate, &self.cfg.rate) {
             // Count windows ignore the time.
             let now = if r.needs_time() { clock.get() } else { 0 };
             let t = r.record(now, failed, slow);
@@ -1137,10 +1150,10 @@ impl Inner {
     }
 
     fn clear_windows(&self) {
-        if let Some(f) = &self.fuse {
+        if let Some(f) = &*self.fuse {
             f.clear();
         }
-        if let Some(r) = &self.rate {
+        if let Some(r) = &*self.rate {
             r.clear();
         }
     }
