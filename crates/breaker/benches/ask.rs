@@ -77,6 +77,9 @@ fn ask_cpu(c: &mut Criterion) {
         } else {
             "ask_cpu/2threads"
         });
+        // Equal-sized samples: the scheduler's CPU clock advances in ticks,
+        // so criterion's smallest linear samples could read as zero.
+        g.sampling_mode(criterion::SamplingMode::Flat);
         let k = keel();
         g.bench_function("keel_allow", |b| {
             b.iter_custom(|iters| {

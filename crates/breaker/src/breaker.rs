@@ -890,6 +890,7 @@ impl Inner {
                     } else {
                         self.ticket.load(Relaxed)
                     };
+                    let (t, share) = (u128::from(t), u128::from(share));
                     if (t + 1) * share / 1_000_000 > t * share / 1_000_000 {
                         return Ok((generation, None, self.slow_nanos.map(|_| now)));
                     }

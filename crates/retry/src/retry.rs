@@ -355,7 +355,8 @@ impl RetryPolicy {
         Fut: Future<Output = Result<T, E>>,
         Cl: FnMut(&Result<T, E>) -> Decision,
     {
-        let deadline = self.deadline.map(|d| Instant::now() + d);
+        // A deadline too far to represent is no deadline at all.
+        let deadline = self.deadline.and_then(|d| Instant::now().checked_add(d));
         let mut delays = self.backoff.iter();
         let mut previous: Option<Result<T, E>> = None;
         let mut attempt: u32 = 0;
@@ -430,7 +431,9 @@ impl RetryPolicy {
                 None => backoff,
             };
             if let Some(at) = deadline
-                && Instant::now() + delay >= at
+                && Instant::now()
+                    .checked_add(delay)
+                    .is_none_or(|end| end >= at)
             {
                 return finish(result, attempt, StopReason::Deadline);
             }

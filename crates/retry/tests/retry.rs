@@ -351,3 +351,29 @@ async fn tower_layer_returns_the_last_response_when_attempts_run_out() {
     assert_eq!(got.expect("the 503 itself"), 503);
     let _ = Outcome::Success;
 }
+
+#[tokio::test(start_paused = true)]
+async fn enormous_delays_and_deadlines_do_not_overflow() {
+    let r = retry(|_| async { Err::<(), _>("down") })
+        .backoff(Backoff::custom(|_, _| Duration::MAX))
+        .deadline(S)
+        .run()
+        .await;
+    assert!(
+        matches!(
+            r,
+            Err(RetryError::Failed {
+                attempts: 1,
+                reason: StopReason::Deadline,
+                ..
+            })
+        ),
+        "{r:?}"
+    );
+    let r = retry(|n| async move { if n < 2 { Err("once") } else { Ok(()) } })
+        .backoff(constant(MS))
+        .deadline(Duration::MAX)
+        .run()
+        .await;
+    assert!(r.is_ok());
+}
