@@ -5,6 +5,13 @@
 use std::time::Duration;
 
 /// Why a [`Config`] was refused.
+///
+/// ```
+/// use keel_breaker::{Config, ConfigError};
+/// let err = Config::default().half_open_probes(0).validate().unwrap_err();
+/// assert_eq!(err, ConfigError::Zero { what: "half_open_probes" });
+/// assert_eq!(err.to_string(), "half_open_probes must be at least 1");
+/// ```
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum ConfigError {
     /// A rate (failure rate, slow-call rate, fault-injection rate, recovery

@@ -108,6 +108,11 @@ impl<S, C> BreakerService<S, C> {
 }
 
 /// The response future of [`BreakerService`].
+///
+/// ```
+/// fn _is_send<T: Send>() {}
+/// _is_send::<keel_breaker::BreakerFuture<u16, std::io::Error>>();
+/// ```
 pub type BreakerFuture<T, E> = Pin<Box<dyn Future<Output = Result<T, CallError<E>>> + Send>>;
 
 impl<S, C, Req> Service<Req> for BreakerService<S, C>

@@ -6,6 +6,13 @@
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// Why a hint could not be read.
+///
+/// ```
+/// use keel_retry::{parse_retry_after, HintError};
+/// let err = parse_retry_after("tomorrow", std::time::SystemTime::now()).unwrap_err();
+/// assert!(matches!(err, HintError::Malformed(_)));
+/// assert!(err.to_string().contains("expected seconds"));
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum HintError {
     /// Neither a number of seconds nor an HTTP date.

@@ -120,6 +120,11 @@ impl<S, R, C> RetryService<S, R, C> {
 }
 
 /// The response future of [`RetryService`].
+///
+/// ```
+/// fn _is_send<T: Send>() {}
+/// _is_send::<keel_retry::RetryFuture<u16, std::io::Error>>();
+/// ```
 pub type RetryFuture<T, E> = Pin<Box<dyn Future<Output = Result<T, RetryError<E>>> + Send>>;
 
 impl<S, R, C, Req> Service<Req> for RetryService<S, R, C>

@@ -56,12 +56,21 @@
 //! spreads them and does the least total work. The table is in
 //! `docs/breaker-retry.md`.
 //!
-//! ## Compared with the usual
+//! ## Compared with fuse and resilience4j
 //!
-//! Most retry libraries stop at backoff. gRPC and Envoy add budgets and
-//! hints; the SRE book adds per-client ratios; Polly and resilience4j add a
-//! breaker beside retries. Here they are one policy ([`RetryPolicy`]) that
-//! the async builder ([`retry`]) and the tower layer share.
+//! | | fuse (Erlang) | resilience4j Retry | keel-retry |
+//! | --- | --- | --- | --- |
+//! | backoff | none (a fuse only says `blown`) | interval functions, randomized exponential | constant, exponential, full / equal / decorrelated jitter, custom; cap holds with jitter |
+//! | retry predicate | n/a | on exception / on result | on error ([`Retry::when`]) or any result ([`Decision`]) |
+//! | `Retry-After` / rate-limit reset | no | left to the user | parsed ([`parse_retry_after`]) and honoured, bounded |
+//! | retry budget | no | no | token bucket (gRPC) and ratio budget (SRE, Envoy) |
+//! | whole-call deadline | no | no (per-attempt time limiter) | attempts and sleeps together |
+//! | breaker interplay | the breaker itself | separate decorators | [`BreakerMode::RetriesOnly`]: the breaker blocks only retries |
+//!
+//! gRPC and Envoy have budgets and hints, the SRE book per-client ratios,
+//! Polly and resilience4j a breaker beside retries; here they are one
+//! policy ([`RetryPolicy`]) that the async builder ([`retry`]) and the
+//! tower layer share.
 
 mod backoff;
 mod budget;

@@ -518,6 +518,13 @@ where
 }
 
 /// The builder made by [`retry`]; finish with [`run`](Retry::run).
+///
+/// ```
+/// # tokio::runtime::Builder::new_current_thread().enable_time().start_paused(true).build().unwrap().block_on(async {
+/// let builder: keel_retry::Retry<_, &str> = keel_retry::retry(|_| async { Ok::<u8, &str>(1) });
+/// assert_eq!(builder.max_attempts(2).run().await.unwrap(), 1);
+/// # });
+/// ```
 pub struct Retry<Op, E> {
     op: Op,
     policy: RetryPolicy,
