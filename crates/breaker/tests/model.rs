@@ -1,7 +1,8 @@
 //! Model-based test in the spirit of fuse's QuickCheck models: random
 //! sequences of asks, outcomes, time steps and operator commands run
 //! against the real breaker (on tokio's paused clock) and against a small
-//! reference model written for clarity, not speed. After every step the
+//! reference model written for clarity, not speed (gradual recovery
+//! included). After every step the
 //! two must agree on admission, state, mode, retry-after and counters.
 
 use keel_breaker::*;
@@ -31,7 +32,7 @@ fn op() -> impl Strategy<Value = Op> {
         1 => Just(Outcome::Ignore),
     ];
     prop_oneof![
-        10 => Just(Op::Allow),
+        14 => Just(Op::Allow),
         10 => (any::<usize>(), outcome).prop_map(|(i, o)| Op::Report(i, o)),
         1 => any::<usize>().prop_map(Op::Drop),
         2 => Just(Op::Melt),
@@ -70,6 +71,10 @@ struct Model {
     max_hint_ns: u64,
     probes: usize,
     probe_timeout_ns: u64,
+    /// Gradual recovery: (shares in ppm, step length, min calls).
+    recovery: Option<(Vec<u64>, u64, usize)>,
+    entered_at: u64,
+    ticket: u64,
 
     now: u64,
     state: State,
@@ -109,8 +114,11 @@ impl Model {
                 self.slots = vec![Slot::Free; self.probes];
                 self.probe_ok = 0;
             }
-            State::Closed => self.clear_windows(),
-            State::Recovering => unreachable!("not configured"),
+            State::Closed | State::Recovering => {
+                self.entered_at = self.now;
+                self.ticket = 0;
+                self.clear_windows();
+            }
         }
     }
 
@@ -161,7 +169,24 @@ impl Model {
                         None => self.reject(RejectReason::HalfOpenFull, None),
                     };
                 }
-                State::Recovering => unreachable!(),
+                State::Recovering => {
+                    let Some((steps, step_ns, _)) = self.recovery.clone() else {
+                        unreachable!("recovering without a recovery config")
+                    };
+                    let since = self.now - self.entered_at;
+                    let step = (since / step_ns) as usize;
+                    if step >= steps.len() {
+                        self.goto(State::Closed);
+                        continue;
+                    }
+                    let (t, share) = (u128::from(self.ticket), u128::from(steps[step]));
+                    self.ticket += 1;
+                    if (t + 1) * share / 1_000_000 > t * share / 1_000_000 {
+                        return Ok(self.permit(None));
+                    }
+                    let left = step_ns - since % step_ns;
+                    return self.reject(RejectReason::Recovering, Some(left));
+                }
             }
         }
     }
@@ -223,12 +248,21 @@ impl Model {
                     self.slots[i] = Slot::Done;
                     self.probe_ok += 1;
                     if self.probe_ok >= self.probes {
-                        self.goto(State::Closed);
+                        let to = if self.recovery.is_some() {
+                            State::Recovering
+                        } else {
+                            State::Closed
+                        };
+                        self.goto(to);
                     }
                 }
             }
             (State::HalfOpen, None) if failed => self.goto(State::Open),
-            (State::Closed, _) => {
+            (State::Closed | State::Recovering, _) => {
+                let min_calls = match (self.state, &self.recovery) {
+                    (State::Recovering, Some((_, _, m))) => *m,
+                    _ => self.min_calls,
+                };
                 let mut trip = false;
                 if failed {
                     self.melts.push_back(self.now);
@@ -244,7 +278,7 @@ impl Model {
                 }
                 let calls = self.outcomes.len();
                 let fails = self.outcomes.iter().filter(|f| **f).count();
-                if calls >= self.min_calls && fails as f64 / calls as f64 >= self.rate {
+                if calls > 0 && calls >= min_calls && fails as f64 / calls as f64 >= self.rate {
                     trip = true;
                 }
                 if trip {
@@ -271,7 +305,9 @@ fn ms(x: u64) -> Duration {
     Duration::from_millis(x)
 }
 
-fn run(params: (u32, u64, u32, u32, u32, u64), ops: Vec<Op>) -> Result<(), TestCaseError> {
+type Params = (u32, u64, u32, u32, u32, u64);
+
+fn run(params: Params, recovery: Option<(u64, u32)>, ops: Vec<Op>) -> Result<(), TestCaseError> {
     let (max_r, max_t_ms, window, min_calls, probes, open_ms) = params;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_time()
@@ -291,6 +327,14 @@ fn run(params: (u32, u64, u32, u32, u32, u64), ops: Vec<Op>) -> Result<(), TestC
         // Fixed open duration so the model needs no random numbers.
         cfg.open_duration_cap = cfg.open_duration;
         cfg.max_hint = ms(4000);
+        let steps = vec![0.1, 0.25, 0.5, 1.0];
+        if let Some((step_ms, rec_min)) = recovery {
+            cfg = cfg.recovery(Recovery {
+                steps: steps.clone(),
+                step_duration: ms(step_ms),
+                min_calls: rec_min,
+            });
+        }
         let b = Breaker::new("model", cfg).expect("config");
         let mut m = Model {
             max_r: max_r as usize,
@@ -302,6 +346,12 @@ fn run(params: (u32, u64, u32, u32, u32, u64), ops: Vec<Op>) -> Result<(), TestC
             max_hint_ns: 4_000_000_000,
             probes: probes as usize,
             probe_timeout_ns: 3_000_000_000,
+            recovery: recovery.map(|(step_ms, rec_min)| {
+                let ppm = steps.iter().map(|s| (s * 1e6f64).round() as u64).collect();
+                (ppm, step_ms * 1_000_000, rec_min as usize)
+            }),
+            entered_at: 0,
+            ticket: 0,
             now: 0,
             state: State::Closed,
             generation: 0,
@@ -433,8 +483,9 @@ proptest! {
     #[test]
     fn breaker_matches_the_reference_model(
         params in (0u32..4, 100u64..5000, 1u32..8, 1u32..8, 1u32..4, 100u64..3000),
+        recovery in proptest::option::of((200u64..3000, 1u32..6)),
         ops in proptest::collection::vec(op(), 1..80),
     ) {
-        run(params, ops)?;
+        run(params, recovery, ops)?;
     }
 }
