@@ -57,7 +57,7 @@ impl TokenBucket {
     pub fn new(max: f64, ratio: f64) -> Self {
         let milli = |x: f64| {
             if x.is_finite() && x > 0.0 {
-                (x * 1000.0) as u64
+                (x * 1000.0).round() as u64
             } else {
                 0
             }

@@ -50,10 +50,7 @@ pub fn service_url(var: &str) -> Option<String> {
     match host_port(&url) {
         Some(addr) if reachable(&addr) => Some(url),
         Some(addr) => skip(var, &format!("{var}={url}: nothing answers at {addr}")),
-        None => skip(
-            var,
-            &format!("{var}={url}: cannot find host:port in the URL"),
-        ),
+        None => skip(var, &format!("{var}={url}: cannot find host:port in the URL")),
     }
 }
 
@@ -80,10 +77,7 @@ fn host_port(url: &str) -> Option<String> {
         Some("nats") => 4222,
         _ => return Some(host_port.to_string()),
     };
-    if host_port
-        .rsplit_once(':')
-        .is_some_and(|(_, p)| p.parse::<u16>().is_ok())
-    {
+    if host_port.rsplit_once(':').is_some_and(|(_, p)| p.parse::<u16>().is_ok()) {
         Some(host_port.to_string())
     } else {
         Some(format!("{host_port}:{default_port}"))
@@ -105,22 +99,13 @@ mod tests {
 
     #[test]
     fn finds_host_and_port() {
-        assert_eq!(
-            host_port("redis://127.0.0.1:6379/").as_deref(),
-            Some("127.0.0.1:6379")
-        );
-        assert_eq!(
-            host_port("redis://localhost").as_deref(),
-            Some("localhost:6379")
-        );
+        assert_eq!(host_port("redis://127.0.0.1:6379/").as_deref(), Some("127.0.0.1:6379"));
+        assert_eq!(host_port("redis://localhost").as_deref(), Some("localhost:6379"));
         assert_eq!(
             host_port("postgres://postgres@127.0.0.1:5432/test").as_deref(),
             Some("127.0.0.1:5432")
         );
-        assert_eq!(
-            host_port("nats://127.0.0.1").as_deref(),
-            Some("127.0.0.1:4222")
-        );
+        assert_eq!(host_port("nats://127.0.0.1").as_deref(), Some("127.0.0.1:4222"));
         assert_eq!(host_port("redis://"), None);
     }
 }
