@@ -408,8 +408,15 @@ impl RetryPolicy {
                 _ => Outcome::Failure,
             };
             self.report(permit, attempt, outcome);
+            // As in gRPC throttling, only failures worth retrying cost the
+            // budget; a final error (say, a bad request) says nothing about
+            // the dependency's health.
             if let Some(b) = &self.budget {
-                b.on_outcome(outcome == Outcome::Success);
+                if decision.is_retry() {
+                    b.on_outcome(false);
+                } else if outcome == Outcome::Success {
+                    b.on_outcome(true);
+                }
             }
 
             // Every reason to stop, cheapest first; the budget last because

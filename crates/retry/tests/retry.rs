@@ -377,3 +377,33 @@ async fn enormous_delays_and_deadlines_do_not_overflow() {
         .await;
     assert!(r.is_ok());
 }
+
+#[tokio::test(start_paused = true)]
+async fn only_retryable_failures_cost_budget_tokens() {
+    let budget = Arc::new(TokenBucket::new(10.0, 0.5));
+    for _ in 0..3 {
+        let _ = retry(|_| async { Err::<(), u16>(400) })
+            .when(|code| *code >= 500)
+            .budget(budget.clone())
+            .run()
+            .await;
+    }
+    assert_eq!(
+        budget.tokens(),
+        10.0,
+        "final errors are not the dependency's fault"
+    );
+    let _ = retry(|_| async { Err::<(), u16>(503) })
+        .max_attempts(2)
+        .backoff(constant(MS))
+        .when(|code| *code >= 500)
+        .budget(budget.clone())
+        .run()
+        .await;
+    assert_eq!(budget.tokens(), 8.0, "two retryable failures");
+    let _ = retry(|_| async { Ok::<(), u16>(()) })
+        .budget(budget.clone())
+        .run()
+        .await;
+    assert_eq!(budget.tokens(), 8.5);
+}
