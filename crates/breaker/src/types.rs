@@ -218,6 +218,25 @@ pub struct Rejected {
     pub retry_after: Option<Duration>,
 }
 
+impl Rejected {
+    /// Whole seconds for a `Retry-After` header: the wait rounded up, at
+    /// least 1 (a client told 0 would come straight back), or `None` when
+    /// the breaker does not know.
+    ///
+    /// ```
+    /// use keel_breaker::{RejectReason, Rejected};
+    /// use std::time::Duration;
+    /// let r = Rejected { reason: RejectReason::Open, retry_after: Some(Duration::from_millis(29_001)) };
+    /// assert_eq!(r.retry_after_secs(), Some(30));
+    /// let r = Rejected { reason: RejectReason::Open, retry_after: Some(Duration::ZERO) };
+    /// assert_eq!(r.retry_after_secs(), Some(1));
+    /// ```
+    pub fn retry_after_secs(&self) -> Option<u64> {
+        self.retry_after
+            .map(|d| (d.as_secs() + u64::from(d.subsec_nanos() > 0)).max(1))
+    }
+}
+
 /// The error of [`Breaker::call`](crate::Breaker::call): rejected, or the
 /// operation's own error.
 ///
