@@ -214,12 +214,28 @@ fn bench_postgres(c: &mut Criterion) {
     )
     .expect("postgres store");
     rt.block_on(store.ensure_schema()).expect("schema");
+    // The same table through connections that do not wait for the WAL
+    // flush at commit (`synchronous_commit=off`, set in the URL): shows how
+    // much of the sequential figure is the disk's fsync latency.
+    let sep = if url.contains('?') { '&' } else { '?' };
+    let async_commit = PostgresStore::connect(
+        &format!("{url}{sep}options=-c%20synchronous_commit%3Doff"),
+        PostgresOptions::default()
+            .table(&table)
+            .expect("table name")
+            .pool_size(CONCURRENCY as usize)
+            .op_timeout(Duration::from_secs(5)),
+    )
+    .expect("postgres store");
     let mut group = c.benchmark_group("postgres");
     group.throughput(Throughput::Elements(1));
-    for tasks in [1, CONCURRENCY] {
-        group.bench_function(format!("claim+complete/tasks={tasks}"), |b| {
-            b.iter_custom(|iters| run_pairs(&rt, &store, "k", &seq, iters, tasks))
-        });
+    for (commit, store) in [("sync", &store), ("async", &async_commit)] {
+        for tasks in [1, CONCURRENCY] {
+            group.bench_function(
+                format!("claim+complete/commit={commit}/tasks={tasks}"),
+                |b| b.iter_custom(|iters| run_pairs(&rt, store, "k", &seq, iters, tasks)),
+            );
+        }
     }
 
     // The floor: two prepared `SELECT 1` round trips on pooled connections.

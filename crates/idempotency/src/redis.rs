@@ -248,11 +248,10 @@ local now_us = tonumber(now[1]) * 1000000 + tonumber(now[2])
 local last = tonumber(redis.call('GET', KEYS[2]) or '0') or 0
 local token = math.max(last + 1, now_us)
 local token_s = string.format('%.0f', token)
-local lease = tonumber(ARGV[2])
-redis.call('SET', KEYS[2], token_s, 'PX', lease + tonumber(ARGV[3]))
-redis.call('DEL', KEYS[1])
+local fence_px = string.format('%.0f', tonumber(ARGV[2]) + tonumber(ARGV[3]))
+redis.call('SET', KEYS[2], token_s, 'PX', fence_px)
 redis.call('HSET', KEYS[1], 's', 'f', 't', token_s, 'fp', ARGV[1])
-redis.call('PEXPIRE', KEYS[1], lease)
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
 return {1, token_s}
 ";
 
@@ -262,10 +261,9 @@ local cur = redis.call('HMGET', KEYS[1], 's', 't')
 if cur[1] ~= 'f' or cur[2] ~= ARGV[1] then
   return 0
 end
-local ttl = tonumber(ARGV[3])
 redis.call('HSET', KEYS[1], 's', 'c', 'p', ARGV[2])
-redis.call('PEXPIRE', KEYS[1], ttl)
-redis.call('PEXPIRE', KEYS[2], ttl + tonumber(ARGV[4]))
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+redis.call('PEXPIRE', KEYS[2], string.format('%.0f', tonumber(ARGV[3]) + tonumber(ARGV[4])))
 return 1
 ";
 
@@ -301,6 +299,11 @@ impl RedisStore {
     /// Builds the store without touching the network: connections open on
     /// first use, so a process can start while Redis is down and fail its
     /// operations with [`StoreError::Unavailable`] until Redis is back.
+    ///
+    /// # Panics
+    ///
+    /// Outside a tokio runtime: the connection manager spawns its
+    /// reconnection task on the current runtime.
     ///
     /// ```
     /// use keel_idempotency::redis::{RedisOptions, RedisStore, SetupError};
@@ -560,10 +563,12 @@ fn fence_key(record_key: &str) -> String {
 }
 
 /// Whole milliseconds, rounded up so a sub-millisecond lease still expires
-/// later than now, and at least 1 (Redis refuses `PX 0`).
+/// later than now, at least 1 (Redis refuses `PX 0`) and at most ten years,
+/// so sums computed in Lua (whose numbers are doubles) stay exact integers.
 fn millis(d: Duration) -> u64 {
-    let ms = d.as_nanos().div_ceil(1_000_000);
-    u64::try_from(ms).unwrap_or(u64::MAX / 4).max(1)
+    const CAP: u128 = 10 * 365 * 24 * 3600 * 1000;
+    let ms = d.as_nanos().div_ceil(1_000_000).clamp(1, CAP);
+    u64::try_from(ms).unwrap_or(1)
 }
 
 fn map_error(e: &redis::RedisError) -> StoreError {
@@ -703,6 +708,7 @@ mod tests {
         assert_eq!(millis(Duration::from_micros(1)), 1);
         assert_eq!(millis(Duration::from_micros(1500)), 2);
         assert_eq!(millis(Duration::from_secs(2)), 2000);
+        assert_eq!(millis(Duration::MAX), 10 * 365 * 24 * 3600 * 1000);
     }
 
     #[test]

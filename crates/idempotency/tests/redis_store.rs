@@ -164,6 +164,20 @@ async fn records_use_native_expiry_and_cluster_safe_keys() {
         pttl > 60_000 && pttl <= 86_400_000,
         "completed record keeps the TTL: {pttl}"
     );
+
+    // Absurd durations are capped (ten years), not turned into a Redis error.
+    let huge = key("huge-lease");
+    let token = acquire(&store, &huge, Duration::MAX).await;
+    let pttl: i64 = redis::cmd("PTTL")
+        .arg(store.record_key(&huge))
+        .query_async(&mut conn)
+        .await
+        .expect("pttl");
+    assert!(pttl > 300_000_000_000, "capped at ten years: {pttl}");
+    store
+        .complete(&huge, token, b"x", Duration::MAX)
+        .await
+        .expect("complete with a huge TTL");
     cleanup(&url, &prefix).await;
 }
 
