@@ -10,9 +10,13 @@
 //!     cargo bench -p keel-idempotency --bench redis_pg
 //! ```
 //!
-//! Each benchmark is bounded (10 samples, 3 s of measurement). Records are
-//! written with a 60 s TTL under a fresh prefix / table, deleted at the
-//! end. A missing server skips its group.
+//! Each benchmark is bounded (10 samples, 3 s of measurement). After the
+//! criterion groups, an interleaved comparison alternates the store and
+//! its floor in 0.5 s rounds (6 rounds each) and prints the median rates
+//! and their ratio, which stays meaningful on a busy shared machine where
+//! absolute numbers drift between benchmarks. Records are written with a
+//! 60 s TTL under a fresh prefix / table, deleted at the end. A missing
+//! server skips its part.
 
 #![allow(missing_docs)]
 
@@ -58,11 +62,71 @@ async fn pair<S: Store + ?Sized>(store: &S, prefix: &str, n: u64) {
     }
 }
 
+/// The naive Redis pair: lock with `SET NX PX`, store with `SET XX PX`.
+async fn redis_floor_pair(mut conn: redis::aio::MultiplexedConnection, prefix: &str, n: u64) {
+    let k = format!("{prefix}:{{floor-{n}}}");
+    let _: Option<String> = redis::cmd("SET")
+        .arg(&k)
+        .arg("f")
+        .arg("NX")
+        .arg("PX")
+        .arg(30_000)
+        .query_async(&mut conn)
+        .await
+        .expect("set nx");
+    let _: Option<String> = redis::cmd("SET")
+        .arg(&k)
+        .arg(PAYLOAD)
+        .arg("XX")
+        .arg("PX")
+        .arg(60_000)
+        .query_async(&mut conn)
+        .await
+        .expect("set xx");
+}
+
+/// Two bare PostgreSQL round trips: prepared `SELECT 1`, twice.
+async fn pg_floor_pair(pool: deadpool_postgres::Pool) {
+    for _ in 0..2 {
+        let client = pool.get().await.expect("pool");
+        let stmt = client.prepare_cached("SELECT 1").await.expect("prepare");
+        client.query_one(&stmt, &[]).await.expect("select");
+    }
+}
+
+/// What one benchmarked pair runs: given a sequence number, one pair.
+trait PairOp: Clone + Send + Sync + 'static {
+    fn run(&self, n: u64) -> impl Future<Output = ()> + Send;
+}
+
+#[derive(Clone)]
+struct StorePair<S>(S, Arc<str>);
+impl<S: Store + Clone> PairOp for StorePair<S> {
+    async fn run(&self, n: u64) {
+        pair(&self.0, &self.1, n).await;
+    }
+}
+
+#[derive(Clone)]
+struct RedisFloor(redis::aio::MultiplexedConnection, Arc<str>);
+impl PairOp for RedisFloor {
+    async fn run(&self, n: u64) {
+        redis_floor_pair(self.0.clone(), &self.1, n).await;
+    }
+}
+
+#[derive(Clone)]
+struct PgFloor(deadpool_postgres::Pool);
+impl PairOp for PgFloor {
+    async fn run(&self, _: u64) {
+        pg_floor_pair(self.0.clone()).await;
+    }
+}
+
 /// Runs `iters` pairs split over `tasks` tasks and returns the wall time.
-fn run_pairs<S: Store + Clone>(
+fn run_pairs<P: PairOp>(
     rt: &Runtime,
-    store: &S,
-    prefix: &str,
+    op: &P,
     seq: &Arc<AtomicU64>,
     iters: u64,
     tasks: u64,
@@ -71,11 +135,11 @@ fn run_pairs<S: Store + Clone>(
         let start = Instant::now();
         let mut handles = Vec::new();
         for t in 0..tasks {
-            let (store, prefix, seq) = (store.clone(), prefix.to_owned(), seq.clone());
+            let (op, seq) = (op.clone(), seq.clone());
             let share = iters / tasks + u64::from(t < iters % tasks);
             handles.push(tokio::spawn(async move {
                 for _ in 0..share {
-                    pair(&store, &prefix, seq.fetch_add(1, Ordering::Relaxed)).await;
+                    op.run(seq.fetch_add(1, Ordering::Relaxed)).await;
                 }
             }));
         }
@@ -86,35 +150,63 @@ fn run_pairs<S: Store + Clone>(
     })
 }
 
+/// Pairs per second over one `ROUND` with `tasks` tasks.
+fn rate<P: PairOp>(rt: &Runtime, op: &P, seq: &Arc<AtomicU64>, tasks: u64) -> f64 {
+    const ROUND: Duration = Duration::from_millis(500);
+    rt.block_on(async {
+        let done = Arc::new(AtomicU64::new(0));
+        let start = Instant::now();
+        let mut handles = Vec::new();
+        for _ in 0..tasks {
+            let (op, seq, done) = (op.clone(), seq.clone(), done.clone());
+            handles.push(tokio::spawn(async move {
+                while start.elapsed() < ROUND {
+                    op.run(seq.fetch_add(1, Ordering::Relaxed)).await;
+                    done.fetch_add(1, Ordering::Relaxed);
+                }
+            }));
+        }
+        for h in handles {
+            h.await.expect("bench task");
+        }
+        done.load(Ordering::Relaxed) as f64 / start.elapsed().as_secs_f64()
+    })
+}
+
+/// Alternates `store` and `floor` rounds and prints median pairs/s and the
+/// ratio.
+fn interleaved<A: PairOp, B: PairOp>(
+    rt: &Runtime,
+    name: &str,
+    store: &A,
+    floor: &B,
+    seq: &Arc<AtomicU64>,
+    tasks: u64,
+) {
+    const ROUNDS: usize = 6;
+    let (mut a, mut b) = (Vec::new(), Vec::new());
+    for _ in 0..ROUNDS {
+        a.push(rate(rt, store, seq, tasks));
+        b.push(rate(rt, floor, seq, tasks));
+    }
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let (a, b) = (median(&mut a), median(&mut b));
+    println!(
+        "interleaved {name:<40} tasks={tasks:<3} store {a:>9.0} pairs/s   floor {b:>9.0} pairs/s   store/floor {:.2}",
+        a / b
+    );
+}
+
 fn bench_redis(c: &mut Criterion) {
     let Some(url) = keel_testkit::service_url(keel_testkit::REDIS) else {
         return;
     };
     let rt = runtime();
-    let prefix = unique("redis");
+    let prefix: Arc<str> = unique("redis").into();
     let seq = Arc::new(AtomicU64::new(0));
-    let mut group = c.benchmark_group("redis");
-    group.throughput(Throughput::Elements(1));
-    for connections in [1, 2] {
-        let store = rt
-            .block_on(RedisStore::connect(
-                &url,
-                RedisOptions::default()
-                    .prefix(&prefix)
-                    .fence_grace(TTL)
-                    .connections(connections),
-            ))
-            .expect("connect to redis");
-        for tasks in [1, CONCURRENCY] {
-            group.bench_function(
-                format!("claim+complete/conns={connections}/tasks={tasks}"),
-                |b| b.iter_custom(|iters| run_pairs(&rt, &store, &prefix, &seq, iters, tasks)),
-            );
-        }
-    }
-
-    // The floor: the same two round trips with no script, as a naive
-    // store would do them (lock with SET NX PX, then store with SET XX PX).
     let conn = rt
         .block_on(async {
             redis::Client::open(url.as_str())?
@@ -122,51 +214,50 @@ fn bench_redis(c: &mut Criterion) {
                 .await
         })
         .expect("raw connection");
+    let floor = RedisFloor(conn.clone(), prefix.clone());
+    let mut stores = Vec::new();
+    for connections in [1, 2] {
+        let store = rt
+            .block_on(RedisStore::connect(
+                &url,
+                RedisOptions::default()
+                    .prefix(&*prefix)
+                    .fence_grace(TTL)
+                    .connections(connections),
+            ))
+            .expect("connect to redis");
+        stores.push((connections, StorePair(store, prefix.clone())));
+    }
+
+    let mut group = c.benchmark_group("redis");
+    group.throughput(Throughput::Elements(1));
+    for (connections, store) in &stores {
+        for tasks in [1, CONCURRENCY] {
+            group.bench_function(
+                format!("claim+complete/conns={connections}/tasks={tasks}"),
+                |b| b.iter_custom(|iters| run_pairs(&rt, store, &seq, iters, tasks)),
+            );
+        }
+    }
     for tasks in [1, CONCURRENCY] {
         group.bench_function(format!("floor-2-round-trips/tasks={tasks}"), |b| {
-            b.iter_custom(|iters| {
-                rt.block_on(async {
-                    let start = Instant::now();
-                    let mut handles = Vec::new();
-                    for t in 0..tasks {
-                        let (mut conn, prefix, seq) = (conn.clone(), prefix.clone(), seq.clone());
-                        let share = iters / tasks + u64::from(t < iters % tasks);
-                        handles.push(tokio::spawn(async move {
-                            for _ in 0..share {
-                                let k = format!(
-                                    "{prefix}:{{floor-{}}}",
-                                    seq.fetch_add(1, Ordering::Relaxed)
-                                );
-                                let _: Option<String> = redis::cmd("SET")
-                                    .arg(&k)
-                                    .arg("f")
-                                    .arg("NX")
-                                    .arg("PX")
-                                    .arg(30_000)
-                                    .query_async(&mut conn)
-                                    .await
-                                    .expect("set nx");
-                                let _: Option<String> = redis::cmd("SET")
-                                    .arg(&k)
-                                    .arg(PAYLOAD)
-                                    .arg("XX")
-                                    .arg("PX")
-                                    .arg(60_000)
-                                    .query_async(&mut conn)
-                                    .await
-                                    .expect("set xx");
-                            }
-                        }));
-                    }
-                    for h in handles {
-                        h.await.expect("bench task");
-                    }
-                    start.elapsed()
-                })
-            })
+            b.iter_custom(|iters| run_pairs(&rt, &floor, &seq, iters, tasks))
         });
     }
     group.finish();
+
+    for (connections, store) in &stores {
+        for tasks in [1, CONCURRENCY] {
+            interleaved(
+                &rt,
+                &format!("redis claim+complete conns={connections}"),
+                store,
+                &floor,
+                &seq,
+                tasks,
+            );
+        }
+    }
 
     // Clean up: everything under the prefix.
     rt.block_on(async {
@@ -204,15 +295,14 @@ fn bench_postgres(c: &mut Criterion) {
     let rt = runtime();
     let table = unique("pg");
     let seq = Arc::new(AtomicU64::new(0));
-    let store = PostgresStore::connect(
-        &url,
+    let options = || {
         PostgresOptions::default()
             .table(&table)
             .expect("table name")
             .pool_size(CONCURRENCY as usize)
-            .op_timeout(Duration::from_secs(5)),
-    )
-    .expect("postgres store");
+            .op_timeout(Duration::from_secs(5))
+    };
+    let store = PostgresStore::connect(&url, options()).expect("postgres store");
     rt.block_on(store.ensure_schema()).expect("schema");
     // The same table through connections that do not wait for the WAL
     // flush at commit (`synchronous_commit=off`, set in the URL): shows how
@@ -220,25 +310,13 @@ fn bench_postgres(c: &mut Criterion) {
     let sep = if url.contains('?') { '&' } else { '?' };
     let async_commit = PostgresStore::connect(
         &format!("{url}{sep}options=-c%20synchronous_commit%3Doff"),
-        PostgresOptions::default()
-            .table(&table)
-            .expect("table name")
-            .pool_size(CONCURRENCY as usize)
-            .op_timeout(Duration::from_secs(5)),
+        options(),
     )
     .expect("postgres store");
-    let mut group = c.benchmark_group("postgres");
-    group.throughput(Throughput::Elements(1));
-    for (commit, store) in [("sync", &store), ("async", &async_commit)] {
-        for tasks in [1, CONCURRENCY] {
-            group.bench_function(
-                format!("claim+complete/commit={commit}/tasks={tasks}"),
-                |b| b.iter_custom(|iters| run_pairs(&rt, store, "k", &seq, iters, tasks)),
-            );
-        }
-    }
-
-    // The floor: two prepared `SELECT 1` round trips on pooled connections.
+    let stores = [
+        ("sync", StorePair(store, "k".into())),
+        ("async", StorePair(async_commit, "k".into())),
+    ];
     let pool = {
         let config: tokio_postgres::Config = url.parse().expect("url");
         let manager = deadpool_postgres::Manager::from_config(
@@ -253,35 +331,37 @@ fn bench_postgres(c: &mut Criterion) {
             .build()
             .expect("pool")
     };
+    let floor = PgFloor(pool.clone());
+
+    let mut group = c.benchmark_group("postgres");
+    group.throughput(Throughput::Elements(1));
+    for (commit, store) in &stores {
+        for tasks in [1, CONCURRENCY] {
+            group.bench_function(
+                format!("claim+complete/commit={commit}/tasks={tasks}"),
+                |b| b.iter_custom(|iters| run_pairs(&rt, store, &seq, iters, tasks)),
+            );
+        }
+    }
     for tasks in [1, CONCURRENCY] {
         group.bench_function(format!("floor-2-round-trips/tasks={tasks}"), |b| {
-            b.iter_custom(|iters| {
-                rt.block_on(async {
-                    let start = Instant::now();
-                    let mut handles = Vec::new();
-                    for t in 0..tasks {
-                        let pool = pool.clone();
-                        let share = iters / tasks + u64::from(t < iters % tasks);
-                        handles.push(tokio::spawn(async move {
-                            for _ in 0..share {
-                                for _ in 0..2 {
-                                    let client = pool.get().await.expect("pool");
-                                    let stmt =
-                                        client.prepare_cached("SELECT 1").await.expect("prepare");
-                                    client.query_one(&stmt, &[]).await.expect("select");
-                                }
-                            }
-                        }));
-                    }
-                    for h in handles {
-                        h.await.expect("bench task");
-                    }
-                    start.elapsed()
-                })
-            })
+            b.iter_custom(|iters| run_pairs(&rt, &floor, &seq, iters, tasks))
         });
     }
     group.finish();
+
+    for (commit, store) in &stores {
+        for tasks in [1, CONCURRENCY] {
+            interleaved(
+                &rt,
+                &format!("postgres claim+complete commit={commit}"),
+                store,
+                &floor,
+                &seq,
+                tasks,
+            );
+        }
+    }
 
     rt.block_on(async {
         let client = pool.get().await.expect("pool");
