@@ -404,3 +404,59 @@ async fn new_request_is_two_round_trips_and_replay_is_one() {
     assert_eq!(replays, N, "a replay is one claim");
     drop_schema(&url, &table).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replays_and_in_flight_duplicates_are_pure_reads() {
+    let Some(url) = keel_testkit::service_url(keel_testkit::POSTGRES) else {
+        return;
+    };
+    let table = unique_table();
+    let store = PostgresStore::connect(&url, options(&table)).expect("store");
+    let (done, held) = (key("done"), key("held"));
+    let token = acquire(&store, &done, LONG).await;
+    store
+        .complete(&done, token, b"201", LONG)
+        .await
+        .expect("complete");
+    acquire(&store, &held, LONG).await;
+
+    // A write or a row lock (what `ON CONFLICT DO UPDATE ... WHERE false`
+    // takes) would change the tuple's ctid or xmax.
+    let client = sql(&url).await;
+    let version = format!("SELECT ctid::text, xmax::text FROM {table} WHERE key = $1");
+    let before_done: (String, String) = {
+        let r = client
+            .query_one(&version, &[&done.as_str()])
+            .await
+            .expect("row");
+        (r.get(0), r.get(1))
+    };
+    let before_held: (String, String) = {
+        let r = client
+            .query_one(&version, &[&held.as_str()])
+            .await
+            .expect("row");
+        (r.get(0), r.get(1))
+    };
+    for _ in 0..5 {
+        assert!(matches!(
+            store.claim(&done, Fingerprint([1; 32]), LONG).await,
+            Ok(Claim::Completed { .. })
+        ));
+        assert!(matches!(
+            store.claim(&held, Fingerprint([1; 32]), LONG).await,
+            Ok(Claim::InFlight { .. })
+        ));
+    }
+    let r = client
+        .query_one(&version, &[&done.as_str()])
+        .await
+        .expect("row");
+    assert_eq!((r.get::<_, String>(0), r.get::<_, String>(1)), before_done);
+    let r = client
+        .query_one(&version, &[&held.as_str()])
+        .await
+        .expect("row");
+    assert_eq!((r.get::<_, String>(0), r.get::<_, String>(1)), before_held);
+    drop_schema(&url, &table).await;
+}
