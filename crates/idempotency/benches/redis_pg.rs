@@ -1,5 +1,6 @@
 //! Claim+complete pairs per second for the Redis and PostgreSQL stores on
-//! loopback, sequential and with 16 concurrent tasks, next to the floor
+//! loopback, sequential and with 16 concurrent tasks (and replays: claims
+//! of a completed key), next to the floor
 //! set by the network: two bare round trips (Redis `SET NX PX` then `SET
 //! XX PX`, the naive lock-then-store; PostgreSQL two prepared `SELECT 1`)
 //! measured in the same run.
@@ -105,6 +106,33 @@ impl<S: Store + Clone> PairOp for StorePair<S> {
     async fn run(&self, n: u64) {
         pair(&self.0, &self.1, n).await;
     }
+}
+
+/// A replay: claim of a key completed beforehand (one round trip).
+#[derive(Clone)]
+struct Replay<S>(S, Arc<StoreKey>);
+impl<S: Store + Clone> PairOp for Replay<S> {
+    async fn run(&self, _: u64) {
+        match self.0.claim(&self.1, Fingerprint([5; 32]), LEASE).await {
+            Ok(Claim::Completed { .. }) => {}
+            other => panic!("replay: {other:?}"),
+        }
+    }
+}
+
+/// Completes `key` once so that later claims replay it.
+fn replay_of<S: Store + Clone>(rt: &Runtime, store: &S, key: &str) -> Replay<S> {
+    let key = StoreKey::new(key).expect("key");
+    rt.block_on(async {
+        match store.claim(&key, Fingerprint([5; 32]), LEASE).await {
+            Ok(Claim::Acquired { token }) => store
+                .complete(&key, token, PAYLOAD, TTL)
+                .await
+                .expect("complete"),
+            other => panic!("replay setup: {other:?}"),
+        }
+    });
+    Replay(store.clone(), Arc::new(key))
 }
 
 #[derive(Clone)]
@@ -239,6 +267,12 @@ fn bench_redis(c: &mut Criterion) {
             );
         }
     }
+    let replay = replay_of(&rt, &stores[0].1.0, &format!("{prefix}:replayed"));
+    for tasks in [1, CONCURRENCY] {
+        group.bench_function(format!("replay/conns=1/tasks={tasks}"), |b| {
+            b.iter_custom(|iters| run_pairs(&rt, &replay, &seq, iters, tasks))
+        });
+    }
     for tasks in [1, CONCURRENCY] {
         group.bench_function(format!("floor-2-round-trips/tasks={tasks}"), |b| {
             b.iter_custom(|iters| run_pairs(&rt, &floor, &seq, iters, tasks))
@@ -342,6 +376,12 @@ fn bench_postgres(c: &mut Criterion) {
                 |b| b.iter_custom(|iters| run_pairs(&rt, store, &seq, iters, tasks)),
             );
         }
+    }
+    let replay = replay_of(&rt, &stores[0].1.0, "replayed");
+    for tasks in [1, CONCURRENCY] {
+        group.bench_function(format!("replay/tasks={tasks}"), |b| {
+            b.iter_custom(|iters| run_pairs(&rt, &replay, &seq, iters, tasks))
+        });
     }
     for tasks in [1, CONCURRENCY] {
         group.bench_function(format!("floor-2-round-trips/tasks={tasks}"), |b| {
