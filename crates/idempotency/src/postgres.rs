@@ -110,7 +110,9 @@
 //! [`PostgresOptions::op_timeout`] (500 ms by default); a refused or broken
 //! connection, a full pool or no answer in time is
 //! [`StoreError::Unavailable`]. Broken connections are dropped by the pool
-//! and replaced on the next use, so the store recovers by itself.
+//! and replaced on the next use, so the store recovers by itself. Until
+//! the schema exists, the first operation may also spend up to four
+//! operation timeouts (at least 2 s) creating it.
 //!
 //! ```no_run
 //! use std::time::Duration;
@@ -581,23 +583,20 @@ impl PostgresStore {
         self.inner
             .schema_ready
             .get_or_try_init(|| async {
-                self.bounded(
-                    Duration::from_secs(10).max(self.inner.op_timeout * 4),
-                    async {
-                        let mut client = self.inner.pool.get().await.map_err(pool_error)?;
-                        let tx = client.transaction().await.map_err(pg_error)?;
-                        tx.execute(
-                            "SELECT pg_advisory_xact_lock($1::bigint)",
-                            &[&self.inner.sql.lock_id],
-                        )
+                self.bounded(schema_timeout(self.inner.op_timeout), async {
+                    let mut client = self.inner.pool.get().await.map_err(pool_error)?;
+                    let tx = client.transaction().await.map_err(pg_error)?;
+                    tx.execute(
+                        "SELECT pg_advisory_xact_lock($1::bigint)",
+                        &[&self.inner.sql.lock_id],
+                    )
+                    .await
+                    .map_err(pg_error)?;
+                    tx.batch_execute(&self.inner.sql.ddl)
                         .await
                         .map_err(pg_error)?;
-                        tx.batch_execute(&self.inner.sql.ddl)
-                            .await
-                            .map_err(pg_error)?;
-                        tx.commit().await.map_err(pg_error)
-                    },
-                )
+                    tx.commit().await.map_err(pg_error)
+                })
                 .await
             })
             .await
@@ -768,6 +767,13 @@ impl Store for PostgresStore {
     fn name(&self) -> &'static str {
         "postgres"
     }
+}
+
+/// How long creating the schema may take: DDL under a lock that other
+/// starting processes may hold for a moment, so more than one operation,
+/// but still bounded so a hung database fails the first request in seconds.
+fn schema_timeout(op_timeout: Duration) -> Duration {
+    (op_timeout * 4).max(Duration::from_secs(2))
 }
 
 /// Whole milliseconds, rounded up and at least 1, capped at ten years so
