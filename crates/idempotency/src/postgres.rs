@@ -114,27 +114,34 @@
 //! the schema exists, the first operation may also spend up to four
 //! operation timeouts (at least 2 s) creating it.
 //!
-//! ```no_run
+//! ```
 //! use std::time::Duration;
 //! use keel_idempotency::postgres::{PostgresOptions, PostgresStore};
 //! use keel_idempotency::store::{Claim, Fingerprint, Store, StoreKey};
 //!
-//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
-//! let store = PostgresStore::connect(
-//!     "postgres://postgres@127.0.0.1:5432/app",
-//!     PostgresOptions::default().table("orders_idem")?,
-//! )?;
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! # // Runs against the test server when one is configured (CI), else skips.
+//! # let Ok(url) = std::env::var("KEEL_TEST_POSTGRES_URL") else { return Ok(()) };
+//! # let table = format!("keel_doc_{}", std::process::id());
+//! let store = PostgresStore::connect(&url, PostgresOptions::default().table(&table)?)?;
 //! let sweeper = store.spawn_sweeper(Duration::from_secs(60));
 //! let key = StoreKey::new("tenant1:POST:/orders:abc").unwrap();
-//! if let Claim::Acquired { token } = store
-//!     .claim(&key, Fingerprint([1; 32]), Duration::from_secs(30))
-//!     .await?
-//! {
-//!     store
-//!         .complete(&key, token, b"201 Created", Duration::from_secs(86_400))
-//!         .await?;
-//! }
+//! let fp = Fingerprint([1; 32]);
+//! let Claim::Acquired { token } = store.claim(&key, fp, Duration::from_secs(30)).await? else {
+//!     panic!("a fresh key is free");
+//! };
+//! // ... run the operation, then keep its result for a day ...
+//! store.complete(&key, token, b"201 Created", Duration::from_secs(86_400)).await?;
+//! assert!(matches!(
+//!     store.claim(&key, fp, Duration::from_secs(30)).await?,
+//!     Claim::Completed { .. }
+//! ));
 //! sweeper.abort();
+//! # let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await?;
+//! # tokio::spawn(conn);
+//! # client.batch_execute(&format!("DROP TABLE {table}; DROP SEQUENCE {table}_fence_seq; \
+//! #     DROP FUNCTION {table}_claim(text, bytea, bigint);")).await?;
 //! # Ok(())
 //! # }
 //! ```

@@ -41,27 +41,35 @@
 //! `claim` may still have been applied by the server: the key then stays
 //! claimed until its lease runs out, which is the safe direction.
 //!
-//! ```no_run
+//! ```
 //! use std::time::Duration;
 //! use keel_idempotency::redis::{RedisOptions, RedisStore};
 //! use keel_idempotency::store::{Claim, Fingerprint, Store, StoreKey};
 //!
-//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
-//! let store = RedisStore::connect(
-//!     "redis://127.0.0.1:6379/",
-//!     RedisOptions::default().prefix("orders-idem"),
-//! )
-//! .await?;
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! # // Runs against the test server when one is configured (CI), else skips.
+//! # let Ok(url) = std::env::var("KEEL_TEST_REDIS_URL") else { return Ok(()) };
+//! # let prefix = keel_idempotency::conformance::unique_prefix();
+//! let store = RedisStore::connect(&url, RedisOptions::default().prefix(&prefix)).await?;
 //! let key = StoreKey::new("tenant1:POST:/orders:abc").unwrap();
-//! if let Claim::Acquired { token } = store
-//!     .claim(&key, Fingerprint([1; 32]), Duration::from_secs(30))
-//!     .await?
-//! {
-//!     // ... run the operation, then keep its result for a day ...
-//!     store
-//!         .complete(&key, token, b"201 Created", Duration::from_secs(86_400))
-//!         .await?;
-//! }
+//! let fp = Fingerprint([1; 32]);
+//! let Claim::Acquired { token } = store.claim(&key, fp, Duration::from_secs(30)).await? else {
+//!     panic!("a fresh key is free");
+//! };
+//! // A duplicate while the operation runs: come back later.
+//! assert!(matches!(
+//!     store.claim(&key, fp, Duration::from_secs(30)).await?,
+//!     Claim::InFlight { .. }
+//! ));
+//! // ... run the operation, then keep its result for a minute ...
+//! store.complete(&key, token, b"201 Created", Duration::from_secs(60)).await?;
+//! // Retries replay it.
+//! let Claim::Completed { payload, .. } = store.claim(&key, fp, Duration::from_secs(30)).await?
+//! else {
+//!     panic!("completed");
+//! };
+//! assert_eq!(payload, b"201 Created");
 //! # Ok(())
 //! # }
 //! ```
