@@ -70,6 +70,9 @@
 //!     panic!("completed");
 //! };
 //! assert_eq!(payload, b"201 Created");
+//! # let rec = store.record_key(&key);
+//! # let mut conn = redis::Client::open(url.as_str())?.get_multiplexed_async_connection().await?;
+//! # let _: i64 = redis::cmd("DEL").arg(&rec).arg(format!("{rec}:fence")).query_async(&mut conn).await?;
 //! # Ok(())
 //! # }
 //! ```
