@@ -5,11 +5,12 @@
 //! Each [`StoreKey`] owns two Redis keys that share one hash tag, so a Lua
 //! script may touch both on Redis Cluster:
 //!
-//! - `<prefix>:{<key>}`: a hash holding the record. In flight it has
-//!   `s = "f"`, the holder's token `t` and fingerprint `fp`, and a `PX`
-//!   expiry equal to the lease; completed it has `s = "c"`, `fp` and the
-//!   payload `p`, and a `PX` expiry equal to the TTL. Redis expires both on
-//!   its own; there is nothing to sweep.
+//! - `<prefix>:{<key>}`: a string holding the record: `f`, the 32-byte
+//!   fingerprint and the holder's token while in flight, with a `PX` expiry
+//!   equal to the lease; `c`, the fingerprint and the payload once
+//!   completed, with a `PX` expiry equal to the TTL. One `SET ... PX`
+//!   writes value and expiry together; Redis expires records on its own,
+//!   there is nothing to sweep.
 //! - `<prefix>:{<key>}:fence`: the last fencing token issued for the key.
 //!   It outlives the record (its expiry is the record's plus a grace, one
 //!   hour by default), so a claim after a release or an expiry still gets a
@@ -243,37 +244,41 @@ impl std::fmt::Debug for RedisStore {
     }
 }
 
+// Record values: "f" .. fingerprint (32 bytes) .. token in flight,
+// "c" .. fingerprint (32 bytes) .. payload once completed. A plain string
+// (rather than a hash) lets one SET write value and expiry together and
+// keeps each script to the fewest inner commands.
+
 // KEYS[1] record, KEYS[2] fence; ARGV: fingerprint, lease ms, fence grace ms.
-// Replies: {1, token} acquired, {2, fp, pttl} in flight, {3, fp, payload}.
+// Replies: {1, token} acquired, {2, record, pttl} in flight, {3, record}.
 const CLAIM_LUA: &str = r"
-local cur = redis.call('HMGET', KEYS[1], 's', 'fp', 'p')
-if cur[1] == 'c' then
-  return {3, cur[2], cur[3]}
-elseif cur[1] == 'f' then
-  return {2, cur[2], redis.call('PTTL', KEYS[1])}
-elseif cur[1] then
+local v = redis.call('GET', KEYS[1])
+if v then
+  local s = string.byte(v, 1)
+  if s == 99 then
+    return {3, v}
+  elseif s == 102 then
+    return {2, v, redis.call('PTTL', KEYS[1])}
+  end
   return redis.error_reply('KEELCORRUPT unknown record state')
 end
 local now = redis.call('TIME')
 local now_us = tonumber(now[1]) * 1000000 + tonumber(now[2])
 local last = tonumber(redis.call('GET', KEYS[2]) or '0') or 0
-local token = math.max(last + 1, now_us)
-local token_s = string.format('%.0f', token)
+local token_s = string.format('%.0f', math.max(last + 1, now_us))
 local fence_px = string.format('%.0f', tonumber(ARGV[2]) + tonumber(ARGV[3]))
 redis.call('SET', KEYS[2], token_s, 'PX', fence_px)
-redis.call('HSET', KEYS[1], 's', 'f', 't', token_s, 'fp', ARGV[1])
-redis.call('PEXPIRE', KEYS[1], ARGV[2])
+redis.call('SET', KEYS[1], 'f' .. ARGV[1] .. token_s, 'PX', ARGV[2])
 return {1, token_s}
 ";
 
 // KEYS[1] record, KEYS[2] fence; ARGV: token, payload, ttl ms, grace ms.
 const COMPLETE_LUA: &str = r"
-local cur = redis.call('HMGET', KEYS[1], 's', 't')
-if cur[1] ~= 'f' or cur[2] ~= ARGV[1] then
+local v = redis.call('GET', KEYS[1])
+if not v or string.byte(v, 1) ~= 102 or string.sub(v, 34) ~= ARGV[1] then
   return 0
 end
-redis.call('HSET', KEYS[1], 's', 'c', 'p', ARGV[2])
-redis.call('PEXPIRE', KEYS[1], ARGV[3])
+redis.call('SET', KEYS[1], 'c' .. string.sub(v, 2, 33) .. ARGV[2], 'PX', ARGV[3])
 redis.call('PEXPIRE', KEYS[2], string.format('%.0f', tonumber(ARGV[3]) + tonumber(ARGV[4])))
 return 1
 ";
@@ -281,8 +286,8 @@ return 1
 // KEYS[1] record; ARGV: token. The fence key stays, so the next token is
 // higher.
 const RELEASE_LUA: &str = r"
-local cur = redis.call('HMGET', KEYS[1], 's', 't')
-if cur[1] ~= 'f' or cur[2] ~= ARGV[1] then
+local v = redis.call('GET', KEYS[1])
+if not v or string.byte(v, 1) ~= 102 or string.sub(v, 34) ~= ARGV[1] then
   return 0
 end
 redis.call('DEL', KEYS[1])
@@ -599,42 +604,57 @@ fn corrupt(what: &str, value: &Value) -> StoreError {
 }
 
 fn decode_claim(value: Value) -> Result<Claim, StoreError> {
-    let Value::Array(items) = &value else {
+    let Value::Array(items) = value else {
         return Err(corrupt("claim", &value));
     };
-    match items.as_slice() {
-        [Value::Int(1), token] => {
-            let token = as_u64(token).ok_or_else(|| corrupt("claim", &value))?;
+    let mut items = items.into_iter();
+    match (items.next(), items.next(), items.next()) {
+        (Some(Value::Int(1)), Some(token), None) => {
+            let token = as_u64(&token).ok_or_else(|| corrupt("claim token", &token))?;
             Ok(Claim::Acquired {
                 token: FencingToken(token),
             })
         }
-        [Value::Int(2), Value::BulkString(fp), Value::Int(pttl)] => {
-            let fingerprint = as_fingerprint(fp).ok_or_else(|| corrupt("claim", &value))?;
+        (Some(Value::Int(2)), Some(Value::BulkString(record)), Some(Value::Int(pttl))) => {
+            let fingerprint = record_fingerprint(&record)?;
             // PTTL can read 0 in the last millisecond; -1 would mean a
             // record without expiry, which this store never writes.
-            if *pttl == -1 {
-                return Err(corrupt("claim (in-flight record without expiry)", &value));
+            if pttl == -1 {
+                return Err(StoreError::Corrupt(
+                    "redis: in-flight record without expiry".to_owned(),
+                ));
             }
-            let ms = u64::try_from(*pttl).unwrap_or(0).max(1);
+            let ms = u64::try_from(pttl).unwrap_or(0).max(1);
             Ok(Claim::InFlight {
                 fingerprint,
                 retry_after: Duration::from_millis(ms),
             })
         }
-        [Value::Int(3), Value::BulkString(fp), payload] => {
-            let fingerprint = as_fingerprint(fp).ok_or_else(|| corrupt("claim", &value))?;
-            let payload = match payload {
-                Value::BulkString(p) => p.clone(),
-                _ => return Err(corrupt("claim (completed without payload)", &value)),
-            };
+        (Some(Value::Int(3)), Some(Value::BulkString(mut record)), None) => {
+            let fingerprint = record_fingerprint(&record)?;
+            // The payload is the rest: shift it down in place rather than
+            // copy a possibly large body.
+            record.drain(..RECORD_HEADER);
             Ok(Claim::Completed {
                 fingerprint,
-                payload,
+                payload: record,
             })
         }
-        _ => Err(corrupt("claim", &value)),
+        (kind, record, extra) => Err(StoreError::Corrupt(format!(
+            "redis: unexpected claim reply {kind:?} {record:?} {extra:?}"
+        ))),
     }
+}
+
+/// State byte plus fingerprint, in front of the token or payload.
+const RECORD_HEADER: usize = 33;
+
+fn record_fingerprint(record: &[u8]) -> Result<Fingerprint, StoreError> {
+    record
+        .get(1..RECORD_HEADER)
+        .and_then(|fp| <[u8; 32]>::try_from(fp).ok())
+        .map(Fingerprint)
+        .ok_or_else(|| StoreError::Corrupt("redis: record shorter than its header".to_owned()))
 }
 
 fn decode_done(value: Value) -> Result<(), StoreError> {
@@ -651,10 +671,6 @@ fn as_u64(value: &Value) -> Option<u64> {
         Value::BulkString(s) => std::str::from_utf8(s).ok()?.parse().ok(),
         _ => None,
     }
-}
-
-fn as_fingerprint(bytes: &[u8]) -> Option<Fingerprint> {
-    <[u8; 32]>::try_from(bytes).ok().map(Fingerprint)
 }
 
 #[cfg(test)]
@@ -730,19 +746,16 @@ mod tests {
             Value::Array(vec![Value::Int(1), Value::Int(-5)]),
             Value::Array(vec![
                 Value::Int(2),
-                Value::BulkString(vec![1; 3]),
+                Value::BulkString(vec![b'f'; 3]),
                 Value::Int(5),
             ]),
             Value::Array(vec![
                 Value::Int(2),
-                Value::BulkString(vec![1; 32]),
+                Value::BulkString(vec![b'f'; 40]),
                 Value::Int(-1),
             ]),
-            Value::Array(vec![
-                Value::Int(3),
-                Value::BulkString(vec![1; 32]),
-                Value::Nil,
-            ]),
+            Value::Array(vec![Value::Int(3), Value::BulkString(vec![b'c'; 10])]),
+            Value::Array(vec![Value::Int(3), Value::Nil]),
             Value::Array(vec![Value::Int(9)]),
         ];
         for v in bad {
@@ -751,6 +764,17 @@ mod tests {
                 "{v:?}"
             );
         }
+        let mut record = vec![b'c'];
+        record.extend([7; 32]);
+        record.extend(b"body");
+        assert_eq!(
+            decode_claim(Value::Array(vec![Value::Int(3), Value::BulkString(record)]))
+                .expect("valid"),
+            Claim::Completed {
+                fingerprint: Fingerprint([7; 32]),
+                payload: b"body".to_vec()
+            }
+        );
         assert!(matches!(
             decode_done(Value::Nil),
             Err(StoreError::Corrupt(_))
