@@ -47,6 +47,9 @@ pub async fn run<S: Store + ?Sized>(store: &S) {
     completed_record_expires(store, &p).await;
     concurrent_claims_one_winner(store, &p).await;
     many_keys_concurrent(store, &p).await;
+    expired_lease_cannot_complete(store, &p).await;
+    reclaim_records_new_fingerprint(store, &p).await;
+    purge_keeps_live_records(store, &p).await;
 }
 
 /// Runs the cross-instance case: two store instances `a` and `b` backed by
@@ -389,6 +392,92 @@ async fn many_keys_concurrent<S: Store + ?Sized>(store: &S, p: &str) {
         100,
         "[{case}] every key must be won exactly once"
     );
+}
+
+async fn expired_lease_cannot_complete<S: Store + ?Sized>(store: &S, p: &str) {
+    let case = "expired_lease_cannot_complete";
+    let k = key(p, case);
+    let token = acquire(store, &k, SHORT_LEASE, case).await;
+    tokio::time::sleep(SHORT_LEASE * 2).await;
+    // Nobody claimed the key again, but the lease is over: the key is no
+    // longer held by this token, so a late completion is refused (the
+    // engine must not assume its result was stored).
+    assert!(
+        matches!(
+            store.complete(&k, token, b"late", TTL).await,
+            Err(StoreError::Fenced)
+        ),
+        "[{case}] completing after the lease ran out must be fenced"
+    );
+    assert!(
+        matches!(store.release(&k, token).await, Err(StoreError::Fenced)),
+        "[{case}] releasing after the lease ran out must be fenced"
+    );
+    let next = acquire(store, &k, LONG_LEASE, case).await;
+    assert!(next > token, "[{case}] {next:?} must exceed {token:?}");
+}
+
+async fn reclaim_records_new_fingerprint<S: Store + ?Sized>(store: &S, p: &str) {
+    let case = "reclaim_records_new_fingerprint";
+    let k = key(p, case);
+    let first = acquire(store, &k, LONG_LEASE, case).await;
+    store
+        .release(&k, first)
+        .await
+        .unwrap_or_else(|e| panic!("[{case}] release failed: {e}"));
+    let second = match store.claim(&k, fp(7), LONG_LEASE).await {
+        Ok(Claim::Acquired { token }) => token,
+        other => panic!("[{case}] expected Acquired, got {other:?}"),
+    };
+    match store.claim(&k, fp(1), LONG_LEASE).await {
+        Ok(Claim::InFlight { fingerprint, .. }) => assert_eq!(
+            fingerprint,
+            fp(7),
+            "[{case}] the new holder's fingerprint replaces the released one"
+        ),
+        other => panic!("[{case}] expected InFlight, got {other:?}"),
+    }
+    store
+        .complete(&k, second, b"second", TTL)
+        .await
+        .unwrap_or_else(|e| panic!("[{case}] complete failed: {e}"));
+    match store.claim(&k, fp(1), LONG_LEASE).await {
+        Ok(Claim::Completed {
+            fingerprint,
+            payload,
+        }) => {
+            assert_eq!(fingerprint, fp(7), "[{case}] completed fingerprint");
+            assert_eq!(payload, b"second", "[{case}]");
+        }
+        other => panic!("[{case}] expected Completed, got {other:?}"),
+    }
+}
+
+async fn purge_keeps_live_records<S: Store + ?Sized>(store: &S, p: &str) {
+    let case = "purge_keeps_live_records";
+    let held = key(p, "purge-held");
+    let done = key(p, "purge-done");
+    acquire(store, &held, LONG_LEASE, case).await;
+    let token = acquire(store, &done, LONG_LEASE, case).await;
+    store
+        .complete(&done, token, b"kept", TTL)
+        .await
+        .unwrap_or_else(|e| panic!("[{case}] complete failed: {e}"));
+    store
+        .purge_expired()
+        .await
+        .unwrap_or_else(|e| panic!("[{case}] purge failed: {e}"));
+    assert!(
+        matches!(
+            store.claim(&held, fp(1), LONG_LEASE).await,
+            Ok(Claim::InFlight { .. })
+        ),
+        "[{case}] a live claim must survive a purge"
+    );
+    match store.claim(&done, fp(1), LONG_LEASE).await {
+        Ok(Claim::Completed { payload, .. }) => assert_eq!(payload, b"kept", "[{case}]"),
+        other => panic!("[{case}] a live result must survive a purge, got {other:?}"),
+    }
 }
 
 /// Polls all futures concurrently on the current task and returns their

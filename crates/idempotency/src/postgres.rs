@@ -1,1 +1,925 @@
-//! PostgreSQL store: one statement per operation (to be written).
+//! PostgreSQL store: one statement per operation, schema created on first
+//! use, an expiry index and a periodic sweep.
+//!
+//! # Model
+//!
+//! One row per [`StoreKey`]: `state` 1 (in flight, `expires_at` is the end
+//! of the lease) or 2 (completed, `expires_at` is the end of the TTL), the
+//! holder's fencing `token`, the `fingerprint` and the `payload`. All times
+//! come from the database clock (`clock_timestamp()`), so instances with
+//! skewed clocks still agree on when a lease ends.
+//!
+//! Fencing tokens come from a sequence (`<table>_fence_seq`): they increase
+//! across the whole table, so per key too, across release, expiry and
+//! sweeping, and they never depend on a clock.
+//!
+//! # One statement per operation
+//!
+//! - **claim** is `SELECT ... FROM <table>_claim($1, $2, $3)`, a PL/pgSQL
+//!   function created with the table. It reads the live row first (a replay
+//!   or an in-flight duplicate is a plain read, no write, no row lock), and
+//!   only when there is none runs `INSERT ... ON CONFLICT (key) DO UPDATE
+//!   ... WHERE <table>.expires_at <= clock_timestamp() RETURNING token`. A
+//!   plain `INSERT ... ON CONFLICT` with a fallback `SELECT` in the same
+//!   statement would not do: when a concurrent claim commits the row after
+//!   the statement's snapshot was taken, the fallback cannot see it and the
+//!   statement returns nothing. Inside the function every statement takes a
+//!   fresh snapshot (READ COMMITTED, volatile function), so a claim that
+//!   loses that race loops once and reads the winner's row. Still one round
+//!   trip.
+//! - **complete** is one `UPDATE ... WHERE key = $1 AND token = $2 AND
+//!   state = 1 AND expires_at > clock_timestamp()`; no row updated means
+//!   [`StoreError::Fenced`].
+//! - **release** is one `DELETE` with the same condition.
+//!
+//! Statements are prepared once per pooled connection (deadpool's statement
+//! cache), so after a connection's first use each operation is exactly one
+//! round trip: a new request costs two (claim, complete), a replay one.
+//!
+//! # Schema
+//!
+//! Created on first use unless [`PostgresOptions::create_schema`] is off:
+//! the DDL runs in one transaction under `pg_advisory_xact_lock`, so several
+//! processes starting at once do not trip over `CREATE TABLE IF NOT EXISTS`
+//! (which is not safe against concurrent creation on its own). To manage the
+//! schema with your own migrations, run the SQL that
+//! [`PostgresStore::migration_sql`] returns; for the default table
+//! `keel_idempotency` it is:
+//!
+//! ```sql
+//! CREATE SEQUENCE IF NOT EXISTS keel_idempotency_fence_seq;
+//! CREATE TABLE IF NOT EXISTS keel_idempotency (
+//!     key         text        PRIMARY KEY,
+//!     state       smallint    NOT NULL CHECK (state IN (1, 2)),
+//!     token       bigint      NOT NULL,
+//!     fingerprint bytea       NOT NULL,
+//!     payload     bytea,
+//!     expires_at  timestamptz NOT NULL
+//! );
+//! CREATE INDEX IF NOT EXISTS keel_idempotency_expires_at_idx ON keel_idempotency (expires_at);
+//! CREATE OR REPLACE FUNCTION keel_idempotency_claim(
+//!     p_key text, p_fingerprint bytea, p_lease_ms bigint,
+//!     OUT o_kind smallint, OUT o_token bigint, OUT o_fingerprint bytea,
+//!     OUT o_payload bytea, OUT o_remaining_ms bigint)
+//! LANGUAGE plpgsql VOLATILE AS $keel$
+//! DECLARE
+//!     cur record;
+//! BEGIN
+//!     FOR attempt IN 1..16 LOOP
+//!         SELECT r.state, r.fingerprint, r.payload, r.expires_at INTO cur
+//!           FROM keel_idempotency r
+//!          WHERE r.key = p_key AND r.expires_at > clock_timestamp();
+//!         IF FOUND THEN
+//!             o_fingerprint := cur.fingerprint;
+//!             IF cur.state = 2 THEN
+//!                 o_kind := 3;
+//!                 o_payload := cur.payload;
+//!             ELSE
+//!                 o_kind := 2;
+//!                 o_remaining_ms := GREATEST(1, ceil(extract(epoch FROM cur.expires_at - clock_timestamp()) * 1000))::bigint;
+//!             END IF;
+//!             RETURN;
+//!         END IF;
+//!         INSERT INTO keel_idempotency AS r (key, state, token, fingerprint, payload, expires_at)
+//!         VALUES (p_key, 1, nextval('keel_idempotency_fence_seq'), p_fingerprint, NULL,
+//!                 clock_timestamp() + p_lease_ms * interval '1 millisecond')
+//!         ON CONFLICT (key) DO UPDATE
+//!             SET state = 1, token = EXCLUDED.token, fingerprint = EXCLUDED.fingerprint,
+//!                 payload = NULL, expires_at = EXCLUDED.expires_at
+//!             WHERE r.expires_at <= clock_timestamp()
+//!         RETURNING r.token INTO o_token;
+//!         IF FOUND THEN
+//!             o_kind := 1;
+//!             RETURN;
+//!         END IF;
+//!     END LOOP;
+//!     RAISE EXCEPTION 'keel-idempotency: claim of % kept losing races', p_key
+//!         USING ERRCODE = '40001';
+//! END
+//! $keel$;
+//! ```
+//!
+//! Expired rows are harmless (every statement checks `expires_at`), but they
+//! take space: [`Store::purge_expired`] deletes them in batches using the
+//! expiry index, and [`PostgresStore::spawn_sweeper`] runs it periodically.
+//! Several instances may sweep at once (`FOR UPDATE SKIP LOCKED`).
+//!
+//! # Failures
+//!
+//! Each operation, taking a pooled connection included, is bounded by
+//! [`PostgresOptions::op_timeout`] (500 ms by default); a refused or broken
+//! connection, a full pool or no answer in time is
+//! [`StoreError::Unavailable`]. Broken connections are dropped by the pool
+//! and replaced on the next use, so the store recovers by itself. Until
+//! the schema exists, the first operation may also spend up to four
+//! operation timeouts (at least 2 s) creating it.
+//!
+//! ```
+//! use std::time::Duration;
+//! use keel_idempotency::postgres::{PostgresOptions, PostgresStore};
+//! use keel_idempotency::store::{Claim, Fingerprint, Store, StoreKey};
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! # // Runs against the test server when one is configured (CI), else skips.
+//! # let Ok(url) = std::env::var("KEEL_TEST_POSTGRES_URL") else { return Ok(()) };
+//! # let table = format!("keel_doc_{}", std::process::id());
+//! let store = PostgresStore::connect(&url, PostgresOptions::default().table(&table)?)?;
+//! let sweeper = store.spawn_sweeper(Duration::from_secs(60));
+//! let key = StoreKey::new("tenant1:POST:/orders:abc").unwrap();
+//! let fp = Fingerprint([1; 32]);
+//! let Claim::Acquired { token } = store.claim(&key, fp, Duration::from_secs(30)).await? else {
+//!     panic!("a fresh key is free");
+//! };
+//! // ... run the operation, then keep its result for a day ...
+//! store.complete(&key, token, b"201 Created", Duration::from_secs(86_400)).await?;
+//! assert!(matches!(
+//!     store.claim(&key, fp, Duration::from_secs(30)).await?,
+//!     Claim::Completed { .. }
+//! ));
+//! sweeper.abort();
+//! # let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await?;
+//! # tokio::spawn(conn);
+//! # client.batch_execute(&format!("DROP TABLE {table}; DROP SEQUENCE {table}_fence_seq; \
+//! #     DROP FUNCTION {table}_claim(text, bytea, bigint);")).await?;
+//! # Ok(())
+//! # }
+//! ```
+
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use tokio::sync::OnceCell;
+use tokio_postgres::NoTls;
+
+use crate::store::{BoxFuture, Claim, FencingToken, Fingerprint, Store, StoreError, StoreKey};
+
+/// The longest table name accepted (without the schema), leaving room for
+/// the derived names (`_fence_seq`, `_expires_at_idx`, `_claim`) within
+/// PostgreSQL's 63-byte identifier limit.
+pub const MAX_TABLE_NAME_LEN: usize = 40;
+
+/// Settings of a [`PostgresStore`]; configuration, separate from the
+/// running store.
+///
+/// ```
+/// use std::time::Duration;
+/// use keel_idempotency::postgres::PostgresOptions;
+///
+/// let options = PostgresOptions::default()
+///     .table("billing.idempotency")
+///     .unwrap()
+///     .op_timeout(Duration::from_millis(250))
+///     .pool_size(16);
+/// assert_eq!(options.table_name(), "billing.idempotency");
+/// assert!(PostgresOptions::default().table("drop table x;").is_err());
+/// ```
+#[derive(Clone, Debug)]
+pub struct PostgresOptions {
+    table: TableName,
+    op_timeout: Duration,
+    pool_size: usize,
+    create_schema: bool,
+}
+
+impl Default for PostgresOptions {
+    fn default() -> Self {
+        Self {
+            table: TableName {
+                schema: None,
+                name: "keel_idempotency".to_owned(),
+            },
+            op_timeout: Duration::from_millis(500),
+            pool_size: 16,
+            create_schema: true,
+        }
+    }
+}
+
+impl PostgresOptions {
+    /// The table to use (default `keel_idempotency`): a lower-case SQL
+    /// identifier (`[a-z_][a-z0-9_]*`, at most [`MAX_TABLE_NAME_LEN`]
+    /// bytes), optionally qualified by a schema (`schema.table`). Anything
+    /// else is refused, since the name is written into SQL.
+    ///
+    /// ```
+    /// # use keel_idempotency::postgres::{PostgresOptions, SetupError};
+    /// assert!(PostgresOptions::default().table("idem_v2").is_ok());
+    /// assert!(matches!(
+    ///     PostgresOptions::default().table("Idem"),
+    ///     Err(SetupError::InvalidTable(_))
+    /// ));
+    /// ```
+    pub fn table(mut self, table: &str) -> Result<Self, SetupError> {
+        self.table = TableName::parse(table)?;
+        Ok(self)
+    }
+
+    /// The configured table, as given.
+    ///
+    /// ```
+    /// # use keel_idempotency::postgres::PostgresOptions;
+    /// assert_eq!(PostgresOptions::default().table_name(), "keel_idempotency");
+    /// ```
+    pub fn table_name(&self) -> String {
+        self.table.qualified()
+    }
+
+    /// The most one operation may take, waiting for a pooled connection or
+    /// opening one included, before it fails with
+    /// [`StoreError::Unavailable`] (default 500 ms).
+    ///
+    /// ```
+    /// # use std::time::Duration;
+    /// # use keel_idempotency::postgres::PostgresOptions;
+    /// let o = PostgresOptions::default().op_timeout(Duration::from_millis(100));
+    /// ```
+    pub fn op_timeout(mut self, timeout: Duration) -> Self {
+        self.op_timeout = timeout;
+        self
+    }
+
+    /// How many connections [`PostgresStore::connect`] may open (default
+    /// 16, at least 1).
+    ///
+    /// ```
+    /// # use keel_idempotency::postgres::PostgresOptions;
+    /// let o = PostgresOptions::default().pool_size(4);
+    /// ```
+    pub fn pool_size(mut self, size: usize) -> Self {
+        self.pool_size = size.max(1);
+        self
+    }
+
+    /// Whether the store creates its table, sequence, index and function on
+    /// first use (default true). Turn it off when the application's role may
+    /// not run DDL and the schema comes from [`PostgresStore::migration_sql`].
+    ///
+    /// ```
+    /// # use keel_idempotency::postgres::PostgresOptions;
+    /// let o = PostgresOptions::default().create_schema(false);
+    /// ```
+    pub fn create_schema(mut self, create: bool) -> Self {
+        self.create_schema = create;
+        self
+    }
+}
+
+/// Why a [`PostgresStore`] could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum SetupError {
+    /// The connection URL could not be parsed.
+    #[error("invalid PostgreSQL URL: {0}")]
+    InvalidUrl(String),
+    /// The table name is not a plain identifier.
+    #[error(
+        "invalid table name {0:?}: use a lower-case identifier [a-z_][a-z0-9_]* of at most 40 bytes, optionally schema-qualified (schema.table)"
+    )]
+    InvalidTable(String),
+    /// The connection pool could not be built.
+    #[error("cannot build the PostgreSQL pool: {0}")]
+    Pool(String),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct TableName {
+    schema: Option<String>,
+    name: String,
+}
+
+impl TableName {
+    fn parse(raw: &str) -> Result<Self, SetupError> {
+        let invalid = || SetupError::InvalidTable(raw.to_owned());
+        let (schema, name) = match raw.split_once('.') {
+            Some((s, n)) => (Some(s), n),
+            None => (None, raw),
+        };
+        let ident_ok = |s: &str| {
+            let mut bytes = s.bytes();
+            matches!(bytes.next(), Some(b'a'..=b'z' | b'_'))
+                && bytes.all(|b| matches!(b, b'a'..=b'z' | b'0'..=b'9' | b'_'))
+                && s.len() <= MAX_TABLE_NAME_LEN
+        };
+        if !ident_ok(name) || schema.is_some_and(|s| !ident_ok(s)) {
+            return Err(invalid());
+        }
+        Ok(Self {
+            schema: schema.map(str::to_owned),
+            name: name.to_owned(),
+        })
+    }
+
+    fn qualified(&self) -> String {
+        self.with_suffix("")
+    }
+
+    /// A derived object in the same schema: `schema.name<suffix>`.
+    fn with_suffix(&self, suffix: &str) -> String {
+        match &self.schema {
+            Some(s) => format!("{s}.{}{suffix}", self.name),
+            None => format!("{}{suffix}", self.name),
+        }
+    }
+}
+
+/// The SQL text of each operation, built once from the table name.
+struct Sql {
+    claim: String,
+    complete: String,
+    release: String,
+    purge: String,
+    ddl: String,
+    lock_id: i64,
+}
+
+const PURGE_BATCH: u64 = 1000;
+
+impl Sql {
+    fn new(table: &TableName) -> Self {
+        let t = table.qualified();
+        let func = table.with_suffix("_claim");
+        Self {
+            claim: format!(
+                "SELECT o_kind, o_token, o_fingerprint, o_payload, o_remaining_ms \
+                 FROM {func}($1::text, $2::bytea, $3::bigint)"
+            ),
+            complete: format!(
+                "UPDATE {t} SET state = 2, payload = $3::bytea, \
+                 expires_at = clock_timestamp() + $4::bigint * interval '1 millisecond' \
+                 WHERE key = $1::text AND token = $2::bigint AND state = 1 \
+                 AND expires_at > clock_timestamp()"
+            ),
+            release: format!(
+                "DELETE FROM {t} WHERE key = $1::text AND token = $2::bigint AND state = 1 \
+                 AND expires_at > clock_timestamp()"
+            ),
+            purge: format!(
+                "DELETE FROM {t} WHERE key IN (SELECT key FROM {t} \
+                 WHERE expires_at <= clock_timestamp() ORDER BY expires_at \
+                 LIMIT {PURGE_BATCH} FOR UPDATE SKIP LOCKED)"
+            ),
+            ddl: migration_sql(table),
+            lock_id: lock_id(&t),
+        }
+    }
+}
+
+fn migration_sql(table: &TableName) -> String {
+    let t = table.qualified();
+    let seq = table.with_suffix("_fence_seq");
+    let func = table.with_suffix("_claim");
+    // An index name takes no schema: it lives in its table's schema.
+    let idx = format!("{}_expires_at_idx", table.name);
+    format!(
+        r"CREATE SEQUENCE IF NOT EXISTS {seq};
+CREATE TABLE IF NOT EXISTS {t} (
+    key         text        PRIMARY KEY,
+    state       smallint    NOT NULL CHECK (state IN (1, 2)),
+    token       bigint      NOT NULL,
+    fingerprint bytea       NOT NULL,
+    payload     bytea,
+    expires_at  timestamptz NOT NULL
+);
+CREATE INDEX IF NOT EXISTS {idx} ON {t} (expires_at);
+CREATE OR REPLACE FUNCTION {func}(
+    p_key text, p_fingerprint bytea, p_lease_ms bigint,
+    OUT o_kind smallint, OUT o_token bigint, OUT o_fingerprint bytea,
+    OUT o_payload bytea, OUT o_remaining_ms bigint)
+LANGUAGE plpgsql VOLATILE AS $keel$
+DECLARE
+    cur record;
+BEGIN
+    FOR attempt IN 1..16 LOOP
+        SELECT r.state, r.fingerprint, r.payload, r.expires_at INTO cur
+          FROM {t} r
+         WHERE r.key = p_key AND r.expires_at > clock_timestamp();
+        IF FOUND THEN
+            o_fingerprint := cur.fingerprint;
+            IF cur.state = 2 THEN
+                o_kind := 3;
+                o_payload := cur.payload;
+            ELSE
+                o_kind := 2;
+                o_remaining_ms := GREATEST(1, ceil(extract(epoch FROM cur.expires_at - clock_timestamp()) * 1000))::bigint;
+            END IF;
+            RETURN;
+        END IF;
+        INSERT INTO {t} AS r (key, state, token, fingerprint, payload, expires_at)
+        VALUES (p_key, 1, nextval('{seq}'), p_fingerprint, NULL,
+                clock_timestamp() + p_lease_ms * interval '1 millisecond')
+        ON CONFLICT (key) DO UPDATE
+            SET state = 1, token = EXCLUDED.token, fingerprint = EXCLUDED.fingerprint,
+                payload = NULL, expires_at = EXCLUDED.expires_at
+            WHERE r.expires_at <= clock_timestamp()
+        RETURNING r.token INTO o_token;
+        IF FOUND THEN
+            o_kind := 1;
+            RETURN;
+        END IF;
+    END LOOP;
+    RAISE EXCEPTION 'keel-idempotency: claim of % kept losing races', p_key
+        USING ERRCODE = '40001';
+END
+$keel$;
+"
+    )
+}
+
+/// A stable advisory-lock id for the table (FNV-1a), so every process
+/// creating the same table serialises on the same lock.
+fn lock_id(table: &str) -> i64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in "keel-idempotency:".bytes().chain(table.bytes()) {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    i64::from_ne_bytes(h.to_ne_bytes())
+}
+
+/// Claims, completes and releases keys with one SQL statement each.
+///
+/// Cheap to clone: clones share the pool.
+///
+/// ```no_run
+/// use keel_idempotency::postgres::{PostgresOptions, PostgresStore};
+///
+/// # async fn demo() -> Result<(), keel_idempotency::postgres::SetupError> {
+/// let store = PostgresStore::connect(
+///     "postgres://postgres@127.0.0.1:5432/app",
+///     PostgresOptions::default(),
+/// )?;
+/// store.ensure_schema().await.expect("database reachable");
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Clone)]
+pub struct PostgresStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    pool: Pool,
+    table: TableName,
+    sql: Sql,
+    op_timeout: Duration,
+    create_schema: bool,
+    schema_ready: OnceCell<()>,
+}
+
+impl std::fmt::Debug for PostgresStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PostgresStore")
+            .field("table", &self.inner.table.qualified())
+            .field("op_timeout", &self.inner.op_timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PostgresStore {
+    /// Builds a pool of [`PostgresOptions::pool_size`] connections to `url`
+    /// (`postgres://user@host:5432/db`, or the `key=value` form), without
+    /// TLS. Connections open on first use; for TLS, build a pool yourself
+    /// and use [`PostgresStore::from_pool`].
+    ///
+    /// ```
+    /// use keel_idempotency::postgres::{PostgresOptions, PostgresStore, SetupError};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() {
+    /// let ok = PostgresStore::connect("postgres://u@127.0.0.1:1/db", PostgresOptions::default());
+    /// assert!(ok.is_ok()); // nothing is contacted yet
+    /// let bad = PostgresStore::connect("postgres://u@h:notaport/db", PostgresOptions::default());
+    /// assert!(matches!(bad, Err(SetupError::InvalidUrl(_))));
+    /// # }
+    /// ```
+    pub fn connect(url: &str, options: PostgresOptions) -> Result<Self, SetupError> {
+        let mut config = tokio_postgres::Config::from_str(url)
+            .map_err(|e| SetupError::InvalidUrl(e.to_string()))?;
+        if config.get_connect_timeout().is_none() {
+            config.connect_timeout(options.op_timeout);
+        }
+        let manager = Manager::from_config(
+            config,
+            NoTls,
+            ManagerConfig {
+                // Fast: no health-check query on checkout, so an operation
+                // stays one round trip; broken connections are still
+                // detected (closed) and replaced.
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let pool = Pool::builder(manager)
+            .max_size(options.pool_size)
+            .runtime(Runtime::Tokio1)
+            .wait_timeout(Some(options.op_timeout))
+            .create_timeout(Some(options.op_timeout))
+            .build()
+            .map_err(|e| SetupError::Pool(e.to_string()))?;
+        Ok(Self::from_pool(pool, options))
+    }
+
+    /// Uses an existing deadpool-postgres pool (TLS, custom settings, a pool
+    /// shared with the application). [`PostgresOptions::pool_size`] is
+    /// ignored.
+    ///
+    /// ```no_run
+    /// # use keel_idempotency::postgres::{PostgresOptions, PostgresStore};
+    /// # fn demo(pool: deadpool_postgres::Pool) {
+    /// let store = PostgresStore::from_pool(pool, PostgresOptions::default());
+    /// # }
+    /// ```
+    pub fn from_pool(pool: Pool, options: PostgresOptions) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                pool,
+                sql: Sql::new(&options.table),
+                table: options.table,
+                op_timeout: options.op_timeout,
+                create_schema: options.create_schema,
+                schema_ready: OnceCell::new(),
+            }),
+        }
+    }
+
+    /// The SQL that creates the schema for `table` (sequence, table, expiry
+    /// index, claim function), for your own migrations. Idempotent: every
+    /// statement is `IF NOT EXISTS` or `OR REPLACE`.
+    ///
+    /// ```
+    /// use keel_idempotency::postgres::PostgresStore;
+    ///
+    /// let sql = PostgresStore::migration_sql("idem").unwrap();
+    /// assert!(sql.contains("CREATE TABLE IF NOT EXISTS idem ("));
+    /// assert!(sql.contains("CREATE INDEX IF NOT EXISTS idem_expires_at_idx"));
+    /// assert!(PostgresStore::migration_sql("idem; drop table x").is_err());
+    /// ```
+    pub fn migration_sql(table: &str) -> Result<String, SetupError> {
+        Ok(migration_sql(&TableName::parse(table)?))
+    }
+
+    /// The table this store uses, schema-qualified if configured so.
+    ///
+    /// ```
+    /// # use keel_idempotency::postgres::{PostgresOptions, PostgresStore};
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() {
+    /// let o = PostgresOptions::default().table("idem").unwrap();
+    /// let store = PostgresStore::connect("postgres://u@127.0.0.1/db", o).unwrap();
+    /// assert_eq!(store.table(), "idem");
+    /// # }
+    /// ```
+    pub fn table(&self) -> String {
+        self.inner.table.qualified()
+    }
+
+    /// Creates the schema now if it is not there yet (and if
+    /// [`PostgresOptions::create_schema`] is on); otherwise the first
+    /// operation does it. Safe to call from many processes at once.
+    ///
+    /// ```no_run
+    /// # async fn demo(store: keel_idempotency::postgres::PostgresStore) {
+    /// store.ensure_schema().await.expect("database reachable");
+    /// # }
+    /// ```
+    pub async fn ensure_schema(&self) -> Result<(), StoreError> {
+        if !self.inner.create_schema {
+            return Ok(());
+        }
+        self.inner
+            .schema_ready
+            .get_or_try_init(|| async {
+                self.bounded(schema_timeout(self.inner.op_timeout), async {
+                    let mut client = self.inner.pool.get().await.map_err(pool_error)?;
+                    let tx = client.transaction().await.map_err(pg_error)?;
+                    tx.execute(
+                        "SELECT pg_advisory_xact_lock($1::bigint)",
+                        &[&self.inner.sql.lock_id],
+                    )
+                    .await
+                    .map_err(pg_error)?;
+                    tx.batch_execute(&self.inner.sql.ddl)
+                        .await
+                        .map_err(pg_error)?;
+                    tx.commit().await.map_err(pg_error)
+                })
+                .await
+            })
+            .await
+            .map(|_| ())
+    }
+
+    /// Runs [`Store::purge_expired`] every `every` on a background task,
+    /// until the returned handle is aborted or the runtime shuts down.
+    /// Failures are skipped: the next tick tries again.
+    ///
+    /// ```no_run
+    /// # use std::time::Duration;
+    /// # async fn demo(store: keel_idempotency::postgres::PostgresStore) {
+    /// let sweeper = store.spawn_sweeper(Duration::from_secs(60));
+    /// // ... on shutdown:
+    /// sweeper.abort();
+    /// # }
+    /// ```
+    pub fn spawn_sweeper(&self, every: Duration) -> tokio::task::JoinHandle<()> {
+        let store = self.clone();
+        tokio::spawn(async move {
+            let mut ticks = tokio::time::interval(every.max(Duration::from_millis(1)));
+            ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                ticks.tick().await;
+                // An unreachable database is the engine's concern on the
+                // request path; the sweep just tries again next tick.
+                let _ = store.purge_expired_impl().await;
+            }
+        })
+    }
+
+    async fn bounded<T>(
+        &self,
+        limit: Duration,
+        op: impl Future<Output = Result<T, StoreError>>,
+    ) -> Result<T, StoreError> {
+        match tokio::time::timeout(limit, op).await {
+            Ok(r) => r,
+            Err(_) => Err(StoreError::Unavailable(format!(
+                "postgres: no answer within {limit:?}"
+            ))),
+        }
+    }
+
+    /// Runs one prepared statement on a pooled connection, schema first if
+    /// needed, all within the operation timeout.
+    async fn run<T>(
+        &self,
+        sql: &str,
+        f: impl AsyncFnOnce(
+            &deadpool_postgres::Client,
+            &tokio_postgres::Statement,
+        ) -> Result<T, tokio_postgres::Error>,
+    ) -> Result<T, StoreError> {
+        self.ensure_schema().await?;
+        self.bounded(self.inner.op_timeout, async {
+            let client = self.inner.pool.get().await.map_err(pool_error)?;
+            let stmt = client.prepare_cached(sql).await.map_err(pg_error)?;
+            f(&client, &stmt).await.map_err(pg_error)
+        })
+        .await
+    }
+
+    async fn claim_impl(
+        &self,
+        key: &StoreKey,
+        fingerprint: Fingerprint,
+        lease: Duration,
+    ) -> Result<Claim, StoreError> {
+        let lease_ms = millis(lease);
+        let row = self
+            .run(&self.inner.sql.claim, async |c, s| {
+                c.query_one(s, &[&key.as_str(), &&fingerprint.0[..], &lease_ms])
+                    .await
+            })
+            .await?;
+        decode_claim(&row)
+    }
+
+    async fn complete_impl(
+        &self,
+        key: &StoreKey,
+        token: FencingToken,
+        payload: &[u8],
+        ttl: Duration,
+    ) -> Result<(), StoreError> {
+        // A token beyond i64 was never issued by the sequence.
+        let Ok(token) = i64::try_from(token.0) else {
+            return Err(StoreError::Fenced);
+        };
+        let ttl_ms = millis(ttl);
+        let n = self
+            .run(&self.inner.sql.complete, async |c, s| {
+                c.execute(s, &[&key.as_str(), &token, &payload, &ttl_ms])
+                    .await
+            })
+            .await?;
+        if n == 1 {
+            Ok(())
+        } else {
+            Err(StoreError::Fenced)
+        }
+    }
+
+    async fn release_impl(&self, key: &StoreKey, token: FencingToken) -> Result<(), StoreError> {
+        let Ok(token) = i64::try_from(token.0) else {
+            return Err(StoreError::Fenced);
+        };
+        let n = self
+            .run(&self.inner.sql.release, async |c, s| {
+                c.execute(s, &[&key.as_str(), &token]).await
+            })
+            .await?;
+        if n == 1 {
+            Ok(())
+        } else {
+            Err(StoreError::Fenced)
+        }
+    }
+
+    async fn purge_expired_impl(&self) -> Result<u64, StoreError> {
+        let mut total = 0;
+        loop {
+            let n = self
+                .run(&self.inner.sql.purge, async |c, s| c.execute(s, &[]).await)
+                .await?;
+            total += n;
+            if n < PURGE_BATCH {
+                return Ok(total);
+            }
+        }
+    }
+}
+
+impl Store for PostgresStore {
+    fn claim<'a>(
+        &'a self,
+        key: &'a StoreKey,
+        fingerprint: Fingerprint,
+        lease: Duration,
+    ) -> BoxFuture<'a, Result<Claim, StoreError>> {
+        Box::pin(self.claim_impl(key, fingerprint, lease))
+    }
+
+    fn complete<'a>(
+        &'a self,
+        key: &'a StoreKey,
+        token: FencingToken,
+        payload: &'a [u8],
+        ttl: Duration,
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(self.complete_impl(key, token, payload, ttl))
+    }
+
+    fn release<'a>(
+        &'a self,
+        key: &'a StoreKey,
+        token: FencingToken,
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(self.release_impl(key, token))
+    }
+
+    fn purge_expired(&self) -> BoxFuture<'_, Result<u64, StoreError>> {
+        Box::pin(self.purge_expired_impl())
+    }
+
+    fn name(&self) -> &'static str {
+        "postgres"
+    }
+}
+
+/// How long creating the schema may take: DDL under a lock that other
+/// starting processes may hold for a moment, so more than one operation,
+/// but still bounded so a hung database fails the first request in seconds.
+fn schema_timeout(op_timeout: Duration) -> Duration {
+    (op_timeout * 4).max(Duration::from_secs(2))
+}
+
+/// Whole milliseconds, rounded up and at least 1, capped at ten years so
+/// the interval arithmetic cannot overflow.
+fn millis(d: Duration) -> i64 {
+    const CAP: u128 = 10 * 365 * 24 * 3600 * 1000;
+    let ms = d.as_nanos().div_ceil(1_000_000).clamp(1, CAP);
+    i64::try_from(ms).unwrap_or(i64::MAX)
+}
+
+fn pool_error(e: deadpool_postgres::PoolError) -> StoreError {
+    StoreError::Unavailable(format!("postgres pool: {e}"))
+}
+
+fn pg_error(e: tokio_postgres::Error) -> StoreError {
+    // Data exceptions (22xxx) and internal errors (XX000 data corrupted...)
+    // will not go away by waiting; everything else (connection lost,
+    // shutting down, too many connections, serialization failures, a
+    // missing table because someone dropped it) means the store cannot
+    // serve right now.
+    match e.code().map(tokio_postgres::error::SqlState::code) {
+        Some(code) if code.starts_with("22") || code.starts_with("XX") => {
+            StoreError::Corrupt(format!("postgres: {e}"))
+        }
+        _ => StoreError::Unavailable(format!("postgres: {e}")),
+    }
+}
+
+fn decode_claim(row: &tokio_postgres::Row) -> Result<Claim, StoreError> {
+    let bad = |what: &str| StoreError::Corrupt(format!("postgres: claim returned {what}"));
+    let get = |i: usize| {
+        row.try_get::<_, Option<Vec<u8>>>(i)
+            .map_err(|e| StoreError::Corrupt(format!("postgres: {e}")))
+    };
+    let kind: Option<i16> = row
+        .try_get(0)
+        .map_err(|e| StoreError::Corrupt(format!("postgres: {e}")))?;
+    let fingerprint = || {
+        get(2)?
+            .and_then(|fp| <[u8; 32]>::try_from(fp.as_slice()).ok())
+            .map(Fingerprint)
+            .ok_or_else(|| bad("a fingerprint that is not 32 bytes"))
+    };
+    match kind {
+        Some(1) => {
+            let token: Option<i64> = row
+                .try_get(1)
+                .map_err(|e| StoreError::Corrupt(format!("postgres: {e}")))?;
+            let token = token
+                .and_then(|t| u64::try_from(t).ok())
+                .ok_or_else(|| bad("no valid token"))?;
+            Ok(Claim::Acquired {
+                token: FencingToken(token),
+            })
+        }
+        Some(2) => {
+            let remaining: Option<i64> = row
+                .try_get(4)
+                .map_err(|e| StoreError::Corrupt(format!("postgres: {e}")))?;
+            let ms = remaining
+                .and_then(|r| u64::try_from(r).ok())
+                .ok_or_else(|| bad("no remaining lease"))?;
+            Ok(Claim::InFlight {
+                fingerprint: fingerprint()?,
+                retry_after: Duration::from_millis(ms.max(1)),
+            })
+        }
+        Some(3) => Ok(Claim::Completed {
+            fingerprint: fingerprint()?,
+            payload: get(3)?.ok_or_else(|| bad("a completed record without payload"))?,
+        }),
+        other => Err(bad(&format!("kind {other:?}"))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn table_names_are_validated() {
+        for ok in ["keel_idempotency", "_t", "a1", "s.t", "billing.idem_v2"] {
+            assert!(TableName::parse(ok).is_ok(), "{ok:?} must be accepted");
+        }
+        let long = "a".repeat(MAX_TABLE_NAME_LEN + 1);
+        for bad in [
+            "",
+            "1abc",
+            "Abc",
+            "a-b",
+            "a b",
+            "a;drop table x",
+            "a.b.c",
+            ".a",
+            "a.",
+            "\"a\"",
+            "é",
+            long.as_str(),
+        ] {
+            assert!(
+                matches!(TableName::parse(bad), Err(SetupError::InvalidTable(_))),
+                "{bad:?} must be refused"
+            );
+        }
+    }
+
+    #[test]
+    fn derived_names_stay_in_the_schema() {
+        let t = TableName::parse("s.idem").expect("valid");
+        let sql = migration_sql(&t);
+        assert!(sql.contains("CREATE SEQUENCE IF NOT EXISTS s.idem_fence_seq;"));
+        assert!(sql.contains("CREATE INDEX IF NOT EXISTS idem_expires_at_idx ON s.idem"));
+        assert!(sql.contains("FUNCTION s.idem_claim("));
+    }
+
+    #[test]
+    fn module_docs_show_the_current_migration() {
+        // The migration SQL in the module docs must not drift from the code.
+        let source = include_str!("postgres.rs");
+        let default = migration_sql(&PostgresOptions::default().table);
+        for line in default.lines() {
+            let doc_line = format!("//! {line}");
+            assert!(
+                source.contains(doc_line.trim_end()),
+                "module docs lack migration line {line:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn lock_ids_differ_per_table() {
+        assert_ne!(lock_id("a"), lock_id("b"));
+        assert_eq!(lock_id("a"), lock_id("a"));
+    }
+
+    #[test]
+    fn millis_rounds_up_and_is_bounded() {
+        assert_eq!(millis(Duration::ZERO), 1);
+        assert_eq!(millis(Duration::from_micros(1001)), 2);
+        assert_eq!(millis(Duration::MAX), 10 * 365 * 24 * 3600 * 1000);
+    }
+}
