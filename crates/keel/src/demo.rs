@@ -103,7 +103,7 @@ impl SampleApi {
             }
             (Method::GET, "/flaky") => {
                 let n = self.flaky.fetch_add(1, Ordering::Relaxed);
-                if n % 2 == 0 {
+                if n.is_multiple_of(2) {
                     json(
                         StatusCode::SERVICE_UNAVAILABLE,
                         r#"{"error":"flaky: try again"}"#.into(),

@@ -119,10 +119,14 @@ mod tests {
         assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
         assert_eq!(parse_duration("24h"), Ok(Duration::from_secs(86_400)));
         assert_eq!(parse_duration("1d"), Ok(Duration::from_secs(86_400)));
-        assert!(parse_duration("5").unwrap_err().contains("missing unit"));
+        assert!(
+            parse_duration("5")
+                .expect_err("error")
+                .contains("missing unit")
+        );
         assert!(
             parse_duration("5 parsecs")
-                .unwrap_err()
+                .expect_err("error")
                 .contains("unknown unit")
         );
         assert!(parse_duration("ms").is_err());
@@ -130,7 +134,7 @@ mod tests {
         assert!(parse_duration("99999999999999999999h").is_err());
         assert!(
             parse_duration("999999999999999999d")
-                .unwrap_err()
+                .expect_err("error")
                 .contains("too large")
         );
     }
@@ -143,11 +147,15 @@ mod tests {
         assert_eq!(parse_size("1GiB"), Ok(1 << 30));
         assert_eq!(parse_size("2MB"), Ok(2_000_000));
         assert_eq!(parse_size("7"), Ok(7));
-        assert!(parse_size("10 mb").unwrap_err().contains("unknown unit"));
+        assert!(
+            parse_size("10 mb")
+                .expect_err("error")
+                .contains("unknown unit")
+        );
         assert!(parse_size("KiB").is_err());
         assert!(
             parse_size("99999999999GiB")
-                .unwrap_err()
+                .expect_err("error")
                 .contains("too large")
         );
     }
