@@ -34,7 +34,15 @@ if ! command -v nginx >/dev/null || ! command -v wrk >/dev/null; then
     apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx wrk >/dev/null
 fi
-ulimit -n 65536
+# Each tunnel costs the proxy two descriptors; stay within the hard limit.
+HARD=$(ulimit -Hn)
+[ "$HARD" = unlimited ] && HARD=1048576
+ulimit -n "$HARD"
+MAX_TUNNELS=$(( (HARD - 200) / 2 ))
+if [ "$TUNNELS" -gt "$MAX_TUNNELS" ]; then
+    log "open-file hard limit is $HARD: holding $MAX_TUNNELS tunnels instead of $TUNNELS"
+    TUNNELS=$MAX_TUNNELS
+fi
 log "building keel and the benchmark helpers (release)"
 cargo build --release -q -p keel --bin keel --example bench_backend --example ws_hold
 BIN=target/release
@@ -79,7 +87,7 @@ daemon off;
 user root;
 pid $WORK/nginx.pid;
 error_log $WORK/nginx-error.log warn;
-worker_rlimit_nofile 65536;
+worker_rlimit_nofile $HARD;
 events { worker_connections 65536; }
 http {
     access_log off;

@@ -60,9 +60,40 @@ async fn read_body(body: Incoming) -> Bytes {
 }
 
 impl SampleApi {
-    async fn handle(self: Arc<Self>, request: Request<Incoming>) -> Response<ProxyBody> {
+    async fn handle(self: Arc<Self>, mut request: Request<Incoming>) -> Response<ProxyBody> {
         let path = request.uri().path().to_owned();
         match (request.method().clone(), path.as_str()) {
+            (Method::GET, "/ws") => {
+                let Some(key) = request.headers().get("sec-websocket-key").cloned() else {
+                    return json(
+                        StatusCode::BAD_REQUEST,
+                        r#"{"error":"not a WebSocket handshake"}"#.into(),
+                    );
+                };
+                let on_upgrade = hyper::upgrade::on(&mut request);
+                tokio::spawn(async move {
+                    if let Ok(upgraded) = on_upgrade.await {
+                        let _ = crate::demo_ws::echo(upgraded).await;
+                    }
+                });
+                let mut response = Response::new(ProxyBody::Empty);
+                *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+                let headers = response.headers_mut();
+                headers.insert(
+                    header::CONNECTION,
+                    header::HeaderValue::from_static("upgrade"),
+                );
+                headers.insert(
+                    header::UPGRADE,
+                    header::HeaderValue::from_static("websocket"),
+                );
+                if let Ok(accept) =
+                    header::HeaderValue::from_str(&crate::demo_ws::accept_key(key.as_bytes()))
+                {
+                    headers.insert("sec-websocket-accept", accept);
+                }
+                response
+            }
             (Method::POST, "/orders") => {
                 let body = read_body(request.into_body()).await;
                 let execution = self.executions.fetch_add(1, Ordering::SeqCst) + 1;
@@ -204,6 +235,11 @@ Try:
 
   # a flaky endpoint: every other call fails with 503 from the upstream
   curl -si http://{gw}/flaky
+
+  # WebSocket echo through the gateway's tunnel (the 101 handshake with curl;
+  # with websocat installed: websocat ws://{gw}/ws)
+  curl -si --max-time 2 http://{gw}/ws -H 'Connection: Upgrade' -H 'Upgrade: websocket' \
+       -H 'Sec-WebSocket-Version: 13' -H 'Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ=='
 
   # the gateway's own view
   curl -s http://{admin}/status

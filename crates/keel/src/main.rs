@@ -9,6 +9,7 @@ mod admin;
 mod body;
 mod config;
 mod demo;
+mod demo_ws;
 mod headers;
 mod listener;
 mod metrics;

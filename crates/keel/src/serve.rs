@@ -15,10 +15,10 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::admin::{self, AdminState};
-use crate::config::Config;
+use crate::config::{Config, RouteConfig};
 use crate::listener::{ConnectionCount, ConnectionSettings, DataPlane};
 use crate::metrics::Metrics;
-use crate::proxy::{Gateway, ProxySettings};
+use crate::proxy::{Gateway, ProxySettings, RequestFilter};
 use crate::readiness::{Readiness, ReadinessHandle};
 use crate::route::{Route, Router};
 use crate::upstream::Upstream;
@@ -41,8 +41,18 @@ pub enum ServeError {
     Signals(std::io::Error),
 }
 
+/// Makes the request filter for a route (`None`: a plain route). Phase 2
+/// passes a factory that builds the idempotency engine's filter from
+/// `[routes.idempotency]` and the shared store.
+pub type FilterFactory<'a> = &'a dyn Fn(&RouteConfig) -> Option<Arc<dyn RequestFilter>>;
+
+/// No filters: every route is a plain proxy route.
+pub fn no_filters(_: &RouteConfig) -> Option<Arc<dyn RequestFilter>> {
+    None
+}
+
 /// Builds the gateway's routing table and upstream pools from a validated config.
-pub fn build_gateway(config: &Config, metrics: &Metrics) -> Gateway {
+pub fn build_gateway(config: &Config, metrics: &Metrics, filters: FilterFactory<'_>) -> Gateway {
     let names: Vec<&String> = config.upstreams.keys().collect();
     let upstreams = config
         .upstreams
@@ -57,7 +67,8 @@ pub fn build_gateway(config: &Config, metrics: &Metrics) -> Gateway {
                 .name
                 .clone()
                 .unwrap_or_else(|| r.path_prefix.get_ref().clone());
-            if r.idempotency.as_ref().is_some_and(|i| i.enabled) {
+            let filter = filters(r);
+            if filter.is_none() && r.idempotency.as_ref().is_some_and(|i| i.enabled) {
                 // The engine (keel-idempotency) is wired in as this route's
                 // RequestFilter in the next phase.
                 tracing::warn!(
@@ -80,7 +91,7 @@ pub fn build_gateway(config: &Config, metrics: &Metrics) -> Gateway {
                     .position(|n| *n == r.upstream.get_ref())
                     .unwrap_or(0),
                 max_body_size: r.max_body_size.unwrap_or(config.server.max_body_size).0,
-                filter: None,
+                filter,
             }
         })
         .collect();
@@ -113,7 +124,8 @@ pub struct Running {
 pub async fn start(config: &Config) -> Result<Running, ServeError> {
     let started = Instant::now();
     let metrics = Arc::new(Metrics::new());
-    let gateway: &'static Gateway = Box::leak(Box::new(build_gateway(config, &metrics)));
+    let gateway: &'static Gateway =
+        Box::leak(Box::new(build_gateway(config, &metrics, &no_filters)));
     let readiness = Readiness::default();
     let listeners_ready = readiness.register("listeners", "starting");
     let (shutdown, shutdown_rx) = watch::channel(false);
