@@ -88,7 +88,7 @@ user root;
 pid $WORK/nginx.pid;
 error_log $WORK/nginx-error.log warn;
 worker_rlimit_nofile $HARD;
-events { worker_connections 65536; }
+events { worker_connections $HARD; }
 http {
     access_log off;
     client_body_temp_path $WORK/nginx-tmp/body;

@@ -9,6 +9,8 @@ use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 
+use crate::upstream::Checkin;
+
 /// Boxed error used for bodies, as hyper expects.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -35,6 +37,14 @@ pub enum ProxyBody {
         remaining: u64,
         /// The configured limit, for the error.
         limit: u64,
+    },
+    /// An upstream response body whose connection returns to the pool at
+    /// the end of the body.
+    Pooled {
+        /// The upstream's body.
+        inner: Incoming,
+        /// The connection, until the body has ended.
+        checkin: Option<Checkin>,
     },
 }
 
@@ -96,6 +106,31 @@ impl Body for ProxyBody {
                 Poll::Ready(None) => Poll::Ready(None),
                 Poll::Pending => Poll::Pending,
             },
+            ProxyBody::Pooled { inner, checkin } => {
+                let polled = Pin::new(&mut *inner).poll_frame(cx);
+                match polled {
+                    Poll::Ready(None) => {
+                        if let Some(c) = checkin.take() {
+                            c.release();
+                        }
+                        Poll::Ready(None)
+                    }
+                    Poll::Ready(Some(Ok(frame))) => {
+                        if inner.is_end_stream()
+                            && let Some(c) = checkin.take()
+                        {
+                            c.release();
+                        }
+                        Poll::Ready(Some(Ok(frame)))
+                    }
+                    Poll::Ready(Some(Err(e))) => {
+                        // A broken body: the connection is not reusable.
+                        checkin.take();
+                        Poll::Ready(Some(Err(Box::new(e))))
+                    }
+                    Poll::Pending => Poll::Pending,
+                }
+            }
         }
     }
 
@@ -103,7 +138,9 @@ impl Body for ProxyBody {
         match self {
             ProxyBody::Empty => true,
             ProxyBody::Full(bytes) => bytes.is_none(),
-            ProxyBody::Stream { inner, .. } => inner.is_end_stream(),
+            ProxyBody::Stream { inner, .. } | ProxyBody::Pooled { inner, .. } => {
+                inner.is_end_stream()
+            }
         }
     }
 
@@ -113,7 +150,7 @@ impl Body for ProxyBody {
             ProxyBody::Full(bytes) => {
                 SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64))
             }
-            ProxyBody::Stream { inner, .. } => inner.size_hint(),
+            ProxyBody::Stream { inner, .. } | ProxyBody::Pooled { inner, .. } => inner.size_hint(),
         }
     }
 }

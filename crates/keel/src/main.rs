@@ -120,9 +120,15 @@ fn run_async<F>(workers: usize, body: F) -> ExitCode
 where
     F: Future<Output = Result<(), Box<dyn std::error::Error>>>,
 {
-    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    // One worker: a current-thread runtime, which skips the work-stealing
+    // scheduler's cross-thread bookkeeping (the same shape as one nginx worker).
+    let mut builder = if workers == 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+    };
     builder.enable_all();
-    if workers > 0 {
+    if workers > 1 {
         builder.worker_threads(workers);
     }
     let runtime = match builder.build() {

@@ -37,7 +37,7 @@ use crate::headers::{
 use crate::metrics::RouteMetrics;
 use crate::problem::{Problem, ProblemKind};
 use crate::route::{Route, Router};
-use crate::upstream::{self, Endpoint, InFlight, Upstream};
+use crate::upstream::{Endpoint, InFlight, SendError, Upstream};
 
 /// A boxed future, as filters return.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -324,23 +324,23 @@ impl Gateway {
             .path_and_query()
             .cloned()
             .unwrap_or_else(|| PathAndQuery::from_static("/"));
-        let uri = Uri::builder()
-            .scheme(upstream::scheme())
-            .authority(endpoint.authority.clone())
-            .path_and_query(path);
-        if let Ok(uri) = uri.build() {
-            parts.uri = uri;
-        }
+        // origin-form on the upstream connection
+        parts.uri = Uri::from(path);
         let downstream_version = parts.version;
         parts.version = Version::HTTP_11;
         let headers = &mut parts.headers;
         remove_hop_by_hop(headers, upgrade);
         // Host is preserved: HTTP/2 clients send :authority instead, which
         // becomes Host for the HTTP/1.1 upstream.
-        if !headers.contains_key(header::HOST)
-            && let Ok(value) = HeaderValue::from_str(host)
-        {
-            headers.insert(header::HOST, value);
+        if !headers.contains_key(header::HOST) {
+            let host = if host.is_empty() {
+                endpoint.authority.as_str()
+            } else {
+                host
+            };
+            if let Ok(value) = HeaderValue::from_str(host) {
+                headers.insert(header::HOST, value);
+            }
         }
         append_forwarded(headers, downstream.peer.ip(), downstream.proto, Some(host));
         if self.settings.via {
@@ -420,12 +420,12 @@ fn check_declared_length(request: &Request<Incoming>, limit: u64) -> Option<Prob
 /// Sends the request on the endpoint's pool under the response-head timeout.
 async fn send(
     upstream: &Upstream,
-    endpoint: &Endpoint,
+    endpoint: &'static Endpoint,
     request: Request<ProxyBody>,
 ) -> Result<Response<ProxyBody>, UpstreamFailure> {
     let _in_flight = InFlight::start(endpoint);
-    match tokio::time::timeout(upstream.request_timeout, endpoint.client.request(request)).await {
-        Ok(Ok(response)) => Ok(response.map(ProxyBody::stream)),
+    match tokio::time::timeout(upstream.request_timeout, endpoint.send(request)).await {
+        Ok(Ok(response)) => Ok(response),
         Ok(Err(error)) => Err(classify(&upstream.name, endpoint, &error)),
         Err(_elapsed) => Err(UpstreamFailure {
             problem: Problem::new(
@@ -440,47 +440,41 @@ async fn send(
     }
 }
 
-/// Maps a client error to the problem the client sees.
-fn classify(
-    upstream: &str,
-    endpoint: &Endpoint,
-    error: &hyper_util::client::legacy::Error,
-) -> UpstreamFailure {
-    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(error);
-    let mut timed_out = false;
-    while let Some(e) = source {
-        if let Some(too_large) = e.downcast_ref::<BodyTooLarge>() {
-            return UpstreamFailure {
-                problem: Problem::new(ProblemKind::BodyTooLarge, too_large.to_string()),
-                sent: true,
-            };
+/// Maps a send error to the problem the client sees.
+fn classify(upstream: &str, endpoint: &Endpoint, error: &SendError) -> UpstreamFailure {
+    let (kind, detail, sent) = match error {
+        SendError::Connect(_) => (
+            ProblemKind::UpstreamUnreachable,
+            format!("could not connect to upstream {upstream:?}"),
+            false,
+        ),
+        SendError::ConnectTimeout => (
+            ProblemKind::UpstreamTimeout,
+            format!("timed out connecting to upstream {upstream:?}"),
+            false,
+        ),
+        SendError::Http { error: http, sent } => {
+            let mut source: Option<&(dyn std::error::Error + 'static)> = Some(http);
+            while let Some(e) = source {
+                if let Some(too_large) = e.downcast_ref::<BodyTooLarge>() {
+                    return UpstreamFailure {
+                        problem: Problem::new(ProblemKind::BodyTooLarge, too_large.to_string()),
+                        sent: *sent,
+                    };
+                }
+                source = e.source();
+            }
+            (
+                ProblemKind::UpstreamBadResponse,
+                format!("upstream {upstream:?} closed the connection or sent an invalid response"),
+                *sent,
+            )
         }
-        if e.downcast_ref::<std::io::Error>()
-            .is_some_and(|io| io.kind() == std::io::ErrorKind::TimedOut)
-        {
-            timed_out = true;
-        }
-        source = e.source();
-    }
-    if error.is_connect() {
-        let (kind, what) = if timed_out {
-            (ProblemKind::UpstreamTimeout, "timed out connecting to")
-        } else {
-            (ProblemKind::UpstreamUnreachable, "could not connect to")
-        };
-        tracing::warn!(upstream, endpoint = endpoint.url, %error, "{what} upstream");
-        return UpstreamFailure {
-            problem: Problem::new(kind, format!("{what} upstream {upstream:?}")),
-            sent: false,
-        };
-    }
+    };
     tracing::warn!(upstream, endpoint = endpoint.url, %error, "upstream request failed");
     UpstreamFailure {
-        problem: Problem::new(
-            ProblemKind::UpstreamBadResponse,
-            format!("upstream {upstream:?} closed the connection or sent an invalid response"),
-        ),
-        sent: true,
+        problem: Problem::new(kind, detail),
+        sent,
     }
 }
 

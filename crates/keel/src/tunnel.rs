@@ -41,7 +41,7 @@ pub async fn splice(downstream: OnUpgrade, upstream: OnUpgrade) {
         Ok(parts) => (parts.io.into_inner(), parts.read_buf),
         Err(other) => return fallback(other, up).await,
     };
-    let (up_stream, up_pending, _guard) = match up.downcast::<CountedIo>() {
+    let (up_stream, up_pending, guard) = match up.downcast::<CountedIo>() {
         Ok(parts) => {
             let (stream, guard) = parts.io.into_parts();
             (stream, parts.read_buf, guard)
@@ -51,9 +51,14 @@ pub async fn splice(downstream: OnUpgrade, upstream: OnUpgrade) {
             return;
         }
     };
-    if let Err(error) = tunnel(down.0, down.1, up_stream, up_pending).await {
-        tracing::debug!(%error, "tunnel closed with an error");
-    }
+    // A task of its own, so the long-lived future holds only the tunnel's
+    // state, not the (larger) upgrade futures above.
+    tokio::spawn(async move {
+        let _guard = guard;
+        if let Err(error) = tunnel(down.0, down.1, up_stream, up_pending).await {
+            tracing::debug!(%error, "tunnel closed with an error");
+        }
+    });
 }
 
 /// Copies both ways between two sockets; `*_pending` are bytes already read

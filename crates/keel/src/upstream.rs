@@ -1,23 +1,23 @@
 //! Upstreams: endpoints, their connection pools, and load balancing.
 //!
-//! Every endpoint owns its own pool (a hyper-util client), so pool state is
-//! per endpoint rather than global. Balancing reads per-endpoint atomics:
+//! Every endpoint owns its own pool (sharded stacks of idle hyper HTTP/1.1
+//! connections), so pool state is per endpoint and per thread, not global. Balancing reads per-endpoint atomics:
 //! round robin bumps one counter per upstream; least-outstanding compares
 //! the in-flight counts of two endpoints picked at random (power of two
 //! choices), which needs no shared state beyond those counters.
 
-use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Mutex, PoisonError};
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use http::Uri;
-use http::uri::{Authority, Scheme};
+use http::uri::Authority;
+use http::{Request, Response, StatusCode};
+use hyper::body::Incoming;
+use hyper::client::conn::http1::{self, SendRequest};
 use hyper::rt::{Read, ReadBufCursor, Write};
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::{Connected, Connection, HttpConnector};
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
 use crate::body::ProxyBody;
@@ -25,19 +25,250 @@ use crate::config::{LoadBalancing, UpstreamConfig, endpoint_authority};
 use crate::headers::next_random;
 use crate::metrics::{EndpointMetrics, Metrics};
 
-/// One endpoint of an upstream.
+/// One endpoint of an upstream, with its own connection pool.
+///
+/// The pool is a few mutex-guarded stacks of idle connections, one picked
+/// per worker thread, so threads do not contend on one lock; a connection
+/// goes back to the pool when its response body has been read to the end.
 #[derive(Debug)]
 pub struct Endpoint {
     /// The URL as configured.
     pub url: String,
     /// `host:port` requests are sent to.
     pub authority: Authority,
-    /// Its connection pool.
-    pub client: Client<CountingConnector, ProxyBody>,
     /// Requests sent and not yet answered.
     pub outstanding: AtomicUsize,
     /// Its metrics.
     pub metrics: EndpointMetrics,
+    connect_timeout: Duration,
+    idle_timeout: Duration,
+    max_idle_per_shard: usize,
+    shards: Box<[Mutex<Vec<IdleConnection>>]>,
+}
+
+#[derive(Debug)]
+struct IdleConnection {
+    sender: SendRequest<ProxyBody>,
+    since: Instant,
+}
+
+static NEXT_SHARD: AtomicUsize = AtomicUsize::new(0);
+
+thread_local! {
+    // Each thread sticks to one shard of every pool.
+    static SHARD: usize = NEXT_SHARD.fetch_add(1, Ordering::Relaxed);
+}
+
+/// Why a request could not be exchanged with an endpoint.
+#[derive(Debug, thiserror::Error)]
+pub enum SendError {
+    /// The TCP connection could not be made: the request was not sent.
+    #[error("connect: {0}")]
+    Connect(std::io::Error),
+    /// Connecting took longer than `connect_timeout`: the request was not sent.
+    #[error("connect timed out")]
+    ConnectTimeout,
+    /// The HTTP exchange failed; `sent` is false when hyper gave the
+    /// request back unsent.
+    #[error("{error}")]
+    Http {
+        /// hyper's error.
+        error: hyper::Error,
+        /// Whether the upstream may have seen the request.
+        sent: bool,
+    },
+}
+
+impl Endpoint {
+    fn new(
+        url: &str,
+        authority: Authority,
+        config: &UpstreamConfig,
+        metrics: EndpointMetrics,
+    ) -> Self {
+        let shards = std::thread::available_parallelism().map_or(2, |n| n.get() * 2);
+        Endpoint {
+            url: url.to_owned(),
+            authority,
+            outstanding: AtomicUsize::new(0),
+            metrics,
+            connect_timeout: config.connect_timeout.0,
+            idle_timeout: config.idle_timeout.0,
+            max_idle_per_shard: config.max_idle_per_endpoint.div_ceil(shards).max(1),
+            shards: (0..shards).map(|_| Mutex::new(Vec::new())).collect(),
+        }
+    }
+
+    fn own_shard(&self) -> &Mutex<Vec<IdleConnection>> {
+        &self.shards[SHARD.with(|s| *s) % self.shards.len()]
+    }
+
+    /// The most recently used idle connection that is still open: from this
+    /// thread's shard first, then from any other shard not locked right now.
+    fn checkout(&self) -> Option<SendRequest<ProxyBody>> {
+        let own = SHARD.with(|s| *s) % self.shards.len();
+        for i in 0..self.shards.len() {
+            let index = (own + i) % self.shards.len();
+            let mut idle = if i == 0 {
+                self.shards[index]
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+            } else {
+                match self.shards[index].try_lock() {
+                    Ok(idle) => idle,
+                    Err(_) => continue,
+                }
+            };
+            while let Some(entry) = idle.pop() {
+                if !entry.sender.is_closed() && entry.since.elapsed() < self.idle_timeout {
+                    return Some(entry.sender);
+                }
+                // Dropping the sender closes the connection.
+            }
+        }
+        None
+    }
+
+    /// Returns a connection whose exchange is complete.
+    fn checkin(&self, sender: SendRequest<ProxyBody>) {
+        if sender.is_closed() {
+            return;
+        }
+        let now = Instant::now();
+        let mut idle = self
+            .own_shard()
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        // Expire from the bottom: the oldest idle connections sit there.
+        let expired = idle
+            .iter()
+            .take_while(|e| now.duration_since(e.since) >= self.idle_timeout)
+            .count();
+        idle.drain(..expired);
+        if idle.len() < self.max_idle_per_shard {
+            idle.push(IdleConnection { sender, since: now });
+        }
+    }
+
+    async fn connect(&self) -> Result<SendRequest<ProxyBody>, SendError> {
+        let stream = tokio::time::timeout(
+            self.connect_timeout,
+            TcpStream::connect(self.authority.as_str()),
+        )
+        .await
+        .map_err(|_| SendError::ConnectTimeout)?
+        .map_err(SendError::Connect)?;
+        let _ = stream.set_nodelay(true);
+        self.metrics.connects.inc();
+        self.metrics.open_connections.inc();
+        let io = CountedIo {
+            io: TokioIo::new(stream),
+            guard: ConnectionGuard {
+                metrics: self.metrics.clone(),
+            },
+        };
+        let (sender, connection) = http1::Builder::new()
+            .handshake(io)
+            .await
+            .map_err(|error| SendError::Http { error, sent: false })?;
+        tokio::spawn(async move {
+            if let Err(error) = connection.with_upgrades().await {
+                tracing::debug!(%error, "upstream connection ended with an error");
+            }
+        });
+        Ok(sender)
+    }
+
+    /// Sends `request` on a pooled (or new) connection and returns the
+    /// response head; the connection returns to the pool when the body ends.
+    pub async fn send(
+        &'static self,
+        mut request: Request<ProxyBody>,
+    ) -> Result<Response<ProxyBody>, SendError> {
+        // A pooled connection may have been closed by the upstream a moment
+        // ago; hyper then hands the request back unsent and we try the next
+        // one. A fresh connection gets no second chance.
+        for _ in 0..4 {
+            let (mut sender, fresh) = match self.checkout() {
+                Some(sender) => (sender, false),
+                None => (self.connect().await?, true),
+            };
+            if let Err(error) = sender.ready().await {
+                if fresh {
+                    return Err(SendError::Http { error, sent: false });
+                }
+                continue;
+            }
+            match sender.try_send_request(request).await {
+                Ok(response) => return Ok(self.pooled(response, sender)),
+                Err(mut failed) => match failed.take_message() {
+                    Some(unsent) if !fresh => request = unsent,
+                    unsent => {
+                        return Err(SendError::Http {
+                            sent: unsent.is_none(),
+                            error: failed.into_error(),
+                        });
+                    }
+                },
+            }
+        }
+        let sender = self.connect().await?;
+        self.send_fresh(sender, request).await
+    }
+
+    async fn send_fresh(
+        &'static self,
+        mut sender: SendRequest<ProxyBody>,
+        request: Request<ProxyBody>,
+    ) -> Result<Response<ProxyBody>, SendError> {
+        sender
+            .ready()
+            .await
+            .map_err(|error| SendError::Http { error, sent: false })?;
+        match sender.try_send_request(request).await {
+            Ok(response) => Ok(self.pooled(response, sender)),
+            Err(mut failed) => Err(SendError::Http {
+                sent: failed.take_message().is_none(),
+                error: failed.into_error(),
+            }),
+        }
+    }
+
+    fn pooled(
+        &'static self,
+        response: Response<Incoming>,
+        sender: SendRequest<ProxyBody>,
+    ) -> Response<ProxyBody> {
+        if response.status() == StatusCode::SWITCHING_PROTOCOLS {
+            // The connection becomes a tunnel; it never returns to the pool.
+            return response.map(ProxyBody::stream);
+        }
+        if http_body::Body::is_end_stream(response.body()) {
+            self.checkin(sender);
+            return response.map(ProxyBody::stream);
+        }
+        response.map(|inner| ProxyBody::Pooled {
+            inner,
+            checkin: Some(Checkin {
+                endpoint: self,
+                sender,
+            }),
+        })
+    }
+}
+
+/// A connection to give back to its pool once the response body has ended.
+#[derive(Debug)]
+pub struct Checkin {
+    endpoint: &'static Endpoint,
+    sender: SendRequest<ProxyBody>,
+}
+
+impl Checkin {
+    /// Returns the connection to the pool.
+    pub fn release(self) {
+        self.endpoint.checkin(self.sender);
+    }
 }
 
 /// An upstream: endpoints, balancing, timeouts.
@@ -64,27 +295,12 @@ impl Upstream {
             .filter_map(|url| {
                 let url = url.get_ref();
                 let authority = endpoint_authority(url).ok()?;
-                let endpoint_metrics = metrics.endpoint(name, url);
-                let mut http = HttpConnector::new();
-                http.set_nodelay(true);
-                http.set_connect_timeout(Some(config.connect_timeout.0));
-                let connector = CountingConnector {
-                    http,
-                    metrics: endpoint_metrics.clone(),
-                };
-                let client = Client::builder(TokioExecutor::new())
-                    .pool_timer(TokioTimer::new())
-                    .pool_idle_timeout(config.idle_timeout.0)
-                    .pool_max_idle_per_host(config.max_idle_per_endpoint)
-                    .set_host(false)
-                    .build(connector);
-                Some(Endpoint {
-                    url: url.clone(),
+                Some(Endpoint::new(
+                    url,
                     authority,
-                    client,
-                    outstanding: AtomicUsize::new(0),
-                    metrics: endpoint_metrics,
-                })
+                    config,
+                    metrics.endpoint(name, url),
+                ))
             })
             .collect();
         Upstream {
@@ -155,42 +371,6 @@ impl Drop for InFlight<'_> {
     }
 }
 
-/// The scheme every upstream uses today (TLS upstreams are a later step).
-pub fn scheme() -> Scheme {
-    Scheme::HTTP
-}
-
-/// An HTTP connector that keeps the open-connection gauge right.
-#[derive(Debug, Clone)]
-pub struct CountingConnector {
-    http: HttpConnector,
-    metrics: EndpointMetrics,
-}
-
-impl tower_service::Service<Uri> for CountingConnector {
-    type Response = CountedIo;
-    type Error = <HttpConnector as tower_service::Service<Uri>>::Error;
-    type Future = Pin<Box<dyn Future<Output = Result<CountedIo, Self::Error>> + Send>>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.http.poll_ready(cx)
-    }
-
-    fn call(&mut self, uri: Uri) -> Self::Future {
-        let connecting = self.http.call(uri);
-        let metrics = self.metrics.clone();
-        Box::pin(async move {
-            let io = connecting.await?;
-            metrics.connects.inc();
-            metrics.open_connections.inc();
-            Ok(CountedIo {
-                io,
-                guard: ConnectionGuard { metrics },
-            })
-        })
-    }
-}
-
 /// Decrements the open-connection gauge when the connection goes away,
 /// including after it became a tunnel.
 #[derive(Debug)]
@@ -215,12 +395,6 @@ impl CountedIo {
     /// The raw socket and the guard, for tunnels.
     pub fn into_parts(self) -> (TcpStream, ConnectionGuard) {
         (self.io.into_inner(), self.guard)
-    }
-}
-
-impl Connection for CountedIo {
-    fn connected(&self) -> Connected {
-        self.io.connected()
     }
 }
 

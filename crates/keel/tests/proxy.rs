@@ -319,18 +319,17 @@ async fn limits_431_413_and_malformed_400() {
             .starts_with("HTTP/1.1 431")
     );
 
-    // Declared body over the limit.
-    let (status, _, body) = request(
+    // Declared body over the limit: answered before the body is read.
+    let answer = raw(
         keel.listen,
-        Request::post("/")
-            .header(header::HOST, "a.test")
-            .body(full(vec![0u8; 2 << 20]))
-            .expect("request"),
+        b"POST / HTTP/1.1\r\nHost: a\r\nConnection: close\r\nContent-Length: 2097152\r\n\r\n",
     )
-    .await
-    .expect("request");
-    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
-    assert_eq!(problem(&body)["type"], "urn:keel:problem:body-too-large");
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+    assert!(
+        answer.contains("urn:keel:problem:body-too-large"),
+        "{answer}"
+    );
     // Chunked body that grows over the limit while streaming.
     let response = request(
         keel.listen,
@@ -365,7 +364,7 @@ async fn limits_431_413_and_malformed_400() {
             "{garbage:?} -> {answer:?}"
         );
     }
-    let answer = raw(keel.listen, b"GET / HTTP/1.1\r\n\r\n").await;
+    let answer = raw(keel.listen, b"GET / HTTP/1.1\r\nConnection: close\r\n\r\n").await;
     assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
     assert!(answer.contains("urn:keel:problem:bad-request"), "{answer}");
     assert_eq!(
