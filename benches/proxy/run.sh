@@ -38,7 +38,8 @@ fi
 HARD=$(ulimit -Hn)
 [ "$HARD" = unlimited ] && HARD=1048576
 ulimit -n "$HARD"
-MAX_TUNNELS=$(( (HARD - 200) / 2 ))
+# nginx also counts its listeners and cached upstream connections: keep a margin.
+MAX_TUNNELS=$(( (HARD - 4000) / 2 ))
 if [ "$TUNNELS" -gt "$MAX_TUNNELS" ]; then
     log "open-file hard limit is $HARD: holding $MAX_TUNNELS tunnels instead of $TUNNELS"
     TUNNELS=$MAX_TUNNELS
@@ -175,21 +176,28 @@ tunnels() { # tunnels NAME ADDR PID -> prints KiB per tunnel
     local holder=$!
     for _ in $(seq 1 1200); do
         grep -q '^ready' "$WORK/ws-$name.txt" 2>/dev/null && break
-        kill -0 "$holder" 2>/dev/null || { cat "$WORK/ws-$name.txt" >&2; exit 1; }
+        kill -0 "$holder" 2>/dev/null || break
         sleep 0.1
     done
-    grep -q '^ready' "$WORK/ws-$name.txt" || { echo "error: $name tunnels not ready" >&2; exit 1; }
+    if ! grep -q '^ready' "$WORK/ws-$name.txt"; then
+        echo "warning: $name could not hold $TUNNELS tunnels: $(cat "$WORK/ws-$name.txt")" >&2
+        kill "$holder" 2>/dev/null || true
+        wait "$holder" 2>/dev/null || true
+        echo "failed"
+        return
+    fi
     sleep 1  # let the last upgrades settle before reading RSS
     after=$(rss_kib "$pid")
     kill "$holder" 2>/dev/null || true
     wait "$holder" 2>/dev/null || true
     awk -v a="$after" -v b="$before" -v n="$TUNNELS" 'BEGIN {printf "%.2f", (a - b) / n}'
 }
+log "throughput (keel / nginx): req/s $K_RPS / $N_RPS, CPU per request $K_CPU / $N_CPU us"
 log "idle tunnels: $TUNNELS WebSocket connections held through each proxy"
 K_WS=$(tunnels keel "$KEEL" "$KEEL_PID")
 N_WS=$(tunnels nginx "$NGINX" "$NGINX_WORKER")
 
-ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b == 0) print "-"; else printf "%.2f", a / b }'; }
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (a !~ /^[0-9.]+$/ || b !~ /^[0-9.]+$/ || b == 0) print "-"; else printf "%.2f", a / b }'; }
 
 cat <<TABLE
 
