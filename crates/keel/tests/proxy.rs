@@ -454,3 +454,120 @@ async fn sigterm_drains_and_exits_zero() {
         .expect("wait");
     assert_eq!(exit.code(), Some(0));
 }
+
+#[tokio::test]
+async fn load_balancing_spreads_requests_over_endpoints() {
+    let a = TestUpstream::start().await;
+    let b = TestUpstream::start().await;
+    let c = TestUpstream::start().await;
+    let d = TestUpstream::start().await;
+    let keel = Keel::start(
+        "",
+        &format!(
+            r#"
+[upstreams.rr]
+endpoints = ["http://{a}", "http://{b}"]
+load_balancing = "round_robin"
+
+[upstreams.p2c]
+endpoints = ["http://{c}", "http://{d}"]
+
+[[routes]]
+path_prefix = "/rr"
+upstream = "rr"
+
+[[routes]]
+path_prefix = "/p2c"
+upstream = "p2c"
+"#,
+            a = a.addr,
+            b = b.addr,
+            c = c.addr,
+            d = d.addr
+        ),
+    )
+    .await;
+    for _ in 0..20 {
+        assert_eq!(get(keel.listen, "/rr").await.expect("rr").0, StatusCode::OK);
+        assert_eq!(
+            get(keel.listen, "/p2c").await.expect("p2c").0,
+            StatusCode::OK
+        );
+    }
+    // Round robin alternates exactly.
+    assert_eq!((a.requests(), b.requests()), (10, 10));
+    // Least-outstanding with equal (zero) load picks at random between the two.
+    assert_eq!(c.requests() + d.requests(), 20);
+    assert!(
+        c.requests() > 0 && d.requests() > 0,
+        "{} / {}",
+        c.requests(),
+        d.requests()
+    );
+}
+
+#[tokio::test]
+async fn json_access_log_has_one_line_per_request() {
+    let upstream = TestUpstream::start().await;
+    let listen = common::free_addr();
+    let admin = common::free_addr();
+    let config = common::temp_file(
+        "keel.toml",
+        &format!(
+            "[server]\nlisten = \"{listen}\"\nadmin_listen = \"{admin}\"\n\
+             [upstreams.app]\nendpoints = [\"http://{}\"]\n\
+             [[routes]]\nname = \"app\"\npath_prefix = \"/\"\nupstream = \"app\"\n\
+             [log]\nformat = \"json\"\nlevel = \"info\"\n",
+            upstream.addr
+        ),
+    );
+    let log = common::temp_file("keel.log", "");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_keel"))
+        .args(["serve", "--config"])
+        .arg(&config)
+        .env_remove("RUST_LOG")
+        .stdout(std::fs::File::create(&log).expect("log file"))
+        .spawn()
+        .expect("spawn keel");
+    let mut up = false;
+    for _ in 0..400 {
+        if let Ok((StatusCode::OK, _, _)) = get(admin, "/healthz").await {
+            up = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert!(up, "keel did not start");
+    let (_, headers, _) = request(
+        listen,
+        Request::get("/logged")
+            .header(header::HOST, "a.test")
+            .header("x-request-id", "log-me-123")
+            .body(empty())
+            .expect("request"),
+    )
+    .await
+    .expect("request");
+    assert_eq!(headers["x-request-id"], "log-me-123");
+    // The line is written before the response completes; poll the file briefly.
+    let mut line = None;
+    for _ in 0..100 {
+        let text = std::fs::read_to_string(&log).expect("read log");
+        line = text
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .find(|v| v["request_id"] == "log-me-123");
+        if line.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    let line = line.expect("a JSON access-log line for the request");
+    assert_eq!(line["route"], "app");
+    assert_eq!(line["status"], 200);
+    assert_eq!(line["method"], "GET");
+    assert!(line["duration_us"].is_u64());
+    assert_eq!(line["level"], "INFO");
+}

@@ -70,6 +70,7 @@ pub fn empty() -> BoxBody {
 pub struct TestUpstream {
     pub addr: SocketAddr,
     pub connections: Arc<AtomicUsize>,
+    pub requests: Arc<AtomicUsize>,
 }
 
 pub fn checksum(data: &[u8]) -> u64 {
@@ -167,22 +168,36 @@ impl TestUpstream {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
         let connections = Arc::new(AtomicUsize::new(0));
+        let requests = Arc::new(AtomicUsize::new(0));
         let counter = connections.clone();
+        let request_counter = requests.clone();
         tokio::spawn(async move {
             while let Ok((stream, _)) = listener.accept().await {
                 counter.fetch_add(1, Ordering::SeqCst);
+                let request_counter = request_counter.clone();
                 tokio::spawn(async move {
                     let _ = http1::Builder::new()
                         .serve_connection(
                             TokioIo::new(stream),
-                            service_fn(|r| async { Ok::<_, Infallible>(upstream_handle(r).await) }),
+                            service_fn(move |r| {
+                                request_counter.fetch_add(1, Ordering::SeqCst);
+                                async { Ok::<_, Infallible>(upstream_handle(r).await) }
+                            }),
                         )
                         .with_upgrades()
                         .await;
                 });
             }
         });
-        TestUpstream { addr, connections }
+        TestUpstream {
+            addr,
+            connections,
+            requests,
+        }
+    }
+
+    pub fn requests(&self) -> usize {
+        self.requests.load(Ordering::SeqCst)
     }
 
     pub fn connections(&self) -> usize {
