@@ -1,7 +1,8 @@
 //! Opens N WebSocket connections through a proxy and holds them idle, for
 //! the idle-tunnel memory figure in `benches/proxy/run.sh`.
 //!
-//! Usage: `ws_hold ADDR N HOLD_SECONDS`; prints `ready N` once every
+//! Usage: `ws_hold ADDR N HOLD_SECONDS [WAVE]` (WAVE connections opened
+//! concurrently, 250 by default); prints `ready N` once every
 //! connection has its `101`, then holds them for HOLD_SECONDS.
 
 use std::time::Duration;
@@ -37,6 +38,11 @@ fn main() -> std::io::Result<()> {
     let addr = args.next().unwrap_or_else(|| "127.0.0.1:18082".to_owned());
     let count: usize = args.next().and_then(|n| n.parse().ok()).unwrap_or(10_000);
     let hold: u64 = args.next().and_then(|n| n.parse().ok()).unwrap_or(30);
+    let wave_size: usize = args
+        .next()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(250)
+        .max(1);
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -44,7 +50,7 @@ fn main() -> std::io::Result<()> {
         let mut streams = Vec::with_capacity(count);
         // Open in waves so the listen backlog is never overrun.
         while streams.len() < count {
-            let wave = (count - streams.len()).min(250);
+            let wave = (count - streams.len()).min(wave_size);
             let mut tasks = Vec::with_capacity(wave);
             for _ in 0..wave {
                 tasks.push(tokio::spawn(open(addr.clone())));

@@ -9,6 +9,7 @@
 
 use std::cell::RefCell;
 use std::io;
+use std::task::{Context, Waker};
 
 use bytes::Bytes;
 use hyper::upgrade::{OnUpgrade, Upgraded};
@@ -39,7 +40,10 @@ pub async fn splice(downstream: OnUpgrade, upstream: OnUpgrade) {
     };
     let down = match down.downcast::<TokioIo<TcpStream>>() {
         Ok(parts) => (parts.io.into_inner(), parts.read_buf),
-        Err(other) => return fallback(other, up).await,
+        Err(other) => {
+            tracing::debug!("downstream upgrade is not a plain TCP stream; buffered copy");
+            return fallback(other, up).await;
+        }
     };
     let (up_stream, up_pending, guard) = match up.downcast::<CountedIo>() {
         Ok(parts) => {
@@ -51,6 +55,8 @@ pub async fn splice(downstream: OnUpgrade, upstream: OnUpgrade) {
             return;
         }
     };
+    let up_stream = forget_wakers(up_stream);
+    let down = (forget_wakers(down.0), down.1);
     // A task of its own, so the long-lived future holds only the tunnel's
     // state, not the (larger) upgrade futures above.
     tokio::spawn(async move {
@@ -59,6 +65,17 @@ pub async fn splice(downstream: OnUpgrade, upstream: OnUpgrade) {
             tracing::debug!(%error, "tunnel closed with an error");
         }
     });
+}
+
+/// Replaces the wakers the HTTP connection tasks left in the socket's
+/// read and write slots with no-op ones. `readable()` waits in a separate
+/// list, so without this the finished connection task (a few KiB) would stay
+/// allocated, through its waker, for as long as the tunnel is idle.
+fn forget_wakers(stream: TcpStream) -> TcpStream {
+    let mut cx = Context::from_waker(Waker::noop());
+    let _ = stream.poll_read_ready(&mut cx);
+    let _ = stream.poll_write_ready(&mut cx);
+    stream
 }
 
 /// Copies both ways between two sockets; `*_pending` are bytes already read
