@@ -571,3 +571,41 @@ async fn json_access_log_has_one_line_per_request() {
     assert!(line["duration_us"].is_u64());
     assert_eq!(line["level"], "INFO");
 }
+
+#[tokio::test]
+async fn bodiless_responses_return_connections_to_the_pool() {
+    let upstream = TestUpstream::start().await;
+    let keel = Keel::in_front_of(upstream.addr, "", "").await;
+    for _ in 0..10 {
+        let (status, headers, body) = request(
+            keel.listen,
+            Request::head("/")
+                .header(header::HOST, "a.test")
+                .body(empty())
+                .expect("request"),
+        )
+        .await
+        .expect("HEAD");
+        assert_eq!(status, StatusCode::OK);
+        assert!(body.is_empty());
+        assert!(headers.contains_key(header::CONTENT_LENGTH), "{headers:?}");
+        let (status, _, body) = get(keel.listen, "/status/204").await.expect("204");
+        assert_eq!(status, StatusCode::NO_CONTENT);
+        assert!(body.is_empty());
+        let (status, _, _) = get(keel.listen, "/status/503").await.expect("503");
+        assert_eq!(
+            status,
+            StatusCode::SERVICE_UNAVAILABLE,
+            "upstream statuses pass through"
+        );
+        let (status, _, body) = get(keel.listen, "/after").await.expect("GET");
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(echo(&body)["uri"], "/after");
+    }
+    assert_eq!(upstream.requests(), 40);
+    assert!(
+        upstream.connections() <= 2,
+        "40 sequential requests opened {} upstream connections",
+        upstream.connections()
+    );
+}

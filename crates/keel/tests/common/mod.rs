@@ -117,6 +117,13 @@ async fn upstream_handle(mut request: Request<Incoming>) -> Response<BoxBody> {
         tokio::time::sleep(Duration::from_millis(ms)).await;
         return Response::new(full("slow done"));
     }
+    if let Some(code) = path.strip_prefix("/status/") {
+        let status = code.parse().unwrap_or(500);
+        return Response::builder()
+            .status(status)
+            .body(empty())
+            .expect("response");
+    }
     if let Some(n) = path.strip_prefix("/big/") {
         // n chunks of 64 KiB, streamed without Content-Length.
         let chunks: usize = n.parse().unwrap_or(1);
