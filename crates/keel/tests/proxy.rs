@@ -429,7 +429,18 @@ async fn sigterm_drains_and_exits_zero() {
     // A slow request in flight is allowed to finish.
     let listen = keel.listen;
     let slow = tokio::spawn(async move { get(listen, "/slow/600").await });
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    // Wait until the gateway reports it in flight upstream.
+    let mut in_flight = false;
+    for _ in 0..200 {
+        let (_, _, body) = get(keel.admin, "/status").await.expect("status");
+        let doc: serde_json::Value = serde_json::from_slice(&body).expect("json");
+        if doc["upstreams"][0]["endpoints"][0]["in_flight"] == 1 {
+            in_flight = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert!(in_flight, "the slow request never reached the upstream");
     let pid = keel.child.id().to_string();
     let killed = std::process::Command::new("kill")
         .args(["-TERM", &pid])
