@@ -1,0 +1,741 @@
+//! The configuration file: its schema (serde), defaults, and the checks that
+//! `keel check` runs. Every error names `FILE:LINE:COL` so an editor can jump
+//! to it: syntax and schema errors take the span toml reports, semantic
+//! errors (an unknown upstream, a bad URL) the span of the offending value.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use toml::Spanned;
+
+use crate::units::{ConfigDuration, ConfigSize};
+
+/// The whole config file.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// `[server]`: listeners, limits and downstream timeouts.
+    pub server: ServerConfig,
+    /// `[store]`: where idempotency records live.
+    #[serde(default)]
+    pub store: StoreConfig,
+    /// `[upstreams.NAME]`.
+    #[serde(default)]
+    pub upstreams: BTreeMap<String, UpstreamConfig>,
+    /// `[[routes]]`, matched by longest `path_prefix`.
+    #[serde(default)]
+    pub routes: Vec<RouteConfig>,
+    /// `[drain]`: graceful shutdown pacing.
+    #[serde(default)]
+    pub drain: DrainConfig,
+    /// `[log]`: level, format, access log.
+    #[serde(default)]
+    pub log: LogConfig,
+}
+
+/// `[server]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    /// Data-plane address.
+    pub listen: Spanned<String>,
+    /// Admin address; no admin server when absent.
+    #[serde(default)]
+    pub admin_listen: Option<Spanned<String>>,
+    /// How long a downstream connection may wait for the next request head.
+    #[serde(default = "defaults::server_idle_timeout")]
+    pub idle_timeout: ConfigDuration,
+    /// Largest request head (request line plus headers) accepted; 431 above.
+    #[serde(default = "defaults::max_header_size")]
+    pub max_header_size: ConfigSize,
+    /// Largest request body accepted; 413 above. Routes may lower or raise it.
+    #[serde(default = "defaults::max_body_size")]
+    pub max_body_size: ConfigSize,
+    /// Add a `Via` header to requests and responses.
+    #[serde(default)]
+    pub via: bool,
+    /// Worker threads; 0 means one per core.
+    #[serde(default)]
+    pub workers: usize,
+}
+
+/// `[store]` kinds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreKind {
+    /// In-process map, lost on restart.
+    Memory,
+    /// An on-disk database in `path`.
+    Embedded,
+    /// Redis at `url`.
+    Redis,
+    /// PostgreSQL at `url`.
+    Postgres,
+}
+
+/// `[store]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[allow(
+    dead_code,
+    reason = "read by the idempotency engine and drain, wired in phase 2"
+)]
+pub struct StoreConfig {
+    /// Which store.
+    pub kind: Spanned<StoreKind>,
+    /// Directory for the embedded store.
+    #[serde(default)]
+    pub path: Option<String>,
+    /// URL for redis and postgres.
+    #[serde(default)]
+    pub url: Option<Spanned<String>>,
+    /// Key prefix (redis) or table name prefix (postgres), so several
+    /// gateways or tenants can share one server.
+    #[serde(default = "defaults::store_prefix")]
+    pub prefix: String,
+    /// How long to wait for the store to answer one operation.
+    #[serde(default = "defaults::store_timeout")]
+    pub timeout: ConfigDuration,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig {
+            kind: Spanned::new(0..0, StoreKind::Memory),
+            path: None,
+            url: None,
+            prefix: defaults::store_prefix(),
+            timeout: defaults::store_timeout(),
+        }
+    }
+}
+
+#[allow(
+    dead_code,
+    reason = "read by the idempotency engine and drain, wired in phase 2"
+)]
+impl StoreConfig {
+    /// The embedded store's directory (`keel-data` by default).
+    pub fn embedded_path(&self) -> PathBuf {
+        PathBuf::from(self.path.as_deref().unwrap_or("keel-data"))
+    }
+}
+
+/// How an upstream spreads requests over its endpoints.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum LoadBalancing {
+    /// Power of two choices, least outstanding requests.
+    #[default]
+    LeastOutstanding,
+    /// Each endpoint in turn.
+    RoundRobin,
+}
+
+/// `[upstreams.NAME]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamConfig {
+    /// `http://host:port` URLs.
+    pub endpoints: Spanned<Vec<Spanned<String>>>,
+    /// Load-balancing policy.
+    #[serde(default)]
+    pub load_balancing: LoadBalancing,
+    /// TCP connect timeout.
+    #[serde(default = "defaults::connect_timeout")]
+    pub connect_timeout: ConfigDuration,
+    /// Time from sending the request to receiving the whole response head.
+    #[serde(default = "defaults::request_timeout")]
+    pub request_timeout: ConfigDuration,
+    /// How long a pooled idle upstream connection is kept.
+    #[serde(default = "defaults::upstream_idle_timeout")]
+    pub idle_timeout: ConfigDuration,
+    /// Idle connections kept per endpoint.
+    #[serde(default = "defaults::max_idle_per_endpoint")]
+    pub max_idle_per_endpoint: usize,
+}
+
+/// `[[routes]]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteConfig {
+    /// Name used in metrics and logs; defaults to the path prefix.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// Path prefix; the longest matching prefix wins.
+    pub path_prefix: Spanned<String>,
+    /// Only requests for this host (port ignored, case-insensitive).
+    #[serde(default)]
+    pub host: Option<String>,
+    /// Only these methods; all when absent.
+    #[serde(default)]
+    pub methods: Option<Vec<Spanned<String>>>,
+    /// Name of an `[upstreams.NAME]` table.
+    pub upstream: Spanned<String>,
+    /// Overrides `server.max_body_size` for this route.
+    #[serde(default)]
+    pub max_body_size: Option<ConfigSize>,
+    /// `[routes.idempotency]`.
+    #[serde(default)]
+    pub idempotency: Option<IdempotencyConfig>,
+}
+
+/// `[routes.idempotency]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[allow(
+    dead_code,
+    reason = "read by the idempotency engine and drain, wired in phase 2"
+)]
+pub struct IdempotencyConfig {
+    /// Turns the engine on for this route.
+    #[serde(default)]
+    pub enabled: bool,
+    /// A matching request without a key gets 400.
+    #[serde(default)]
+    pub required: bool,
+    /// Methods that take keys.
+    #[serde(default = "defaults::idempotency_methods")]
+    pub methods: Vec<Spanned<String>>,
+    /// How long a completed record is kept.
+    #[serde(default = "defaults::ttl")]
+    pub ttl: ConfigDuration,
+    /// Header whose (hashed) value scopes the key.
+    #[serde(default = "defaults::tenant_header")]
+    pub tenant_header: Spanned<String>,
+}
+
+/// `[drain]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[allow(
+    dead_code,
+    reason = "read by the idempotency engine and drain, wired in phase 2"
+)]
+pub struct DrainConfig {
+    /// Readiness fails, traffic still served, for this long.
+    #[serde(default = "defaults::shutdown_delay")]
+    pub shutdown_delay: ConfigDuration,
+    /// Tunnels closed per batch.
+    #[serde(default = "defaults::batch_size")]
+    pub batch_size: u64,
+    /// Time between batches.
+    #[serde(default = "defaults::batch_interval")]
+    pub batch_interval: ConfigDuration,
+    /// Everything still open is closed at this point.
+    #[serde(default = "defaults::deadline")]
+    pub deadline: ConfigDuration,
+}
+
+impl Default for DrainConfig {
+    fn default() -> Self {
+        DrainConfig {
+            shutdown_delay: defaults::shutdown_delay(),
+            batch_size: defaults::batch_size(),
+            batch_interval: defaults::batch_interval(),
+            deadline: defaults::deadline(),
+        }
+    }
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// `[log]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    /// A `tracing` filter such as `"info"` or `"keel=debug"`; `RUST_LOG` wins.
+    #[serde(default = "defaults::log_level")]
+    pub level: String,
+    /// `text` or `json`.
+    #[serde(default)]
+    pub format: LogFormat,
+    /// One info line per request.
+    #[serde(default = "defaults::yes")]
+    pub access_log: bool,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            level: defaults::log_level(),
+            format: LogFormat::Text,
+            access_log: true,
+        }
+    }
+}
+
+/// Default values, one function each because serde wants functions.
+mod defaults {
+    use super::*;
+
+    pub fn server_idle_timeout() -> ConfigDuration {
+        ConfigDuration(Duration::from_secs(60))
+    }
+    pub fn max_header_size() -> ConfigSize {
+        ConfigSize(16 * 1024)
+    }
+    pub fn max_body_size() -> ConfigSize {
+        ConfigSize(10 * 1024 * 1024)
+    }
+    pub fn store_prefix() -> String {
+        "keel".to_owned()
+    }
+    pub fn store_timeout() -> ConfigDuration {
+        ConfigDuration(Duration::from_secs(2))
+    }
+    pub fn connect_timeout() -> ConfigDuration {
+        ConfigDuration(Duration::from_secs(2))
+    }
+    pub fn request_timeout() -> ConfigDuration {
+        ConfigDuration(Duration::from_secs(30))
+    }
+    pub fn upstream_idle_timeout() -> ConfigDuration {
+        ConfigDuration(Duration::from_secs(60))
+    }
+    pub fn max_idle_per_endpoint() -> usize {
+        256
+    }
+    pub fn idempotency_methods() -> Vec<Spanned<String>> {
+        ["POST", "PATCH"]
+            .into_iter()
+            .map(|m| Spanned::new(0..0, m.to_owned()))
+            .collect()
+    }
+    pub fn ttl() -> ConfigDuration {
+        ConfigDuration(Duration::from_secs(24 * 3600))
+    }
+    pub fn tenant_header() -> Spanned<String> {
+        Spanned::new(0..0, "authorization".to_owned())
+    }
+    pub fn shutdown_delay() -> ConfigDuration {
+        ConfigDuration(Duration::from_secs(5))
+    }
+    pub fn batch_size() -> u64 {
+        10_000
+    }
+    pub fn batch_interval() -> ConfigDuration {
+        ConfigDuration(Duration::from_secs(2))
+    }
+    pub fn deadline() -> ConfigDuration {
+        ConfigDuration(Duration::from_secs(30))
+    }
+    pub fn log_level() -> String {
+        "info".to_owned()
+    }
+    pub fn yes() -> bool {
+        true
+    }
+}
+
+/// A config error with its place in the file.
+#[derive(Debug, thiserror::Error)]
+pub struct ConfigError {
+    /// The config file.
+    pub file: PathBuf,
+    /// 1-based line.
+    pub line: usize,
+    /// 1-based column (in characters).
+    pub col: usize,
+    /// What is wrong and, where possible, what to do.
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}:{}:{}: {}",
+            self.file.display(),
+            self.line,
+            self.col,
+            self.message
+        )
+    }
+}
+
+/// Turns a byte offset into a 1-based line and column.
+fn line_col(source: &str, offset: usize) -> (usize, usize) {
+    let offset = offset.min(source.len());
+    let before = source.get(..offset).unwrap_or(source);
+    let line = before.matches('\n').count() + 1;
+    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+    let col = before[line_start..].chars().count() + 1;
+    (line, col)
+}
+
+/// Collects semantic errors with their spans.
+struct Checker<'a> {
+    file: &'a Path,
+    source: &'a str,
+    errors: Vec<ConfigError>,
+}
+
+impl Checker<'_> {
+    fn error(&mut self, span: Range<usize>, message: impl Into<String>) {
+        let (line, col) = line_col(self.source, span.start);
+        self.errors.push(ConfigError {
+            file: self.file.to_owned(),
+            line,
+            col,
+            message: message.into(),
+        });
+    }
+}
+
+/// Reads, parses and validates a config file.
+pub fn load(file: &Path) -> Result<Config, Vec<ConfigError>> {
+    let source = std::fs::read_to_string(file).map_err(|e| {
+        vec![ConfigError {
+            file: file.to_owned(),
+            line: 1,
+            col: 1,
+            message: format!("cannot read the config file: {e}"),
+        }]
+    })?;
+    parse(file, &source)
+}
+
+/// Parses and validates config text; `file` is only used in messages.
+pub fn parse(file: &Path, source: &str) -> Result<Config, Vec<ConfigError>> {
+    let config: Config = toml::from_str(source).map_err(|e| {
+        let (line, col) = e.span().map_or((1, 1), |span| line_col(source, span.start));
+        vec![ConfigError {
+            file: file.to_owned(),
+            line,
+            col,
+            message: e.message().trim().to_owned(),
+        }]
+    })?;
+    let mut checker = Checker {
+        file,
+        source,
+        errors: Vec::new(),
+    };
+    validate(&config, &mut checker);
+    if checker.errors.is_empty() {
+        Ok(config)
+    } else {
+        Err(checker.errors)
+    }
+}
+
+fn check_addr(c: &mut Checker<'_>, key: &str, value: &Spanned<String>) {
+    if value.get_ref().parse::<SocketAddr>().is_err() {
+        c.error(
+            value.span(),
+            format!(
+                "{key} = {:?} is not an address; write IP:PORT such as \"127.0.0.1:8080\"",
+                value.get_ref()
+            ),
+        );
+    }
+}
+
+fn check_method(c: &mut Checker<'_>, method: &Spanned<String>) {
+    let text = method.get_ref();
+    let valid = !text.is_empty()
+        && text.bytes().all(|b| b.is_ascii_uppercase())
+        && http::Method::from_bytes(text.as_bytes()).is_ok();
+    if !valid {
+        c.error(
+            method.span(),
+            format!("{text:?} is not an HTTP method; write it in capitals, such as \"POST\""),
+        );
+    }
+}
+
+/// Checks an upstream endpoint URL; returns its scheme-less authority on success.
+pub fn endpoint_authority(url: &str) -> Result<http::uri::Authority, String> {
+    let uri: http::Uri = url
+        .parse()
+        .map_err(|e| format!("{url:?} is not a URL ({e}); write \"http://host:port\""))?;
+    match uri.scheme_str() {
+        Some("http") => {}
+        Some("https") => {
+            return Err(format!(
+                "{url:?}: https upstreams are not supported yet; use http://"
+            ));
+        }
+        _ => return Err(format!("{url:?}: write the URL as \"http://host:port\"")),
+    }
+    if !matches!(uri.path(), "" | "/") || uri.query().is_some() {
+        return Err(format!(
+            "{url:?}: an endpoint is scheme, host and port only; the request path is kept as sent"
+        ));
+    }
+    uri.authority()
+        .cloned()
+        .ok_or_else(|| format!("{url:?}: missing host"))
+}
+
+fn validate(config: &Config, c: &mut Checker<'_>) {
+    check_addr(c, "listen", &config.server.listen);
+    if let Some(admin) = &config.server.admin_listen {
+        check_addr(c, "admin_listen", admin);
+    }
+    if config.server.max_header_size.0 < 1024 {
+        c.error(0..0, "server.max_header_size must be at least 1KiB");
+    }
+
+    let store = &config.store;
+    match store.kind.get_ref() {
+        StoreKind::Memory | StoreKind::Embedded => {
+            if let Some(url) = &store.url {
+                c.error(
+                    url.span(),
+                    "store.url is only used by kind = \"redis\" or \"postgres\"; remove it",
+                );
+            }
+        }
+        kind @ (StoreKind::Redis | StoreKind::Postgres) => {
+            let schemes: &[&str] = if *kind == StoreKind::Redis {
+                &["redis://", "rediss://"]
+            } else {
+                &["postgres://", "postgresql://"]
+            };
+            match &store.url {
+                None => c.error(
+                    store.kind.span(),
+                    format!("this store kind needs url = \"{}...\"", schemes[0]),
+                ),
+                Some(url) if !schemes.iter().any(|s| url.get_ref().starts_with(s)) => c.error(
+                    url.span(),
+                    format!("store.url must start with {}", schemes.join(" or ")),
+                ),
+                Some(_) => {}
+            }
+        }
+    }
+
+    for (name, upstream) in &config.upstreams {
+        if upstream.endpoints.get_ref().is_empty() {
+            c.error(
+                upstream.endpoints.span(),
+                format!(
+                    "upstream {name:?} has no endpoints; list at least one \"http://host:port\""
+                ),
+            );
+        }
+        for endpoint in upstream.endpoints.get_ref() {
+            if let Err(message) = endpoint_authority(endpoint.get_ref()) {
+                c.error(endpoint.span(), message);
+            }
+        }
+        if upstream.connect_timeout.0.is_zero() || upstream.request_timeout.0.is_zero() {
+            c.error(
+                upstream.endpoints.span(),
+                format!("upstream {name:?}: timeouts must be above zero"),
+            );
+        }
+    }
+
+    if config.routes.is_empty() {
+        c.error(0..0, "no [[routes]]: add at least one route");
+    }
+    let mut seen: Vec<(&str, Option<String>)> = Vec::new();
+    for route in &config.routes {
+        let prefix = route.path_prefix.get_ref();
+        if !prefix.starts_with('/') {
+            c.error(
+                route.path_prefix.span(),
+                format!("path_prefix {prefix:?} must start with \"/\""),
+            );
+        }
+        let host = route.host.as_ref().map(|h| h.to_ascii_lowercase());
+        if route.methods.is_none() && seen.iter().any(|(p, h)| *p == prefix && *h == host) {
+            c.error(
+                route.path_prefix.span(),
+                format!("another route already has path_prefix {prefix:?} for the same host"),
+            );
+        }
+        seen.push((prefix, host));
+        if !config.upstreams.contains_key(route.upstream.get_ref()) {
+            let known: Vec<&str> = config.upstreams.keys().map(String::as_str).collect();
+            c.error(
+                route.upstream.span(),
+                format!(
+                    "unknown upstream {:?}; defined upstreams: [{}]",
+                    route.upstream.get_ref(),
+                    known.join(", ")
+                ),
+            );
+        }
+        for method in route.methods.iter().flatten() {
+            check_method(c, method);
+        }
+        if let Some(idem) = &route.idempotency {
+            for method in &idem.methods {
+                check_method(c, method);
+            }
+            if idem.ttl.0.is_zero() {
+                c.error(0..0, "routes.idempotency.ttl must be above zero");
+            }
+            if http::HeaderName::from_bytes(idem.tenant_header.get_ref().as_bytes()).is_err() {
+                c.error(
+                    idem.tenant_header.span(),
+                    format!(
+                        "tenant_header {:?} is not a valid header name",
+                        idem.tenant_header.get_ref()
+                    ),
+                );
+            }
+        }
+    }
+
+    if config.drain.batch_size == 0 {
+        c.error(0..0, "drain.batch_size must be at least 1");
+    }
+}
+
+impl Config {
+    /// The data-plane address (validated).
+    pub fn listen_addr(&self) -> SocketAddr {
+        self.server
+            .listen
+            .get_ref()
+            .parse()
+            .unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 8080)))
+    }
+
+    /// The admin address (validated), if any.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.server
+            .admin_listen
+            .as_ref()
+            .and_then(|a| a.get_ref().parse().ok())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+[server]
+listen = "127.0.0.1:8080"
+admin_listen = "127.0.0.1:9901"
+
+[store]
+kind = "embedded"
+path = "keel-data"
+
+[upstreams.app]
+endpoints = ["http://127.0.0.1:3000"]
+
+[[routes]]
+path_prefix = "/"
+upstream = "app"
+
+[routes.idempotency]
+enabled = true
+required = false
+methods = ["POST", "PATCH"]
+ttl = "24h"
+tenant_header = "authorization"
+
+[drain]
+shutdown_delay = "5s"
+batch_size = 10000
+batch_interval = "2s"
+deadline = "30s"
+"#;
+
+    fn errors(text: &str) -> Vec<String> {
+        match parse(Path::new("k.toml"), text) {
+            Ok(_) => Vec::new(),
+            Err(errors) => errors.iter().map(ToString::to_string).collect(),
+        }
+    }
+
+    #[test]
+    fn contract_example_parses() {
+        let config = parse(Path::new("k.toml"), GOOD).expect("valid");
+        assert_eq!(*config.store.kind.get_ref(), StoreKind::Embedded);
+        let idem = config.routes[0].idempotency.as_ref().expect("idempotency");
+        assert!(idem.enabled);
+        assert_eq!(idem.ttl.0, Duration::from_secs(86_400));
+        assert_eq!(config.drain.batch_interval.0, Duration::from_secs(2));
+        assert_eq!(
+            config.upstreams["app"].load_balancing,
+            LoadBalancing::LeastOutstanding
+        );
+    }
+
+    #[test]
+    fn unknown_key_points_at_the_key() {
+        let text = GOOD.replace("admin_listen", "admin_lsten");
+        let errs = errors(&text);
+        assert_eq!(errs.len(), 1, "{errs:?}");
+        assert!(
+            errs[0].starts_with("k.toml:4:1: unknown field `admin_lsten`"),
+            "{errs:?}"
+        );
+    }
+
+    #[test]
+    fn unknown_upstream_points_at_the_value() {
+        let text = GOOD.replace("upstream = \"app\"", "upstream = \"nope\"");
+        let errs = errors(&text);
+        assert_eq!(errs.len(), 1, "{errs:?}");
+        assert!(
+            errs[0].starts_with("k.toml:15:12: unknown upstream \"nope\""),
+            "{errs:?}"
+        );
+    }
+
+    #[test]
+    fn bad_duration_and_size() {
+        let text = GOOD.replace("ttl = \"24h\"", "ttl = \"24 hours\"");
+        let errs = errors(&text);
+        assert!(errs[0].starts_with("k.toml:21:7:"), "{errs:?}");
+        assert!(errs[0].contains("unknown unit"), "{errs:?}");
+        let text = GOOD.replace(
+            "admin_listen = \"127.0.0.1:9901\"",
+            "max_body_size = \"ten\"",
+        );
+        let errs = errors(&text);
+        assert!(errs[0].starts_with("k.toml:4:17:"), "{errs:?}");
+    }
+
+    #[test]
+    fn semantic_checks() {
+        let text = GOOD.replace("http://127.0.0.1:3000", "https://x:1");
+        assert!(errors(&text)[0].contains("https upstreams are not supported"));
+        let text = GOOD.replace("path_prefix = \"/\"", "path_prefix = \"api\"");
+        assert!(errors(&text)[0].contains("must start with"));
+        let text = GOOD.replace("kind = \"embedded\"", "kind = \"redis\"");
+        assert!(errors(&text)[0].contains("needs url"));
+        let text = GOOD.replace("\"POST\", \"PATCH\"", "\"post\"");
+        assert!(errors(&text)[0].contains("not an HTTP method"));
+        let text = GOOD.replace("127.0.0.1:8080", "localhost");
+        assert!(errors(&text)[0].starts_with("k.toml:3:10: listen = \"localhost\""));
+        let text = GOOD.replace("kind = \"embedded\"", "kind = \"sqlite\"");
+        assert!(
+            errors(&text)[0].starts_with("k.toml:7:8:"),
+            "{:?}",
+            errors(&text)
+        );
+        assert!(errors("[server\n").len() == 1);
+    }
+
+    #[test]
+    fn line_col_counts_characters() {
+        assert_eq!(line_col("ab\ncdé f", 8), (2, 5));
+        assert_eq!(line_col("", 10), (1, 1));
+    }
+}

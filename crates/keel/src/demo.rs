@@ -1,0 +1,269 @@
+//! `keel demo`: the gateway in front of a built-in sample API, with
+//! ready-to-paste curl commands.
+//!
+//! The demo is a config like any other (see [`demo_config`]), so adding the
+//! embedded store and idempotent routes is a change to that text and to the
+//! printed walkthrough, nothing else.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode, header};
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+
+use crate::body::ProxyBody;
+use crate::config;
+
+/// The sample API's state.
+#[derive(Default)]
+struct SampleApi {
+    executions: AtomicU64,
+    flaky: AtomicU64,
+    orders: Mutex<HashMap<u64, String>>,
+}
+
+fn json(status: StatusCode, body: String) -> Response<ProxyBody> {
+    let mut response = Response::new(ProxyBody::full(Bytes::from(body)));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("application/json"),
+    );
+    response
+}
+
+async fn read_body(body: Incoming) -> Bytes {
+    use http_body::Body;
+    let mut body = body;
+    let mut out = Vec::new();
+    while let Some(Ok(frame)) =
+        std::future::poll_fn(|cx| std::pin::Pin::new(&mut body).poll_frame(cx)).await
+    {
+        if let Some(data) = frame.data_ref() {
+            out.extend_from_slice(data);
+            if out.len() > 1 << 20 {
+                break;
+            }
+        }
+    }
+    Bytes::from(out)
+}
+
+impl SampleApi {
+    async fn handle(self: Arc<Self>, mut request: Request<Incoming>) -> Response<ProxyBody> {
+        let path = request.uri().path().to_owned();
+        match (request.method().clone(), path.as_str()) {
+            (Method::GET, "/ws") => {
+                let Some(key) = request.headers().get("sec-websocket-key").cloned() else {
+                    return json(
+                        StatusCode::BAD_REQUEST,
+                        r#"{"error":"not a WebSocket handshake"}"#.into(),
+                    );
+                };
+                let on_upgrade = hyper::upgrade::on(&mut request);
+                tokio::spawn(async move {
+                    if let Ok(upgraded) = on_upgrade.await {
+                        let _ = crate::demo_ws::echo(upgraded).await;
+                    }
+                });
+                let mut response = Response::new(ProxyBody::Empty);
+                *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+                let headers = response.headers_mut();
+                headers.insert(
+                    header::CONNECTION,
+                    header::HeaderValue::from_static("upgrade"),
+                );
+                headers.insert(
+                    header::UPGRADE,
+                    header::HeaderValue::from_static("websocket"),
+                );
+                if let Ok(accept) =
+                    header::HeaderValue::from_str(&crate::demo_ws::accept_key(key.as_bytes()))
+                {
+                    headers.insert("sec-websocket-accept", accept);
+                }
+                response
+            }
+            (Method::POST, "/orders") => {
+                let body = read_body(request.into_body()).await;
+                let execution = self.executions.fetch_add(1, Ordering::SeqCst) + 1;
+                let id = execution;
+                let order = format!(
+                    r#"{{"id":{id},"executions":{execution},"request":{}}}"#,
+                    serde_json::Value::from(String::from_utf8_lossy(&body).into_owned())
+                );
+                self.orders
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .insert(id, order.clone());
+                json(StatusCode::CREATED, order)
+            }
+            (Method::GET, p) if p.starts_with("/orders/") => {
+                let order = p["/orders/".len()..].parse::<u64>().ok().and_then(|id| {
+                    self.orders
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .get(&id)
+                        .cloned()
+                });
+                match order {
+                    Some(order) => json(StatusCode::OK, order),
+                    None => json(StatusCode::NOT_FOUND, r#"{"error":"no such order"}"#.into()),
+                }
+            }
+            (Method::GET, "/slow") => {
+                let ms = request
+                    .uri()
+                    .query()
+                    .and_then(|q| q.strip_prefix("ms="))
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(3000u64)
+                    .min(60_000);
+                tokio::time::sleep(Duration::from_millis(ms)).await;
+                json(StatusCode::OK, format!(r#"{{"slept_ms":{ms}}}"#))
+            }
+            (Method::GET, "/flaky") => {
+                let n = self.flaky.fetch_add(1, Ordering::Relaxed);
+                if n.is_multiple_of(2) {
+                    json(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        r#"{"error":"flaky: try again"}"#.into(),
+                    )
+                } else {
+                    json(StatusCode::OK, r#"{"ok":true}"#.into())
+                }
+            }
+            (Method::GET, "/executions") => json(
+                StatusCode::OK,
+                format!(
+                    r#"{{"executions":{}}}"#,
+                    self.executions.load(Ordering::SeqCst)
+                ),
+            ),
+            _ => json(StatusCode::NOT_FOUND, r#"{"error":"not found"}"#.into()),
+        }
+    }
+}
+
+/// Starts the sample API on an ephemeral port.
+async fn start_sample_api() -> std::io::Result<SocketAddr> {
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let api = Arc::new(SampleApi::default());
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let api = api.clone();
+            tokio::spawn(async move {
+                let service = service_fn(move |request| {
+                    let api = api.clone();
+                    async move { Ok::<_, Infallible>(api.handle(request).await) }
+                });
+                let _ = http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service)
+                    .with_upgrades()
+                    .await;
+            });
+        }
+    });
+    Ok(addr)
+}
+
+/// The demo's config text.
+pub fn demo_config(listen: &str, admin: &str, api: SocketAddr) -> String {
+    format!(
+        r#"
+[server]
+listen = "{listen}"
+admin_listen = "{admin}"
+
+[upstreams.sample]
+endpoints = ["http://{api}"]
+request_timeout = "2s"
+
+[[routes]]
+name = "orders"
+path_prefix = "/orders"
+upstream = "sample"
+
+[[routes]]
+path_prefix = "/"
+upstream = "sample"
+"#
+    )
+}
+
+/// Runs the demo until interrupted.
+pub async fn run(listen: String, admin: String) -> Result<(), Box<dyn std::error::Error>> {
+    let api = start_sample_api().await?;
+    let text = demo_config(&listen, &admin, api);
+    let config = config::parse(Path::new("<demo>"), &text).map_err(|errors| {
+        errors
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join("\n")
+    })?;
+    crate::telemetry::init(&config.log);
+    let running = crate::serve::start(&config).await?;
+    let gw = running.listen;
+    let admin = running
+        .admin
+        .map_or_else(|| "-".to_owned(), |a| a.to_string());
+    println!(
+        r#"
+keel demo: the gateway on http://{gw} in front of a sample API on http://{api}
+Try:
+
+  # create an order (the sample API counts executions)
+  curl -si -X POST http://{gw}/orders -H 'content-type: application/json' -d '{{"sku":"42"}}'
+
+  # read it back
+  curl -si http://{gw}/orders/1
+
+  # a slow endpoint: the upstream takes 3s, the route's request_timeout is 2s -> 504 problem+json
+  curl -si http://{gw}/slow
+
+  # a flaky endpoint: every other call fails with 503 from the upstream
+  curl -si http://{gw}/flaky
+
+  # WebSocket echo through the gateway's tunnel (the 101 handshake with curl;
+  # with websocat installed: websocat ws://{gw}/ws)
+  curl -si --max-time 2 http://{gw}/ws -H 'Connection: Upgrade' -H 'Upgrade: websocket' \
+       -H 'Sec-WebSocket-Version: 13' -H 'Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ=='
+
+  # the gateway's own view
+  curl -s http://{admin}/status
+  curl -s http://{admin}/metrics | grep keel_requests
+  keel status --admin {admin}
+
+Press Ctrl-C to stop.
+"#
+    );
+    running.wait_and_drain().await?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn demo_config_is_valid() {
+        let text = demo_config(
+            "127.0.0.1:0",
+            "127.0.0.1:0",
+            "127.0.0.1:3000".parse().expect("addr"),
+        );
+        config::parse(Path::new("demo"), &text).expect("valid");
+    }
+}

@@ -1,0 +1,223 @@
+//! Proxy header semantics: hop-by-hop removal (RFC 9110 section 7.6.1),
+//! `X-Forwarded-*`, `Via`, and request ids.
+
+use std::cell::Cell;
+use std::net::IpAddr;
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+
+/// `x-request-id`.
+pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+
+/// Headers that describe one hop and never cross the proxy.
+const HOP_BY_HOP: [HeaderName; 9] = [
+    header::CONNECTION,
+    KEEP_ALIVE,
+    PROXY_CONNECTION,
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+];
+
+/// Removes hop-by-hop headers, including every name listed in `Connection`.
+/// With `keep_upgrade`, `Connection: upgrade` and `Upgrade` are put back so a
+/// protocol switch can pass end to end.
+pub fn remove_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+    // Names listed in Connection are only known at run time; collect them
+    // first (rare, so the Vec is usually never allocated).
+    let mut listed: Vec<HeaderName> = Vec::new();
+    for value in headers.get_all(header::CONNECTION) {
+        if let Ok(text) = value.to_str() {
+            for token in text.split(',') {
+                let token = token.trim();
+                if token.is_empty()
+                    || token.eq_ignore_ascii_case("close")
+                    || token.eq_ignore_ascii_case("keep-alive")
+                    || token.eq_ignore_ascii_case("upgrade")
+                {
+                    continue;
+                }
+                if let Ok(name) = HeaderName::from_bytes(token.as_bytes()) {
+                    listed.push(name);
+                }
+            }
+        }
+    }
+    for name in listed {
+        headers.remove(name);
+    }
+    let upgrade = if keep_upgrade {
+        headers.remove(header::UPGRADE)
+    } else {
+        None
+    };
+    for name in HOP_BY_HOP {
+        headers.remove(name);
+    }
+    if let Some(protocol) = upgrade {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        headers.insert(header::UPGRADE, protocol);
+    }
+}
+
+/// True when the request asks to switch protocols (`Connection: upgrade` + `Upgrade`).
+pub fn wants_upgrade(headers: &HeaderMap) -> bool {
+    headers.contains_key(header::UPGRADE)
+        && headers.get_all(header::CONNECTION).iter().any(|v| {
+            v.to_str().is_ok_and(|s| {
+                s.split(',')
+                    .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+            })
+        })
+}
+
+/// Appends `value` to a comma-separated header, creating it when absent.
+fn append_list(headers: &mut HeaderMap, name: HeaderName, value: &str) {
+    let joined = match headers.get(&name).and_then(|v| v.to_str().ok()) {
+        Some(existing) if !existing.is_empty() => format!("{existing}, {value}"),
+        _ => value.to_owned(),
+    };
+    if let Ok(v) = HeaderValue::from_str(&joined) {
+        headers.insert(name, v);
+    }
+}
+
+/// Appends this hop to `X-Forwarded-For`, `-Proto` and `-Host`.
+pub fn append_forwarded(headers: &mut HeaderMap, client: IpAddr, proto: &str, host: Option<&str>) {
+    append_list(headers, X_FORWARDED_FOR, &client.to_string());
+    append_list(headers, X_FORWARDED_PROTO, proto);
+    if let Some(host) = host {
+        append_list(headers, X_FORWARDED_HOST, host);
+    }
+}
+
+/// Appends this hop to `Via`.
+pub fn append_via(headers: &mut HeaderMap, version: http::Version) {
+    let protocol = match version {
+        http::Version::HTTP_2 => "2 keel",
+        http::Version::HTTP_10 => "1.0 keel",
+        _ => "1.1 keel",
+    };
+    append_list(headers, header::VIA, protocol);
+}
+
+/// Size of a request head as it was on the wire, near enough to enforce a limit.
+pub fn head_size(uri: &http::Uri, headers: &HeaderMap) -> usize {
+    let mut size = uri.path_and_query().map_or(1, |p| p.as_str().len()) + 16;
+    for (name, value) in headers {
+        size += name.as_str().len() + value.len() + 4;
+    }
+    size
+}
+
+thread_local! {
+    // A per-thread generator: request ids need uniqueness, not secrecy, and
+    // a thread-local state keeps id generation off any shared cache line.
+    static ID_STATE: Cell<u64> = Cell::new(seed());
+}
+
+fn seed() -> u64 {
+    let time = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    let local = 0u8;
+    let addr = std::ptr::addr_of!(local) as u64;
+    splitmix(time ^ addr.rotate_left(32) ^ u64::from(std::process::id()))
+}
+
+fn splitmix(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// Next pseudo-random number from this thread's generator.
+pub fn next_random() -> u64 {
+    ID_STATE.with(|state| {
+        let next = state.get().wrapping_add(0x9E37_79B9_7F4A_7C15);
+        state.set(next);
+        splitmix(next)
+    })
+}
+
+/// A new request id: 32 lowercase hex digits.
+pub fn new_request_id() -> HeaderValue {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut out = [0u8; 32];
+    let (a, b) = (next_random(), next_random());
+    for (i, byte) in out.iter_mut().enumerate() {
+        let word = if i < 16 { a } else { b };
+        let shift = (i % 16) * 4;
+        *byte = HEX[((word >> shift) & 0xf) as usize];
+    }
+    HeaderValue::from_bytes(&out).unwrap_or_else(|_| HeaderValue::from_static("0"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_and_connection_listed_names_go() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, x-secret"),
+        );
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert(header::TE, HeaderValue::from_static("trailers"));
+        h.insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
+        h.insert("x-kept", HeaderValue::from_static("yes"));
+        remove_hop_by_hop(&mut h, false);
+        assert_eq!(h.len(), 1, "{h:?}");
+        assert_eq!(h["x-kept"], "yes");
+    }
+
+    #[test]
+    fn upgrade_survives_when_asked() {
+        let mut h = HeaderMap::new();
+        h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+        h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        assert!(wants_upgrade(&h));
+        remove_hop_by_hop(&mut h, true);
+        assert_eq!(h[header::UPGRADE], "websocket");
+        assert_eq!(h[header::CONNECTION], "upgrade");
+    }
+
+    #[test]
+    fn forwarded_headers_append() {
+        let mut h = HeaderMap::new();
+        h.insert(X_FORWARDED_FOR, HeaderValue::from_static("10.0.0.1"));
+        append_forwarded(
+            &mut h,
+            "127.0.0.1".parse().expect("ip"),
+            "http",
+            Some("a.test"),
+        );
+        assert_eq!(h[X_FORWARDED_FOR], "10.0.0.1, 127.0.0.1");
+        assert_eq!(h[X_FORWARDED_PROTO], "http");
+        assert_eq!(h[X_FORWARDED_HOST], "a.test");
+    }
+
+    #[test]
+    fn request_ids_are_distinct_hex() {
+        let a = new_request_id();
+        let b = new_request_id();
+        assert_ne!(a, b);
+        assert_eq!(a.len(), 32);
+        assert!(a.as_bytes().iter().all(u8::is_ascii_hexdigit));
+    }
+}

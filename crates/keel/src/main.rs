@@ -1,0 +1,148 @@
+//! `keel`: a reverse proxy that puts Keel's guarantees (idempotency keys,
+//! circuit breaking, draining) in front of any HTTP service.
+//!
+//! The binary is thin composition: `config` reads and checks the file,
+//! `proxy` holds the life of a request, `listener` and `admin` are the
+//! servers, `serve` wires them together.
+
+mod admin;
+mod body;
+mod config;
+mod demo;
+mod demo_ws;
+mod headers;
+mod listener;
+mod metrics;
+mod problem;
+mod proxy;
+mod readiness;
+mod route;
+mod serve;
+mod telemetry;
+mod tunnel;
+mod units;
+mod upstream;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// The keel gateway.
+#[derive(Debug, Parser)]
+#[command(
+    name = "keel",
+    version,
+    about = "A reverse proxy that gives idempotency keys to any HTTP service"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the gateway until SIGTERM or SIGINT, then drain and exit.
+    Serve {
+        /// Config file (TOML).
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Validate a config file without starting anything.
+    Check {
+        /// Config file (TOML).
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Print the gateway's status from its admin API.
+    Status {
+        /// Admin address, such as 127.0.0.1:9901.
+        #[arg(long)]
+        admin: String,
+    },
+    /// Start the gateway in front of a built-in sample API and print what to try.
+    Demo {
+        /// Data-plane address.
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        listen: String,
+        /// Admin address.
+        #[arg(long, default_value = "127.0.0.1:9901")]
+        admin: String,
+    },
+}
+
+const EXIT_RUNTIME: u8 = 1;
+const EXIT_CONFIG: u8 = 2;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Check { config } => match config::load(&config) {
+            Ok(_) => {
+                println!("{}: ok", config.display());
+                ExitCode::SUCCESS
+            }
+            Err(errors) => report_config_errors(&errors),
+        },
+        Command::Serve { config } => {
+            let config = match config::load(&config) {
+                Ok(config) => config,
+                Err(errors) => return report_config_errors(&errors),
+            };
+            telemetry::init(&config.log);
+            run_async(config.server.workers, async move {
+                serve::start(&config).await?.wait_and_drain().await?;
+                Ok(())
+            })
+        }
+        Command::Status { admin } => run_async(1, async move {
+            match admin::fetch_status(&admin).await {
+                Ok(status) => {
+                    print!("{}", admin::render_status(&status));
+                    Ok(())
+                }
+                Err(error) => Err(error.into()),
+            }
+        }),
+        Command::Demo { listen, admin } => run_async(0, demo::run(listen, admin)),
+    }
+}
+
+fn report_config_errors(errors: &[config::ConfigError]) -> ExitCode {
+    for error in errors {
+        eprintln!("{error}");
+    }
+    ExitCode::from(EXIT_CONFIG)
+}
+
+/// Runs `body` on a tokio runtime; errors print and exit 1.
+fn run_async<F>(workers: usize, body: F) -> ExitCode
+where
+    F: Future<Output = Result<(), Box<dyn std::error::Error>>>,
+{
+    // One worker: a current-thread runtime, which skips the work-stealing
+    // scheduler's cross-thread bookkeeping (the same shape as one nginx worker).
+    let mut builder = if workers == 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+    };
+    builder.enable_all();
+    if workers > 1 {
+        builder.worker_threads(workers);
+    }
+    let runtime = match builder.build() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("keel: cannot start the runtime: {error}");
+            return ExitCode::from(EXIT_RUNTIME);
+        }
+    };
+    match runtime.block_on(body) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("keel: {error}");
+            ExitCode::from(EXIT_RUNTIME)
+        }
+    }
+}

@@ -1,0 +1,279 @@
+//! Prometheus metrics. Handles for every (route, method class, status class)
+//! are created at start-up, so the request path only increments atomics: no
+//! map lookup and no lock per request. The latency histogram is our own
+//! atomic one for the same reason (prometheus-client's takes a lock).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use http::{Method, StatusCode};
+use prometheus_client::encoding::{EncodeLabelSet, EncodeMetric, MetricEncoder, NoLabelSet};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::{MetricType, TypedMetric};
+use prometheus_client::registry::Registry;
+
+/// Method classes used as a label; anything else is `other`.
+const METHOD_CLASSES: [&str; 8] = [
+    "GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "other",
+];
+const STATUS_CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
+/// Upper bounds in seconds.
+const BUCKETS: [f64; 14] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+fn method_class(method: &Method) -> usize {
+    match *method {
+        Method::GET => 0,
+        Method::HEAD => 1,
+        Method::POST => 2,
+        Method::PUT => 3,
+        Method::PATCH => 4,
+        Method::DELETE => 5,
+        Method::OPTIONS => 6,
+        _ => 7,
+    }
+}
+
+fn status_class(status: StatusCode) -> usize {
+    (usize::from(status.as_u16() / 100)).clamp(1, 5) - 1
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RequestLabels {
+    route: String,
+    method: String,
+    status: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RouteLabel {
+    route: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct EndpointLabels {
+    upstream: String,
+    endpoint: String,
+}
+
+/// A lock-free histogram: one atomic per bucket.
+#[derive(Clone, Debug, Default)]
+pub struct AtomicHistogram {
+    inner: Arc<HistogramInner>,
+}
+
+#[derive(Debug, Default)]
+struct HistogramInner {
+    buckets: [AtomicU64; BUCKETS.len() + 1],
+    sum_micros: AtomicU64,
+}
+
+impl AtomicHistogram {
+    /// Records one observation.
+    pub fn observe(&self, elapsed: Duration) {
+        let secs = elapsed.as_secs_f64();
+        let index = BUCKETS
+            .iter()
+            .position(|b| secs <= *b)
+            .unwrap_or(BUCKETS.len());
+        self.inner.buckets[index].fetch_add(1, Ordering::Relaxed);
+        self.inner
+            .sum_micros
+            .fetch_add(elapsed.as_micros() as u64, Ordering::Relaxed);
+    }
+}
+
+impl TypedMetric for AtomicHistogram {
+    const TYPE: MetricType = MetricType::Histogram;
+}
+
+impl EncodeMetric for AtomicHistogram {
+    fn encode(&self, mut encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
+        let mut buckets = [(0.0, 0u64); BUCKETS.len() + 1];
+        let mut count = 0;
+        for (i, slot) in buckets.iter_mut().enumerate() {
+            let n = self.inner.buckets[i].load(Ordering::Relaxed);
+            *slot = (BUCKETS.get(i).copied().unwrap_or(f64::MAX), n);
+            count += n;
+        }
+        let sum = self.inner.sum_micros.load(Ordering::Relaxed) as f64 / 1e6;
+        encoder.encode_histogram::<NoLabelSet>(sum, count, &buckets, None)
+    }
+
+    fn metric_type(&self) -> MetricType {
+        MetricType::Histogram
+    }
+}
+
+/// Pre-made handles for one route.
+#[derive(Debug)]
+pub struct RouteMetrics {
+    requests: Vec<Counter>,
+    latency: AtomicHistogram,
+}
+
+impl RouteMetrics {
+    /// Counts one finished request.
+    pub fn record(&self, method: &Method, status: StatusCode, elapsed: Duration) {
+        let index = method_class(method) * STATUS_CLASSES.len() + status_class(status);
+        if let Some(counter) = self.requests.get(index) {
+            counter.inc();
+        }
+        self.latency.observe(elapsed);
+    }
+}
+
+/// Gauges and counters for one upstream endpoint.
+#[derive(Debug, Clone, Default)]
+pub struct EndpointMetrics {
+    /// Open upstream connections (idle or busy).
+    pub open_connections: Gauge,
+    /// Connections opened since start.
+    pub connects: Counter,
+    /// Requests sent and not yet answered.
+    pub in_flight: Gauge,
+}
+
+/// The registry and families.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    requests: Family<RequestLabels, Counter>,
+    latency: Family<RouteLabel, AtomicHistogram>,
+    open_connections: Family<EndpointLabels, Gauge>,
+    connects: Family<EndpointLabels, Counter>,
+    in_flight: Family<EndpointLabels, Gauge>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// An empty registry with the gateway's families.
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("keel");
+        let requests = Family::<RequestLabels, Counter>::default();
+        let latency = Family::<RouteLabel, AtomicHistogram>::default();
+        let open_connections = Family::<EndpointLabels, Gauge>::default();
+        let connects = Family::<EndpointLabels, Counter>::default();
+        let in_flight = Family::<EndpointLabels, Gauge>::default();
+        registry.register(
+            "requests",
+            "Requests answered, by route, method class and status class",
+            requests.clone(),
+        );
+        registry.register(
+            "request_duration_seconds",
+            "Time from request head to response head, by route",
+            latency.clone(),
+        );
+        registry.register(
+            "upstream_open_connections",
+            "Open pooled connections to each upstream endpoint",
+            open_connections.clone(),
+        );
+        registry.register(
+            "upstream_connects",
+            "Connections opened to each upstream endpoint",
+            connects.clone(),
+        );
+        registry.register(
+            "upstream_in_flight_requests",
+            "Requests sent to each upstream endpoint and not yet answered",
+            in_flight.clone(),
+        );
+        Metrics {
+            registry,
+            requests,
+            latency,
+            open_connections,
+            connects,
+            in_flight,
+        }
+    }
+
+    /// Creates the handles for a route.
+    pub fn route(&self, route: &str) -> RouteMetrics {
+        let mut requests = Vec::with_capacity(METHOD_CLASSES.len() * STATUS_CLASSES.len());
+        for method in METHOD_CLASSES {
+            for status in STATUS_CLASSES {
+                let labels = RequestLabels {
+                    route: route.to_owned(),
+                    method: method.to_owned(),
+                    status: status.to_owned(),
+                };
+                requests.push(self.requests.get_or_create(&labels).clone());
+            }
+        }
+        let latency = self
+            .latency
+            .get_or_create(&RouteLabel {
+                route: route.to_owned(),
+            })
+            .clone();
+        RouteMetrics { requests, latency }
+    }
+
+    /// Creates the handles for an upstream endpoint.
+    pub fn endpoint(&self, upstream: &str, endpoint: &str) -> EndpointMetrics {
+        let labels = EndpointLabels {
+            upstream: upstream.to_owned(),
+            endpoint: endpoint.to_owned(),
+        };
+        EndpointMetrics {
+            open_connections: self.open_connections.get_or_create(&labels).clone(),
+            connects: self.connects.get_or_create(&labels).clone(),
+            in_flight: self.in_flight.get_or_create(&labels).clone(),
+        }
+    }
+
+    /// The Prometheus text exposition.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
+            out.clear();
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counts_by_route_method_and_status_class() {
+        let metrics = Metrics::new();
+        let route = metrics.route("api");
+        route.record(&Method::POST, StatusCode::CREATED, Duration::from_millis(3));
+        route.record(&Method::POST, StatusCode::OK, Duration::from_millis(30));
+        route.record(
+            &Method::from_bytes(b"BREW").expect("m"),
+            StatusCode::BAD_GATEWAY,
+            Duration::ZERO,
+        );
+        let text = metrics.encode();
+        assert!(
+            text.contains(r#"keel_requests_total{route="api",method="POST",status="2xx"} 2"#),
+            "{text}"
+        );
+        assert!(text.contains(r#"keel_requests_total{route="api",method="other",status="5xx"} 1"#));
+        assert!(
+            text.contains(r#"keel_request_duration_seconds_count{route="api"} 3"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"keel_request_duration_seconds_bucket{le="0.005",route="api"} 2"#)
+                || text
+                    .contains(r#"keel_request_duration_seconds_bucket{route="api",le="0.005"} 2"#),
+            "{text}"
+        );
+    }
+}

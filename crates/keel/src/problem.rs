@@ -1,0 +1,174 @@
+//! Errors made by the gateway itself, answered as `application/problem+json`
+//! (RFC 9457). Each kind has a stable `type` URI that clients may match on.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderValue, Response, StatusCode, header};
+
+use crate::body::ProxyBody;
+
+/// What went wrong, as far as the client needs to know.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[allow(
+    dead_code,
+    reason = "read by the idempotency engine and drain, wired in phase 2"
+)]
+pub enum ProblemKind {
+    /// The request is not valid HTTP the gateway can forward.
+    BadRequest,
+    /// No route matches the request.
+    NoRoute,
+    /// Request body over the limit.
+    BodyTooLarge,
+    /// Request head over the limit.
+    HeadersTooLarge,
+    /// The upstream could not be reached (the request was never sent).
+    UpstreamUnreachable,
+    /// The upstream closed the connection or answered something that is not HTTP.
+    UpstreamBadResponse,
+    /// The upstream did not answer in time.
+    UpstreamTimeout,
+    /// A dependency is unavailable; try again after `Retry-After`.
+    Unavailable,
+}
+
+impl ProblemKind {
+    /// The HTTP status for this kind.
+    pub fn status(self) -> StatusCode {
+        match self {
+            ProblemKind::BadRequest => StatusCode::BAD_REQUEST,
+            ProblemKind::NoRoute => StatusCode::NOT_FOUND,
+            ProblemKind::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            ProblemKind::HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            ProblemKind::UpstreamUnreachable | ProblemKind::UpstreamBadResponse => {
+                StatusCode::BAD_GATEWAY
+            }
+            ProblemKind::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
+            ProblemKind::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+        }
+    }
+
+    /// The stable `type` URI.
+    pub fn type_uri(self) -> &'static str {
+        match self {
+            ProblemKind::BadRequest => "urn:keel:problem:bad-request",
+            ProblemKind::NoRoute => "urn:keel:problem:no-route",
+            ProblemKind::BodyTooLarge => "urn:keel:problem:body-too-large",
+            ProblemKind::HeadersTooLarge => "urn:keel:problem:headers-too-large",
+            ProblemKind::UpstreamUnreachable => "urn:keel:problem:upstream-unreachable",
+            ProblemKind::UpstreamBadResponse => "urn:keel:problem:upstream-bad-response",
+            ProblemKind::UpstreamTimeout => "urn:keel:problem:upstream-timeout",
+            ProblemKind::Unavailable => "urn:keel:problem:unavailable",
+        }
+    }
+
+    /// A short human title.
+    pub fn title(self) -> &'static str {
+        match self {
+            ProblemKind::BadRequest => "Bad request",
+            ProblemKind::NoRoute => "No route for this request",
+            ProblemKind::BodyTooLarge => "Request body too large",
+            ProblemKind::HeadersTooLarge => "Request headers too large",
+            ProblemKind::UpstreamUnreachable => "Upstream unreachable",
+            ProblemKind::UpstreamBadResponse => "Upstream sent an invalid response",
+            ProblemKind::UpstreamTimeout => "Upstream timed out",
+            ProblemKind::Unavailable => "Service unavailable",
+        }
+    }
+}
+
+/// A gateway error: its kind, a detail line, and an optional retry hint.
+#[derive(Debug, Clone)]
+pub struct Problem {
+    /// The kind (status and type).
+    pub kind: ProblemKind,
+    /// Human-readable detail for this occurrence.
+    pub detail: String,
+    /// Sent as `Retry-After` (seconds, rounded up).
+    pub retry_after: Option<Duration>,
+}
+
+#[allow(
+    dead_code,
+    reason = "read by the idempotency engine and drain, wired in phase 2"
+)]
+impl Problem {
+    /// A problem of `kind` with `detail`.
+    pub fn new(kind: ProblemKind, detail: impl Into<String>) -> Self {
+        Problem {
+            kind,
+            detail: detail.into(),
+            retry_after: None,
+        }
+    }
+
+    /// Adds a `Retry-After` hint.
+    pub fn retry_after(mut self, after: Duration) -> Self {
+        self.retry_after = Some(after);
+        self
+    }
+
+    /// The problem+json response; `request_id` goes in the body as well as the header.
+    pub fn into_response(self, request_id: Option<&HeaderValue>) -> Response<ProxyBody> {
+        let status = self.kind.status();
+        let mut body = serde_json::json!({
+            "type": self.kind.type_uri(),
+            "title": self.kind.title(),
+            "status": status.as_u16(),
+            "detail": self.detail,
+        });
+        if let Some(id) = request_id.and_then(|v| v.to_str().ok()) {
+            body["request_id"] = serde_json::Value::from(id);
+        }
+        let bytes = Bytes::from(body.to_string());
+        let mut response = Response::new(ProxyBody::full(bytes));
+        *response.status_mut() = status;
+        let headers = response.headers_mut();
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/problem+json"),
+        );
+        headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        if let Some(after) = self.retry_after {
+            let secs = after.as_secs() + u64::from(after.subsec_nanos() > 0);
+            headers.insert(header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
+        }
+        if let Some(id) = request_id {
+            headers.insert(crate::headers::X_REQUEST_ID, id.clone());
+        }
+        response
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body::Body;
+
+    #[test]
+    fn problem_json_with_retry_after() {
+        let id = HeaderValue::from_static("abc");
+        let response = Problem::new(ProblemKind::Unavailable, "store down")
+            .retry_after(Duration::from_millis(1500))
+            .into_response(Some(&id));
+        assert_eq!(response.status(), 503);
+        assert_eq!(response.headers()[header::RETRY_AFTER], "2");
+        assert_eq!(
+            response.headers()[header::CONTENT_TYPE],
+            "application/problem+json"
+        );
+        assert_eq!(response.headers()["x-request-id"], "abc");
+        assert!(response.body().size_hint().exact().is_some());
+    }
+
+    #[test]
+    fn statuses_match_the_contract() {
+        assert_eq!(ProblemKind::UpstreamUnreachable.status(), 502);
+        assert_eq!(ProblemKind::UpstreamBadResponse.status(), 502);
+        assert_eq!(ProblemKind::UpstreamTimeout.status(), 504);
+        assert_eq!(ProblemKind::BodyTooLarge.status(), 413);
+        assert_eq!(ProblemKind::HeadersTooLarge.status(), 431);
+        assert_eq!(ProblemKind::BadRequest.status(), 400);
+    }
+}

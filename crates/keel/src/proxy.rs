@@ -1,0 +1,658 @@
+//! The life of a request through the gateway, top to bottom:
+//!
+//! 1. **request id** — reuse the client's `x-request-id` or make one;
+//! 2. **limits** — request head size (431), declared body size (413);
+//! 3. **route match** — longest path prefix, host, methods (404 otherwise);
+//! 4. **request filter** — the route's [`RequestFilter`], if any. This is
+//!    where the idempotency engine plugs in: it may answer directly (replay,
+//!    409, 422, 503) or let the request go upstream with a
+//!    [`ResponseFilter`] that sees the outcome (to store the response, or
+//!    release its claim when the request never reached the upstream);
+//! 5. **upstream selection** — the upstream's balancer picks an endpoint;
+//! 6. **upstream request** — hop-by-hop headers out, forwarded headers in,
+//!    sent on the endpoint's pool under the response-head timeout;
+//! 7. **response filter** — the route filter's hook, then response headers
+//!    (hop-by-hop out, `x-request-id`, `Via`), and protocol upgrades spliced
+//!    into a tunnel;
+//! 8. **logging** — metrics and one access-log line.
+//!
+//! [`Gateway::handle`] is the entry point; each phase is a small function
+//! below, in that order.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::time::Instant;
+
+use http::header::{self, HeaderValue};
+use http::uri::PathAndQuery;
+use http::{Request, Response, StatusCode, Uri, Version};
+use hyper::body::Incoming;
+
+use crate::body::{BodyTooLarge, ProxyBody};
+use crate::headers::{
+    X_REQUEST_ID, append_forwarded, append_via, head_size, new_request_id, remove_hop_by_hop,
+    wants_upgrade,
+};
+use crate::metrics::RouteMetrics;
+use crate::problem::{Problem, ProblemKind};
+use crate::route::{Route, Router};
+use crate::upstream::{Endpoint, InFlight, SendError, Upstream};
+
+/// A boxed future, as filters return.
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// Where a request came from.
+#[derive(Debug, Clone, Copy)]
+pub struct Downstream {
+    /// The client's address.
+    pub peer: SocketAddr,
+    /// `http` (TLS is a later step; this is where `https` will be set).
+    pub proto: &'static str,
+}
+
+/// What a filter knows about the request besides the request itself.
+#[derive(Debug)]
+#[allow(
+    dead_code,
+    reason = "read by the idempotency engine and drain, wired in phase 2"
+)]
+pub struct RequestContext<'a> {
+    /// The request id (also in the request's headers).
+    pub request_id: &'a HeaderValue,
+    /// The matched route.
+    pub route: &'a Route,
+    /// The client.
+    pub downstream: Downstream,
+}
+
+/// What a request filter decided.
+#[allow(
+    dead_code,
+    reason = "read by the idempotency engine and drain, wired in phase 2"
+)]
+pub enum FilterDecision {
+    /// Send `request` upstream; `on_response` (if any) sees the outcome and
+    /// makes the final response.
+    Forward {
+        /// The request to send (the filter may have buffered its body).
+        request: Request<ProxyBody>,
+        /// Called with the upstream's answer or failure.
+        on_response: Option<Box<dyn ResponseFilter>>,
+    },
+    /// Answer the client now; nothing goes upstream.
+    Respond(Response<ProxyBody>),
+}
+
+/// A per-route hook before the upstream is chosen.
+pub trait RequestFilter: Send + Sync + 'static {
+    /// Inspects (and may consume) the request.
+    fn on_request<'a>(
+        &'a self,
+        ctx: &'a RequestContext<'a>,
+        request: Request<ProxyBody>,
+    ) -> BoxFuture<'a, FilterDecision>;
+}
+
+/// Why the upstream did not produce a response.
+#[derive(Debug)]
+#[allow(
+    dead_code,
+    reason = "read by the idempotency engine and drain, wired in phase 2"
+)]
+pub struct UpstreamFailure {
+    /// The problem answered to the client unless the filter decides otherwise.
+    pub problem: Problem,
+    /// False when the request certainly never reached the upstream
+    /// (connection refused), so an idempotency claim can be released.
+    pub sent: bool,
+}
+
+/// A hook that sees the upstream's outcome for one request.
+pub trait ResponseFilter: Send + 'static {
+    /// Makes the response sent downstream.
+    fn on_response(
+        self: Box<Self>,
+        outcome: Result<Response<ProxyBody>, UpstreamFailure>,
+    ) -> BoxFuture<'static, Response<ProxyBody>>;
+}
+
+/// Settings that apply to every request.
+#[derive(Debug, Clone)]
+pub struct ProxySettings {
+    /// Request head limit in bytes.
+    pub max_header_size: usize,
+    /// Add `Via`.
+    pub via: bool,
+    /// Write one info line per request.
+    pub access_log: bool,
+}
+
+/// The gateway: routes, upstreams and settings, shared by all connections.
+#[derive(Debug)]
+pub struct Gateway {
+    /// Routing table.
+    pub router: Router,
+    /// Upstreams, indexed by `Route::upstream`.
+    pub upstreams: Vec<Upstream>,
+    /// Global settings.
+    pub settings: ProxySettings,
+    /// Metrics for requests that matched no route.
+    pub unmatched: RouteMetrics,
+}
+
+/// The result of the phases before logging.
+struct Handled<'g> {
+    route: Option<&'g Route>,
+    response: Response<ProxyBody>,
+}
+
+impl Gateway {
+    /// Serves one request; never fails: gateway errors become problem+json.
+    pub async fn handle(
+        &'static self,
+        mut request: Request<Incoming>,
+        downstream: Downstream,
+    ) -> Response<ProxyBody> {
+        let started = Instant::now();
+        let method = request.method().clone();
+
+        // 1. request id
+        let request_id = request_id(&request);
+        request
+            .headers_mut()
+            .insert(X_REQUEST_ID, request_id.clone());
+
+        let Handled {
+            route,
+            mut response,
+        } = self
+            .route_and_forward(request, &request_id, downstream)
+            .await;
+
+        // 8. logging
+        response
+            .headers_mut()
+            .insert(X_REQUEST_ID, request_id.clone());
+        let elapsed = started.elapsed();
+        route
+            .map_or(&self.unmatched, |r| &r.metrics)
+            .record(&method, response.status(), elapsed);
+        if self.settings.access_log {
+            tracing::info!(
+                target: "keel::access",
+                request_id = request_id.to_str().unwrap_or("-"),
+                route = route.map_or("-", |r| r.name.as_str()),
+                method = %method,
+                status = response.status().as_u16(),
+                duration_us = elapsed.as_micros() as u64,
+                "request"
+            );
+        }
+        response
+    }
+
+    /// Phases 2 to 7.
+    async fn route_and_forward(
+        &'static self,
+        mut request: Request<Incoming>,
+        request_id: &HeaderValue,
+        downstream: Downstream,
+    ) -> Handled<'static> {
+        let fail = |route, problem: Problem| Handled {
+            route,
+            response: problem.into_response(Some(request_id)),
+        };
+
+        // 2. limits on the head
+        if head_size(request.uri(), request.headers()) > self.settings.max_header_size {
+            return fail(
+                None,
+                Problem::new(
+                    ProblemKind::HeadersTooLarge,
+                    format!(
+                        "the request head is over the {}-byte limit",
+                        self.settings.max_header_size
+                    ),
+                ),
+            );
+        }
+        let Some(host) = request_host(&request) else {
+            return fail(
+                None,
+                Problem::new(
+                    ProblemKind::BadRequest,
+                    "an HTTP/1.1 request needs a Host header",
+                ),
+            );
+        };
+
+        // 3. route match
+        let Some(route) =
+            self.router
+                .find(Some(host.as_str()), request.method(), request.uri().path())
+        else {
+            return fail(
+                None,
+                Problem::new(
+                    ProblemKind::NoRoute,
+                    format!("no route for {} {}", request.method(), request.uri().path()),
+                ),
+            );
+        };
+        if let Some(problem) = check_declared_length(&request, route.max_body_size) {
+            return fail(Some(route), problem);
+        }
+        let downstream_upgrade = (request.version() == Version::HTTP_11
+            && wants_upgrade(request.headers()))
+        .then(|| hyper::upgrade::on(&mut request));
+        let request = request.map(|body| ProxyBody::limited(body, route.max_body_size));
+
+        // 4. request filter
+        let (request, on_response) = match &route.filter {
+            None => (request, None),
+            Some(filter) => {
+                let ctx = RequestContext {
+                    request_id,
+                    route,
+                    downstream,
+                };
+                match filter.on_request(&ctx, request).await {
+                    FilterDecision::Respond(response) => {
+                        return Handled {
+                            route: Some(route),
+                            response,
+                        };
+                    }
+                    FilterDecision::Forward {
+                        request,
+                        on_response,
+                    } => (request, on_response),
+                }
+            }
+        };
+
+        // 5. upstream selection
+        let upstream = &self.upstreams[route.upstream];
+        let Some(endpoint) = upstream.select() else {
+            return fail(
+                Some(route),
+                Problem::new(
+                    ProblemKind::UpstreamUnreachable,
+                    "the upstream has no endpoints",
+                ),
+            );
+        };
+
+        // 6. upstream request
+        let upstream_request = self.upstream_request(
+            request,
+            endpoint,
+            &host,
+            downstream,
+            downstream_upgrade.is_some(),
+        );
+        let outcome = send(upstream, endpoint, upstream_request).await;
+
+        // 7. response filter
+        let mut response = match on_response {
+            Some(hook) => hook.on_response(outcome).await,
+            None => match outcome {
+                Ok(response) => response,
+                Err(failure) => failure.problem.into_response(Some(request_id)),
+            },
+        };
+        self.filter_response(&mut response, downstream_upgrade);
+        Handled {
+            route: Some(route),
+            response,
+        }
+    }
+
+    /// Turns the downstream request into the one sent to `endpoint`.
+    fn upstream_request(
+        &self,
+        request: Request<ProxyBody>,
+        endpoint: &Endpoint,
+        host: &str,
+        downstream: Downstream,
+        upgrade: bool,
+    ) -> Request<ProxyBody> {
+        let (mut parts, body) = request.into_parts();
+        let path = parts
+            .uri
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| PathAndQuery::from_static("/"));
+        // origin-form on the upstream connection
+        parts.uri = Uri::from(path);
+        let downstream_version = parts.version;
+        parts.version = Version::HTTP_11;
+        let headers = &mut parts.headers;
+        remove_hop_by_hop(headers, upgrade);
+        // Host is preserved: HTTP/2 clients send :authority instead, which
+        // becomes Host for the HTTP/1.1 upstream.
+        if !headers.contains_key(header::HOST) {
+            let host = if host.is_empty() {
+                endpoint.authority.as_str()
+            } else {
+                host
+            };
+            if let Ok(value) = HeaderValue::from_str(host) {
+                headers.insert(header::HOST, value);
+            }
+        }
+        append_forwarded(headers, downstream.peer.ip(), downstream.proto, Some(host));
+        if self.settings.via {
+            append_via(headers, downstream_version);
+        }
+        Request::from_parts(parts, body)
+    }
+
+    /// Response headers and upgrades.
+    fn filter_response(
+        &self,
+        response: &mut Response<ProxyBody>,
+        downstream_upgrade: Option<hyper::upgrade::OnUpgrade>,
+    ) {
+        let switching = response.status() == StatusCode::SWITCHING_PROTOCOLS;
+        remove_hop_by_hop(response.headers_mut(), switching);
+        if self.settings.via {
+            append_via(response.headers_mut(), Version::HTTP_11);
+        }
+        if switching {
+            let upstream_upgrade = response
+                .extensions_mut()
+                .remove::<hyper::upgrade::OnUpgrade>();
+            match (downstream_upgrade, upstream_upgrade) {
+                (Some(down), Some(up)) => {
+                    tokio::spawn(crate::tunnel::splice(down, up));
+                }
+                _ => {
+                    *response = Problem::new(
+                        ProblemKind::UpstreamBadResponse,
+                        "the upstream switched protocols without being asked",
+                    )
+                    .into_response(response.headers().get(X_REQUEST_ID));
+                }
+            }
+        }
+    }
+}
+
+/// The client's request id, or a new one when absent or unusable.
+fn request_id(request: &Request<Incoming>) -> HeaderValue {
+    match request.headers().get(X_REQUEST_ID) {
+        Some(id) if !id.is_empty() && id.len() <= 200 => id.clone(),
+        _ => new_request_id(),
+    }
+}
+
+/// The host the client asked for: `Host`, else the URI's authority (HTTP/2).
+/// `None` for an HTTP/1.1 request with neither, which is malformed.
+fn request_host(request: &Request<Incoming>) -> Option<String> {
+    if let Some(host) = request.headers().get(header::HOST) {
+        return host.to_str().ok().map(str::to_owned);
+    }
+    if let Some(authority) = request.uri().authority() {
+        return Some(authority.as_str().to_owned());
+    }
+    (request.version() < Version::HTTP_11).then(String::new)
+}
+
+/// 413 early when `Content-Length` already says the body is too large.
+fn check_declared_length(request: &Request<Incoming>, limit: u64) -> Option<Problem> {
+    let declared = request
+        .headers()
+        .get(header::CONTENT_LENGTH)?
+        .to_str()
+        .ok()?
+        .parse::<u64>()
+        .ok()?;
+    (declared > limit).then(|| {
+        Problem::new(
+            ProblemKind::BodyTooLarge,
+            format!("the request body ({declared} bytes) is over the {limit}-byte limit"),
+        )
+    })
+}
+
+/// Sends the request on the endpoint's pool under the response-head timeout.
+async fn send(
+    upstream: &Upstream,
+    endpoint: &'static Endpoint,
+    request: Request<ProxyBody>,
+) -> Result<Response<ProxyBody>, UpstreamFailure> {
+    let _in_flight = InFlight::start(endpoint);
+    match tokio::time::timeout(upstream.request_timeout, endpoint.send(request)).await {
+        Ok(Ok(response)) => Ok(response),
+        Ok(Err(error)) => Err(classify(&upstream.name, endpoint, &error)),
+        Err(_elapsed) => Err(UpstreamFailure {
+            problem: Problem::new(
+                ProblemKind::UpstreamTimeout,
+                format!(
+                    "upstream {:?} did not answer within {:?}",
+                    upstream.name, upstream.request_timeout
+                ),
+            ),
+            sent: true,
+        }),
+    }
+}
+
+/// Maps a send error to the problem the client sees.
+fn classify(upstream: &str, endpoint: &Endpoint, error: &SendError) -> UpstreamFailure {
+    let (kind, detail, sent) = match error {
+        SendError::Connect(_) => (
+            ProblemKind::UpstreamUnreachable,
+            format!("could not connect to upstream {upstream:?}"),
+            false,
+        ),
+        SendError::ConnectTimeout => (
+            ProblemKind::UpstreamTimeout,
+            format!("timed out connecting to upstream {upstream:?}"),
+            false,
+        ),
+        SendError::Http { error: http, sent } => {
+            let mut source: Option<&(dyn std::error::Error + 'static)> = Some(http);
+            while let Some(e) = source {
+                if let Some(too_large) = e.downcast_ref::<BodyTooLarge>() {
+                    return UpstreamFailure {
+                        problem: Problem::new(ProblemKind::BodyTooLarge, too_large.to_string()),
+                        sent: *sent,
+                    };
+                }
+                source = e.source();
+            }
+            (
+                ProblemKind::UpstreamBadResponse,
+                format!("upstream {upstream:?} closed the connection or sent an invalid response"),
+                *sent,
+            )
+        }
+    };
+    tracing::warn!(upstream, endpoint = endpoint.url, %error, "upstream request failed");
+    UpstreamFailure {
+        problem: Problem::new(kind, detail),
+        sent,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The filter seam, driven through a real listener: a filter that
+    //! answers by itself, and one whose response hook sees the outcome,
+    //! including `sent = false` when the upstream refused the connection.
+
+    use std::convert::Infallible;
+    use std::path::Path;
+    use std::sync::{Arc, Mutex};
+
+    use http_body_util::BodyExt;
+    use hyper::service::service_fn;
+    use hyper_util::rt::TokioIo;
+    use tokio::net::{TcpListener, TcpStream};
+
+    use super::*;
+    use crate::config;
+    use crate::listener::{ConnectionSettings, DataPlane};
+    use crate::metrics::Metrics;
+
+    type Outcomes = Arc<Mutex<Vec<(Option<u16>, bool)>>>;
+
+    struct TestFilter {
+        outcomes: Outcomes,
+    }
+
+    struct Hook {
+        outcomes: Outcomes,
+    }
+
+    impl RequestFilter for TestFilter {
+        fn on_request<'a>(
+            &'a self,
+            ctx: &'a RequestContext<'a>,
+            request: Request<ProxyBody>,
+        ) -> BoxFuture<'a, FilterDecision> {
+            Box::pin(async move {
+                if request.headers().contains_key("x-answer-here") {
+                    let mut response = Response::new(ProxyBody::full("answered by the filter"));
+                    response.headers_mut().insert(
+                        "x-filter-route",
+                        HeaderValue::from_str(&ctx.route.name).expect("route name"),
+                    );
+                    return FilterDecision::Respond(response);
+                }
+                FilterDecision::Forward {
+                    request,
+                    on_response: Some(Box::new(Hook {
+                        outcomes: self.outcomes.clone(),
+                    })),
+                }
+            })
+        }
+    }
+
+    impl ResponseFilter for Hook {
+        fn on_response(
+            self: Box<Self>,
+            outcome: Result<Response<ProxyBody>, UpstreamFailure>,
+        ) -> BoxFuture<'static, Response<ProxyBody>> {
+            Box::pin(async move {
+                match outcome {
+                    Ok(mut response) => {
+                        self.outcomes
+                            .lock()
+                            .expect("lock")
+                            .push((Some(response.status().as_u16()), true));
+                        response
+                            .headers_mut()
+                            .insert("x-seen-by-hook", HeaderValue::from_static("yes"));
+                        response
+                    }
+                    Err(failure) => {
+                        self.outcomes
+                            .lock()
+                            .expect("lock")
+                            .push((None, failure.sent));
+                        failure.problem.into_response(None)
+                    }
+                }
+            })
+        }
+    }
+
+    async fn upstream() -> SocketAddr {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                tokio::spawn(hyper::server::conn::http1::Builder::new().serve_connection(
+                    TokioIo::new(stream),
+                    service_fn(|_| async {
+                        Ok::<_, Infallible>(Response::new(ProxyBody::full("from upstream")))
+                    }),
+                ));
+            }
+        });
+        addr
+    }
+
+    async fn get(addr: SocketAddr, path: &str, answer_here: bool) -> Response<bytes::Bytes> {
+        let stream = TcpStream::connect(addr).await.expect("connect");
+        let (mut sender, connection) =
+            hyper::client::conn::http1::handshake::<_, ProxyBody>(TokioIo::new(stream))
+                .await
+                .expect("handshake");
+        tokio::spawn(connection);
+        let mut request = Request::get(path)
+            .header(header::HOST, "seam.test")
+            .body(ProxyBody::Empty)
+            .expect("request");
+        if answer_here {
+            request
+                .headers_mut()
+                .insert("x-answer-here", HeaderValue::from_static("1"));
+        }
+        let response = sender.send_request(request).await.expect("response");
+        let (parts, body) = response.into_parts();
+        let body = body.collect().await.expect("body").to_bytes();
+        Response::from_parts(parts, body)
+    }
+
+    #[tokio::test]
+    async fn request_and_response_filters_see_the_whole_exchange() {
+        let up = upstream().await;
+        let refused = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+            l.local_addr().expect("addr")
+        };
+        let text = format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\n[upstreams.up]\nendpoints = [\"http://{up}\"]\n\
+             [upstreams.down]\nendpoints = [\"http://{refused}\"]\n\
+             [[routes]]\nname = \"up\"\npath_prefix = \"/up\"\nupstream = \"up\"\n\
+             [[routes]]\nname = \"down\"\npath_prefix = \"/down\"\nupstream = \"down\"\n"
+        );
+        let config = config::parse(Path::new("seam.toml"), &text).expect("config");
+        let outcomes = Outcomes::default();
+        let factory = |_: &config::RouteConfig| -> Option<Arc<dyn RequestFilter>> {
+            Some(Arc::new(TestFilter {
+                outcomes: outcomes.clone(),
+            }))
+        };
+        let metrics = Metrics::new();
+        let gateway: &'static Gateway = Box::leak(Box::new(crate::serve::build_gateway(
+            &config, &metrics, &factory,
+        )));
+        let settings = ConnectionSettings {
+            idle_timeout: std::time::Duration::from_secs(5),
+            max_header_size: 16 * 1024,
+        };
+        let plane = DataPlane::bind(config.listen_addr(), gateway, &settings)
+            .await
+            .expect("bind");
+        let addr = plane.local_addr().expect("addr");
+        let (_stop, stopped) = tokio::sync::watch::channel(false);
+        tokio::spawn(plane.run(stopped));
+
+        // The filter answers by itself: nothing reaches the upstream.
+        let response = get(addr, "/up/x", true).await;
+        assert_eq!(response.body().as_ref(), b"answered by the filter");
+        assert_eq!(response.headers()["x-filter-route"], "up");
+        assert!(response.headers().contains_key("x-request-id"));
+        assert!(outcomes.lock().expect("lock").is_empty());
+
+        // Forwarded: the hook sees the upstream's response and can change it.
+        let response = get(addr, "/up/x", false).await;
+        assert_eq!(response.body().as_ref(), b"from upstream");
+        assert_eq!(response.headers()["x-seen-by-hook"], "yes");
+
+        // Connection refused: the hook learns the request was never sent.
+        let response = get(addr, "/down/x", false).await;
+        assert_eq!(response.status(), StatusCode::BAD_GATEWAY);
+        assert_eq!(
+            *outcomes.lock().expect("lock"),
+            vec![(Some(200), true), (None, false)]
+        );
+    }
+}

@@ -1,0 +1,505 @@
+//! Upstreams: endpoints, their connection pools, and load balancing.
+//!
+//! Every endpoint owns its own pool (sharded stacks of idle hyper HTTP/1.1
+//! connections), so pool state is per endpoint and per thread, not global. Balancing reads per-endpoint atomics:
+//! round robin bumps one counter per upstream; least-outstanding compares
+//! the in-flight counts of two endpoints picked at random (power of two
+//! choices), which needs no shared state beyond those counters.
+
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Mutex, PoisonError};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use http::uri::Authority;
+use http::{Request, Response, StatusCode};
+use hyper::body::Incoming;
+use hyper::client::conn::http1::{self, SendRequest};
+use hyper::rt::{Read, ReadBufCursor, Write};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+
+use crate::body::ProxyBody;
+use crate::config::{LoadBalancing, UpstreamConfig, endpoint_authority};
+use crate::headers::next_random;
+use crate::metrics::{EndpointMetrics, Metrics};
+
+/// One endpoint of an upstream, with its own connection pool.
+///
+/// The pool is a few mutex-guarded stacks of idle connections, one picked
+/// per worker thread, so threads do not contend on one lock; a connection
+/// goes back to the pool when its response body has been read to the end.
+#[derive(Debug)]
+pub struct Endpoint {
+    /// The URL as configured.
+    pub url: String,
+    /// `host:port` requests are sent to.
+    pub authority: Authority,
+    /// Requests sent and not yet answered.
+    pub outstanding: AtomicUsize,
+    /// Its metrics.
+    pub metrics: EndpointMetrics,
+    connect_timeout: Duration,
+    idle_timeout: Duration,
+    max_idle_per_shard: usize,
+    shards: Box<[Mutex<Vec<IdleConnection>>]>,
+}
+
+#[derive(Debug)]
+struct IdleConnection {
+    sender: SendRequest<ProxyBody>,
+    since: Instant,
+}
+
+static NEXT_SHARD: AtomicUsize = AtomicUsize::new(0);
+
+thread_local! {
+    // Each thread sticks to one shard of every pool.
+    static SHARD: usize = NEXT_SHARD.fetch_add(1, Ordering::Relaxed);
+}
+
+/// Why a request could not be exchanged with an endpoint.
+#[derive(Debug, thiserror::Error)]
+pub enum SendError {
+    /// The TCP connection could not be made: the request was not sent.
+    #[error("connect: {0}")]
+    Connect(std::io::Error),
+    /// Connecting took longer than `connect_timeout`: the request was not sent.
+    #[error("connect timed out")]
+    ConnectTimeout,
+    /// The HTTP exchange failed; `sent` is false when hyper gave the
+    /// request back unsent.
+    #[error("{error}")]
+    Http {
+        /// hyper's error.
+        error: hyper::Error,
+        /// Whether the upstream may have seen the request.
+        sent: bool,
+    },
+}
+
+impl Endpoint {
+    fn new(
+        url: &str,
+        authority: Authority,
+        config: &UpstreamConfig,
+        metrics: EndpointMetrics,
+    ) -> Self {
+        let shards = std::thread::available_parallelism().map_or(2, |n| n.get() * 2);
+        Endpoint {
+            url: url.to_owned(),
+            authority,
+            outstanding: AtomicUsize::new(0),
+            metrics,
+            connect_timeout: config.connect_timeout.0,
+            idle_timeout: config.idle_timeout.0,
+            max_idle_per_shard: config.max_idle_per_endpoint.div_ceil(shards).max(1),
+            shards: (0..shards).map(|_| Mutex::new(Vec::new())).collect(),
+        }
+    }
+
+    fn own_shard(&self) -> &Mutex<Vec<IdleConnection>> {
+        &self.shards[SHARD.with(|s| *s) % self.shards.len()]
+    }
+
+    /// The most recently used idle connection that is still open: from this
+    /// thread's shard first, then from any other shard not locked right now.
+    fn checkout(&self) -> Option<SendRequest<ProxyBody>> {
+        let own = SHARD.with(|s| *s) % self.shards.len();
+        for i in 0..self.shards.len() {
+            let index = (own + i) % self.shards.len();
+            let mut idle = if i == 0 {
+                self.shards[index]
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+            } else {
+                match self.shards[index].try_lock() {
+                    Ok(idle) => idle,
+                    Err(_) => continue,
+                }
+            };
+            while let Some(entry) = idle.pop() {
+                if !entry.sender.is_closed() && entry.since.elapsed() < self.idle_timeout {
+                    return Some(entry.sender);
+                }
+                // Dropping the sender closes the connection.
+            }
+        }
+        None
+    }
+
+    /// Returns a connection whose exchange is complete.
+    fn checkin(&self, sender: SendRequest<ProxyBody>) {
+        if sender.is_closed() {
+            return;
+        }
+        let now = Instant::now();
+        let mut idle = self
+            .own_shard()
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        // Expire from the bottom: the oldest idle connections sit there.
+        let expired = idle
+            .iter()
+            .take_while(|e| now.duration_since(e.since) >= self.idle_timeout)
+            .count();
+        idle.drain(..expired);
+        if idle.len() < self.max_idle_per_shard {
+            idle.push(IdleConnection { sender, since: now });
+        }
+    }
+
+    async fn connect(&self) -> Result<SendRequest<ProxyBody>, SendError> {
+        let stream = tokio::time::timeout(
+            self.connect_timeout,
+            TcpStream::connect(self.authority.as_str()),
+        )
+        .await
+        .map_err(|_| SendError::ConnectTimeout)?
+        .map_err(SendError::Connect)?;
+        let _ = stream.set_nodelay(true);
+        self.metrics.connects.inc();
+        self.metrics.open_connections.inc();
+        let io = CountedIo {
+            io: TokioIo::new(stream),
+            guard: ConnectionGuard {
+                metrics: self.metrics.clone(),
+            },
+        };
+        let (sender, connection) = http1::Builder::new()
+            .handshake(io)
+            .await
+            .map_err(|error| SendError::Http { error, sent: false })?;
+        tokio::spawn(async move {
+            if let Err(error) = connection.with_upgrades().await {
+                tracing::debug!(%error, "upstream connection ended with an error");
+            }
+        });
+        Ok(sender)
+    }
+
+    /// Sends `request` on a pooled (or new) connection and returns the
+    /// response head; the connection returns to the pool when the body ends.
+    pub async fn send(
+        &'static self,
+        mut request: Request<ProxyBody>,
+    ) -> Result<Response<ProxyBody>, SendError> {
+        // A pooled connection may have been closed by the upstream a moment
+        // ago; hyper then hands the request back unsent and we try the next
+        // one. A fresh connection gets no second chance.
+        for _ in 0..4 {
+            let (mut sender, fresh) = match self.checkout() {
+                Some(sender) => (sender, false),
+                None => (self.connect().await?, true),
+            };
+            if let Err(error) = sender.ready().await {
+                if fresh {
+                    return Err(SendError::Http { error, sent: false });
+                }
+                continue;
+            }
+            match sender.try_send_request(request).await {
+                Ok(response) => return Ok(self.pooled(response, sender)),
+                Err(mut failed) => match failed.take_message() {
+                    Some(unsent) if !fresh => request = unsent,
+                    unsent => {
+                        return Err(SendError::Http {
+                            sent: unsent.is_none(),
+                            error: failed.into_error(),
+                        });
+                    }
+                },
+            }
+        }
+        let sender = self.connect().await?;
+        self.send_fresh(sender, request).await
+    }
+
+    async fn send_fresh(
+        &'static self,
+        mut sender: SendRequest<ProxyBody>,
+        request: Request<ProxyBody>,
+    ) -> Result<Response<ProxyBody>, SendError> {
+        sender
+            .ready()
+            .await
+            .map_err(|error| SendError::Http { error, sent: false })?;
+        match sender.try_send_request(request).await {
+            Ok(response) => Ok(self.pooled(response, sender)),
+            Err(mut failed) => Err(SendError::Http {
+                sent: failed.take_message().is_none(),
+                error: failed.into_error(),
+            }),
+        }
+    }
+
+    fn pooled(
+        &'static self,
+        response: Response<Incoming>,
+        sender: SendRequest<ProxyBody>,
+    ) -> Response<ProxyBody> {
+        if response.status() == StatusCode::SWITCHING_PROTOCOLS {
+            // The connection becomes a tunnel; it never returns to the pool.
+            return response.map(ProxyBody::stream);
+        }
+        if http_body::Body::is_end_stream(response.body()) {
+            self.checkin(sender);
+            return response.map(ProxyBody::stream);
+        }
+        response.map(|inner| ProxyBody::Pooled {
+            inner,
+            checkin: Some(Checkin {
+                endpoint: self,
+                sender,
+            }),
+        })
+    }
+}
+
+/// A connection to give back to its pool once the response body has ended.
+#[derive(Debug)]
+pub struct Checkin {
+    endpoint: &'static Endpoint,
+    sender: SendRequest<ProxyBody>,
+}
+
+impl Checkin {
+    /// Returns the connection to the pool.
+    pub fn release(self) {
+        self.endpoint.checkin(self.sender);
+    }
+}
+
+/// An upstream: endpoints, balancing, timeouts.
+#[derive(Debug)]
+pub struct Upstream {
+    /// Name from the config.
+    pub name: String,
+    /// Endpoints (at least one).
+    pub endpoints: Vec<Endpoint>,
+    /// Balancing policy.
+    pub balancing: LoadBalancing,
+    /// Response-head timeout.
+    pub request_timeout: Duration,
+    next: AtomicUsize,
+}
+
+impl Upstream {
+    /// Builds the upstream and its pools from config.
+    pub fn from_config(name: &str, config: &UpstreamConfig, metrics: &Metrics) -> Self {
+        let endpoints = config
+            .endpoints
+            .get_ref()
+            .iter()
+            .filter_map(|url| {
+                let url = url.get_ref();
+                let authority = endpoint_authority(url).ok()?;
+                Some(Endpoint::new(
+                    url,
+                    authority,
+                    config,
+                    metrics.endpoint(name, url),
+                ))
+            })
+            .collect();
+        Upstream {
+            name: name.to_owned(),
+            endpoints,
+            balancing: config.load_balancing,
+            request_timeout: config.request_timeout.0,
+            next: AtomicUsize::new(0),
+        }
+    }
+
+    /// Picks the endpoint for the next request.
+    pub fn select(&self) -> Option<&Endpoint> {
+        let index = pick(
+            self.balancing,
+            self.endpoints.len(),
+            &self.next,
+            |i| self.endpoints[i].outstanding.load(Ordering::Relaxed),
+            next_random,
+        )?;
+        self.endpoints.get(index)
+    }
+}
+
+/// The balancing decision, separate from the endpoints so it can be tested
+/// with a seeded random source.
+fn pick(
+    policy: LoadBalancing,
+    len: usize,
+    next: &AtomicUsize,
+    load: impl Fn(usize) -> usize,
+    mut random: impl FnMut() -> u64,
+) -> Option<usize> {
+    match len {
+        0 => None,
+        1 => Some(0),
+        _ => match policy {
+            LoadBalancing::RoundRobin => Some(next.fetch_add(1, Ordering::Relaxed) % len),
+            LoadBalancing::LeastOutstanding => {
+                let a = (random() % len as u64) as usize;
+                // A second, different endpoint.
+                let b = (a + 1 + (random() % (len as u64 - 1)) as usize) % len;
+                Some(if load(b) < load(a) { b } else { a })
+            }
+        },
+    }
+}
+
+/// Marks a request as outstanding on an endpoint until dropped.
+#[derive(Debug)]
+pub struct InFlight<'a> {
+    endpoint: &'a Endpoint,
+}
+
+impl<'a> InFlight<'a> {
+    /// Starts counting a request on `endpoint`.
+    pub fn start(endpoint: &'a Endpoint) -> Self {
+        endpoint.outstanding.fetch_add(1, Ordering::Relaxed);
+        endpoint.metrics.in_flight.inc();
+        InFlight { endpoint }
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.endpoint.outstanding.fetch_sub(1, Ordering::Relaxed);
+        self.endpoint.metrics.in_flight.dec();
+    }
+}
+
+/// Decrements the open-connection gauge when the connection goes away,
+/// including after it became a tunnel.
+#[derive(Debug)]
+pub struct ConnectionGuard {
+    metrics: EndpointMetrics,
+}
+
+impl Drop for ConnectionGuard {
+    fn drop(&mut self) {
+        self.metrics.open_connections.dec();
+    }
+}
+
+/// An upstream connection with its gauge guard.
+#[derive(Debug)]
+pub struct CountedIo {
+    io: TokioIo<TcpStream>,
+    guard: ConnectionGuard,
+}
+
+impl CountedIo {
+    /// The raw socket and the guard, for tunnels.
+    pub fn into_parts(self) -> (TcpStream, ConnectionGuard) {
+        (self.io.into_inner(), self.guard)
+    }
+}
+
+impl Read for CountedIo {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: ReadBufCursor<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl Write for CountedIo {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn seeded(seed: u64) -> impl FnMut() -> u64 {
+        let mut state = seed;
+        move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        }
+    }
+
+    #[test]
+    fn round_robin_cycles() {
+        let next = AtomicUsize::new(0);
+        let picks: Vec<_> = (0..6)
+            .map(|_| pick(LoadBalancing::RoundRobin, 3, &next, |_| 0, seeded(1)))
+            .collect();
+        assert_eq!(picks, [0, 1, 2, 0, 1, 2].map(Some));
+    }
+
+    #[test]
+    fn least_outstanding_avoids_the_busy_endpoint() {
+        let next = AtomicUsize::new(0);
+        let mut random = seeded(42);
+        // Endpoint 1 is busy: with two endpoints both are always compared,
+        // so it is never chosen.
+        for _ in 0..100 {
+            let chosen = pick(
+                LoadBalancing::LeastOutstanding,
+                2,
+                &next,
+                |i| if i == 1 { 10 } else { 0 },
+                &mut random,
+            );
+            assert_eq!(chosen, Some(0));
+        }
+        // With equal load, both get traffic.
+        let mut hits = [0; 3];
+        for _ in 0..300 {
+            let i = pick(
+                LoadBalancing::LeastOutstanding,
+                3,
+                &next,
+                |_| 0,
+                &mut random,
+            )
+            .expect("some");
+            hits[i] += 1;
+        }
+        assert!(hits.iter().all(|h| *h > 50), "{hits:?}");
+        assert_eq!(
+            pick(
+                LoadBalancing::LeastOutstanding,
+                0,
+                &next,
+                |_| 0,
+                &mut random
+            ),
+            None
+        );
+    }
+}
