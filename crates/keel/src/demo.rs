@@ -210,6 +210,10 @@ admin_listen = "{admin}"
 kind = "embedded"
 path = "{store}"
 
+# An interactive demo: stop at once on Ctrl-C.
+[drain]
+shutdown_delay = "0s"
+
 [upstreams.sample]
 endpoints = ["http://{api}"]
 request_timeout = "2s"
@@ -270,6 +274,9 @@ pub async fn run(listen: String, admin: String) -> Result<(), Box<dyn std::error
     })?;
     crate::telemetry::init(&config.log);
     let running = crate::serve::start(&config).await?;
+    if !running.wait_ready(Duration::from_secs(10)).await {
+        eprintln!("keel demo: the embedded store is not ready yet; see /readyz");
+    }
     let gw = running.listen;
     let admin = running
         .admin

@@ -121,6 +121,7 @@ pub struct Running {
     shutdown_delay: Duration,
     deadline: Duration,
     tree: keel_supervisor::SupervisorHandle,
+    readiness: Readiness,
 }
 
 /// Binds everything and starts serving; returns once the listeners are up.
@@ -219,10 +220,24 @@ pub async fn start(config: &Config) -> Result<Running, ServeError> {
         shutdown_delay: config.drain.shutdown_delay.0,
         deadline: config.drain.deadline.0,
         tree,
+        readiness,
     })
 }
 
 impl Running {
+    /// Waits up to `within` for every readiness condition (the store
+    /// connected, for instance); true if they all hold.
+    pub async fn wait_ready(&self, within: Duration) -> bool {
+        let deadline = Instant::now() + within;
+        while !self.readiness.is_ready() {
+            if Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        true
+    }
+
     /// Waits for SIGTERM or SIGINT, then drains: readiness fails at once,
     /// traffic is still served for `shutdown_delay`, then the listener
     /// stops accepting and connections are asked to finish, up to `deadline`.
