@@ -380,3 +380,54 @@ fn log_store_error(error: Option<keel_idempotency::store::StoreError>, request_i
         );
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn route(text: &str) -> RouteConfig {
+        let config = crate::config::parse(
+            std::path::Path::new("t.toml"),
+            &format!(
+                "[server]\nlisten = \"127.0.0.1:0\"\n[upstreams.a]\nendpoints = [\"http://127.0.0.1:1\"]\n[[routes]]\npath_prefix = \"/\"\nupstream = \"a\"\n[routes.idempotency]\nenabled = true\n{text}"
+            ),
+        )
+        .expect("valid config");
+        config.routes.into_iter().next().expect("route")
+    }
+
+    #[test]
+    fn config_maps_to_the_engine_policy() {
+        let r = route("ttl = \"1h\"\nmax_body = \"2KiB\"\n");
+        let p = policy(
+            r.idempotency.as_ref().expect("idem"),
+            Duration::from_secs(10),
+            "r",
+        );
+        assert_eq!(p.get_ttl(), Duration::from_secs(3600));
+        assert_eq!(p.get_max_body(), 2048);
+        // Lease follows the upstream timeout unless set.
+        assert_eq!(p.get_lease(), Duration::from_secs(11));
+        let r = route("lease = \"3s\"\nserver_errors = \"release\"\nfail_open = true\n");
+        let idem = r.idempotency.as_ref().expect("idem");
+        assert_eq!(idem.server_errors, ServerErrorsPolicy::Release);
+        let p = policy(idem, Duration::from_secs(10), "r");
+        assert_eq!(p.get_lease(), Duration::from_secs(3));
+    }
+
+    #[test]
+    fn unknown_policy_values_are_config_errors() {
+        let errors = crate::config::parse(
+            std::path::Path::new("t.toml"),
+            "[server]\nlisten = \"127.0.0.1:0\"\n[upstreams.a]\nendpoints = [\"http://127.0.0.1:1\"]\n[[routes]]\npath_prefix = \"/\"\nupstream = \"a\"\n[routes.idempotency]\nserver_errors = \"maybe\"\n",
+        )
+        .expect_err("invalid");
+        assert!(
+            errors[0]
+                .to_string()
+                .starts_with("t.toml:9:17: unknown variant `maybe`"),
+            "{}",
+            errors[0]
+        );
+    }
+}
