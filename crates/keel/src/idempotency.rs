@@ -235,14 +235,14 @@ enum ReadError {
 
 /// Reads `body` whole, failing past `limit` bytes (or the route's limit).
 async fn read_up_to(mut body: ProxyBody, limit: usize) -> Result<Bytes, ReadError> {
-    let mut buf = BytesMut::new();
+    let mut buf = Collected::default();
     while let Some(frame) =
         std::future::poll_fn(|cx| std::pin::Pin::new(&mut body).poll_frame(cx)).await
     {
         match frame {
             Ok(frame) => {
-                if let Some(data) = frame.data_ref() {
-                    buf.extend_from_slice(data);
+                if let Ok(data) = frame.into_data() {
+                    buf.push(data);
                     if buf.len() >= limit {
                         return Ok(buf.freeze());
                     }
@@ -257,6 +257,37 @@ async fn read_up_to(mut body: ProxyBody, limit: usize) -> Result<Bytes, ReadErro
         }
     }
     Ok(buf.freeze())
+}
+
+/// Body bytes gathered frame by frame: the usual single-frame body is kept
+/// as is, without a copy; only a second frame starts a buffer.
+#[derive(Default)]
+struct Collected {
+    first: Bytes,
+    rest: Option<BytesMut>,
+}
+
+impl Collected {
+    fn push(&mut self, data: Bytes) {
+        match &mut self.rest {
+            Some(buf) => buf.extend_from_slice(&data),
+            None if self.first.is_empty() => self.first = data,
+            None => {
+                let mut buf = BytesMut::with_capacity(self.first.len() + data.len());
+                buf.extend_from_slice(&self.first);
+                buf.extend_from_slice(&data);
+                self.rest = Some(buf);
+            }
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.rest.as_ref().map_or(self.first.len(), BytesMut::len)
+    }
+
+    fn freeze(self) -> Bytes {
+        self.rest.map_or(self.first, BytesMut::freeze)
+    }
 }
 
 /// Finishes the claim from the upstream's outcome.
@@ -318,7 +349,7 @@ impl Finish {
             log_store_error(result.err(), &request_id);
             return Response::from_parts(parts, body);
         }
-        let mut buf = BytesMut::new();
+        let mut buf = Collected::default();
         loop {
             let frame =
                 std::future::poll_fn(|cx| std::pin::Pin::new(&mut body).poll_frame(cx)).await;
@@ -336,14 +367,14 @@ impl Finish {
                         let seen = (buf.len() + data.len()) as u64;
                         let result = guard.complete_unbuffered(parts.status, seen).await;
                         log_store_error(result.err(), &request_id);
-                        buf.extend_from_slice(&data);
+                        buf.push(data);
                         let body = ProxyBody::Prefixed {
                             prefix: Some(buf.freeze()),
                             rest: Box::new(body),
                         };
                         return Response::from_parts(parts, body);
                     }
-                    buf.extend_from_slice(&data);
+                    buf.push(data);
                 }
                 Some(Err(error)) => {
                     // The upstream ran the request and broke mid-body: the
@@ -394,6 +425,20 @@ mod tests {
         )
         .expect("valid config");
         config.routes.into_iter().next().expect("route")
+    }
+
+    #[test]
+    fn collected_keeps_one_frame_and_joins_several() {
+        let mut one = Collected::default();
+        one.push(Bytes::from_static(b"abc"));
+        assert_eq!(one.len(), 3);
+        assert_eq!(one.freeze(), "abc");
+        let mut many = Collected::default();
+        for part in ["ab", "", "cd", "e"] {
+            many.push(Bytes::from(part));
+        }
+        assert_eq!(many.len(), 5);
+        assert_eq!(many.freeze(), "abcde");
     }
 
     #[test]
