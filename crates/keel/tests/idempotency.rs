@@ -436,3 +436,47 @@ max_body = "1KiB"
     );
     assert_eq!(upstream.requests(), 1);
 }
+
+#[tokio::test]
+async fn postgres_going_away_and_back_is_reconnected_without_a_restart() {
+    let Some(url) = keel_testkit::service_url(keel_testkit::POSTGRES) else {
+        return;
+    };
+    // postgres://user@host:port/db -> the same through a proxy we control.
+    let rest = url.split_once("://").map_or(url.as_str(), |(_, r)| r);
+    let (userinfo, hostpath) = rest.rsplit_once('@').unwrap_or(("", rest));
+    let (hostport, db) = hostpath.split_once('/').unwrap_or((hostpath, ""));
+    let target = if hostport.contains(':') {
+        hostport.to_owned()
+    } else {
+        format!("{hostport}:5432")
+    };
+    let proxy_addr = free_addr();
+    let at = if userinfo.is_empty() {
+        String::new()
+    } else {
+        format!("{userinfo}@")
+    };
+    let store_url = format!("postgres://{at}{proxy_addr}/{db}");
+    let upstream = TestUpstream::start().await;
+    let proxy = TcpProxy::start(proxy_addr, target.clone()).await;
+    let keel = Keel::start(
+        "",
+        &routes(&postgres(&store_url, &unique_name("pgdown")), upstream.addr),
+    )
+    .await;
+    wait_ready(keel.admin, StatusCode::OK).await;
+    let (status, _, _) = post_keyed(keel.listen, "/pay", Some("k-pg"), None, "{}").await;
+    assert_eq!(status, StatusCode::OK);
+
+    proxy.stop();
+    let reason = wait_ready(keel.admin, StatusCode::SERVICE_UNAVAILABLE).await;
+    assert!(reason.contains("store: postgres at"), "{reason}");
+    fails_closed(keel.listen, "postgres went away").await;
+
+    let _proxy = TcpProxy::start(proxy_addr, target).await;
+    wait_ready(keel.admin, StatusCode::OK).await;
+    let (status, headers, _) = post_keyed(keel.listen, "/pay", Some("k-pg"), None, "{}").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(header(&headers, "idempotent-replayed"), Some("true"));
+}
