@@ -246,13 +246,22 @@ async fn postgres_store_end_to_end() {
         return;
     };
     let upstream = TestUpstream::start().await;
-    let keel = Keel::start(
-        "",
-        &routes(&postgres(&url, &unique_name("p")), upstream.addr),
-    )
-    .await;
+    let prefix = unique_name("p");
+    let keel = Keel::start("", &routes(&postgres(&url, &prefix), upstream.addr)).await;
     wait_ready(keel.admin, StatusCode::OK).await;
     exercise(&keel, &upstream).await;
+    drop(keel);
+    drop_table(&url, &prefix).await;
+}
+
+/// Drops the table a test's gateway created (`<prefix>_idempotency`).
+async fn drop_table(url: &str, prefix: &str) {
+    if let Ok((client, connection)) = tokio_postgres::connect(url, tokio_postgres::NoTls).await {
+        tokio::spawn(connection);
+        let _ = client
+            .batch_execute(&format!("DROP TABLE IF EXISTS {prefix}_idempotency"))
+            .await;
+    }
 }
 
 #[tokio::test]
@@ -460,11 +469,8 @@ async fn postgres_going_away_and_back_is_reconnected_without_a_restart() {
     let store_url = format!("postgres://{at}{proxy_addr}/{db}");
     let upstream = TestUpstream::start().await;
     let proxy = TcpProxy::start(proxy_addr, target.clone()).await;
-    let keel = Keel::start(
-        "",
-        &routes(&postgres(&store_url, &unique_name("pgdown")), upstream.addr),
-    )
-    .await;
+    let prefix = unique_name("pgdown");
+    let keel = Keel::start("", &routes(&postgres(&store_url, &prefix), upstream.addr)).await;
     wait_ready(keel.admin, StatusCode::OK).await;
     let (status, _, _) = post_keyed(keel.listen, "/pay", Some("k-pg"), None, "{}").await;
     assert_eq!(status, StatusCode::OK);
@@ -479,4 +485,6 @@ async fn postgres_going_away_and_back_is_reconnected_without_a_restart() {
     let (status, headers, _) = post_keyed(keel.listen, "/pay", Some("k-pg"), None, "{}").await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(header(&headers, "idempotent-replayed"), Some("true"));
+    drop(keel);
+    drop_table(&url, &prefix).await;
 }
