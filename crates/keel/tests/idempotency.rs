@@ -488,3 +488,40 @@ async fn postgres_going_away_and_back_is_reconnected_without_a_restart() {
     drop(keel);
     drop_table(&url, &prefix).await;
 }
+
+#[tokio::test]
+async fn a_request_lost_after_it_was_sent_locks_the_key_as_outcome_unknown() {
+    let upstream = TestUpstream::start().await;
+    let config = format!(
+        r#"
+[store]
+kind = "memory"
+
+[upstreams.app]
+endpoints = ["http://{}"]
+request_timeout = "200ms"
+
+[[routes]]
+name = "api"
+path_prefix = "/"
+upstream = "app"
+
+[routes.idempotency]
+enabled = true
+lease = "5s"
+"#,
+        upstream.addr
+    );
+    let keel = Keel::start("", &config).await;
+    wait_ready(keel.admin, StatusCode::OK).await;
+    let (status, _, _) = post_keyed(keel.listen, "/slow/1000", Some("k-lost"), None, "{}").await;
+    assert_eq!(status, StatusCode::GATEWAY_TIMEOUT);
+    // The upstream may have run it: never again for this key.
+    let (status, _, body) = post_keyed(keel.listen, "/slow/1000", Some("k-lost"), None, "{}").await;
+    assert_eq!(status, StatusCode::CONFLICT);
+    assert_eq!(
+        problem_type(&body),
+        "urn:keel:problem:idempotency-outcome-unknown"
+    );
+    assert_eq!(upstream.requests(), 1);
+}
