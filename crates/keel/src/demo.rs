@@ -243,7 +243,29 @@ upstream = "sample"
 struct TempDir(std::path::PathBuf);
 
 impl TempDir {
+    /// Removes folders left by demos that were killed (their process is
+    /// gone), then makes this one's.
     fn new() -> std::io::Result<Self> {
+        // Only where /proc tells which processes are alive (Linux).
+        let procfs = Path::new("/proc/self").exists();
+        if let Ok(entries) = std::fs::read_dir(std::env::temp_dir())
+            && procfs
+        {
+            for entry in entries.flatten() {
+                let name = entry.file_name();
+                let Some(pid) = name
+                    .to_str()
+                    .and_then(|n| n.strip_prefix("keel-demo-"))
+                    .and_then(|rest| rest.split('-').next())
+                    .and_then(|pid| pid.parse::<u32>().ok())
+                else {
+                    continue;
+                };
+                if !Path::new(&format!("/proc/{pid}")).exists() {
+                    let _ = std::fs::remove_dir_all(entry.path());
+                }
+            }
+        }
         let nanos = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.subsec_nanos());

@@ -167,3 +167,50 @@ pub fn count_restarts(root: &Supervisor, metrics: Arc<Metrics>) {
         }
     });
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    #[tokio::test(start_paused = true)]
+    async fn restarts_are_counted_per_child() {
+        let metrics = Arc::new(Metrics::new());
+        let runs = Arc::new(AtomicU32::new(0));
+        let counter = runs.clone();
+        let root = Supervisor::builder("keel")
+            .child(ChildSpec::new("flaky", move |ctx| {
+                let counter = counter.clone();
+                async move {
+                    // Crashes after starting on its first two runs, then
+                    // stays up.
+                    ctx.ready();
+                    if counter.fetch_add(1, Ordering::SeqCst) < 2 {
+                        return Err("boom".into());
+                    }
+                    ctx.cancelled().await;
+                    Ok(())
+                }
+            }))
+            .build()
+            .expect("tree");
+        count_restarts(&root, metrics.clone());
+        let handle = root.start().await.expect("start");
+        for _ in 0..100 {
+            if metrics
+                .encode()
+                .contains(r#"keel_supervisor_restarts_total{child="keel/flaky"} 2"#)
+            {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let text = metrics.encode();
+        assert!(
+            text.contains(r#"keel_supervisor_restarts_total{child="keel/flaky"} 2"#),
+            "{text}"
+        );
+        assert_eq!(runs.load(Ordering::SeqCst), 3);
+        handle.shutdown().await;
+    }
+}

@@ -246,13 +246,22 @@ async fn postgres_store_end_to_end() {
         return;
     };
     let upstream = TestUpstream::start().await;
-    let keel = Keel::start(
-        "",
-        &routes(&postgres(&url, &unique_name("p")), upstream.addr),
-    )
-    .await;
+    let prefix = unique_name("p");
+    let keel = Keel::start("", &routes(&postgres(&url, &prefix), upstream.addr)).await;
     wait_ready(keel.admin, StatusCode::OK).await;
     exercise(&keel, &upstream).await;
+    drop(keel);
+    drop_table(&url, &prefix).await;
+}
+
+/// Drops the table a test's gateway created (`<prefix>_idempotency`).
+async fn drop_table(url: &str, prefix: &str) {
+    if let Ok((client, connection)) = tokio_postgres::connect(url, tokio_postgres::NoTls).await {
+        tokio::spawn(connection);
+        let _ = client
+            .batch_execute(&format!("DROP TABLE IF EXISTS {prefix}_idempotency"))
+            .await;
+    }
 }
 
 #[tokio::test]
@@ -433,6 +442,86 @@ max_body = "1KiB"
     assert_eq!(
         problem_type(&body),
         "urn:keel:problem:idempotency-response-not-stored"
+    );
+    assert_eq!(upstream.requests(), 1);
+}
+
+#[tokio::test]
+async fn postgres_going_away_and_back_is_reconnected_without_a_restart() {
+    let Some(url) = keel_testkit::service_url(keel_testkit::POSTGRES) else {
+        return;
+    };
+    // postgres://user@host:port/db -> the same through a proxy we control.
+    let rest = url.split_once("://").map_or(url.as_str(), |(_, r)| r);
+    let (userinfo, hostpath) = rest.rsplit_once('@').unwrap_or(("", rest));
+    let (hostport, db) = hostpath.split_once('/').unwrap_or((hostpath, ""));
+    let target = if hostport.contains(':') {
+        hostport.to_owned()
+    } else {
+        format!("{hostport}:5432")
+    };
+    let proxy_addr = free_addr();
+    let at = if userinfo.is_empty() {
+        String::new()
+    } else {
+        format!("{userinfo}@")
+    };
+    let store_url = format!("postgres://{at}{proxy_addr}/{db}");
+    let upstream = TestUpstream::start().await;
+    let proxy = TcpProxy::start(proxy_addr, target.clone()).await;
+    let prefix = unique_name("pgdown");
+    let keel = Keel::start("", &routes(&postgres(&store_url, &prefix), upstream.addr)).await;
+    wait_ready(keel.admin, StatusCode::OK).await;
+    let (status, _, _) = post_keyed(keel.listen, "/pay", Some("k-pg"), None, "{}").await;
+    assert_eq!(status, StatusCode::OK);
+
+    proxy.stop();
+    let reason = wait_ready(keel.admin, StatusCode::SERVICE_UNAVAILABLE).await;
+    assert!(reason.contains("store: postgres at"), "{reason}");
+    fails_closed(keel.listen, "postgres went away").await;
+
+    let _proxy = TcpProxy::start(proxy_addr, target).await;
+    wait_ready(keel.admin, StatusCode::OK).await;
+    let (status, headers, _) = post_keyed(keel.listen, "/pay", Some("k-pg"), None, "{}").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(header(&headers, "idempotent-replayed"), Some("true"));
+    drop(keel);
+    drop_table(&url, &prefix).await;
+}
+
+#[tokio::test]
+async fn a_request_lost_after_it_was_sent_locks_the_key_as_outcome_unknown() {
+    let upstream = TestUpstream::start().await;
+    let config = format!(
+        r#"
+[store]
+kind = "memory"
+
+[upstreams.app]
+endpoints = ["http://{}"]
+request_timeout = "200ms"
+
+[[routes]]
+name = "api"
+path_prefix = "/"
+upstream = "app"
+
+[routes.idempotency]
+enabled = true
+lease = "5s"
+"#,
+        upstream.addr
+    );
+    let keel = Keel::start("", &config).await;
+    wait_ready(keel.admin, StatusCode::OK).await;
+    let (status, _, _) = post_keyed(keel.listen, "/slow/1000", Some("k-lost"), None, "{}").await;
+    assert_eq!(status, StatusCode::GATEWAY_TIMEOUT);
+    // The upstream may have run it: never again for this key.
+    let (status, _, body) = post_keyed(keel.listen, "/slow/1000", Some("k-lost"), None, "{}").await;
+    assert_eq!(status, StatusCode::CONFLICT);
+    assert_eq!(
+        problem_type(&body),
+        "urn:keel:problem:idempotency-outcome-unknown"
     );
     assert_eq!(upstream.requests(), 1);
 }
