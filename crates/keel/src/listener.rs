@@ -17,6 +17,7 @@ use std::time::Duration;
 use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use keel_drain::{ConnKind, Registration};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
@@ -150,14 +151,27 @@ impl DataPlane {
             Ok::<_, Infallible>(gateway.handle(request, downstream).await)
         });
         let io = TokioIo::new(stream);
+        // Registered for draining: a gentle close is the same graceful
+        // shutdown as the stop signal (`Connection: close` on the next
+        // response and idle connections closed; GOAWAY on HTTP/2), a forced
+        // one (the deadline) cuts the connection, in-flight or not.
+        let kind = if is_h2 {
+            ConnKind::Http2
+        } else {
+            ConnKind::Http1
+        };
+        let mut drain = crate::drain::registry().register(kind, None);
         if is_h2 {
             let connection = self.http2.serve_connection(io, service);
             tokio::pin!(connection);
             tokio::select! {
                 result = connection.as_mut() => log_end(result),
-                _ = crate::listener::stopped(&mut shutdown) => {
+                _ = asked_to_close(&mut shutdown, &mut drain) => {
                     connection.as_mut().graceful_shutdown();
-                    log_end(connection.await);
+                    tokio::select! {
+                        result = connection.as_mut() => log_end(result),
+                        () = forced(&mut drain) => tracing::debug!("connection cut at the drain deadline"),
+                    }
                 }
             }
         } else {
@@ -165,12 +179,31 @@ impl DataPlane {
             tokio::pin!(connection);
             tokio::select! {
                 result = connection.as_mut() => log_end(result),
-                _ = crate::listener::stopped(&mut shutdown) => {
+                _ = asked_to_close(&mut shutdown, &mut drain) => {
                     connection.as_mut().graceful_shutdown();
-                    log_end(connection.await);
+                    tokio::select! {
+                        result = connection.as_mut() => log_end(result),
+                        () = forced(&mut drain) => tracing::debug!("connection cut at the drain deadline"),
+                    }
                 }
             }
         }
+    }
+}
+
+/// Resolves once the listener stops or the drain asks this connection to
+/// close.
+async fn asked_to_close(shutdown: &mut watch::Receiver<bool>, drain: &mut Registration) {
+    tokio::select! {
+        () = stopped(shutdown) => {}
+        _ = drain.closing() => {}
+    }
+}
+
+/// Resolves once the drain forces this connection closed.
+async fn forced(drain: &mut Registration) {
+    while !drain.requested().is_some_and(|r| r.force) {
+        drain.closing().await;
     }
 }
 

@@ -147,6 +147,37 @@ pub struct Metrics {
     open_connections: Family<EndpointLabels, Gauge>,
     connects: Family<EndpointLabels, Counter>,
     in_flight: Family<EndpointLabels, Gauge>,
+    drain: Family<DrainLabels, Gauge>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DrainLabels {
+    /// `shutdown` or the drained endpoint's URL.
+    target: String,
+    /// `total`, `signalled`, `closed`, `remaining`, `forced`.
+    state: String,
+}
+
+/// Gauges for one drain's progress (`keel_drain_connections`).
+#[derive(Debug, Clone, Default)]
+pub struct DrainGauges {
+    total: Gauge,
+    signalled: Gauge,
+    closed: Gauge,
+    remaining: Gauge,
+    forced: Gauge,
+}
+
+impl DrainGauges {
+    /// Copies a progress report into the gauges.
+    pub fn set(&self, progress: &keel_drain::Progress) {
+        let g = |v: usize| i64::try_from(v).unwrap_or(i64::MAX);
+        self.total.set(g(progress.total));
+        self.signalled.set(g(progress.signalled));
+        self.closed.set(g(progress.closed));
+        self.remaining.set(g(progress.remaining));
+        self.forced.set(g(progress.forced));
+    }
 }
 
 impl Default for Metrics {
@@ -189,6 +220,12 @@ impl Metrics {
             "Requests sent to each upstream endpoint and not yet answered",
             in_flight.clone(),
         );
+        let drain = Family::<DrainLabels, Gauge>::default();
+        registry.register(
+            "drain_connections",
+            "Connections of a drain (target: shutdown or an endpoint) by state: total, signalled, closed, remaining, forced",
+            drain.clone(),
+        );
         Metrics {
             registry,
             requests,
@@ -196,6 +233,7 @@ impl Metrics {
             open_connections,
             connects,
             in_flight,
+            drain,
         }
     }
 
@@ -231,6 +269,25 @@ impl Metrics {
             open_connections: self.open_connections.get_or_create(&labels).clone(),
             connects: self.connects.get_or_create(&labels).clone(),
             in_flight: self.in_flight.get_or_create(&labels).clone(),
+        }
+    }
+
+    /// The progress gauges of the drain of `target`.
+    pub fn drain(&self, target: &str) -> DrainGauges {
+        let g = |state: &str| {
+            self.drain
+                .get_or_create(&DrainLabels {
+                    target: target.to_owned(),
+                    state: state.to_owned(),
+                })
+                .clone()
+        };
+        DrainGauges {
+            total: g("total"),
+            signalled: g("signalled"),
+            closed: g("closed"),
+            remaining: g("remaining"),
+            forced: g("forced"),
         }
     }
 

@@ -8,7 +8,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use http::Method;
 use tokio::net::TcpListener;
@@ -16,6 +16,7 @@ use tokio::sync::watch;
 
 use crate::admin::{self, AdminState};
 use crate::config::{Config, RouteConfig};
+use crate::drain::DrainControl;
 use crate::listener::{ConnectionCount, ConnectionSettings, DataPlane};
 use crate::metrics::Metrics;
 use crate::proxy::{Gateway, ProxySettings, RequestFilter};
@@ -116,8 +117,9 @@ pub struct Running {
     shutdown: watch::Sender<bool>,
     listeners_ready: ReadinessHandle,
     connections: ConnectionCount,
-    shutdown_delay: Duration,
-    deadline: Duration,
+    drain: Arc<DrainControl>,
+    /// Stops the admin server when the drain is over (dropped on exit).
+    _exit: watch::Sender<bool>,
 }
 
 /// Binds everything and starts serving; returns once the listeners are up.
@@ -144,6 +146,10 @@ pub async fn start(config: &Config) -> Result<Running, ServeError> {
         })?;
     let listen = data_plane.local_addr().unwrap_or(addr);
     let connections = data_plane.connections();
+    let drain = Arc::new(DrainControl::new(gateway, metrics.clone(), &config.drain));
+    // The admin server outlives the listener: `GET /drain` answers until
+    // the drain is over.
+    let (exit, exit_rx) = watch::channel(false);
 
     let mut admin = None;
     if let Some(admin_addr) = config.admin_addr() {
@@ -163,8 +169,9 @@ pub async fn start(config: &Config) -> Result<Running, ServeError> {
             connections: connections.clone(),
             started,
             draining: shutdown_rx.clone(),
+            drain: drain.clone(),
         });
-        tokio::spawn(admin::run(listener, state, shutdown_rx.clone()));
+        tokio::spawn(admin::run(listener, state, exit_rx));
     }
     tokio::spawn(data_plane.run(shutdown_rx));
     listeners_ready.set_ready();
@@ -175,25 +182,27 @@ pub async fn start(config: &Config) -> Result<Running, ServeError> {
         shutdown,
         listeners_ready,
         connections,
-        shutdown_delay: config.drain.shutdown_delay.0,
-        deadline: config.drain.deadline.0,
+        drain,
+        _exit: exit,
     })
 }
 
 impl Running {
-    /// Waits for SIGTERM or SIGINT, then drains: readiness fails at once,
-    /// traffic is still served for `shutdown_delay`, then the listener
-    /// stops accepting and connections are asked to finish, up to `deadline`.
+    /// Waits for SIGTERM, SIGINT or `POST /drain`, then runs the shutdown
+    /// sequence (`crate::drain`): readiness fails at once, traffic is still
+    /// served for `shutdown_delay`, then the listener stops accepting and
+    /// connections are closed at the `[drain]` pace, up to `deadline`.
     pub async fn wait_and_drain(self) -> Result<(), ServeError> {
-        wait_for_signal().await?;
-        tracing::info!("signal received: draining");
-        self.listeners_ready.set_not_ready("draining");
-        tokio::time::sleep(self.shutdown_delay).await;
-        let _ = self.shutdown.send(true);
-        let deadline = Instant::now() + self.deadline;
-        while self.connections.get() > 0 && Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(20)).await;
+        tokio::select! {
+            signal = wait_for_signal() => {
+                signal?;
+                tracing::info!("signal received: draining");
+            }
+            () = self.drain.shutdown_requested() => tracing::info!("drain requested on the admin API"),
         }
+        self.drain
+            .shutdown(&self.listeners_ready, &self.shutdown)
+            .await;
         tracing::info!(open = self.connections.get(), "drained");
         Ok(())
     }
