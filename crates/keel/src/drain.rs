@@ -412,10 +412,12 @@ mod tests {
 
     #[test]
     fn plans_follow_the_strategy() {
-        let mut config = DrainConfig::default();
-        config.batch_size = 3;
-        config.batch_interval = ConfigDuration(Duration::from_secs(1));
-        config.jitter = false;
+        let mut config = DrainConfig {
+            batch_size: 3,
+            batch_interval: ConfigDuration(Duration::from_secs(1)),
+            jitter: false,
+            ..DrainConfig::default()
+        };
         let at = |p: DrainPlan| -> Vec<u64> {
             p.schedule(7).iter().map(|d| d.as_millis() as u64).collect()
         };
