@@ -66,6 +66,9 @@ struct Args {
     fixed_delay_ms: u64,
     workers: usize,
     seed: u64,
+    in_flight: usize,
+    drain_jitter: bool,
+    gradual_over_ms: u64,
 }
 
 fn args() -> Result<Args, Error> {
@@ -99,6 +102,9 @@ fn args() -> Result<Args, Error> {
         fixed_delay_ms: get("fixed-delay-ms", "1000").parse()?,
         workers: get("workers", "2").parse()?,
         seed: get("seed", "1").parse()?,
+        in_flight: get("in-flight", "250").parse()?,
+        drain_jitter: get("drain-jitter", "true").parse()?,
+        gradual_over_ms: get("gradual-over-ms", "10000").parse()?,
     })
 }
 
@@ -358,7 +364,7 @@ async fn main() -> Result<(), Error> {
             "[server]\nlisten = \"{listen}\"\nadmin_listen = \"{admin_addr}\"\nworkers = {workers}\n\n\
              [upstreams.app]\nendpoints = [{endpoints}]\n\n[[routes]]\npath_prefix = \"/\"\nupstream = \"app\"\n\n\
              [drain]\nstrategy = \"{strategy}\"\nbatch_size = {batch}\nbatch_interval = \"{interval}ms\"\npercent = {percent}\n\
-             deadline = \"120s\"\nreconnect_window = \"{window}ms\"\n\n[log]\nlevel = \"warn\"\n",
+             jitter = {jitter}\ngradual_over = \"{over}ms\"\ndeadline = \"120s\"\nreconnect_window = \"{window}ms\"\n\n[log]\nlevel = \"warn\"\n",
             workers = args.workers,
             endpoints = endpoints.join(", "),
             strategy = args.strategy,
@@ -366,6 +372,8 @@ async fn main() -> Result<(), Error> {
             interval = args.batch_interval_ms,
             percent = args.percent,
             window = args.window_ms,
+            jitter = args.drain_jitter,
+            over = args.gradual_over_ms,
         ),
     )?;
     let gateway = Gateway(
@@ -422,10 +430,9 @@ async fn main() -> Result<(), Error> {
             connected.clone(),
             stop_rx.clone(),
         )));
-        if i % 256 == 255 {
-            // Let the accept queue drain a little.
-            tokio::task::yield_now().await;
-            while i + 1 - connected.load(Ordering::Relaxed) > 4096 {
+        // At most `in_flight` handshakes at once.
+        if i + 1 - connected.load(Ordering::Relaxed) >= args.in_flight {
+            while i + 1 - connected.load(Ordering::Relaxed) >= args.in_flight {
                 tokio::time::sleep(Duration::from_millis(2)).await;
             }
         }
@@ -494,6 +501,11 @@ async fn main() -> Result<(), Error> {
             "percent" => (
                 ((held as f64) * args.percent / 100.0).ceil() as usize,
                 args.batch_interval_ms,
+            ),
+            // 100 ms ticks over the whole duration.
+            "gradual" => (
+                held.div_ceil(args.gradual_over_ms.div_ceil(100).max(1) as usize),
+                100,
             ),
             _ => (args.batch_size, args.batch_interval_ms),
         };
