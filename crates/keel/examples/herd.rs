@@ -242,6 +242,7 @@ async fn client(
     seed: u64,
     t0: Arc<OnceLock<Instant>>,
     connected: Arc<AtomicUsize>,
+    failures: Arc<AtomicUsize>,
     mut stop: watch::Receiver<bool>,
 ) -> ClientReport {
     let mut report = ClientReport::default();
@@ -284,7 +285,17 @@ async fn client(
         .seed(seed ^ (i as u64) << 1)
         .max_attempts(Some(50));
     let stream = reconnect
-        .connect_with(wait, || ws_connect(source, gateway))
+        .connect_with(wait, || {
+            let failures = failures.clone();
+            async move {
+                let result = ws_connect(source, gateway).await;
+                if result.is_err() {
+                    // Refused or reset: the accept queue overflowed.
+                    failures.fetch_add(1, Ordering::Relaxed);
+                }
+                result
+            }
+        })
         .await;
     if let Ok(stream) = stream {
         report.reconnected = Some(since(&t0));
@@ -408,6 +419,7 @@ async fn main() -> Result<(), Error> {
 
     let t0 = Arc::new(OnceLock::new());
     let connected = Arc::new(AtomicUsize::new(0));
+    let failures = Arc::new(AtomicUsize::new(0));
     let (stop, stop_rx) = watch::channel(false);
     let started = Instant::now();
     let mut tasks = Vec::with_capacity(args.clients);
@@ -428,6 +440,7 @@ async fn main() -> Result<(), Error> {
             args.seed,
             t0.clone(),
             connected.clone(),
+            failures.clone(),
             stop_rx.clone(),
         )));
         // At most `in_flight` handshakes at once.
@@ -489,9 +502,10 @@ async fn main() -> Result<(), Error> {
     let last = counts.iter().rposition(|c| *c > 0).unwrap_or(0);
     let peak = counts.iter().copied().max().unwrap_or(0);
     println!(
-        "mode {:?}: {reconnected}/{held} reconnected, all back after {:.2}s; peak {peak} reconnects per 100 ms",
+        "mode {:?}: {reconnected}/{held} reconnected, all back after {:.2}s; peak {peak} reconnects per 100 ms; {} failed reconnect attempts",
         args.mode,
-        back_after.as_secs_f64()
+        back_after.as_secs_f64(),
+        failures.load(Ordering::Relaxed)
     );
     println!("reconnects per 100 ms: {:?}", &counts[..=last]);
     if let (Some(first), Some(last)) = (heard.first(), heard.last()) {

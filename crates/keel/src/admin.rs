@@ -176,6 +176,7 @@ fn status(state: &AdminState) -> serde_json::Value {
         "routes": routes,
         // Filled in once the gateway runs under keel-supervisor.
         "supervision": serde_json::Value::Null,
+        "drain": state.drain.report(),
     })
 }
 
@@ -318,6 +319,34 @@ pub fn render_status(status: &serde_json::Value) -> String {
                 ""
             }
         );
+    }
+    if let Some(phase) = status["drain"]["phase"].as_str() {
+        let _ = writeln!(out, "drain: {phase}");
+        for e in status["drain"]["endpoints"]
+            .as_array()
+            .into_iter()
+            .flatten()
+        {
+            let p = &e["progress"];
+            let _ = writeln!(
+                out,
+                "  {} {}: {} closed {}/{}{}",
+                s(&e["upstream"]),
+                s(&e["endpoint"]),
+                if e["draining"].as_bool() == Some(true) {
+                    "draining"
+                } else {
+                    "resumed"
+                },
+                p["closed"],
+                p["total"],
+                if p["done"].as_bool() == Some(true) {
+                    " (done)"
+                } else {
+                    ""
+                },
+            );
+        }
     }
     let _ = writeln!(
         out,
