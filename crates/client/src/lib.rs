@@ -47,9 +47,25 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 /// A WebSocket connection as [`Reconnect::connect`] returns it.
+///
+/// ```
+/// fn takes(_ws: keel_client::WebSocket) {}
+/// ```
 pub type WebSocket = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
 /// Why [`Reconnect::connect_with`] gave up.
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread", start_paused = true)]
+/// # async fn main() {
+/// let mut r = keel_client::Reconnect::new().max_attempts(Some(2));
+/// let err = r
+///     .connect_with(std::time::Duration::ZERO, || async { Err::<(), _>("refused") })
+///     .await
+///     .expect_err("gives up");
+/// assert_eq!((err.attempts, err.last), (2, "refused"));
+/// # }
+/// ```
 #[derive(Debug, thiserror::Error)]
 #[error("gave up after {attempts} attempts: {last}")]
 pub struct GaveUp<E: std::fmt::Display> {
@@ -118,6 +134,12 @@ impl Reconnect {
     }
 
     /// The first backoff ceiling (doubling from there).
+    ///
+    /// ```
+    /// # use std::time::Duration;
+    /// let mut r = keel_client::Reconnect::new().base(Duration::from_millis(10)).seed(1);
+    /// assert!(r.after_failure() <= Duration::from_millis(10));
+    /// ```
     pub fn base(mut self, base: Duration) -> Self {
         self.base = base;
         self.rebuild();
@@ -125,6 +147,12 @@ impl Reconnect {
     }
 
     /// The largest backoff ceiling.
+    ///
+    /// ```
+    /// # use std::time::Duration;
+    /// let mut r = keel_client::Reconnect::new().cap(Duration::from_millis(300)).seed(1);
+    /// assert!((0..20).all(|_| r.after_failure() <= Duration::from_millis(300)));
+    /// ```
     pub fn cap(mut self, cap: Duration) -> Self {
         self.cap = cap;
         self.rebuild();
@@ -132,6 +160,14 @@ impl Reconnect {
     }
 
     /// The longest server hint obeyed (longer ones are cut to this).
+    ///
+    /// ```
+    /// # use std::time::Duration;
+    /// # use tokio_tungstenite::tungstenite::protocol::{CloseFrame, frame::coding::CloseCode};
+    /// let mut r = keel_client::Reconnect::new().max_hint(Duration::from_secs(1));
+    /// let f = CloseFrame { code: CloseCode::Restart, reason: "reconnect_after_ms=99999".into() };
+    /// assert!(r.after_close(Some(&f)) < Duration::from_millis(1200));
+    /// ```
     pub fn max_hint(mut self, max: Duration) -> Self {
         self.max_hint = max;
         self
@@ -139,18 +175,37 @@ impl Reconnect {
 
     /// Whether to honour the server's hint (on by default; off makes the
     /// client back off as if there were none).
+    ///
+    /// ```
+    /// # use std::time::Duration;
+    /// # use tokio_tungstenite::tungstenite::protocol::{CloseFrame, frame::coding::CloseCode};
+    /// let mut r = keel_client::Reconnect::new().honour_hint(false);
+    /// let f = CloseFrame { code: CloseCode::Restart, reason: "reconnect_after_ms=9000".into() };
+    /// assert!(r.after_close(Some(&f)) <= Duration::from_millis(500));
+    /// ```
     pub fn honour_hint(mut self, honour: bool) -> Self {
         self.honour_hint = honour;
         self
     }
 
     /// Give up after this many failed attempts in a row (`None`: never).
+    ///
+    /// ```
+    /// let r = keel_client::Reconnect::new().max_attempts(Some(5));
+    /// # let _ = r;
+    /// ```
     pub fn max_attempts(mut self, max: Option<u32>) -> Self {
         self.max_attempts = max;
         self
     }
 
     /// Seeds the jitter, for reproducible runs.
+    ///
+    /// ```
+    /// let mut a = keel_client::Reconnect::new().seed(42);
+    /// let mut b = keel_client::Reconnect::new().seed(42);
+    /// assert_eq!(a.after_failure(), b.after_failure());
+    /// ```
     pub fn seed(mut self, seed: u64) -> Self {
         self.seed = Some(seed);
         self.rebuild();
@@ -158,12 +213,23 @@ impl Reconnect {
     }
 
     /// The largest backoff delay.
+    ///
+    /// ```
+    /// assert_eq!(keel_client::Reconnect::new().max_delay(), std::time::Duration::from_secs(30));
+    /// ```
     pub fn max_delay(&self) -> Duration {
         self.cap
     }
 
     /// The wait after the server closed the connection with `frame` (or
     /// the connection dropped without one).
+    ///
+    /// ```
+    /// # use std::time::Duration;
+    /// let mut r = keel_client::Reconnect::new();
+    /// // Dropped without a close frame: backoff.
+    /// assert!(r.after_close(None) <= Duration::from_millis(500));
+    /// ```
     pub fn after_close(&mut self, frame: Option<&CloseFrame>) -> Duration {
         match frame.and_then(hint) {
             Some(hint) if self.honour_hint => {
@@ -179,17 +245,48 @@ impl Reconnect {
     }
 
     /// The wait after a failed attempt: the next full-jitter backoff.
+    ///
+    /// ```
+    /// # use std::time::Duration;
+    /// let mut r = keel_client::Reconnect::new().seed(3);
+    /// assert!(r.after_failure() <= Duration::from_millis(500));
+    /// assert!(r.after_failure() <= Duration::from_secs(1));
+    /// ```
     pub fn after_failure(&mut self) -> Duration {
         self.backoff.next().unwrap_or(self.cap)
     }
 
     /// A connection succeeded: the backoff starts over.
+    ///
+    /// ```
+    /// # use std::time::Duration;
+    /// let mut r = keel_client::Reconnect::new();
+    /// for _ in 0..10 { r.after_failure(); }
+    /// r.connected();
+    /// assert!(r.after_failure() <= Duration::from_millis(500));
+    /// ```
     pub fn connected(&mut self) {
         self.backoff.reset();
     }
 
     /// Waits `first`, then calls `connect` until it succeeds, waiting the
     /// next backoff after each failure; gives up after `max_attempts`.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread", start_paused = true)]
+    /// # async fn main() {
+    /// let mut r = keel_client::Reconnect::new();
+    /// let mut tries = 0;
+    /// let conn = r
+    ///     .connect_with(std::time::Duration::from_secs(2), || {
+    ///         tries += 1;
+    ///         let ok = tries > 1;
+    ///         async move { if ok { Ok("connected") } else { Err("refused") } }
+    ///     })
+    ///     .await;
+    /// assert_eq!(conn.expect("second try"), "connected");
+    /// # }
+    /// ```
     pub async fn connect_with<T, E, F, Fut>(
         &mut self,
         first: Duration,
