@@ -479,12 +479,16 @@ pub async fn cli(admin: &str, target: CliTarget, tty: bool) -> Result<(), CliErr
             body["error"].as_str().unwrap_or("refused")
         ))
     };
+    let mut seen_draining = false;
     let endpoint = match &target {
         CliTarget::Gateway => {
             let (status, body) = admin_request(admin, Method::POST, "/drain").await?;
             if status != http::StatusCode::ACCEPTED {
                 return Err(refused(status, &body));
             }
+            // From now on, an admin API that stops answering means the
+            // gateway finished its drain and exited.
+            seen_draining = true;
             None
         }
         CliTarget::Endpoint {
@@ -512,7 +516,6 @@ pub async fn cli(admin: &str, target: CliTarget, tty: bool) -> Result<(), CliErr
     let started = std::time::Instant::now();
     let mut last_line = String::new();
     let mut last_print = std::time::Instant::now() - Duration::from_secs(10);
-    let mut seen_draining = false;
     loop {
         let report = match admin_request(admin, Method::GET, "/drain").await {
             Ok((_, report)) => report,

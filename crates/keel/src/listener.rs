@@ -55,7 +55,9 @@ impl Drop for Counted {
 
 /// A bound data-plane listener.
 pub struct DataPlane {
-    listener: TcpListener,
+    /// Taken out by `run`, so the socket closes (new connections are
+    /// refused) as soon as it stops accepting, while open connections drain.
+    listener: Option<TcpListener>,
     gateway: &'static Gateway,
     http1: http1::Builder,
     http2: http2::Builder<TokioExecutor>,
@@ -80,7 +82,7 @@ impl DataPlane {
         h2.timer(TokioTimer::new())
             .max_header_list_size(u32::try_from(settings.max_header_size * 2).unwrap_or(u32::MAX));
         Ok(DataPlane {
-            listener,
+            listener: Some(listener),
             gateway,
             http1: h1,
             http2: h2,
@@ -91,7 +93,10 @@ impl DataPlane {
 
     /// The bound address.
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
-        self.listener.local_addr()
+        match &self.listener {
+            Some(listener) => listener.local_addr(),
+            None => Err(std::io::ErrorKind::NotConnected.into()),
+        }
     }
 
     /// The open-connection counter.
@@ -102,12 +107,15 @@ impl DataPlane {
     /// Accepts until `shutdown` turns true; then open connections are told
     /// to finish (HTTP/1 closes after the current response, HTTP/2 sends
     /// GOAWAY).
-    pub async fn run(self, shutdown: watch::Receiver<bool>) {
+    pub async fn run(mut self, shutdown: watch::Receiver<bool>) {
+        let Some(listener) = self.listener.take() else {
+            return;
+        };
         let this = Arc::new(self);
         let mut stop = shutdown.clone();
         loop {
             let accepted = tokio::select! {
-                accepted = this.listener.accept() => accepted,
+                accepted = listener.accept() => accepted,
                 _ = crate::listener::stopped(&mut stop) => break,
             };
             match accepted {

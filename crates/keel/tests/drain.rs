@@ -200,6 +200,11 @@ async fn sigterm_drains_in_order_and_exits_zero() {
     let h1_end = tokio::time::timeout(Duration::from_secs(5), h1_conn).await;
     assert!(h1_end.is_ok(), "idle HTTP/1 connection not closed");
     assert!(signalled.elapsed() >= delay);
+    // The listener is closed: new connections are refused at once.
+    assert!(
+        TcpStream::connect(keel.listen).await.is_err(),
+        "still accepting"
+    );
     let h2_end = tokio::time::timeout(Duration::from_secs(5), h2_conn).await;
     assert!(h2_end.is_ok(), "HTTP/2 connection not closed by GOAWAY");
     let (status, _, body) = slow.await.expect("join").expect("slow request completes");
@@ -351,10 +356,7 @@ async fn endpoint_drain_moves_tunnels_to_the_other_endpoint() {
         clients.push(ws_client(keel.listen).await);
     }
     let on_blue = blue.connections();
-    assert!(
-        on_blue == n / 2,
-        "round robin: {on_blue} on blue"
-    );
+    assert!(on_blue == n / 2, "round robin: {on_blue} on blue");
 
     let out = keel_drain_cli(keel.admin, &["--upstream", "app", "--endpoint", &blue_url]).await;
     let stdout = String::from_utf8_lossy(&out.stdout);
