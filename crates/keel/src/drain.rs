@@ -438,6 +438,39 @@ mod tests {
         );
         assert_eq!(plan(&config, d).reconnect_window, Duration::from_secs(5));
     }
+
+    #[test]
+    fn progress_lines_for_a_terminal_and_for_logs() {
+        let p = serde_json::json!({
+            "total": 1000, "signalled": 600, "closed": 500, "remaining": 500,
+            "forced": 0, "elapsed_ms": 2000, "expected_finish_ms": 4000, "done": false,
+        });
+        let bar = progress_line("draining", &p, Duration::from_secs(3), true);
+        assert!(
+            bar.starts_with(&format!(
+                "[{}{}] 500/1000 closed  250/s  ~2s left",
+                "#".repeat(15),
+                ".".repeat(15)
+            )),
+            "{bar}"
+        );
+        let plain = progress_line("draining", &p, Duration::from_secs(3), false);
+        assert_eq!(plain, "drain: draining closed 500/1000 rate 250/s left ~2s");
+        let done = serde_json::json!({"total": 0, "closed": 0, "remaining": 0, "forced": 0, "elapsed_ms": 0, "expected_finish_ms": 0});
+        assert!(
+            progress_line("done", &done, Duration::ZERO, true)
+                .starts_with(&format!("[{}] 0/0", "#".repeat(30)))
+        );
+        assert_eq!(
+            progress_line(
+                "shutdown_delay",
+                &serde_json::Value::Null,
+                Duration::ZERO,
+                false
+            ),
+            "drain: shutdown_delay"
+        );
+    }
 }
 
 /// What `keel drain` drains.
