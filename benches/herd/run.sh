@@ -6,7 +6,7 @@
 # gateway holds and the gateway's RSS per idle tunnel.
 #
 # Usage: bash benches/herd/run.sh
-# Knobs: CLIENTS=8000 (herd runs)  HOLD=9500 (hold run)
+# Knobs: CLIENTS=8000 (herd runs)  HOLD=9500 (hold runs). About 3 minutes.
 # Loopback only; every wait in the tool is bounded (two minutes at most per
 # phase), and each run is under `timeout`.
 set -euo pipefail
@@ -32,6 +32,8 @@ herd() { timeout 300 target/release/examples/herd --keel target/release/keel --s
 echo "== hold: $HOLD idle tunnels, one worker, then two"
 herd --mode hold --clients "$HOLD" --workers 1
 herd --mode hold --clients "$HOLD" --workers 2
+echo "== hold: $HOLD idle tunnels opened one at a time (heap of concurrent handshakes not counted)"
+herd --mode hold --clients "$HOLD" --workers 1 --in-flight 1
 
 for mode in immediate fixed jitter; do
     echo "== abrupt close (all at once, no pacing), clients: $mode"
