@@ -162,3 +162,62 @@ impl StoreGate for ConsecutiveFailures {
         }
     }
 }
+
+/// A [`keel_breaker::Breaker`] as the store gate: the store is skipped
+/// (fail-closed 503 or fail-open, per route) while the breaker is open, so a
+/// dead store costs an atomic load instead of a timeout, and recovers with
+/// the breaker's half-open and gradual-recovery rules.
+///
+/// ```
+/// use std::time::Duration;
+/// use keel_breaker::{Breaker, Config};
+/// use keel_idempotency::gate::{BreakerGate, StoreGate};
+///
+/// // Blow on the 3rd failure within 10 s, stay open 5 s (fuse's rule).
+/// let breaker = Breaker::new(
+///     "idempotency-store",
+///     Config::fuse(2, Duration::from_secs(10), Duration::from_secs(5)),
+/// )
+/// .unwrap();
+/// let gate = BreakerGate::new(breaker);
+/// for _ in 0..3 {
+///     assert!(gate.allow());
+///     gate.on_failure();
+/// }
+/// assert!(!gate.allow(), "open: the store is not called");
+/// ```
+#[cfg(feature = "breaker")]
+#[derive(Clone, Debug)]
+pub struct BreakerGate {
+    breaker: keel_breaker::Breaker,
+}
+
+#[cfg(feature = "breaker")]
+impl BreakerGate {
+    /// Gates the store with `breaker`.
+    pub fn new(breaker: keel_breaker::Breaker) -> Self {
+        Self { breaker }
+    }
+
+    /// The breaker, for `/status`, metrics and operator overrides.
+    pub fn breaker(&self) -> &keel_breaker::Breaker {
+        &self.breaker
+    }
+}
+
+#[cfg(feature = "breaker")]
+impl StoreGate for BreakerGate {
+    fn allow(&self) -> bool {
+        // The engine reports every call's outcome through `on_success` and
+        // `on_failure`, without a permit, so admission is fuse's `ask`.
+        self.breaker.ask().is_ok()
+    }
+
+    fn on_success(&self) {
+        self.breaker.record(keel_breaker::Outcome::Success);
+    }
+
+    fn on_failure(&self) {
+        self.breaker.record(keel_breaker::Outcome::Failure);
+    }
+}

@@ -690,6 +690,37 @@ async fn store_down_fails_closed_by_default_with_a_gate() {
     );
 }
 
+#[tokio::test(start_paused = true)]
+async fn a_keel_breaker_gate_stops_calling_a_dead_store_and_probes_after_its_open_time() {
+    use keel_breaker::{Breaker, Config};
+    use keel_idempotency::gate::BreakerGate;
+
+    let store = Arc::new(DownStore::default());
+    // Blow on the 3rd failure within 10 s; open for 5 s.
+    let breaker = Breaker::new(
+        "idempotency-store",
+        Config::fuse(2, Duration::from_secs(10), Duration::from_secs(5)),
+    )
+    .expect("config");
+    let gate = Arc::new(BreakerGate::new(breaker.clone()));
+    let e = Engine::with_gate(store.clone(), gate, Policy::default());
+    for _ in 0..10 {
+        assert_eq!(rejected(&e, &post("k"), b"").await.status(), 503);
+    }
+    assert_eq!(
+        store.calls.load(Ordering::SeqCst),
+        3,
+        "calls stop once the breaker opens"
+    );
+    assert_eq!(breaker.state(), keel_breaker::State::Open);
+    tokio::time::advance(Duration::from_secs(5)).await;
+    assert_eq!(rejected(&e, &post("k"), b"").await.status(), 503);
+    assert!(
+        store.calls.load(Ordering::SeqCst) > 3,
+        "the store is tried again after the open time"
+    );
+}
+
 #[tokio::test]
 async fn store_down_fails_open_per_route() {
     let store = Arc::new(DownStore::default());

@@ -8,6 +8,7 @@
 
 #![cfg(feature = "postgres")]
 
+mod common;
 mod net_support;
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -458,5 +459,24 @@ async fn replays_and_in_flight_duplicates_are_pure_reads() {
         .await
         .expect("row");
     assert_eq!((r.get::<_, String>(0), r.get::<_, String>(1)), before_held);
+    drop_schema(&url, &table).await;
+}
+
+/// Engine level, the cases on a real PostgreSQL: 64 concurrent
+/// requests with one key run the operation once (409 mode and wait mode),
+/// and two engine instances on two pools split 200 keys x 8 duplicates with
+/// exactly 200 executions.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn engines_on_postgres_execute_exactly_once() {
+    let Some(url) = keel_testkit::service_url(keel_testkit::POSTGRES) else {
+        return;
+    };
+    let table = unique_table();
+    let store = std::sync::Arc::new(PostgresStore::connect(&url, options(&table)).expect("store"));
+    common::exactly_once_64_concurrent(store.clone(), false).await;
+    common::exactly_once_64_concurrent(store, true).await;
+    let a = PostgresStore::connect(&url, options(&table)).expect("a");
+    let b = PostgresStore::connect(&url, options(&table)).expect("b");
+    common::cross_instance_200_keys(std::sync::Arc::new(a), std::sync::Arc::new(b)).await;
     drop_schema(&url, &table).await;
 }

@@ -8,6 +8,7 @@
 
 #![cfg(feature = "redis")]
 
+mod common;
 mod net_support;
 
 use std::time::Duration;
@@ -449,5 +450,32 @@ async fn new_request_is_two_round_trips_and_replay_is_one() {
     );
     assert_eq!(new_requests, 2 * N, "claim + complete, one command each");
     assert_eq!(replays, N, "a replay is one claim");
+    cleanup(&url, &prefix).await;
+}
+
+/// Engine level, the cases on a real Redis: 64 concurrent requests
+/// with one key run the operation once (409 mode and wait mode), and two
+/// engine instances on two connections split 200 keys x 8 duplicates with
+/// exactly 200 executions.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn engines_on_redis_execute_exactly_once() {
+    let Some(url) = keel_testkit::service_url(keel_testkit::REDIS) else {
+        return;
+    };
+    let prefix = conformance::unique_prefix();
+    let store = std::sync::Arc::new(
+        RedisStore::connect(&url, options(&prefix))
+            .await
+            .expect("store"),
+    );
+    common::exactly_once_64_concurrent(store.clone(), false).await;
+    common::exactly_once_64_concurrent(store, true).await;
+    let a = RedisStore::connect(&url, options(&prefix))
+        .await
+        .expect("a");
+    let b = RedisStore::connect(&url, options(&prefix))
+        .await
+        .expect("b");
+    common::cross_instance_200_keys(std::sync::Arc::new(a), std::sync::Arc::new(b)).await;
     cleanup(&url, &prefix).await;
 }

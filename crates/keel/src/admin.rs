@@ -42,6 +42,8 @@ pub struct AdminState {
     pub draining: watch::Receiver<bool>,
     /// The shutdown sequence and endpoint drains.
     pub drain: Arc<DrainControl>,
+    /// The supervision tree, once built.
+    pub supervision: crate::supervision::ProbeSlot,
 }
 
 /// Serves the admin API until `shutdown` turns true.
@@ -175,7 +177,11 @@ fn status(state: &AdminState) -> serde_json::Value {
         "upstreams": upstreams,
         "routes": routes,
         // Filled in once the gateway runs under keel-supervisor.
-        "supervision": serde_json::Value::Null,
+        "supervision": state
+            .supervision
+            .get()
+            .and_then(|probe| serde_json::to_value(probe.snapshot()).ok())
+            .unwrap_or(serde_json::Value::Null),
         "drain": state.drain.report(),
     })
 }
@@ -348,16 +354,40 @@ pub fn render_status(status: &serde_json::Value) -> String {
             );
         }
     }
+    let _ = writeln!(out, "supervision:");
+    render_tree(&mut out, &status["supervision"], 1);
+    out
+}
+
+/// One line per node of the supervision snapshot, indented by depth.
+fn render_tree(out: &mut String, node: &serde_json::Value, depth: usize) {
+    use std::fmt::Write as _;
+    if node.is_null() {
+        let _ = writeln!(out, "  (not reported)");
+        return;
+    }
+    let text = |v: &serde_json::Value| v.as_str().map(str::to_owned).unwrap_or_default();
     let _ = writeln!(
         out,
-        "supervision: {}",
-        if status["supervision"].is_null() {
-            "not yet wired (phase 2)".to_owned()
+        "{:indent$}{:<12} {:<10} {:<9} restarts {}{}",
+        "",
+        text(&node["name"]),
+        text(&node["state"]),
+        if node["ready"].as_bool() == Some(true) {
+            "ready"
         } else {
-            status["supervision"].to_string()
-        }
+            "not ready"
+        },
+        node["restarts"],
+        node["reason"]
+            .as_str()
+            .map(|r| format!("  ({r})"))
+            .unwrap_or_default(),
+        indent = depth * 2
     );
-    out
+    for child in node["children"].as_array().into_iter().flatten() {
+        render_tree(out, child, depth + 1);
+    }
 }
 
 /// The drain endpoints: `POST /drain` (start the shutdown sequence),

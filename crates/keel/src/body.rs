@@ -46,6 +46,14 @@ pub enum ProxyBody {
         /// The connection, until the body has ended.
         checkin: Option<Checkin>,
     },
+    /// Bytes already read from `rest`, then the remainder of `rest`: a
+    /// response the idempotency filter began to buffer and then streamed.
+    Prefixed {
+        /// Sent first.
+        prefix: Option<Bytes>,
+        /// Then this.
+        rest: Box<ProxyBody>,
+    },
 }
 
 impl ProxyBody {
@@ -131,6 +139,10 @@ impl Body for ProxyBody {
                     Poll::Pending => Poll::Pending,
                 }
             }
+            ProxyBody::Prefixed { prefix, rest } => match prefix.take() {
+                Some(bytes) => Poll::Ready(Some(Ok(Frame::data(bytes)))),
+                None => Pin::new(rest.as_mut()).poll_frame(cx),
+            },
         }
     }
 
@@ -141,6 +153,7 @@ impl Body for ProxyBody {
             ProxyBody::Stream { inner, .. } | ProxyBody::Pooled { inner, .. } => {
                 inner.is_end_stream()
             }
+            ProxyBody::Prefixed { prefix, rest } => prefix.is_none() && rest.is_end_stream(),
         }
     }
 
@@ -151,6 +164,16 @@ impl Body for ProxyBody {
                 SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64))
             }
             ProxyBody::Stream { inner, .. } | ProxyBody::Pooled { inner, .. } => inner.size_hint(),
+            ProxyBody::Prefixed { prefix, rest } => {
+                let extra = prefix.as_ref().map_or(0, |b| b.len() as u64);
+                let inner = rest.size_hint();
+                let mut hint = SizeHint::new();
+                hint.set_lower(inner.lower() + extra);
+                if let Some(upper) = inner.upper() {
+                    hint.set_upper(upper + extra);
+                }
+                hint
+            }
         }
     }
 }

@@ -208,6 +208,37 @@ pub struct IdempotencyConfig {
     /// Header whose (hashed) value scopes the key.
     #[serde(default = "defaults::tenant_header")]
     pub tenant_header: Spanned<String>,
+    /// When the store is unreachable, forward without idempotency instead
+    /// of answering 503 (fail-open). Default false (fail-closed).
+    #[serde(default)]
+    pub fail_open: bool,
+    /// How long a claim holds before a duplicate may take the key over.
+    /// Default: the upstream's request_timeout plus a margin.
+    #[serde(default)]
+    pub lease: Option<ConfigDuration>,
+    /// Largest request body fingerprinted on a keyed request (413 above).
+    #[serde(default = "defaults::idempotency_max_body")]
+    pub max_body: ConfigSize,
+    /// Largest response body kept for replay; larger ones are streamed and
+    /// recorded as "too large to replay".
+    #[serde(default = "defaults::idempotency_max_body")]
+    pub max_response: ConfigSize,
+    /// What a 5xx answer or an ambiguous failure does to the key.
+    #[serde(default)]
+    pub server_errors: ServerErrorsPolicy,
+}
+
+/// `routes.idempotency.server_errors`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum ServerErrorsPolicy {
+    /// Store 5xx answers and replay them; a request lost after it was sent
+    /// locks the key as "outcome unknown" (default).
+    #[default]
+    Store,
+    /// Release the key on 5xx answers and on requests lost after they were
+    /// sent, so a retry runs again (only for operations safe to re-run).
+    Release,
 }
 
 /// `[drain]`.
@@ -354,6 +385,9 @@ mod defaults {
     }
     pub fn ttl() -> ConfigDuration {
         ConfigDuration(Duration::from_secs(24 * 3600))
+    }
+    pub fn idempotency_max_body() -> ConfigSize {
+        ConfigSize(1 << 20)
     }
     pub fn tenant_header() -> Spanned<String> {
         Spanned::new(0..0, "authorization".to_owned())

@@ -95,7 +95,19 @@ impl SampleApi {
                 response
             }
             (Method::POST, "/orders") => {
+                // `?delay_ms=N` makes the order slow, to show the 409 a
+                // duplicate gets while the first is still running.
+                let delay = request
+                    .uri()
+                    .query()
+                    .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("delay_ms=")))
+                    .and_then(|v| v.parse::<u64>().ok())
+                    .unwrap_or(0)
+                    .min(10_000);
                 let body = read_body(request.into_body()).await;
+                if delay > 0 {
+                    tokio::time::sleep(Duration::from_millis(delay)).await;
+                }
                 let execution = self.executions.fetch_add(1, Ordering::SeqCst) + 1;
                 let id = execution;
                 let order = format!(
@@ -178,22 +190,47 @@ async fn start_sample_api() -> std::io::Result<SocketAddr> {
     Ok(addr)
 }
 
-/// The demo's config text.
-pub fn demo_config(listen: &str, admin: &str, api: SocketAddr) -> String {
+/// The demo's config text: the embedded store in `store`, idempotency on
+/// `POST /orders`.
+pub fn demo_config(listen: &str, admin: &str, api: SocketAddr, store: &Path) -> String {
+    // TOML basic strings escape backslashes and quotes; a temp path has
+    // neither on Unix, but be safe.
+    let store = store
+        .display()
+        .to_string()
+        .replace('\\', "\\\\")
+        .replace('"', "\\\"");
     format!(
         r#"
 [server]
 listen = "{listen}"
 admin_listen = "{admin}"
 
+[store]
+kind = "embedded"
+path = "{store}"
+
+# An interactive demo: stop at once on Ctrl-C.
+[drain]
+shutdown_delay = "0s"
+
 [upstreams.sample]
 endpoints = ["http://{api}"]
 request_timeout = "2s"
 
+# The same API with room for the slow orders of the 409 example.
+[upstreams.orders]
+endpoints = ["http://{api}"]
+request_timeout = "10s"
+
 [[routes]]
 name = "orders"
 path_prefix = "/orders"
-upstream = "sample"
+upstream = "orders"
+
+[routes.idempotency]
+enabled = true
+methods = ["POST"]
 
 [[routes]]
 path_prefix = "/"
@@ -202,10 +239,32 @@ upstream = "sample"
     )
 }
 
+/// A temporary folder for the embedded store, removed when dropped.
+struct TempDir(std::path::PathBuf);
+
+impl TempDir {
+    fn new() -> std::io::Result<Self> {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+        let path =
+            std::env::temp_dir().join(format!("keel-demo-{}-{nanos:08x}", std::process::id()));
+        std::fs::create_dir_all(&path)?;
+        Ok(Self(path))
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 /// Runs the demo until interrupted.
 pub async fn run(listen: String, admin: String) -> Result<(), Box<dyn std::error::Error>> {
     let api = start_sample_api().await?;
-    let text = demo_config(&listen, &admin, api);
+    let store = TempDir::new()?;
+    let text = demo_config(&listen, &admin, api, &store.0);
     let config = config::parse(Path::new("<demo>"), &text).map_err(|errors| {
         errors
             .iter()
@@ -215,19 +274,38 @@ pub async fn run(listen: String, admin: String) -> Result<(), Box<dyn std::error
     })?;
     crate::telemetry::init(&config.log);
     let running = crate::serve::start(&config).await?;
+    if !running.wait_ready(Duration::from_secs(10)).await {
+        eprintln!("keel demo: the embedded store is not ready yet; see /readyz");
+    }
     let gw = running.listen;
     let admin = running
         .admin
         .map_or_else(|| "-".to_owned(), |a| a.to_string());
+    let store_dir = store.0.display();
+    let post = format!("curl -si -X POST http://{gw}/orders -H 'content-type: application/json'");
     println!(
         r#"
 keel demo: the gateway on http://{gw} in front of a sample API on http://{api}
-Try:
+Idempotency keys are on for POST /orders, kept in an embedded store in {store_dir}
+Try, in this order:
 
-  # create an order (the sample API counts executions)
-  curl -si -X POST http://{gw}/orders -H 'content-type: application/json' -d '{{"sku":"42"}}'
+  # 1. create an order with an Idempotency-Key: 201, executions 1
+  {post} -H 'Idempotency-Key: order-1' -d '{{"sku":"42"}}'
 
-  # read it back
+  # 2. retry it with the same key and body: the same 201 and body, replayed by
+  #    the gateway (Idempotent-Replayed: true, Original-Request-Id), not run again
+  {post} -H 'Idempotency-Key: order-1' -d '{{"sku":"42"}}'
+
+  # ... the sample API ran it once: {{"executions":1}}
+  curl -s http://{gw}/executions
+
+  # 3. the same key with a different body: 422 problem+json, nothing runs
+  {post} -H 'Idempotency-Key: order-1' -d '{{"sku":"43"}}'
+
+  # 4. a duplicate while the first is still running (a 3 s order): 409 with Retry-After
+  curl -s -o /dev/null -X POST 'http://{gw}/orders?delay_ms=3000' -H 'Idempotency-Key: order-2' -d '{{"sku":"7"}}' & sleep 1; curl -si -X POST 'http://{gw}/orders?delay_ms=3000' -H 'Idempotency-Key: order-2' -d '{{"sku":"7"}}'; wait
+
+  # read an order back
   curl -si http://{gw}/orders/1
 
   # a slow endpoint: the upstream takes 3s, the route's request_timeout is 2s -> 504 problem+json
@@ -241,15 +319,19 @@ Try:
   curl -si --max-time 2 http://{gw}/ws -H 'Connection: Upgrade' -H 'Upgrade: websocket' \
        -H 'Sec-WebSocket-Version: 13' -H 'Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ=='
 
-  # the gateway's own view
+  # the gateway's own view: readiness, the supervision tree, idempotency outcomes
+  curl -s http://{admin}/readyz
   curl -s http://{admin}/status
-  curl -s http://{admin}/metrics | grep keel_requests
+  curl -s http://{admin}/metrics | grep -E 'keel_(requests|idempotency)'
   keel status --admin {admin}
 
-Press Ctrl-C to stop.
+Press Ctrl-C to stop (the store folder is removed on exit).
 "#
     );
+    use std::io::Write as _;
+    let _ = std::io::stdout().flush();
     running.wait_and_drain().await?;
+    drop(store);
     Ok(())
 }
 
@@ -263,6 +345,7 @@ mod tests {
             "127.0.0.1:0",
             "127.0.0.1:0",
             "127.0.0.1:3000".parse().expect("addr"),
+            Path::new("/tmp/keel \"demo\""),
         );
         config::parse(Path::new("demo"), &text).expect("valid");
     }

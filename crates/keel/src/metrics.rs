@@ -147,7 +147,46 @@ pub struct Metrics {
     open_connections: Family<EndpointLabels, Gauge>,
     connects: Family<EndpointLabels, Counter>,
     in_flight: Family<EndpointLabels, Gauge>,
+    idempotency: Family<OutcomeLabels, Counter>,
+    restarts: Family<ChildLabel, Counter>,
     drain: Family<DrainLabels, Gauge>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabels {
+    route: String,
+    outcome: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ChildLabel {
+    child: String,
+}
+
+/// Idempotency outcome labels, in [`IdempotencyMetrics`] order.
+pub const IDEMPOTENCY_OUTCOMES: [&str; 7] = [
+    "new",
+    "replayed",
+    "in_flight_conflict",
+    "mismatch",
+    "store_error",
+    "rejected",
+    "passed_through",
+];
+
+/// Pre-made idempotency outcome counters for one route.
+#[derive(Debug, Clone)]
+pub struct IdempotencyMetrics {
+    counters: Vec<Counter>,
+}
+
+impl IdempotencyMetrics {
+    /// Counts one outcome by its index in [`IDEMPOTENCY_OUTCOMES`].
+    pub fn inc(&self, outcome: usize) {
+        if let Some(counter) = self.counters.get(outcome) {
+            counter.inc();
+        }
+    }
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -220,6 +259,18 @@ impl Metrics {
             "Requests sent to each upstream endpoint and not yet answered",
             in_flight.clone(),
         );
+        let idempotency = Family::<OutcomeLabels, Counter>::default();
+        registry.register(
+            "idempotency_outcomes",
+            "Keyed requests on idempotent routes, by route and outcome",
+            idempotency.clone(),
+        );
+        let restarts = Family::<ChildLabel, Counter>::default();
+        registry.register(
+            "supervisor_restarts",
+            "Restarts of each child of the gateway's supervision tree",
+            restarts.clone(),
+        );
         let drain = Family::<DrainLabels, Gauge>::default();
         registry.register(
             "drain_connections",
@@ -233,8 +284,35 @@ impl Metrics {
             open_connections,
             connects,
             in_flight,
+            idempotency,
+            restarts,
             drain,
         }
+    }
+
+    /// Creates the idempotency outcome counters for a route.
+    pub fn idempotency(&self, route: &str) -> IdempotencyMetrics {
+        let counters = IDEMPOTENCY_OUTCOMES
+            .iter()
+            .map(|outcome| {
+                self.idempotency
+                    .get_or_create(&OutcomeLabels {
+                        route: route.to_owned(),
+                        outcome: (*outcome).to_owned(),
+                    })
+                    .clone()
+            })
+            .collect();
+        IdempotencyMetrics { counters }
+    }
+
+    /// Counts one restart of the supervision tree's child at `path`.
+    pub fn supervisor_restart(&self, path: &str) {
+        self.restarts
+            .get_or_create(&ChildLabel {
+                child: path.to_owned(),
+            })
+            .inc();
     }
 
     /// Creates the handles for a route.

@@ -8,13 +8,13 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use http::Method;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use crate::admin::{self, AdminState};
+use crate::admin::AdminState;
 use crate::config::{Config, RouteConfig};
 use crate::drain::DrainControl;
 use crate::listener::{ConnectionCount, ConnectionSettings, DataPlane};
@@ -40,6 +40,12 @@ pub enum ServeError {
     /// Could not install signal handlers.
     #[error("cannot install signal handlers: {0}")]
     Signals(std::io::Error),
+    /// The supervision tree could not be built or started.
+    #[error("supervision tree: {0}")]
+    Tree(String),
+    /// The supervision tree gave up (restart intensity exceeded).
+    #[error("the supervision tree stopped: {0}")]
+    TreeExited(keel_supervisor::ExitReason),
 }
 
 /// Makes the request filter for a route (`None`: a plain route). Phase 2
@@ -48,6 +54,10 @@ pub enum ServeError {
 pub type FilterFactory<'a> = &'a dyn Fn(&RouteConfig) -> Option<Arc<dyn RequestFilter>>;
 
 /// No filters: every route is a plain proxy route.
+#[allow(
+    dead_code,
+    reason = "kept for callers that build a gateway without a store"
+)]
 pub fn no_filters(_: &RouteConfig) -> Option<Arc<dyn RequestFilter>> {
     None
 }
@@ -69,14 +79,6 @@ pub fn build_gateway(config: &Config, metrics: &Metrics, filters: FilterFactory<
                 .clone()
                 .unwrap_or_else(|| r.path_prefix.get_ref().clone());
             let filter = filters(r);
-            if filter.is_none() && r.idempotency.as_ref().is_some_and(|i| i.enabled) {
-                // The engine (keel-idempotency) is wired in as this route's
-                // RequestFilter in the next phase.
-                tracing::warn!(
-                    route = name,
-                    "idempotency is configured but not active in this build"
-                );
-            }
             Route {
                 metrics: metrics.route(&name),
                 name,
@@ -117,6 +119,8 @@ pub struct Running {
     shutdown: watch::Sender<bool>,
     listeners_ready: ReadinessHandle,
     connections: ConnectionCount,
+    tree: keel_supervisor::SupervisorHandle,
+    readiness: Readiness,
     drain: Arc<DrainControl>,
     /// Stops the admin server when the drain is over (dropped on exit).
     _exit: watch::Sender<bool>,
@@ -126,10 +130,27 @@ pub struct Running {
 pub async fn start(config: &Config) -> Result<Running, ServeError> {
     let started = Instant::now();
     let metrics = Arc::new(Metrics::new());
-    let gateway: &'static Gateway =
-        Box::leak(Box::new(build_gateway(config, &metrics, &no_filters)));
     let readiness = Readiness::default();
     let listeners_ready = readiness.register("listeners", "starting");
+    // The store is a dependency only when some route is idempotent.
+    let store = config
+        .routes
+        .iter()
+        .any(|r| r.idempotency.as_ref().is_some_and(|i| i.enabled))
+        .then(|| crate::store::SharedStore::new(&config.store));
+    let store_child = store
+        .as_ref()
+        .map(|s| s.connector(readiness.register("store", "store: starting")));
+    let filters = store.map(|s| crate::idempotency::Filters::new(s, metrics.clone()));
+    let idempotent = |route: &RouteConfig| {
+        let timeout = config
+            .upstreams
+            .get(route.upstream.get_ref())
+            .map_or(Duration::from_secs(30), |u| u.request_timeout.0);
+        filters.as_ref()?.for_route(route, timeout)
+    };
+    let gateway: &'static Gateway =
+        Box::leak(Box::new(build_gateway(config, &metrics, &idempotent)));
     let (shutdown, shutdown_rx) = watch::channel(false);
 
     let settings = ConnectionSettings {
@@ -152,6 +173,8 @@ pub async fn start(config: &Config) -> Result<Running, ServeError> {
     let (exit, exit_rx) = watch::channel(false);
 
     let mut admin = None;
+    let mut admin_child = None;
+    let probe = crate::supervision::ProbeSlot::default();
     if let Some(admin_addr) = config.admin_addr() {
         let listener = TcpListener::bind(admin_addr)
             .await
@@ -169,12 +192,32 @@ pub async fn start(config: &Config) -> Result<Running, ServeError> {
             connections: connections.clone(),
             started,
             draining: shutdown_rx.clone(),
+            supervision: probe.clone(),
             drain: drain.clone(),
         });
-        tokio::spawn(admin::run(listener, state, exit_rx));
+        admin_child = Some((listener, state));
     }
-    tokio::spawn(data_plane.run(shutdown_rx));
-    listeners_ready.set_ready();
+    let root = crate::supervision::tree(
+        crate::supervision::Children {
+            data_plane,
+            listen,
+            gateway,
+            settings,
+            listeners_ready: listeners_ready.clone(),
+            admin: admin_child,
+            store: store_child,
+            health: Vec::new(),
+            shutdown: shutdown_rx,
+            admin_shutdown: exit_rx,
+        },
+        &probe,
+    )
+    .map_err(|e| ServeError::Tree(e.to_string()))?;
+    crate::supervision::count_restarts(&root, metrics.clone());
+    let tree = root
+        .start()
+        .await
+        .map_err(|e| ServeError::Tree(e.to_string()))?;
     tracing::info!(%listen, admin = ?admin, "keel is serving");
     Ok(Running {
         listen,
@@ -182,12 +225,27 @@ pub async fn start(config: &Config) -> Result<Running, ServeError> {
         shutdown,
         listeners_ready,
         connections,
+        tree,
+        readiness,
         drain,
         _exit: exit,
     })
 }
 
 impl Running {
+    /// Waits up to `within` for every readiness condition (the store
+    /// connected, for instance); true if they all hold.
+    pub async fn wait_ready(&self, within: Duration) -> bool {
+        let deadline = Instant::now() + within;
+        while !self.readiness.is_ready() {
+            if Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        true
+    }
+
     /// Waits for SIGTERM, SIGINT or `POST /drain`, then runs the shutdown
     /// sequence (`crate::drain`): readiness fails at once, traffic is still
     /// served for `shutdown_delay`, then the listener stops accepting and
@@ -199,11 +257,15 @@ impl Running {
                 tracing::info!("signal received: draining");
             }
             () = self.drain.shutdown_requested() => tracing::info!("drain requested on the admin API"),
+            reason = self.tree.wait() => return Err(ServeError::TreeExited(reason)),
         }
         self.drain
             .shutdown(&self.listeners_ready, &self.shutdown)
             .await;
         tracing::info!(open = self.connections.get(), "drained");
+        // Stop the tree in reverse start order: health checks, the store
+        // connector, the admin server, the listener.
+        self.tree.shutdown().await;
         Ok(())
     }
 }

@@ -345,3 +345,144 @@ pub async fn raw(addr: SocketAddr, bytes: &[u8]) -> String {
     let _ = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut out)).await;
     String::from_utf8_lossy(&out).into_owned()
 }
+
+impl TestUpstream {
+    /// The test upstream on a chosen address (to bring an endpoint up
+    /// where a gateway already points).
+    pub async fn start_at(addr: SocketAddr) -> Self {
+        let listener = TcpListener::bind(addr).await.expect("bind");
+        let connections = Arc::new(AtomicUsize::new(0));
+        let requests = Arc::new(AtomicUsize::new(0));
+        let counter = connections.clone();
+        let request_counter = requests.clone();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                counter.fetch_add(1, Ordering::SeqCst);
+                let request_counter = request_counter.clone();
+                tokio::spawn(async move {
+                    let _ = http1::Builder::new()
+                        .serve_connection(
+                            TokioIo::new(stream),
+                            service_fn(move |r| {
+                                request_counter.fetch_add(1, Ordering::SeqCst);
+                                async { Ok::<_, Infallible>(upstream_handle(r).await) }
+                            }),
+                        )
+                        .with_upgrades()
+                        .await;
+                });
+            }
+        });
+        TestUpstream {
+            addr,
+            connections,
+            requests,
+        }
+    }
+}
+
+/// A unique lower-case name for store prefixes and tables.
+pub fn unique_name(tag: &str) -> String {
+    static N: AtomicUsize = AtomicUsize::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    format!(
+        "kt_{tag}_{}_{nanos:x}_{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::SeqCst)
+    )
+}
+
+/// A keyed POST; returns status, headers and body.
+pub async fn post_keyed(
+    addr: SocketAddr,
+    path: &str,
+    key: Option<&str>,
+    authorization: Option<&str>,
+    body: &str,
+) -> (StatusCode, http::HeaderMap, Bytes) {
+    let mut builder = Request::post(path)
+        .header(header::HOST, "gw.test")
+        .header(header::CONTENT_TYPE, "application/json");
+    if let Some(key) = key {
+        builder = builder.header("idempotency-key", key);
+    }
+    if let Some(auth) = authorization {
+        builder = builder.header(header::AUTHORIZATION, auth);
+    }
+    request(addr, builder.body(full(body.to_owned())).expect("request"))
+        .await
+        .expect("keyed POST")
+}
+
+/// Polls `/readyz` until it answers `want` (10 s at most); returns its body.
+pub async fn wait_ready(admin: SocketAddr, want: StatusCode) -> String {
+    let mut last = String::new();
+    for _ in 0..200 {
+        if let Ok((status, _, body)) = get(admin, "/readyz").await {
+            last = String::from_utf8_lossy(&body).into_owned();
+            if status == want {
+                return last;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("/readyz never answered {want}; last: {last}");
+}
+
+/// A TCP proxy to `target` on `listen`, stopped (listener and every
+/// connection) by `stop`, to make a store go away and come back.
+pub struct TcpProxy {
+    tasks: Arc<std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>>,
+}
+
+impl TcpProxy {
+    pub async fn start(listen: SocketAddr, target: String) -> TcpProxy {
+        // The previous proxy's listener goes away when its aborted task is
+        // dropped, a moment after stop().
+        let mut bound = None;
+        for _ in 0..100 {
+            if let Ok(l) = TcpListener::bind(listen).await {
+                bound = Some(l);
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let listener = bound.expect("bind proxy");
+        let tasks: Arc<std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>> = Arc::default();
+        let inner = tasks.clone();
+        let accept = tokio::spawn(async move {
+            while let Ok((mut downstream, _)) = listener.accept().await {
+                let target = target.clone();
+                let task = tokio::spawn(async move {
+                    if let Ok(mut upstream) = TcpStream::connect(&target).await {
+                        let _ = tokio::io::copy_bidirectional(&mut downstream, &mut upstream).await;
+                    }
+                });
+                inner.lock().expect("tasks").push(task);
+            }
+        });
+        tasks.lock().expect("tasks").push(accept);
+        TcpProxy { tasks }
+    }
+
+    pub fn stop(&self) {
+        for task in self.tasks.lock().expect("tasks").drain(..) {
+            task.abort();
+        }
+    }
+}
+
+impl Drop for TcpProxy {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// `host:port` of a `redis://host:port/...` URL.
+pub fn redis_host_port(url: &str) -> String {
+    let rest = url.strip_prefix("redis://").unwrap_or(url);
+    let hp = rest.split('/').next().unwrap_or(rest);
+    hp.rsplit_once('@').map_or(hp, |(_, h)| h).to_owned()
+}

@@ -1,0 +1,424 @@
+//! The idempotency store from `[store]`, connected by a supervised child.
+//!
+//! A remote store is never a precondition of start-up ("it's about the
+//! guarantees"): the gateway builds a [`StoreSlot`] that answers
+//! "unavailable" until the connector child has opened the store, and a
+//! [`HealthGate`] that refuses store calls while the connector says the
+//! store is down. Idempotent routes then fail closed (503 problem+json with
+//! `Retry-After`, or fail open where configured) within microseconds, plain
+//! routes are untouched, and `/readyz` reports `store: <why>`.
+//!
+//! The connector opens the store (embedded: the redb file; redis: a lazily
+//! connecting client; postgres: a pool and the table), then probes it with
+//! a claim and a release on a health key every second. A failed probe, or
+//! a failed store call on the request path (which wakes the connector at
+//! once), flips readiness and the gate; probing goes on with backoff and
+//! full jitter, so a store that comes back is picked up without a restart.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use keel_idempotency::gate::{ConsecutiveFailures, StoreGate};
+use keel_idempotency::store::{BoxFuture, Claim, Fingerprint, Store, StoreError, StoreKey};
+use keel_supervisor::{ChildContext, ChildResult, ChildSpec, RestartBackoff};
+use tokio::sync::Notify;
+
+use crate::config::{StoreConfig, StoreKind};
+use crate::readiness::ReadinessHandle;
+
+/// How often a healthy store is probed.
+const PROBE_EVERY: Duration = Duration::from_secs(1);
+/// How often expired records are purged (stores that do not expire keys).
+const PURGE_EVERY: Duration = Duration::from_secs(60);
+
+/// The store every idempotent route shares; empty until connected.
+#[derive(Default)]
+pub struct StoreSlot {
+    store: OnceLock<Arc<dyn Store>>,
+}
+
+impl StoreSlot {
+    fn get(&self) -> Result<&Arc<dyn Store>, StoreError> {
+        self.store
+            .get()
+            .ok_or_else(|| StoreError::Unavailable("the store is not connected yet".into()))
+    }
+}
+
+impl Store for StoreSlot {
+    fn claim<'a>(
+        &'a self,
+        key: &'a StoreKey,
+        fingerprint: Fingerprint,
+        lease: Duration,
+    ) -> BoxFuture<'a, Result<Claim, StoreError>> {
+        match self.get() {
+            Ok(store) => store.claim(key, fingerprint, lease),
+            Err(e) => Box::pin(async move { Err(e) }),
+        }
+    }
+
+    fn complete<'a>(
+        &'a self,
+        key: &'a StoreKey,
+        token: keel_idempotency::store::FencingToken,
+        payload: &'a [u8],
+        ttl: Duration,
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        match self.get() {
+            Ok(store) => store.complete(key, token, payload, ttl),
+            Err(e) => Box::pin(async move { Err(e) }),
+        }
+    }
+
+    fn release<'a>(
+        &'a self,
+        key: &'a StoreKey,
+        token: keel_idempotency::store::FencingToken,
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        match self.get() {
+            Ok(store) => store.release(key, token),
+            Err(e) => Box::pin(async move { Err(e) }),
+        }
+    }
+
+    fn purge_expired(&self) -> BoxFuture<'_, Result<u64, StoreError>> {
+        match self.get() {
+            Ok(store) => store.purge_expired(),
+            Err(e) => Box::pin(async move { Err(e) }),
+        }
+    }
+
+    fn name(&self) -> &'static str {
+        self.store.get().map_or("unconnected", |s| s.name())
+    }
+}
+
+/// The gate around the store: closed while the connector says the store is
+/// down, and a consecutive-failures breaker for failures it has not seen
+/// yet. Lock-free: two atomics and the breaker's atomics per request.
+pub struct HealthGate {
+    up: AtomicBool,
+    breaker: ConsecutiveFailures,
+    wake: Notify,
+}
+
+impl Default for HealthGate {
+    fn default() -> Self {
+        Self {
+            up: AtomicBool::new(false),
+            breaker: ConsecutiveFailures::new(3, Duration::from_millis(500)),
+            wake: Notify::new(),
+        }
+    }
+}
+
+impl StoreGate for HealthGate {
+    fn allow(&self) -> bool {
+        self.up.load(Ordering::Acquire) && self.breaker.allow()
+    }
+
+    fn on_success(&self) {
+        self.breaker.on_success();
+    }
+
+    fn on_failure(&self) {
+        self.breaker.on_failure();
+        // Let the connector probe now rather than at its next tick.
+        self.wake.notify_one();
+    }
+}
+
+/// What the routes and the connector share.
+#[derive(Clone)]
+pub struct SharedStore {
+    /// The store (behind its slot).
+    pub store: Arc<StoreSlot>,
+    /// The gate every engine uses.
+    pub gate: Arc<HealthGate>,
+    settings: Arc<Settings>,
+}
+
+struct Settings {
+    kind: StoreKind,
+    /// Shown in reasons: a path or a URL without its password.
+    location: String,
+    path: std::path::PathBuf,
+    url: String,
+    prefix: String,
+    timeout: Duration,
+}
+
+impl SharedStore {
+    /// The store described by `[store]`, not connected yet.
+    pub fn new(config: &StoreConfig) -> Self {
+        let kind = *config.kind.get_ref();
+        let url = config
+            .url
+            .as_ref()
+            .map(|u| u.get_ref().clone())
+            .unwrap_or_default();
+        let location = match kind {
+            StoreKind::Memory => "memory".to_owned(),
+            StoreKind::Embedded => format!("embedded at {}", config.embedded_path().display()),
+            StoreKind::Redis => format!("redis at {}", redact(&url)),
+            StoreKind::Postgres => format!("postgres at {}", redact(&url)),
+        };
+        Self {
+            store: Arc::default(),
+            gate: Arc::default(),
+            settings: Arc::new(Settings {
+                kind,
+                location,
+                path: config.embedded_path(),
+                url,
+                prefix: config.prefix.clone(),
+                timeout: config.timeout.0,
+            }),
+        }
+    }
+
+    /// The connector as a supervised child: it defers its readiness (so
+    /// the rest of the tree starts at once), then connects and probes
+    /// forever, flipping `ready` (the `store` readiness condition).
+    pub fn connector(&self, ready: ReadinessHandle) -> ChildSpec {
+        let shared = self.clone();
+        ChildSpec::new("store", move |ctx| {
+            let shared = shared.clone();
+            let ready = ready.clone();
+            async move { shared.connect_loop(ctx, ready).await }
+        })
+    }
+
+    async fn connect_loop(self, ctx: ChildContext, ready: ReadinessHandle) -> ChildResult {
+        let where_ = &self.settings.location;
+        ctx.defer(format!("store: connecting to {where_}"));
+        ready.set_not_ready(format!("store: connecting to {where_}"));
+        let backoff = RestartBackoff::new(Duration::from_millis(100), Duration::from_secs(2));
+        let mut jitter = Jitter::seeded();
+        let mut attempt = 0u32;
+        let mut last_purge = tokio::time::Instant::now();
+        let health_key = StoreKey::new(format!("keel-health:{}", std::process::id()))
+            .ok_or_else(|| keel_supervisor::ChildError::msg("invalid health key"))?;
+        loop {
+            let result = match self.open().await {
+                Ok(store) => probe(store, &health_key, self.settings.timeout).await,
+                Err(e) => Err(e),
+            };
+            let wait = match result {
+                Ok(()) => {
+                    if !self.gate.up.swap(true, Ordering::AcqRel) {
+                        tracing::info!(store = %where_, "idempotency store is reachable");
+                    }
+                    self.gate.breaker.on_success();
+                    ready.set_ready();
+                    ctx.ready();
+                    attempt = 0;
+                    if last_purge.elapsed() >= PURGE_EVERY {
+                        last_purge = tokio::time::Instant::now();
+                        if let Ok(store) = self.store.get() {
+                            let _ = store.purge_expired().await;
+                        }
+                    }
+                    PROBE_EVERY
+                }
+                Err(why) => {
+                    let reason = format!("store: {where_}: {why}");
+                    if self.gate.up.swap(false, Ordering::AcqRel) || attempt == 0 {
+                        tracing::warn!(%reason, "idempotency store is unreachable");
+                    }
+                    ready.set_not_ready(reason.clone());
+                    ctx.not_ready(reason);
+                    let delay = backoff.delay(attempt, jitter.next());
+                    attempt = attempt.saturating_add(1);
+                    delay
+                }
+            };
+            tokio::select! {
+                _ = ctx.cancelled() => return Ok(()),
+                _ = tokio::time::sleep(wait) => {}
+                _ = self.gate.wake.notified() => {}
+            }
+        }
+    }
+
+    /// The store, opened on first success.
+    async fn open(&self) -> Result<&Arc<dyn Store>, String> {
+        if let Some(store) = self.store.store.get() {
+            return Ok(store);
+        }
+        let s = &self.settings;
+        let store: Arc<dyn Store> = match s.kind {
+            StoreKind::Memory => Arc::new(keel_idempotency::memory::MemoryStore::new()),
+            StoreKind::Embedded => {
+                let path = s.path.clone();
+                let opened = tokio::task::spawn_blocking(move || {
+                    keel_idempotency::embedded::EmbeddedStore::open_dir(path)
+                })
+                .await
+                .map_err(|e| e.to_string())?;
+                Arc::new(opened.map_err(|e| e.to_string())?)
+            }
+            StoreKind::Redis => {
+                use keel_idempotency::redis::{RedisOptions, RedisStore};
+                let options = RedisOptions::default()
+                    .prefix(s.prefix.clone())
+                    .op_timeout(s.timeout)
+                    .connections(2);
+                Arc::new(RedisStore::lazy(&s.url, options).map_err(|e| e.to_string())?)
+            }
+            StoreKind::Postgres => {
+                use keel_idempotency::postgres::{PostgresOptions, PostgresStore};
+                let options = PostgresOptions::default()
+                    .table(&postgres_table(&s.prefix))
+                    .map_err(|e| e.to_string())?
+                    .op_timeout(s.timeout);
+                let store = PostgresStore::connect(&s.url, options).map_err(|e| e.to_string())?;
+                tokio::time::timeout(s.timeout * 2, store.ensure_schema())
+                    .await
+                    .map_err(|_| "timed out creating the table".to_owned())?
+                    .map_err(|e| e.to_string())?;
+                Arc::new(store)
+            }
+        };
+        // Only the connector sets the slot, so this never loses a race.
+        let _ = self.store.store.set(store);
+        self.store.get().map_err(|e| e.to_string())
+    }
+}
+
+/// One claim and release on the health key, under `timeout`.
+async fn probe(store: &Arc<dyn Store>, key: &StoreKey, timeout: Duration) -> Result<(), String> {
+    let work = async {
+        match store
+            .claim(key, Fingerprint([0; 32]), Duration::from_secs(5))
+            .await
+        {
+            Ok(Claim::Acquired { token }) => match store.release(key, token).await {
+                Ok(()) | Err(StoreError::Fenced) => Ok(()),
+                Err(e) => Err(e.to_string()),
+            },
+            // Someone else's probe (another gateway sharing the store): it
+            // answered, so it is up.
+            Ok(_) | Err(StoreError::Fenced) => Ok(()),
+            Err(e) => Err(e.to_string()),
+        }
+    };
+    tokio::time::timeout(timeout, work)
+        .await
+        .map_err(|_| format!("no answer within {timeout:?}"))?
+}
+
+/// `[store] prefix` as a PostgreSQL table name: `<prefix>_idempotency`,
+/// lower case, non-identifier characters replaced.
+pub fn postgres_table(prefix: &str) -> String {
+    let mut name: String = prefix
+        .chars()
+        .map(|c| {
+            let c = c.to_ascii_lowercase();
+            if c.is_ascii_alphanumeric() || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .take(40)
+        .collect();
+    if !name.starts_with(|c: char| c.is_ascii_lowercase() || c == '_') {
+        name.insert(0, '_');
+    }
+    name.push_str("_idempotency");
+    name
+}
+
+/// A URL without its password, for logs and `/readyz`.
+fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let userinfo = &url[scheme + 3..at];
+            let user = userinfo.split(':').next().unwrap_or("");
+            format!("{}{}@{}", &url[..scheme + 3], user, &url[at + 1..])
+        }
+        _ => url.to_owned(),
+    }
+}
+
+/// A tiny xorshift for backoff jitter, seeded from the clock.
+struct Jitter(u64);
+
+impl Jitter {
+    fn seeded() -> Self {
+        static SALT: AtomicU64 = AtomicU64::new(0x9E37_79B9_7F4A_7C15);
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(1, |d| u64::from(d.subsec_nanos()));
+        Self((nanos ^ SALT.fetch_add(1, Ordering::Relaxed)) | 1)
+    }
+
+    fn next(&mut self) -> f64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        (self.0 >> 11) as f64 / (1u64 << 53) as f64
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn table_names_are_sql_identifiers() {
+        assert_eq!(postgres_table("keel"), "keel_idempotency");
+        assert_eq!(postgres_table("Keel-Test.1"), "keel_test_1_idempotency");
+        assert_eq!(postgres_table("9x"), "_9x_idempotency");
+    }
+
+    #[test]
+    fn passwords_are_redacted() {
+        assert_eq!(
+            redact("redis://user:secret@host:6379/"),
+            "redis://user@host:6379/"
+        );
+        assert_eq!(redact("redis://host:6379/"), "redis://host:6379/");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_slot_is_unavailable_until_connected_and_the_gate_follows_probes() {
+        let config = StoreConfig::default();
+        let shared = SharedStore::new(&config);
+        let key = StoreKey::new("k").expect("key");
+        assert!(matches!(
+            shared
+                .store
+                .claim(&key, Fingerprint([1; 32]), Duration::from_secs(1))
+                .await,
+            Err(StoreError::Unavailable(_))
+        ));
+        assert!(!shared.gate.allow());
+        let readiness = crate::readiness::Readiness::default();
+        let handle = readiness.register("store", "starting");
+        let root = keel_supervisor::Supervisor::builder("t")
+            .child(shared.connector(handle))
+            .build()
+            .expect("tree");
+        let running = root.start().await.expect("start");
+        for _ in 0..100 {
+            if readiness.is_ready() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(readiness.is_ready());
+        assert!(shared.gate.allow());
+        assert!(matches!(
+            shared
+                .store
+                .claim(&key, Fingerprint([1; 32]), Duration::from_secs(1))
+                .await,
+            Ok(Claim::Acquired { .. })
+        ));
+        running.shutdown().await;
+    }
+}
