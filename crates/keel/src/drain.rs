@@ -24,6 +24,7 @@
 //! with the same pacing, so clients reconnect through the gateway to the
 //! remaining endpoints; [`DrainControl::resume_endpoint`] puts it back.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -37,9 +38,31 @@ use crate::readiness::ReadinessHandle;
 
 static REGISTRY: LazyLock<Registry> = LazyLock::new(Registry::new);
 
+/// Set once the shutdown drain has started, with the hint window in
+/// milliseconds (0: not draining): a tunnel upgraded after that (its
+/// request was in flight) is asked to close as soon as it exists.
+static LATE_WINDOW_MS: AtomicU64 = AtomicU64::new(0);
+
 /// The process's connection registry.
 pub fn registry() -> &'static Registry {
     &REGISTRY
+}
+
+/// For a tunnel registered after the shutdown drain began: the close
+/// request to send it at once (a hint spread by its id), or `None`.
+pub fn late_close(id: keel_drain::ConnId) -> Option<keel_drain::CloseRequest> {
+    let window = LATE_WINDOW_MS.load(Ordering::Relaxed);
+    (window > 0).then(|| {
+        // SplitMix64 finaliser of the id: spread, no shared RNG state.
+        let mut z = id.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^= z >> 31;
+        keel_drain::CloseRequest {
+            force: false,
+            reconnect_after: Duration::from_millis(z % window),
+        }
+    })
 }
 
 /// The tunnel drain plan `[drain]` describes, with `deadline` as its hard
@@ -120,32 +143,20 @@ struct Shutdown {
 pub struct DrainControl {
     gateway: &'static Gateway,
     metrics: Arc<Metrics>,
-    config: DrainConfigValues,
+    config: DrainConfig,
     requested: watch::Sender<bool>,
     shutdown: Mutex<Shutdown>,
     endpoints: Mutex<Vec<EndpointDrain>>,
-}
-
-/// The `[drain]` values the control keeps (the config itself is not kept).
-struct DrainConfigValues {
-    shutdown_delay: Duration,
-    deadline: Duration,
-    tunnel_plan: Box<dyn Fn(Duration) -> DrainPlan + Send + Sync>,
 }
 
 impl DrainControl {
     /// A control for `gateway` with the `[drain]` settings.
     pub fn new(gateway: &'static Gateway, metrics: Arc<Metrics>, config: &DrainConfig) -> Self {
         let (requested, _) = watch::channel(false);
-        let owned = config.clone();
         DrainControl {
             gateway,
             metrics,
-            config: DrainConfigValues {
-                shutdown_delay: config.shutdown_delay.0,
-                deadline: config.deadline.0,
-                tunnel_plan: Box::new(move |deadline| plan(&owned, deadline)),
-            },
+            config: config.clone(),
             requested,
             shutdown: Mutex::new(Shutdown {
                 phase: Phase::Serving,
@@ -184,15 +195,21 @@ impl DrainControl {
         let _ = self.requested.send_replace(true);
         ready.set_not_ready("draining");
         self.set_phase(Phase::ShutdownDelay);
-        tracing::info!(delay = ?self.config.shutdown_delay, "draining: readiness failed, still serving");
-        tokio::time::sleep(self.config.shutdown_delay.min(self.config.deadline)).await;
+        tracing::info!(delay = ?self.config.shutdown_delay.0, "draining: readiness failed, still serving");
+        tokio::time::sleep(self.config.shutdown_delay.0.min(self.config.deadline.0)).await;
 
         let _ = stop_accepting.send(true);
-        let left = self.config.deadline.saturating_sub(began.elapsed());
+        LATE_WINDOW_MS.store(
+            u64::try_from(self.config.reconnect_window.0.as_millis())
+                .unwrap_or(u64::MAX)
+                .max(1),
+            Ordering::Relaxed,
+        );
+        let left = self.config.deadline.0.saturating_sub(began.elapsed());
         let tunnels = keel_drain::start(
             registry(),
             Target::Kind(ConnKind::Tunnel),
-            (self.config.tunnel_plan)(left),
+            plan(&self.config, left),
         );
         // HTTP connections are all told at once (their close costs no
         // reconnect storm: the next request opens a new connection), and
@@ -227,6 +244,19 @@ impl DrainControl {
         );
         let (tunnels, _, _) = tokio::join!(tunnels.finished(), h1.finished(), h2.finished());
         report.abort();
+        // Tunnels upgraded after the drain began were asked to close when
+        // they appeared; wait for them too, and cut them at the deadline.
+        while !registry().is_empty() && began.elapsed() < self.config.deadline.0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        if !registry().is_empty() {
+            let cut = DrainPlan::batches(usize::MAX, Duration::from_secs(1))
+                .jitter(false)
+                .deadline(Duration::ZERO);
+            keel_drain::start(registry(), Target::All, cut)
+                .finished()
+                .await;
+        }
         self.metrics.drain("shutdown").set(&tunnels);
         self.set_phase(Phase::Done);
         tracing::info!(
@@ -260,7 +290,7 @@ impl DrainControl {
         let drain = keel_drain::start(
             registry(),
             Target::Endpoint(target.drain_key().to_string()),
-            (self.config.tunnel_plan)(self.config.deadline),
+            plan(&self.config, self.config.deadline.0),
         );
         let progress = drain.progress();
         let gauges = self.metrics.drain(endpoint);
@@ -437,6 +467,24 @@ mod tests {
             250
         );
         assert_eq!(plan(&config, d).reconnect_window, Duration::from_secs(5));
+    }
+
+    #[test]
+    fn late_tunnels_get_a_spread_hint_only_while_draining() {
+        assert_eq!(late_close(keel_drain::ConnId(1)), None);
+        LATE_WINDOW_MS.store(1000, Ordering::Relaxed);
+        let hints: std::collections::BTreeSet<u128> = (0..100)
+            .map(|i| {
+                let close = late_close(keel_drain::ConnId(i)).expect("draining");
+                assert!(!close.force);
+                close.reconnect_after.as_millis()
+            })
+            .collect();
+        LATE_WINDOW_MS.store(0, Ordering::Relaxed);
+        assert!(
+            hints.len() > 80 && hints.iter().all(|h| *h < 1000),
+            "{hints:?}"
+        );
     }
 
     #[test]

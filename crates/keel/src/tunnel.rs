@@ -82,6 +82,10 @@ pub async fn splice(downstream: OnUpgrade, upstream: OnUpgrade, websocket: bool)
     // A task of its own, so the long-lived future holds only the tunnel's
     // state, not the (larger) upgrade futures above.
     let registration = crate::drain::registry().register(ConnKind::Tunnel, Some(endpoint));
+    if let Some(close) = crate::drain::late_close(registration.id()) {
+        // Upgraded while the gateway drains: leave with the others.
+        crate::drain::registry().close(registration.id(), close);
+    }
     tokio::spawn(async move {
         let _guard = guard;
         let result = run(
