@@ -18,6 +18,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::body::ProxyBody;
+use crate::drain::{DrainControl, EndpointDrainError};
 use crate::listener::ConnectionCount;
 use crate::metrics::Metrics;
 use crate::proxy::Gateway;
@@ -39,6 +40,8 @@ pub struct AdminState {
     pub started: Instant,
     /// Set once a drain has begun.
     pub draining: watch::Receiver<bool>,
+    /// The shutdown sequence and endpoint drains.
+    pub drain: Arc<DrainControl>,
     /// The supervision tree, once built.
     pub supervision: crate::supervision::ProbeSlot,
 }
@@ -85,6 +88,9 @@ fn text(status: StatusCode, content_type: &'static str, body: String) -> Respons
 }
 
 fn answer(state: &AdminState, request: &Request<Incoming>) -> Response<ProxyBody> {
+    if let Some(response) = drain_answer(state, request) {
+        return response;
+    }
     if request.method() != Method::GET {
         return text(
             StatusCode::METHOD_NOT_ALLOWED,
@@ -176,6 +182,7 @@ fn status(state: &AdminState) -> serde_json::Value {
             .get()
             .and_then(|probe| serde_json::to_value(probe.snapshot()).ok())
             .unwrap_or(serde_json::Value::Null),
+        "drain": state.drain.report(),
     })
 }
 
@@ -319,6 +326,34 @@ pub fn render_status(status: &serde_json::Value) -> String {
             }
         );
     }
+    if let Some(phase) = status["drain"]["phase"].as_str() {
+        let _ = writeln!(out, "drain: {phase}");
+        for e in status["drain"]["endpoints"]
+            .as_array()
+            .into_iter()
+            .flatten()
+        {
+            let p = &e["progress"];
+            let _ = writeln!(
+                out,
+                "  {} {}: {} closed {}/{}{}",
+                s(&e["upstream"]),
+                s(&e["endpoint"]),
+                if e["draining"].as_bool() == Some(true) {
+                    "draining"
+                } else {
+                    "resumed"
+                },
+                p["closed"],
+                p["total"],
+                if p["done"].as_bool() == Some(true) {
+                    " (done)"
+                } else {
+                    ""
+                },
+            );
+        }
+    }
     let _ = writeln!(out, "supervision:");
     render_tree(&mut out, &status["supervision"], 1);
     out
@@ -352,5 +387,187 @@ fn render_tree(out: &mut String, node: &serde_json::Value, depth: usize) {
     );
     for child in node["children"].as_array().into_iter().flatten() {
         render_tree(out, child, depth + 1);
+    }
+}
+
+/// The drain endpoints: `POST /drain` (start the shutdown sequence),
+/// `GET /drain` (progress), `POST /upstreams/{name}/endpoints/drain?endpoint=URL`
+/// and `POST /upstreams/{name}/endpoints/resume?endpoint=URL`.
+fn drain_answer(state: &AdminState, request: &Request<Incoming>) -> Option<Response<ProxyBody>> {
+    let json =
+        |status, value: serde_json::Value| text(status, "application/json", format!("{value:#}\n"));
+    let path = request.uri().path();
+    let method = request.method();
+    if path == "/drain" {
+        return Some(match *method {
+            Method::GET => json(StatusCode::OK, state.drain.report()),
+            Method::POST => {
+                let started = state.drain.request_shutdown();
+                let mut report = state.drain.report();
+                report["started"] = serde_json::Value::Bool(started);
+                json(StatusCode::ACCEPTED, report)
+            }
+            _ => text(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "text/plain",
+                "GET or POST\n".into(),
+            ),
+        });
+    }
+    let rest = path.strip_prefix("/upstreams/")?;
+    let (upstream, action) = rest.split_once("/endpoints/")?;
+    if action != "drain" && action != "resume" {
+        return None;
+    }
+    if *method != Method::POST {
+        return Some(text(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "text/plain",
+            "POST only\n".into(),
+        ));
+    }
+    let upstream = percent_decode(upstream);
+    let Some(endpoint) = request
+        .uri()
+        .query()
+        .unwrap_or("")
+        .split('&')
+        .find_map(|kv| kv.strip_prefix("endpoint="))
+        .map(percent_decode)
+    else {
+        return Some(json(
+            StatusCode::BAD_REQUEST,
+            serde_json::json!({"error": "the endpoint URL is missing: add ?endpoint=URL"}),
+        ));
+    };
+    let failed = |error: EndpointDrainError| {
+        let status = match error {
+            EndpointDrainError::LastEndpoint(_) => StatusCode::CONFLICT,
+            _ => StatusCode::NOT_FOUND,
+        };
+        json(status, serde_json::json!({"error": error.to_string()}))
+    };
+    Some(if action == "drain" {
+        match state.drain.drain_endpoint(&upstream, &endpoint) {
+            Ok(progress) => json(
+                StatusCode::ACCEPTED,
+                serde_json::json!({"upstream": upstream, "endpoint": endpoint, "progress": progress}),
+            ),
+            Err(error) => failed(error),
+        }
+    } else {
+        match state.drain.resume_endpoint(&upstream, &endpoint) {
+            Ok(was) => json(
+                StatusCode::OK,
+                serde_json::json!({"upstream": upstream, "endpoint": endpoint, "was_draining": was}),
+            ),
+            Err(error) => failed(error),
+        }
+    })
+}
+
+/// Decodes `%XX` escapes (and `+` as a space) in a query value; invalid
+/// escapes are kept as they are.
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |b: u8| (b as char).to_digit(16);
+        match bytes[i] {
+            b'%' if i + 2 < bytes.len() => match (hex(bytes[i + 1]), hex(bytes[i + 2])) {
+                (Some(h), Some(l)) => {
+                    out.push((h * 16 + l) as u8);
+                    i += 3;
+                    continue;
+                }
+                _ => out.push(b'%'),
+            },
+            b'+' => out.push(b' '),
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Encodes a query value for [`admin_request`] callers.
+pub fn percent_encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                (b as char).to_string()
+            }
+            b => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// Sends one request to a gateway's admin API; returns the status and the
+/// JSON body (`Null` when the body is not JSON).
+pub async fn admin_request(
+    addr: &str,
+    method: Method,
+    path: &str,
+) -> Result<(StatusCode, serde_json::Value), StatusError> {
+    let host = addr
+        .trim_start_matches("http://")
+        .trim_end_matches('/')
+        .to_owned();
+    let unreachable = |source: Box<dyn std::error::Error + Send + Sync>| StatusError::Unreachable {
+        addr: host.clone(),
+        source,
+    };
+    let stream = tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        tokio::net::TcpStream::connect(&host),
+    )
+    .await
+    .map_err(|e| unreachable(Box::new(e)))?
+    .map_err(|e| unreachable(Box::new(e)))?;
+    let (mut sender, connection) =
+        hyper::client::conn::http1::handshake::<_, ProxyBody>(TokioIo::new(stream))
+            .await
+            .map_err(|e| unreachable(Box::new(e)))?;
+    tokio::spawn(connection);
+    let request = Request::builder()
+        .method(method)
+        .uri(path)
+        .header(header::HOST, host.as_str())
+        .body(ProxyBody::Empty)
+        .map_err(|e| unreachable(Box::new(e)))?;
+    let response = sender
+        .send_request(request)
+        .await
+        .map_err(|e| unreachable(Box::new(e)))?;
+    let status = response.status();
+    let mut body = response.into_body();
+    let mut bytes = Vec::new();
+    while let Some(frame) =
+        std::future::poll_fn(|cx| std::pin::Pin::new(&mut body).poll_frame(cx)).await
+    {
+        let frame = frame.map_err(|e| unreachable(Box::new(e)))?;
+        if let Some(data) = frame.data_ref() {
+            bytes.extend_from_slice(data);
+        }
+    }
+    Ok((
+        status,
+        serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null),
+    ))
+}
+
+#[cfg(test)]
+mod drain_tests {
+    use super::*;
+
+    #[test]
+    fn query_values_round_trip() {
+        let url = "http://127.0.0.1:3001/a b";
+        assert_eq!(percent_decode(&percent_encode(url)), url);
+        assert_eq!(percent_decode("http://x:1"), "http://x:1");
+        assert_eq!(percent_decode("100%"), "100%");
+        assert_eq!(percent_decode("%4"), "%4");
+        assert_eq!(percent_decode("%zz"), "%zz");
     }
 }

@@ -242,7 +242,7 @@ pub enum ServerErrorsPolicy {
 }
 
 /// `[drain]`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 #[allow(
     dead_code,
@@ -261,6 +261,37 @@ pub struct DrainConfig {
     /// Everything still open is closed at this point.
     #[serde(default = "defaults::deadline")]
     pub deadline: ConfigDuration,
+    /// Pacing of tunnel closes: `batch` (`batch_size` every
+    /// `batch_interval`), `percent` (`percent` % every `batch_interval`) or
+    /// `gradual` (evenly over `gradual_over`).
+    #[serde(default)]
+    pub strategy: DrainStrategy,
+    /// Share of the tunnels closed per interval with `strategy = "percent"`.
+    #[serde(default = "defaults::drain_percent")]
+    pub percent: f64,
+    /// Duration of a `gradual` drain.
+    #[serde(default = "defaults::gradual_over")]
+    pub gradual_over: ConfigDuration,
+    /// Spread each batch's closes randomly across its interval.
+    #[serde(default = "defaults::drain_jitter")]
+    pub jitter: bool,
+    /// Each closed tunnel's client is told (in the close reason) to wait a
+    /// random time below this before reconnecting; `"0s"` sends no hint.
+    #[serde(default = "defaults::reconnect_window")]
+    pub reconnect_window: ConfigDuration,
+}
+
+/// `[drain] strategy`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum DrainStrategy {
+    /// `batch_size` every `batch_interval` (Phoenix).
+    #[default]
+    Batch,
+    /// `percent` % every `batch_interval` (Socket Drano).
+    Percent,
+    /// Evenly over `gradual_over` (Envoy).
+    Gradual,
 }
 
 impl Default for DrainConfig {
@@ -270,6 +301,11 @@ impl Default for DrainConfig {
             batch_size: defaults::batch_size(),
             batch_interval: defaults::batch_interval(),
             deadline: defaults::deadline(),
+            strategy: DrainStrategy::default(),
+            percent: defaults::drain_percent(),
+            gradual_over: defaults::gradual_over(),
+            jitter: defaults::drain_jitter(),
+            reconnect_window: defaults::reconnect_window(),
         }
     }
 }
@@ -367,6 +403,18 @@ mod defaults {
     }
     pub fn deadline() -> ConfigDuration {
         ConfigDuration(Duration::from_secs(30))
+    }
+    pub fn drain_percent() -> f64 {
+        25.0
+    }
+    pub fn gradual_over() -> ConfigDuration {
+        ConfigDuration(Duration::from_secs(20))
+    }
+    pub fn drain_jitter() -> bool {
+        true
+    }
+    pub fn reconnect_window() -> ConfigDuration {
+        ConfigDuration(Duration::from_secs(5))
     }
     pub fn log_level() -> String {
         "info".to_owned()
@@ -633,6 +681,21 @@ fn validate(config: &Config, c: &mut Checker<'_>) {
 
     if config.drain.batch_size == 0 {
         c.error(0..0, "drain.batch_size must be at least 1");
+    }
+    if !(config.drain.percent > 0.0 && config.drain.percent <= 100.0) {
+        c.error(0..0, "drain.percent must be above 0 and at most 100");
+    }
+    if config.drain.shutdown_delay.0 >= config.drain.deadline.0 {
+        c.error(
+            0..0,
+            "drain.shutdown_delay must be shorter than drain.deadline (both count from the signal)",
+        );
+    }
+    if config.drain.batch_interval.0.is_zero() || config.drain.gradual_over.0.is_zero() {
+        c.error(
+            0..0,
+            "drain.batch_interval and drain.gradual_over must be above zero",
+        );
     }
 }
 

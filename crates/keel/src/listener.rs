@@ -17,6 +17,7 @@ use std::time::Duration;
 use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use keel_drain::{ConnKind, Registration};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
@@ -54,7 +55,9 @@ impl Drop for Counted {
 
 /// A bound data-plane listener.
 pub struct DataPlane {
-    listener: TcpListener,
+    /// Taken out by `run`, so the socket closes (new connections are
+    /// refused) as soon as it stops accepting, while open connections drain.
+    listener: Option<TcpListener>,
     gateway: &'static Gateway,
     http1: http1::Builder,
     http2: http2::Builder<TokioExecutor>,
@@ -79,7 +82,7 @@ impl DataPlane {
         h2.timer(TokioTimer::new())
             .max_header_list_size(u32::try_from(settings.max_header_size * 2).unwrap_or(u32::MAX));
         Ok(DataPlane {
-            listener,
+            listener: Some(listener),
             gateway,
             http1: h1,
             http2: h2,
@@ -90,7 +93,10 @@ impl DataPlane {
 
     /// The bound address.
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
-        self.listener.local_addr()
+        match &self.listener {
+            Some(listener) => listener.local_addr(),
+            None => Err(std::io::ErrorKind::NotConnected.into()),
+        }
     }
 
     /// The open-connection counter.
@@ -101,12 +107,15 @@ impl DataPlane {
     /// Accepts until `shutdown` turns true; then open connections are told
     /// to finish (HTTP/1 closes after the current response, HTTP/2 sends
     /// GOAWAY).
-    pub async fn run(self, shutdown: watch::Receiver<bool>) {
+    pub async fn run(mut self, shutdown: watch::Receiver<bool>) {
+        let Some(listener) = self.listener.take() else {
+            return;
+        };
         let this = Arc::new(self);
         let mut stop = shutdown.clone();
         loop {
             let accepted = tokio::select! {
-                accepted = this.listener.accept() => accepted,
+                accepted = listener.accept() => accepted,
                 _ = crate::listener::stopped(&mut stop) => break,
             };
             match accepted {
@@ -150,14 +159,27 @@ impl DataPlane {
             Ok::<_, Infallible>(gateway.handle(request, downstream).await)
         });
         let io = TokioIo::new(stream);
+        // Registered for draining: a gentle close is the same graceful
+        // shutdown as the stop signal (`Connection: close` on the next
+        // response and idle connections closed; GOAWAY on HTTP/2), a forced
+        // one (the deadline) cuts the connection, in-flight or not.
+        let kind = if is_h2 {
+            ConnKind::Http2
+        } else {
+            ConnKind::Http1
+        };
+        let mut drain = crate::drain::registry().register(kind, None);
         if is_h2 {
             let connection = self.http2.serve_connection(io, service);
             tokio::pin!(connection);
             tokio::select! {
                 result = connection.as_mut() => log_end(result),
-                _ = crate::listener::stopped(&mut shutdown) => {
+                _ = asked_to_close(&mut shutdown, &mut drain) => {
                     connection.as_mut().graceful_shutdown();
-                    log_end(connection.await);
+                    tokio::select! {
+                        result = connection.as_mut() => log_end(result),
+                        () = forced(&mut drain) => tracing::debug!("connection cut at the drain deadline"),
+                    }
                 }
             }
         } else {
@@ -165,12 +187,31 @@ impl DataPlane {
             tokio::pin!(connection);
             tokio::select! {
                 result = connection.as_mut() => log_end(result),
-                _ = crate::listener::stopped(&mut shutdown) => {
+                _ = asked_to_close(&mut shutdown, &mut drain) => {
                     connection.as_mut().graceful_shutdown();
-                    log_end(connection.await);
+                    tokio::select! {
+                        result = connection.as_mut() => log_end(result),
+                        () = forced(&mut drain) => tracing::debug!("connection cut at the drain deadline"),
+                    }
                 }
             }
         }
+    }
+}
+
+/// Resolves once the listener stops or the drain asks this connection to
+/// close.
+async fn asked_to_close(shutdown: &mut watch::Receiver<bool>, drain: &mut Registration) {
+    tokio::select! {
+        () = stopped(shutdown) => {}
+        _ = drain.closing() => {}
+    }
+}
+
+/// Resolves once the drain forces this connection closed.
+async fn forced(drain: &mut Registration) {
+    while !drain.requested().is_some_and(|r| r.force) {
+        drain.closing().await;
     }
 }
 

@@ -10,6 +10,7 @@ mod body;
 mod config;
 mod demo;
 mod demo_ws;
+mod drain;
 mod headers;
 mod idempotency;
 mod listener;
@@ -63,6 +64,21 @@ enum Command {
         #[arg(long)]
         admin: String,
     },
+    /// Drain the whole gateway, or one upstream endpoint, showing progress.
+    Drain {
+        /// Admin address, such as 127.0.0.1:9901.
+        #[arg(long)]
+        admin: String,
+        /// Drain one endpoint of this upstream (blue/green) instead of the gateway.
+        #[arg(long, requires = "endpoint")]
+        upstream: Option<String>,
+        /// The endpoint URL, as configured.
+        #[arg(long, requires = "upstream")]
+        endpoint: Option<String>,
+        /// Put the endpoint back in service instead.
+        #[arg(long, requires = "endpoint")]
+        resume: bool,
+    },
     /// Start the gateway in front of a built-in sample API and print what to try.
     Demo {
         /// Data-plane address.
@@ -106,6 +122,24 @@ fn main() -> ExitCode {
                 }
                 Err(error) => Err(error.into()),
             }
+        }),
+        Command::Drain {
+            admin,
+            upstream,
+            endpoint,
+            resume,
+        } => run_async(1, async move {
+            let target = match (upstream, endpoint) {
+                (Some(upstream), Some(endpoint)) => drain::CliTarget::Endpoint {
+                    upstream,
+                    endpoint,
+                    resume,
+                },
+                _ => drain::CliTarget::Gateway,
+            };
+            let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
+            drain::cli(&admin, target, tty).await?;
+            Ok(())
         }),
         Command::Demo { listen, admin } => run_async(0, demo::run(listen, admin)),
     }

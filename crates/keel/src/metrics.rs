@@ -149,6 +149,7 @@ pub struct Metrics {
     in_flight: Family<EndpointLabels, Gauge>,
     idempotency: Family<OutcomeLabels, Counter>,
     restarts: Family<ChildLabel, Counter>,
+    drain: Family<DrainLabels, Gauge>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -185,6 +186,36 @@ impl IdempotencyMetrics {
         if let Some(counter) = self.counters.get(outcome) {
             counter.inc();
         }
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DrainLabels {
+    /// `shutdown` or the drained endpoint's URL.
+    target: String,
+    /// `total`, `signalled`, `closed`, `remaining`, `forced`.
+    state: String,
+}
+
+/// Gauges for one drain's progress (`keel_drain_connections`).
+#[derive(Debug, Clone, Default)]
+pub struct DrainGauges {
+    total: Gauge,
+    signalled: Gauge,
+    closed: Gauge,
+    remaining: Gauge,
+    forced: Gauge,
+}
+
+impl DrainGauges {
+    /// Copies a progress report into the gauges.
+    pub fn set(&self, progress: &keel_drain::Progress) {
+        let g = |v: usize| i64::try_from(v).unwrap_or(i64::MAX);
+        self.total.set(g(progress.total));
+        self.signalled.set(g(progress.signalled));
+        self.closed.set(g(progress.closed));
+        self.remaining.set(g(progress.remaining));
+        self.forced.set(g(progress.forced));
     }
 }
 
@@ -240,6 +271,12 @@ impl Metrics {
             "Restarts of each child of the gateway's supervision tree",
             restarts.clone(),
         );
+        let drain = Family::<DrainLabels, Gauge>::default();
+        registry.register(
+            "drain_connections",
+            "Connections of a drain (target: shutdown or an endpoint) by state: total, signalled, closed, remaining, forced",
+            drain.clone(),
+        );
         Metrics {
             registry,
             requests,
@@ -249,6 +286,7 @@ impl Metrics {
             in_flight,
             idempotency,
             restarts,
+            drain,
         }
     }
 
@@ -309,6 +347,25 @@ impl Metrics {
             open_connections: self.open_connections.get_or_create(&labels).clone(),
             connects: self.connects.get_or_create(&labels).clone(),
             in_flight: self.in_flight.get_or_create(&labels).clone(),
+        }
+    }
+
+    /// The progress gauges of the drain of `target`.
+    pub fn drain(&self, target: &str) -> DrainGauges {
+        let g = |state: &str| {
+            self.drain
+                .get_or_create(&DrainLabels {
+                    target: target.to_owned(),
+                    state: state.to_owned(),
+                })
+                .clone()
+        };
+        DrainGauges {
+            total: g("total"),
+            signalled: g("signalled"),
+            closed: g("closed"),
+            remaining: g("remaining"),
+            forced: g("forced"),
         }
     }
 

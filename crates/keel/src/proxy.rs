@@ -356,6 +356,7 @@ impl Gateway {
         downstream_upgrade: Option<hyper::upgrade::OnUpgrade>,
     ) {
         let switching = response.status() == StatusCode::SWITCHING_PROTOCOLS;
+        let websocket = switching && crate::tunnel::is_websocket(response.headers());
         remove_hop_by_hop(response.headers_mut(), switching);
         if self.settings.via {
             append_via(response.headers_mut(), Version::HTTP_11);
@@ -366,7 +367,7 @@ impl Gateway {
                 .remove::<hyper::upgrade::OnUpgrade>();
             match (downstream_upgrade, upstream_upgrade) {
                 (Some(down), Some(up)) => {
-                    tokio::spawn(crate::tunnel::splice(down, up));
+                    tokio::spawn(crate::tunnel::splice(down, up, websocket));
                 }
                 _ => {
                     *response = Problem::new(

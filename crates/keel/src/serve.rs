@@ -16,6 +16,7 @@ use tokio::sync::watch;
 
 use crate::admin::AdminState;
 use crate::config::{Config, RouteConfig};
+use crate::drain::DrainControl;
 use crate::listener::{ConnectionCount, ConnectionSettings, DataPlane};
 use crate::metrics::Metrics;
 use crate::proxy::{Gateway, ProxySettings, RequestFilter};
@@ -118,10 +119,11 @@ pub struct Running {
     shutdown: watch::Sender<bool>,
     listeners_ready: ReadinessHandle,
     connections: ConnectionCount,
-    shutdown_delay: Duration,
-    deadline: Duration,
     tree: keel_supervisor::SupervisorHandle,
     readiness: Readiness,
+    drain: Arc<DrainControl>,
+    /// Stops the admin server when the drain is over (dropped on exit).
+    _exit: watch::Sender<bool>,
 }
 
 /// Binds everything and starts serving; returns once the listeners are up.
@@ -165,6 +167,10 @@ pub async fn start(config: &Config) -> Result<Running, ServeError> {
         })?;
     let listen = data_plane.local_addr().unwrap_or(addr);
     let connections = data_plane.connections();
+    let drain = Arc::new(DrainControl::new(gateway, metrics.clone(), &config.drain));
+    // The admin server outlives the listener: `GET /drain` answers until
+    // the drain is over.
+    let (exit, exit_rx) = watch::channel(false);
 
     let mut admin = None;
     let mut admin_child = None;
@@ -187,6 +193,7 @@ pub async fn start(config: &Config) -> Result<Running, ServeError> {
             started,
             draining: shutdown_rx.clone(),
             supervision: probe.clone(),
+            drain: drain.clone(),
         });
         admin_child = Some((listener, state));
     }
@@ -201,6 +208,7 @@ pub async fn start(config: &Config) -> Result<Running, ServeError> {
             store: store_child,
             health: Vec::new(),
             shutdown: shutdown_rx,
+            admin_shutdown: exit_rx,
         },
         &probe,
     )
@@ -217,10 +225,10 @@ pub async fn start(config: &Config) -> Result<Running, ServeError> {
         shutdown,
         listeners_ready,
         connections,
-        shutdown_delay: config.drain.shutdown_delay.0,
-        deadline: config.drain.deadline.0,
         tree,
         readiness,
+        drain,
+        _exit: exit,
     })
 }
 
@@ -238,22 +246,22 @@ impl Running {
         true
     }
 
-    /// Waits for SIGTERM or SIGINT, then drains: readiness fails at once,
-    /// traffic is still served for `shutdown_delay`, then the listener
-    /// stops accepting and connections are asked to finish, up to `deadline`.
+    /// Waits for SIGTERM, SIGINT or `POST /drain`, then runs the shutdown
+    /// sequence (`crate::drain`): readiness fails at once, traffic is still
+    /// served for `shutdown_delay`, then the listener stops accepting and
+    /// connections are closed at the `[drain]` pace, up to `deadline`.
     pub async fn wait_and_drain(self) -> Result<(), ServeError> {
         tokio::select! {
-            signal = wait_for_signal() => signal?,
+            signal = wait_for_signal() => {
+                signal?;
+                tracing::info!("signal received: draining");
+            }
+            () = self.drain.shutdown_requested() => tracing::info!("drain requested on the admin API"),
             reason = self.tree.wait() => return Err(ServeError::TreeExited(reason)),
         }
-        tracing::info!("signal received: draining");
-        self.listeners_ready.set_not_ready("draining");
-        tokio::time::sleep(self.shutdown_delay).await;
-        let _ = self.shutdown.send(true);
-        let deadline = Instant::now() + self.deadline;
-        while self.connections.get() > 0 && Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        self.drain
+            .shutdown(&self.listeners_ready, &self.shutdown)
+            .await;
         tracing::info!(open = self.connections.get(), "drained");
         // Stop the tree in reverse start order: health checks, the store
         // connector, the admin server, the listener.

@@ -55,6 +55,9 @@ pub struct Children {
     pub health: Vec<ChildSpec>,
     /// Tells the servers to stop accepting (the drain).
     pub shutdown: watch::Receiver<bool>,
+    /// Stops the admin server: later than `shutdown`, so `GET /drain`
+    /// answers through the drain.
+    pub admin_shutdown: watch::Receiver<bool>,
 }
 
 /// Builds the tree; `probe` receives its probe for `/status`.
@@ -69,6 +72,7 @@ pub fn tree(children: Children, probe: &ProbeSlot) -> Result<Supervisor, BuildEr
         store,
         health,
         shutdown,
+        admin_shutdown,
     } = children;
     let data_plane = Arc::new(Mutex::new(Some(data_plane)));
     let listener_shutdown = shutdown.clone();
@@ -98,7 +102,6 @@ pub fn tree(children: Children, probe: &ProbeSlot) -> Result<Supervisor, BuildEr
     if let Some((listener, state)) = admin {
         let addr = listener.local_addr().ok();
         let bound = Arc::new(Mutex::new(Some(listener)));
-        let admin_shutdown = shutdown.clone();
         builder = builder.child(
             ChildSpec::new("admin", move |ctx| {
                 let bound = bound.clone();

@@ -7,7 +7,8 @@
 //! choices), which needs no shared state beyond those counters.
 
 use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Mutex, PoisonError};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -44,6 +45,11 @@ pub struct Endpoint {
     idle_timeout: Duration,
     max_idle_per_shard: usize,
     shards: Box<[Mutex<Vec<IdleConnection>>]>,
+    /// The URL shared with every tunnel's drain registration, so one
+    /// endpoint's tunnels can be drained (no copy per tunnel).
+    drain_key: Arc<str>,
+    /// Draining (blue/green): no new requests or tunnels.
+    draining: AtomicBool,
 }
 
 #[derive(Debug)]
@@ -96,7 +102,25 @@ impl Endpoint {
             idle_timeout: config.idle_timeout.0,
             max_idle_per_shard: config.max_idle_per_endpoint.div_ceil(shards).max(1),
             shards: (0..shards).map(|_| Mutex::new(Vec::new())).collect(),
+            drain_key: Arc::from(url),
+            draining: AtomicBool::new(false),
         }
+    }
+
+    /// True while the endpoint is drained: it gets no new requests.
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
+    }
+
+    /// Marks the endpoint draining (no new requests or tunnels) or back in
+    /// service; returns the previous state.
+    pub fn set_draining(&self, draining: bool) -> bool {
+        self.draining.swap(draining, Ordering::Relaxed)
+    }
+
+    /// The key its tunnels are registered under for draining (its URL).
+    pub fn drain_key(&self) -> Arc<str> {
+        self.drain_key.clone()
     }
 
     fn own_shard(&self) -> &Mutex<Vec<IdleConnection>> {
@@ -166,6 +190,7 @@ impl Endpoint {
             guard: ConnectionGuard {
                 metrics: self.metrics.clone(),
             },
+            endpoint: self.drain_key.clone(),
         };
         let (sender, connection) = http1::Builder::new()
             .handshake(io)
@@ -312,16 +337,20 @@ impl Upstream {
         }
     }
 
-    /// Picks the endpoint for the next request.
+    /// Picks the endpoint for the next request; draining endpoints are
+    /// skipped (`None` when every endpoint is draining).
     pub fn select(&self) -> Option<&Endpoint> {
+        let len = self.endpoints.len();
         let index = pick(
             self.balancing,
-            self.endpoints.len(),
+            len,
             &self.next,
             |i| self.endpoints[i].outstanding.load(Ordering::Relaxed),
             next_random,
         )?;
-        self.endpoints.get(index)
+        (0..len)
+            .map(|k| &self.endpoints[(index + k) % len])
+            .find(|e| !e.is_draining())
     }
 }
 
@@ -389,9 +418,15 @@ impl Drop for ConnectionGuard {
 pub struct CountedIo {
     io: TokioIo<TcpStream>,
     guard: ConnectionGuard,
+    endpoint: Arc<str>,
 }
 
 impl CountedIo {
+    /// The endpoint's drain key, for the tunnel's registration.
+    pub fn endpoint_key(&self) -> Arc<str> {
+        self.endpoint.clone()
+    }
+
     /// The raw socket and the guard, for tunnels.
     pub fn into_parts(self) -> (TcpStream, ConnectionGuard) {
         (self.io.into_inner(), self.guard)

@@ -1,0 +1,684 @@
+//! Draining: the shutdown sequence and blue/green endpoint drains, carried
+//! out by keel-drain.
+//!
+//! Every downstream connection (`listener`) and every tunnel (`tunnel`,
+//! with its upstream endpoint) is registered in one process-wide
+//! [`keel_drain::Registry`] (sharded; registering touches one shard).
+//!
+//! The shutdown sequence ([`DrainControl::shutdown`]), on SIGTERM/SIGINT or
+//! `POST /drain`:
+//!
+//! 1. `/readyz` turns 503 at once;
+//! 2. for `shutdown_delay` traffic is still served normally (load
+//!    balancers and Kubernetes notice readiness and stop sending);
+//! 3. the listener stops accepting; HTTP/1 connections get
+//!    `Connection: close` on their next response and idle ones close,
+//!    HTTP/2 connections get GOAWAY; in-flight requests run on;
+//! 4. tunnels are closed at the pace of `[drain]` (batches, a percentage,
+//!    or gradually), WebSockets with close code 1012 and a reconnect hint;
+//! 5. at `deadline` (counted from the signal) whatever is left is cut;
+//! 6. the process exits 0.
+//!
+//! An endpoint drain ([`DrainControl::drain_endpoint`]) marks one upstream
+//! endpoint draining (no new requests or tunnels) and closes its tunnels
+//! with the same pacing, so clients reconnect through the gateway to the
+//! remaining endpoints; [`DrainControl::resume_endpoint`] puts it back.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, LazyLock, Mutex, PoisonError};
+use std::time::Duration;
+
+use keel_drain::{ConnKind, Drain, DrainPlan, Progress, Registry, Target};
+use tokio::sync::watch;
+
+use crate::config::{DrainConfig, DrainStrategy};
+use crate::metrics::Metrics;
+use crate::proxy::Gateway;
+use crate::readiness::ReadinessHandle;
+
+static REGISTRY: LazyLock<Registry> = LazyLock::new(Registry::new);
+
+/// Set once the shutdown drain has started, with the hint window in
+/// milliseconds (0: not draining): a tunnel upgraded after that (its
+/// request was in flight) is asked to close as soon as it exists.
+static LATE_WINDOW_MS: AtomicU64 = AtomicU64::new(0);
+
+/// The process's connection registry.
+pub fn registry() -> &'static Registry {
+    &REGISTRY
+}
+
+/// For a tunnel registered after the shutdown drain began: the close
+/// request to send it at once (a hint spread by its id), or `None`.
+pub fn late_close(id: keel_drain::ConnId) -> Option<keel_drain::CloseRequest> {
+    let window = LATE_WINDOW_MS.load(Ordering::Relaxed);
+    (window > 0).then(|| {
+        // SplitMix64 finaliser of the id: spread, no shared RNG state.
+        let mut z = id.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^= z >> 31;
+        keel_drain::CloseRequest {
+            force: false,
+            reconnect_after: Duration::from_millis(z % window),
+        }
+    })
+}
+
+/// The tunnel drain plan `[drain]` describes, with `deadline` as its hard
+/// deadline.
+pub fn plan(config: &DrainConfig, deadline: Duration) -> DrainPlan {
+    let interval = config.batch_interval.0;
+    let plan = match config.strategy {
+        DrainStrategy::Batch => DrainPlan::batches(
+            usize::try_from(config.batch_size).unwrap_or(usize::MAX),
+            interval,
+        ),
+        DrainStrategy::Percent => DrainPlan::percent(config.percent, interval),
+        DrainStrategy::Gradual => DrainPlan::gradual(config.gradual_over.0),
+    };
+    plan.deadline(deadline)
+        .jitter(config.jitter)
+        .reconnect_window(config.reconnect_window.0)
+        .seed(seed())
+}
+
+/// A seed that differs between runs (hints and jitter need not be
+/// reproducible in production; tests of the plan live in keel-drain).
+fn seed() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
+        ^ u64::from(std::process::id()).rotate_left(32)
+}
+
+/// Where the shutdown sequence is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Phase {
+    /// Not draining.
+    Serving,
+    /// Readiness fails; traffic still served.
+    ShutdownDelay,
+    /// Not accepting; connections being closed.
+    Draining,
+    /// Everything closed (or cut): the process is about to exit.
+    Done,
+}
+
+/// Why an endpoint drain was refused.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum EndpointDrainError {
+    /// No upstream by that name.
+    #[error("no upstream named {0:?}")]
+    NoUpstream(String),
+    /// The upstream has no such endpoint.
+    #[error("upstream {upstream:?} has no endpoint {endpoint:?}")]
+    NoEndpoint {
+        /// The upstream.
+        upstream: String,
+        /// The URL asked for.
+        endpoint: String,
+    },
+    /// Draining it would leave the upstream with no endpoint in service.
+    #[error(
+        "{0:?} is the last endpoint in service of its upstream; drain another or resume one first"
+    )]
+    LastEndpoint(String),
+}
+
+struct EndpointDrain {
+    upstream: String,
+    endpoint: String,
+    drain: Drain,
+}
+
+struct Shutdown {
+    phase: Phase,
+    tunnels: Option<watch::Receiver<Progress>>,
+    http: Option<watch::Receiver<Progress>>,
+}
+
+/// The drain state shared by the serve command and the admin API.
+pub struct DrainControl {
+    gateway: &'static Gateway,
+    metrics: Arc<Metrics>,
+    config: DrainConfig,
+    requested: watch::Sender<bool>,
+    shutdown: Mutex<Shutdown>,
+    endpoints: Mutex<Vec<EndpointDrain>>,
+}
+
+impl DrainControl {
+    /// A control for `gateway` with the `[drain]` settings.
+    pub fn new(gateway: &'static Gateway, metrics: Arc<Metrics>, config: &DrainConfig) -> Self {
+        let (requested, _) = watch::channel(false);
+        DrainControl {
+            gateway,
+            metrics,
+            config: config.clone(),
+            requested,
+            shutdown: Mutex::new(Shutdown {
+                phase: Phase::Serving,
+                tunnels: None,
+                http: None,
+            }),
+            endpoints: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Asks for the shutdown sequence (`POST /drain`); returns false if it
+    /// was already asked for.
+    pub fn request_shutdown(&self) -> bool {
+        !self.requested.send_replace(true)
+    }
+
+    /// Resolves once the shutdown sequence is asked for.
+    pub async fn shutdown_requested(&self) {
+        let mut rx = self.requested.subscribe();
+        let _ = rx.wait_for(|asked| *asked).await;
+    }
+
+    fn set_phase(&self, phase: Phase) {
+        self.shutdown
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .phase = phase;
+    }
+
+    /// Runs the shutdown sequence (see the module docs): `ready` is failed
+    /// at once, `stop_accepting` is set after `shutdown_delay`; returns
+    /// once every connection is closed or the deadline (plus a short grace)
+    /// has passed.
+    pub async fn shutdown(&self, ready: &ReadinessHandle, stop_accepting: &watch::Sender<bool>) {
+        let began = tokio::time::Instant::now();
+        let _ = self.requested.send_replace(true);
+        ready.set_not_ready("draining");
+        self.set_phase(Phase::ShutdownDelay);
+        tracing::info!(delay = ?self.config.shutdown_delay.0, "draining: readiness failed, still serving");
+        tokio::time::sleep(self.config.shutdown_delay.0.min(self.config.deadline.0)).await;
+
+        let _ = stop_accepting.send(true);
+        LATE_WINDOW_MS.store(
+            u64::try_from(self.config.reconnect_window.0.as_millis())
+                .unwrap_or(u64::MAX)
+                .max(1),
+            Ordering::Relaxed,
+        );
+        let left = self.config.deadline.0.saturating_sub(began.elapsed());
+        let tunnels = keel_drain::start(
+            registry(),
+            Target::Kind(ConnKind::Tunnel),
+            plan(&self.config, left),
+        );
+        // HTTP connections are all told at once (their close costs no
+        // reconnect storm: the next request opens a new connection), and
+        // cut at the deadline if a request is still running.
+        let http_plan = DrainPlan::batches(usize::MAX, Duration::from_secs(1))
+            .jitter(false)
+            .reconnect_window(Duration::ZERO)
+            .deadline(left);
+        let h1 = keel_drain::start(registry(), Target::Kind(ConnKind::Http1), http_plan.clone());
+        let h2 = keel_drain::start(registry(), Target::Kind(ConnKind::Http2), http_plan);
+        let http = merged(&h1, &h2);
+        {
+            let mut state = self.shutdown.lock().unwrap_or_else(PoisonError::into_inner);
+            state.phase = Phase::Draining;
+            state.tunnels = Some(tunnels.watch());
+            state.http = Some(http.clone());
+        }
+        let gauges = self.metrics.drain("shutdown");
+        let mut watch = tunnels.watch();
+        let report = tokio::spawn(async move {
+            loop {
+                gauges.set(&watch.borrow_and_update());
+                if watch.changed().await.is_err() {
+                    return;
+                }
+            }
+        });
+        tracing::info!(
+            tunnels = tunnels.progress().total,
+            http = http.borrow().total,
+            "draining: listener closed"
+        );
+        let (tunnels, _, _) = tokio::join!(tunnels.finished(), h1.finished(), h2.finished());
+        report.abort();
+        // Tunnels upgraded after the drain began were asked to close when
+        // they appeared; wait for them too, and cut them at the deadline.
+        while !registry().is_empty() && began.elapsed() < self.config.deadline.0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        if !registry().is_empty() {
+            let cut = DrainPlan::batches(usize::MAX, Duration::from_secs(1))
+                .jitter(false)
+                .deadline(Duration::ZERO);
+            keel_drain::start(registry(), Target::All, cut)
+                .finished()
+                .await;
+        }
+        self.metrics.drain("shutdown").set(&tunnels);
+        self.set_phase(Phase::Done);
+        tracing::info!(
+            closed = tunnels.closed,
+            forced = tunnels.forced,
+            elapsed_ms = began.elapsed().as_millis() as u64,
+            "drained"
+        );
+    }
+
+    /// Starts draining endpoint `endpoint` of upstream `upstream`: no new
+    /// requests or tunnels go there, and its tunnels are closed at the
+    /// pace of `[drain]` within `deadline`. Draining an endpoint that is
+    /// already draining restarts the pacing over the tunnels left.
+    pub fn drain_endpoint(
+        &self,
+        upstream: &str,
+        endpoint: &str,
+    ) -> Result<Progress, EndpointDrainError> {
+        let target = self.find(upstream, endpoint)?;
+        let up = self
+            .gateway
+            .upstreams
+            .iter()
+            .find(|u| u.name == upstream)
+            .ok_or_else(|| EndpointDrainError::NoUpstream(upstream.to_owned()))?;
+        if !target.is_draining() && up.endpoints.iter().filter(|e| !e.is_draining()).count() <= 1 {
+            return Err(EndpointDrainError::LastEndpoint(endpoint.to_owned()));
+        }
+        target.set_draining(true);
+        let drain = keel_drain::start(
+            registry(),
+            Target::Endpoint(target.drain_key().to_string()),
+            plan(&self.config, self.config.deadline.0),
+        );
+        let progress = drain.progress();
+        let gauges = self.metrics.drain(endpoint);
+        let mut watch = drain.watch();
+        tokio::spawn(async move {
+            loop {
+                gauges.set(&watch.borrow_and_update());
+                if watch.changed().await.is_err() {
+                    return;
+                }
+            }
+        });
+        tracing::info!(
+            upstream,
+            endpoint,
+            tunnels = progress.total,
+            "draining endpoint"
+        );
+        let mut drains = self
+            .endpoints
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        for old in drains
+            .iter()
+            .filter(|d| d.upstream == upstream && d.endpoint == endpoint)
+        {
+            old.drain.abort();
+        }
+        drains.retain(|d| !(d.upstream == upstream && d.endpoint == endpoint));
+        drains.push(EndpointDrain {
+            upstream: upstream.to_owned(),
+            endpoint: endpoint.to_owned(),
+            drain,
+        });
+        Ok(progress)
+    }
+
+    /// Puts a drained endpoint back in service (stopping its drain if it
+    /// still runs); returns whether it was draining.
+    pub fn resume_endpoint(
+        &self,
+        upstream: &str,
+        endpoint: &str,
+    ) -> Result<bool, EndpointDrainError> {
+        let target = self.find(upstream, endpoint)?;
+        let mut drains = self
+            .endpoints
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        for d in drains
+            .iter()
+            .filter(|d| d.upstream == upstream && d.endpoint == endpoint)
+        {
+            d.drain.abort();
+        }
+        drains.retain(|d| !(d.upstream == upstream && d.endpoint == endpoint));
+        tracing::info!(upstream, endpoint, "endpoint back in service");
+        Ok(target.set_draining(false))
+    }
+
+    fn find(
+        &self,
+        upstream: &str,
+        endpoint: &str,
+    ) -> Result<&'static crate::upstream::Endpoint, EndpointDrainError> {
+        let up = self
+            .gateway
+            .upstreams
+            .iter()
+            .find(|u| u.name == upstream)
+            .ok_or_else(|| EndpointDrainError::NoUpstream(upstream.to_owned()))?;
+        let wanted = endpoint.trim_end_matches('/');
+        up.endpoints
+            .iter()
+            .find(|e| e.url.trim_end_matches('/') == wanted)
+            .ok_or_else(|| EndpointDrainError::NoEndpoint {
+                upstream: upstream.to_owned(),
+                endpoint: endpoint.to_owned(),
+            })
+    }
+
+    /// The `GET /drain` document: the shutdown's phase and progress, and
+    /// every endpoint drain.
+    pub fn report(&self) -> serde_json::Value {
+        let (phase, tunnels, http) = {
+            let s = self.shutdown.lock().unwrap_or_else(PoisonError::into_inner);
+            (
+                s.phase,
+                s.tunnels.as_ref().map(|w| w.borrow().clone()),
+                s.http.as_ref().map(|w| w.borrow().clone()),
+            )
+        };
+        let endpoints: Vec<_> = self
+            .endpoints
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .map(|d| {
+                serde_json::json!({
+                    "upstream": d.upstream,
+                    "endpoint": d.endpoint,
+                    "draining": self.find(&d.upstream, &d.endpoint).is_ok_and(|e| e.is_draining()),
+                    "progress": d.drain.progress(),
+                })
+            })
+            .collect();
+        serde_json::json!({
+            "phase": phase,
+            "connections": registry().len(),
+            "tunnels": tunnels,
+            "http": http,
+            "endpoints": endpoints,
+        })
+    }
+}
+
+/// One progress for two drains (HTTP/1 and HTTP/2), updated as either
+/// moves.
+fn merged(a: &Drain, b: &Drain) -> watch::Receiver<Progress> {
+    let sum = |a: &Progress, b: &Progress| Progress {
+        total: a.total + b.total,
+        signalled: a.signalled + b.signalled,
+        closed: a.closed + b.closed,
+        remaining: a.remaining + b.remaining,
+        forced: a.forced + b.forced,
+        elapsed_ms: a.elapsed_ms.max(b.elapsed_ms),
+        expected_finish_ms: a.expected_finish_ms.max(b.expected_finish_ms),
+        done: a.done && b.done,
+    };
+    let (mut wa, mut wb) = (a.watch(), b.watch());
+    let (tx, rx) = watch::channel(sum(&wa.borrow(), &wb.borrow()));
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                r = wa.changed() => if r.is_err() { break },
+                r = wb.changed() => if r.is_err() { break },
+            }
+            let _ = tx.send(sum(&wa.borrow_and_update(), &wb.borrow_and_update()));
+        }
+        let _ = tx.send(sum(&wa.borrow(), &wb.borrow()));
+    });
+    rx
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::units::ConfigDuration;
+
+    #[test]
+    fn plans_follow_the_strategy() {
+        let mut config = DrainConfig {
+            batch_size: 3,
+            batch_interval: ConfigDuration(Duration::from_secs(1)),
+            jitter: false,
+            ..DrainConfig::default()
+        };
+        let at = |p: DrainPlan| -> Vec<u64> {
+            p.schedule(7).iter().map(|d| d.as_millis() as u64).collect()
+        };
+        let d = Duration::from_secs(60);
+        assert_eq!(at(plan(&config, d)), [0, 0, 0, 1000, 1000, 1000, 2000]);
+        config.strategy = DrainStrategy::Percent;
+        config.percent = 50.0;
+        assert_eq!(at(plan(&config, d)), [0, 0, 0, 0, 1000, 1000, 1000]);
+        config.strategy = DrainStrategy::Gradual;
+        config.gradual_over = ConfigDuration(Duration::from_millis(700));
+        assert_eq!(at(plan(&config, d)), [0, 100, 200, 300, 400, 500, 600]);
+        // The deadline caps the schedule.
+        assert_eq!(
+            *at(plan(&config, Duration::from_millis(250)))
+                .last()
+                .expect("7"),
+            250
+        );
+        assert_eq!(plan(&config, d).reconnect_window, Duration::from_secs(5));
+    }
+
+    #[test]
+    fn late_tunnels_get_a_spread_hint_only_while_draining() {
+        assert_eq!(late_close(keel_drain::ConnId(1)), None);
+        LATE_WINDOW_MS.store(1000, Ordering::Relaxed);
+        let hints: std::collections::BTreeSet<u128> = (0..100)
+            .map(|i| {
+                let close = late_close(keel_drain::ConnId(i)).expect("draining");
+                assert!(!close.force);
+                close.reconnect_after.as_millis()
+            })
+            .collect();
+        LATE_WINDOW_MS.store(0, Ordering::Relaxed);
+        assert!(
+            hints.len() > 80 && hints.iter().all(|h| *h < 1000),
+            "{hints:?}"
+        );
+    }
+
+    #[test]
+    fn progress_lines_for_a_terminal_and_for_logs() {
+        let p = serde_json::json!({
+            "total": 1000, "signalled": 600, "closed": 500, "remaining": 500,
+            "forced": 0, "elapsed_ms": 2000, "expected_finish_ms": 4000, "done": false,
+        });
+        let bar = progress_line("draining", &p, Duration::from_secs(3), true);
+        assert!(
+            bar.starts_with(&format!(
+                "[{}{}] 500/1000 closed  250/s  ~2s left",
+                "#".repeat(15),
+                ".".repeat(15)
+            )),
+            "{bar}"
+        );
+        let plain = progress_line("draining", &p, Duration::from_secs(3), false);
+        assert_eq!(plain, "drain: draining closed 500/1000 rate 250/s left ~2s");
+        let done = serde_json::json!({"total": 0, "closed": 0, "remaining": 0, "forced": 0, "elapsed_ms": 0, "expected_finish_ms": 0});
+        assert!(
+            progress_line("done", &done, Duration::ZERO, true)
+                .starts_with(&format!("[{}] 0/0", "#".repeat(30)))
+        );
+        assert_eq!(
+            progress_line(
+                "shutdown_delay",
+                &serde_json::Value::Null,
+                Duration::ZERO,
+                false
+            ),
+            "drain: shutdown_delay"
+        );
+    }
+}
+
+/// What `keel drain` drains.
+#[derive(Debug, Clone)]
+pub enum CliTarget {
+    /// The whole gateway (its shutdown sequence).
+    Gateway,
+    /// One endpoint of one upstream; `resume` puts it back in service
+    /// instead.
+    Endpoint {
+        /// Upstream name.
+        upstream: String,
+        /// Endpoint URL as configured.
+        endpoint: String,
+        /// Resume instead of drain.
+        resume: bool,
+    },
+}
+
+/// Errors of `keel drain`.
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    /// The admin API could not be reached.
+    #[error(transparent)]
+    Admin(#[from] crate::admin::StatusError),
+    /// The admin API refused.
+    #[error("{0}")]
+    Refused(String),
+}
+
+/// `keel drain`: starts a drain on a running gateway and follows its
+/// progress until it is done, with a progress bar when `tty`.
+pub async fn cli(admin: &str, target: CliTarget, tty: bool) -> Result<(), CliError> {
+    use crate::admin::{admin_request, percent_encode};
+    use http::Method;
+    let refused = |status: http::StatusCode, body: &serde_json::Value| {
+        CliError::Refused(format!(
+            "{status}: {}",
+            body["error"].as_str().unwrap_or("refused")
+        ))
+    };
+    let mut seen_draining = false;
+    let endpoint = match &target {
+        CliTarget::Gateway => {
+            let (status, body) = admin_request(admin, Method::POST, "/drain").await?;
+            if status != http::StatusCode::ACCEPTED {
+                return Err(refused(status, &body));
+            }
+            // From now on, an admin API that stops answering means the
+            // gateway finished its drain and exited.
+            seen_draining = true;
+            None
+        }
+        CliTarget::Endpoint {
+            upstream,
+            endpoint,
+            resume,
+        } => {
+            let action = if *resume { "resume" } else { "drain" };
+            let path = format!(
+                "/upstreams/{}/endpoints/{action}?endpoint={}",
+                percent_encode(upstream),
+                percent_encode(endpoint)
+            );
+            let (status, body) = admin_request(admin, Method::POST, &path).await?;
+            if !status.is_success() {
+                return Err(refused(status, &body));
+            }
+            if *resume {
+                println!("{upstream} {endpoint}: back in service");
+                return Ok(());
+            }
+            Some((upstream.clone(), endpoint.clone()))
+        }
+    };
+    let started = std::time::Instant::now();
+    let mut last_line = String::new();
+    let mut last_print = std::time::Instant::now() - Duration::from_secs(10);
+    loop {
+        let report = match admin_request(admin, Method::GET, "/drain").await {
+            Ok((_, report)) => report,
+            // The gateway exits when its drain is over.
+            Err(_) if endpoint.is_none() && seen_draining => break,
+            Err(error) => return Err(error.into()),
+        };
+        let (phase, progress) = match &endpoint {
+            None => (
+                report["phase"].as_str().unwrap_or("?").to_owned(),
+                report["tunnels"].clone(),
+            ),
+            Some((upstream, url)) => (
+                "draining".to_owned(),
+                report["endpoints"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .find(|e| e["upstream"] == upstream.as_str() && e["endpoint"] == url.as_str())
+                    .map(|e| e["progress"].clone())
+                    .unwrap_or_default(),
+            ),
+        };
+        seen_draining |= phase == "draining" || phase == "done";
+        let line = progress_line(&phase, &progress, started.elapsed(), tty);
+        if tty {
+            eprint!("\r{line}\x1b[K");
+        } else if line != last_line && last_print.elapsed() >= Duration::from_secs(1) {
+            println!("{line}");
+            last_print = std::time::Instant::now();
+            last_line = line.clone();
+        }
+        let done = phase == "done" || progress["done"].as_bool() == Some(true);
+        if done {
+            if tty {
+                eprintln!();
+            } else if line != last_line {
+                println!("{line}");
+            }
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(if tty { 100 } else { 250 })).await;
+    }
+    println!("drain done in {:.1}s", started.elapsed().as_secs_f64());
+    Ok(())
+}
+
+/// One line of `keel drain` output: a bar on a terminal, words otherwise.
+fn progress_line(phase: &str, p: &serde_json::Value, wall: Duration, tty: bool) -> String {
+    let n = |k: &str| p[k].as_u64().unwrap_or(0);
+    if p.is_null() {
+        return format!("drain: {phase}");
+    }
+    let (total, closed, forced) = (n("total"), n("closed"), n("forced"));
+    let elapsed = n("elapsed_ms").max(1);
+    let rate = closed as f64 * 1000.0 / elapsed as f64;
+    let left_ms = n("expected_finish_ms").saturating_sub(elapsed);
+    let left = if n("remaining") == 0 {
+        "0s".to_owned()
+    } else if rate > 0.0 {
+        format!(
+            "{:.0}s",
+            (left_ms as f64 / 1000.0).max(n("remaining") as f64 / rate)
+        )
+    } else {
+        format!("{:.0}s", left_ms as f64 / 1000.0)
+    };
+    let forced = if forced > 0 {
+        format!("  forced {forced}")
+    } else {
+        String::new()
+    };
+    if tty {
+        const WIDTH: u64 = 30;
+        let filled = (closed * WIDTH).checked_div(total).unwrap_or(WIDTH);
+        format!(
+            "[{}{}] {closed}/{total} closed  {rate:.0}/s  ~{left} left  ({phase}, {:.0}s){forced}",
+            "#".repeat(filled as usize),
+            ".".repeat((WIDTH - filled.min(WIDTH)) as usize),
+            wall.as_secs_f64()
+        )
+    } else {
+        format!("drain: {phase} closed {closed}/{total} rate {rate:.0}/s left ~{left}{forced}")
+    }
+}
