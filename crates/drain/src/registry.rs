@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use tokio::sync::{Notify, watch};
+use tokio::sync::Notify;
 
 /// What kind of connection an entry is; plans may treat them differently
 /// (an HTTP/1 connection closes after its next response, a tunnel closes
@@ -85,7 +85,7 @@ pub struct ConnId(pub u64);
 struct Entry {
     kind: ConnKind,
     endpoint: Option<Arc<str>>,
-    close: watch::Sender<Option<CloseRequest>>,
+    close: Arc<Signal>,
     /// The drains this connection is part of (usually none or one); each
     /// counts its members down as they leave.
     drains: Vec<Arc<Tally>>,
@@ -165,7 +165,8 @@ impl Registry {
     /// connection stays registered until the returned guard is dropped.
     pub fn register(&self, kind: ConnKind, endpoint: Option<Arc<str>>) -> Registration {
         let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
-        let (close, rx) = watch::channel(None);
+        let close = Arc::new(Signal::default());
+        let rx = close.clone();
         self.shard(id).insert(
             id,
             Entry {
@@ -180,6 +181,7 @@ impl Registry {
             registry: self.clone(),
             id,
             close: rx,
+            seen: 0,
         }
     }
 
@@ -232,15 +234,7 @@ impl Registry {
     pub fn close(&self, id: ConnId, request: CloseRequest) -> bool {
         match self.shard(id.0).get(&id.0) {
             Some(entry) => {
-                // A forced close always replaces a gentle one; a gentle one
-                // never downgrades a forced one.
-                entry.close.send_if_modified(|current| {
-                    let upgrade = current.as_ref().is_none_or(|c| !c.force && request.force);
-                    if upgrade {
-                        *current = Some(request.clone());
-                    }
-                    upgrade
-                });
+                entry.close.raise(&request);
                 true
             }
             None => false,
@@ -318,7 +312,9 @@ impl Target {
 pub struct Registration {
     registry: Registry,
     id: u64,
-    close: watch::Receiver<Option<CloseRequest>>,
+    close: Arc<Signal>,
+    /// The state `closing` last returned, so it waits for a newer one.
+    seen: u64,
 }
 
 impl Registration {
@@ -331,22 +327,73 @@ impl Registration {
     /// gentle request is upgraded to a forced one). Cancel-safe.
     pub async fn closing(&mut self) -> CloseRequest {
         loop {
-            if self.close.changed().await.is_err() {
-                // The entry is gone from the registry: close now.
-                return CloseRequest {
-                    force: true,
-                    reconnect_after: Duration::ZERO,
-                };
+            let notified = self.close.notify.notified();
+            tokio::pin!(notified);
+            // Registered before the check, so a close raised in between
+            // still wakes us.
+            notified.as_mut().enable();
+            let state = self.close.state.load(Ordering::Acquire);
+            if state != self.seen {
+                self.seen = state;
+                if let Some(req) = Signal::decode(state) {
+                    return req;
+                }
             }
-            if let Some(req) = self.close.borrow_and_update().clone() {
-                return req;
-            }
+            notified.await;
         }
     }
 
     /// The close request received so far, if any.
     pub fn requested(&self) -> Option<CloseRequest> {
-        self.close.borrow().clone()
+        Signal::decode(self.close.state.load(Ordering::Acquire))
+    }
+}
+
+/// A connection's close request: one atomic word and a wake-up, about a
+/// tenth of what a `watch` channel costs, because the gateway holds one per
+/// idle connection.
+///
+/// The word is 0 (not asked), or bit 63 (asked) with bit 62 (forced) and
+/// the reconnect hint in milliseconds in the low bits.
+#[derive(Debug, Default)]
+struct Signal {
+    state: AtomicU64,
+    notify: Notify,
+}
+
+impl Signal {
+    const ASKED: u64 = 1 << 63;
+    const FORCED: u64 = 1 << 62;
+    const HINT: u64 = Self::FORCED - 1;
+
+    fn encode(req: &CloseRequest) -> u64 {
+        let ms = u64::try_from(req.reconnect_after.as_millis())
+            .unwrap_or(u64::MAX)
+            .min(Self::HINT);
+        Self::ASKED | if req.force { Self::FORCED } else { 0 } | ms
+    }
+
+    fn decode(state: u64) -> Option<CloseRequest> {
+        (state & Self::ASKED != 0).then(|| CloseRequest {
+            force: state & Self::FORCED != 0,
+            reconnect_after: Duration::from_millis(state & Self::HINT),
+        })
+    }
+
+    /// Raises `req`: a forced close always replaces a gentle one; a gentle
+    /// one never downgrades a forced one or repeats itself.
+    fn raise(&self, req: &CloseRequest) {
+        let new = Self::encode(req);
+        let raised = self
+            .state
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |current| {
+                let upgrade = current == 0 || (current & Self::FORCED == 0 && req.force);
+                upgrade.then_some(new)
+            })
+            .is_ok();
+        if raised {
+            self.notify.notify_waiters();
+        }
     }
 }
 

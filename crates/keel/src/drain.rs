@@ -190,7 +190,12 @@ impl DrainControl {
     /// at once, `stop_accepting` is set after `shutdown_delay`; returns
     /// once every connection is closed or the deadline (plus a short grace)
     /// has passed.
-    pub async fn shutdown(&self, ready: &ReadinessHandle, stop_accepting: &watch::Sender<bool>) {
+    pub async fn shutdown(
+        &self,
+        ready: &ReadinessHandle,
+        stop_accepting: &watch::Sender<bool>,
+        listener: &crate::listener::ConnectionCount,
+    ) {
         let began = tokio::time::Instant::now();
         let _ = self.requested.send_replace(true);
         ready.set_not_ready("draining");
@@ -199,6 +204,10 @@ impl DrainControl {
         tokio::time::sleep(self.config.shutdown_delay.0.min(self.config.deadline.0)).await;
 
         let _ = stop_accepting.send(true);
+        // Close connections only once the listening socket is gone, so a
+        // client that reconnects at once is refused, not accepted. Bounded,
+        // in case the listener is being restarted.
+        let _ = tokio::time::timeout(Duration::from_secs(1), listener.listener_closed()).await;
         LATE_WINDOW_MS.store(
             u64::try_from(self.config.reconnect_window.0.as_millis())
                 .unwrap_or(u64::MAX)

@@ -34,14 +34,35 @@ pub struct ConnectionSettings {
     pub max_header_size: usize,
 }
 
-/// Counts open downstream connections (including tunnels until upgrade).
-#[derive(Debug, Clone, Default)]
-pub struct ConnectionCount(Arc<AtomicUsize>);
+/// Counts open downstream connections (including tunnels until upgrade),
+/// and tells when the listening socket has closed.
+#[derive(Debug, Clone)]
+pub struct ConnectionCount {
+    open: Arc<AtomicUsize>,
+    /// True once the listener stopped accepting and closed its socket.
+    closed: Arc<watch::Sender<bool>>,
+}
+
+impl Default for ConnectionCount {
+    fn default() -> Self {
+        Self {
+            open: Arc::default(),
+            closed: Arc::new(watch::Sender::new(false)),
+        }
+    }
+}
 
 impl ConnectionCount {
     /// Open connections now.
     pub fn get(&self) -> usize {
-        self.0.load(Ordering::Relaxed)
+        self.open.load(Ordering::Relaxed)
+    }
+
+    /// Waits until the listening socket is closed (new connections are
+    /// refused), so that a drain closes connections only after that.
+    pub async fn listener_closed(&self) {
+        let mut rx = self.closed.subscribe();
+        let _ = rx.wait_for(|closed| *closed).await;
     }
 }
 
@@ -49,7 +70,7 @@ struct Counted(ConnectionCount);
 
 impl Drop for Counted {
     fn drop(&mut self) {
-        (self.0).0.fetch_sub(1, Ordering::Relaxed);
+        self.0.open.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -112,7 +133,11 @@ impl DataPlane {
             return;
         };
         let this = Arc::new(self);
-        let mut stop = shutdown.clone();
+        let mut stop = shutdown;
+        // Connections are told to finish only once the socket is closed, so
+        // that a client that sees its connection close and reconnects is
+        // refused rather than accepted by a listener on its way out.
+        let (connections_stop, connection_shutdown) = watch::channel(false);
         loop {
             let accepted = tokio::select! {
                 accepted = listener.accept() => accepted,
@@ -120,10 +145,10 @@ impl DataPlane {
             };
             match accepted {
                 Ok((stream, peer)) => {
-                    this.connections.0.fetch_add(1, Ordering::Relaxed);
+                    this.connections.open.fetch_add(1, Ordering::Relaxed);
                     let counted = Counted(this.connections.clone());
                     let this = this.clone();
-                    let shutdown = shutdown.clone();
+                    let shutdown = connection_shutdown.clone();
                     tokio::spawn(async move {
                         let _counted = counted;
                         this.serve(stream, peer, shutdown).await;
@@ -137,6 +162,9 @@ impl DataPlane {
                 }
             }
         }
+        drop(listener);
+        this.connections.closed.send_replace(true);
+        let _ = connections_stop.send(true);
     }
 
     async fn serve(

@@ -260,7 +260,7 @@ impl Running {
             reason = self.tree.wait() => return Err(ServeError::TreeExited(reason)),
         }
         self.drain
-            .shutdown(&self.listeners_ready, &self.shutdown)
+            .shutdown(&self.listeners_ready, &self.shutdown, &self.connections)
             .await;
         tracing::info!(open = self.connections.get(), "drained");
         // Stop the tree in reverse start order: health checks, the store
