@@ -76,6 +76,10 @@ pub fn build_gateway(config: &Config, metrics: &Metrics, filters: FilterFactory<
                     "idempotency is configured but not active in this build"
                 );
             }
+            let stale =
+                r.stale.as_ref().filter(|s| s.enabled).map(|s| {
+                    crate::resilience::StaleCache::new(s, metrics.resilience().stale(&name))
+                });
             Route {
                 metrics: metrics.route(&name),
                 name,
@@ -92,6 +96,7 @@ pub fn build_gateway(config: &Config, metrics: &Metrics, filters: FilterFactory<
                     .unwrap_or(0),
                 max_body_size: r.max_body_size.unwrap_or(config.server.max_body_size).0,
                 filter,
+                stale,
             }
         })
         .collect();
@@ -166,6 +171,7 @@ pub async fn start(config: &Config) -> Result<Running, ServeError> {
         });
         tokio::spawn(admin::run(listener, state, shutdown_rx.clone()));
     }
+    crate::resilience::start(gateway, &shutdown_rx);
     tokio::spawn(data_plane.run(shutdown_rx));
     listeners_ready.set_ready();
     tracing::info!(%listen, admin = ?admin, "keel is serving");
