@@ -418,9 +418,14 @@ impl ResilienceFamilies {
             })
             .clone();
         healthy.set(1);
+        // One statement per handle: a family's read guard lives until the
+        // end of its statement, and a second get_or_create on the same
+        // family in that statement would wait for it forever.
+        let passed = self.health.get_or_create(&labels("pass")).clone();
+        let failed = self.health.get_or_create(&labels("fail")).clone();
         HealthMetrics {
-            passed: self.health.get_or_create(&labels("pass")).clone(),
-            failed: self.health.get_or_create(&labels("fail")).clone(),
+            passed,
+            failed,
             healthy,
         }
     }

@@ -209,7 +209,10 @@ async fn wait_for_status(keel: &Keel, what: &str, check: impl Fn(&serde_json::Va
         }
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
-    panic!("timed out waiting for {what}: {:#}", status_json(keel).await);
+    panic!(
+        "timed out waiting for {what}: {:#}",
+        status_json(keel).await
+    );
 }
 
 fn endpoint_breaker(status: &serde_json::Value, i: usize) -> &serde_json::Value {
@@ -219,20 +222,32 @@ fn endpoint_breaker(status: &serde_json::Value, i: usize) -> &serde_json::Value 
 #[tokio::test]
 async fn a_failing_upstream_trips_the_breaker_then_reads_go_stale_and_writes_fail_fast() {
     let up = Controlled::start().await;
-    let keel = Keel::in_front_of(
-        up.addr,
+    let keel = Keel::start(
         "",
-        "[upstreams.app.breaker]\nfailures = 3\nopen_duration = \"60s\"\n\
-         [upstreams.app.retry]\nenabled = false\n\
-         [routes.stale]\nmax_age = \"10m\"\n",
+        &format!(
+            "[upstreams.app]\nendpoints = [\"http://{}\"]\n\
+             [upstreams.app.breaker]\nfailures = 3\nopen_duration = \"60s\"\n\
+             [upstreams.app.retry]\nenabled = false\n\
+             [[routes]]\nname = \"all\"\npath_prefix = \"/\"\nupstream = \"app\"\n\
+             [routes.stale]\nmax_age = \"10m\"\n",
+            up.addr
+        ),
     )
     .await;
 
     // A good answer is kept (for this Accept-Language); no-store is not.
-    let (status, headers, fresh) =
-        send(&keel, Method::GET, "/item?id=7", &[("accept-language", "fr")]).await;
+    let (status, headers, fresh) = send(
+        &keel,
+        Method::GET,
+        "/item?id=7",
+        &[("accept-language", "fr")],
+    )
+    .await;
     assert_eq!(status, StatusCode::OK);
-    assert!(headers.get("keel-stale").is_none(), "fresh answers are not stale");
+    assert!(
+        headers.get("keel-stale").is_none(),
+        "fresh answers are not stale"
+    );
     let (status, _, _) = send(&keel, Method::GET, "/nostore", &[]).await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(up.hits(), 2);
@@ -250,8 +265,13 @@ async fn a_failing_upstream_trips_the_breaker_then_reads_go_stale_and_writes_fai
     // Open: a cached GET is served stale, marked, with its age; nothing
     // reaches the upstream, not even a connection attempt.
     tokio::time::sleep(Duration::from_millis(1100)).await;
-    let (status, headers, body) =
-        send(&keel, Method::GET, "/item?id=7", &[("accept-language", "fr")]).await;
+    let (status, headers, body) = send(
+        &keel,
+        Method::GET,
+        "/item?id=7",
+        &[("accept-language", "fr")],
+    )
+    .await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(body, fresh, "the last good answer");
     assert_eq!(headers["keel-stale"], "true");
@@ -290,7 +310,10 @@ async fn a_failing_upstream_trips_the_breaker_then_reads_go_stale_and_writes_fai
     let status = status_json(&keel).await;
     assert_eq!(endpoint_breaker(&status, 0)["state"], "open");
     let text = metrics(&keel).await;
-    assert_eq!(metric(&text, "keel_stale_responses_total{route=\"all\"}"), 1.0);
+    assert_eq!(
+        metric(&text, "keel_stale_responses_total{route=\"all\"}"),
+        1.0
+    );
     assert!(
         metric(
             &text,
@@ -424,8 +447,16 @@ async fn with_one_dead_endpoint_reads_see_no_errors_and_posts_are_never_retried(
             other => panic!("unexpected {other}"),
         }
     }
-    assert_eq!((posts_ok, posts_failed), (2, 2), "round robin over two endpoints");
-    assert_eq!(live.hits(), 2, "each POST reached the live endpoint at most once");
+    assert_eq!(
+        (posts_ok, posts_failed),
+        (2, 2),
+        "round robin over two endpoints"
+    );
+    assert_eq!(
+        live.hits(),
+        2,
+        "each POST reached the live endpoint at most once"
+    );
 
     // Safe methods: the dead endpoint's failures are retried on the live
     // one until its breaker ejects it; no client sees an error.
@@ -439,16 +470,26 @@ async fn with_one_dead_endpoint_reads_see_no_errors_and_posts_are_never_retried(
     let mut unique = ids.clone();
     unique.sort();
     unique.dedup();
-    assert_eq!(unique.len(), ids.len(), "no request reached the live endpoint twice");
+    assert_eq!(
+        unique.len(),
+        ids.len(),
+        "no request reached the live endpoint twice"
+    );
     let status = status_json(&keel).await;
     assert_eq!(endpoint_breaker(&status, 1)["state"], "open", "{status:#}");
     assert_eq!(endpoint_breaker(&status, 0)["state"], "closed");
     // Ejected: later POSTs all go to the live endpoint.
     for _ in 0..4 {
-        assert_eq!(send(&keel, Method::POST, "/orders", &[]).await.0, StatusCode::OK);
+        assert_eq!(
+            send(&keel, Method::POST, "/orders", &[]).await.0,
+            StatusCode::OK
+        );
     }
     let text = metrics(&keel).await;
-    assert!(metric(&text, "keel_upstream_retries_total{upstream=\"app\"}") >= 1.0, "{text}");
+    assert!(
+        metric(&text, "keel_upstream_retries_total{upstream=\"app\"}") >= 1.0,
+        "{text}"
+    );
 }
 
 #[tokio::test]
@@ -473,7 +514,10 @@ async fn the_retry_budget_bounds_upstream_attempts() {
     let attempts = up.hits();
     let bound = requests + requests / 5 + 10;
     assert!(attempts > requests, "some retries were made: {attempts}");
-    assert!(attempts <= bound, "{attempts} attempts, budget allows {bound}");
+    assert!(
+        attempts <= bound,
+        "{attempts} attempts, budget allows {bound}"
+    );
     let text = metrics(&keel).await;
     assert!(
         metric(&text, "keel_retry_budget_exhausted_total{upstream=\"app\"}") > 0.0,
@@ -500,7 +544,9 @@ async fn health_checks_eject_and_readmit_an_endpoint() {
         ),
     )
     .await;
-    let health = |s: &serde_json::Value| s["upstreams"][0]["endpoints"][0]["resilience"]["health"]["healthy"].clone();
+    let health = |s: &serde_json::Value| {
+        s["upstreams"][0]["endpoints"][0]["resilience"]["health"]["healthy"].clone()
+    };
     wait_for_status(&keel, "checks to run", |s| {
         s["upstreams"][0]["endpoints"][0]["resilience"]["health"]["passed"]
             .as_u64()
@@ -530,7 +576,10 @@ async fn health_checks_eject_and_readmit_an_endpoint() {
     assert!(a.hits() > before, "re-admitted endpoints get traffic again");
     assert!(a.health_hits.load(Ordering::SeqCst) >= 4);
     let text = metrics(&keel).await;
-    assert!(text.contains("keel_health_checks_total{") && text.contains("result=\"fail\""), "{text}");
+    assert!(
+        text.contains("keel_health_checks_total{") && text.contains("result=\"fail\""),
+        "{text}"
+    );
 }
 
 #[tokio::test]
@@ -560,7 +609,10 @@ async fn operator_overrides_work_and_are_reported() {
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
     assert!(headers.contains_key(header::RETRY_AFTER));
     assert_eq!(up.hits(), 0);
-    assert_eq!(status_json(&keel).await["upstreams"][0]["breaker"]["mode"], "forced_open");
+    assert_eq!(
+        status_json(&keel).await["upstreams"][0]["breaker"]["mode"],
+        "forced_open"
+    );
     assert!(status_line().contains("[FORCED_OPEN]"), "{}", status_line());
 
     // reset: traffic flows again.
@@ -575,7 +627,10 @@ async fn operator_overrides_work_and_are_reported() {
         send(&keel, Method::GET, "/x", &[]).await;
     }
     assert_eq!(up.hits(), 7, "disabled breakers let everything through");
-    assert_eq!(endpoint_breaker(&status_json(&keel).await, 0)["mode"], "disabled");
+    assert_eq!(
+        endpoint_breaker(&status_json(&keel).await, 0)["mode"],
+        "disabled"
+    );
     assert!(status_line().contains("[DISABLED]"));
 
     // enable: the next failures open the endpoint's breaker again.
@@ -592,8 +647,14 @@ async fn operator_overrides_work_and_are_reported() {
     assert!(status_line().contains("OPEN"));
 
     // Bad requests to the admin API are explained.
-    assert_eq!(admin_post(&keel, "/breakers/nope/melt").await.0, StatusCode::NOT_FOUND);
-    assert_eq!(admin_post(&keel, "/breakers/app/explode").await.0, StatusCode::NOT_FOUND);
+    assert_eq!(
+        admin_post(&keel, "/breakers/nope/melt").await.0,
+        StatusCode::NOT_FOUND
+    );
+    assert_eq!(
+        admin_post(&keel, "/breakers/app/explode").await.0,
+        StatusCode::NOT_FOUND
+    );
 }
 
 #[tokio::test]
