@@ -475,8 +475,8 @@ mod tests {
         assert!(!set.contains(StatusCode::OK));
     }
 
-    #[tokio::test(start_paused = true)]
-    async fn the_endpoint_breaker_opens_at_the_configured_failures_and_honours_retry_after() {
+    #[test]
+    fn the_endpoint_breaker_opens_at_the_configured_failures_and_honours_retry_after() {
         let metrics = Metrics::new();
         let config = BreakerConfig {
             failures: 3,
