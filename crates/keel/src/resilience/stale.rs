@@ -354,3 +354,137 @@ async fn read_body(mut body: ProxyBody) -> Result<Bytes, UpstreamFailure> {
     }
     Ok(out.freeze())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::units::{ConfigDuration, ConfigSize};
+
+    fn cache(max_bytes: u64) -> StaleCache {
+        StaleCache::new(
+            &StaleConfig {
+                enabled: true,
+                max_age: ConfigDuration(Duration::from_secs(300)),
+                max_bytes: ConfigSize(max_bytes),
+                max_entry_size: ConfigSize(4096),
+            },
+            Counter::default(),
+        )
+    }
+
+    fn key(cache: &StaleCache, path: &str, headers: &[(&str, &str)]) -> StaleKey {
+        let mut request = Request::get(path);
+        for (n, v) in headers {
+            request = request.header(*n, *v);
+        }
+        cache
+            .key(&request.body(()).expect("request"), "Shop.Test")
+            .expect("GET is cacheable")
+    }
+
+    fn response(headers: &[(&str, &str)], body: impl Into<Bytes>) -> Response<ProxyBody> {
+        let mut response = Response::builder();
+        for (n, v) in headers {
+            response = response.header(*n, *v);
+        }
+        response.body(ProxyBody::full(body)).expect("response")
+    }
+
+    fn failure() -> UpstreamFailure {
+        UpstreamFailure {
+            problem: Problem::new(ProblemKind::UpstreamUnreachable, "down"),
+            sent: false,
+        }
+    }
+
+    #[test]
+    fn what_may_be_kept_and_for_how_long() {
+        let c = cache(1 << 20);
+        let k = key(&c, "/a", &[]);
+        let limit = |h: &[(&str, &str)]| c.storable(&k, &response(h, "x"));
+        assert_eq!(limit(&[]), Some(Duration::from_secs(300)));
+        assert_eq!(
+            limit(&[("cache-control", "max-age=0, stale-if-error=30")]),
+            Some(Duration::from_secs(30))
+        );
+        assert_eq!(
+            limit(&[("cache-control", "stale-if-error=99999")]),
+            Some(Duration::from_secs(300)),
+            "capped by max_age"
+        );
+        assert_eq!(limit(&[("cache-control", "no-store")]), None);
+        assert_eq!(limit(&[("cache-control", "Private")]), None);
+        assert_eq!(limit(&[("vary", "*")]), None);
+        let authorized = key(&c, "/a", &[("authorization", "Bearer t")]);
+        assert_eq!(c.storable(&authorized, &response(&[], "x")), None);
+        assert!(
+            c.storable(&authorized, &response(&[("cache-control", "public")], "x"))
+                .is_some()
+        );
+        let post = Request::post("/a").body(()).expect("request");
+        assert!(c.key(&post, "h").is_none(), "only GET and HEAD");
+    }
+
+    #[tokio::test]
+    async fn serves_only_on_failure_per_vary_variant_and_marks_it() {
+        let c = cache(1 << 20);
+        let fr = || key(&c, "/p?q=1", &[("accept-language", "fr")]);
+        let fresh = c
+            .through(
+                fr(),
+                Ok(response(&[("vary", "Accept-Language")], "bonjour")),
+            )
+            .await
+            .expect("fresh");
+        assert!(fresh.headers().get(KEEL_STALE).is_none());
+        // A good answer is never replaced by the cache.
+        let again = c
+            .through(fr(), Ok(response(&[("vary", "Accept-Language")], "salut")))
+            .await
+            .expect("fresh");
+        assert!(again.headers().get(KEEL_STALE).is_none());
+        // A failure is: with the latest good answer, marked.
+        let stale = c.through(fr(), Err(failure())).await.expect("stale");
+        assert_eq!(stale.headers()[KEEL_STALE], "true");
+        assert_eq!(stale.headers()[header::AGE], "0");
+        let body = read_body(stale.into_body()).await.expect("body");
+        assert_eq!(body, "salut");
+        // So is an upstream 503.
+        let mut unavailable = response(&[], "");
+        *unavailable.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+        let stale = c.through(fr(), Ok(unavailable)).await.expect("stale");
+        assert_eq!(stale.status(), StatusCode::OK);
+        // Another variant, or another query, has nothing to serve.
+        let de = key(&c, "/p?q=1", &[("accept-language", "de")]);
+        assert!(c.through(de, Err(failure())).await.is_err());
+        let other = key(&c, "/p?q=2", &[("accept-language", "fr")]);
+        assert!(c.through(other, Err(failure())).await.is_err());
+        assert_eq!(c.served.get(), 2);
+    }
+
+    #[tokio::test]
+    async fn stays_within_its_byte_budget() {
+        let budget = 16 * 2048;
+        let c = cache(budget);
+        for i in 0..500 {
+            let k = key(&c, &format!("/item/{i}"), &[]);
+            c.through(k, Ok(response(&[], vec![b'x'; 200])))
+                .await
+                .expect("fresh");
+        }
+        let held = c.bytes();
+        assert!(held <= budget as usize, "{held} bytes held");
+        assert!(held > budget as usize / 2, "the budget is used: {held}");
+        // The newest entries survive, the oldest were evicted.
+        assert!(
+            c.through(key(&c, "/item/499", &[]), Err(failure()))
+                .await
+                .is_ok()
+        );
+        assert!(
+            c.through(key(&c, "/item/0", &[]), Err(failure()))
+                .await
+                .is_err()
+        );
+    }
+}
