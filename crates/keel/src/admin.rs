@@ -91,6 +91,11 @@ fn answer(state: &AdminState, request: &Request<Incoming>) -> Response<ProxyBody
     if let Some(response) = drain_answer(state, request) {
         return response;
     }
+    if request.method() == Method::POST
+        && let Some(rest) = request.uri().path().strip_prefix("/breakers/")
+    {
+        return crate::resilience::breakers::operator(state.gateway, rest);
+    }
     if request.method() != Method::GET {
         return text(
             StatusCode::METHOD_NOT_ALLOWED,
@@ -141,6 +146,10 @@ fn status(state: &AdminState) -> serde_json::Value {
                         "in_flight": e.outstanding.load(Ordering::Relaxed),
                         "open_connections": e.metrics.open_connections.get(),
                         "connects": e.metrics.connects.get(),
+                        "resilience": crate::resilience::breakers::endpoint_status(
+                            &e.guard,
+                            u.resilience.health_check.is_some(),
+                        ),
                     })
                 })
                 .collect();
@@ -148,6 +157,7 @@ fn status(state: &AdminState) -> serde_json::Value {
                 "name": u.name,
                 "load_balancing": format!("{:?}", u.balancing),
                 "endpoints": endpoints,
+                "breaker": crate::resilience::breakers::upstream_status(&u.resilience),
             })
         })
         .collect();
@@ -162,6 +172,7 @@ fn status(state: &AdminState) -> serde_json::Value {
                 "host": r.host,
                 "upstream": gateway.upstreams.get(r.upstream).map(|u| u.name.as_str()),
                 "idempotency": r.filter.is_some(),
+                "stale_cache_bytes": r.stale.as_ref().map(|c| c.bytes()),
             })
         })
         .collect();
@@ -254,6 +265,26 @@ pub async fn fetch_status(addr: &str) -> Result<serde_json::Value, StatusError> 
     serde_json::from_slice(&bytes).map_err(|_| StatusError::BadAnswer { addr: host, status })
 }
 
+/// One breaker of `/status` on one line: state, override, time left, trips.
+fn breaker_line(b: &serde_json::Value) -> String {
+    if b.is_null() {
+        return "off".to_owned();
+    }
+    let state = b["state"].as_str().unwrap_or("-").to_uppercase();
+    let mode = match b["mode"].as_str() {
+        Some("normal") | None => String::new(),
+        Some(mode) => format!(" [{}]", mode.to_uppercase()),
+    };
+    let left = b["retry_after_ms"]
+        .as_u64()
+        .map(|ms| format!(" retry in {:.1}s", ms as f64 / 1000.0))
+        .unwrap_or_default();
+    format!(
+        "{state}{mode}{left} trips {} rejected {}",
+        b["counters"]["trips"], b["counters"]["rejected"]
+    )
+}
+
 /// Renders `/status` for a terminal.
 pub fn render_status(status: &serde_json::Value) -> String {
     use std::fmt::Write;
@@ -301,6 +332,7 @@ pub fn render_status(status: &serde_json::Value) -> String {
             s(&upstream["name"]),
             s(&upstream["load_balancing"])
         );
+        let _ = writeln!(out, "    breaker {}", breaker_line(&upstream["breaker"]));
         for e in upstream["endpoints"].as_array().into_iter().flatten() {
             let _ = writeln!(
                 out,
@@ -309,6 +341,27 @@ pub fn render_status(status: &serde_json::Value) -> String {
                 e["in_flight"],
                 e["open_connections"],
                 e["connects"]
+            );
+            let r = &e["resilience"];
+            let health = &r["health"];
+            let _ = writeln!(
+                out,
+                "      breaker {}  health {}",
+                breaker_line(&r["breaker"]),
+                if health.is_null() {
+                    "not checked".to_owned()
+                } else {
+                    format!(
+                        "{} (passed {}, failed {})",
+                        if health["healthy"].as_bool() == Some(true) {
+                            "healthy"
+                        } else {
+                            "EJECTED"
+                        },
+                        health["passed"],
+                        health["failed"]
+                    )
+                }
             );
         }
     }

@@ -158,6 +158,16 @@ pub struct UpstreamConfig {
     /// Idle connections kept per endpoint.
     #[serde(default = "defaults::max_idle_per_endpoint")]
     pub max_idle_per_endpoint: usize,
+    /// `[upstreams.NAME.breaker]` (docs/gateway-resilience.md); on with
+    /// defaults when absent.
+    #[serde(default)]
+    pub breaker: Option<crate::resilience::BreakerConfig>,
+    /// `[upstreams.NAME.health_check]`; no active checks when absent.
+    #[serde(default)]
+    pub health_check: Option<crate::resilience::HealthCheckConfig>,
+    /// `[upstreams.NAME.retry]`; on with defaults when absent.
+    #[serde(default)]
+    pub retry: Option<crate::resilience::RetryConfig>,
 }
 
 /// `[[routes]]`.
@@ -183,6 +193,9 @@ pub struct RouteConfig {
     /// `[routes.idempotency]`.
     #[serde(default)]
     pub idempotency: Option<IdempotencyConfig>,
+    /// `[routes.stale]`: stale fallback for reads (docs/gateway-resilience.md).
+    #[serde(default)]
+    pub stale: Option<crate::resilience::StaleConfig>,
 }
 
 /// `[routes.idempotency]`.
@@ -617,6 +630,14 @@ fn validate(config: &Config, c: &mut Checker<'_>) {
             if let Err(message) = endpoint_authority(endpoint.get_ref()) {
                 c.error(endpoint.span(), message);
             }
+        }
+        for message in crate::resilience::validate_upstream(
+            name,
+            upstream.breaker.as_ref(),
+            upstream.health_check.as_ref(),
+            upstream.retry.as_ref(),
+        ) {
+            c.error(upstream.endpoints.span(), message);
         }
         if upstream.connect_timeout.0.is_zero() || upstream.request_timeout.0.is_zero() {
             c.error(

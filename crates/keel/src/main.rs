@@ -18,6 +18,7 @@ mod metrics;
 mod problem;
 mod proxy;
 mod readiness;
+mod resilience;
 mod route;
 mod serve;
 mod store;

@@ -150,6 +150,7 @@ pub struct Metrics {
     idempotency: Family<OutcomeLabels, Counter>,
     restarts: Family<ChildLabel, Counter>,
     drain: Family<DrainLabels, Gauge>,
+    resilience: ResilienceFamilies,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -277,6 +278,7 @@ impl Metrics {
             "Connections of a drain (target: shutdown or an endpoint) by state: total, signalled, closed, remaining, forced",
             drain.clone(),
         );
+        let resilience = ResilienceFamilies::register(&mut registry);
         Metrics {
             registry,
             requests,
@@ -287,6 +289,7 @@ impl Metrics {
             idempotency,
             restarts,
             drain,
+            resilience,
         }
     }
 
@@ -313,6 +316,11 @@ impl Metrics {
                 child: path.to_owned(),
             })
             .inc();
+    }
+
+    /// Breaker, retry, stale and health-check families.
+    pub fn resilience(&self) -> &ResilienceFamilies {
+        &self.resilience
     }
 
     /// Creates the handles for a route.
@@ -376,6 +384,194 @@ impl Metrics {
             out.clear();
         }
         out
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct UpstreamLabel {
+    upstream: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TransitionLabels {
+    upstream: String,
+    endpoint: String,
+    to: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct HealthLabels {
+    upstream: String,
+    endpoint: String,
+    result: String,
+}
+
+/// The resilience families (breakers, retries, stale responses, health
+/// checks). Request paths hold pre-made handles; only the background breaker
+/// watchers create label sets on the fly (one per transition).
+#[derive(Debug, Clone, Default)]
+pub struct ResilienceFamilies {
+    breaker_state: Family<EndpointLabels, Gauge>,
+    transitions: Family<TransitionLabels, Counter>,
+    rejections: Family<EndpointLabels, Counter>,
+    stale: Family<RouteLabel, Counter>,
+    retries: Family<UpstreamLabel, Counter>,
+    budget_exhausted: Family<UpstreamLabel, Counter>,
+    health: Family<HealthLabels, Counter>,
+    healthy: Family<EndpointLabels, Gauge>,
+}
+
+/// Handles for one breaker (`endpoint` is empty for the upstream-wide one).
+#[derive(Debug, Clone)]
+pub struct BreakerMetrics {
+    /// 0 closed, 1 open, 2 half-open, 3 recovering, 4 forced open, 5 disabled.
+    pub state: Gauge,
+    /// Requests refused because this breaker was open.
+    pub rejections: Counter,
+    transitions: Family<TransitionLabels, Counter>,
+    upstream: String,
+    endpoint: String,
+}
+
+impl BreakerMetrics {
+    /// Counts a transition into `to` (called by the breaker watcher).
+    pub fn transition(&self, to: &str) {
+        self.transitions
+            .get_or_create(&TransitionLabels {
+                upstream: self.upstream.clone(),
+                endpoint: self.endpoint.clone(),
+                to: to.to_owned(),
+            })
+            .inc();
+    }
+}
+
+/// Handles for one upstream's retries.
+#[derive(Debug, Clone, Default)]
+pub struct RetryMetrics {
+    /// Retries made.
+    pub retries: Counter,
+    /// Retries refused because the budget was spent.
+    pub budget_exhausted: Counter,
+}
+
+/// Handles for one endpoint's health checks.
+#[derive(Debug, Clone, Default)]
+pub struct HealthMetrics {
+    /// Checks passed.
+    pub passed: Counter,
+    /// Checks failed.
+    pub failed: Counter,
+    /// 1 while the endpoint takes traffic, 0 while ejected.
+    pub healthy: Gauge,
+}
+
+impl ResilienceFamilies {
+    fn register(registry: &mut Registry) -> Self {
+        let f = ResilienceFamilies::default();
+        registry.register(
+            "breaker_state",
+            "Breaker state: 0 closed, 1 open, 2 half-open, 3 recovering, 4 forced open, 5 disabled (endpoint=\"\" is the upstream-wide breaker)",
+            f.breaker_state.clone(),
+        );
+        registry.register(
+            "breaker_transitions",
+            "Breaker state changes, by the state entered",
+            f.transitions.clone(),
+        );
+        registry.register(
+            "breaker_rejections",
+            "Requests refused because a breaker was open",
+            f.rejections.clone(),
+        );
+        registry.register(
+            "stale_responses",
+            "Responses served stale from the route's cache",
+            f.stale.clone(),
+        );
+        registry.register(
+            "upstream_retries",
+            "Retried upstream attempts",
+            f.retries.clone(),
+        );
+        registry.register(
+            "retry_budget_exhausted",
+            "Retries refused because the upstream's retry budget was spent",
+            f.budget_exhausted.clone(),
+        );
+        registry.register(
+            "health_checks",
+            "Active health checks, by result",
+            f.health.clone(),
+        );
+        registry.register(
+            "endpoint_healthy",
+            "1 while an endpoint passes its health checks",
+            f.healthy.clone(),
+        );
+        f
+    }
+
+    /// Handles for one breaker.
+    pub fn breaker(&self, upstream: &str, endpoint: &str) -> BreakerMetrics {
+        let labels = EndpointLabels {
+            upstream: upstream.to_owned(),
+            endpoint: endpoint.to_owned(),
+        };
+        BreakerMetrics {
+            state: self.breaker_state.get_or_create(&labels).clone(),
+            rejections: self.rejections.get_or_create(&labels).clone(),
+            transitions: self.transitions.clone(),
+            upstream: upstream.to_owned(),
+            endpoint: endpoint.to_owned(),
+        }
+    }
+
+    /// Handles for one upstream's retries.
+    pub fn retry(&self, upstream: &str) -> RetryMetrics {
+        let labels = UpstreamLabel {
+            upstream: upstream.to_owned(),
+        };
+        RetryMetrics {
+            retries: self.retries.get_or_create(&labels).clone(),
+            budget_exhausted: self.budget_exhausted.get_or_create(&labels).clone(),
+        }
+    }
+
+    /// Handles for one endpoint's health checks.
+    pub fn health(&self, upstream: &str, endpoint: &str) -> HealthMetrics {
+        let labels = |result: &str| HealthLabels {
+            upstream: upstream.to_owned(),
+            endpoint: endpoint.to_owned(),
+            result: result.to_owned(),
+        };
+        let healthy = self
+            .healthy
+            .get_or_create(&EndpointLabels {
+                upstream: upstream.to_owned(),
+                endpoint: endpoint.to_owned(),
+            })
+            .clone();
+        healthy.set(1);
+        // One statement per handle: a family's read guard lives until the
+        // end of its statement, and a second get_or_create on the same
+        // family in that statement would wait for it forever.
+        let passed = self.health.get_or_create(&labels("pass")).clone();
+        let failed = self.health.get_or_create(&labels("fail")).clone();
+        HealthMetrics {
+            passed,
+            failed,
+            healthy,
+        }
+    }
+
+    /// The stale-served counter of a route.
+    pub fn stale(&self, route: &str) -> Counter {
+        self.stale
+            .get_or_create(&RouteLabel {
+                route: route.to_owned(),
+            })
+            .clone()
     }
 }
 

@@ -8,9 +8,14 @@
 //!    409, 422, 503) or let the request go upstream with a
 //!    [`ResponseFilter`] that sees the outcome (to store the response, or
 //!    release its claim when the request never reached the upstream);
-//! 5. **upstream selection** — the upstream's balancer picks an endpoint;
+//! 5. **upstream selection** — the upstream's balancer picks an endpoint,
+//!    skipping endpoints whose breaker is open or that fail health checks
+//!    (`resilience`);
 //! 6. **upstream request** — hop-by-hop headers out, forwarded headers in,
-//!    sent on the endpoint's pool under the response-head timeout;
+//!    sent on the endpoint's pool under the response-head timeout, holding
+//!    a breaker permit; requests safe to repeat are retried on another
+//!    endpoint within the upstream's retry budget and timeout; on routes
+//!    with `[routes.stale]`, a failed read is answered from the stale cache;
 //! 7. **response filter** — the route filter's hook, then response headers
 //!    (hop-by-hop out, `x-request-id`, `Via`), and protocol upgrades spliced
 //!    into a tunnel;
@@ -272,27 +277,22 @@ impl Gateway {
             }
         };
 
-        // 5. upstream selection
+        // 5. upstream selection and 6. upstream request, under the breakers,
+        // with retries (resilience::retry::forward picks each attempt's
+        // endpoint with Upstream::select_available)
         let upstream = &self.upstreams[route.upstream];
-        let Some(endpoint) = upstream.select() else {
-            return fail(
-                Some(route),
-                Problem::new(
-                    ProblemKind::UpstreamUnreachable,
-                    "the upstream has no endpoints",
-                ),
-            );
-        };
+        let stale_key = route.stale.as_ref().and_then(|c| c.key(&request, &host));
+        let upgrade = downstream_upgrade.is_some();
+        let outcome = crate::resilience::retry::forward(upstream, request, upgrade, |r, e| {
+            self.upstream_request(r, e, &host, downstream, upgrade)
+        })
+        .await;
 
-        // 6. upstream request
-        let upstream_request = self.upstream_request(
-            request,
-            endpoint,
-            &host,
-            downstream,
-            downstream_upgrade.is_some(),
-        );
-        let outcome = send(upstream, endpoint, upstream_request).await;
+        // 6b. stale fallback: a failed read answered from the route's cache
+        let outcome = match (&route.stale, stale_key) {
+            (Some(cache), Some(key)) => cache.through(key, outcome).await,
+            _ => outcome,
+        };
 
         // 7. response filter
         let mut response = match on_response {
@@ -418,14 +418,16 @@ fn check_declared_length(request: &Request<Incoming>, limit: u64) -> Option<Prob
     })
 }
 
-/// Sends the request on the endpoint's pool under the response-head timeout.
-async fn send(
+/// Sends the request on the endpoint's pool within `timeout` (what is left
+/// of the upstream's `request_timeout` for this attempt).
+pub(crate) async fn send(
     upstream: &Upstream,
     endpoint: &'static Endpoint,
     request: Request<ProxyBody>,
+    timeout: std::time::Duration,
 ) -> Result<Response<ProxyBody>, UpstreamFailure> {
     let _in_flight = InFlight::start(endpoint);
-    match tokio::time::timeout(upstream.request_timeout, endpoint.send(request)).await {
+    match tokio::time::timeout(timeout, endpoint.send(request)).await {
         Ok(Ok(response)) => Ok(response),
         Ok(Err(error)) => Err(classify(&upstream.name, endpoint, &error)),
         Err(_elapsed) => Err(UpstreamFailure {

@@ -26,6 +26,8 @@ pub struct Route {
     pub metrics: RouteMetrics,
     /// The request filter (idempotency plugs in here); `None` for plain routes.
     pub filter: Option<Arc<dyn RequestFilter>>,
+    /// The stale-fallback cache, on routes with `[routes.stale]`.
+    pub stale: Option<crate::resilience::StaleCache>,
 }
 
 impl std::fmt::Debug for Route {
@@ -109,6 +111,7 @@ mod tests {
             max_body_size: 0,
             metrics: Metrics::new().route(prefix),
             filter: None,
+            stale: None,
         }
     }
 

@@ -79,6 +79,10 @@ pub fn build_gateway(config: &Config, metrics: &Metrics, filters: FilterFactory<
                 .clone()
                 .unwrap_or_else(|| r.path_prefix.get_ref().clone());
             let filter = filters(r);
+            let stale =
+                r.stale.as_ref().filter(|s| s.enabled).map(|s| {
+                    crate::resilience::StaleCache::new(s, metrics.resilience().stale(&name))
+                });
             Route {
                 metrics: metrics.route(&name),
                 name,
@@ -95,6 +99,7 @@ pub fn build_gateway(config: &Config, metrics: &Metrics, filters: FilterFactory<
                     .unwrap_or(0),
                 max_body_size: r.max_body_size.unwrap_or(config.server.max_body_size).0,
                 filter,
+                stale,
             }
         })
         .collect();
@@ -197,6 +202,8 @@ pub async fn start(config: &Config) -> Result<Running, ServeError> {
         });
         admin_child = Some((listener, state));
     }
+    // Breaker watchers and active health checks run until shutdown.
+    crate::resilience::start(gateway, &shutdown_rx);
     let root = crate::supervision::tree(
         crate::supervision::Children {
             data_plane,

@@ -25,6 +25,8 @@ use crate::body::ProxyBody;
 use crate::config::{LoadBalancing, UpstreamConfig, endpoint_authority};
 use crate::headers::next_random;
 use crate::metrics::{EndpointMetrics, Metrics};
+use crate::resilience::{EndpointGuard, UpstreamResilience};
+use keel_breaker::Permit;
 
 /// One endpoint of an upstream, with its own connection pool.
 ///
@@ -41,6 +43,8 @@ pub struct Endpoint {
     pub outstanding: AtomicUsize,
     /// Its metrics.
     pub metrics: EndpointMetrics,
+    /// Its breaker and health (outlier ejection).
+    pub guard: EndpointGuard,
     connect_timeout: Duration,
     idle_timeout: Duration,
     max_idle_per_shard: usize,
@@ -91,6 +95,7 @@ impl Endpoint {
         authority: Authority,
         config: &UpstreamConfig,
         metrics: EndpointMetrics,
+        guard: EndpointGuard,
     ) -> Self {
         let shards = std::thread::available_parallelism().map_or(2, |n| n.get() * 2);
         Endpoint {
@@ -98,6 +103,7 @@ impl Endpoint {
             authority,
             outstanding: AtomicUsize::new(0),
             metrics,
+            guard,
             connect_timeout: config.connect_timeout.0,
             idle_timeout: config.idle_timeout.0,
             max_idle_per_shard: config.max_idle_per_endpoint.div_ceil(shards).max(1),
@@ -305,8 +311,10 @@ pub struct Upstream {
     pub endpoints: Vec<Endpoint>,
     /// Balancing policy.
     pub balancing: LoadBalancing,
-    /// Response-head timeout.
+    /// Response-head timeout, over all attempts of a request.
     pub request_timeout: Duration,
+    /// Breakers, retries and health checks.
+    pub resilience: UpstreamResilience,
     next: AtomicUsize,
 }
 
@@ -317,14 +325,18 @@ impl Upstream {
             .endpoints
             .get_ref()
             .iter()
-            .filter_map(|url| {
+            .enumerate()
+            .filter_map(|(i, url)| {
                 let url = url.get_ref();
                 let authority = endpoint_authority(url).ok()?;
+                let guard =
+                    EndpointGuard::new(name, url, config.breaker.as_ref(), i as u64 + 1, metrics);
                 Some(Endpoint::new(
                     url,
                     authority,
                     config,
                     metrics.endpoint(name, url),
+                    guard,
                 ))
             })
             .collect();
@@ -333,12 +345,72 @@ impl Upstream {
             endpoints,
             balancing: config.load_balancing,
             request_timeout: config.request_timeout.0,
+            resilience: UpstreamResilience::new(
+                name,
+                config.breaker.as_ref(),
+                config.retry.as_ref(),
+                config.health_check.as_ref(),
+                metrics,
+            ),
             next: AtomicUsize::new(0),
         }
     }
 
-    /// Picks the endpoint for the next request; draining endpoints are
-    /// skipped (`None` when every endpoint is draining).
+    /// Picks an endpoint that takes traffic: the balancer's choice when it
+    /// is not draining, its breaker admits the request and it passes health
+    /// checks, else the next such endpoint in order. Endpoints whose bit is set in `tried` are
+    /// used only when no other one is available (retries go elsewhere when
+    /// they can). Returns the endpoint's index and its breaker permit, or,
+    /// when none is available, the shortest time until a breaker reopens.
+    pub fn select_available(&self, tried: u64) -> Result<(usize, Option<Permit<'_>>), Unavailable> {
+        let len = self.endpoints.len();
+        let start = pick(
+            self.balancing,
+            len,
+            &self.next,
+            |i| self.endpoints[i].outstanding.load(Ordering::Relaxed),
+            next_random,
+        )
+        .ok_or(Unavailable::NoEndpoints)?;
+        let mut wait: Option<Duration> = None;
+        let mut any_healthy = false;
+        for pass in 0..2 {
+            for offset in 0..len {
+                let index = (start + offset) % len;
+                let was_tried = index < 64 && tried & (1 << index) != 0;
+                if was_tried != (pass == 1) {
+                    continue;
+                }
+                let guard = &self.endpoints[index].guard;
+                if !guard.is_healthy() || self.endpoints[index].is_draining() {
+                    continue;
+                }
+                any_healthy = true;
+                match guard.allow() {
+                    Ok(permit) => return Ok((index, permit)),
+                    Err(rejected) => {
+                        wait = match (wait, rejected.retry_after) {
+                            (Some(a), Some(b)) => Some(a.min(b)),
+                            (a, b) => a.or(b),
+                        };
+                    }
+                }
+            }
+        }
+        Err(if any_healthy {
+            Unavailable::BreakersOpen(wait)
+        } else {
+            Unavailable::NoneHealthy
+        })
+    }
+
+    /// Picks the endpoint for the next request, ignoring breakers and
+    /// health; draining endpoints are skipped (`None` when every endpoint
+    /// is draining).
+    #[allow(
+        dead_code,
+        reason = "the proxy uses select_available; kept for callers that must reach any endpoint"
+    )]
     pub fn select(&self) -> Option<&Endpoint> {
         let len = self.endpoints.len();
         let index = pick(
@@ -352,6 +424,17 @@ impl Upstream {
             .map(|k| &self.endpoints[(index + k) % len])
             .find(|e| !e.is_draining())
     }
+}
+
+/// Why no endpoint can take a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unavailable {
+    /// The upstream has no endpoints.
+    NoEndpoints,
+    /// Every endpoint failed its health checks.
+    NoneHealthy,
+    /// Every healthy endpoint's breaker is open; the shortest wait, if known.
+    BreakersOpen(Option<Duration>),
 }
 
 /// The balancing decision, separate from the endpoints so it can be tested

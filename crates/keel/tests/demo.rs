@@ -79,9 +79,9 @@ async fn demo_serves_the_sample_api_through_the_gateway() {
 
     let first = get(listen, "/flaky").await.expect("flaky").0;
     let second = get(listen, "/flaky").await.expect("flaky").0;
-    let mut statuses = [first, second];
-    statuses.sort();
-    assert_eq!(statuses, [StatusCode::OK, StatusCode::SERVICE_UNAVAILABLE]);
+    // Every other call fails upstream with 503; GET is safe to repeat, so
+    // the gateway retries it (docs/gateway-resilience.md) and both succeed.
+    assert_eq!([first, second], [StatusCode::OK, StatusCode::OK]);
 
     let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{listen}/ws"))
         .await

@@ -1,0 +1,526 @@
+//! Breakers around upstreams: one per endpoint, one per upstream.
+//!
+//! The endpoint breaker does outlier ejection: it counts connect errors,
+//! timeouts and failure statuses of that endpoint (fuse's "N failures within
+//! a window", optionally a failure rate), and while it is open the balancer
+//! skips the endpoint. The upstream breaker sees whole requests (after
+//! retries) and opens on a failure rate, so a sick upstream with several
+//! endpoints is shed as one; it also carries the operator's overrides.
+//!
+//! Both are keel-breaker breakers: asking is two atomic loads when closed,
+//! half-open probes are reserved by compare-and-swap (never more in flight
+//! than configured), and recovery after the probes is gradual.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use http::{HeaderMap, Response, StatusCode, header};
+use keel_breaker::{
+    Breaker, Config, EventKind, Mode, Outcome, Permit, RatePolicy, Recovery, Rejected, State,
+    Window,
+};
+use keel_retry::{Backoff, Jitter, RatioBudget};
+use tokio::sync::watch;
+
+use super::{BreakerConfig, HealthCheckConfig, RetryConfig};
+use crate::body::ProxyBody;
+use crate::metrics::{BreakerMetrics, HealthMetrics, Metrics, RetryMetrics};
+use crate::proxy::Gateway;
+
+/// A set of HTTP statuses, as a bitmap: membership is one shift and mask.
+#[derive(Debug, Clone, Default)]
+pub struct StatusSet([u64; 10]);
+
+impl StatusSet {
+    /// The set of `codes` (values outside 0..640 are ignored).
+    pub fn new(codes: &[u16]) -> Self {
+        let mut set = StatusSet::default();
+        for code in codes {
+            if let Some(word) = set.0.get_mut(usize::from(*code / 64)) {
+                *word |= 1 << (code % 64);
+            }
+        }
+        set
+    }
+
+    /// Whether `status` is in the set.
+    pub fn contains(&self, status: StatusCode) -> bool {
+        let code = status.as_u16();
+        self.0
+            .get(usize::from(code / 64))
+            .is_some_and(|w| w & (1 << (code % 64)) != 0)
+    }
+}
+
+/// The resilience state of one endpoint: its breaker and health.
+#[derive(Debug)]
+pub struct EndpointGuard {
+    /// `None` when breakers are disabled for the upstream.
+    pub breaker: Option<Breaker>,
+    /// False while active health checks have ejected the endpoint.
+    pub healthy: AtomicBool,
+    /// Health checks passed / failed since start.
+    pub checks_passed: AtomicU64,
+    /// See `checks_passed`.
+    pub checks_failed: AtomicU64,
+    /// Breaker metric handles.
+    pub metrics: BreakerMetrics,
+    /// Health-check metric handles.
+    pub health_metrics: HealthMetrics,
+}
+
+impl EndpointGuard {
+    /// Builds the guard of endpoint `url` of upstream `upstream`.
+    pub fn new(
+        upstream: &str,
+        url: &str,
+        config: Option<&BreakerConfig>,
+        seed: u64,
+        metrics: &Metrics,
+    ) -> Self {
+        let defaults = BreakerConfig::default();
+        let config = config.unwrap_or(&defaults);
+        let breaker = config
+            .enabled
+            .then(|| Breaker::new(format!("{upstream} {url}"), endpoint_config(config, seed)).ok())
+            .flatten();
+        EndpointGuard {
+            breaker,
+            healthy: AtomicBool::new(true),
+            checks_passed: AtomicU64::new(0),
+            checks_failed: AtomicU64::new(0),
+            metrics: metrics.resilience().breaker(upstream, url),
+            health_metrics: metrics.resilience().health(upstream, url),
+        }
+    }
+
+    /// Whether the endpoint passes its health checks (always, without checks).
+    #[inline]
+    pub fn is_healthy(&self) -> bool {
+        self.healthy.load(Ordering::Relaxed)
+    }
+
+    /// A permit for one attempt, or why not. `Ok(None)`: no breaker.
+    #[inline]
+    pub fn allow(&self) -> Result<Option<Permit<'_>>, Rejected> {
+        match &self.breaker {
+            None => Ok(None),
+            Some(breaker) => match breaker.allow() {
+                Ok(permit) => Ok(Some(permit)),
+                Err(rejected) => {
+                    self.metrics.rejections.inc();
+                    Err(rejected)
+                }
+            },
+        }
+    }
+}
+
+/// Retry settings of one upstream, ready to use.
+#[derive(Debug)]
+pub struct RetrySettings {
+    /// Attempts per request, the first included.
+    pub max_attempts: u32,
+    /// Statuses worth another attempt.
+    pub statuses: StatusSet,
+    /// Full-jitter exponential backoff, capped.
+    pub backoff: Backoff,
+    /// The shared budget.
+    pub budget: RatioBudget,
+    /// Largest request body kept for a retry.
+    pub max_body: u64,
+    /// Metric handles.
+    pub metrics: RetryMetrics,
+}
+
+/// The resilience state of one upstream.
+#[derive(Debug)]
+pub struct UpstreamResilience {
+    /// The upstream-wide breaker (`None` when breakers are disabled).
+    pub breaker: Option<Breaker>,
+    /// Its metric handles.
+    pub metrics: BreakerMetrics,
+    /// Statuses that count as failures.
+    pub failure_statuses: StatusSet,
+    /// Upper bound for an upstream `Retry-After` used as open time.
+    pub max_retry_after: Duration,
+    /// Retries (`None`: off).
+    pub retry: Option<RetrySettings>,
+    /// Active health checks (`None`: off).
+    pub health_check: Option<HealthCheckConfig>,
+}
+
+impl UpstreamResilience {
+    /// Builds it from `[upstreams.NAME.breaker]`, `.retry` and `.health_check`.
+    pub fn new(
+        name: &str,
+        breaker: Option<&BreakerConfig>,
+        retry: Option<&RetryConfig>,
+        health_check: Option<&HealthCheckConfig>,
+        metrics: &Metrics,
+    ) -> Self {
+        let defaults = BreakerConfig::default();
+        let config = breaker.unwrap_or(&defaults);
+        let breaker = config
+            .enabled
+            .then(|| Breaker::new(name.to_owned(), upstream_config(config)).ok())
+            .flatten();
+        let retry_defaults = RetryConfig::default();
+        let r = retry.unwrap_or(&retry_defaults);
+        let retry = (r.enabled && r.max_attempts > 1).then(|| RetrySettings {
+            max_attempts: r.max_attempts,
+            statuses: StatusSet::new(&r.statuses),
+            backoff: Backoff::exponential(r.backoff_base.0)
+                .cap(r.backoff_cap.0)
+                .jitter(Jitter::Full),
+            budget: RatioBudget::new(
+                r.budget_ratio,
+                r.budget_min_per_second,
+                Duration::from_secs(10),
+            ),
+            max_body: r.max_body.0,
+            metrics: metrics.resilience().retry(name),
+        });
+        UpstreamResilience {
+            breaker,
+            metrics: metrics.resilience().breaker(name, ""),
+            failure_statuses: StatusSet::new(&config.failure_statuses),
+            max_retry_after: config.max_retry_after.0,
+            retry,
+            health_check: health_check.cloned(),
+        }
+    }
+
+    /// A permit for one request, or why not. `Ok(None)`: no breaker.
+    #[inline]
+    pub fn allow(&self) -> Result<Option<Permit<'_>>, Rejected> {
+        match &self.breaker {
+            None => Ok(None),
+            Some(breaker) => match breaker.allow() {
+                Ok(permit) => Ok(Some(permit)),
+                Err(rejected) => {
+                    self.metrics.rejections.inc();
+                    Err(rejected)
+                }
+            },
+        }
+    }
+
+    /// What an upstream answer means to the breakers: a configured failure
+    /// status is a failure; a 503 or 429 with `Retry-After` is a failure
+    /// that sets the open time if it trips the breaker.
+    pub fn outcome_of(&self, status: StatusCode, headers: &HeaderMap) -> Outcome {
+        if matches!(status.as_u16(), 503 | 429)
+            && let Some(hint) = retry_after(headers)
+        {
+            return Outcome::FailureRetryAfter(hint.min(self.max_retry_after));
+        }
+        if self.failure_statuses.contains(status) {
+            Outcome::Failure
+        } else {
+            Outcome::Success
+        }
+    }
+}
+
+/// The upstream's `Retry-After`, in seconds or as an HTTP date.
+pub fn retry_after(headers: &HeaderMap) -> Option<Duration> {
+    let value = headers.get(header::RETRY_AFTER)?.to_str().ok()?;
+    keel_retry::parse_retry_after(value, SystemTime::now()).ok()
+}
+
+fn common_config(c: &BreakerConfig, mut config: Config) -> Config {
+    config = config
+        .open_duration(c.open_duration.0)
+        .open_duration_cap(c.max_open_duration.0.max(c.open_duration.0))
+        .half_open_probes(c.half_open_probes.max(1))
+        .probe_timeout(c.probe_timeout.0);
+    config.max_hint = c.max_retry_after.0;
+    if c.gradual_recovery {
+        config = config.recovery(Recovery {
+            step_duration: c.recovery_step.0,
+            ..Recovery::default()
+        });
+    }
+    config
+}
+
+/// fuse's count policy (and optionally a rate) for one endpoint.
+fn endpoint_config(c: &BreakerConfig, seed: u64) -> Config {
+    let mut config = Config::fuse(c.failures.saturating_sub(1), c.window.0, c.open_duration.0);
+    config.rate = c.failure_rate.map(|rate| RatePolicy {
+        window: Window::Count(100),
+        min_calls: c.min_calls,
+        failure_rate: Some(rate),
+        slow: None,
+    });
+    common_config(c, config.seed(seed))
+}
+
+/// A failure-rate policy over whole requests for the upstream.
+fn upstream_config(c: &BreakerConfig) -> Config {
+    let config = Config::default().rate(Some(RatePolicy {
+        window: Window::Count(100),
+        min_calls: c.min_calls,
+        failure_rate: Some(c.upstream_failure_rate),
+        slow: None,
+    }));
+    common_config(c, config)
+}
+
+/// The gauge value for a breaker: its state, or its override.
+pub fn state_code(breaker: &Breaker) -> i64 {
+    match breaker.mode() {
+        Mode::ForcedOpen => 4,
+        Mode::Disabled => 5,
+        Mode::Normal | Mode::MetricsOnly => match breaker.state() {
+            State::Closed => 0,
+            State::Open => 1,
+            State::HalfOpen => 2,
+            State::Recovering => 3,
+        },
+    }
+}
+
+/// Keeps a breaker's metrics current from its events; a background task.
+#[derive(Debug)]
+pub struct BreakerWatcher {
+    breaker: Breaker,
+    metrics: BreakerMetrics,
+}
+
+impl BreakerWatcher {
+    /// Runs until `shutdown` turns true.
+    pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
+        let mut events = self.breaker.subscribe();
+        self.metrics.state.set(state_code(&self.breaker));
+        loop {
+            tokio::select! {
+                event = events.recv() => match event {
+                    Ok(event) => {
+                        if let EventKind::StateChanged { to, .. } = event.kind {
+                            self.metrics.transition(match to {
+                                State::Closed => "closed",
+                                State::Open => "open",
+                                State::HalfOpen => "half_open",
+                                State::Recovering => "recovering",
+                            });
+                        }
+                        self.metrics.state.set(state_code(&self.breaker));
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                        self.metrics.state.set(state_code(&self.breaker));
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                },
+                _ = crate::listener::stopped(&mut shutdown) => return,
+            }
+        }
+    }
+}
+
+/// One watcher per breaker of the gateway.
+pub fn watchers(gateway: &'static Gateway) -> Vec<BreakerWatcher> {
+    let mut out = Vec::new();
+    for upstream in &gateway.upstreams {
+        if let Some(breaker) = &upstream.resilience.breaker {
+            out.push(BreakerWatcher {
+                breaker: breaker.clone(),
+                metrics: upstream.resilience.metrics.clone(),
+            });
+        }
+        for endpoint in &upstream.endpoints {
+            if let Some(breaker) = &endpoint.guard.breaker {
+                out.push(BreakerWatcher {
+                    breaker: breaker.clone(),
+                    metrics: endpoint.guard.metrics.clone(),
+                });
+            }
+        }
+    }
+    out
+}
+
+/// The operator actions of `POST /breakers/{upstream}/{action}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OperatorAction {
+    /// Blow the upstream's breaker now: every request is refused (or served
+    /// stale) until `reset` or `enable`.
+    Melt,
+    /// Close every breaker of the upstream and lift a melt.
+    Reset,
+    /// Let everything through; outcomes are counted but change nothing.
+    Disable,
+    /// Back to normal operation.
+    Enable,
+}
+
+impl OperatorAction {
+    fn parse(text: &str) -> Option<Self> {
+        Some(match text {
+            "melt" => OperatorAction::Melt,
+            "reset" => OperatorAction::Reset,
+            "disable" => OperatorAction::Disable,
+            "enable" => OperatorAction::Enable,
+            _ => return None,
+        })
+    }
+}
+
+/// Applies `action` to the upstream's breakers (melt: the upstream-wide
+/// one; the others: all of them).
+pub fn apply(upstream: &UpstreamResilience, endpoints: &[&Breaker], action: OperatorAction) {
+    let all = upstream.breaker.iter().chain(endpoints.iter().copied());
+    match action {
+        OperatorAction::Melt => {
+            if let Some(b) = &upstream.breaker {
+                b.force_open(None);
+            }
+        }
+        OperatorAction::Reset => all.for_each(|b| {
+            b.enable();
+            b.reset();
+        }),
+        OperatorAction::Disable => all.for_each(Breaker::disable),
+        OperatorAction::Enable => all.for_each(Breaker::enable),
+    }
+}
+
+/// Answers `POST /breakers/{upstream}/{action}`; `rest` is `{upstream}/{action}`.
+pub fn operator(gateway: &Gateway, rest: &str) -> Response<ProxyBody> {
+    let json = |status: StatusCode, body: serde_json::Value| {
+        let mut response = Response::new(ProxyBody::full(Bytes::from(format!("{body}\n"))));
+        *response.status_mut() = status;
+        response.headers_mut().insert(
+            header::CONTENT_TYPE,
+            header::HeaderValue::from_static("application/json"),
+        );
+        response
+    };
+    let Some((name, action)) = rest.split_once('/') else {
+        return json(
+            StatusCode::NOT_FOUND,
+            serde_json::json!({"error": "use POST /breakers/{upstream}/{melt|reset|disable|enable}"}),
+        );
+    };
+    let Some(upstream) = gateway.upstreams.iter().find(|u| u.name == name) else {
+        let known: Vec<&str> = gateway.upstreams.iter().map(|u| u.name.as_str()).collect();
+        return json(
+            StatusCode::NOT_FOUND,
+            serde_json::json!({"error": format!("unknown upstream {name:?}"), "upstreams": known}),
+        );
+    };
+    let Some(action) = OperatorAction::parse(action) else {
+        return json(
+            StatusCode::NOT_FOUND,
+            serde_json::json!({"error": format!("unknown action {action:?}; use melt, reset, disable or enable")}),
+        );
+    };
+    if upstream.resilience.breaker.is_none() {
+        return json(
+            StatusCode::CONFLICT,
+            serde_json::json!({"error": format!("breakers are disabled for upstream {name:?} in the config")}),
+        );
+    }
+    let endpoints: Vec<&Breaker> = upstream
+        .endpoints
+        .iter()
+        .filter_map(|e| e.guard.breaker.as_ref())
+        .collect();
+    apply(&upstream.resilience, &endpoints, action);
+    tracing::warn!(upstream = name, ?action, "operator override on breakers");
+    json(StatusCode::OK, upstream_status(&upstream.resilience))
+}
+
+/// A breaker as shown in `/status`.
+pub fn breaker_status(breaker: Option<&Breaker>) -> serde_json::Value {
+    match breaker {
+        None => serde_json::Value::Null,
+        Some(b) => serde_json::to_value(b.snapshot()).unwrap_or(serde_json::Value::Null),
+    }
+}
+
+/// The upstream-wide breaker as shown in `/status`.
+pub fn upstream_status(upstream: &UpstreamResilience) -> serde_json::Value {
+    breaker_status(upstream.breaker.as_ref())
+}
+
+/// An endpoint's breaker and health as shown in `/status`.
+pub fn endpoint_status(guard: &EndpointGuard, checked: bool) -> serde_json::Value {
+    serde_json::json!({
+        "breaker": breaker_status(guard.breaker.as_ref()),
+        "health": if checked {
+            serde_json::json!({
+                "healthy": guard.is_healthy(),
+                "passed": guard.checks_passed.load(Ordering::Relaxed),
+                "failed": guard.checks_failed.load(Ordering::Relaxed),
+            })
+        } else {
+            serde_json::Value::Null
+        },
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_sets_hold_exactly_their_codes() {
+        let set = StatusSet::new(&[502, 503, 504, 700]);
+        assert!(set.contains(StatusCode::BAD_GATEWAY));
+        assert!(set.contains(StatusCode::GATEWAY_TIMEOUT));
+        assert!(!set.contains(StatusCode::INTERNAL_SERVER_ERROR));
+        assert!(!set.contains(StatusCode::OK));
+    }
+
+    #[test]
+    fn the_endpoint_breaker_opens_at_the_configured_failures_and_honours_retry_after() {
+        let metrics = Metrics::new();
+        let config = BreakerConfig {
+            failures: 3,
+            ..BreakerConfig::default()
+        };
+        let guard = EndpointGuard::new("app", "http://a", Some(&config), 1, &metrics);
+        for _ in 0..2 {
+            guard.allow().expect("closed").expect("breaker").failure();
+        }
+        assert!(guard.allow().is_ok(), "two failures are tolerated");
+        let upstream = UpstreamResilience::new("app", Some(&config), None, None, &metrics);
+        let mut headers = HeaderMap::new();
+        headers.insert(header::RETRY_AFTER, "42".parse().expect("value"));
+        let outcome = upstream.outcome_of(StatusCode::SERVICE_UNAVAILABLE, &headers);
+        assert_eq!(outcome, Outcome::FailureRetryAfter(Duration::from_secs(42)));
+        guard
+            .allow()
+            .expect("closed")
+            .expect("breaker")
+            .record(outcome);
+        let rejected = guard.allow().expect_err("third failure opens it");
+        let wait = rejected.retry_after.expect("retry after");
+        assert!(wait > Duration::from_secs(41) && wait <= Duration::from_secs(42));
+        assert_eq!(guard.metrics.rejections.get(), 1);
+        assert_eq!(
+            upstream.outcome_of(StatusCode::INTERNAL_SERVER_ERROR, &HeaderMap::new()),
+            Outcome::Success,
+            "500 is not a failure unless configured"
+        );
+    }
+
+    #[test]
+    fn operator_actions_reach_every_breaker() {
+        let metrics = Metrics::new();
+        let upstream = UpstreamResilience::new("app", None, None, None, &metrics);
+        let endpoint = EndpointGuard::new("app", "http://a", None, 1, &metrics);
+        let endpoints = [endpoint.breaker.as_ref().expect("breaker")];
+        apply(&upstream, &endpoints, OperatorAction::Melt);
+        assert!(upstream.allow().is_err());
+        apply(&upstream, &endpoints, OperatorAction::Reset);
+        assert!(upstream.allow().is_ok());
+        apply(&upstream, &endpoints, OperatorAction::Disable);
+        assert_eq!(endpoints[0].mode(), Mode::Disabled);
+        apply(&upstream, &endpoints, OperatorAction::Enable);
+        assert_eq!(endpoints[0].mode(), Mode::Normal);
+    }
+}

@@ -1,0 +1,314 @@
+//! Phase 6, the upstream request, with its resilience: the upstream-wide
+//! breaker first, then for each attempt an endpoint whose breaker admits
+//! it (holding the permit until the response head), and for requests that
+//! are safe to repeat, retries on another endpoint with full-jitter backoff,
+//! paid from the upstream's retry budget, all inside the upstream's
+//! `request_timeout`.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Method, Request, Response};
+use http_body::Body;
+use keel_breaker::Outcome;
+use keel_retry::Budget;
+use tokio::time::Instant;
+
+use crate::body::{BodyTooLarge, ProxyBody};
+use crate::problem::{Problem, ProblemKind};
+use crate::proxy::UpstreamFailure;
+use crate::upstream::{Endpoint, Unavailable, Upstream};
+
+/// A request extension that marks a request as safe to repeat whatever its
+/// method. The idempotency filter sets it on a POST or PATCH it holds a key
+/// claim for, so the gateway may retry it on another endpoint:
+/// `request.extensions_mut().insert(RetrySafe)`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RetrySafe;
+
+/// Whether a request may be sent more than once: GET, HEAD, OPTIONS, PUT,
+/// DELETE (idempotent by definition), or anything marked [`RetrySafe`].
+pub fn is_retry_safe<B>(request: &Request<B>) -> bool {
+    matches!(
+        *request.method(),
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE
+    ) || request.extensions().get::<RetrySafe>().is_some()
+}
+
+/// A request kept so it can be sent again: head and small body.
+struct Kept {
+    method: Method,
+    uri: http::Uri,
+    version: http::Version,
+    headers: http::HeaderMap,
+    body: Option<Bytes>,
+}
+
+impl Kept {
+    fn rebuild(&self) -> Request<ProxyBody> {
+        let mut request = Request::new(match &self.body {
+            Some(bytes) => ProxyBody::full(bytes.clone()),
+            None => ProxyBody::Empty,
+        });
+        *request.method_mut() = self.method.clone();
+        *request.uri_mut() = self.uri.clone();
+        *request.version_mut() = self.version;
+        *request.headers_mut() = self.headers.clone();
+        request
+    }
+}
+
+/// Keeps the request for retries when it is safe and its body is small;
+/// a kept body is read in full first (bounded by `max_body`).
+async fn keep(
+    request: Request<ProxyBody>,
+    max_body: u64,
+) -> Result<(Request<ProxyBody>, Option<Kept>), UpstreamFailure> {
+    let hint = request.body().size_hint();
+    let empty = request.body().is_end_stream() || hint.exact() == Some(0);
+    if !empty && hint.exact().is_none_or(|n| n > max_body) {
+        return Ok((request, None));
+    }
+    let (parts, body) = request.into_parts();
+    let bytes = if empty {
+        None
+    } else {
+        Some(collect(body).await?)
+    };
+    let kept = Kept {
+        method: parts.method.clone(),
+        uri: parts.uri.clone(),
+        version: parts.version,
+        headers: parts.headers.clone(),
+        body: bytes.clone(),
+    };
+    let body = bytes.map_or(ProxyBody::Empty, ProxyBody::full);
+    Ok((Request::from_parts(parts, body), Some(kept)))
+}
+
+async fn collect(mut body: ProxyBody) -> Result<Bytes, UpstreamFailure> {
+    let mut out = bytes::BytesMut::new();
+    while let Some(frame) =
+        std::future::poll_fn(|cx| std::pin::Pin::new(&mut body).poll_frame(cx)).await
+    {
+        match frame {
+            Ok(frame) => {
+                if let Some(data) = frame.data_ref() {
+                    out.extend_from_slice(data);
+                }
+            }
+            Err(error) => {
+                let problem = match error.downcast_ref::<BodyTooLarge>() {
+                    Some(too_large) => {
+                        Problem::new(ProblemKind::BodyTooLarge, too_large.to_string())
+                    }
+                    None => Problem::new(
+                        ProblemKind::BadRequest,
+                        "the request body could not be read from the client",
+                    ),
+                };
+                return Err(UpstreamFailure {
+                    problem,
+                    sent: false,
+                });
+            }
+        }
+    }
+    Ok(out.freeze())
+}
+
+/// The answer when no endpoint can take the request.
+pub fn unavailable(upstream: &Upstream, why: Unavailable) -> UpstreamFailure {
+    let problem = match why {
+        Unavailable::NoEndpoints => Problem::new(
+            ProblemKind::UpstreamUnreachable,
+            "the upstream has no endpoints",
+        ),
+        Unavailable::NoneHealthy => {
+            let wait = upstream
+                .resilience
+                .health_check
+                .as_ref()
+                .map_or(Duration::from_secs(1), |h| h.interval.0);
+            Problem::new(
+                ProblemKind::Unavailable,
+                format!(
+                    "no endpoint of upstream {:?} passes its health checks",
+                    upstream.name
+                ),
+            )
+            .retry_after(wait)
+        }
+        Unavailable::BreakersOpen(wait) => Problem::new(
+            ProblemKind::Unavailable,
+            format!(
+                "the circuit breakers of upstream {:?} are open",
+                upstream.name
+            ),
+        )
+        .retry_after(wait.unwrap_or(Duration::from_secs(1))),
+    };
+    UpstreamFailure {
+        problem,
+        sent: false,
+    }
+}
+
+/// Sends `request` to `upstream` under its breakers, retrying when safe.
+/// `prepare` turns the downstream request into the one sent to an endpoint
+/// (headers, origin-form URI); `upgrade` requests are never retried.
+pub async fn forward(
+    upstream: &'static Upstream,
+    request: Request<ProxyBody>,
+    upgrade: bool,
+    prepare: impl Fn(Request<ProxyBody>, &Endpoint) -> Request<ProxyBody>,
+) -> Result<Response<ProxyBody>, UpstreamFailure> {
+    let resilience = &upstream.resilience;
+    let deadline = Instant::now() + upstream.request_timeout;
+
+    // The upstream-wide breaker: open means no endpoint is even tried.
+    let upstream_permit = match resilience.allow() {
+        Ok(permit) => permit,
+        Err(rejected) => {
+            return Err(unavailable(
+                upstream,
+                Unavailable::BreakersOpen(rejected.retry_after),
+            ));
+        }
+    };
+
+    let retry = resilience
+        .retry
+        .as_ref()
+        .filter(|_| !upgrade && is_retry_safe(&request));
+    let (mut first, kept) = match retry {
+        Some(settings) => {
+            settings.budget.on_request();
+            keep(request, settings.max_body).await?
+        }
+        None => (request, None),
+    };
+    let max_attempts = match (&kept, retry) {
+        (Some(_), Some(settings)) => settings.max_attempts,
+        _ => 1,
+    };
+
+    let mut tried = 0u64;
+    let mut backoff = None;
+    let mut attempt = 1;
+    let outcome = loop {
+        let (index, permit) = match upstream.select_available(tried) {
+            Ok(selected) => selected,
+            Err(why) => break Err(unavailable(upstream, why)),
+        };
+        if index < 64 {
+            tried |= 1 << index;
+        }
+        let endpoint: &'static Endpoint = &upstream.endpoints[index];
+        let request = match kept.as_ref().filter(|_| attempt > 1) {
+            Some(kept) => kept.rebuild(),
+            None => std::mem::replace(&mut first, Request::new(ProxyBody::Empty)),
+        };
+        let timeout = deadline.saturating_duration_since(Instant::now());
+        let result =
+            crate::proxy::send(upstream, endpoint, prepare(request, endpoint), timeout).await;
+
+        // What this attempt says about the endpoint, and whether another
+        // attempt could do better.
+        let (verdict, worth_retrying) = match &result {
+            Ok(response) => {
+                let verdict = resilience.outcome_of(response.status(), response.headers());
+                let again = retry.is_some_and(|s| s.statuses.contains(response.status()));
+                (verdict, again)
+            }
+            Err(failure) => match failure.problem.kind {
+                // The client's body, not the upstream, failed.
+                ProblemKind::BodyTooLarge | ProblemKind::BadRequest => (Outcome::Ignore, false),
+                // The deadline is spent: no time for another attempt.
+                ProblemKind::UpstreamTimeout => (Outcome::Failure, false),
+                _ => (Outcome::Failure, true),
+            },
+        };
+        if let Some(permit) = permit {
+            permit.record(verdict);
+        }
+        let Some(settings) = retry.filter(|_| worth_retrying && attempt < max_attempts) else {
+            break result;
+        };
+        if !settings.budget.try_retry() {
+            settings.metrics.budget_exhausted.inc();
+            break result;
+        }
+        let delay = backoff
+            .get_or_insert_with(|| settings.backoff.iter())
+            .next()
+            .unwrap_or_default();
+        if Instant::now() + delay >= deadline {
+            break result;
+        }
+        // The failed answer is dropped (its connection is not reused).
+        drop(result);
+        settings.metrics.retries.inc();
+        tokio::time::sleep(delay).await;
+        attempt += 1;
+    };
+
+    if let Some(permit) = upstream_permit {
+        match &outcome {
+            Ok(response) => {
+                permit.record(resilience.outcome_of(response.status(), response.headers()))
+            }
+            Err(failure)
+                if matches!(
+                    failure.problem.kind,
+                    ProblemKind::Unavailable | ProblemKind::BodyTooLarge | ProblemKind::BadRequest
+                ) =>
+            {
+                permit.record(Outcome::Ignore)
+            }
+            Err(_) => permit.failure(),
+        }
+    }
+    outcome
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_idempotent_or_marked_requests_are_safe() {
+        for method in ["GET", "HEAD", "OPTIONS", "PUT", "DELETE"] {
+            let r = Request::builder().method(method).body(()).expect("request");
+            assert!(is_retry_safe(&r), "{method}");
+        }
+        for method in ["POST", "PATCH"] {
+            let mut r = Request::builder().method(method).body(()).expect("request");
+            assert!(!is_retry_safe(&r), "{method}");
+            r.extensions_mut().insert(RetrySafe);
+            assert!(is_retry_safe(&r), "{method} marked safe");
+        }
+    }
+
+    #[tokio::test]
+    async fn small_bodies_are_kept_and_large_or_unsized_ones_are_not() {
+        let request = Request::put("/x")
+            .header("x-a", "1")
+            .body(ProxyBody::full("hello"))
+            .expect("request");
+        let (request, kept) = keep(request, 16).await.expect("kept");
+        let kept = kept.expect("small body kept");
+        let again = kept.rebuild();
+        assert_eq!(again.method(), Method::PUT);
+        assert_eq!(again.headers()["x-a"], "1");
+        assert_eq!(collect(again.into_body()).await.expect("body"), "hello");
+        assert_eq!(collect(request.into_body()).await.expect("body"), "hello");
+
+        let big = Request::put("/x")
+            .body(ProxyBody::full(vec![0u8; 17]))
+            .expect("request");
+        assert!(keep(big, 16).await.expect("ok").1.is_none());
+        let empty = Request::get("/x").body(ProxyBody::Empty).expect("request");
+        assert!(keep(empty, 0).await.expect("ok").1.is_some());
+    }
+}
