@@ -26,7 +26,10 @@ CLIENTS=${CLIENTS:-8000}
 [ "$CLIENTS" -gt "$MAX" ] && CLIENTS=$MAX
 echo "open-file limit $LIMIT: hold $HOLD, herd $CLIENTS" >&2
 
-cargo build --release -q -p keel --bin keel --example herd
+# Built separately: an example build enables dev-dependency features
+# (tokio test-util) that must not reach the measured gateway binary.
+cargo build --release -q -p keel --bin keel
+cargo build --release -q -p keel --example herd
 herd() { timeout 300 target/release/examples/herd --keel target/release/keel --sources 50 "$@"; }
 
 echo "== hold: $HOLD idle tunnels, one worker, then two"

@@ -35,7 +35,10 @@ if ! command -v wrk >/dev/null; then
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk >/dev/null
 fi
 log "building keel and the backend (release)"
-[ -n "${SKIP_BUILD:-}" ] || cargo build --release -q -p keel --bin keel --example bench_backend
+# Built separately: an example build enables dev-dependency features
+# (tokio test-util) that must not reach the measured gateway binary.
+[ -n "${SKIP_BUILD:-}" ] || cargo build --release -q -p keel --bin keel
+[ -n "${SKIP_BUILD:-}" ] || cargo build --release -q -p keel --example bench_backend
 BIN=target/release
 
 wait_port() { # wait_port HOST:PORT

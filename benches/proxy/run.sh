@@ -45,7 +45,10 @@ if [ "$TUNNELS" -gt "$MAX_TUNNELS" ]; then
     TUNNELS=$MAX_TUNNELS
 fi
 log "building keel and the benchmark helpers (release)"
-cargo build --release -q -p keel --bin keel --example bench_backend --example ws_hold
+# Built separately: an example build enables dev-dependency features
+# (tokio test-util) that must not reach the measured gateway binary.
+cargo build --release -q -p keel --bin keel
+cargo build --release -q -p keel --example bench_backend --example ws_hold
 BIN=target/release
 
 wait_port() { # wait_port HOST:PORT

@@ -333,7 +333,8 @@ Try, in this order:
   # a slow endpoint: the upstream takes 3s, the route's request_timeout is 2s -> 504 problem+json
   curl -si http://{gw}/slow
 
-  # a flaky endpoint: every other call fails with 503 from the upstream
+  # a flaky endpoint: every other call fails upstream with 503; the gateway
+  # retries the GET on another attempt (budgeted, full jitter), so you see 200
   curl -si http://{gw}/flaky
 
   # WebSocket echo through the gateway's tunnel (the 101 handshake with curl;
