@@ -202,7 +202,8 @@ pub async fn start(config: &Config) -> Result<Running, ServeError> {
         });
         admin_child = Some((listener, state));
     }
-    // Breaker watchers and active health checks run until shutdown.
+    // Breaker watchers (metrics) run until shutdown; health checks are
+    // supervised children of the tree below.
     crate::resilience::start(gateway, &shutdown_rx);
     let root = crate::supervision::tree(
         crate::supervision::Children {
@@ -213,7 +214,7 @@ pub async fn start(config: &Config) -> Result<Running, ServeError> {
             listeners_ready: listeners_ready.clone(),
             admin: admin_child,
             store: store_child,
-            health: Vec::new(),
+            health: crate::resilience::health_children(gateway),
             shutdown: shutdown_rx,
             admin_shutdown: exit_rx,
         },

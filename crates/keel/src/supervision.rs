@@ -51,7 +51,7 @@ pub struct Children {
     pub admin: Option<(TcpListener, Arc<AdminState>)>,
     /// The store connector, when a route is idempotent.
     pub store: Option<ChildSpec>,
-    /// Upstream health checks (empty until that feature adds them).
+    /// Upstream health checks, one child per checked endpoint.
     pub health: Vec<ChildSpec>,
     /// Tells the servers to stop accepting (the drain).
     pub shutdown: watch::Receiver<bool>,

@@ -575,6 +575,20 @@ async fn health_checks_eject_and_readmit_an_endpoint() {
     }
     assert!(a.hits() > before, "re-admitted endpoints get traffic again");
     assert!(a.health_hits.load(Ordering::SeqCst) >= 4);
+    // The checks run as supervised children of the gateway's tree.
+    wait_for_status(&keel, "health checks in the supervision tree", |s| {
+        s["supervision"]["children"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|c| {
+                c["name"] == "health"
+                    && c["children"].as_array().is_some_and(|checks| {
+                        !checks.is_empty() && checks.iter().all(|k| k["state"] == "running")
+                    })
+            })
+    })
+    .await;
     let text = metrics(&keel).await;
     assert!(
         text.contains("keel_health_checks_total{") && text.contains("result=\"fail\""),

@@ -279,12 +279,48 @@ pub fn validate_upstream(
 /// instead take [`health::checks`] and [`breakers::watchers`] and run each
 /// as a child.
 pub fn start(gateway: &'static Gateway, shutdown: &watch::Receiver<bool>) {
-    for check in health::checks(gateway) {
-        tokio::spawn(check.run(shutdown.clone()));
-    }
     for watcher in breakers::watchers(gateway) {
         tokio::spawn(watcher.run(shutdown.clone()));
     }
+}
+
+/// The active health checks, one supervised child per checked endpoint
+/// (named `UPSTREAM-N`), for the gateway tree's `health` supervisor. A check
+/// that dies is restarted by it; shutting the tree down stops them.
+pub fn health_children(gateway: &'static Gateway) -> Vec<keel_supervisor::ChildSpec> {
+    let mut seen: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
+    health::checks(gateway)
+        .into_iter()
+        .map(|check| {
+            let n = seen.entry(check.upstream).or_default();
+            let name = format!("{}-{n}", check.upstream);
+            *n += 1;
+            let health::HealthCheck {
+                upstream,
+                endpoint,
+                config,
+            } = check;
+            keel_supervisor::ChildSpec::new(name, move |ctx| {
+                let check = health::HealthCheck {
+                    upstream,
+                    endpoint,
+                    config: config.clone(),
+                };
+                async move {
+                    ctx.ready();
+                    // The check's own stop signal is never raised: the
+                    // supervisor stops it by cancellation.
+                    let (_never, stop) = watch::channel(false);
+                    tokio::select! {
+                        () = check.run(stop) => {}
+                        () = ctx.cancelled() => {}
+                    }
+                    Ok(())
+                }
+            })
+            .shutdown(keel_supervisor::Shutdown::Brutal)
+        })
+        .collect()
 }
 
 mod defaults {
