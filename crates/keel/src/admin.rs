@@ -218,51 +218,23 @@ pub enum StatusError {
     },
 }
 
+/// `host:port` from an admin address given as `host:port` or a URL.
+fn admin_host(addr: &str) -> String {
+    addr.trim_start_matches("http://")
+        .trim_end_matches('/')
+        .to_owned()
+}
+
 /// Fetches `/status` from a running gateway.
 pub async fn fetch_status(addr: &str) -> Result<serde_json::Value, StatusError> {
-    let host = addr
-        .trim_start_matches("http://")
-        .trim_end_matches('/')
-        .to_owned();
-    let unreachable = |source: Box<dyn std::error::Error + Send + Sync>| StatusError::Unreachable {
-        addr: host.clone(),
-        source,
-    };
-    let stream = tokio::time::timeout(
-        std::time::Duration::from_secs(5),
-        tokio::net::TcpStream::connect(&host),
-    )
-    .await
-    .map_err(|e| unreachable(Box::new(e)))?
-    .map_err(|e| unreachable(Box::new(e)))?;
-    let (mut sender, connection) =
-        hyper::client::conn::http1::handshake::<_, ProxyBody>(TokioIo::new(stream))
-            .await
-            .map_err(|e| unreachable(Box::new(e)))?;
-    tokio::spawn(connection);
-    let request = Request::get("/status")
-        .header(header::HOST, host.as_str())
-        .body(ProxyBody::Empty)
-        .map_err(|e| unreachable(Box::new(e)))?;
-    let response = sender
-        .send_request(request)
-        .await
-        .map_err(|e| unreachable(Box::new(e)))?;
-    let status = response.status();
-    let mut body = response.into_body();
-    let mut bytes = Vec::new();
-    while let Some(frame) =
-        std::future::poll_fn(|cx| std::pin::Pin::new(&mut body).poll_frame(cx)).await
-    {
-        let frame = frame.map_err(|e| unreachable(Box::new(e)))?;
-        if let Some(data) = frame.data_ref() {
-            bytes.extend_from_slice(data);
-        }
+    let (status, body) = admin_request(addr, Method::GET, "/status").await?;
+    if status != StatusCode::OK || body.is_null() {
+        return Err(StatusError::BadAnswer {
+            addr: admin_host(addr),
+            status,
+        });
     }
-    if status != StatusCode::OK {
-        return Err(StatusError::BadAnswer { addr: host, status });
-    }
-    serde_json::from_slice(&bytes).map_err(|_| StatusError::BadAnswer { addr: host, status })
+    Ok(body)
 }
 
 /// One breaker of `/status` on one line: state, override, time left, trips.
@@ -563,10 +535,7 @@ pub async fn admin_request(
     method: Method,
     path: &str,
 ) -> Result<(StatusCode, serde_json::Value), StatusError> {
-    let host = addr
-        .trim_start_matches("http://")
-        .trim_end_matches('/')
-        .to_owned();
+    let host = admin_host(addr);
     let unreachable = |source: Box<dyn std::error::Error + Send + Sync>| StatusError::Unreachable {
         addr: host.clone(),
         source,
