@@ -235,28 +235,38 @@ pub fn temp_file(name: &str, contents: &str) -> PathBuf {
 
 impl Keel {
     /// Starts keel with `[server]` filled in and `rest` appended; waits for /healthz.
+    ///
+    /// The ports come from `free_addr`, which frees them before keel binds
+    /// them; if another test took one meanwhile keel exits with 1 (cannot
+    /// listen), and this tries again with other ports, at most three times.
     pub async fn start(server_extra: &str, rest: &str) -> Keel {
-        let listen = free_addr();
-        let admin = free_addr();
-        let text = format!(
-            "[server]\nlisten = \"{listen}\"\nadmin_listen = \"{admin}\"\n{server_extra}\n{rest}\n[log]\nlevel = \"warn\"\n"
-        );
-        let config = temp_file("keel.toml", &text);
-        let child = Command::new(env!("CARGO_BIN_EXE_keel"))
-            .args(["serve", "--config"])
-            .arg(&config)
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("spawn keel");
-        let mut keel = Keel {
-            child,
-            listen,
-            admin,
-            config,
-        };
-        keel.wait_healthy().await;
-        keel
+        let mut attempt = 0;
+        loop {
+            let listen = free_addr();
+            let admin = free_addr();
+            let text = format!(
+                "[server]\nlisten = \"{listen}\"\nadmin_listen = \"{admin}\"\n{server_extra}\n{rest}\n[log]\nlevel = \"warn\"\n"
+            );
+            let config = temp_file("keel.toml", &text);
+            let child = Command::new(env!("CARGO_BIN_EXE_keel"))
+                .args(["serve", "--config"])
+                .arg(&config)
+                .stdout(Stdio::null())
+                .stderr(Stdio::inherit())
+                .spawn()
+                .expect("spawn keel");
+            let mut keel = Keel {
+                child,
+                listen,
+                admin,
+                config,
+            };
+            match keel.wait_healthy().await {
+                Ok(()) => return keel,
+                Err(status) if status.code() == Some(1) && attempt < 2 => attempt += 1,
+                Err(status) => panic!("keel exited early: {status}"),
+            }
+        }
     }
 
     /// One upstream `app` at `upstream`, one route `/`.
@@ -274,15 +284,15 @@ impl Keel {
         .await
     }
 
-    async fn wait_healthy(&mut self) {
+    async fn wait_healthy(&mut self) -> Result<(), std::process::ExitStatus> {
         for _ in 0..400 {
             if let Some(status) = self.child.try_wait().expect("try_wait") {
-                panic!("keel exited early: {status}");
+                return Err(status);
             }
             // The data plane binds before the admin server, so a healthy
             // admin means both are up.
             if let Ok((StatusCode::OK, _, _)) = get(self.admin, "/healthz").await {
-                return;
+                return Ok(());
             }
             tokio::time::sleep(Duration::from_millis(25)).await;
         }
