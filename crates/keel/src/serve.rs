@@ -121,8 +121,6 @@ pub struct Running {
     pub listen: SocketAddr,
     /// Admin address actually bound, if any.
     pub admin: Option<SocketAddr>,
-    shutdown: watch::Sender<bool>,
-    listeners_ready: ReadinessHandle,
     connections: ConnectionCount,
     tree: keel_supervisor::SupervisorHandle,
     readiness: Readiness,
@@ -217,6 +215,12 @@ pub async fn start(config: &Config) -> Result<Running, ServeError> {
             health: crate::resilience::health_children(gateway),
             shutdown: shutdown_rx,
             admin_shutdown: exit_rx,
+            drain: Some(drain_child(
+                drain.clone(),
+                listeners_ready.clone(),
+                shutdown,
+                connections.clone(),
+            )),
         },
         &probe,
     )
@@ -230,8 +234,6 @@ pub async fn start(config: &Config) -> Result<Running, ServeError> {
     Ok(Running {
         listen,
         admin,
-        shutdown,
-        listeners_ready,
         connections,
         tree,
         readiness,
@@ -267,15 +269,41 @@ impl Running {
             () = self.drain.shutdown_requested() => tracing::info!("drain requested on the admin API"),
             reason = self.tree.wait() => return Err(ServeError::TreeExited(reason)),
         }
-        self.drain
-            .shutdown(&self.listeners_ready, &self.shutdown, &self.connections)
-            .await;
-        tracing::info!(open = self.connections.get(), "drained");
-        // Stop the tree in reverse start order: health checks, the store
-        // connector, the admin server, the listener.
+        // Stop the tree in reverse start order: the drain child first (its
+        // stop is the drain sequence), then the health checks, the store
+        // connector, the admin server and the listener.
         self.tree.shutdown().await;
+        tracing::info!(open = self.connections.get(), "drained");
         Ok(())
     }
+}
+
+/// The drain as a child of the tree: ready at once, and when the tree shuts
+/// it down (first, being the last started), it runs the whole drain
+/// sequence (`crate::drain`) before returning. The drain bounds itself by
+/// its deadline, so the child is stopped with `Shutdown::Infinity`.
+fn drain_child(
+    drain: Arc<DrainControl>,
+    listeners_ready: ReadinessHandle,
+    stop_accepting: watch::Sender<bool>,
+    connections: ConnectionCount,
+) -> keel_supervisor::ChildSpec {
+    let stop_accepting = Arc::new(stop_accepting);
+    keel_supervisor::ChildSpec::new("drain", move |ctx| {
+        let (drain, ready, stop, connections) = (
+            drain.clone(),
+            listeners_ready.clone(),
+            stop_accepting.clone(),
+            connections.clone(),
+        );
+        async move {
+            ctx.ready();
+            ctx.cancelled().await;
+            drain.shutdown(&ready, &stop, &connections).await;
+            Ok(())
+        }
+    })
+    .shutdown(keel_supervisor::Shutdown::Infinity)
 }
 
 async fn wait_for_signal() -> Result<(), ServeError> {

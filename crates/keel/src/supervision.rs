@@ -58,6 +58,9 @@ pub struct Children {
     /// Stops the admin server: later than `shutdown`, so `GET /drain`
     /// answers through the drain.
     pub admin_shutdown: watch::Receiver<bool>,
+    /// The drain: started last, so the tree's shutdown stops it first, and
+    /// its stop is the whole drain sequence; the listeners stop after it.
+    pub drain: Option<ChildSpec>,
 }
 
 /// Builds the tree; `probe` receives its probe for `/status`.
@@ -73,6 +76,7 @@ pub fn tree(children: Children, probe: &ProbeSlot) -> Result<Supervisor, BuildEr
         health,
         shutdown,
         admin_shutdown,
+        drain,
     } = children;
     let data_plane = Arc::new(Mutex::new(Some(data_plane)));
     let listener_shutdown = shutdown.clone();
@@ -133,6 +137,9 @@ pub fn tree(children: Children, probe: &ProbeSlot) -> Result<Supervisor, BuildEr
             checks = checks.child(check);
         }
         builder = builder.child(checks.build()?);
+    }
+    if let Some(drain) = drain {
+        builder = builder.child(drain);
     }
     let root = builder.build()?;
     let _ = probe.set(root.probe());

@@ -226,7 +226,7 @@ async fn embedded_store_replays_and_survives_a_restart() {
         .iter()
         .filter_map(|c| c["name"].as_str())
         .collect();
-    assert_eq!(children, ["listener", "admin", "store"]);
+    assert_eq!(children, ["listener", "admin", "store", "drain"]);
 }
 
 #[tokio::test]
