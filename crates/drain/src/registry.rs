@@ -7,6 +7,7 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use tokio::sync::Notify;
@@ -326,21 +327,40 @@ impl Registration {
     /// Resolves when the connection is asked to close (again, when a
     /// gentle request is upgraded to a forced one). Cancel-safe.
     pub async fn closing(&mut self) -> CloseRequest {
-        loop {
-            let notified = self.close.notify.notified();
-            tokio::pin!(notified);
-            // Registered before the check, so a close raised in between
-            // still wakes us.
-            notified.as_mut().enable();
-            let state = self.close.state.load(Ordering::Acquire);
-            if state != self.seen {
-                self.seen = state;
-                if let Some(req) = Signal::decode(state) {
-                    return req;
-                }
+        std::future::poll_fn(|cx| self.poll_closing(cx)).await
+    }
+
+    /// The poll form of [`closing`](Self::closing), for hand-written
+    /// futures: `Ready` with a request newer than the last one returned,
+    /// otherwise `Pending` with `cx`'s waker kept (one waker per
+    /// registration: the last task to poll is the one woken).
+    ///
+    /// ```
+    /// use keel_drain::{CloseRequest, ConnKind, Registry};
+    /// use std::task::{Context, Poll, Waker};
+    /// use std::time::Duration;
+    ///
+    /// let registry = Registry::new();
+    /// let mut conn = registry.register(ConnKind::Tunnel, None);
+    /// let mut cx = Context::from_waker(Waker::noop());
+    /// assert!(conn.poll_closing(&mut cx).is_pending());
+    /// registry.close(conn.id(), CloseRequest { force: true, reconnect_after: Duration::ZERO });
+    /// assert!(matches!(conn.poll_closing(&mut cx), Poll::Ready(CloseRequest { force: true, .. })));
+    /// assert!(conn.poll_closing(&mut cx).is_pending(), "each request is returned once");
+    /// ```
+    pub fn poll_closing(&mut self, cx: &mut Context<'_>) -> Poll<CloseRequest> {
+        // The waker is stored before the state is read, so a close raised
+        // in between still finds it (`raise` writes the state, then takes
+        // the waker under the same lock).
+        self.close.park(cx.waker());
+        let state = self.close.state.load(Ordering::Acquire);
+        if state != self.seen {
+            self.seen = state;
+            if let Some(req) = Signal::decode(state) {
+                return Poll::Ready(req);
             }
-            notified.await;
         }
+        Poll::Pending
     }
 
     /// The close request received so far, if any.
@@ -349,16 +369,17 @@ impl Registration {
     }
 }
 
-/// A connection's close request: one atomic word and a wake-up, about a
-/// tenth of what a `watch` channel costs, because the gateway holds one per
-/// idle connection.
+/// A connection's close request: one atomic word and one waker slot, a
+/// small fraction of what a `watch` channel costs, because the gateway
+/// holds one per idle connection. The slot's lock is only ever taken by
+/// the connection's own task and, once, by the drain that closes it.
 ///
 /// The word is 0 (not asked), or bit 63 (asked) with bit 62 (forced) and
 /// the reconnect hint in milliseconds in the low bits.
 #[derive(Debug, Default)]
 struct Signal {
     state: AtomicU64,
-    notify: Notify,
+    waker: Mutex<Option<Waker>>,
 }
 
 impl Signal {
@@ -392,7 +413,19 @@ impl Signal {
             })
             .is_ok();
         if raised {
-            self.notify.notify_waiters();
+            let waker = self.waker.lock().unwrap_or_else(|p| p.into_inner()).take();
+            if let Some(waker) = waker {
+                waker.wake();
+            }
+        }
+    }
+
+    /// Keeps `waker` to be woken by the next [`raise`](Self::raise).
+    fn park(&self, waker: &Waker) {
+        let mut slot = self.waker.lock().unwrap_or_else(|p| p.into_inner());
+        match slot.as_ref() {
+            Some(kept) if kept.will_wake(waker) => {}
+            _ => *slot = Some(waker.clone()),
         }
     }
 }
