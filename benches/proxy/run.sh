@@ -135,7 +135,7 @@ done
 [ -n "$NGINX_WORKER" ] || { echo "error: no nginx worker" >&2; exit 1; }
 
 TCK=$(getconf CLK_TCK)
-cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+cpu_ticks() { awk '{print $14, $15}' "/proc/$1/stat"; }  # user sys
 rss_kib() { awk '/^VmRSS:/ {print $2}' "/proc/$1/status"; }
 
 # to_us VALUE-WITH-UNIT -> microseconds
@@ -146,30 +146,31 @@ to_us() {
         printf "%.0f", n * m }'
 }
 
-# run NAME URL PID -> prints "rps p50_us p99_us cpu_us_per_req"
+# run NAME URL PID -> prints "rps p50_us p99_us cpu_us_per_req user_us sys_us"
 run() {
     local name=$1 url=$2 pid=$3
     taskset -c 1 wrk -t1 -c"$CONNECTIONS" -d2s "$url" >/dev/null  # warm-up
-    local before after
-    before=$( [ -n "$pid" ] && cpu_ticks "$pid" || echo 0 )
+    local u0=0 s0=0 u1=0 s1=0
+    [ -n "$pid" ] && read -r u0 s0 < <(cpu_ticks "$pid")
     taskset -c 1 wrk -t1 -c"$CONNECTIONS" -d"${DURATION}s" --latency "$url" >"$WORK/wrk-$name.txt"
-    after=$( [ -n "$pid" ] && cpu_ticks "$pid" || echo 0 )
+    [ -n "$pid" ] && read -r u1 s1 < <(cpu_ticks "$pid")
     local requests rps p50 p99
     requests=$(awk '/requests in/ {print $1}' "$WORK/wrk-$name.txt")
     rps=$(awk '/^Requests\/sec:/ {printf "%.0f", $2}' "$WORK/wrk-$name.txt")
     p50=$(to_us "$(awk '$1 == "50%" {print $2}' "$WORK/wrk-$name.txt")")
     p99=$(to_us "$(awk '$1 == "99%" {print $2}' "$WORK/wrk-$name.txt")")
-    local cpu="-"
+    local cpu="- - -"
     if [ -n "$pid" ]; then
-        cpu=$(awk -v t=$((after - before)) -v hz="$TCK" -v n="$requests" 'BEGIN {printf "%.1f", t / hz * 1e6 / n}')
+        cpu=$(awk -v u=$((u1 - u0)) -v s=$((s1 - s0)) -v hz="$TCK" -v n="$requests" \
+            'BEGIN {f = 1e6 / hz / n; printf "%.1f %.1f %.1f", (u + s) * f, u * f, s * f}')
     fi
     echo "$rps $p50 $p99 $cpu"
 }
 
 log "throughput: ${DURATION}s each, $CONNECTIONS connections, wrk+backend on CPU 1, proxy on CPU 0"
 read -r D_RPS D_P50 D_P99 _ <<<"$(run direct "http://$BACKEND/" "")"
-read -r K_RPS K_P50 K_P99 K_CPU <<<"$(run keel "http://$KEEL/" "$KEEL_PID")"
-read -r N_RPS N_P50 N_P99 N_CPU <<<"$(run nginx "http://$NGINX/" "$NGINX_WORKER")"
+read -r K_RPS K_P50 K_P99 K_CPU K_USER K_SYS <<<"$(run keel "http://$KEEL/" "$KEEL_PID")"
+read -r N_RPS N_P50 N_P99 N_CPU N_USER N_SYS <<<"$(run nginx "http://$NGINX/" "$NGINX_WORKER")"
 
 # --- idle WebSocket tunnels -------------------------------------------------
 tunnels() { # tunnels NAME ADDR PID -> prints KiB per tunnel
@@ -204,12 +205,14 @@ ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (a !~ /^[0-9.]+$/ || b !~ /^[0-9.]
 
 cat <<TABLE
 
-| target | req/s | p50 (us) | p99 (us) | proxy CPU per request (us) | idle tunnel RSS (KiB each) |
-| --- | ---: | ---: | ---: | ---: | ---: |
-| direct to backend | $D_RPS | $D_P50 | $D_P99 | - | - |
-| keel | $K_RPS | $K_P50 | $K_P99 | $K_CPU | $K_WS |
-| nginx proxy_pass | $N_RPS | $N_P50 | $N_P99 | $N_CPU | $N_WS |
-| **keel / nginx** | $(ratio "$K_RPS" "$N_RPS") | $(ratio "$K_P50" "$N_P50") | $(ratio "$K_P99" "$N_P99") | $(ratio "$K_CPU" "$N_CPU") | $(ratio "$K_WS" "$N_WS") |
+| target | req/s | p50 (us) | p99 (us) | proxy CPU per request (us) | of it user / sys (us) | idle tunnel RSS (KiB each) |
+| --- | ---: | ---: | ---: | ---: | ---: | ---: |
+| direct to backend | $D_RPS | $D_P50 | $D_P99 | - | - | - |
+| keel | $K_RPS | $K_P50 | $K_P99 | $K_CPU | $K_USER / $K_SYS | $K_WS |
+| nginx proxy_pass | $N_RPS | $N_P50 | $N_P99 | $N_CPU | $N_USER / $N_SYS | $N_WS |
+| **keel / nginx** | $(ratio "$K_RPS" "$N_RPS") | $(ratio "$K_P50" "$N_P50") | $(ratio "$K_P99" "$N_P99") | $(ratio "$K_CPU" "$N_CPU") | $(ratio "$K_USER" "$N_USER") / $(ratio "$K_SYS" "$N_SYS") | $(ratio "$K_WS" "$N_WS") |
+
+nginx's kernel share of its own CPU per request: $(ratio "$N_SYS" "$N_CPU") (a proxy that paid nginx's kernel cost and no user-space cost at all would be at this ratio).
 
 wrk -t1 -c$CONNECTIONS -d${DURATION}s, keel and nginx pinned to CPU 0, wrk and backend to CPU 1, $TUNNELS tunnels; $(nproc) CPUs, $(uname -r).
 TABLE

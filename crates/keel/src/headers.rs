@@ -1,10 +1,11 @@
 //! Proxy header semantics: hop-by-hop removal (RFC 9110 section 7.6.1),
 //! `X-Forwarded-*`, `Via`, and request ids.
 
-use std::cell::Cell;
+use std::cell::RefCell;
 use std::net::IpAddr;
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use keel_retry::SplitMix64;
 
 /// `x-request-id`.
 pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
@@ -121,32 +122,13 @@ pub fn head_size(uri: &http::Uri, headers: &HeaderMap) -> usize {
 thread_local! {
     // A per-thread generator: request ids need uniqueness, not secrecy, and
     // a thread-local state keeps id generation off any shared cache line.
-    static ID_STATE: Cell<u64> = Cell::new(seed());
-}
-
-fn seed() -> u64 {
-    let time = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos() as u64);
-    let local = 0u8;
-    let addr = std::ptr::addr_of!(local) as u64;
-    splitmix(time ^ addr.rotate_left(32) ^ u64::from(std::process::id()))
-}
-
-fn splitmix(mut z: u64) -> u64 {
-    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
+    // `from_entropy` seeds each thread apart (time and a process counter).
+    static ID_STATE: RefCell<SplitMix64> = RefCell::new(SplitMix64::from_entropy());
 }
 
 /// Next pseudo-random number from this thread's generator.
 pub fn next_random() -> u64 {
-    ID_STATE.with(|state| {
-        let next = state.get().wrapping_add(0x9E37_79B9_7F4A_7C15);
-        state.set(next);
-        splitmix(next)
-    })
+    ID_STATE.with_borrow_mut(SplitMix64::next_u64)
 }
 
 /// A new request id: 32 lowercase hex digits.
