@@ -122,8 +122,11 @@ pub fn head_size(uri: &http::Uri, headers: &HeaderMap) -> usize {
 thread_local! {
     // A per-thread generator: request ids need uniqueness, not secrecy, and
     // a thread-local state keeps id generation off any shared cache line.
-    // `from_entropy` seeds each thread apart (time and a process counter).
-    static ID_STATE: RefCell<SplitMix64> = RefCell::new(SplitMix64::from_entropy());
+    // Seeded apart per thread (time and a counter, from `from_entropy`)
+    // and per process (its id), so gateways started together differ too.
+    static ID_STATE: RefCell<SplitMix64> = RefCell::new(SplitMix64::new(
+        SplitMix64::from_entropy().next_u64() ^ u64::from(std::process::id()),
+    ));
 }
 
 /// Next pseudo-random number from this thread's generator.

@@ -102,9 +102,10 @@ pub async fn splice(downstream: OnUpgrade, upstream: OnUpgrade, websocket: bool)
 }
 
 /// Replaces the wakers the HTTP connection tasks left in the socket's
-/// read and write slots with no-op ones. `readable()` waits in a separate
-/// list, so without this the finished connection task (a few KiB) would stay
-/// allocated, through its waker, for as long as the tunnel is idle.
+/// read and write slots with no-op ones. The tunnel takes over a write
+/// slot only when a write could not finish at once, so without this the
+/// finished connection task (a few KiB) would stay allocated, through its
+/// waker, for as long as the tunnel is idle.
 fn forget_wakers(stream: TcpStream) -> TcpStream {
     let mut cx = Context::from_waker(Waker::noop());
     let _ = stream.poll_read_ready(&mut cx);
