@@ -473,19 +473,11 @@ async fn fallback(down: Upgraded, up: Upgraded) {
 mod tests {
     use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    use tokio::net::TcpListener;
-
-    async fn pair() -> (TcpStream, TcpStream) {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let addr = listener.local_addr().expect("addr");
-        let (client, server) = tokio::join!(TcpStream::connect(addr), listener.accept());
-        (client.expect("connect"), server.expect("accept").0)
-    }
 
     #[tokio::test]
     async fn copies_both_ways_with_pending_bytes_and_half_close() {
-        let (mut client, proxy_a) = pair().await;
-        let (proxy_b, mut server) = pair().await;
+        let (mut client, proxy_a) = super::tests_pair().await;
+        let (proxy_b, mut server) = super::tests_pair().await;
         let task = tokio::spawn(tunnel(
             proxy_a,
             Bytes::from_static(b"early-"),
