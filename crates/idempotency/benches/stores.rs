@@ -1,6 +1,6 @@
 //! Claim+complete pairs per second: the memory store on one and two threads
 //! beside a single-`Mutex<HashMap>` baseline doing the same work, and the
-//! embedded (redb) store.
+//! embedded (append-only log) store.
 //!
 //! Run: `cargo bench -p keel-idempotency --bench stores`
 
@@ -177,7 +177,7 @@ fn embedded(c: &mut Criterion) {
     for (name, durable_claims) in [("embedded/1t", true), ("embedded_fast_claims/1t", false)] {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = Arc::new(
-            keel_idempotency::embedded::EmbeddedStore::open(dir.path().join("bench.redb"))
+            keel_idempotency::embedded::EmbeddedStore::open_dir(dir.path())
                 .expect("open")
                 .durable_claims(durable_claims),
         );
@@ -206,10 +206,8 @@ fn embedded(c: &mut Criterion) {
         .build()
         .expect("runtime");
     let dir = tempfile::tempdir().expect("tempdir");
-    let store = Arc::new(
-        keel_idempotency::embedded::EmbeddedStore::open(dir.path().join("bench.redb"))
-            .expect("open"),
-    );
+    let store =
+        Arc::new(keel_idempotency::embedded::EmbeddedStore::open_dir(dir.path()).expect("open"));
     let pool = Arc::new(pool);
     g.bench_function("embedded/64_concurrent", |b| {
         b.iter_custom(|iters| {

@@ -1,24 +1,43 @@
-//! Embedded durable store on [redb]: one file on local disk, no server.
+//! Embedded durable store: an append-only log on local disk, no server.
 //!
-//! Every claim, completion and release is committed with immediate
-//! durability (fsync) before the call returns, so a completed record
-//! survives a process restart and a crash (`kill -9`, power loss). Claims
-//! are durable too by default: after a crash and a quick restart, a key
-//! whose first request was running stays in flight until its lease ends
-//! instead of being executed again at once.
+//! The store is a directory of segment files. Every claim, completion and
+//! release appends one checksummed record to the newest segment and is
+//! `fdatasync`ed before the call returns, so a completed record survives a
+//! process restart and a crash (`kill -9`, power loss). Claims are durable
+//! too by default: after a crash and a quick restart, a key whose first
+//! request was running stays in flight until its lease ends instead of
+//! being executed again at once.
 //!
-//! Writes go through **group commit**: one thread owns redb's single writer
-//! and commits every write queued while the previous commit was syncing in
-//! one transaction, so N concurrent requests share one fsync. Replays and
-//! in-flight answers are served from a read transaction (concurrent, no
-//! writer) on tokio's blocking pool.
+//! - **Group commit.** One writer thread appends every record queued while
+//!   the previous sync ran with one `write` and one `fdatasync`, so N
+//!   concurrent requests share one sync. The disk sees a sequential append,
+//!   not the scattered page writes of a B-tree.
+//! - **In-memory index.** A sharded map from key to state, fingerprint,
+//!   expiry and the record's place on disk answers claims without touching
+//!   the disk; only a replay reads its stored result back (one positioned
+//!   read on tokio's blocking pool). No lock is held across requests: each
+//!   key's shard is locked for a few map operations.
+//! - **Compaction.** Records superseded, released or expired are dead
+//!   bytes. When at least half the oldest segment is dead (or dead bytes
+//!   outgrow live ones by two segments), the writer appends that segment's
+//!   live records to the newest one and deletes it; oldest first, so a
+//!   release record never outlives the records it cancels.
+//! - **Recovery.** Opening reads the segments in order and rebuilds the
+//!   index; the last record of a key wins. A torn append at the end of the
+//!   newest segment (a crash mid-write) ends the log there and is cut off,
+//!   as a database's write-ahead log does; damage anywhere else is reported
+//!   with the file and byte offset, and nothing is opened.
 //!
-//! Expiry uses the wall clock (records outlive the process). Expired records
-//! are ignored on read and removed by [`Store::purge_expired`]; run it
-//! periodically with [`spawn_purger`].
+//! Expiry uses the wall clock (records outlive the process). Expired
+//! records are ignored on read and dropped from the index by
+//! [`Store::purge_expired`]; run it periodically with [`spawn_purger`].
+//! Fencing tokens come from one counter, recorded in every record and in
+//! each segment's header, so they strictly increase per key across
+//! release, expiry, compaction and restarts.
 //!
-//! Fencing tokens come from one counter kept in the same file, so they
-//! strictly increase per key across release, expiry and restarts.
+//! The index holds every live key (about 150 bytes each plus the key) but
+//! not the stored results, which stay on disk. A directory is used by one
+//! store at a time: a lock file keeps a second process out.
 //!
 //! ```
 //! use keel_idempotency::embedded::EmbeddedStore;
@@ -41,99 +60,220 @@
 //! assert_eq!(payload, b"done");
 //! # });
 //! ```
-//!
-//! [redb]: https://docs.rs/redb
 
+mod log;
+
+use std::collections::HashMap;
+use std::fs::{File, OpenOptions, TryLockError};
+use std::hash::{BuildHasher, RandomState};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::sync::mpsc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, mpsc};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tokio::sync::oneshot;
 
-use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
-
+use self::log::{Decoded, Kind, SEGMENT_HEADER, Segment};
 use crate::store::{BoxFuture, Claim, FencingToken, Fingerprint, Store, StoreError, StoreKey};
 
-const RECORDS: TableDefinition<&str, &[u8]> = TableDefinition::new("keel_idempotency_records_v1");
-const META: TableDefinition<&str, u64> = TableDefinition::new("keel_idempotency_meta_v1");
-const LAST_TOKEN: &str = "last_token";
+/// The lock file [`EmbeddedStore::open_dir`] holds in its directory.
+pub const LOCK_FILE: &str = "LOCK";
 
-/// The file created inside a directory by [`EmbeddedStore::open_dir`].
-pub const FILE_NAME: &str = "idempotency.redb";
+/// The single file earlier versions kept their records in (redb).
+const LEGACY_FILE: &str = "idempotency.redb";
 
-const IN_FLIGHT: u8 = 0;
-const COMPLETED: u8 = 1;
-/// kind u8 | token u64 | expires (ms since the epoch) u64 | fingerprint 32.
-const HEADER: usize = 1 + 8 + 8 + 32;
+/// The most records one group commit takes.
+const MAX_BATCH: usize = 1024;
 
-/// A durable [`Store`] in one redb file. See the [module docs](self).
-#[derive(Clone)]
-pub struct EmbeddedStore {
-    writer: Arc<Writer>,
-    db: Arc<Database>,
-    path: PathBuf,
+/// Settings of an [`EmbeddedStore`].
+///
+/// ```
+/// use keel_idempotency::embedded::EmbeddedConfig;
+/// let config = EmbeddedConfig::default().segment_bytes(16 << 20).durable_claims(false);
+/// assert_eq!(config.segment_size(), 16 << 20);
+/// ```
+#[derive(Clone, Debug)]
+pub struct EmbeddedConfig {
+    segment_bytes: u64,
     durable_claims: bool,
 }
 
-impl std::fmt::Debug for EmbeddedStore {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("EmbeddedStore")
-            .field("path", &self.path)
-            .finish()
+impl Default for EmbeddedConfig {
+    /// 64 MiB segments, durable claims.
+    fn default() -> Self {
+        Self {
+            segment_bytes: 64 << 20,
+            durable_claims: true,
+        }
     }
 }
 
-/// Parsed row.
-struct Row<'a> {
-    kind: u8,
-    token: FencingToken,
+impl EmbeddedConfig {
+    /// The size at which the newest segment is sealed and a new one begun
+    /// (at least 4 KiB). Smaller segments are compacted sooner and in
+    /// smaller steps; each compaction step reads one whole segment.
+    ///
+    /// ```
+    /// # use keel_idempotency::embedded::EmbeddedConfig;
+    /// assert_eq!(EmbeddedConfig::default().segment_bytes(1).segment_size(), 4096);
+    /// ```
+    pub fn segment_bytes(mut self, bytes: u64) -> Self {
+        self.segment_bytes = bytes.max(4096);
+        self
+    }
+
+    /// The segment size set.
+    ///
+    /// ```
+    /// # use keel_idempotency::embedded::EmbeddedConfig;
+    /// assert_eq!(EmbeddedConfig::default().segment_size(), 64 << 20);
+    /// ```
+    pub fn segment_size(&self) -> u64 {
+        self.segment_bytes
+    }
+
+    /// Whether claims are synced before [`Store::claim`] returns; see
+    /// [`EmbeddedStore::durable_claims`].
+    ///
+    /// ```
+    /// # use keel_idempotency::embedded::EmbeddedConfig;
+    /// let _ = EmbeddedConfig::default().durable_claims(false);
+    /// ```
+    pub fn durable_claims(mut self, on: bool) -> Self {
+        self.durable_claims = on;
+        self
+    }
+}
+
+/// A snapshot of an [`EmbeddedStore`]'s size, from [`EmbeddedStore::stats`].
+///
+/// ```
+/// let dir = tempfile::tempdir().unwrap();
+/// let store = keel_idempotency::embedded::EmbeddedStore::open_dir(dir.path()).unwrap();
+/// let stats = store.stats();
+/// assert_eq!((stats.entries, stats.segments, stats.dead_bytes), (0, 1, 0));
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct EmbeddedStats {
+    /// Keys in the index (live claims and results; expired ones until
+    /// purged).
+    pub entries: usize,
+    /// Segment files.
+    pub segments: usize,
+    /// Bytes in the segment files.
+    pub bytes: u64,
+    /// Bytes of records compaction would drop.
+    pub dead_bytes: u64,
+    /// Bytes of a torn append cut off the end of the log when the store
+    /// was opened.
+    pub truncated_on_open: u64,
+}
+
+/// Where a record is: its segment and byte range.
+#[derive(Clone, Debug)]
+struct Loc {
+    seg: Arc<Segment>,
+    offset: u64,
+    len: u32,
+}
+
+impl Loc {
+    fn is(&self, seg: &Arc<Segment>, offset: u64) -> bool {
+        Arc::ptr_eq(&self.seg, seg) && self.offset == offset
+    }
+
+    fn bury(&self) {
+        self.seg.bury(self.len);
+    }
+}
+
+/// One key's current state.
+struct Entry {
+    completed: bool,
+    token: u64,
     expires_ms: u64,
     fingerprint: Fingerprint,
-    payload: &'a [u8],
+    /// The record that says so; `None` while a claim's record is still on
+    /// its way to the disk.
+    loc: Option<Loc>,
 }
 
-fn parse(bytes: &[u8]) -> Result<Row<'_>, StoreError> {
-    if bytes.len() < HEADER {
-        return Err(StoreError::Corrupt(
-            "embedded record shorter than its header".into(),
-        ));
+impl Entry {
+    /// The claim `token` holds on this key right now.
+    fn held_by(&self, token: FencingToken, now: u64) -> bool {
+        !self.completed && self.token == token.0 && self.expires_ms > now
     }
-    let mut token = [0; 8];
-    token.copy_from_slice(&bytes[1..9]);
-    let mut expires = [0; 8];
-    expires.copy_from_slice(&bytes[9..17]);
-    let mut fp = [0; 32];
-    fp.copy_from_slice(&bytes[17..49]);
-    let kind = bytes[0];
-    if kind != IN_FLIGHT && kind != COMPLETED {
-        return Err(StoreError::Corrupt(format!(
-            "embedded record of unknown kind {kind}"
-        )));
+
+    fn bury(&self) {
+        if let Some(loc) = &self.loc {
+            loc.bury();
+        }
     }
-    Ok(Row {
-        kind,
-        token: FencingToken(u64::from_be_bytes(token)),
-        expires_ms: u64::from_be_bytes(expires),
-        fingerprint: Fingerprint(fp),
-        payload: &bytes[HEADER..],
-    })
 }
 
-fn encode(
-    kind: u8,
-    token: FencingToken,
-    expires_ms: u64,
-    fp: &Fingerprint,
-    payload: &[u8],
-) -> Vec<u8> {
-    let mut v = Vec::with_capacity(HEADER + payload.len());
-    v.push(kind);
-    v.extend_from_slice(&token.0.to_be_bytes());
-    v.extend_from_slice(&expires_ms.to_be_bytes());
-    v.extend_from_slice(&fp.0);
-    v.extend_from_slice(payload);
-    v
+type Map = HashMap<Box<str>, Entry>;
+
+/// One shard on cache lines of its own (no false sharing between shards).
+#[repr(align(128))]
+#[derive(Default)]
+struct Shard(Mutex<Map>);
+
+/// The in-memory index: key to state, spread over shards.
+struct Index {
+    shards: Box<[Shard]>,
+    hasher: RandomState,
+    last_token: AtomicU64,
+}
+
+impl Index {
+    fn new() -> Self {
+        let cores = std::thread::available_parallelism().map_or(4, |n| n.get());
+        let n = (cores * 16).next_power_of_two().clamp(16, 1024);
+        Self {
+            shards: (0..n).map(|_| Shard::default()).collect(),
+            hasher: RandomState::new(),
+            last_token: AtomicU64::new(0),
+        }
+    }
+
+    fn shard(&self, key: &str) -> MutexGuard<'_, Map> {
+        // The shard count is a power of two.
+        let i = self.hasher.hash_one(key) as usize & (self.shards.len() - 1);
+        lock(&self.shards[i].0)
+    }
+
+    fn next_token(&self) -> u64 {
+        self.last_token.fetch_add(1, Ordering::Relaxed) + 1
+    }
+
+    /// Applies a record read back when opening the store.
+    fn recover(&self, r: &log::Record<'_>, loc: Loc, now: u64) {
+        let mut map = self.shard(r.key);
+        if r.kind == Kind::Released || r.expires_ms <= now {
+            // The key is free from here on.
+            if let Some(old) = map.remove(r.key) {
+                old.bury();
+            }
+            loc.bury();
+            return;
+        }
+        let entry = Entry {
+            completed: r.kind == Kind::Completed,
+            token: r.token,
+            expires_ms: r.expires_ms,
+            fingerprint: r.fingerprint,
+            loc: Some(loc),
+        };
+        if let Some(old) = map.insert(r.key.into(), entry) {
+            old.bury();
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 fn now_ms() -> u64 {
@@ -146,71 +286,187 @@ fn add_ms(now: u64, d: Duration) -> u64 {
     now.saturating_add(u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
-fn unavailable(e: impl Into<redb::Error>) -> StoreError {
-    StoreError::Unavailable(format!("embedded store: {}", e.into()))
+/// A durable [`Store`] in a directory of log segments. See the
+/// [module docs](self).
+#[derive(Clone)]
+pub struct EmbeddedStore {
+    inner: Arc<Inner>,
+    durable_claims: bool,
 }
 
-/// Reads a live row for `key` in a read transaction; `None` if absent or
-/// expired.
-fn live_claim(row: &Row<'_>, now: u64) -> Option<Claim> {
-    if row.expires_ms <= now {
-        return None;
+struct Inner {
+    index: Arc<Index>,
+    jobs: Option<mpsc::Sender<Msg>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+    /// Why the writer stopped, once it has.
+    failed: Arc<Mutex<Option<String>>>,
+    /// Every segment, oldest first; the last is the one appended to.
+    segments: Arc<Mutex<Vec<Arc<Segment>>>>,
+    truncated_on_open: u64,
+    dir: PathBuf,
+    /// Holds the directory's lock until the store is dropped.
+    _lock: File,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        // Closing the queue ends the writer after its last batch; joining
+        // it closes the files before the store's drop returns, so the
+        // directory can be reopened at once.
+        self.jobs.take();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
     }
-    Some(match row.kind {
-        IN_FLIGHT => Claim::InFlight {
-            fingerprint: row.fingerprint,
-            retry_after: Duration::from_millis(row.expires_ms - now),
-        },
-        _ => Claim::Completed {
-            fingerprint: row.fingerprint,
-            payload: row.payload.to_vec(),
-        },
-    })
+}
+
+impl Inner {
+    fn send(&self, job: Job) -> Result<(), StoreError> {
+        let sent = self
+            .jobs
+            .as_ref()
+            .is_some_and(|jobs| jobs.send(Msg::Write(job)).is_ok());
+        if sent { Ok(()) } else { Err(self.stopped()) }
+    }
+
+    fn stopped(&self) -> StoreError {
+        let why = lock(&self.failed).clone();
+        StoreError::Unavailable(format!(
+            "embedded store {}: the writer has stopped: {}",
+            self.dir.display(),
+            why.as_deref().unwrap_or("shutting down")
+        ))
+    }
+
+    async fn wait(&self, rx: oneshot::Receiver<Result<(), StoreError>>) -> Result<(), StoreError> {
+        rx.await.map_err(|_| self.stopped())?
+    }
+}
+
+impl std::fmt::Debug for EmbeddedStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EmbeddedStore")
+            .field("dir", &self.inner.dir)
+            .field("durable_claims", &self.durable_claims)
+            .finish()
+    }
 }
 
 impl EmbeddedStore {
-    /// Opens (or creates) the store file at `path`. Fails if another
-    /// process has it open.
+    /// Opens (or creates) the store in directory `dir` with the default
+    /// [`EmbeddedConfig`], creating the directory if missing.
     ///
     /// ```
     /// let dir = tempfile::tempdir().unwrap();
-    /// let store = keel_idempotency::embedded::EmbeddedStore::open(dir.path().join("keys.redb")).unwrap();
-    /// assert!(store.path().ends_with("keys.redb"));
+    /// let store = keel_idempotency::embedded::EmbeddedStore::open_dir(dir.path().join("keel-data")).unwrap();
+    /// assert!(store.path().ends_with("keel-data"));
     /// ```
-    pub fn open(path: impl AsRef<Path>) -> Result<Self, StoreError> {
-        let path = path.as_ref().to_path_buf();
-        let db = Database::create(&path).map_err(|e| {
+    pub fn open_dir(dir: impl AsRef<Path>) -> Result<Self, StoreError> {
+        Self::open_dir_with(dir, EmbeddedConfig::default())
+    }
+
+    /// Opens (or creates) the store in directory `dir` with `config`.
+    ///
+    /// Fails with [`StoreError::Unavailable`] if another store (in this
+    /// process or another) has the directory open or it cannot be read,
+    /// and with [`StoreError::Corrupt`] naming the file and byte offset if
+    /// a segment other than the newest is damaged.
+    ///
+    /// ```
+    /// use keel_idempotency::embedded::{EmbeddedConfig, EmbeddedStore};
+    /// let dir = tempfile::tempdir().unwrap();
+    /// let store = EmbeddedStore::open_dir_with(dir.path(), EmbeddedConfig::default()).unwrap();
+    /// // One store per directory at a time.
+    /// assert!(EmbeddedStore::open_dir(dir.path()).is_err());
+    /// drop(store);
+    /// assert!(EmbeddedStore::open_dir(dir.path()).is_ok());
+    /// ```
+    pub fn open_dir_with(
+        dir: impl AsRef<Path>,
+        config: EmbeddedConfig,
+    ) -> Result<Self, StoreError> {
+        let dir = dir.as_ref().to_path_buf();
+        std::fs::create_dir_all(&dir).map_err(|e| {
             StoreError::Unavailable(format!(
-                "cannot open the embedded store {}: {e}",
-                path.display()
+                "cannot create the store directory {}: {e}",
+                dir.display()
             ))
         })?;
-        // Create the tables once, so readers never meet a missing table.
-        let mut tx = db.begin_write().map_err(unavailable)?;
-        tx.set_durability(Durability::Immediate)
-            .map_err(unavailable)?;
-        tx.open_table(RECORDS).map_err(unavailable)?;
-        tx.open_table(META).map_err(unavailable)?;
-        tx.commit().map_err(unavailable)?;
-        let db = Arc::new(db);
-        let writer = Writer::spawn(db.clone()).map_err(|e| {
-            StoreError::Unavailable(format!(
-                "cannot start the embedded store's writer thread: {e}"
-            ))
-        })?;
+        let lock_path = dir.join(LOCK_FILE);
+        let lock_file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(|e| log::io_err(&lock_path, &e))?;
+        match lock_file.try_lock() {
+            Ok(()) => {}
+            Err(TryLockError::WouldBlock) => {
+                return Err(StoreError::Unavailable(format!(
+                    "embedded store {} is in use by another store (this process or another)",
+                    dir.display()
+                )));
+            }
+            Err(TryLockError::Error(e)) => return Err(log::io_err(&lock_path, &e)),
+        }
+        let legacy = dir.join(LEGACY_FILE);
+        if legacy.exists() {
+            return Err(StoreError::Unavailable(format!(
+                "{} was written by an earlier keel (redb format), which this version does not \
+                 read; move it out of {} to start an empty store (its records are not carried over)",
+                legacy.display(),
+                dir.display()
+            )));
+        }
+        let index = Arc::new(Index::new());
+        let (segments, truncated_on_open) = recover(&dir, &index)?;
+        let active_len = segments
+            .last()
+            .map_or(SEGMENT_HEADER, |s| s.len.load(Ordering::Relaxed));
+        let segments = Arc::new(Mutex::new(segments));
+        let failed = Arc::new(Mutex::new(None));
+        let Some(active) = lock(&segments).last().cloned() else {
+            return Err(StoreError::Unavailable("no segment after recovery".into()));
+        };
+        let writer = Writer {
+            dir: dir.clone(),
+            index: index.clone(),
+            segments: segments.clone(),
+            active,
+            active_len,
+            segment_bytes: config.segment_bytes,
+            buf: Vec::new(),
+        };
+        let (tx, rx) = mpsc::channel();
+        let thread_failed = failed.clone();
+        let thread = std::thread::Builder::new()
+            .name("keel-idem-log".into())
+            .spawn(move || writer.run(&rx, &thread_failed))
+            .map_err(|e| {
+                StoreError::Unavailable(format!(
+                    "cannot start the embedded store's writer thread: {e}"
+                ))
+            })?;
         Ok(Self {
-            writer: Arc::new(writer),
-            db,
-            path,
-            durable_claims: true,
+            inner: Arc::new(Inner {
+                index,
+                jobs: Some(tx),
+                thread: Some(thread),
+                failed,
+                segments,
+                truncated_on_open,
+                dir,
+                _lock: lock_file,
+            }),
+            durable_claims: config.durable_claims,
         })
     }
 
-    /// Whether claims are fsynced before [`Store::claim`] returns (default
+    /// Whether claims are synced before [`Store::claim`] returns (default
     /// `true`). Completions and releases always are.
     ///
-    /// With `false`, a claim costs no fsync (it is made durable by the next
-    /// durable commit), which roughly halves the disk work of a new
+    /// With `false`, a claim costs no sync (it is made durable by the next
+    /// durable write), which roughly halves the disk work of a new
     /// request. The price: if the process crashes while a request is in
     /// flight, its claim may be lost, and a retry after the restart may
     /// run the operation again. Completed records are never lost.
@@ -224,94 +480,102 @@ impl EmbeddedStore {
         self
     }
 
-    /// Opens (or creates) the store in directory `dir`, creating the
-    /// directory if missing; the file is [`FILE_NAME`].
-    ///
-    /// ```
-    /// let dir = tempfile::tempdir().unwrap();
-    /// let store = keel_idempotency::embedded::EmbeddedStore::open_dir(dir.path().join("keel-data")).unwrap();
-    /// assert!(store.path().ends_with("keel-data/idempotency.redb"));
-    /// ```
-    pub fn open_dir(dir: impl AsRef<Path>) -> Result<Self, StoreError> {
-        let dir = dir.as_ref();
-        std::fs::create_dir_all(dir).map_err(|e| {
-            StoreError::Unavailable(format!(
-                "cannot create the store directory {}: {e}",
-                dir.display()
-            ))
-        })?;
-        Self::open(dir.join(FILE_NAME))
-    }
-
-    /// The file's path.
+    /// The store's directory.
     ///
     /// ```
     /// let dir = tempfile::tempdir().unwrap();
     /// let store = keel_idempotency::embedded::EmbeddedStore::open_dir(dir.path()).unwrap();
-    /// assert!(store.path().exists());
+    /// assert!(store.path().join(keel_idempotency::embedded::LOCK_FILE).exists());
     /// ```
     pub fn path(&self) -> &Path {
-        &self.path
+        &self.inner.dir
     }
 
-    async fn blocking<T: Send + 'static>(
+    /// Counts keys, segments and bytes (walks the index: for tests and
+    /// status pages, not for every request).
+    ///
+    /// ```
+    /// let dir = tempfile::tempdir().unwrap();
+    /// let store = keel_idempotency::embedded::EmbeddedStore::open_dir(dir.path()).unwrap();
+    /// assert_eq!(store.stats().entries, 0);
+    /// ```
+    pub fn stats(&self) -> EmbeddedStats {
+        let entries = self
+            .inner
+            .index
+            .shards
+            .iter()
+            .map(|s| lock(&s.0).len())
+            .sum();
+        let segments = lock(&self.inner.segments);
+        EmbeddedStats {
+            entries,
+            segments: segments.len(),
+            bytes: segments.iter().map(|s| s.len.load(Ordering::Relaxed)).sum(),
+            dead_bytes: segments
+                .iter()
+                .map(|s| s.dead.load(Ordering::Relaxed))
+                .sum(),
+            truncated_on_open: self.inner.truncated_on_open,
+        }
+    }
+
+    /// Reads a stored result back from its record.
+    async fn replay(
         &self,
-        f: impl FnOnce(&Database) -> Result<T, StoreError> + Send + 'static,
-    ) -> Result<T, StoreError> {
-        let db = self.db.clone();
-        tokio::task::spawn_blocking(move || f(&db))
+        key: &StoreKey,
+        loc: Option<Loc>,
+        fingerprint: Fingerprint,
+    ) -> Result<Claim, StoreError> {
+        let Some(loc) = loc else {
+            return Err(StoreError::Corrupt(
+                "embedded store: a result without a record".into(),
+            ));
+        };
+        let key = key.as_str().to_owned();
+        let payload = tokio::task::spawn_blocking(move || read_result(&loc, &key))
             .await
-            .map_err(|e| StoreError::Unavailable(format!("embedded store task failed: {e}")))?
+            .map_err(|e| StoreError::Unavailable(format!("embedded store read failed: {e}")))??;
+        Ok(Claim::Completed {
+            fingerprint,
+            payload,
+        })
     }
+}
 
-    /// A live row for `key` from a read transaction (no write lock), if
-    /// there is one.
-    fn read_live(db: &Database, key: &str) -> Result<Option<Claim>, StoreError> {
-        let tx = db.begin_read().map_err(unavailable)?;
-        let table = tx.open_table(RECORDS).map_err(unavailable)?;
-        match table.get(key).map_err(unavailable)? {
-            Some(v) => Ok(live_claim(&parse(v.value())?, now_ms())),
-            None => Ok(None),
+/// The payload of the completed record at `loc`, checked against its
+/// checksum and key.
+fn read_result(loc: &Loc, key: &str) -> Result<Vec<u8>, StoreError> {
+    let mut buf = loc
+        .seg
+        .read_at(loc.offset, loc.len as usize)
+        .map_err(|e| log::io_err(&loc.seg.path, &e))?;
+    let corrupt = |why: &str| {
+        StoreError::Corrupt(format!(
+            "{}: record at byte {}: {why}",
+            loc.seg.path.display(),
+            loc.offset
+        ))
+    };
+    let range = match log::decode(&buf) {
+        Decoded::Record(r) if r.kind == Kind::Completed && r.key == key => {
+            let start = r.payload.as_ptr() as usize - buf.as_ptr() as usize;
+            start..start + r.payload.len()
         }
-    }
+        Decoded::Record(_) => return Err(corrupt("not this key's result")),
+        Decoded::Truncated => return Err(corrupt("cut short")),
+        Decoded::Invalid(why) => return Err(corrupt(why)),
+    };
+    buf.truncate(range.end);
+    buf.drain(..range.start);
+    Ok(buf)
+}
 
-    /// Hands a job to the writer thread and waits for its outcome.
-    async fn submit<T>(
-        &self,
-        job: impl FnOnce(oneshot::Sender<Result<T, StoreError>>) -> Job,
-    ) -> Result<T, StoreError> {
-        let (tx, rx) = oneshot::channel();
-        let stopped = || StoreError::Unavailable("embedded store writer has stopped".into());
-        self.writer
-            .jobs
-            .as_ref()
-            .ok_or_else(stopped)?
-            .send(job(tx))
-            .map_err(|_| stopped())?;
-        rx.await.map_err(|_| stopped())?
-    }
-
-    fn purge_sync(db: &Database) -> Result<u64, StoreError> {
-        let mut tx = db.begin_write().map_err(unavailable)?;
-        tx.set_durability(Durability::Immediate)
-            .map_err(unavailable)?;
-        let mut removed = 0;
-        {
-            let mut table = tx.open_table(RECORDS).map_err(unavailable)?;
-            let now = now_ms();
-            table
-                .retain(|_, v| {
-                    // Unreadable rows are kept for inspection rather than
-                    // silently dropped.
-                    let keep = parse(v).map_or(true, |r| r.expires_ms > now);
-                    removed += u64::from(!keep);
-                    keep
-                })
-                .map_err(unavailable)?;
-        }
-        tx.commit().map_err(unavailable)?;
-        Ok(removed)
-    }
+/// What a claim found under its shard's lock.
+enum Found {
+    InFlight(Claim),
+    Completed(Option<Loc>, Fingerprint),
+    Acquired(u64, Option<oneshot::Receiver<Result<(), StoreError>>>),
 }
 
 impl Store for EmbeddedStore {
@@ -322,20 +586,70 @@ impl Store for EmbeddedStore {
         lease: Duration,
     ) -> BoxFuture<'a, Result<Claim, StoreError>> {
         Box::pin(async move {
-            // Replays and in-flight answers: a read transaction, no writer.
-            let k = key.as_str().to_owned();
-            if let Some(live) = self.blocking(move |db| Self::read_live(db, &k)).await? {
-                return Ok(live);
+            let now = now_ms();
+            let k = key.as_str();
+            let found = {
+                let mut map = self.inner.index.shard(k);
+                match map.get(k) {
+                    Some(e) if e.expires_ms > now && !e.completed => {
+                        Found::InFlight(Claim::InFlight {
+                            fingerprint: e.fingerprint,
+                            retry_after: Duration::from_millis(e.expires_ms - now),
+                        })
+                    }
+                    Some(e) if e.expires_ms > now => Found::Completed(e.loc.clone(), e.fingerprint),
+                    _ => {
+                        let token = self.inner.index.next_token();
+                        let expires_ms = add_ms(now, lease);
+                        let mut record = Vec::new();
+                        log::encode(
+                            &mut record,
+                            Kind::InFlight,
+                            k,
+                            token,
+                            expires_ms,
+                            &fingerprint,
+                            &[],
+                        );
+                        let (reply, rx) = if self.durable_claims {
+                            let (tx, rx) = oneshot::channel();
+                            (Some(tx), Some(rx))
+                        } else {
+                            (None, None)
+                        };
+                        // Queued under the shard's lock, so the log holds
+                        // this key's records in the order the index saw.
+                        self.inner.send(Job {
+                            record,
+                            durable: self.durable_claims,
+                            reply,
+                        })?;
+                        let entry = Entry {
+                            completed: false,
+                            token,
+                            expires_ms,
+                            fingerprint,
+                            loc: None,
+                        };
+                        if let Some(old) = map.insert(k.into(), entry) {
+                            old.bury();
+                        }
+                        Found::Acquired(token, rx)
+                    }
+                }
+            };
+            match found {
+                Found::InFlight(claim) => Ok(claim),
+                Found::Completed(loc, fp) => self.replay(key, loc, fp).await,
+                Found::Acquired(token, rx) => {
+                    if let Some(rx) = rx {
+                        self.inner.wait(rx).await?;
+                    }
+                    Ok(Claim::Acquired {
+                        token: FencingToken(token),
+                    })
+                }
             }
-            let durable = self.durable_claims;
-            self.submit(|reply| Job::Claim {
-                key: key.as_str().to_owned(),
-                fingerprint,
-                lease,
-                durable,
-                reply,
-            })
-            .await
         })
     }
 
@@ -346,13 +660,45 @@ impl Store for EmbeddedStore {
         payload: &'a [u8],
         ttl: Duration,
     ) -> BoxFuture<'a, Result<(), StoreError>> {
-        Box::pin(self.submit(move |reply| Job::Complete {
-            key: key.as_str().to_owned(),
-            token,
-            payload: payload.to_vec(),
-            ttl,
-            reply,
-        }))
+        Box::pin(async move {
+            if payload.len() > log::MAX_PAYLOAD {
+                return Err(StoreError::Unavailable(format!(
+                    "embedded store: a {}-byte result is over the {}-byte record limit",
+                    payload.len(),
+                    log::MAX_PAYLOAD
+                )));
+            }
+            let now = now_ms();
+            let k = key.as_str();
+            let rx = {
+                let map = self.inner.index.shard(k);
+                let Some(e) = map.get(k).filter(|e| e.held_by(token, now)) else {
+                    return Err(StoreError::Fenced);
+                };
+                let mut record = Vec::new();
+                let expires_ms = add_ms(now, ttl);
+                log::encode(
+                    &mut record,
+                    Kind::Completed,
+                    k,
+                    token.0,
+                    expires_ms,
+                    &e.fingerprint,
+                    payload,
+                );
+                let (reply, rx) = oneshot::channel();
+                // The index turns to completed once the record is on disk
+                // (the writer does it), so no replay is ever served from a
+                // result a crash could still lose.
+                self.inner.send(Job {
+                    record,
+                    durable: true,
+                    reply: Some(reply),
+                })?;
+                rx
+            };
+            self.inner.wait(rx).await
+        })
     }
 
     fn release<'a>(
@@ -360,15 +706,60 @@ impl Store for EmbeddedStore {
         key: &'a StoreKey,
         token: FencingToken,
     ) -> BoxFuture<'a, Result<(), StoreError>> {
-        Box::pin(self.submit(move |reply| Job::Release {
-            key: key.as_str().to_owned(),
-            token,
-            reply,
-        }))
+        Box::pin(async move {
+            let now = now_ms();
+            let k = key.as_str();
+            let rx = {
+                let mut map = self.inner.index.shard(k);
+                if !map.get(k).is_some_and(|e| e.held_by(token, now)) {
+                    return Err(StoreError::Fenced);
+                }
+                let mut record = Vec::new();
+                log::encode(
+                    &mut record,
+                    Kind::Released,
+                    k,
+                    token.0,
+                    0,
+                    &Fingerprint([0; 32]),
+                    &[],
+                );
+                let (reply, rx) = oneshot::channel();
+                self.inner.send(Job {
+                    record,
+                    durable: true,
+                    reply: Some(reply),
+                })?;
+                if let Some(old) = map.remove(k) {
+                    old.bury();
+                }
+                rx
+            };
+            self.inner.wait(rx).await
+        })
     }
 
     fn purge_expired(&self) -> BoxFuture<'_, Result<u64, StoreError>> {
-        Box::pin(self.blocking(Self::purge_sync))
+        Box::pin(async move {
+            let now = now_ms();
+            let mut removed = 0;
+            for shard in self.inner.index.shards.iter() {
+                lock(&shard.0).retain(|_, e| {
+                    let keep = e.expires_ms > now;
+                    if !keep {
+                        e.bury();
+                        removed += 1;
+                    }
+                    keep
+                });
+            }
+            // Dead bytes grew: let the writer see whether a segment is
+            // worth compacting now rather than at its next write.
+            if let Some(jobs) = &self.inner.jobs {
+                let _ = jobs.send(Msg::Maintain);
+            }
+            Ok(removed)
+        })
     }
 
     fn name(&self) -> &'static str {
@@ -376,239 +767,350 @@ impl Store for EmbeddedStore {
     }
 }
 
-/// The most jobs committed in one transaction.
-const MAX_BATCH: usize = 1024;
-
-/// One write, queued for the writer thread.
-enum Job {
-    Claim {
-        key: String,
-        fingerprint: Fingerprint,
-        lease: Duration,
-        durable: bool,
-        reply: oneshot::Sender<Result<Claim, StoreError>>,
-    },
-    Complete {
-        key: String,
-        token: FencingToken,
-        payload: Vec<u8>,
-        ttl: Duration,
-        reply: oneshot::Sender<Result<(), StoreError>>,
-    },
-    Release {
-        key: String,
-        token: FencingToken,
-        reply: oneshot::Sender<Result<(), StoreError>>,
-    },
-}
-
-enum Outcome {
-    Claim(Result<Claim, StoreError>),
-    Done(Result<(), StoreError>),
-}
-
-impl Job {
-    fn durable(&self) -> bool {
-        match self {
-            Job::Claim { durable, .. } => *durable,
-            Job::Complete { .. } | Job::Release { .. } => true,
-        }
-    }
-
-    fn answer(self, outcome: Outcome) {
-        // A caller that went away (cancelled future) no longer needs the
-        // answer; its write stands.
-        match (self, outcome) {
-            (Job::Claim { reply, .. }, Outcome::Claim(r)) => drop(reply.send(r)),
-            (Job::Complete { reply, .. } | Job::Release { reply, .. }, Outcome::Done(r)) => {
-                drop(reply.send(r))
+/// Reads every segment in `dir` into `index`, cutting a torn tail off the
+/// newest; creates the first segment of a new store. Returns the segments,
+/// oldest first, and the bytes cut.
+fn recover(dir: &Path, index: &Index) -> Result<(Vec<Arc<Segment>>, u64), StoreError> {
+    let seqs = log::list_segments(dir)?;
+    let now = now_ms();
+    let mut last_token = 0;
+    let mut truncated = 0;
+    let mut segments = Vec::with_capacity(seqs.len() + 1);
+    for (i, &seq) in seqs.iter().enumerate() {
+        let newest = i + 1 == seqs.len();
+        let path = log::segment_path(dir, seq);
+        let bytes = std::fs::read(&path).map_err(|e| log::io_err(&path, &e))?;
+        let corrupt = |at: usize, why: &str| {
+            StoreError::Corrupt(format!("{}: byte {at}: {why}", path.display()))
+        };
+        let Some(base) = log::parse_segment_header(&bytes) else {
+            if newest {
+                // Created, but the crash came before its header was synced.
+                std::fs::remove_file(&path).map_err(|e| log::io_err(&path, &e))?;
+                truncated += bytes.len() as u64;
+                continue;
             }
-            (job, _) => job.fail("internal error: mismatched outcome"),
-        }
-    }
-
-    fn fail(self, why: &str) {
-        let err = || StoreError::Unavailable(format!("embedded store: {why}"));
-        match self {
-            Job::Claim { reply, .. } => drop(reply.send(Err(err()))),
-            Job::Complete { reply, .. } | Job::Release { reply, .. } => {
-                drop(reply.send(Err(err())))
+            return Err(corrupt(0, "not a keel log segment (bad header)"));
+        };
+        last_token = last_token.max(base);
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .map_err(|e| log::io_err(&path, &e))?;
+        let seg = Arc::new(Segment {
+            seq,
+            path: path.clone(),
+            file,
+            len: AtomicU64::new(0),
+            dead: AtomicU64::new(0),
+        });
+        let mut at = SEGMENT_HEADER as usize;
+        while at < bytes.len() {
+            let why = match log::decode(&bytes[at..]) {
+                Decoded::Record(r) => {
+                    last_token = last_token.max(r.token);
+                    let loc = Loc {
+                        seg: seg.clone(),
+                        offset: at as u64,
+                        len: r.len as u32,
+                    };
+                    at += r.len;
+                    index.recover(&r, loc, now);
+                    continue;
+                }
+                Decoded::Truncated => "cut short",
+                Decoded::Invalid(why) => why,
+            };
+            if !newest {
+                return Err(corrupt(at, why));
             }
+            // A torn append: the log ends at the last whole record.
+            seg.file
+                .set_len(at as u64)
+                .and_then(|()| seg.file.sync_all())
+                .map_err(|e| log::io_err(&path, &e))?;
+            truncated += (bytes.len() - at) as u64;
+            break;
         }
+        seg.len.store(at as u64, Ordering::Relaxed);
+        segments.push(seg);
     }
+    index.last_token.store(last_token, Ordering::Relaxed);
+    if segments.is_empty() {
+        let seq = seqs.last().map_or(1, |s| s + 1);
+        segments.push(create_segment(dir, seq, last_token)?);
+    }
+    Ok((segments, truncated))
 }
 
-/// Group commit: one thread owns redb's single writer and commits every
-/// job queued meanwhile in one transaction, so N concurrent requests pay
-/// one fsync instead of N. redb allows one write transaction at a time in
-/// any case; replays and in-flight answers never come here.
+/// Creates segment `seq` with its header on disk.
+fn create_segment(dir: &Path, seq: u64, base_token: u64) -> Result<Arc<Segment>, StoreError> {
+    let path = log::segment_path(dir, seq);
+    let io = |e: std::io::Error| log::io_err(&path, &e);
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(&path)
+        .map_err(io)?;
+    file.write_all_at(&log::segment_header(base_token), 0)
+        .and_then(|()| file.sync_all())
+        .map_err(io)?;
+    log::sync_dir(dir).map_err(|e| log::io_err(dir, &e))?;
+    Ok(Arc::new(Segment {
+        seq,
+        path: path.clone(),
+        file,
+        len: AtomicU64::new(SEGMENT_HEADER),
+        dead: AtomicU64::new(0),
+    }))
+}
+
+/// A message to the writer thread.
+enum Msg {
+    Write(Job),
+    /// Look for a segment worth compacting.
+    Maintain,
+}
+
+/// One record to append.
+struct Job {
+    record: Vec<u8>,
+    /// Sync before answering.
+    durable: bool,
+    reply: Option<oneshot::Sender<Result<(), StoreError>>>,
+}
+
+/// The writer thread's state: it alone appends to the log.
 struct Writer {
-    jobs: Option<mpsc::Sender<Job>>,
-    thread: Option<std::thread::JoinHandle<()>>,
+    dir: PathBuf,
+    index: Arc<Index>,
+    segments: Arc<Mutex<Vec<Arc<Segment>>>>,
+    active: Arc<Segment>,
+    active_len: u64,
+    segment_bytes: u64,
+    buf: Vec<u8>,
 }
 
 impl Writer {
-    fn spawn(db: Arc<Database>) -> std::io::Result<Self> {
-        let (tx, rx) = mpsc::channel::<Job>();
-        let thread = std::thread::Builder::new()
-            .name("keel-idem-redb".into())
-            .spawn(move || {
-                while let Ok(first) = rx.recv() {
-                    let mut batch = vec![first];
-                    while batch.len() < MAX_BATCH {
-                        match rx.try_recv() {
-                            Ok(job) => batch.push(job),
-                            Err(_) => break,
-                        }
-                    }
-                    match commit_batch(&db, &batch) {
-                        Ok(outcomes) => {
-                            for (job, outcome) in batch.into_iter().zip(outcomes) {
-                                job.answer(outcome);
-                            }
-                        }
-                        Err(e) => {
-                            let why = e.to_string();
-                            for job in batch {
-                                job.fail(&why);
-                            }
-                        }
+    fn run(mut self, rx: &mpsc::Receiver<Msg>, failed: &Mutex<Option<String>>) {
+        let mut batch = Vec::new();
+        while let Ok(first) = rx.recv() {
+            for msg in std::iter::once(first).chain(std::iter::from_fn(|| rx.try_recv().ok())) {
+                if let Msg::Write(job) = msg {
+                    batch.push(job);
+                    if batch.len() == MAX_BATCH {
+                        break;
                     }
                 }
-            })?;
-        Ok(Self {
-            jobs: Some(tx),
-            thread: Some(thread),
-        })
-    }
-}
-
-impl Drop for Writer {
-    fn drop(&mut self) {
-        // Closing the queue ends the thread after its last batch; joining
-        // it releases the database before the store's drop returns, so the
-        // file can be reopened at once.
-        self.jobs.take();
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
+            }
+            if let Err(e) = self.commit(&mut batch).and_then(|()| self.maintain()) {
+                // After a failed write or sync the file's state is unknown
+                // (a failed fsync may have dropped the dirty pages), so the
+                // writer stops: every later write fails as unavailable,
+                // and reopening the store recovers from what is on disk.
+                let why = e.to_string();
+                *lock(failed) = Some(why.clone());
+                for job in batch.drain(..) {
+                    if let Some(reply) = job.reply {
+                        let _ = reply.send(Err(StoreError::Unavailable(why.clone())));
+                    }
+                }
+                return;
+            }
         }
     }
-}
 
-/// Applies `batch` in order in one transaction. Per-job refusals (fenced,
-/// corrupt) are outcomes; a database error fails the whole batch, and
-/// nothing of it is written.
-fn commit_batch(db: &Database, batch: &[Job]) -> Result<Vec<Outcome>, redb::Error> {
-    let mut tx = db.begin_write()?;
-    let durable = batch.iter().any(Job::durable);
-    tx.set_durability(if durable {
-        Durability::Immediate
-    } else {
-        Durability::None
-    })?;
-    let mut outcomes = Vec::with_capacity(batch.len());
-    let mut dirty = false;
-    {
-        let mut table = tx.open_table(RECORDS)?;
-        let mut meta = tx.open_table(META)?;
-        let first_token = meta.get(LAST_TOKEN)?.map_or(0, |v| v.value());
-        let mut last = first_token;
+    /// Appends `self.buf` to the active segment.
+    fn append(&mut self) -> Result<(), StoreError> {
+        self.active
+            .file
+            .write_all_at(&self.buf, self.active_len)
+            .map_err(|e| log::io_err(&self.active.path, &e))?;
+        self.active_len += self.buf.len() as u64;
+        self.active.len.store(self.active_len, Ordering::Relaxed);
+        Ok(())
+    }
+
+    fn sync(&self) -> Result<(), StoreError> {
+        self.active
+            .file
+            .sync_data()
+            .map_err(|e| log::io_err(&self.active.path, &e))
+    }
+
+    /// Writes and syncs a batch, updates the index and answers each job.
+    fn commit(&mut self, batch: &mut Vec<Job>) -> Result<(), StoreError> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        self.buf.clear();
+        for job in batch.iter() {
+            self.buf.extend_from_slice(&job.record);
+        }
+        let mut offset = self.active_len;
+        self.append()?;
+        if batch.iter().any(|j| j.durable) {
+            self.sync()?;
+        }
+        for job in batch.drain(..) {
+            let outcome = self.settle(&job.record, offset);
+            offset += job.record.len() as u64;
+            if let Some(reply) = job.reply {
+                // A caller that went away no longer needs the answer; its
+                // write stands.
+                let _ = reply.send(outcome);
+            }
+        }
+        if self.active_len >= self.segment_bytes {
+            self.rotate()?;
+        }
+        Ok(())
+    }
+
+    /// Points the index at a record now on disk (or counts it dead).
+    fn settle(&self, record: &[u8], offset: u64) -> Result<(), StoreError> {
+        let Decoded::Record(r) = log::decode(record) else {
+            return Err(StoreError::Corrupt(
+                "embedded store: unreadable own record".into(),
+            ));
+        };
+        let loc = Loc {
+            seg: self.active.clone(),
+            offset,
+            len: r.len as u32,
+        };
+        let mut map = self.index.shard(r.key);
+        let entry = map.get_mut(r.key);
+        match r.kind {
+            Kind::InFlight => match entry {
+                Some(e) if !e.completed && e.token == r.token && e.loc.is_none() => {
+                    e.loc = Some(loc);
+                }
+                _ => loc.bury(),
+            },
+            Kind::Completed => match entry {
+                Some(e) if !e.completed && e.token == r.token => {
+                    e.bury();
+                    e.completed = true;
+                    e.expires_ms = r.expires_ms;
+                    e.loc = Some(loc);
+                }
+                _ => {
+                    // Released, reclaimed after its lease or purged
+                    // meanwhile: a later record (or expiry) overrides
+                    // this one, on disk as in the index.
+                    loc.bury();
+                    return Err(StoreError::Fenced);
+                }
+            },
+            Kind::Released => loc.bury(),
+        }
+        Ok(())
+    }
+
+    /// Seals the active segment and starts the next.
+    fn rotate(&mut self) -> Result<(), StoreError> {
+        self.sync()?;
+        let base = self.index.last_token.load(Ordering::Relaxed);
+        let next = create_segment(&self.dir, self.active.seq + 1, base)?;
+        lock(&self.segments).push(next.clone());
+        self.active = next;
+        self.active_len = SEGMENT_HEADER;
+        Ok(())
+    }
+
+    /// Compacts the oldest sealed segments while they are worth it.
+    fn maintain(&mut self) -> Result<(), StoreError> {
+        let sealed = lock(&self.segments).len().saturating_sub(1);
+        for _ in 0..sealed {
+            let oldest = {
+                let segs = lock(&self.segments);
+                if segs.len() < 2 {
+                    return Ok(());
+                }
+                let (mut total, mut dead) = (0, 0);
+                for s in segs.iter() {
+                    total += s.len.load(Ordering::Relaxed) - SEGMENT_HEADER;
+                    dead += s.dead.load(Ordering::Relaxed);
+                }
+                let oldest = segs[0].clone();
+                let records = oldest.len.load(Ordering::Relaxed) - SEGMENT_HEADER;
+                let worth = oldest.dead.load(Ordering::Relaxed) * 2 >= records
+                    || dead > total.saturating_sub(dead) + 2 * self.segment_bytes;
+                if !worth {
+                    return Ok(());
+                }
+                oldest
+            };
+            self.compact(&oldest)?;
+        }
+        Ok(())
+    }
+
+    /// Appends `seg`'s live records to the active segment, points the
+    /// index at the copies, and deletes `seg`.
+    fn compact(&mut self, seg: &Arc<Segment>) -> Result<(), StoreError> {
+        let len = seg.len.load(Ordering::Relaxed);
+        let bytes = seg
+            .read_at(0, len as usize)
+            .map_err(|e| log::io_err(&seg.path, &e))?;
         let now = now_ms();
-        for job in batch {
-            outcomes.push(apply(&mut table, &mut last, now, job, &mut dirty)?);
-        }
-        if last != first_token {
-            meta.insert(LAST_TOKEN, last)?;
-        }
-    }
-    if dirty {
-        tx.commit()?;
-    } else {
-        // Nothing changed (every answer was a live row or a refusal): skip
-        // the commit and its fsync.
-        tx.abort()?;
-    }
-    Ok(outcomes)
-}
-
-fn apply(
-    table: &mut redb::Table<&str, &[u8]>,
-    last: &mut u64,
-    now: u64,
-    job: &Job,
-    dirty: &mut bool,
-) -> Result<Outcome, redb::Error> {
-    match job {
-        Job::Claim {
-            key,
-            fingerprint,
-            lease,
-            ..
-        } => {
-            // Check again under the writer: another claim may have won
-            // since the caller's read.
-            let live = match table.get(key.as_str())? {
-                Some(v) => match parse(v.value()) {
-                    Ok(row) => live_claim(&row, now).map(Ok),
-                    Err(e) => Some(Err(e)),
-                },
-                None => None,
+        let start = self.active_len;
+        self.buf.clear();
+        // (offset in seg, offset in the active segment, length)
+        let mut moved = Vec::new();
+        let mut at = SEGMENT_HEADER as usize;
+        while at < bytes.len() {
+            let Decoded::Record(r) = log::decode(&bytes[at..]) else {
+                return Err(StoreError::Corrupt(format!(
+                    "{}: byte {at}: unreadable while compacting",
+                    seg.path.display()
+                )));
             };
-            if let Some(r) = live {
-                return Ok(Outcome::Claim(r));
+            if r.kind != Kind::Released && r.expires_ms > now {
+                let map = self.index.shard(r.key);
+                let live = map
+                    .get(r.key)
+                    .and_then(|e| e.loc.as_ref())
+                    .is_some_and(|l| l.is(seg, at as u64));
+                if live {
+                    // Copied while the shard is locked: any later change
+                    // to this key queues its record behind the copy.
+                    moved.push((at as u64, start + self.buf.len() as u64, r.len as u32));
+                    self.buf.extend_from_slice(&bytes[at..at + r.len]);
+                }
             }
-            *last += 1;
-            let token = FencingToken(*last);
-            let row = encode(IN_FLIGHT, token, add_ms(now, *lease), fingerprint, &[]);
-            table.insert(key.as_str(), row.as_slice())?;
-            *dirty = true;
-            Ok(Outcome::Claim(Ok(Claim::Acquired { token })))
+            at += r.len;
         }
-        Job::Complete {
-            key,
-            token,
-            payload,
-            ttl,
-            ..
-        } => {
-            let fp = match held(table, key, *token, now)? {
-                Ok(fp) => fp,
-                Err(e) => return Ok(Outcome::Done(Err(e))),
+        if !moved.is_empty() {
+            self.append()?;
+            self.sync()?;
+        }
+        for (from, to, len) in moved {
+            let Decoded::Record(r) = log::decode(&bytes[from as usize..]) else {
+                continue;
             };
-            let row = encode(COMPLETED, *token, add_ms(now, *ttl), &fp, payload);
-            table.insert(key.as_str(), row.as_slice())?;
-            *dirty = true;
-            Ok(Outcome::Done(Ok(())))
-        }
-        Job::Release { key, token, .. } => {
-            if let Err(e) = held(table, key, *token, now)? {
-                return Ok(Outcome::Done(Err(e)));
+            let copy = Loc {
+                seg: self.active.clone(),
+                offset: to,
+                len,
+            };
+            let mut map = self.index.shard(r.key);
+            match map.get_mut(r.key).and_then(|e| e.loc.as_mut()) {
+                Some(loc) if loc.is(seg, from) => *loc = copy,
+                _ => copy.bury(),
             }
-            table.remove(key.as_str())?;
-            *dirty = true;
-            Ok(Outcome::Done(Ok(())))
         }
+        lock(&self.segments).retain(|s| !Arc::ptr_eq(s, seg));
+        std::fs::remove_file(&seg.path).map_err(|e| log::io_err(&seg.path, &e))?;
+        log::sync_dir(&self.dir).map_err(|e| log::io_err(&self.dir, &e))?;
+        if self.active_len >= self.segment_bytes {
+            self.rotate()?;
+        }
+        Ok(())
     }
-}
-
-/// The fingerprint of `key`'s claim if `token` holds it right now, else
-/// `Fenced` (or `Corrupt`).
-fn held(
-    table: &redb::Table<&str, &[u8]>,
-    key: &str,
-    token: FencingToken,
-    now: u64,
-) -> Result<Result<Fingerprint, StoreError>, redb::Error> {
-    Ok(match table.get(key)? {
-        Some(v) => match parse(v.value()) {
-            Ok(row) if row.kind == IN_FLIGHT && row.token == token && row.expires_ms > now => {
-                Ok(row.fingerprint)
-            }
-            Ok(_) => Err(StoreError::Fenced),
-            Err(e) => Err(e),
-        },
-        None => Err(StoreError::Fenced),
-    })
 }
 
 /// Spawns a task that calls [`Store::purge_expired`] on `store` every

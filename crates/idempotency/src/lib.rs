@@ -41,7 +41,7 @@
 //!   same stores;
 //! - stores behind one trait ([`store::Store`]), all passing
 //!   [`conformance`]: [`memory`] (sharded, bounded),
-//!   `embedded` (durable on local disk, redb), `redis` and `postgres`.
+//!   `embedded` (durable on local disk, an append-only log), `redis` and `postgres`.
 //!
 //! # Example
 //!

@@ -1,4 +1,4 @@
-//! The embedded (redb) store: conformance, durability across reopen, and a
+//! The embedded (log) store: conformance, durability across reopen, and a
 //! hard crash (`SIGKILL`) of a child process between completion and replay.
 
 #![cfg(feature = "embedded")]

@@ -8,7 +8,7 @@
 //! `Retry-After`, or fail open where configured) within microseconds, plain
 //! routes are untouched, and `/readyz` reports `store: <why>`.
 //!
-//! The connector opens the store (embedded: the redb file; redis: a lazily
+//! The connector opens the store (embedded: the log directory; redis: a lazily
 //! connecting client; postgres: a pool and the table), then probes it with
 //! a claim and a release on a health key every second. A failed probe, or
 //! a failed store call on the request path (which wakes the connector at
