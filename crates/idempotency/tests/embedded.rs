@@ -9,9 +9,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use keel_idempotency::conformance;
-use keel_idempotency::embedded::EmbeddedStore;
+use keel_idempotency::embedded::{EmbeddedConfig, EmbeddedStore};
 use keel_idempotency::engine::{Begin, Engine, Policy};
-use keel_idempotency::store::{Claim, Fingerprint, Store, StoreKey};
+use keel_idempotency::store::{Claim, FencingToken, Fingerprint, Store, StoreError, StoreKey};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn conformance_suite() {
@@ -154,4 +154,197 @@ async fn completed_record_survives_kill_9() {
         }
         other => panic!("expected the replay after the crash, got {other:?}"),
     }
+}
+
+fn small_segments() -> EmbeddedConfig {
+    EmbeddedConfig::default().segment_bytes(4096)
+}
+
+fn log_files(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut files: Vec<_> = std::fs::read_dir(dir)
+        .expect("read dir")
+        .map(|e| e.expect("entry").path())
+        .filter(|p| p.extension().is_some_and(|x| x == "log"))
+        .collect();
+    files.sort();
+    files
+}
+
+async fn acquire(store: &EmbeddedStore, key: &StoreKey, lease: Duration) -> FencingToken {
+    match store.claim(key, Fingerprint([1; 32]), lease).await {
+        Ok(Claim::Acquired { token }) => token,
+        other => panic!("{key} should be free, got {other:?}"),
+    }
+}
+
+async fn assert_replays(store: &EmbeddedStore, key: &StoreKey, payload: &[u8]) {
+    match store
+        .claim(key, Fingerprint([1; 32]), Duration::from_secs(60))
+        .await
+    {
+        Ok(Claim::Completed { payload: p, .. }) => assert_eq!(p, payload, "{key}"),
+        other => panic!("{key} should replay, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compaction_reclaims_dead_segments_and_keeps_live_records() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let keep = StoreKey::new("keep").expect("valid");
+    let mut last = FencingToken(0);
+    {
+        let store = EmbeddedStore::open_dir_with(dir.path(), small_segments()).expect("open");
+        let t = acquire(&store, &keep, Duration::from_secs(60)).await;
+        store
+            .complete(&keep, t, b"kept result", Duration::from_secs(600))
+            .await
+            .expect("complete");
+        // 400 claims given back: 800 dead records, about 14 segments'
+        // worth at 4 KiB each.
+        for i in 0..400 {
+            let key = StoreKey::new(format!("churn-{i}")).expect("valid");
+            last = acquire(&store, &key, Duration::from_secs(60)).await;
+            store.release(&key, last).await.expect("release");
+        }
+        let stats = store.stats();
+        assert!(
+            stats.segments <= 3,
+            "dead segments were not compacted: {stats:?}"
+        );
+        assert_eq!(log_files(dir.path()).len(), stats.segments);
+        assert!(stats.bytes < 4 * 4096, "the log kept dead bytes: {stats:?}");
+        assert_eq!(stats.entries, 1);
+        assert_replays(&store, &keep, b"kept result").await;
+    }
+    // After a restart the moved record is still the one found, released
+    // keys are free, and tokens go on increasing.
+    let store = EmbeddedStore::open_dir_with(dir.path(), small_segments()).expect("reopen");
+    assert_eq!(store.stats().entries, 1);
+    assert_replays(&store, &keep, b"kept result").await;
+    let again = acquire(
+        &store,
+        &StoreKey::new("churn-7").expect("valid"),
+        Duration::from_secs(60),
+    )
+    .await;
+    assert!(again > last, "{again:?} must exceed {last:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn purged_records_are_compacted_away() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = EmbeddedStore::open_dir_with(dir.path(), small_segments()).expect("open");
+    for i in 0..200 {
+        let key = StoreKey::new(format!("short-{i}")).expect("valid");
+        let t = acquire(&store, &key, Duration::from_secs(60)).await;
+        store
+            .complete(&key, t, &[7; 100], Duration::from_millis(1))
+            .await
+            .expect("complete");
+    }
+    let before = store.stats();
+    assert!(before.segments > 5, "{before:?}");
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    assert_eq!(store.purge_expired().await.expect("purge"), 200);
+    // The purge wakes the writer; compaction runs on its thread. Poll the
+    // outcome (bounded): it does not depend on timing, only on the writer
+    // having taken the message.
+    let mut stats = store.stats();
+    for _ in 0..500 {
+        if stats.segments <= 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        stats = store.stats();
+    }
+    assert!(stats.segments <= 2, "expired records were kept: {stats:?}");
+    assert_eq!(stats.entries, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_torn_append_is_cut_off_and_earlier_records_survive() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (a, b) = (
+        StoreKey::new("a").expect("valid"),
+        StoreKey::new("b").expect("valid"),
+    );
+    {
+        let store = EmbeddedStore::open_dir(dir.path()).expect("open");
+        for key in [&a, &b] {
+            let t = acquire(&store, key, Duration::from_secs(60)).await;
+            store
+                .complete(key, t, key.as_str().as_bytes(), Duration::from_secs(600))
+                .await
+                .expect("complete");
+        }
+    }
+    // A crash in the middle of the last append: its tail never reached
+    // the disk.
+    let newest = log_files(dir.path()).pop().expect("a segment");
+    let len = std::fs::metadata(&newest).expect("stat").len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&newest)
+        .and_then(|f| f.set_len(len - 5))
+        .expect("tear");
+    {
+        let store = EmbeddedStore::open_dir(dir.path()).expect("reopen");
+        assert!(store.stats().truncated_on_open > 0);
+        assert_replays(&store, &a, b"a").await;
+        // b's result was the torn record: its claim is what the log holds.
+        assert!(matches!(
+            store
+                .claim(&b, Fingerprint([1; 32]), Duration::from_secs(60))
+                .await,
+            Ok(Claim::InFlight { .. })
+        ));
+        let c = StoreKey::new("c").expect("valid");
+        let t = acquire(&store, &c, Duration::from_secs(60)).await;
+        store
+            .complete(&c, t, b"c", Duration::from_secs(600))
+            .await
+            .expect("writes go on after the cut");
+    }
+    let store = EmbeddedStore::open_dir(dir.path()).expect("reopen again");
+    assert_eq!(store.stats().truncated_on_open, 0);
+    assert_replays(&store, &a, b"a").await;
+    assert_replays(&store, &StoreKey::new("c").expect("valid"), b"c").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_damaged_sealed_segment_is_reported_with_file_and_offset() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    {
+        let store = EmbeddedStore::open_dir_with(dir.path(), small_segments()).expect("open");
+        // Live claims only: nothing is dead, nothing is compacted.
+        for i in 0..120 {
+            let key = StoreKey::new(format!("live-{i}")).expect("valid");
+            acquire(&store, &key, Duration::from_secs(600)).await;
+        }
+        assert!(store.stats().segments >= 2);
+    }
+    let first = log_files(dir.path()).remove(0);
+    let mut bytes = std::fs::read(&first).expect("read");
+    bytes[1000] ^= 0xff;
+    std::fs::write(&first, bytes).expect("damage");
+    let err = EmbeddedStore::open_dir(dir.path()).expect_err("damage must not be opened over");
+    let msg = err.to_string();
+    let name = first.file_name().and_then(|n| n.to_str()).expect("name");
+    assert!(
+        matches!(err, StoreError::Corrupt(_)) && msg.contains(name) && msg.contains("byte"),
+        "{msg}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_earlier_versions_file_is_refused_not_ignored() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(dir.path().join("idempotency.redb"), b"old").expect("write");
+    let msg = EmbeddedStore::open_dir(dir.path())
+        .expect_err("must not start empty over old records")
+        .to_string();
+    assert!(
+        msg.contains("idempotency.redb") && msg.contains("earlier keel"),
+        "{msg}"
+    );
 }
