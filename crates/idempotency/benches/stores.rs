@@ -6,6 +6,7 @@
 
 use std::collections::HashMap;
 use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
@@ -170,10 +171,14 @@ fn embedded(c: &mut Criterion) {
         .enable_all()
         .build()
         .expect("runtime");
-    let pool = keys(0);
     let mut g = c.benchmark_group("claim_complete");
     g.throughput(Throughput::Elements(1));
     g.sample_size(10);
+    // Every claim takes a key never used before in this store (a counter,
+    // not a pool that wraps), so every iteration is a new claim and a
+    // durable completion, never a replay.
+    let fresh = Arc::new(AtomicU64::new(0));
+    let key = |n: u64| StoreKey::new(format!("idem:{n:064x}")).expect("valid");
     for (name, durable_claims) in [("embedded/1t", true), ("embedded_fast_claims/1t", false)] {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = Arc::new(
@@ -181,17 +186,15 @@ fn embedded(c: &mut Criterion) {
                 .expect("open")
                 .durable_claims(durable_claims),
         );
-        let mut i = 0usize;
         g.bench_function(name, |b| {
             b.iter(|| {
                 rt.block_on(async {
-                    i += 1;
-                    let k = &pool[i % POOL];
-                    let Ok(Claim::Acquired { token }) = store.claim(k, FP, LEASE).await else {
+                    let k = key(fresh.fetch_add(1, Ordering::Relaxed));
+                    let Ok(Claim::Acquired { token }) = store.claim(&k, FP, LEASE).await else {
                         panic!("key must be free");
                     };
                     store
-                        .complete(k, token, b"{\"id\":1}", TTL)
+                        .complete(&k, token, b"{\"id\":1}", TTL)
                         .await
                         .expect("complete");
                 })
@@ -199,7 +202,7 @@ fn embedded(c: &mut Criterion) {
         });
     }
     // 64 callers at once: group commit puts their writes in shared
-    // transactions, one fsync each.
+    // appends, one fdatasync each.
     let mt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -208,24 +211,25 @@ fn embedded(c: &mut Criterion) {
     let dir = tempfile::tempdir().expect("tempdir");
     let store =
         Arc::new(keel_idempotency::embedded::EmbeddedStore::open_dir(dir.path()).expect("open"));
-    let pool = Arc::new(pool);
     g.bench_function("embedded/64_concurrent", |b| {
         b.iter_custom(|iters| {
-            let (store, pool) = (store.clone(), pool.clone());
+            let (store, fresh) = (store.clone(), fresh.clone());
             mt.block_on(async move {
                 let start = Instant::now();
                 let mut tasks = tokio::task::JoinSet::new();
-                for t in 0..64u64 {
-                    let (store, pool) = (store.clone(), pool.clone());
+                for _ in 0..64u64 {
+                    let (store, fresh) = (store.clone(), fresh.clone());
                     tasks.spawn(async move {
-                        for n in 0..iters.div_ceil(64) {
-                            let k = &pool[((t * 1024 + n) as usize) % POOL];
-                            if let Ok(Claim::Acquired { token }) = store.claim(k, FP, LEASE).await {
-                                store
-                                    .complete(k, token, b"{\"id\":1}", TTL)
-                                    .await
-                                    .expect("complete");
-                            }
+                        for _ in 0..iters.div_ceil(64) {
+                            let k = key(fresh.fetch_add(1, Ordering::Relaxed));
+                            let Ok(Claim::Acquired { token }) = store.claim(&k, FP, LEASE).await
+                            else {
+                                panic!("key must be free");
+                            };
+                            store
+                                .complete(&k, token, b"{\"id\":1}", TTL)
+                                .await
+                                .expect("complete");
                         }
                     });
                 }

@@ -1089,7 +1089,7 @@ impl Writer {
             self.sync()?;
         }
         for (from, to, len) in moved {
-            let Decoded::Record(r) = log::decode(&bytes[from as usize..]) else {
+            let Decoded::Record(r) = log::decode_own(&bytes[from as usize..]) else {
                 continue;
             };
             let copy = Loc {
