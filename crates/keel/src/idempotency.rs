@@ -138,7 +138,21 @@ impl RequestFilter for IdempotencyFilter {
         ctx: &'a RequestContext<'a>,
         request: Request<ProxyBody>,
     ) -> BoxFuture<'a, FilterDecision> {
-        Box::pin(self.decide(ctx.request_id.clone(), request))
+        if !self.engine.needs_body(RequestHead::from(&request)) {
+            // Not keyed: stream it through, no buffering, no store call.
+            if self.engine.covers(request.method()) {
+                self.metrics.inc(outcome::PASSED);
+            }
+            return Box::pin(std::future::ready(FilterDecision::Forward {
+                request,
+                on_response: None,
+            }));
+        }
+        // The request is taken apart here, not in the future, so the future
+        // holds its parts once (it stays small enough for the allocator's
+        // per-thread cache).
+        let (parts, body) = request.into_parts();
+        Box::pin(self.decide(ctx.request_id.clone(), parts, body))
     }
 }
 
@@ -147,18 +161,13 @@ fn respond(response: Response<Bytes>) -> FilterDecision {
 }
 
 impl IdempotencyFilter {
-    async fn decide(&self, request_id: HeaderValue, request: Request<ProxyBody>) -> FilterDecision {
-        if !self.engine.needs_body(RequestHead::from(&request)) {
-            // Not keyed: stream it through, no buffering, no store call.
-            if self.engine.covers(request.method()) {
-                self.metrics.inc(outcome::PASSED);
-            }
-            return FilterDecision::Forward {
-                request,
-                on_response: None,
-            };
-        }
-        let (parts, body) = request.into_parts();
+    /// Buffers a keyed request's body and asks the engine what to do.
+    async fn decide(
+        &self,
+        request_id: HeaderValue,
+        parts: http::request::Parts,
+        body: ProxyBody,
+    ) -> FilterDecision {
         // One byte past the limit is enough for the engine to refuse.
         let limit = self.engine.policy().get_max_body().saturating_add(1);
         let body = match read_up_to(body, limit).await {
@@ -184,7 +193,7 @@ impl IdempotencyFilter {
                 );
             }
         };
-        match self.engine.begin(&parts, &body).await {
+        match Box::pin(self.engine.begin(&parts, &body)).await {
             Begin::Execute(mut guard) => {
                 self.metrics.inc(outcome::NEW);
                 // From here a lost result locks the key instead of
@@ -303,103 +312,116 @@ impl ResponseFilter for Finish {
         self: Box<Self>,
         outcome: Result<Response<ProxyBody>, UpstreamFailure>,
     ) -> BoxFuture<'static, Response<ProxyBody>> {
-        Box::pin(self.finish(outcome))
-    }
-}
-
-impl Finish {
-    async fn finish(
-        self,
-        outcome: Result<Response<ProxyBody>, UpstreamFailure>,
-    ) -> Response<ProxyBody> {
         let Finish {
             guard,
             request_id,
             max_response,
             release_ambiguous,
-        } = self;
-        let response = match outcome {
-            Err(failure) => {
+        } = *self;
+        match outcome {
+            Err(failure) => Box::pin(async move {
                 let result = if !failure.sent || release_ambiguous {
                     guard.release().await
                 } else {
                     guard.outcome_unknown().await
                 };
                 log_store_error(result.err(), &request_id);
-                return failure.problem.into_response(Some(&request_id));
-            }
-            Ok(response) => response,
-        };
-        let (parts, mut body) = response.into_parts();
-        if parts.status == StatusCode::SWITCHING_PROTOCOLS {
-            // A tunnel is not a result to replay; let a retry run again.
-            log_store_error(guard.release().await.err(), &request_id);
-            return Response::from_parts(parts, body);
-        }
-        let declared = parts
-            .headers
-            .get(header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<u64>().ok());
-        if let Some(len) = declared
-            && len > max_response as u64
-        {
-            // Too large to keep: record that it ran, then stream it.
-            let result = guard.complete_unbuffered(parts.status, len).await;
-            log_store_error(result.err(), &request_id);
-            return Response::from_parts(parts, body);
-        }
-        let mut buf = Collected::default();
-        loop {
-            let frame =
-                std::future::poll_fn(|cx| std::pin::Pin::new(&mut body).poll_frame(cx)).await;
-            match frame {
-                None => break,
-                Some(Ok(frame)) => {
-                    let Ok(data) = frame.into_data() else {
-                        // Trailers are not replayed.
-                        continue;
-                    };
-                    if buf.len() + data.len() > max_response {
-                        // Over the limit while streaming: record "ran, at
-                        // least this large", then send what we have and
-                        // stream the rest.
-                        let seen = (buf.len() + data.len()) as u64;
-                        let result = guard.complete_unbuffered(parts.status, seen).await;
-                        log_store_error(result.err(), &request_id);
-                        buf.push(data);
-                        let body = ProxyBody::Prefixed {
-                            prefix: Some(buf.freeze()),
-                            rest: Box::new(body),
-                        };
-                        return Response::from_parts(parts, body);
-                    }
-                    buf.push(data);
-                }
-                Some(Err(error)) => {
-                    // The upstream ran the request and broke mid-body: the
-                    // result is lost.
-                    let result = if release_ambiguous {
-                        guard.release().await
-                    } else {
-                        guard.outcome_unknown().await
-                    };
-                    log_store_error(result.err(), &request_id);
-                    return Problem::new(
-                        ProblemKind::UpstreamBadResponse,
-                        format!("the upstream's response body broke off: {error}"),
-                    )
-                    .into_response(Some(&request_id));
-                }
+                failure.problem.into_response(Some(&request_id))
+            }),
+            Ok(response) => {
+                // Taken apart before the future is made, so it holds the
+                // parts once (small enough for the allocator's per-thread
+                // cache).
+                let (parts, body) = response.into_parts();
+                Box::pin(store_response(
+                    guard,
+                    request_id,
+                    max_response,
+                    release_ambiguous,
+                    parts,
+                    body,
+                ))
             }
         }
-        let body = buf.freeze();
-        let result = guard
-            .complete_parts(parts.status, &parts.headers, &body)
-            .await;
-        log_store_error(result.err(), &request_id);
-        Response::from_parts(parts, ProxyBody::full(body))
     }
+}
+
+/// Buffers the upstream's response (up to the limit), stores it as the
+/// key's result and sends it on; streams it unstored when too large.
+async fn store_response(
+    guard: Guard,
+    request_id: HeaderValue,
+    max_response: usize,
+    release_ambiguous: bool,
+    parts: http::response::Parts,
+    mut body: ProxyBody,
+) -> Response<ProxyBody> {
+    if parts.status == StatusCode::SWITCHING_PROTOCOLS {
+        // A tunnel is not a result to replay; let a retry run again.
+        log_store_error(guard.release().await.err(), &request_id);
+        return Response::from_parts(parts, body);
+    }
+    let declared = parts
+        .headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if let Some(len) = declared
+        && len > max_response as u64
+    {
+        // Too large to keep: record that it ran, then stream it.
+        let result = guard.complete_unbuffered(parts.status, len).await;
+        log_store_error(result.err(), &request_id);
+        return Response::from_parts(parts, body);
+    }
+    let mut buf = Collected::default();
+    loop {
+        let frame = std::future::poll_fn(|cx| std::pin::Pin::new(&mut body).poll_frame(cx)).await;
+        match frame {
+            None => break,
+            Some(Ok(frame)) => {
+                let Ok(data) = frame.into_data() else {
+                    // Trailers are not replayed.
+                    continue;
+                };
+                if buf.len() + data.len() > max_response {
+                    // Over the limit while streaming: record "ran, at
+                    // least this large", then send what we have and
+                    // stream the rest.
+                    let seen = (buf.len() + data.len()) as u64;
+                    let result = guard.complete_unbuffered(parts.status, seen).await;
+                    log_store_error(result.err(), &request_id);
+                    buf.push(data);
+                    let body = ProxyBody::Prefixed {
+                        prefix: Some(buf.freeze()),
+                        rest: Box::new(body),
+                    };
+                    return Response::from_parts(parts, body);
+                }
+                buf.push(data);
+            }
+            Some(Err(error)) => {
+                // The upstream ran the request and broke mid-body: the
+                // result is lost.
+                let result = if release_ambiguous {
+                    guard.release().await
+                } else {
+                    guard.outcome_unknown().await
+                };
+                log_store_error(result.err(), &request_id);
+                return Problem::new(
+                    ProblemKind::UpstreamBadResponse,
+                    format!("the upstream's response body broke off: {error}"),
+                )
+                .into_response(Some(&request_id));
+            }
+        }
+    }
+    let body = buf.freeze();
+    // Boxed: the largest await here, kept out of this future's size.
+    let result = Box::pin(guard.complete_parts(parts.status, &parts.headers, &body)).await;
+    log_store_error(result.err(), &request_id);
+    Response::from_parts(parts, ProxyBody::full(body))
 }
 
 fn log_store_error(error: Option<keel_idempotency::store::StoreError>, request_id: &HeaderValue) {
