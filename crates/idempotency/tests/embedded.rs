@@ -348,3 +348,157 @@ async fn an_earlier_versions_file_is_refused_not_ignored() {
         "{msg}"
     );
 }
+
+/// One step of the model test.
+#[derive(Clone, Debug)]
+enum Op {
+    Claim(usize),
+    Complete(usize, usize),
+    /// Completes with a 1 ms TTL and waits it out: the key is free again.
+    CompleteExpiring(usize, usize),
+    CompleteStale(usize),
+    Release(usize),
+    Purge,
+    Reopen,
+}
+
+fn op() -> impl proptest::strategy::Strategy<Value = Op> {
+    use proptest::prelude::*;
+    prop_oneof![
+        4 => (0..6usize).prop_map(Op::Claim),
+        2 => (0..6usize, 0..700usize).prop_map(|(k, n)| Op::Complete(k, n)),
+        2 => (0..6usize, 0..700usize).prop_map(|(k, n)| Op::CompleteExpiring(k, n)),
+        1 => (0..6usize).prop_map(Op::CompleteStale),
+        2 => (0..6usize).prop_map(Op::Release),
+        1 => Just(Op::Purge),
+        1 => Just(Op::Reopen),
+    ]
+}
+
+/// What the store must hold for one key.
+#[derive(Clone, Debug, PartialEq)]
+enum Model {
+    InFlight(FencingToken),
+    Completed(Vec<u8>),
+}
+
+/// Runs `ops` against a store with 4 KiB segments (so records rotate,
+/// compact and get moved) and a plain map, reopening the store where the
+/// ops say, and checks every answer against the map.
+async fn model_run(ops: Vec<Op>) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let open = || EmbeddedStore::open_dir_with(dir.path(), small_segments()).expect("open");
+    let keys: Vec<StoreKey> = (0..6)
+        .map(|i| StoreKey::new(format!("model-key-{i}")).expect("valid"))
+        .collect();
+    let mut store = open();
+    let mut model: std::collections::HashMap<usize, Model> = Default::default();
+    let mut last_token = FencingToken(0);
+    let fp = Fingerprint([9; 32]);
+    for (step, op) in ops.into_iter().enumerate() {
+        match op {
+            Op::Claim(k) => {
+                let got = store
+                    .claim(&keys[k], fp, Duration::from_secs(600))
+                    .await
+                    .expect("claim");
+                match (model.get(&k), got) {
+                    (None, Claim::Acquired { token }) => {
+                        assert!(token > last_token, "step {step}: token went back");
+                        last_token = token;
+                        model.insert(k, Model::InFlight(token));
+                    }
+                    (Some(Model::InFlight(_)), Claim::InFlight { .. }) => {}
+                    (Some(Model::Completed(p)), Claim::Completed { payload, .. }) => {
+                        assert_eq!(&payload, p, "step {step}: replayed payload");
+                    }
+                    (want, got) => panic!("step {step}: claim {k}: model {want:?}, store {got:?}"),
+                }
+            }
+            Op::Complete(k, n) => {
+                if let Some(Model::InFlight(token)) = model.get(&k).cloned() {
+                    let payload: Vec<u8> = (0..n).map(|i| (i * 7 + k) as u8).collect();
+                    store
+                        .complete(&keys[k], token, &payload, Duration::from_secs(600))
+                        .await
+                        .expect("complete");
+                    model.insert(k, Model::Completed(payload));
+                }
+            }
+            Op::CompleteExpiring(k, n) => {
+                if let Some(Model::InFlight(token)) = model.get(&k).cloned() {
+                    let payload = vec![k as u8; n];
+                    store
+                        .complete(&keys[k], token, &payload, Duration::from_millis(1))
+                        .await
+                        .expect("complete");
+                    // Expiry is on the wall clock: wait it out.
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                    model.remove(&k);
+                    store.purge_expired().await.expect("purge");
+                }
+            }
+            Op::CompleteStale(k) => {
+                let stale = match model.get(&k) {
+                    Some(Model::InFlight(t)) => FencingToken(t.0 - 1),
+                    _ => last_token,
+                };
+                assert!(
+                    matches!(
+                        store
+                            .complete(&keys[k], stale, b"late", Duration::from_secs(600))
+                            .await,
+                        Err(StoreError::Fenced)
+                    ),
+                    "step {step}: a stale token completed key {k}"
+                );
+            }
+            Op::Release(k) => {
+                if let Some(Model::InFlight(token)) = model.get(&k).cloned() {
+                    store.release(&keys[k], token).await.expect("release");
+                    model.remove(&k);
+                }
+            }
+            Op::Purge => {
+                // Expiring keys were purged when they expired: nothing is
+                // left to remove, but the compactor is woken.
+                assert_eq!(store.purge_expired().await.expect("purge"), 0);
+            }
+            Op::Reopen => {
+                drop(store);
+                store = open();
+            }
+        }
+        let stats = store.stats();
+        assert_eq!(stats.entries, model.len(), "step {step}: {stats:?}");
+    }
+    // Everything the model holds survives one more restart.
+    drop(store);
+    let store = open();
+    for (k, want) in &model {
+        match (
+            want,
+            store.claim(&keys[*k], fp, Duration::from_secs(600)).await,
+        ) {
+            (Model::InFlight(_), Ok(Claim::InFlight { .. })) => {}
+            (Model::Completed(p), Ok(Claim::Completed { payload, .. })) => assert_eq!(&payload, p),
+            (want, got) => panic!("after reopen, key {k}: model {want:?}, store {got:?}"),
+        }
+    }
+    assert_eq!(log_files(dir.path()).len(), store.stats().segments);
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig { cases: 48, ..Default::default() })]
+
+    /// Random claims, completions, releases, purges and restarts agree with
+    /// a plain map, through segment rotation and compaction.
+    #[test]
+    fn the_log_store_agrees_with_a_map(ops in proptest::collection::vec(op(), 1..200)) {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime")
+            .block_on(model_run(ops));
+    }
+}
