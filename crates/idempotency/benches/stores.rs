@@ -239,6 +239,50 @@ fn embedded(c: &mut Criterion) {
         })
     });
     g.finish();
+    recovery(c, &mt);
+}
+
+/// Opening a store replays its log: the restart time of a gateway with
+/// 100,000 stored results of 200 bytes each.
+fn recovery(c: &mut Criterion, mt: &tokio::runtime::Runtime) {
+    const KEYS: u64 = 100_000;
+    let dir = tempfile::tempdir().expect("tempdir");
+    {
+        let store = Arc::new(
+            keel_idempotency::embedded::EmbeddedStore::open_dir(dir.path())
+                .expect("open")
+                .durable_claims(false),
+        );
+        mt.block_on(async {
+            let mut tasks = tokio::task::JoinSet::new();
+            for t in 0..64 {
+                let store = store.clone();
+                tasks.spawn(async move {
+                    for n in (t..KEYS).step_by(64) {
+                        let k = StoreKey::new(format!("idem:{n:064x}")).expect("valid");
+                        let Ok(Claim::Acquired { token }) = store.claim(&k, FP, LEASE).await else {
+                            panic!("key must be free");
+                        };
+                        store
+                            .complete(&k, token, &[7; 200], Duration::from_secs(3600))
+                            .await
+                            .expect("complete");
+                    }
+                });
+            }
+            while tasks.join_next().await.is_some() {}
+        });
+    }
+    let mut g = c.benchmark_group("embedded_open");
+    g.sample_size(10);
+    g.bench_function("100k_results", |b| {
+        b.iter(|| {
+            let store =
+                keel_idempotency::embedded::EmbeddedStore::open_dir(dir.path()).expect("reopen");
+            assert_eq!(store.stats().entries, KEYS as usize);
+        })
+    });
+    g.finish();
 }
 
 criterion_group!(benches, memory, embedded);
