@@ -27,6 +27,12 @@
 //!   newest segment (a crash mid-write) ends the log there and is cut off,
 //!   as a database's write-ahead log does; damage anywhere else is reported
 //!   with the file and byte offset, and nothing is opened.
+//! - **Failures.** A write or sync that fails (a full disk, an I/O error)
+//!   fails the callers of its batch with [`StoreError::Unavailable`] and is
+//!   undone: the log is cut back to where the batch began and its claims
+//!   leave the index. The writer goes on, so the store answers again as
+//!   soon as the disk does; meanwhile the engine applies each route's
+//!   store-down policy (503 by default).
 //!
 //! Expiry uses the wall clock (records outlive the process). Expired
 //! records are ignored on read and dropped from the index by
@@ -70,7 +76,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, mpsc};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use tokio::sync::oneshot;
 
@@ -298,8 +304,9 @@ struct Inner {
     index: Arc<Index>,
     jobs: Option<mpsc::Sender<Msg>>,
     thread: Option<std::thread::JoinHandle<()>>,
-    /// Why the writer stopped, once it has.
-    failed: Arc<Mutex<Option<String>>>,
+    /// Test hook: the writer fails this many appends.
+    #[cfg(test)]
+    fail_appends: Arc<std::sync::atomic::AtomicU32>,
     /// Every segment, oldest first; the last is the one appended to.
     segments: Arc<Mutex<Vec<Arc<Segment>>>>,
     truncated_on_open: u64,
@@ -330,11 +337,9 @@ impl Inner {
     }
 
     fn stopped(&self) -> StoreError {
-        let why = lock(&self.failed).clone();
         StoreError::Unavailable(format!(
-            "embedded store {}: the writer has stopped: {}",
+            "embedded store {}: the writer has stopped (shutting down)",
             self.dir.display(),
-            why.as_deref().unwrap_or("shutting down")
         ))
     }
 
@@ -424,7 +429,8 @@ impl EmbeddedStore {
             .last()
             .map_or(SEGMENT_HEADER, |s| s.len.load(Ordering::Relaxed));
         let segments = Arc::new(Mutex::new(segments));
-        let failed = Arc::new(Mutex::new(None));
+        #[cfg(test)]
+        let fail_appends = Arc::new(std::sync::atomic::AtomicU32::new(0));
         let Some(active) = lock(&segments).last().cloned() else {
             return Err(StoreError::Unavailable("no segment after recovery".into()));
         };
@@ -436,12 +442,14 @@ impl EmbeddedStore {
             active_len,
             segment_bytes: config.segment_bytes,
             buf: Vec::new(),
+            maintain_after: Instant::now(),
+            #[cfg(test)]
+            fail_appends: fail_appends.clone(),
         };
         let (tx, rx) = mpsc::channel();
-        let thread_failed = failed.clone();
         let thread = std::thread::Builder::new()
             .name("keel-idem-log".into())
-            .spawn(move || writer.run(&rx, &thread_failed))
+            .spawn(move || writer.run(&rx))
             .map_err(|e| {
                 StoreError::Unavailable(format!(
                     "cannot start the embedded store's writer thread: {e}"
@@ -452,7 +460,8 @@ impl EmbeddedStore {
                 index,
                 jobs: Some(tx),
                 thread: Some(thread),
-                failed,
+                #[cfg(test)]
+                fail_appends,
                 segments,
                 truncated_on_open,
                 dir,
@@ -854,9 +863,14 @@ fn create_segment(dir: &Path, seq: u64, base_token: u64) -> Result<Arc<Segment>,
         .create_new(true)
         .open(&path)
         .map_err(io)?;
-    file.write_all_at(&log::segment_header(base_token), 0)
+    if let Err(e) = file
+        .write_all_at(&log::segment_header(base_token), 0)
         .and_then(|()| file.sync_all())
-        .map_err(io)?;
+    {
+        // Leave no half-made segment behind to block the next attempt.
+        let _ = std::fs::remove_file(&path);
+        return Err(io(e));
+    }
     log::sync_dir(dir).map_err(|e| log::io_err(dir, &e))?;
     Ok(Arc::new(Segment {
         seq,
@@ -891,10 +905,18 @@ struct Writer {
     active_len: u64,
     segment_bytes: u64,
     buf: Vec<u8>,
+    /// No compaction or rotation attempt before this (set after one failed).
+    maintain_after: Instant,
+    #[cfg(test)]
+    fail_appends: Arc<std::sync::atomic::AtomicU32>,
 }
 
+/// How long the writer waits after a failed compaction or rotation before
+/// trying again (the disk may be full).
+const MAINTAIN_BACKOFF: Duration = Duration::from_secs(1);
+
 impl Writer {
-    fn run(mut self, rx: &mpsc::Receiver<Msg>, failed: &Mutex<Option<String>>) {
+    fn run(mut self, rx: &mpsc::Receiver<Msg>) {
         let mut batch = Vec::new();
         while let Ok(first) = rx.recv() {
             for msg in std::iter::once(first).chain(std::iter::from_fn(|| rx.try_recv().ok())) {
@@ -905,25 +927,35 @@ impl Writer {
                     }
                 }
             }
-            if let Err(e) = self.commit(&mut batch).and_then(|()| self.maintain()) {
-                // After a failed write or sync the file's state is unknown
-                // (a failed fsync may have dropped the dirty pages), so the
-                // writer stops: every later write fails as unavailable,
-                // and reopening the store recovers from what is on disk.
-                let why = e.to_string();
-                *lock(failed) = Some(why.clone());
-                for job in batch.drain(..) {
-                    if let Some(reply) = job.reply {
-                        let _ = reply.send(Err(StoreError::Unavailable(why.clone())));
-                    }
+            self.commit(&mut batch);
+            if Instant::now() >= self.maintain_after {
+                let done = if self.active_len >= self.segment_bytes {
+                    self.rotate()
+                } else {
+                    Ok(())
+                };
+                if done.and_then(|()| self.maintain()).is_err() {
+                    // A full disk, most likely: writes go on in the
+                    // current segment; try again in a while.
+                    self.maintain_after = Instant::now() + MAINTAIN_BACKOFF;
                 }
-                return;
             }
         }
     }
 
     /// Appends `self.buf` to the active segment.
     fn append(&mut self) -> Result<(), StoreError> {
+        #[cfg(test)]
+        if self
+            .fail_appends
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
+            .is_ok()
+        {
+            // Half the bytes reach the file, as when the disk fills up.
+            let half = &self.buf[..self.buf.len() / 2];
+            let _ = self.active.file.write_all_at(half, self.active_len);
+            return Err(StoreError::Unavailable("injected write failure".into()));
+        }
         self.active
             .file
             .write_all_at(&self.buf, self.active_len)
@@ -941,19 +973,38 @@ impl Writer {
     }
 
     /// Writes and syncs a batch, updates the index and answers each job.
-    fn commit(&mut self, batch: &mut Vec<Job>) -> Result<(), StoreError> {
+    ///
+    /// If the write or the sync fails (a full disk, an I/O error), the
+    /// batch is undone: the log is cut back to where the batch began (the
+    /// next batch overwrites those bytes, so no page a failed sync may
+    /// have dropped is relied on), its claims leave the index, and every
+    /// caller gets [`StoreError::Unavailable`]. The writer goes on, so the
+    /// store works again once the disk does.
+    fn commit(&mut self, batch: &mut Vec<Job>) {
         if batch.is_empty() {
-            return Ok(());
+            return;
         }
         self.buf.clear();
         for job in batch.iter() {
             self.buf.extend_from_slice(&job.record);
         }
-        let mut offset = self.active_len;
-        self.append()?;
-        if batch.iter().any(|j| j.durable) {
-            self.sync()?;
+        let start = self.active_len;
+        let durable = batch.iter().any(|j| j.durable);
+        let written = self
+            .append()
+            .and_then(|()| if durable { self.sync() } else { Ok(()) });
+        if let Err(e) = written {
+            self.rewind(start);
+            let why = e.to_string();
+            for job in batch.drain(..) {
+                self.undo(&job.record);
+                if let Some(reply) = job.reply {
+                    let _ = reply.send(Err(StoreError::Unavailable(why.clone())));
+                }
+            }
+            return;
         }
+        let mut offset = start;
         for job in batch.drain(..) {
             let outcome = self.settle(&job.record, offset);
             offset += job.record.len() as u64;
@@ -963,10 +1014,35 @@ impl Writer {
                 let _ = reply.send(outcome);
             }
         }
-        if self.active_len >= self.segment_bytes {
-            self.rotate()?;
+    }
+
+    /// Cuts the active segment back to `len` after a failed batch.
+    fn rewind(&mut self, len: u64) {
+        self.active_len = len;
+        self.active.len.store(len, Ordering::Relaxed);
+        // Best effort: should the process die before the next write, the
+        // bytes past `len` would read as a torn append and be cut then.
+        let _ = self.active.file.set_len(len);
+    }
+
+    /// Takes a failed batch's claim back out of the index.
+    fn undo(&self, record: &[u8]) {
+        let Decoded::Record(r) = log::decode_own(record) else {
+            return;
+        };
+        if r.kind != Kind::InFlight {
+            // A failed completion leaves the claim in flight (its caller
+            // was told); a failed release already freed the key in memory
+            // and its claim record stays on disk until its lease ends.
+            return;
         }
-        Ok(())
+        let mut map = self.index.shard(r.key);
+        if map
+            .get(r.key)
+            .is_some_and(|e| !e.completed && e.token == r.token && e.loc.is_none())
+        {
+            map.remove(r.key);
+        }
     }
 
     /// Points the index at a record now on disk (or counts it dead).
@@ -1084,9 +1160,12 @@ impl Writer {
             }
             at += r.len;
         }
-        if !moved.is_empty() {
-            self.append()?;
-            self.sync()?;
+        if !moved.is_empty()
+            && let Err(e) = self.append().and_then(|()| self.sync())
+        {
+            // The copies are not used; the segment stays as it is.
+            self.rewind(start);
+            return Err(e);
         }
         for (from, to, len) in moved {
             let Decoded::Record(r) = log::decode_own(&bytes[from as usize..]) else {
@@ -1104,6 +1183,8 @@ impl Writer {
             }
         }
         lock(&self.segments).retain(|s| !Arc::ptr_eq(s, seg));
+        // Were the file left behind, its records would be replayed before
+        // their copies on the next open, which then win: harmless.
         std::fs::remove_file(&seg.path).map_err(|e| log::io_err(&seg.path, &e))?;
         log::sync_dir(&self.dir).map_err(|e| log::io_err(&self.dir, &e))?;
         if self.active_len >= self.segment_bytes {
@@ -1135,4 +1216,84 @@ pub fn spawn_purger<S: Store>(store: Arc<S>, every: Duration) -> tokio::task::Jo
             let _ = store.purge_expired().await;
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(k: &str) -> StoreKey {
+        StoreKey::new(k).expect("valid")
+    }
+
+    async fn acquire(store: &EmbeddedStore, k: &StoreKey) -> FencingToken {
+        match store
+            .claim(k, Fingerprint([1; 32]), Duration::from_secs(60))
+            .await
+        {
+            Ok(Claim::Acquired { token }) => token,
+            other => panic!("{k} should be free, got {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_failed_write_is_undone_and_the_store_goes_on() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (a, b) = (key("a"), key("b"));
+        {
+            let store = EmbeddedStore::open_dir(dir.path()).expect("open");
+            let ta = acquire(&store, &a).await;
+            let len = store.stats().bytes;
+
+            // The disk fills up: the claim fails and is not left behind.
+            store.inner.fail_appends.store(1, Ordering::Relaxed);
+            let failed = store
+                .claim(&b, Fingerprint([1; 32]), Duration::from_secs(60))
+                .await;
+            assert!(
+                matches!(failed, Err(StoreError::Unavailable(ref why)) if why.contains("injected")),
+                "{failed:?}"
+            );
+            assert_eq!(
+                store.stats().bytes,
+                len,
+                "the half-written batch was cut off"
+            );
+            assert_eq!(store.stats().entries, 1);
+
+            // Space again: the same key can be claimed, and the earlier
+            // claim completed.
+            let tb = acquire(&store, &b).await;
+            assert!(tb > ta);
+            store
+                .complete(&a, ta, b"result a", Duration::from_secs(60))
+                .await
+                .expect("complete");
+
+            // A failed completion leaves the claim in flight for its
+            // holder to retry.
+            store.inner.fail_appends.store(1, Ordering::Relaxed);
+            assert!(
+                store
+                    .complete(&b, tb, b"result b", Duration::from_secs(60))
+                    .await
+                    .is_err()
+            );
+            store
+                .complete(&b, tb, b"result b", Duration::from_secs(60))
+                .await
+                .expect("complete after the failure");
+        }
+        let store = EmbeddedStore::open_dir(dir.path()).expect("reopen");
+        assert_eq!(store.stats().truncated_on_open, 0);
+        for (k, want) in [(&a, &b"result a"[..]), (&b, &b"result b"[..])] {
+            match store
+                .claim(k, Fingerprint([1; 32]), Duration::from_secs(60))
+                .await
+            {
+                Ok(Claim::Completed { payload, .. }) => assert_eq!(payload, want),
+                other => panic!("{k}: {other:?}"),
+            }
+        }
+    }
 }
