@@ -297,7 +297,11 @@ async fn a_dead_or_hung_server_is_unavailable_fast_and_the_store_recovers() {
     )
     .expect("store");
     let (before, during) = (key("before"), key("during"));
-    let token = acquire(&store, &before, LONG).await;
+    // The first connection is made through the proxy under the tight
+    // 300 ms budget; on a loaded machine it may need a second try.
+    let Claim::Acquired { token } = claim_until_ok(&store, &before).await else {
+        panic!("a fresh key must be acquired");
+    };
 
     let guard = Duration::from_secs(5);
     for (mode, what) in [(Mode::Down, "down"), (Mode::Blackhole, "hung")] {

@@ -285,7 +285,11 @@ async fn a_dead_or_hung_server_is_unavailable_fast_and_the_store_recovers() {
     )
     .await
     .expect("connect through the proxy");
-    let token = acquire(&store, &key("before"), LONG).await;
+    // Setup under the tight 200 ms budget may need a second try on a
+    // loaded machine; the test is about what happens next.
+    let Claim::Acquired { token } = claim_until_ok(&store, &key("before")).await else {
+        panic!("a fresh key must be acquired");
+    };
 
     // The guard only keeps a broken store from hanging the test; the store
     // itself must give up after its 200 ms timeout.

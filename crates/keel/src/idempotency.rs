@@ -329,9 +329,8 @@ impl ResponseFilter for Finish {
                 failure.problem.into_response(Some(&request_id))
             }),
             Ok(response) => {
-                // Taken apart before the future is made, so it holds the
-                // parts once (small enough for the allocator's per-thread
-                // cache).
+                // Taken apart before the future is made, so the future
+                // holds the parts once, not the response and its parts.
                 let (parts, body) = response.into_parts();
                 Box::pin(store_response(
                     guard,
