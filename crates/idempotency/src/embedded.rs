@@ -36,7 +36,8 @@
 //!
 //! Expiry uses the wall clock (records outlive the process). Expired
 //! records are ignored on read and dropped from the index by
-//! [`Store::purge_expired`]; run it periodically with [`spawn_purger`].
+//! [`Store::purge_expired`], which then compacts what that freed before it
+//! returns; run it periodically with [`spawn_purger`].
 //! Fencing tokens come from one counter, recorded in every record and in
 //! each segment's header, so they strictly increase per key across
 //! release, expiry, compaction and restarts.
@@ -88,6 +89,11 @@ pub const LOCK_FILE: &str = "LOCK";
 
 /// The single file earlier versions kept their records in (redb).
 const LEGACY_FILE: &str = "idempotency.redb";
+
+/// How often and how far apart opening tries the directory's lock: half a
+/// second in all.
+const LOCK_ATTEMPTS: u32 = 50;
+const LOCK_RETRY: Duration = Duration::from_millis(10);
 
 /// The most records one group commit takes.
 const MAX_BATCH: usize = 1024;
@@ -373,7 +379,8 @@ impl EmbeddedStore {
     /// Opens (or creates) the store in directory `dir` with `config`.
     ///
     /// Fails with [`StoreError::Unavailable`] if another store (in this
-    /// process or another) has the directory open or it cannot be read,
+    /// process or another) has the directory open (after waiting up to half
+    /// a second for one that is closing) or it cannot be read,
     /// and with [`StoreError::Corrupt`] naming the file and byte offset if
     /// a segment other than the newest is damaged.
     ///
@@ -404,15 +411,26 @@ impl EmbeddedStore {
             .write(true)
             .open(&lock_path)
             .map_err(|e| log::io_err(&lock_path, &e))?;
-        match lock_file.try_lock() {
-            Ok(()) => {}
-            Err(TryLockError::WouldBlock) => {
-                return Err(StoreError::Unavailable(format!(
-                    "embedded store {} is in use by another store (this process or another)",
-                    dir.display()
-                )));
+        // A lock can outlive its store for a moment: a process still
+        // exiting, or a child process forked by another thread just then
+        // (it shares the descriptor until its exec closes it). So wait a
+        // little before calling the directory taken.
+        let mut attempts = LOCK_ATTEMPTS;
+        loop {
+            match lock_file.try_lock() {
+                Ok(()) => break,
+                Err(TryLockError::WouldBlock) if attempts > 1 => {
+                    attempts -= 1;
+                    std::thread::sleep(LOCK_RETRY);
+                }
+                Err(TryLockError::WouldBlock) => {
+                    return Err(StoreError::Unavailable(format!(
+                        "embedded store {} is in use by another store (this process or another)",
+                        dir.display()
+                    )));
+                }
+                Err(TryLockError::Error(e)) => return Err(log::io_err(&lock_path, &e)),
             }
-            Err(TryLockError::Error(e)) => return Err(log::io_err(&lock_path, &e)),
         }
         let legacy = dir.join(LEGACY_FILE);
         if legacy.exists() {
@@ -762,10 +780,14 @@ impl Store for EmbeddedStore {
                     keep
                 });
             }
-            // Dead bytes grew: let the writer see whether a segment is
-            // worth compacting now rather than at its next write.
-            if let Some(jobs) = &self.inner.jobs {
-                let _ = jobs.send(Msg::Maintain);
+            // Dead bytes grew: have the writer compact what is worth it
+            // now rather than at its next write, and wait for it, so the
+            // files are settled when the purge returns.
+            let (done, compacted) = oneshot::channel();
+            if let Some(jobs) = &self.inner.jobs
+                && jobs.send(Msg::Maintain(done)).is_ok()
+            {
+                let _ = compacted.await;
             }
             Ok(removed)
         })
@@ -884,8 +906,8 @@ fn create_segment(dir: &Path, seq: u64, base_token: u64) -> Result<Arc<Segment>,
 /// A message to the writer thread.
 enum Msg {
     Write(Job),
-    /// Look for a segment worth compacting.
-    Maintain,
+    /// Compact what is worth it, then answer.
+    Maintain(oneshot::Sender<()>),
 }
 
 /// One record to append.
@@ -918,13 +940,15 @@ const MAINTAIN_BACKOFF: Duration = Duration::from_secs(1);
 impl Writer {
     fn run(mut self, rx: &mpsc::Receiver<Msg>) {
         let mut batch = Vec::new();
+        let mut waiting = Vec::new();
         while let Ok(first) = rx.recv() {
             for msg in std::iter::once(first).chain(std::iter::from_fn(|| rx.try_recv().ok())) {
-                if let Msg::Write(job) = msg {
-                    batch.push(job);
-                    if batch.len() == MAX_BATCH {
-                        break;
-                    }
+                match msg {
+                    Msg::Write(job) => batch.push(job),
+                    Msg::Maintain(done) => waiting.push(done),
+                }
+                if batch.len() == MAX_BATCH {
+                    break;
                 }
             }
             self.commit(&mut batch);
@@ -939,6 +963,9 @@ impl Writer {
                     // current segment; try again in a while.
                     self.maintain_after = Instant::now() + MAINTAIN_BACKOFF;
                 }
+            }
+            for done in waiting.drain(..) {
+                let _ = done.send(());
             }
         }
     }
