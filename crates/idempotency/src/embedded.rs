@@ -342,6 +342,20 @@ impl Inner {
         if sent { Ok(()) } else { Err(self.stopped()) }
     }
 
+    /// Queues `record` to be synced; the receiver gets its outcome.
+    fn send_durable(
+        &self,
+        record: Vec<u8>,
+    ) -> Result<oneshot::Receiver<Result<(), StoreError>>, StoreError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Job {
+            record,
+            durable: true,
+            reply: Some(reply),
+        })?;
+        Ok(rx)
+    }
+
     fn stopped(&self) -> StoreError {
         StoreError::Unavailable(format!(
             "embedded store {}: the writer has stopped (shutting down)",
@@ -638,19 +652,18 @@ impl Store for EmbeddedStore {
                             &fingerprint,
                             &[],
                         );
-                        let (reply, rx) = if self.durable_claims {
-                            let (tx, rx) = oneshot::channel();
-                            (Some(tx), Some(rx))
-                        } else {
-                            (None, None)
-                        };
                         // Queued under the shard's lock, so the log holds
                         // this key's records in the order the index saw.
-                        self.inner.send(Job {
-                            record,
-                            durable: self.durable_claims,
-                            reply,
-                        })?;
+                        let rx = if self.durable_claims {
+                            Some(self.inner.send_durable(record)?)
+                        } else {
+                            self.inner.send(Job {
+                                record,
+                                durable: false,
+                                reply: None,
+                            })?;
+                            None
+                        };
                         let entry = Entry {
                             completed: false,
                             token,
@@ -713,16 +726,10 @@ impl Store for EmbeddedStore {
                     &e.fingerprint,
                     payload,
                 );
-                let (reply, rx) = oneshot::channel();
                 // The index turns to completed once the record is on disk
                 // (the writer does it), so no replay is ever served from a
                 // result a crash could still lose.
-                self.inner.send(Job {
-                    record,
-                    durable: true,
-                    reply: Some(reply),
-                })?;
-                rx
+                self.inner.send_durable(record)?
             };
             self.inner.wait(rx).await
         })
@@ -751,12 +758,7 @@ impl Store for EmbeddedStore {
                     &Fingerprint([0; 32]),
                     &[],
                 );
-                let (reply, rx) = oneshot::channel();
-                self.inner.send(Job {
-                    record,
-                    durable: true,
-                    reply: Some(reply),
-                })?;
+                let rx = self.inner.send_durable(record)?;
                 if let Some(old) = map.remove(k) {
                     old.bury();
                 }
