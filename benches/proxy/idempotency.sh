@@ -3,7 +3,8 @@
 # idempotency off, for the memory and embedded stores. Every idempotent
 # request carries a fresh Idempotency-Key (a wrk Lua script numbers them),
 # so each one is a new claim plus a stored response: the worst case for
-# the store. Same pinning as run.sh: keel on CPU 0, wrk and the backend on
+# the store. The embedded store runs twice: as configured by default and
+# with durable_claims = false. Same pinning as run.sh: keel on CPU 0, wrk and the backend on
 # CPU 1.
 #
 # Usage: bash benches/proxy/idempotency.sh
@@ -149,6 +150,10 @@ kind = "memory"' memory)"
 read -r E_OFF E_ON E_OFF_P99 E_ON_P99 E_OFF_CPU E_ON_CPU <<<"$(bench "[store]
 kind = \"embedded\"
 path = \"$WORK/store\"" embedded)"
+read -r F_OFF F_ON F_OFF_P99 F_ON_P99 F_OFF_CPU F_ON_CPU <<<"$(bench "[store]
+kind = \"embedded\"
+path = \"$WORK/store-fast\"
+durable_claims = false" embedded-fast)"
 
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b == 0) print "-"; else printf "%.2f", a / b }'; }
 
@@ -158,6 +163,7 @@ cat <<TABLE
 | --- | ---: | ---: | ---: | --- | --- | ---: |
 | memory | $M_OFF | $M_ON | $(ratio "$M_ON" "$M_OFF") | $M_OFF_P99 / $M_ON_P99 | $M_OFF_CPU / $M_ON_CPU | $(ratio "$M_OFF_CPU" "$M_ON_CPU") |
 | embedded | $E_OFF | $E_ON | $(ratio "$E_ON" "$E_OFF") | $E_OFF_P99 / $E_ON_P99 | $E_OFF_CPU / $E_ON_CPU | $(ratio "$E_OFF_CPU" "$E_ON_CPU") |
+| embedded, durable_claims = false | $F_OFF | $F_ON | $(ratio "$F_ON" "$F_OFF") | $F_OFF_P99 / $F_ON_P99 | $F_OFF_CPU / $F_ON_CPU | $(ratio "$F_OFF_CPU" "$F_ON_CPU") |
 
 wrk -t1 -c$CONNECTIONS -d${DURATION}s with a Lua script numbering keys, keel (workers = 1) pinned to CPU 0, wrk and backend to CPU 1; $(nproc) CPUs, $(uname -r).
 TABLE

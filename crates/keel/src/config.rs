@@ -101,6 +101,13 @@ pub struct StoreConfig {
     /// How long to wait for the store to answer one operation.
     #[serde(default = "defaults::store_timeout")]
     pub timeout: ConfigDuration,
+    /// Embedded store: whether a claim is synced to disk before the
+    /// request goes upstream (default true). False skips that sync: about
+    /// 1.4x the idempotent throughput here, but a crash while a request is
+    /// in flight may lose its claim, so a retry after the restart may run
+    /// it again. Completed results are always synced.
+    #[serde(default)]
+    pub durable_claims: Option<Spanned<bool>>,
 }
 
 impl Default for StoreConfig {
@@ -111,6 +118,7 @@ impl Default for StoreConfig {
             url: None,
             prefix: defaults::store_prefix(),
             timeout: defaults::store_timeout(),
+            durable_claims: None,
         }
     }
 }
@@ -123,6 +131,11 @@ impl StoreConfig {
     /// The embedded store's directory (`keel-data` by default).
     pub fn embedded_path(&self) -> PathBuf {
         PathBuf::from(self.path.as_deref().unwrap_or("keel-data"))
+    }
+
+    /// Whether the embedded store syncs claims (`true` unless set off).
+    pub fn durable_claims(&self) -> bool {
+        self.durable_claims.as_ref().is_none_or(|d| *d.get_ref())
     }
 }
 
@@ -588,6 +601,14 @@ fn validate(config: &Config, c: &mut Checker<'_>) {
     }
 
     let store = &config.store;
+    if let Some(durable) = &store.durable_claims
+        && *store.kind.get_ref() != StoreKind::Embedded
+    {
+        c.error(
+            durable.span(),
+            "store.durable_claims is only used by kind = \"embedded\"; remove it",
+        );
+    }
     match store.kind.get_ref() {
         StoreKind::Memory | StoreKind::Embedded => {
             if let Some(url) = &store.url {
@@ -772,6 +793,29 @@ batch_size = 10000
 batch_interval = "2s"
 deadline = "30s"
 "#;
+
+    #[test]
+    fn durable_claims_is_an_embedded_store_setting() {
+        let config = parse(Path::new("k.toml"), GOOD).expect("valid");
+        assert!(config.store.durable_claims(), "on by default");
+        let text = GOOD.replace(
+            "path = \"keel-data\"",
+            "path = \"keel-data\"\ndurable_claims = false",
+        );
+        let config = parse(Path::new("k.toml"), &text).expect("valid");
+        assert!(!config.store.durable_claims());
+
+        let text = GOOD.replace(
+            "kind = \"embedded\"\npath = \"keel-data\"",
+            "kind = \"redis\"\nurl = \"redis://127.0.0.1/\"\ndurable_claims = false",
+        );
+        let errs = errors(&text);
+        assert_eq!(errs.len(), 1, "{errs:?}");
+        assert!(
+            errs[0].starts_with("k.toml:9:18: store.durable_claims is only used by kind"),
+            "{errs:?}"
+        );
+    }
 
     fn errors(text: &str) -> Vec<String> {
         match parse(Path::new("k.toml"), text) {

@@ -148,6 +148,7 @@ struct Settings {
     url: String,
     prefix: String,
     timeout: Duration,
+    durable_claims: bool,
 }
 
 impl SharedStore {
@@ -175,6 +176,7 @@ impl SharedStore {
                 url,
                 prefix: config.prefix.clone(),
                 timeout: config.timeout.0,
+                durable_claims: config.durable_claims(),
             }),
         }
     }
@@ -252,9 +254,10 @@ impl SharedStore {
         let store: Arc<dyn Store> = match s.kind {
             StoreKind::Memory => Arc::new(keel_idempotency::memory::MemoryStore::new()),
             StoreKind::Embedded => {
-                let path = s.path.clone();
+                let (path, durable) = (s.path.clone(), s.durable_claims);
                 let opened = tokio::task::spawn_blocking(move || {
                     keel_idempotency::embedded::EmbeddedStore::open_dir(path)
+                        .map(|store| store.durable_claims(durable))
                 })
                 .await
                 .map_err(|e| e.to_string())?;

@@ -230,6 +230,16 @@ async fn embedded_store_replays_and_survives_a_restart() {
 }
 
 #[tokio::test]
+async fn embedded_store_without_claim_syncs_still_runs_each_key_once() {
+    let upstream = TestUpstream::start().await;
+    let dir = temp_file("marker-fast", "").with_file_name("store-fast");
+    let store = format!("{}durable_claims = false\n", embedded(&dir));
+    let keel = Keel::start("", &routes(&store, upstream.addr)).await;
+    wait_ready(keel.admin, StatusCode::OK).await;
+    exercise(&keel, &upstream).await;
+}
+
+#[tokio::test]
 async fn redis_store_end_to_end() {
     let Some(url) = keel_testkit::service_url(keel_testkit::REDIS) else {
         return;
