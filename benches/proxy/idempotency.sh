@@ -4,8 +4,8 @@
 # request carries a fresh Idempotency-Key (a wrk Lua script numbers them),
 # so each one is a new claim plus a stored response: the worst case for
 # the store. The embedded store runs twice: as configured by default and
-# with durable_claims = false. Same pinning as run.sh: keel on CPU 0, wrk and the backend on
-# CPU 1.
+# with durable_claims = false. Same pinning as run.sh: keel on CPU 0, wrk
+# and the backend on CPU 1.
 #
 # Usage: bash benches/proxy/idempotency.sh
 # Knobs: DURATION=10 (seconds per run)  CONNECTIONS=50
