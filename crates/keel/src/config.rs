@@ -102,10 +102,10 @@ pub struct StoreConfig {
     #[serde(default = "defaults::store_timeout")]
     pub timeout: ConfigDuration,
     /// Embedded store: whether a claim is synced to disk before the
-    /// request goes upstream (default true). False skips that sync: about
-    /// 1.4x the idempotent throughput here, but a crash while a request is
-    /// in flight may lose its claim, so a retry after the restart may run
-    /// it again. Completed results are always synced.
+    /// request goes upstream (default true). False saves one of the two
+    /// syncs a new request waits for, but a crash while a request is in
+    /// flight may lose its claim, so a retry after the restart may run it
+    /// again. Completed results are always synced.
     #[serde(default)]
     pub durable_claims: Option<Spanned<bool>>,
 }
