@@ -1026,8 +1026,11 @@ impl Writer {
             self.rewind(start);
             let why = e.to_string();
             for job in batch.drain(..) {
-                self.undo(&job.record);
+                // An unsynced claim was answered already: its holder runs
+                // and will complete it, so only the claims whose callers
+                // hear of the failure leave the index.
                 if let Some(reply) = job.reply {
+                    self.undo(&job.record);
                     let _ = reply.send(Err(StoreError::Unavailable(why.clone())));
                 }
             }
@@ -1324,5 +1327,38 @@ mod tests {
                 other => panic!("{k}: {other:?}"),
             }
         }
+    }
+
+    #[tokio::test]
+    async fn an_unsynced_claim_stays_held_when_its_batch_fails() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = EmbeddedStore::open_dir(dir.path())
+            .expect("open")
+            .durable_claims(false);
+        let k = key("k");
+        // The claim is answered before its record is written; the write
+        // then fails. Its holder already runs the operation, so the key
+        // must stay held, not be handed to the next caller.
+        store.inner.fail_appends.store(1, Ordering::Relaxed);
+        let token = acquire(&store, &k).await;
+        // A purge waits for the writer to get past the failed batch.
+        store.purge_expired().await.expect("purge");
+        assert_eq!(store.inner.fail_appends.load(Ordering::Relaxed), 0);
+        assert!(matches!(
+            store
+                .claim(&k, Fingerprint([1; 32]), Duration::from_secs(60))
+                .await,
+            Ok(Claim::InFlight { .. })
+        ));
+        store
+            .complete(&k, token, b"done", Duration::from_secs(60))
+            .await
+            .expect("the holder completes once the disk works");
+        drop(store);
+        let store = EmbeddedStore::open_dir(dir.path()).expect("reopen");
+        assert!(matches!(
+            store.claim(&k, Fingerprint([1; 32]), Duration::from_secs(60)).await,
+            Ok(Claim::Completed { payload, .. }) if payload == b"done"
+        ));
     }
 }
