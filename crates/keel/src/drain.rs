@@ -318,17 +318,7 @@ impl DrainControl {
             tunnels = progress.total,
             "draining endpoint"
         );
-        let mut drains = self
-            .endpoints
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        for old in drains
-            .iter()
-            .filter(|d| d.upstream == upstream && d.endpoint == endpoint)
-        {
-            old.drain.abort();
-        }
-        drains.retain(|d| !(d.upstream == upstream && d.endpoint == endpoint));
+        let mut drains = self.stop_endpoint_drain(upstream, endpoint);
         drains.push(EndpointDrain {
             upstream: upstream.to_owned(),
             endpoint: endpoint.to_owned(),
@@ -345,19 +335,30 @@ impl DrainControl {
         endpoint: &str,
     ) -> Result<bool, EndpointDrainError> {
         let target = self.find(upstream, endpoint)?;
+        drop(self.stop_endpoint_drain(upstream, endpoint));
+        tracing::info!(upstream, endpoint, "endpoint back in service");
+        Ok(target.set_draining(false))
+    }
+
+    /// Stops and forgets any drain running for the endpoint; returns the
+    /// list still locked, for a caller that starts a new one.
+    fn stop_endpoint_drain(
+        &self,
+        upstream: &str,
+        endpoint: &str,
+    ) -> std::sync::MutexGuard<'_, Vec<EndpointDrain>> {
         let mut drains = self
             .endpoints
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        for d in drains
-            .iter()
-            .filter(|d| d.upstream == upstream && d.endpoint == endpoint)
-        {
-            d.drain.abort();
-        }
-        drains.retain(|d| !(d.upstream == upstream && d.endpoint == endpoint));
-        tracing::info!(upstream, endpoint, "endpoint back in service");
-        Ok(target.set_draining(false))
+        drains.retain(|d| {
+            let same = d.upstream == upstream && d.endpoint == endpoint;
+            if same {
+                d.drain.abort();
+            }
+            !same
+        });
+        drains
     }
 
     fn find(

@@ -104,16 +104,7 @@ impl EndpointGuard {
     /// A permit for one attempt, or why not. `Ok(None)`: no breaker.
     #[inline]
     pub fn allow(&self) -> Result<Option<Permit<'_>>, Rejected> {
-        match &self.breaker {
-            None => Ok(None),
-            Some(breaker) => match breaker.allow() {
-                Ok(permit) => Ok(Some(permit)),
-                Err(rejected) => {
-                    self.metrics.rejections.inc();
-                    Err(rejected)
-                }
-            },
-        }
+        allow_counted(self.breaker.as_ref(), &self.metrics)
     }
 }
 
@@ -195,16 +186,7 @@ impl UpstreamResilience {
     /// A permit for one request, or why not. `Ok(None)`: no breaker.
     #[inline]
     pub fn allow(&self) -> Result<Option<Permit<'_>>, Rejected> {
-        match &self.breaker {
-            None => Ok(None),
-            Some(breaker) => match breaker.allow() {
-                Ok(permit) => Ok(Some(permit)),
-                Err(rejected) => {
-                    self.metrics.rejections.inc();
-                    Err(rejected)
-                }
-            },
-        }
+        allow_counted(self.breaker.as_ref(), &self.metrics)
     }
 
     /// What an upstream answer means to the breakers: a configured failure
@@ -267,6 +249,21 @@ fn upstream_config(c: &BreakerConfig) -> Config {
         slow: None,
     }));
     common_config(c, config)
+}
+
+/// A permit from `breaker` (none when there is no breaker), counting a
+/// refusal in `metrics`.
+#[inline]
+fn allow_counted<'a>(
+    breaker: Option<&'a Breaker>,
+    metrics: &BreakerMetrics,
+) -> Result<Option<Permit<'a>>, Rejected> {
+    let Some(breaker) = breaker else {
+        return Ok(None);
+    };
+    breaker.allow().map(Some).inspect_err(|_| {
+        metrics.rejections.inc();
+    })
 }
 
 /// The gauge value for a breaker: its state, or its override.

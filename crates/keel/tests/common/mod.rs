@@ -172,35 +172,7 @@ async fn upstream_handle(mut request: Request<Incoming>) -> Response<BoxBody> {
 
 impl TestUpstream {
     pub async fn start() -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let addr = listener.local_addr().expect("addr");
-        let connections = Arc::new(AtomicUsize::new(0));
-        let requests = Arc::new(AtomicUsize::new(0));
-        let counter = connections.clone();
-        let request_counter = requests.clone();
-        tokio::spawn(async move {
-            while let Ok((stream, _)) = listener.accept().await {
-                counter.fetch_add(1, Ordering::SeqCst);
-                let request_counter = request_counter.clone();
-                tokio::spawn(async move {
-                    let _ = http1::Builder::new()
-                        .serve_connection(
-                            TokioIo::new(stream),
-                            service_fn(move |r| {
-                                request_counter.fetch_add(1, Ordering::SeqCst);
-                                async { Ok::<_, Infallible>(upstream_handle(r).await) }
-                            }),
-                        )
-                        .with_upgrades()
-                        .await;
-                });
-            }
-        });
-        TestUpstream {
-            addr,
-            connections,
-            requests,
-        }
+        Self::start_at(SocketAddr::from(([127, 0, 0, 1], 0))).await
     }
 
     pub fn requests(&self) -> usize {
@@ -361,6 +333,7 @@ impl TestUpstream {
     /// where a gateway already points).
     pub async fn start_at(addr: SocketAddr) -> Self {
         let listener = TcpListener::bind(addr).await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
         let connections = Arc::new(AtomicUsize::new(0));
         let requests = Arc::new(AtomicUsize::new(0));
         let counter = connections.clone();
