@@ -127,11 +127,40 @@ pub struct Running {
     drain: Arc<DrainControl>,
     /// Stops the admin server when the drain is over (dropped on exit).
     _exit: watch::Sender<bool>,
+    /// SIGTERM and SIGINT, caught from before the first listener is bound.
+    signals: Signals,
+}
+
+/// SIGTERM and SIGINT handlers, installed before anything is bound: a
+/// signal sent as soon as `/healthz` answers (a deploy that changes its
+/// mind) is a drain, not the default action that kills the process.
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn install() -> Result<Self, ServeError> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(Signals {
+            term: signal(SignalKind::terminate()).map_err(ServeError::Signals)?,
+            int: signal(SignalKind::interrupt()).map_err(ServeError::Signals)?,
+        })
+    }
+
+    /// Resolves at the first SIGTERM or SIGINT received since `install`.
+    async fn recv(&mut self) {
+        tokio::select! {
+            _ = self.term.recv() => {}
+            _ = self.int.recv() => {}
+        }
+    }
 }
 
 /// Binds everything and starts serving; returns once the listeners are up.
 pub async fn start(config: &Config) -> Result<Running, ServeError> {
     let started = Instant::now();
+    let signals = Signals::install()?;
     let metrics = Arc::new(Metrics::new());
     let readiness = Readiness::default();
     let listeners_ready = readiness.register("listeners", "starting");
@@ -239,6 +268,7 @@ pub async fn start(config: &Config) -> Result<Running, ServeError> {
         readiness,
         drain,
         _exit: exit,
+        signals,
     })
 }
 
@@ -260,12 +290,9 @@ impl Running {
     /// sequence (`crate::drain`): readiness fails at once, traffic is still
     /// served for `shutdown_delay`, then the listener stops accepting and
     /// connections are closed at the `[drain]` pace, up to `deadline`.
-    pub async fn wait_and_drain(self) -> Result<(), ServeError> {
+    pub async fn wait_and_drain(mut self) -> Result<(), ServeError> {
         tokio::select! {
-            signal = wait_for_signal() => {
-                signal?;
-                tracing::info!("signal received: draining");
-            }
+            () = self.signals.recv() => tracing::info!("signal received: draining"),
             () = self.drain.shutdown_requested() => tracing::info!("drain requested on the admin API"),
             reason = self.tree.wait() => return Err(ServeError::TreeExited(reason)),
         }
@@ -304,14 +331,4 @@ fn drain_child(
         }
     })
     .shutdown(keel_supervisor::Shutdown::Infinity)
-}
-
-async fn wait_for_signal() -> Result<(), ServeError> {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .map_err(ServeError::Signals)?;
-    tokio::select! {
-        _ = term.recv() => {}
-        result = tokio::signal::ctrl_c() => result.map_err(ServeError::Signals)?,
-    }
-    Ok(())
 }
