@@ -194,19 +194,32 @@ impl Shard {
             return true;
         }
         // Evict the completed records nearest to expiry, a batch at a time
-        // so that a full shard does not pay a scan on every insert.
-        let mut done: Vec<(Instant, StoreKey)> = self
+        // so that a full shard does not pay a scan on every insert. Only
+        // their expiry times are gathered (no key is cloned): the batch's
+        // cut-off is the batch-th earliest, and one pass removes that many
+        // completed records at or before it.
+        let mut expiries: Vec<Instant> = self
             .map
-            .iter()
-            .filter(|(_, e)| matches!(e.state, State::Completed { .. }))
-            .map(|(k, e)| (e.expires, k.clone()))
+            .values()
+            .filter(|e| matches!(e.state, State::Completed { .. }))
+            .map(|e| e.expires)
             .collect();
-        let batch = (self.map.len() / 16).max(1).min(done.len());
-        if batch > 0 && batch < done.len() {
-            done.select_nth_unstable(batch - 1);
-        }
-        for (_, key) in done.iter().take(batch) {
-            self.remove(key);
+        let batch = (self.map.len() / 16).max(1).min(expiries.len());
+        if batch > 0 {
+            let (_, cutoff, _) = expiries.select_nth_unstable(batch - 1);
+            let cutoff = *cutoff;
+            drop(expiries);
+            let (mut left, mut freed) = (batch, 0);
+            self.map.retain(|k, e| {
+                let evict =
+                    left > 0 && e.expires <= cutoff && matches!(e.state, State::Completed { .. });
+                if evict {
+                    left -= 1;
+                    freed += Entry::cost(k, payload_len(e));
+                }
+                !evict
+            });
+            self.bytes -= freed;
         }
         while !fits(self) {
             // A very large payload may need more than one batch.
@@ -532,5 +545,63 @@ impl Store for MemoryStore {
 
     fn name(&self) -> &'static str {
         "memory"
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_full_store_evicts_the_records_nearest_to_expiry_first() {
+        // 64 records with TTLs in shuffled order fill one shard; each new
+        // record must evict those that expire soonest (a batch of
+        // 64 / 16 = 4 at a time), never a later one while an earlier one
+        // is still held.
+        let store = MemoryStore::with_config(MemoryConfig::default().shards(1).max_entries(64));
+        let ttl = |i: usize| Duration::from_secs(100 + ((i * 37) % 64) as u64);
+        let long = Duration::from_secs(600);
+        let fp = Fingerprint([1; 32]);
+        let key = |i: usize| StoreKey::new(format!("k{i}")).expect("valid");
+        let put = |i: usize, ttl: Duration| {
+            let store = &store;
+            async move {
+                let Claim::Acquired { token } =
+                    store.claim(&key(i), fp, long).await.expect("claim")
+                else {
+                    panic!("fresh key");
+                };
+                store
+                    .complete(&key(i), token, b"r", ttl)
+                    .await
+                    .expect("complete");
+            }
+        };
+        for i in 0..64 {
+            put(i, ttl(i)).await;
+        }
+        let start = Instant::now();
+        for n in 0..12 {
+            put(1000 + n, long).await;
+            let shard = lock(&store.shards[0].0);
+            let held: Vec<Duration> = shard
+                .map
+                .values()
+                .map(|e| e.expires - start)
+                .filter(|left| *left < long)
+                .collect();
+            let evicted = 64 - held.len();
+            assert!(evicted > n, "room made for {} records", n + 1);
+            assert_eq!(evicted % 4, 0, "evicted in batches of 4");
+            assert_eq!(
+                held.iter().min().copied(),
+                Some(Duration::from_secs(100 + evicted as u64)),
+                "the {evicted} records nearest to expiry go first"
+            );
+            assert_eq!(
+                shard.bytes,
+                shard.map.keys().map(|k| Entry::cost(k, 1)).sum::<usize>()
+            );
+        }
     }
 }

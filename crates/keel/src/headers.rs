@@ -2,6 +2,7 @@
 //! `X-Forwarded-*`, `Via`, and request ids.
 
 use std::cell::RefCell;
+use std::io::Write;
 use std::net::IpAddr;
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
@@ -81,22 +82,55 @@ pub fn wants_upgrade(headers: &HeaderMap) -> bool {
 }
 
 /// Appends `value` to a comma-separated header, creating it when absent.
-fn append_list(headers: &mut HeaderMap, name: HeaderName, value: &str) {
-    let joined = match headers.get(&name).and_then(|v| v.to_str().ok()) {
-        Some(existing) if !existing.is_empty() => format!("{existing}, {value}"),
-        _ => value.to_owned(),
+fn append_list(
+    headers: &mut HeaderMap,
+    name: HeaderName,
+    value: &[u8],
+    alone: impl FnOnce() -> Option<HeaderValue>,
+) {
+    let value = match headers.get(&name) {
+        Some(existing) if !existing.is_empty() => {
+            let mut joined = Vec::with_capacity(existing.len() + 2 + value.len());
+            joined.extend_from_slice(existing.as_bytes());
+            joined.extend_from_slice(b", ");
+            joined.extend_from_slice(value);
+            HeaderValue::from_maybe_shared(bytes::Bytes::from(joined)).ok()
+        }
+        // The common first hop: a shared or static value where there is
+        // one, else one copy of the bytes.
+        _ => alone().or_else(|| HeaderValue::from_bytes(value).ok()),
     };
-    if let Ok(v) = HeaderValue::from_str(&joined) {
-        headers.insert(name, v);
+    if let Some(value) = value {
+        headers.insert(name, value);
     }
 }
 
 /// Appends this hop to `X-Forwarded-For`, `-Proto` and `-Host`.
-pub fn append_forwarded(headers: &mut HeaderMap, client: IpAddr, proto: &str, host: Option<&str>) {
-    append_list(headers, X_FORWARDED_FOR, &client.to_string());
-    append_list(headers, X_FORWARDED_PROTO, proto);
+pub fn append_forwarded(
+    headers: &mut HeaderMap,
+    client: IpAddr,
+    proto: &'static str,
+    host: Option<&str>,
+) {
+    // The address is written on the stack: at most 39 bytes for IPv6.
+    let mut ip = [0u8; 48];
+    let ip = {
+        let mut cursor = std::io::Cursor::new(&mut ip[..]);
+        let _ = write!(cursor, "{client}");
+        let n = usize::try_from(cursor.position()).unwrap_or(0);
+        &ip[..n]
+    };
+    append_list(headers, X_FORWARDED_FOR, ip, || None);
+    append_list(headers, X_FORWARDED_PROTO, proto.as_bytes(), || {
+        Some(HeaderValue::from_static(proto))
+    });
     if let Some(host) = host {
-        append_list(headers, X_FORWARDED_HOST, host);
+        // Usually the request's own Host value: shared, not copied.
+        let shared = headers
+            .get(header::HOST)
+            .filter(|v| v.as_bytes() == host.as_bytes())
+            .cloned();
+        append_list(headers, X_FORWARDED_HOST, host.as_bytes(), || shared);
     }
 }
 
@@ -107,7 +141,9 @@ pub fn append_via(headers: &mut HeaderMap, version: http::Version) {
         http::Version::HTTP_10 => "1.0 keel",
         _ => "1.1 keel",
     };
-    append_list(headers, header::VIA, protocol);
+    append_list(headers, header::VIA, protocol.as_bytes(), || {
+        Some(HeaderValue::from_static(protocol))
+    });
 }
 
 /// Size of a request head as it was on the wire, near enough to enforce a limit.
@@ -180,6 +216,39 @@ mod tests {
         remove_hop_by_hop(&mut h, true);
         assert_eq!(h[header::UPGRADE], "websocket");
         assert_eq!(h[header::CONNECTION], "upgrade");
+    }
+
+    #[test]
+    fn forwarded_headers_on_the_first_hop() {
+        let mut h = HeaderMap::new();
+        h.insert(header::HOST, HeaderValue::from_static("api.test:8080"));
+        append_forwarded(
+            &mut h,
+            "2001:db8::1".parse().expect("ip"),
+            "http",
+            Some("api.test:8080"),
+        );
+        assert_eq!(h[X_FORWARDED_FOR], "2001:db8::1");
+        assert_eq!(h[X_FORWARDED_PROTO], "http");
+        assert_eq!(h[X_FORWARDED_HOST], "api.test:8080");
+        // A host other than the Host header's (HTTP/2 :authority) is copied.
+        append_forwarded(
+            &mut h,
+            "255.255.255.255".parse().expect("ip"),
+            "http",
+            Some("other.test"),
+        );
+        assert_eq!(h[X_FORWARDED_FOR], "2001:db8::1, 255.255.255.255");
+        assert_eq!(h[X_FORWARDED_HOST], "api.test:8080, other.test");
+        // An existing value with obs-text keeps its bytes.
+        let mut h = HeaderMap::new();
+        h.insert(
+            X_FORWARDED_FOR,
+            HeaderValue::from_bytes(b"caf\xe9").expect("obs-text"),
+        );
+        append_forwarded(&mut h, "10.1.2.3".parse().expect("ip"), "http", None);
+        assert_eq!(h[X_FORWARDED_FOR].as_bytes(), b"caf\xe9, 10.1.2.3");
+        assert!(!h.contains_key(X_FORWARDED_HOST));
     }
 
     #[test]
