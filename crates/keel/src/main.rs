@@ -33,14 +33,6 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-/// The gateway's allocator. glibc's malloc slows the whole process down
-/// once a store holds many records (its bins fragment: 15-25 % more CPU
-/// per idempotent request, and plain requests slow too); mimalloc's
-/// per-thread free lists do not. Only the binary chooses: the libraries
-/// leave the allocator to the service that uses them.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 /// The keel gateway.
 #[derive(Debug, Parser)]
 #[command(
