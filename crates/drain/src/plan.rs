@@ -104,6 +104,13 @@ pub struct DrainPlan {
     pub jitter: bool,
     /// After this, whatever is left is closed by force.
     pub deadline: Duration,
+    /// How long before the deadline the last gentle close is asked. A plan
+    /// that does not fit in the deadline asks every connection it has not
+    /// reached yet at `deadline - close_grace`, so each still gets its
+    /// close frame and reconnect hint before anything is cut (a cut client
+    /// sees an abnormal close and reconnects at once). At most a tenth of
+    /// the deadline is used; 1 s by default.
+    pub close_grace: Duration,
     /// Each closed connection is told to wait a random time in
     /// `[0, reconnect_window)` before reconnecting (zero: no hint).
     pub reconnect_window: Duration,
@@ -122,6 +129,7 @@ impl DrainPlan {
             pacing,
             jitter: true,
             deadline: Duration::from_secs(30),
+            close_grace: Duration::from_secs(1),
             reconnect_window: Duration::from_secs(5),
             force_grace: Duration::from_secs(1),
             seed: 0x6b65_656c_6472_6169,
@@ -152,6 +160,45 @@ impl DrainPlan {
         self
     }
 
+    /// Sets how long before the deadline the last gentle close is asked
+    /// (at most a tenth of the deadline is used).
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use keel_drain::DrainPlan;
+    ///
+    /// // One a second for ten connections, but only 5 s to do it: the five
+    /// // not reached by 4.5 s are all asked then, and cut at 5 s if still
+    /// // open.
+    /// let plan = DrainPlan::batches(1, Duration::from_secs(1))
+    ///     .jitter(false)
+    ///     .deadline(Duration::from_secs(5))
+    ///     .close_grace(Duration::from_millis(500));
+    /// let at: Vec<u64> = plan.schedule(10).iter().map(|d| d.as_millis() as u64).collect();
+    /// assert_eq!(at, [0, 1000, 2000, 3000, 4000, 4500, 4500, 4500, 4500, 4500]);
+    /// ```
+    pub fn close_grace(mut self, grace: Duration) -> Self {
+        self.close_grace = grace;
+        self
+    }
+
+    /// When the last gentle close may be asked: `deadline` less the
+    /// close grace (at most a tenth of the deadline).
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use keel_drain::DrainPlan;
+    ///
+    /// let plan = DrainPlan::batches(1, Duration::from_secs(1)).deadline(Duration::from_secs(30));
+    /// assert_eq!(plan.last_close(), Duration::from_secs(29));
+    /// let short = plan.deadline(Duration::from_secs(2));
+    /// assert_eq!(short.last_close(), Duration::from_millis(1800));
+    /// ```
+    pub fn last_close(&self) -> Duration {
+        self.deadline
+            .saturating_sub(self.close_grace.min(self.deadline / 10))
+    }
+
     /// Turns jitter inside each batch on or off.
     pub fn jitter(mut self, jitter: bool) -> Self {
         self.jitter = jitter;
@@ -171,11 +218,12 @@ impl DrainPlan {
     }
 
     /// When, from the start of the drain, each of `total` connections is
-    /// asked to close, in order; never past the deadline.
+    /// asked to close, in order; never past [`last_close`](Self::last_close).
     pub fn schedule(&self, total: usize) -> Vec<Duration> {
         let size = self.pacing.batch_size(total);
         let interval = self.pacing.interval();
         let mut rng = SplitMix64(self.seed);
+        let last = self.last_close();
         (0..total)
             .map(|i| {
                 let batch = u32::try_from(i / size).unwrap_or(u32::MAX);
@@ -185,7 +233,7 @@ impl DrainPlan {
                 } else {
                     Duration::ZERO
                 };
-                (base + offset).min(self.deadline)
+                (base + offset).min(last)
             })
             .collect()
     }

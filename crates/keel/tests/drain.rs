@@ -253,6 +253,55 @@ async fn sigterm_drains_in_order_and_exits_zero() {
     assert!(exited - signalled < deadline, "{:?}", exited - signalled);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plan_longer_than_the_deadline_still_closes_every_client_with_1012() {
+    // Gradually over 60 s, but only 3 s from the signal: the drain cannot
+    // keep its pace, and the clients it has not reached must still hear
+    // 1012 with a hint (a close grace before the deadline), not a bare cut.
+    let upstream = TestUpstream::start().await;
+    let mut keel = Keel::start(
+        "",
+        &format!(
+            "[upstreams.app]\nendpoints = [\"http://{}\"]\n\n[[routes]]\npath_prefix = \"/\"\nupstream = \"app\"\n\n\
+             [drain]\nshutdown_delay = \"100ms\"\nstrategy = \"gradual\"\ngradual_over = \"60s\"\n\
+             deadline = \"3s\"\njitter = false\nreconnect_window = \"5s\"\n",
+            upstream.addr
+        ),
+    )
+    .await;
+    let n = clients_allowed(50);
+    let mut clients = Vec::with_capacity(n);
+    for _ in 0..n {
+        clients.push(ws_client(keel.listen).await);
+    }
+    let signalled = Instant::now();
+    sigterm(&keel);
+    let mut early = 0;
+    for client in clients {
+        let closed = client.await.expect("client");
+        assert_eq!(
+            closed.code,
+            Some(u16::from(CloseCode::Restart)),
+            "a close frame, not a cut: {closed:?}"
+        );
+        assert!(
+            keel_drain::parse_reconnect_hint(&closed.reason).is_some(),
+            "{closed:?}"
+        );
+        // Heard before the cut at 3 s (with room for a loaded machine).
+        assert!(closed.at - signalled < Duration::from_secs(4), "{closed:?}");
+        if closed.at - signalled < Duration::from_millis(2500) {
+            early += 1;
+        }
+    }
+    // At 60 s for all of them, the pace reaches only the first few before
+    // the grace; the rest hear together, 2.7 s after the signal.
+    assert!(early < n / 2, "{early} of {n} closed on the pace");
+    let (status, exited) = wait_exit(&mut keel, Duration::from_secs(10)).await;
+    assert!(status.success(), "{status}");
+    assert!(exited - signalled < Duration::from_secs(5));
+}
+
 /// A raw WebSocket client that never answers the close frame.
 async fn stubborn_client(addr: SocketAddr) -> TcpStream {
     let mut stream = TcpStream::connect(addr).await.expect("connect");
