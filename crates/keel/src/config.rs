@@ -305,6 +305,11 @@ pub struct DrainConfig {
     /// random time below this before reconnecting; `"0s"` sends no hint.
     #[serde(default = "defaults::reconnect_window")]
     pub reconnect_window: ConfigDuration,
+    /// A plan that does not fit in the deadline asks the tunnels it has not
+    /// reached this long before the deadline (at most a tenth of it), so
+    /// each hears its close frame and hint before the cut.
+    #[serde(default = "defaults::close_grace")]
+    pub close_grace: ConfigDuration,
 }
 
 /// `[drain] strategy`.
@@ -332,6 +337,7 @@ impl Default for DrainConfig {
             gradual_over: defaults::gradual_over(),
             jitter: defaults::drain_jitter(),
             reconnect_window: defaults::reconnect_window(),
+            close_grace: defaults::close_grace(),
         }
     }
 }
@@ -441,6 +447,9 @@ mod defaults {
     }
     pub fn reconnect_window() -> ConfigDuration {
         ConfigDuration(Duration::from_secs(5))
+    }
+    pub fn close_grace() -> ConfigDuration {
+        ConfigDuration(Duration::from_secs(1))
     }
     pub fn log_level() -> String {
         "info".to_owned()

@@ -78,6 +78,7 @@ pub fn plan(config: &DrainConfig, deadline: Duration) -> DrainPlan {
         DrainStrategy::Gradual => DrainPlan::gradual(config.gradual_over.0),
     };
     plan.deadline(deadline)
+        .close_grace(config.close_grace.0)
         .jitter(config.jitter)
         .reconnect_window(config.reconnect_window.0)
         .seed(seed())
@@ -476,6 +477,15 @@ mod tests {
                 .last()
                 .expect("7"),
             225
+        );
+        // `close_grace = "0s"`: the schedule runs to the deadline itself
+        // (what is left then is cut without a close frame).
+        config.close_grace = ConfigDuration(Duration::ZERO);
+        assert_eq!(
+            *at(plan(&config, Duration::from_millis(250)))
+                .last()
+                .expect("7"),
+            250
         );
         assert_eq!(plan(&config, d).reconnect_window, Duration::from_secs(5));
     }

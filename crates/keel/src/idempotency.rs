@@ -357,7 +357,7 @@ async fn store_response(
 ) -> Response<ProxyBody> {
     if parts.status == StatusCode::SWITCHING_PROTOCOLS {
         // A tunnel is not a result to replay; let a retry run again.
-        log_store_error(guard.release().await.err(), &request_id);
+        log_store_error(Box::pin(guard.release()).await.err(), &request_id);
         return Response::from_parts(parts, body);
     }
     let declared = parts
@@ -369,7 +369,7 @@ async fn store_response(
         && len > max_response as u64
     {
         // Too large to keep: record that it ran, then stream it.
-        let result = guard.complete_unbuffered(parts.status, len).await;
+        let result = Box::pin(guard.complete_unbuffered(parts.status, len)).await;
         log_store_error(result.err(), &request_id);
         return Response::from_parts(parts, body);
     }
@@ -388,7 +388,7 @@ async fn store_response(
                     // least this large", then send what we have and
                     // stream the rest.
                     let seen = (buf.len() + data.len()) as u64;
-                    let result = guard.complete_unbuffered(parts.status, seen).await;
+                    let result = Box::pin(guard.complete_unbuffered(parts.status, seen)).await;
                     log_store_error(result.err(), &request_id);
                     buf.push(data);
                     let body = ProxyBody::Prefixed {
@@ -403,9 +403,9 @@ async fn store_response(
                 // The upstream ran the request and broke mid-body: the
                 // result is lost.
                 let result = if release_ambiguous {
-                    guard.release().await
+                    Box::pin(guard.release()).await
                 } else {
-                    guard.outcome_unknown().await
+                    Box::pin(guard.outcome_unknown()).await
                 };
                 log_store_error(result.err(), &request_id);
                 return Problem::new(
@@ -417,7 +417,8 @@ async fn store_response(
         }
     }
     let body = buf.freeze();
-    // Boxed: the largest await here, kept out of this future's size.
+    // Every store call is boxed: its future is far larger than this one's
+    // own state, and stays out of it (see `the_response_future_stays_small`).
     let result = Box::pin(guard.complete_parts(parts.status, &parts.headers, &body)).await;
     log_store_error(result.err(), &request_id);
     Response::from_parts(parts, ProxyBody::full(body))
@@ -446,6 +447,57 @@ mod tests {
         )
         .expect("valid config");
         config.routes.into_iter().next().expect("route")
+    }
+
+    /// The response filter's future is allocated once per idempotent
+    /// request: above glibc's per-thread cache sizes (1,032 bytes) each
+    /// allocation takes the slow path and, with a store growing beside it,
+    /// sweeps the fast bins (`malloc_consolidate`) every time.
+    #[tokio::test]
+    async fn the_response_future_stays_small() {
+        let engine = Engine::new(
+            Arc::new(keel_idempotency::memory::MemoryStore::new()),
+            Policy::default(),
+        );
+        let (parts, ()) = Request::post("/orders")
+            .header("idempotency-key", "k1")
+            .body(())
+            .expect("request")
+            .into_parts();
+        let Begin::Execute(guard) = engine.begin(&parts, b"{}").await else {
+            panic!("a fresh key runs");
+        };
+        let (response, ()) = Response::new(()).into_parts();
+        let future = store_response(
+            guard,
+            HeaderValue::from_static("id"),
+            1024,
+            false,
+            response,
+            ProxyBody::full(Bytes::new()),
+        );
+        let size = std::mem::size_of_val(&future);
+        assert!(
+            size <= 1024,
+            "store_response future is {size} bytes, past glibc's per-thread cache"
+        );
+        drop(future);
+        let (parts, ()) = Request::post("/orders")
+            .header("idempotency-key", "k2")
+            .body(())
+            .expect("request")
+            .into_parts();
+        let Begin::Execute(guard) = engine.begin(&parts, b"{}").await else {
+            panic!("a fresh key runs");
+        };
+        let (response, ()) = Response::new(()).into_parts();
+        let complete = guard.complete_parts(response.status, &response.headers, b"ok");
+        let begin = engine.begin(&parts, b"{}");
+        println!(
+            "store_response {size} B, complete_parts {} B, begin {} B",
+            std::mem::size_of_val(&complete),
+            std::mem::size_of_val(&begin)
+        );
     }
 
     #[test]
