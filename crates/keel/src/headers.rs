@@ -112,7 +112,8 @@ pub fn append_forwarded(
     proto: &'static str,
     host: Option<&str>,
 ) {
-    // The address is written on the stack: at most 39 bytes for IPv6.
+    // The address is written on the stack: at most 45 bytes (an
+    // IPv4-mapped IPv6 address).
     let mut ip = [0u8; 48];
     let ip = {
         let mut cursor = std::io::Cursor::new(&mut ip[..]);

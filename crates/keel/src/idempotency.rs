@@ -418,7 +418,7 @@ async fn store_response(
     }
     let body = buf.freeze();
     // Every store call is boxed: its future is far larger than this one's
-    // own state, and stays out of it (see `the_response_future_stays_small`).
+    // own state, and stays out of it (see `the_per_request_futures_stay_small`).
     let result = Box::pin(guard.complete_parts(parts.status, &parts.headers, &body)).await;
     log_store_error(result.err(), &request_id);
     Response::from_parts(parts, ProxyBody::full(body))
