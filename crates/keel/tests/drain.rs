@@ -59,6 +59,18 @@ async fn wait_exit(keel: &mut Keel, within: Duration) -> (ExitStatus, Instant) {
     }
 }
 
+/// keel in front of `upstream` (one upstream `app`, one route `/`) with
+/// `drain` as the body of its `[drain]` section.
+async fn keel_draining(upstream: SocketAddr, drain: &str) -> Keel {
+    Keel::start(
+        "",
+        &format!(
+            "[upstreams.app]\nendpoints = [\"http://{upstream}\"]\n\n[[routes]]\npath_prefix = \"/\"\nupstream = \"app\"\n\n[drain]\n{drain}"
+        ),
+    )
+    .await
+}
+
 /// What a WebSocket client saw when the gateway closed it.
 #[derive(Debug)]
 struct Closed {
@@ -104,13 +116,11 @@ async fn sigterm_drains_in_order_and_exits_zero() {
         100usize,
         Duration::from_secs(20),
     );
-    let mut keel = Keel::start(
-        "",
+    let mut keel = keel_draining(
+        upstream.addr,
         &format!(
-            "[upstreams.app]\nendpoints = [\"http://{}\"]\n\n[[routes]]\npath_prefix = \"/\"\nupstream = \"app\"\n\n\
-             [drain]\nshutdown_delay = \"1s\"\nbatch_size = {batch}\nbatch_interval = \"400ms\"\n\
-             deadline = \"20s\"\njitter = false\nreconnect_window = \"5s\"\n",
-            upstream.addr
+            "shutdown_delay = \"1s\"\nbatch_size = {batch}\nbatch_interval = \"400ms\"\n\
+             deadline = \"20s\"\njitter = false\nreconnect_window = \"5s\"\n"
         ),
     )
     .await;
@@ -259,14 +269,10 @@ async fn a_plan_longer_than_the_deadline_still_closes_every_client_with_1012() {
     // keep its pace, and the clients it has not reached must still hear
     // 1012 with a hint (a close grace before the deadline), not a bare cut.
     let upstream = TestUpstream::start().await;
-    let mut keel = Keel::start(
-        "",
-        &format!(
-            "[upstreams.app]\nendpoints = [\"http://{}\"]\n\n[[routes]]\npath_prefix = \"/\"\nupstream = \"app\"\n\n\
-             [drain]\nshutdown_delay = \"100ms\"\nstrategy = \"gradual\"\ngradual_over = \"60s\"\n\
-             deadline = \"3s\"\njitter = false\nreconnect_window = \"5s\"\n",
-            upstream.addr
-        ),
+    let mut keel = keel_draining(
+        upstream.addr,
+        "shutdown_delay = \"100ms\"\nstrategy = \"gradual\"\ngradual_over = \"60s\"\n\
+         deadline = \"3s\"\njitter = false\nreconnect_window = \"5s\"\n",
     )
     .await;
     let n = clients_allowed(50);
@@ -329,18 +335,15 @@ async fn stubborn_client(addr: SocketAddr) -> TcpStream {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_ignoring_the_close_is_cut_at_the_deadline() {
     let upstream = TestUpstream::start().await;
-    let mut keel = Keel::start(
-        "",
-        &format!(
-            "[upstreams.app]\nendpoints = [\"http://{}\"]\n\n[[routes]]\npath_prefix = \"/\"\nupstream = \"app\"\n\n\
-             [drain]\nshutdown_delay = \"200ms\"\ndeadline = \"2s\"\njitter = false\n",
-            upstream.addr
-        ),
+    let mut keel = keel_draining(
+        upstream.addr,
+        "shutdown_delay = \"200ms\"\ndeadline = \"2s\"\njitter = false\n",
     )
     .await;
     // Without jitter the one tunnel is asked to close as soon as the drain
-    // begins (with it, anywhere in the 2 s batch interval, up to the very
-    // deadline that cuts it).
+    // begins (with it, anywhere in the 2 s batch interval up to a close
+    // grace before the deadline: too late for this test's "heard before
+    // 2 s" check).
     let mut stream = stubborn_client(keel.listen).await;
     let signalled = Instant::now();
     sigterm(&keel);
@@ -500,14 +503,10 @@ async fn keel_drain_cli(admin: SocketAddr, args: &[&str]) -> std::process::Outpu
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn keel_drain_on_the_admin_api_drains_the_gateway_and_it_exits_zero() {
     let upstream = TestUpstream::start().await;
-    let mut keel = Keel::start(
-        "",
-        &format!(
-            "[upstreams.app]\nendpoints = [\"http://{}\"]\n\n[[routes]]\npath_prefix = \"/\"\nupstream = \"app\"\n\n\
-             [drain]\nshutdown_delay = \"300ms\"\nstrategy = \"percent\"\npercent = 25.0\nbatch_interval = \"100ms\"\n\
-             deadline = \"10s\"\nreconnect_window = \"1s\"\n",
-            upstream.addr
-        ),
+    let mut keel = keel_draining(
+        upstream.addr,
+        "shutdown_delay = \"300ms\"\nstrategy = \"percent\"\npercent = 25.0\n\
+         batch_interval = \"100ms\"\ndeadline = \"10s\"\nreconnect_window = \"1s\"\n",
     )
     .await;
     let mut clients = Vec::new();
