@@ -14,7 +14,7 @@ use bytes::Bytes;
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use keel_idempotency::engine::{Begin, Engine, Policy};
 use keel_idempotency::memory::MemoryStore;
-use keel_idempotency::store::{Claim, Fingerprint, Store, StoreKey};
+use keel_idempotency::store::{Claim, Fingerprint, Lease, Store, StoreKey};
 
 /// Polls a future that is ready at once (everything on the memory store).
 fn now<F: Future>(f: F) -> F::Output {
@@ -96,9 +96,11 @@ fn engine_benches(c: &mut Criterion) {
     g.bench_function("memory/store_pair_only", |b| {
         b.iter(|| {
             j = (j + 1) % keys.len();
-            let Ok(Claim::Acquired { token }) =
-                now(store.claim(&keys[j], Fingerprint([1; 32]), Duration::from_secs(30)))
-            else {
+            let Ok(Claim::Acquired { token }) = now(store.claim(
+                &keys[j],
+                Fingerprint([1; 32]),
+                Lease::freeing(Duration::from_secs(30)),
+            )) else {
                 panic!("free");
             };
             now(store.complete(&keys[j], token, b"x", Duration::ZERO)).expect("stored");

@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use keel_idempotency::postgres::{PostgresOptions, PostgresStore};
 use keel_idempotency::redis::{RedisOptions, RedisStore};
-use keel_idempotency::store::{Claim, Fingerprint, Store, StoreKey};
+use keel_idempotency::store::{Claim, Fingerprint, Lease, Store, StoreKey};
 use tokio::runtime::Runtime;
 
 const LEASE: Duration = Duration::from_secs(30);
@@ -54,7 +54,10 @@ fn unique(tag: &str) -> String {
 /// One new request: claim a fresh key, then complete it.
 async fn pair<S: Store + ?Sized>(store: &S, prefix: &str, n: u64) {
     let key = StoreKey::new(format!("{prefix}:{n}")).expect("key");
-    match store.claim(&key, Fingerprint([5; 32]), LEASE).await {
+    match store
+        .claim(&key, Fingerprint([5; 32]), Lease::freeing(LEASE))
+        .await
+    {
         Ok(Claim::Acquired { token }) => store
             .complete(&key, token, PAYLOAD, TTL)
             .await
@@ -113,7 +116,11 @@ impl<S: Store + Clone> PairOp for StorePair<S> {
 struct Replay<S>(S, Arc<StoreKey>);
 impl<S: Store + Clone> PairOp for Replay<S> {
     async fn run(&self, _: u64) {
-        match self.0.claim(&self.1, Fingerprint([5; 32]), LEASE).await {
+        match self
+            .0
+            .claim(&self.1, Fingerprint([5; 32]), Lease::freeing(LEASE))
+            .await
+        {
             Ok(Claim::Completed { .. }) => {}
             other => panic!("replay: {other:?}"),
         }
@@ -124,7 +131,10 @@ impl<S: Store + Clone> PairOp for Replay<S> {
 fn replay_of<S: Store + Clone>(rt: &Runtime, store: &S, key: &str) -> Replay<S> {
     let key = StoreKey::new(key).expect("key");
     rt.block_on(async {
-        match store.claim(&key, Fingerprint([5; 32]), LEASE).await {
+        match store
+            .claim(&key, Fingerprint([5; 32]), Lease::freeing(LEASE))
+            .await
+        {
             Ok(Claim::Acquired { token }) => store
                 .complete(&key, token, PAYLOAD, TTL)
                 .await

@@ -13,7 +13,9 @@ use std::time::{Duration, Instant};
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use keel_idempotency::memory::MemoryStore;
-use keel_idempotency::store::{Claim, FencingToken, Fingerprint, Store, StoreError, StoreKey};
+use keel_idempotency::store::{
+    Claim, FencingToken, Fingerprint, Lease, Store, StoreError, StoreKey,
+};
 
 const FP: Fingerprint = Fingerprint([3; 32]);
 const LEASE: Duration = Duration::from_secs(30);
@@ -93,7 +95,7 @@ impl MutexMap {
 fn memory_pairs(store: &MemoryStore, keys: &[StoreKey], iters: u64) {
     for i in 0..iters as usize {
         let k = &keys[i % POOL];
-        let Ok(Claim::Acquired { token }) = now(store.claim(k, FP, LEASE)) else {
+        let Ok(Claim::Acquired { token }) = now(store.claim(k, FP, Lease::freeing(LEASE))) else {
             panic!("key must be free");
         };
         now(store.complete(k, token, b"{\"id\":1}", TTL)).expect("complete");
@@ -190,7 +192,9 @@ fn embedded(c: &mut Criterion) {
             b.iter(|| {
                 rt.block_on(async {
                     let k = key(fresh.fetch_add(1, Ordering::Relaxed));
-                    let Ok(Claim::Acquired { token }) = store.claim(&k, FP, LEASE).await else {
+                    let Ok(Claim::Acquired { token }) =
+                        store.claim(&k, FP, Lease::freeing(LEASE)).await
+                    else {
                         panic!("key must be free");
                     };
                     store
@@ -222,7 +226,8 @@ fn embedded(c: &mut Criterion) {
                     tasks.spawn(async move {
                         for _ in 0..iters.div_ceil(64) {
                             let k = key(fresh.fetch_add(1, Ordering::Relaxed));
-                            let Ok(Claim::Acquired { token }) = store.claim(&k, FP, LEASE).await
+                            let Ok(Claim::Acquired { token }) =
+                                store.claim(&k, FP, Lease::freeing(LEASE)).await
                             else {
                                 panic!("key must be free");
                             };
@@ -260,7 +265,9 @@ fn recovery(c: &mut Criterion, mt: &tokio::runtime::Runtime) {
                 tasks.spawn(async move {
                     for n in (t..KEYS).step_by(64) {
                         let k = StoreKey::new(format!("idem:{n:064x}")).expect("valid");
-                        let Ok(Claim::Acquired { token }) = store.claim(&k, FP, LEASE).await else {
+                        let Ok(Claim::Acquired { token }) =
+                            store.claim(&k, FP, Lease::freeing(LEASE)).await
+                        else {
                             panic!("key must be free");
                         };
                         store

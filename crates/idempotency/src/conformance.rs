@@ -22,7 +22,9 @@ use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use crate::store::{Claim, FencingToken, Fingerprint, Store, StoreError, StoreKey};
+use crate::store::{
+    Claim, FencingToken, Fingerprint, KeyState, Lease, Store, StoreError, StoreKey,
+};
 
 /// The lease the suite uses where it waits for expiry.
 pub const SHORT_LEASE: Duration = Duration::from_millis(300);
@@ -50,6 +52,12 @@ pub async fn run<S: Store + ?Sized>(store: &S) {
     expired_lease_cannot_complete(store, &p).await;
     reclaim_records_new_fingerprint(store, &p).await;
     purge_keeps_live_records(store, &p).await;
+    lapsed_locking_lease_abandons_the_key(store, &p).await;
+    abandoned_lock_ends_by_itself(store, &p).await;
+    renewal_keeps_the_claim_past_its_first_lease(store, &p).await;
+    renewal_is_fenced(store, &p).await;
+    inspect_reports_each_state(store, &p).await;
+    remove_frees_every_state_and_fences(store, &p).await;
 }
 
 /// Runs the cross-instance case: two store instances `a` and `b` backed by
@@ -63,7 +71,7 @@ pub async fn run_shared<S: Store + ?Sized>(a: &S, b: &S) {
     for k in &keys {
         for dup in 0..8 {
             let s = if dup % 2 == 0 { a } else { b };
-            claims.push(async move { (k, s.claim(k, fp, LONG_LEASE).await) });
+            claims.push(async move { (k, s.claim(k, fp, Lease::freeing(LONG_LEASE)).await) });
         }
     }
     let results = join_all(claims).await;
@@ -112,13 +120,17 @@ fn fp(n: u8) -> Fingerprint {
     Fingerprint([n; 32])
 }
 
+fn locking(hold: Duration) -> Lease {
+    Lease::locking(hold, TTL)
+}
+
 async fn acquire<S: Store + ?Sized>(
     store: &S,
     k: &StoreKey,
     lease: Duration,
     case: &str,
 ) -> FencingToken {
-    match store.claim(k, fp(1), lease).await {
+    match store.claim(k, fp(1), Lease::freeing(lease)).await {
         Ok(Claim::Acquired { token }) => token,
         other => panic!("[{case}] expected Acquired for {k}, got {other:?}"),
     }
@@ -128,7 +140,7 @@ async fn claim_then_in_flight<S: Store + ?Sized>(store: &S, p: &str) {
     let case = "claim_then_in_flight";
     let k = key(p, case);
     acquire(store, &k, LONG_LEASE, case).await;
-    match store.claim(&k, fp(2), LONG_LEASE).await {
+    match store.claim(&k, fp(2), Lease::freeing(LONG_LEASE)).await {
         Ok(Claim::InFlight {
             fingerprint,
             retry_after,
@@ -156,7 +168,7 @@ async fn complete_then_replay<S: Store + ?Sized>(store: &S, p: &str) {
         .await
         .unwrap_or_else(|e| panic!("[{case}] complete failed: {e}"));
     for _ in 0..2 {
-        match store.claim(&k, fp(9), LONG_LEASE).await {
+        match store.claim(&k, fp(9), Lease::freeing(LONG_LEASE)).await {
             Ok(Claim::Completed {
                 fingerprint,
                 payload,
@@ -245,7 +257,7 @@ async fn complete_is_once<S: Store + ?Sized>(store: &S, p: &str) {
         matches!(store.release(&k, token).await, Err(StoreError::Fenced)),
         "[{case}] release after complete must be fenced"
     );
-    match store.claim(&k, fp(1), LONG_LEASE).await {
+    match store.claim(&k, fp(1), Lease::freeing(LONG_LEASE)).await {
         Ok(Claim::Completed { payload, .. }) => assert_eq!(payload, b"first", "[{case}]"),
         other => panic!("[{case}] expected Completed, got {other:?}"),
     }
@@ -261,7 +273,7 @@ async fn keys_are_independent<S: Store + ?Sized>(store: &S, p: &str) {
         .complete(&a, ta, b"A", TTL)
         .await
         .unwrap_or_else(|e| panic!("[{case}] complete a: {e}"));
-    match store.claim(&b, fp(1), LONG_LEASE).await {
+    match store.claim(&b, fp(1), Lease::freeing(LONG_LEASE)).await {
         Ok(Claim::InFlight { .. }) => {}
         other => panic!("[{case}] b must still be in flight, got {other:?}"),
     }
@@ -270,7 +282,7 @@ async fn keys_are_independent<S: Store + ?Sized>(store: &S, p: &str) {
         .await
         .unwrap_or_else(|e| panic!("[{case}] complete b: {e}"));
     for (k, want) in [(&a, b"A"), (&b, b"B")] {
-        match store.claim(k, fp(1), LONG_LEASE).await {
+        match store.claim(k, fp(1), Lease::freeing(LONG_LEASE)).await {
             Ok(Claim::Completed { payload, .. }) => assert_eq!(payload, want, "[{case}]"),
             other => panic!("[{case}] expected Completed, got {other:?}"),
         }
@@ -294,7 +306,7 @@ async fn payloads_round_trip<S: Store + ?Sized>(store: &S, p: &str) {
             .complete(&k, token, &payload, TTL)
             .await
             .unwrap_or_else(|e| panic!("[{case}/{name}] complete failed: {e}"));
-        match store.claim(&k, fp(1), LONG_LEASE).await {
+        match store.claim(&k, fp(1), Lease::freeing(LONG_LEASE)).await {
             Ok(Claim::Completed { payload: got, .. }) => {
                 assert!(
                     got == payload,
@@ -331,7 +343,7 @@ async fn lease_expiry_fences_old_holder<S: Store + ?Sized>(store: &S, p: &str) {
         .complete(&k, new, b"fresh", TTL)
         .await
         .unwrap_or_else(|e| panic!("[{case}] new holder's complete failed: {e}"));
-    match store.claim(&k, fp(1), LONG_LEASE).await {
+    match store.claim(&k, fp(1), Lease::freeing(LONG_LEASE)).await {
         Ok(Claim::Completed { payload, .. }) => assert_eq!(payload, b"fresh", "[{case}]"),
         other => panic!("[{case}] expected Completed, got {other:?}"),
     }
@@ -356,7 +368,8 @@ async fn completed_record_expires<S: Store + ?Sized>(store: &S, p: &str) {
 async fn concurrent_claims_one_winner<S: Store + ?Sized>(store: &S, p: &str) {
     let case = "concurrent_claims_one_winner";
     let k = key(p, case);
-    let results = join_all((0..64).map(|_| store.claim(&k, fp(1), LONG_LEASE))).await;
+    let results =
+        join_all((0..64).map(|_| store.claim(&k, fp(1), Lease::freeing(LONG_LEASE)))).await;
     let mut acquired = 0;
     for r in results {
         match r {
@@ -375,7 +388,9 @@ async fn many_keys_concurrent<S: Store + ?Sized>(store: &S, p: &str) {
     let case = "many_keys_concurrent";
     let keys: Vec<StoreKey> = (0..100).map(|i| key(p, &format!("{case}-{i}"))).collect();
     let claims = keys.iter().flat_map(|k| {
-        (0..8).map(move |_| async move { (k, store.claim(k, fp(1), LONG_LEASE).await) })
+        (0..8).map(
+            move |_| async move { (k, store.claim(k, fp(1), Lease::freeing(LONG_LEASE)).await) },
+        )
     });
     let mut winners = HashSet::new();
     for (k, r) in join_all(claims).await {
@@ -425,11 +440,11 @@ async fn reclaim_records_new_fingerprint<S: Store + ?Sized>(store: &S, p: &str) 
         .release(&k, first)
         .await
         .unwrap_or_else(|e| panic!("[{case}] release failed: {e}"));
-    let second = match store.claim(&k, fp(7), LONG_LEASE).await {
+    let second = match store.claim(&k, fp(7), Lease::freeing(LONG_LEASE)).await {
         Ok(Claim::Acquired { token }) => token,
         other => panic!("[{case}] expected Acquired, got {other:?}"),
     };
-    match store.claim(&k, fp(1), LONG_LEASE).await {
+    match store.claim(&k, fp(1), Lease::freeing(LONG_LEASE)).await {
         Ok(Claim::InFlight { fingerprint, .. }) => assert_eq!(
             fingerprint,
             fp(7),
@@ -441,7 +456,7 @@ async fn reclaim_records_new_fingerprint<S: Store + ?Sized>(store: &S, p: &str) 
         .complete(&k, second, b"second", TTL)
         .await
         .unwrap_or_else(|e| panic!("[{case}] complete failed: {e}"));
-    match store.claim(&k, fp(1), LONG_LEASE).await {
+    match store.claim(&k, fp(1), Lease::freeing(LONG_LEASE)).await {
         Ok(Claim::Completed {
             fingerprint,
             payload,
@@ -469,12 +484,12 @@ async fn purge_keeps_live_records<S: Store + ?Sized>(store: &S, p: &str) {
         .unwrap_or_else(|e| panic!("[{case}] purge failed: {e}"));
     assert!(
         matches!(
-            store.claim(&held, fp(1), LONG_LEASE).await,
+            store.claim(&held, fp(1), Lease::freeing(LONG_LEASE)).await,
             Ok(Claim::InFlight { .. })
         ),
         "[{case}] a live claim must survive a purge"
     );
-    match store.claim(&done, fp(1), LONG_LEASE).await {
+    match store.claim(&done, fp(1), Lease::freeing(LONG_LEASE)).await {
         Ok(Claim::Completed { payload, .. }) => assert_eq!(payload, b"kept", "[{case}]"),
         other => panic!("[{case}] a live result must survive a purge, got {other:?}"),
     }
@@ -482,6 +497,244 @@ async fn purge_keeps_live_records<S: Store + ?Sized>(store: &S, p: &str) {
 
 /// Polls all futures concurrently on the current task and returns their
 /// outputs in order; enough for the suite without a futures dependency.
+async fn lapsed_locking_lease_abandons_the_key<S: Store + ?Sized>(store: &S, p: &str) {
+    let case = "lapsed_locking_lease_abandons_the_key";
+    let k = key(p, case);
+    let token = match store.claim(&k, fp(1), locking(SHORT_LEASE)).await {
+        Ok(Claim::Acquired { token }) => token,
+        other => panic!("[{case}] expected Acquired, got {other:?}"),
+    };
+    tokio::time::sleep(SHORT_LEASE * 2).await;
+    for attempt in 0..2 {
+        match store.claim(&k, fp(1), locking(LONG_LEASE)).await {
+            Ok(Claim::Abandoned { fingerprint }) => assert_eq!(fingerprint, fp(1), "[{case}]"),
+            other => panic!(
+                "[{case}] claim {attempt} after the lapse: expected Abandoned, got {other:?}"
+            ),
+        }
+    }
+    match store.claim(&k, fp(2), Lease::freeing(LONG_LEASE)).await {
+        Ok(Claim::Abandoned { fingerprint }) => assert_eq!(fingerprint, fp(1), "[{case}]"),
+        other => panic!("[{case}] a freeing claim must not take a locked key over: {other:?}"),
+    }
+    for (what, refused) in [
+        ("renew", store.renew(&k, token, locking(LONG_LEASE)).await),
+        ("complete", store.complete(&k, token, b"late", TTL).await),
+        ("release", store.release(&k, token).await),
+    ] {
+        assert!(
+            matches!(refused, Err(StoreError::Fenced)),
+            "[{case}] the lapsed holder's {what} must be fenced: {refused:?}"
+        );
+    }
+    match store.inspect(&k).await {
+        Ok(Some(KeyState::Abandoned {
+            fingerprint,
+            token: t,
+            expires_in,
+        })) => {
+            assert_eq!((fingerprint, t), (fp(1), token), "[{case}]");
+            assert!(
+                expires_in <= TTL,
+                "[{case}] lock {expires_in:?} within the TTL"
+            );
+        }
+        other => panic!("[{case}] inspect: expected Abandoned, got {other:?}"),
+    }
+}
+
+async fn abandoned_lock_ends_by_itself<S: Store + ?Sized>(store: &S, p: &str) {
+    let case = "abandoned_lock_ends_by_itself";
+    let k = key(p, case);
+    let lease = Lease::locking(SHORT_LEASE, SHORT_LEASE);
+    let first = match store.claim(&k, fp(1), lease).await {
+        Ok(Claim::Acquired { token }) => token,
+        other => panic!("[{case}] expected Acquired, got {other:?}"),
+    };
+    tokio::time::sleep(SHORT_LEASE * 3).await;
+    let second = acquire(store, &k, LONG_LEASE, case).await;
+    assert!(second > first, "[{case}] {second:?} must exceed {first:?}");
+}
+
+async fn renewal_keeps_the_claim_past_its_first_lease<S: Store + ?Sized>(store: &S, p: &str) {
+    let case = "renewal_keeps_the_claim_past_its_first_lease";
+    let k = key(p, case);
+    let lease = locking(SHORT_LEASE);
+    let token = match store.claim(&k, fp(1), lease).await {
+        Ok(Claim::Acquired { token }) => token,
+        other => panic!("[{case}] expected Acquired, got {other:?}"),
+    };
+    // Renew at half the lease three times: 1.5 leases in all, past the
+    // first lease's end, and the claim is still live.
+    for round in 0..3 {
+        tokio::time::sleep(SHORT_LEASE / 2).await;
+        store
+            .renew(&k, token, lease)
+            .await
+            .unwrap_or_else(|e| panic!("[{case}] renewal {round} failed: {e}"));
+    }
+    match store.claim(&k, fp(1), lease).await {
+        Ok(Claim::InFlight { retry_after, .. }) => assert!(
+            retry_after <= SHORT_LEASE,
+            "[{case}] retry_after {retry_after:?} within the renewed lease"
+        ),
+        other => panic!("[{case}] expected InFlight, got {other:?}"),
+    }
+    store
+        .complete(&k, token, b"done", TTL)
+        .await
+        .unwrap_or_else(|e| panic!("[{case}] complete after renewals failed: {e}"));
+}
+
+async fn renewal_is_fenced<S: Store + ?Sized>(store: &S, p: &str) {
+    let case = "renewal_is_fenced";
+    let k = key(p, case);
+    let token = acquire(store, &k, LONG_LEASE, case).await;
+    let foreign = FencingToken(token.0.wrapping_add(1000));
+    assert!(
+        matches!(
+            store.renew(&k, foreign, locking(LONG_LEASE)).await,
+            Err(StoreError::Fenced)
+        ),
+        "[{case}] renewal with a foreign token must be fenced"
+    );
+    store
+        .complete(&k, token, b"done", TTL)
+        .await
+        .unwrap_or_else(|e| panic!("[{case}] complete failed: {e}"));
+    assert!(
+        matches!(
+            store.renew(&k, token, locking(LONG_LEASE)).await,
+            Err(StoreError::Fenced)
+        ),
+        "[{case}] renewal after completion must be fenced"
+    );
+    let free = key(p, "renewal_is_fenced-free");
+    assert!(
+        matches!(
+            store.renew(&free, token, locking(LONG_LEASE)).await,
+            Err(StoreError::Fenced)
+        ),
+        "[{case}] renewal of a free key must be fenced"
+    );
+    // A freeing lease that lapsed cannot be renewed either, even though
+    // nobody took the key over.
+    let lapsed = key(p, "renewal_is_fenced-lapsed");
+    let t = acquire(store, &lapsed, SHORT_LEASE, case).await;
+    tokio::time::sleep(SHORT_LEASE * 2).await;
+    assert!(
+        matches!(
+            store.renew(&lapsed, t, Lease::freeing(LONG_LEASE)).await,
+            Err(StoreError::Fenced)
+        ),
+        "[{case}] renewal after the lease lapsed must be fenced"
+    );
+}
+
+async fn inspect_reports_each_state<S: Store + ?Sized>(store: &S, p: &str) {
+    let case = "inspect_reports_each_state";
+    let k = key(p, case);
+    assert!(
+        matches!(store.inspect(&k).await, Ok(None)),
+        "[{case}] a fresh key is free"
+    );
+    let token = acquire(store, &k, LONG_LEASE, case).await;
+    match store.inspect(&k).await {
+        Ok(Some(KeyState::Held {
+            fingerprint,
+            token: t,
+            lease_left,
+        })) => {
+            assert_eq!((fingerprint, t), (fp(1), token), "[{case}]");
+            assert!(lease_left <= LONG_LEASE, "[{case}] {lease_left:?}");
+        }
+        other => panic!("[{case}] expected Held, got {other:?}"),
+    }
+    store
+        .complete(&k, token, b"kept", TTL)
+        .await
+        .unwrap_or_else(|e| panic!("[{case}] complete failed: {e}"));
+    match store.inspect(&k).await {
+        Ok(Some(KeyState::Completed {
+            fingerprint,
+            payload,
+            expires_in,
+        })) => {
+            assert_eq!(
+                (fingerprint, payload.as_slice()),
+                (fp(1), &b"kept"[..]),
+                "[{case}]"
+            );
+            assert!(expires_in <= TTL, "[{case}] {expires_in:?}");
+        }
+        other => panic!("[{case}] expected Completed, got {other:?}"),
+    }
+}
+
+async fn remove_frees_every_state_and_fences<S: Store + ?Sized>(store: &S, p: &str) {
+    let case = "remove_frees_every_state_and_fences";
+    let held = key(p, "remove-held");
+    let old = acquire(store, &held, LONG_LEASE, case).await;
+    assert!(
+        store
+            .remove(&held)
+            .await
+            .unwrap_or_else(|e| panic!("[{case}] remove: {e}")),
+        "[{case}] removing a held key reports it was there"
+    );
+    let new = acquire(store, &held, LONG_LEASE, case).await;
+    assert!(new > old, "[{case}] {new:?} must exceed {old:?}");
+    assert!(
+        matches!(
+            store.complete(&held, old, b"late", TTL).await,
+            Err(StoreError::Fenced)
+        ),
+        "[{case}] the removed holder stays fenced"
+    );
+    let done = key(p, "remove-completed");
+    let t = acquire(store, &done, LONG_LEASE, case).await;
+    store
+        .complete(&done, t, b"r", TTL)
+        .await
+        .unwrap_or_else(|e| panic!("[{case}] complete failed: {e}"));
+    assert!(
+        store
+            .remove(&done)
+            .await
+            .unwrap_or_else(|e| panic!("[{case}] remove: {e}")),
+        "[{case}] removing a result reports it was there"
+    );
+    assert!(
+        acquire(store, &done, LONG_LEASE, case).await > t,
+        "[{case}] a removed result's key is free, with a higher token"
+    );
+    let lapsed = key(p, "remove-abandoned");
+    let t = match store.claim(&lapsed, fp(1), locking(SHORT_LEASE)).await {
+        Ok(Claim::Acquired { token }) => token,
+        other => panic!("[{case}] expected Acquired, got {other:?}"),
+    };
+    tokio::time::sleep(SHORT_LEASE * 2).await;
+    assert!(
+        store
+            .remove(&lapsed)
+            .await
+            .unwrap_or_else(|e| panic!("[{case}] remove: {e}")),
+        "[{case}] removing an abandoned key reports it was there"
+    );
+    assert!(
+        acquire(store, &lapsed, LONG_LEASE, case).await > t,
+        "[{case}] an operator's removal frees an abandoned key"
+    );
+    let never = key(p, "remove-never");
+    assert!(
+        !store
+            .remove(&never)
+            .await
+            .unwrap_or_else(|e| panic!("[{case}] remove: {e}")),
+        "[{case}] removing a free key reports nothing was there"
+    );
+}
+
 async fn join_all<F: std::future::Future>(futures: impl IntoIterator<Item = F>) -> Vec<F::Output> {
     let mut set = Vec::new();
     for f in futures {

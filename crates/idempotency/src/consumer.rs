@@ -36,7 +36,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::store::{Claim, Fingerprint, Store, StoreError, StoreKey};
+use crate::store::{Claim, Fingerprint, Lease, Store, StoreError, StoreKey};
 
 /// What [`process_once`] did.
 #[derive(Debug, PartialEq, Eq)]
@@ -209,10 +209,14 @@ where
 {
     // Events carry no request to compare; every claim uses one fingerprint.
     let fp = Fingerprint([0; 32]);
-    let token = match store.claim(key, fp, lease).await? {
+    let token = match store.claim(key, fp, Lease::freeing(lease)).await? {
         Claim::Acquired { token } => token,
         Claim::Completed { .. } => return Ok(Processed::Duplicate),
         Claim::InFlight { retry_after, .. } => return Ok(Processed::InFlight { retry_after }),
+        // Consumer claims free the key when they lapse (a redelivery after
+        // a crash runs again, as the module docs say), so a store never
+        // reports one abandoned; were it to, waiting is the safe answer.
+        Claim::Abandoned { .. } => return Ok(Processed::InFlight { retry_after: lease }),
     };
     match handler.await {
         Ok(value) => match store.complete(key, token, b"", ttl).await {

@@ -64,7 +64,9 @@ use crate::fingerprint::FingerprintConfig;
 use crate::gate::{ConsecutiveFailures, StoreGate};
 use crate::key::parse_key;
 use crate::problem::{Problem, ProblemKind};
-use crate::store::{Claim, FencingToken, Fingerprint, Store, StoreError, StoreKey};
+use crate::store::{
+    Claim, FencingToken, Fingerprint, KeyState, Lease, Store, StoreError, StoreKey,
+};
 
 /// The default key header, `Idempotency-Key`.
 pub const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
@@ -122,6 +124,19 @@ pub enum ServerErrors {
     Release,
 }
 
+/// What a claim whose lease lapsed (its holder crashed or lost the store
+/// before recording an outcome) makes of the key.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LapsedLease {
+    /// Lock the key as "outcome unknown" for the TTL (default): the holder
+    /// may have sent the request, so it is never run a second time. An
+    /// operator who has reconciled releases it ([`Engine::remove_key`]).
+    Lock,
+    /// Free the key: the next retry runs the operation again. At-least-once
+    /// after a crash, for operations that are safe to repeat.
+    Rerun,
+}
+
 /// What to do when the store cannot be reached.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum StoreDown {
@@ -158,6 +173,8 @@ pub struct Policy {
     server_errors: ServerErrors,
     store_down: StoreDown,
     store_retry_after: Duration,
+    lapsed_lease: LapsedLease,
+    record_retry: Duration,
     max_body: usize,
     max_response: usize,
     replay_headers: Vec<HeaderName>,
@@ -167,7 +184,8 @@ pub struct Policy {
 
 impl Default for Policy {
     /// POST and PATCH, key optional, 255-character keys, 24 h TTL, 35 s
-    /// lease (a 30 s timeout plus margin), tenant from `Authorization`,
+    /// lease (a 30 s timeout plus margin) that locks the key when it lapses,
+    /// outcome writes retried for up to 10 s, tenant from `Authorization`,
     /// 409 on in-flight duplicates, 5xx stored, fail-closed, 1 MiB request
     /// and response limits.
     fn default() -> Self {
@@ -184,6 +202,8 @@ impl Default for Policy {
             server_errors: ServerErrors::Store,
             store_down: StoreDown::FailClosed,
             store_retry_after: Duration::from_secs(2),
+            lapsed_lease: LapsedLease::Lock,
+            record_retry: Duration::from_secs(10),
             max_body: 1 << 20,
             max_response: 1 << 20,
             replay_headers: [
@@ -279,6 +299,21 @@ impl Policy {
         /// (default 2 s).
         store_retry_after: Duration,
         "let p = Policy::default().store_retry_after(Duration::from_secs(5));"
+    );
+    setter!(
+        /// What a lapsed lease makes of its key (default: locked as
+        /// "outcome unknown").
+        lapsed_lease: LapsedLease,
+        "let p = Policy::default().lapsed_lease(LapsedLease::Rerun);"
+    );
+    setter!(
+        /// How long a failed write of an outcome (a stored response, an
+        /// "outcome unknown" lock, a release) is retried, with capped and
+        /// jittered backoff, while the store is unreachable (default 10 s).
+        /// The claim is renewed meanwhile; if the write still fails, the
+        /// claim lapses and, with [`LapsedLease::Lock`], locks the key.
+        record_retry: Duration,
+        "let p = Policy::default().record_retry(Duration::from_secs(3));"
     );
     setter!(
         /// The largest request body on a covered request (default 1 MiB);
@@ -380,6 +415,22 @@ impl Policy {
         self.lease
     }
 
+    /// The terms every claim of this policy is made on: the lease, and
+    /// what its lapse makes of the key (locked for the TTL, or free).
+    ///
+    /// ```
+    /// # use keel_idempotency::engine::Policy;
+    /// use keel_idempotency::store::Lapse;
+    /// let lease = Policy::default().store_lease();
+    /// assert_eq!(lease.lapse, Lapse::Lock(Policy::default().get_ttl()));
+    /// ```
+    pub fn store_lease(&self) -> Lease {
+        match self.lapsed_lease {
+            LapsedLease::Lock => Lease::locking(self.lease, self.ttl),
+            LapsedLease::Rerun => Lease::freeing(self.lease),
+        }
+    }
+
     /// The TTL of results.
     ///
     /// ```
@@ -477,6 +528,101 @@ pub enum Completion {
     Released,
     /// The body was over the limit: a record saying so was stored.
     TooLarge,
+}
+
+/// Names one client key for an operator: the parts the engine builds the
+/// store key from. See [`Engine::key_status`].
+#[derive(Clone, Copy, Debug)]
+pub struct KeyLookup<'a> {
+    /// The raw tenant value (what [`Tenant`] reads), `None` for anonymous.
+    pub tenant: Option<&'a [u8]>,
+    /// The request's method.
+    pub method: &'a Method,
+    /// The request's path.
+    pub path: &'a str,
+    /// The client's `Idempotency-Key` value (without quotes).
+    pub key: &'a str,
+}
+
+/// A key's state, described for an operator (the admin API serialises it).
+///
+/// ```
+/// use keel_idempotency::engine::KeyStatus;
+/// let free = KeyStatus::describe(None);
+/// assert_eq!((free.state, free.status), ("free", None));
+/// ```
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KeyStatus {
+    /// `free`, `in_flight`, `abandoned` (a lapsed lease: outcome unknown),
+    /// `completed`, `outcome_unknown` (recorded as lost) or `not_stored`
+    /// (ran; the response was too large to keep).
+    pub state: &'static str,
+    /// The recorded status code, for `completed` and `not_stored`.
+    pub status: Option<u16>,
+    /// The `x-request-id` of the request that ran, where recorded.
+    pub request_id: Option<String>,
+    /// Seconds until the lease lapses (`in_flight`) or the record or lock
+    /// expires by itself.
+    pub expires_in: Option<Duration>,
+    /// The fencing token of the claim, for `in_flight` and `abandoned`.
+    pub token: Option<u64>,
+}
+
+impl KeyStatus {
+    /// Describes what [`Store::inspect`] returned.
+    pub fn describe(state: Option<KeyState>) -> Self {
+        let mut out = Self {
+            state: "free",
+            status: None,
+            request_id: None,
+            expires_in: None,
+            token: None,
+        };
+        match state {
+            None => {}
+            Some(KeyState::Held {
+                token, lease_left, ..
+            }) => {
+                out.state = "in_flight";
+                out.token = Some(token.0);
+                out.expires_in = Some(lease_left);
+            }
+            Some(KeyState::Abandoned {
+                token, expires_in, ..
+            }) => {
+                out.state = "abandoned";
+                out.token = Some(token.0);
+                out.expires_in = Some(expires_in);
+            }
+            Some(KeyState::Completed {
+                payload,
+                expires_in,
+                ..
+            }) => {
+                out.expires_in = Some(expires_in);
+                match Record::decode(&payload) {
+                    Ok(Record::Response(r)) => {
+                        out.state = "completed";
+                        out.status = Some(r.status);
+                        out.request_id = r.request_id;
+                    }
+                    Ok(Record::OutcomeUnknown { request_id }) => {
+                        out.state = "outcome_unknown";
+                        out.request_id = request_id;
+                    }
+                    Ok(Record::TooLarge {
+                        status, request_id, ..
+                    }) => {
+                        out.state = "not_stored";
+                        out.status = Some(status);
+                        out.request_id = request_id;
+                    }
+                    Err(_) => out.state = "corrupt",
+                }
+            }
+        }
+        out
+    }
 }
 
 struct Inner {
@@ -658,12 +804,27 @@ impl Engine {
             Tenant::Function(f) => f(head).map(String::into_bytes),
             Tenant::Single => None,
         };
+        self.key_of(tenant.as_deref(), head.method, head.uri.path(), client_key)
+    }
+
+    /// The store key of (tenant, method, path, client key): the namespace,
+    /// then a digest of the four. Hashing keeps it short and printable
+    /// whatever the inputs, and the length prefixes keep `("a:b", "c")`
+    /// apart from `("a", "b:c")`. The tenant's own digest rides along so a
+    /// bounded store can give each tenant its share.
+    fn key_of(
+        &self,
+        tenant: Option<&[u8]>,
+        method: &Method,
+        path: &str,
+        client_key: &str,
+    ) -> StoreKey {
         let mut h = blake3::Hasher::new();
         for part in [
             b"keel-idempotency-key-v1".as_slice(),
-            tenant.as_deref().unwrap_or(b""),
-            head.method.as_str().as_bytes(),
-            head.uri.path().as_bytes(),
+            tenant.unwrap_or(b""),
+            method.as_str().as_bytes(),
+            path.as_bytes(),
             client_key.as_bytes(),
         ] {
             h.update(&(part.len() as u64).to_be_bytes());
@@ -674,9 +835,72 @@ impl Engine {
         let hex = digest.to_hex();
         // Namespace is at most 64 printable characters and the digest 64 hex
         // digits, so this is always a valid key.
-        StoreKey::new(format!("{}:{}", self.inner.namespace, hex.as_str()))
+        let key = StoreKey::new(format!("{}:{}", self.inner.namespace, hex.as_str()))
             .or_else(|| StoreKey::new(hex.as_str()))
-            .expect("a hex digest is a valid store key")
+            .expect("a hex digest is a valid store key");
+        let tenant_digest = tenant.map_or(0, |t| {
+            let d = blake3::hash(t);
+            let mut word = [0u8; 8];
+            word.copy_from_slice(&d.as_bytes()[..8]);
+            // 0 means "no tenant"; a tenant whose digest starts with zeros
+            // is charged as 1.
+            u64::from_le_bytes(word).max(1)
+        });
+        key.with_tenant(tenant_digest)
+    }
+
+    /// What the store holds for one client key, for an operator
+    /// reconciling a key locked as "outcome unknown". `tenant` is the raw
+    /// tenant value (the `Authorization` header's, with the default
+    /// [`Tenant::Header`]), `None` for the anonymous tenant.
+    ///
+    /// ```
+    /// use keel_idempotency::engine::{Begin, Engine, KeyLookup, KeyStatus, Policy};
+    /// use keel_idempotency::memory::MemoryStore;
+    /// # tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap().block_on(async {
+    /// let engine = Engine::new(std::sync::Arc::new(MemoryStore::new()), Policy::default());
+    /// let req = http::Request::post("/pay").header("idempotency-key", "k1").body(()).unwrap();
+    /// let Begin::Execute(mut guard) = engine.begin(&req, b"{}").await else { panic!() };
+    /// guard.mark_started();
+    /// guard.outcome_unknown().await.unwrap();
+    ///
+    /// let lookup = KeyLookup { tenant: None, method: &http::Method::POST, path: "/pay", key: "k1" };
+    /// assert_eq!(engine.key_status(&lookup).await.unwrap().state, "outcome_unknown");
+    /// assert!(engine.remove_key(&lookup).await.unwrap());
+    /// assert!(matches!(engine.begin(&req, b"{}").await, Begin::Execute(_)));
+    /// # });
+    /// ```
+    pub async fn key_status(&self, lookup: &KeyLookup<'_>) -> Result<KeyStatus, StoreError> {
+        let key = self.lookup_key(lookup);
+        let state = self.inner.store.inspect(&key).await?;
+        Ok(KeyStatus::describe(state))
+    }
+
+    /// Removes whatever the store holds for one client key (see
+    /// [`Engine::key_status`]), so the next request with it runs. Returns
+    /// whether anything was there. Meant for a key locked as "outcome
+    /// unknown" once the operator knows what became of the first attempt.
+    ///
+    /// ```
+    /// use keel_idempotency::engine::{Engine, KeyLookup, Policy};
+    /// use keel_idempotency::memory::MemoryStore;
+    /// # tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap().block_on(async {
+    /// let engine = Engine::new(std::sync::Arc::new(MemoryStore::new()), Policy::default());
+    /// let lookup = KeyLookup { tenant: None, method: &http::Method::POST, path: "/pay", key: "never-used" };
+    /// assert!(!engine.remove_key(&lookup).await.unwrap());
+    /// # });
+    /// ```
+    pub async fn remove_key(&self, lookup: &KeyLookup<'_>) -> Result<bool, StoreError> {
+        let key = self.lookup_key(lookup);
+        self.inner.store.remove(&key).await
+    }
+
+    fn lookup_key(&self, lookup: &KeyLookup<'_>) -> StoreKey {
+        let tenant = match self.inner.policy.tenant {
+            Tenant::Single => None,
+            _ => lookup.tenant,
+        };
+        self.key_of(tenant, lookup.method, lookup.path, lookup.key)
     }
 
     async fn claim_loop(
@@ -696,11 +920,38 @@ impl Engine {
             if !inner.gate.allow() {
                 return self.store_down("the idempotency store is failing; calls are paused");
             }
-            let claim = inner.store.claim(&key, fingerprint, policy.lease).await;
+            let claim = inner
+                .store
+                .claim(&key, fingerprint, policy.store_lease())
+                .await;
             match claim {
                 Err(StoreError::Unavailable(why)) => {
                     inner.gate.on_failure();
                     return self.store_down(&why);
+                }
+                Err(StoreError::Full(why)) => {
+                    // A healthy store with no room: this key waits, every
+                    // record already held keeps answering.
+                    inner.gate.on_success();
+                    return reject(
+                        Problem::new(
+                            ProblemKind::StoreFull,
+                            format!("cannot take a new idempotency key right now ({why}); retry later with the same key"),
+                        )
+                        .retry_after(policy.store_retry_after),
+                    );
+                }
+                Ok(Claim::Abandoned {
+                    fingerprint: theirs,
+                }) => {
+                    inner.gate.on_success();
+                    if theirs != fingerprint {
+                        return mismatch();
+                    }
+                    return reject(Problem::new(
+                        ProblemKind::OutcomeUnknown,
+                        "an earlier request with this key stopped before its outcome was recorded (the gateway or service handling it failed); it may have been processed and will not be run again. Check the resource's state, then use a new key if needed",
+                    ));
                 }
                 Err(e) => {
                     inner.gate.on_success();

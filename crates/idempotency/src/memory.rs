@@ -7,12 +7,13 @@
 //! can expire leases and records instantly and deterministically.
 //!
 //! The store is bounded by entry count and by bytes (key + payload + a fixed
-//! overhead per entry). When a shard is full it first drops expired entries,
-//! then evicts the completed records closest to expiry. Live claims are
-//! never evicted, since that could let an operation run twice: if a shard is
-//! full of live claims, [`Store::claim`] fails with
-//! [`StoreError::Unavailable`] and the engine applies the route's
-//! store-down policy.
+//! overhead per entry), and each tenant (see [`StoreKey::tenant`]) by a
+//! share of the bytes. Nothing is evicted before its time: a completed
+//! record dropped early would let a retry run its operation again. When a
+//! shard is full it drops expired entries; if that is not enough, or the
+//! key's tenant is over its share, [`Store::claim`] fails with
+//! [`StoreError::Full`] and the engine answers 503 for that key alone, while
+//! every record already held keeps answering retries.
 //!
 //! Nothing here survives a restart: use [`crate::embedded`] for that, and a
 //! shared store (Redis, PostgreSQL) across instances.
@@ -38,16 +39,29 @@
 
 use std::collections::HashMap;
 use std::hash::{BuildHasher, RandomState};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
 use tokio::time::Instant;
 
-use crate::store::{BoxFuture, Claim, FencingToken, Fingerprint, Store, StoreError, StoreKey};
+use crate::store::{
+    BoxFuture, Claim, FencingToken, Fingerprint, KeyState, Lease, Store, StoreError, StoreKey,
+};
 
 /// Bytes charged per entry on top of its key and payload (map slot,
 /// bookkeeping), so that many tiny records still count against the limit.
 const ENTRY_OVERHEAD: usize = 96;
+
+/// A completion this small (an "outcome unknown" or "too large to keep"
+/// record) is never refused for room: it replaces a claim that is already
+/// charged, and refusing it would leave the key without any outcome.
+const SMALL_RECORD: usize = 512;
+
+/// Tenants are charged in this many buckets (a tenant's digest picks one),
+/// so the per-tenant accounting is a fixed array of counters, with no map
+/// or lock of its own.
+const TENANT_BUCKETS: usize = 1024;
 
 /// Limits of a [`MemoryStore`].
 ///
@@ -60,16 +74,19 @@ const ENTRY_OVERHEAD: usize = 96;
 pub struct MemoryConfig {
     max_entries: usize,
     max_bytes: usize,
+    max_tenant_bytes: usize,
     shards: usize,
 }
 
 impl Default for MemoryConfig {
-    /// One million entries, 256 MiB, shards scaled to the machine's cores.
+    /// One million entries, 256 MiB, a quarter of the bytes per tenant,
+    /// shards scaled to the machine's cores.
     fn default() -> Self {
         let cores = std::thread::available_parallelism().map_or(4, |n| n.get());
         Self {
             max_entries: 1_000_000,
             max_bytes: 256 << 20,
+            max_tenant_bytes: 64 << 20,
             shards: (cores * 16).next_power_of_two().clamp(16, 1024),
         }
     }
@@ -96,6 +113,32 @@ impl MemoryConfig {
     pub fn max_bytes(mut self, n: usize) -> Self {
         self.max_bytes = n.max(1);
         self
+    }
+
+    /// Caps the bytes one tenant's keys may hold (default a quarter of
+    /// [`MemoryConfig::max_bytes`]'s default, 64 MiB), so one tenant's flood
+    /// is refused before it fills the store for the others. Keys without a
+    /// tenant ([`StoreKey::tenant`] 0) are bound by the store's limits only.
+    /// Tenants are counted in 1,024 buckets by digest, so two tenants may
+    /// share one bucket's allowance.
+    ///
+    /// ```
+    /// # use keel_idempotency::memory::MemoryConfig;
+    /// assert_eq!(MemoryConfig::default().max_tenant_bytes(1 << 20).tenant_bytes(), 1 << 20);
+    /// ```
+    pub fn max_tenant_bytes(mut self, n: usize) -> Self {
+        self.max_tenant_bytes = n.max(1);
+        self
+    }
+
+    /// The per-tenant byte limit.
+    ///
+    /// ```
+    /// # use keel_idempotency::memory::MemoryConfig;
+    /// assert_eq!(MemoryConfig::default().tenant_bytes(), 64 << 20);
+    /// ```
+    pub fn tenant_bytes(&self) -> usize {
+        self.max_tenant_bytes
     }
 
     /// Sets the number of shards (rounded up to a power of two). More shards
@@ -143,12 +186,21 @@ impl MemoryConfig {
 }
 
 enum State {
-    InFlight { token: FencingToken },
-    Completed { payload: Box<[u8]> },
+    /// A claim; held while `lease_until` is ahead, then (if the entry still
+    /// lives, which only a locking lease makes it do) abandoned.
+    Claimed {
+        token: FencingToken,
+        lease_until: Instant,
+    },
+    Completed {
+        payload: Box<[u8]>,
+    },
 }
 
 struct Entry {
     fingerprint: Fingerprint,
+    /// When the entry is gone: a record's TTL, a claim's lease (freeing) or
+    /// lease plus lock (locking).
     expires: Instant,
     state: State,
 }
@@ -156,6 +208,11 @@ struct Entry {
 impl Entry {
     fn cost(key: &StoreKey, payload_len: usize) -> usize {
         key.as_str().len() + payload_len + ENTRY_OVERHEAD
+    }
+
+    /// Held by `token` right now.
+    fn held_by(&self, token: FencingToken, now: Instant) -> bool {
+        matches!(self.state, State::Claimed { token: t, lease_until } if t == token && lease_until > now)
     }
 }
 
@@ -165,85 +222,50 @@ struct Shard {
     bytes: usize,
     /// Tokens come from one counter per shard: it only grows, so the tokens
     /// of any key (which always lives in the same shard) strictly increase,
-    /// across release, expiry and eviction.
+    /// across release, lapse, expiry and removal.
     last_token: u64,
 }
 
 impl Shard {
-    fn remove(&mut self, key: &StoreKey) {
-        if let Some(old) = self.map.remove(key) {
-            self.bytes -= Entry::cost(key, payload_len(&old));
+    fn remove(&mut self, key: &StoreKey, tenants: &Tenants) -> bool {
+        match self.map.remove(key) {
+            Some(old) => {
+                let cost = Entry::cost(key, payload_len(&old));
+                self.bytes -= cost;
+                tenants.uncharge(key, cost);
+                true
+            }
+            None => false,
         }
     }
 
-    /// Makes room for one more entry of `cost` bytes, or says the shard is
-    /// full of live claims.
+    /// Makes room for one more entry of `cost` bytes by dropping expired
+    /// entries, or says the shard is full.
     fn make_room(
         &mut self,
         now: Instant,
         cost: usize,
         max_entries: usize,
         max_bytes: usize,
+        tenants: &Tenants,
     ) -> bool {
         let fits = |s: &Self| s.map.len() < max_entries && s.bytes + cost <= max_bytes;
         if fits(self) {
             return true;
         }
-        self.purge(now);
-        if fits(self) {
-            return true;
-        }
-        // Evict the completed records nearest to expiry, a batch at a time
-        // so that a full shard does not pay a scan on every insert. Only
-        // their expiry times are gathered (no key is cloned): the batch's
-        // cut-off is the batch-th earliest, and one pass removes that many
-        // completed records at or before it.
-        let mut expiries: Vec<Instant> = self
-            .map
-            .values()
-            .filter(|e| matches!(e.state, State::Completed { .. }))
-            .map(|e| e.expires)
-            .collect();
-        let batch = (self.map.len() / 16).max(1).min(expiries.len());
-        if batch > 0 {
-            let (_, cutoff, _) = expiries.select_nth_unstable(batch - 1);
-            let cutoff = *cutoff;
-            drop(expiries);
-            let (mut left, mut freed) = (batch, 0);
-            self.map.retain(|k, e| {
-                let evict =
-                    left > 0 && e.expires <= cutoff && matches!(e.state, State::Completed { .. });
-                if evict {
-                    left -= 1;
-                    freed += Entry::cost(k, payload_len(e));
-                }
-                !evict
-            });
-            self.bytes -= freed;
-        }
-        while !fits(self) {
-            // A very large payload may need more than one batch.
-            let Some(key) = self
-                .map
-                .iter()
-                .filter(|(_, e)| matches!(e.state, State::Completed { .. }))
-                .min_by_key(|(_, e)| e.expires)
-                .map(|(k, _)| k.clone())
-            else {
-                return false;
-            };
-            self.remove(&key);
-        }
-        true
+        self.purge(now, tenants);
+        fits(self)
     }
 
-    fn purge(&mut self, now: Instant) -> u64 {
+    fn purge(&mut self, now: Instant, tenants: &Tenants) -> u64 {
         let before = self.map.len();
         let mut freed = 0;
         self.map.retain(|k, e| {
             let keep = e.expires > now;
             if !keep {
-                freed += Entry::cost(k, payload_len(e));
+                let cost = Entry::cost(k, payload_len(e));
+                freed += cost;
+                tenants.uncharge(k, cost);
             }
             keep
         });
@@ -252,9 +274,51 @@ impl Shard {
     }
 }
 
+/// Bytes held per tenant bucket, shared by all shards (a tenant's keys are
+/// spread over every shard). Counters, not a lock: a claim that races
+/// another of the same tenant may pass the share by one entry, no more.
+struct Tenants {
+    bytes: Box<[AtomicUsize]>,
+    limit: usize,
+}
+
+impl Tenants {
+    fn new(limit: usize) -> Self {
+        Self {
+            bytes: (0..TENANT_BUCKETS).map(|_| AtomicUsize::new(0)).collect(),
+            limit,
+        }
+    }
+
+    fn bucket(&self, key: &StoreKey) -> Option<&AtomicUsize> {
+        match key.tenant() {
+            0 => None,
+            t => Some(&self.bytes[(t % TENANT_BUCKETS as u64) as usize]),
+        }
+    }
+
+    /// Whether `key`'s tenant has room for `cost` more bytes.
+    fn has_room(&self, key: &StoreKey, cost: usize) -> bool {
+        self.bucket(key)
+            .is_none_or(|b| b.load(Ordering::Relaxed) + cost <= self.limit)
+    }
+
+    fn charge(&self, key: &StoreKey, cost: usize) {
+        if let Some(b) = self.bucket(key) {
+            b.fetch_add(cost, Ordering::Relaxed);
+        }
+    }
+
+    fn uncharge(&self, key: &StoreKey, cost: usize) {
+        if let Some(b) = self.bucket(key) {
+            b.fetch_sub(cost, Ordering::Relaxed);
+        }
+    }
+}
+
 fn payload_len(e: &Entry) -> usize {
     match &e.state {
-        State::InFlight { .. } => 0,
+        State::Claimed { .. } => 0,
         State::Completed { payload } => payload.len(),
     }
 }
@@ -272,6 +336,7 @@ pub struct MemoryStore {
     seed: u64,
     shard_entries: usize,
     shard_bytes: usize,
+    tenants: Tenants,
 }
 
 impl Default for MemoryStore {
@@ -315,6 +380,7 @@ impl MemoryStore {
             seed: RandomState::new().hash_one(0x6b65_656cu64),
             shard_entries: config.max_entries.div_ceil(n),
             shard_bytes: config.max_bytes.div_ceil(n),
+            tenants: Tenants::new(config.max_tenant_bytes),
         }
     }
 
@@ -355,7 +421,7 @@ impl MemoryStore {
         &self,
         key: &StoreKey,
         fingerprint: Fingerprint,
-        lease: Duration,
+        lease: Lease,
     ) -> Result<Claim, StoreError> {
         let now = Instant::now();
         let mut guard = self.shard(key);
@@ -363,9 +429,12 @@ impl MemoryStore {
         if let Some(e) = shard.map.get_mut(key) {
             if e.expires > now {
                 return Ok(match &e.state {
-                    State::InFlight { .. } => Claim::InFlight {
+                    State::Claimed { lease_until, .. } if *lease_until > now => Claim::InFlight {
                         fingerprint: e.fingerprint,
-                        retry_after: e.expires - now,
+                        retry_after: *lease_until - now,
+                    },
+                    State::Claimed { .. } => Claim::Abandoned {
+                        fingerprint: e.fingerprint,
                     },
                     State::Completed { payload } => Claim::Completed {
                         fingerprint: e.fingerprint,
@@ -377,39 +446,67 @@ impl MemoryStore {
             // rehash); the claim needs no more room than the old entry.
             shard.last_token += 1;
             let token = FencingToken(shard.last_token);
-            shard.bytes -= payload_len(e);
+            let freed = payload_len(e);
+            shard.bytes -= freed;
+            self.tenants.uncharge(key, freed);
             e.fingerprint = fingerprint;
-            e.expires = now + lease;
-            e.state = State::InFlight { token };
+            e.expires = now + lease.record_life();
+            e.state = State::Claimed {
+                token,
+                lease_until: now + lease.hold,
+            };
             return Ok(Claim::Acquired { token });
         }
         let cost = Entry::cost(key, 0);
+        if !self.tenants.has_room(key, cost) {
+            return Err(StoreError::Full(
+                "this tenant's share of the memory store is used up; retry once its records expire"
+                    .into(),
+            ));
+        }
         let (max_entries, max_bytes) = (self.shard_entries, self.shard_bytes);
-        if !shard.make_room(now, cost, max_entries, max_bytes) {
-            return Err(StoreError::Unavailable(
-                "memory store is full of in-flight claims; raise MemoryConfig::max_entries or max_bytes".into(),
+        if !shard.make_room(now, cost, max_entries, max_bytes, &self.tenants) {
+            return Err(StoreError::Full(
+                "the memory store is at capacity; raise its max_entries or max_bytes".into(),
             ));
         }
         shard.last_token += 1;
         let token = FencingToken(shard.last_token);
         shard.bytes += cost;
+        self.tenants.charge(key, cost);
         shard.map.insert(
             key.clone(),
             Entry {
                 fingerprint,
-                expires: now + lease,
-                state: State::InFlight { token },
+                expires: now + lease.record_life(),
+                state: State::Claimed {
+                    token,
+                    lease_until: now + lease.hold,
+                },
             },
         );
         Ok(Claim::Acquired { token })
     }
 
-    /// Checks that `token` holds `key` right now, under the shard lock.
-    fn held(shard: &Shard, key: &StoreKey, token: FencingToken, now: Instant) -> bool {
-        matches!(
-            shard.map.get(key),
-            Some(Entry { state: State::InFlight { token: t }, expires, .. }) if *t == token && *expires > now
-        )
+    fn renew_now(
+        &self,
+        key: &StoreKey,
+        token: FencingToken,
+        lease: Lease,
+    ) -> Result<(), StoreError> {
+        let now = Instant::now();
+        let mut shard = self.shard(key);
+        match shard.map.get_mut(key) {
+            Some(e) if e.held_by(token, now) => {
+                e.expires = now + lease.record_life();
+                e.state = State::Claimed {
+                    token,
+                    lease_until: now + lease.hold,
+                };
+                Ok(())
+            }
+            _ => Err(StoreError::Fenced),
+        }
     }
 
     fn complete_now(
@@ -420,42 +517,30 @@ impl MemoryStore {
         ttl: Duration,
     ) -> Result<(), StoreError> {
         let now = Instant::now();
-        let mut shard = self.shard(key);
-        if !Self::held(&shard, key, token, now) {
+        let mut guard = self.shard(key);
+        let shard = &mut *guard;
+        if !shard.map.get(key).is_some_and(|e| e.held_by(token, now)) {
             return Err(StoreError::Fenced);
         }
         // The claim's own slot is reused: only the payload needs room.
         let extra = payload.len();
-        let (max_entries, max_bytes) = (self.shard_entries, self.shard_bytes);
-        if shard.bytes + extra > max_bytes {
-            // Take the claim out while making room so it cannot be evicted
-            // or counted, then put the record in its place.
-            let Some(entry) = shard.map.remove(key) else {
-                return Err(StoreError::Fenced);
-            };
-            shard.bytes -= Entry::cost(key, 0);
-            let cost = Entry::cost(key, extra);
-            if !shard.make_room(now, cost, max_entries, max_bytes) {
-                shard.bytes += Entry::cost(key, 0);
-                shard.map.insert(key.clone(), entry);
-                return Err(StoreError::Unavailable(format!(
-                    "memory store has no room for a {extra}-byte record; raise MemoryConfig::max_bytes"
+        if extra > SMALL_RECORD {
+            if !self.tenants.has_room(key, extra) {
+                return Err(StoreError::Full(format!(
+                    "this tenant's share of the memory store has no room for a {extra}-byte record"
                 )));
             }
-            shard.bytes += cost;
-            shard.map.insert(
-                key.clone(),
-                Entry {
-                    fingerprint: entry.fingerprint,
-                    expires: now + ttl,
-                    state: State::Completed {
-                        payload: payload.into(),
-                    },
-                },
-            );
-            return Ok(());
+            if shard.bytes + extra > self.shard_bytes {
+                shard.purge(now, &self.tenants);
+                if shard.bytes + extra > self.shard_bytes {
+                    return Err(StoreError::Full(format!(
+                        "the memory store has no room for a {extra}-byte record; raise its max_bytes"
+                    )));
+                }
+            }
         }
         shard.bytes += extra;
+        self.tenants.charge(key, extra);
         if let Some(e) = shard.map.get_mut(key) {
             e.expires = now + ttl;
             e.state = State::Completed {
@@ -468,16 +553,49 @@ impl MemoryStore {
     fn release_now(&self, key: &StoreKey, token: FencingToken) -> Result<(), StoreError> {
         let now = Instant::now();
         let mut shard = self.shard(key);
-        if !Self::held(&shard, key, token, now) {
+        if !shard.map.get(key).is_some_and(|e| e.held_by(token, now)) {
             return Err(StoreError::Fenced);
         }
-        shard.remove(key);
+        shard.remove(key, &self.tenants);
         Ok(())
+    }
+
+    fn inspect_now(&self, key: &StoreKey) -> Option<KeyState> {
+        let now = Instant::now();
+        let shard = self.shard(key);
+        let e = shard.map.get(key).filter(|e| e.expires > now)?;
+        Some(match &e.state {
+            State::Claimed { token, lease_until } if *lease_until > now => KeyState::Held {
+                fingerprint: e.fingerprint,
+                token: *token,
+                lease_left: *lease_until - now,
+            },
+            State::Claimed { token, .. } => KeyState::Abandoned {
+                fingerprint: e.fingerprint,
+                token: *token,
+                expires_in: e.expires - now,
+            },
+            State::Completed { payload } => KeyState::Completed {
+                fingerprint: e.fingerprint,
+                payload: payload.to_vec(),
+                expires_in: e.expires - now,
+            },
+        })
+    }
+
+    fn remove_now(&self, key: &StoreKey) -> bool {
+        let now = Instant::now();
+        let mut shard = self.shard(key);
+        let live = shard.map.get(key).is_some_and(|e| e.expires > now);
+        shard.remove(key, &self.tenants) && live
     }
 
     fn purge_now(&self) -> u64 {
         let now = Instant::now();
-        self.shards.iter().map(|s| lock(&s.0).purge(now)).sum()
+        self.shards
+            .iter()
+            .map(|s| lock(&s.0).purge(now, &self.tenants))
+            .sum()
     }
 }
 
@@ -512,10 +630,33 @@ impl Store for MemoryStore {
         &'a self,
         key: &'a StoreKey,
         fingerprint: Fingerprint,
-        lease: Duration,
+        lease: Lease,
     ) -> BoxFuture<'a, Result<Claim, StoreError>> {
         let r = self.claim_now(key, fingerprint, lease);
         Box::pin(std::future::ready(r))
+    }
+
+    fn renew<'a>(
+        &'a self,
+        key: &'a StoreKey,
+        token: FencingToken,
+        lease: Lease,
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        let r = self.renew_now(key, token, lease);
+        Box::pin(std::future::ready(r))
+    }
+
+    fn inspect<'a>(
+        &'a self,
+        key: &'a StoreKey,
+    ) -> BoxFuture<'a, Result<Option<KeyState>, StoreError>> {
+        let r = self.inspect_now(key);
+        Box::pin(std::future::ready(Ok(r)))
+    }
+
+    fn remove<'a>(&'a self, key: &'a StoreKey) -> BoxFuture<'a, Result<bool, StoreError>> {
+        let r = self.remove_now(key);
+        Box::pin(std::future::ready(Ok(r)))
     }
 
     fn complete<'a>(
@@ -552,56 +693,135 @@ impl Store for MemoryStore {
 mod tests {
     use super::*;
 
-    #[tokio::test(start_paused = true)]
-    async fn a_full_store_evicts_the_records_nearest_to_expiry_first() {
-        // 64 records with TTLs in shuffled order fill one shard; each new
-        // record must evict those that expire soonest (a batch of
-        // 64 / 16 = 4 at a time), never a later one while an earlier one
-        // is still held.
-        let store = MemoryStore::with_config(MemoryConfig::default().shards(1).max_entries(64));
-        let ttl = |i: usize| Duration::from_secs(100 + ((i * 37) % 64) as u64);
-        let long = Duration::from_secs(600);
+    const LONG: Duration = Duration::from_secs(600);
+
+    fn key(i: usize, tenant: u64) -> StoreKey {
+        StoreKey::new(format!("k{i}"))
+            .expect("valid")
+            .with_tenant(tenant)
+    }
+
+    async fn put(store: &MemoryStore, k: &StoreKey, payload: &[u8]) -> Result<(), StoreError> {
         let fp = Fingerprint([1; 32]);
-        let key = |i: usize| StoreKey::new(format!("k{i}")).expect("valid");
-        let put = |i: usize, ttl: Duration| {
-            let store = &store;
-            async move {
-                let Claim::Acquired { token } =
-                    store.claim(&key(i), fp, long).await.expect("claim")
-                else {
-                    panic!("fresh key");
-                };
-                store
-                    .complete(&key(i), token, b"r", ttl)
-                    .await
-                    .expect("complete");
-            }
+        let Claim::Acquired { token } = store.claim(k, fp, Lease::freeing(LONG)).await? else {
+            panic!("fresh key {k}");
         };
+        store.complete(k, token, payload, LONG).await
+    }
+
+    fn accounted(store: &MemoryStore) -> usize {
+        store
+            .shards
+            .iter()
+            .map(|s| {
+                let shard = lock(&s.0);
+                let sum: usize = shard
+                    .map
+                    .iter()
+                    .map(|(k, e)| Entry::cost(k, payload_len(e)))
+                    .sum();
+                assert_eq!(shard.bytes, sum, "a shard's byte count matches its entries");
+                sum
+            })
+            .sum()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_full_store_refuses_new_claims_and_keeps_every_record() {
+        let store = MemoryStore::with_config(MemoryConfig::default().shards(1).max_entries(64));
         for i in 0..64 {
-            put(i, ttl(i)).await;
+            put(&store, &key(i, 0), b"r").await.expect("room");
         }
-        let start = Instant::now();
-        for n in 0..12 {
-            put(1000 + n, long).await;
-            let shard = lock(&store.shards[0].0);
-            let held: Vec<Duration> = shard
-                .map
-                .values()
-                .map(|e| e.expires - start)
-                .filter(|left| *left < long)
-                .collect();
-            let evicted = 64 - held.len();
-            assert!(evicted > n, "room made for {} records", n + 1);
-            assert_eq!(evicted % 4, 0, "evicted in batches of 4");
-            assert_eq!(
-                held.iter().min().copied(),
-                Some(Duration::from_secs(100 + evicted as u64)),
-                "the {evicted} records nearest to expiry go first"
-            );
-            assert_eq!(
-                shard.bytes,
-                shard.map.keys().map(|k| Entry::cost(k, 1)).sum::<usize>()
+        let refused = store
+            .claim(&key(1000, 0), Fingerprint([1; 32]), Lease::freeing(LONG))
+            .await;
+        assert!(matches!(refused, Err(StoreError::Full(_))), "{refused:?}");
+        for i in 0..64 {
+            assert!(
+                matches!(
+                    store
+                        .claim(&key(i, 0), Fingerprint([1; 32]), Lease::freeing(LONG))
+                        .await,
+                    Ok(Claim::Completed { .. })
+                ),
+                "record {i} is still replayed"
             );
         }
+        // Once records expire, room comes back by itself.
+        tokio::time::advance(LONG + Duration::from_secs(1)).await;
+        put(&store, &key(1000, 0), b"r")
+            .await
+            .expect("room after expiry");
+        assert_eq!(store.len(), 1);
+        assert_eq!(accounted(&store), store.bytes());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn one_tenant_cannot_take_another_tenants_room() {
+        let big = vec![7u8; 100 << 10];
+        let store = MemoryStore::with_config(
+            MemoryConfig::default()
+                .shards(4)
+                .max_bytes(4 << 20)
+                .max_tenant_bytes(1 << 20),
+        );
+        put(&store, &key(0, 1), &big)
+            .await
+            .expect("victim's record");
+        let mut flooded = 0;
+        for i in 1..400 {
+            match put(&store, &key(i, 2), &big).await {
+                Ok(()) => flooded += 1,
+                Err(StoreError::Full(_)) => {}
+                Err(e) => panic!("unexpected {e}"),
+            }
+        }
+        assert!(
+            (8..=10).contains(&flooded),
+            "the flooding tenant keeps about its 1 MiB share: {flooded} records"
+        );
+        assert!(matches!(
+            store
+                .claim(&key(0, 1), Fingerprint([1; 32]), Lease::freeing(LONG))
+                .await,
+            Ok(Claim::Completed { .. })
+        ));
+        // The victim still has room of its own.
+        put(&store, &key(5000, 1), &big)
+            .await
+            .expect("victim's second record");
+        assert_eq!(accounted(&store), store.bytes());
+        let charged: usize = store
+            .tenants
+            .bytes
+            .iter()
+            .map(|b| b.load(Ordering::Relaxed))
+            .sum();
+        assert_eq!(
+            charged,
+            store.bytes(),
+            "every byte is charged to its tenant"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn small_outcome_records_are_never_refused() {
+        let store = MemoryStore::with_config(MemoryConfig::default().shards(1).max_bytes(400));
+        let k = key(1, 0);
+        let Claim::Acquired { token } = store
+            .claim(&k, Fingerprint([1; 32]), Lease::freeing(LONG))
+            .await
+            .expect("room for a claim")
+        else {
+            panic!("fresh key");
+        };
+        assert!(matches!(
+            store.complete(&k, token, &[0; 1000], LONG).await,
+            Err(StoreError::Full(_))
+        ));
+        store
+            .complete(&k, token, &[0; 300], LONG)
+            .await
+            .expect("a small record replaces its claim");
     }
 }

@@ -117,7 +117,7 @@
 //! ```
 //! use std::time::Duration;
 //! use keel_idempotency::postgres::{PostgresOptions, PostgresStore};
-//! use keel_idempotency::store::{Claim, Fingerprint, Store, StoreKey};
+//! use keel_idempotency::store::{Claim, Fingerprint, Lease, Store, StoreKey};
 //!
 //! # #[tokio::main(flavor = "current_thread")]
 //! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -128,13 +128,13 @@
 //! let sweeper = store.spawn_sweeper(Duration::from_secs(60));
 //! let key = StoreKey::new("tenant1:POST:/orders:abc").unwrap();
 //! let fp = Fingerprint([1; 32]);
-//! let Claim::Acquired { token } = store.claim(&key, fp, Duration::from_secs(30)).await? else {
+//! let Claim::Acquired { token } = store.claim(&key, fp, Lease::freeing(Duration::from_secs(30))).await? else {
 //!     panic!("a fresh key is free");
 //! };
 //! // ... run the operation, then keep its result for a day ...
 //! store.complete(&key, token, b"201 Created", Duration::from_secs(86_400)).await?;
 //! assert!(matches!(
-//!     store.claim(&key, fp, Duration::from_secs(30)).await?,
+//!     store.claim(&key, fp, Lease::freeing(Duration::from_secs(30))).await?,
 //!     Claim::Completed { .. }
 //! ));
 //! sweeper.abort();
@@ -154,7 +154,9 @@ use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use tokio::sync::OnceCell;
 use tokio_postgres::NoTls;
 
-use crate::store::{BoxFuture, Claim, FencingToken, Fingerprint, Store, StoreError, StoreKey};
+use crate::store::{
+    BoxFuture, Claim, FencingToken, Fingerprint, Lease, Store, StoreError, StoreKey,
+};
 
 /// The longest table name accepted (without the schema), leaving room for
 /// the derived names (`_fence_seq`, `_expires_at_idx`, `_claim`) within
@@ -744,9 +746,31 @@ impl Store for PostgresStore {
         &'a self,
         key: &'a StoreKey,
         fingerprint: Fingerprint,
-        lease: Duration,
+        lease: Lease,
     ) -> BoxFuture<'a, Result<Claim, StoreError>> {
-        Box::pin(self.claim_impl(key, fingerprint, lease))
+        Box::pin(self.claim_impl(key, fingerprint, lease.hold))
+    }
+
+    // TEMPORARY (issue 12 in progress): replaced by the store's own renew,
+    // inspect and remove before this lands.
+    fn renew<'a>(
+        &'a self,
+        _key: &'a StoreKey,
+        _token: FencingToken,
+        _lease: Lease,
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(async { Err(StoreError::Unavailable("renew: not implemented".into())) })
+    }
+
+    fn inspect<'a>(
+        &'a self,
+        _key: &'a StoreKey,
+    ) -> BoxFuture<'a, Result<Option<crate::store::KeyState>, StoreError>> {
+        Box::pin(async { Err(StoreError::Unavailable("inspect: not implemented".into())) })
+    }
+
+    fn remove<'a>(&'a self, _key: &'a StoreKey) -> BoxFuture<'a, Result<bool, StoreError>> {
+        Box::pin(async { Err(StoreError::Unavailable("remove: not implemented".into())) })
     }
 
     fn complete<'a>(

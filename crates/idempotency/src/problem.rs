@@ -44,6 +44,12 @@ pub enum ProblemKind {
     /// 409: an earlier request with this key ran, but its response was too
     /// large to keep for replay.
     ResponseNotStored,
+    /// 503 with `Retry-After`: the store is at capacity (or the tenant over
+    /// its share) and takes no new keys until records expire.
+    StoreFull,
+    /// 400: a keyed request asked to upgrade the connection; a tunnel is no
+    /// result that can be recorded or replayed.
+    UpgradeRefused,
 }
 
 impl ProblemKind {
@@ -63,6 +69,8 @@ impl ProblemKind {
             Self::StoreUnavailable => "urn:keel:problem:idempotency-store-unavailable",
             Self::OutcomeUnknown => "urn:keel:problem:idempotency-outcome-unknown",
             Self::ResponseNotStored => "urn:keel:problem:idempotency-response-not-stored",
+            Self::StoreFull => "urn:keel:problem:idempotency-store-full",
+            Self::UpgradeRefused => "urn:keel:problem:idempotency-upgrade-refused",
         }
     }
 
@@ -74,11 +82,11 @@ impl ProblemKind {
     /// ```
     pub fn status(self) -> StatusCode {
         match self {
-            Self::KeyMissing | Self::KeyInvalid => StatusCode::BAD_REQUEST,
+            Self::KeyMissing | Self::KeyInvalid | Self::UpgradeRefused => StatusCode::BAD_REQUEST,
             Self::FingerprintMismatch => StatusCode::UNPROCESSABLE_ENTITY,
             Self::InFlight | Self::OutcomeUnknown | Self::ResponseNotStored => StatusCode::CONFLICT,
             Self::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
-            Self::StoreUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+            Self::StoreUnavailable | Self::StoreFull => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
@@ -98,6 +106,8 @@ impl ProblemKind {
             Self::StoreUnavailable => "Idempotency store unavailable",
             Self::OutcomeUnknown => "Outcome of the earlier request is unknown",
             Self::ResponseNotStored => "Earlier response was not stored",
+            Self::StoreFull => "Idempotency store full",
+            Self::UpgradeRefused => "Idempotent requests cannot upgrade the connection",
         }
     }
 }

@@ -45,7 +45,7 @@
 //! ```
 //! use std::time::Duration;
 //! use keel_idempotency::redis::{RedisOptions, RedisStore};
-//! use keel_idempotency::store::{Claim, Fingerprint, Store, StoreKey};
+//! use keel_idempotency::store::{Claim, Fingerprint, Lease, Store, StoreKey};
 //!
 //! # #[tokio::main(flavor = "current_thread")]
 //! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -55,18 +55,18 @@
 //! let store = RedisStore::connect(&url, RedisOptions::default().prefix(&prefix)).await?;
 //! let key = StoreKey::new("tenant1:POST:/orders:abc").unwrap();
 //! let fp = Fingerprint([1; 32]);
-//! let Claim::Acquired { token } = store.claim(&key, fp, Duration::from_secs(30)).await? else {
+//! let Claim::Acquired { token } = store.claim(&key, fp, Lease::freeing(Duration::from_secs(30))).await? else {
 //!     panic!("a fresh key is free");
 //! };
 //! // A duplicate while the operation runs: come back later.
 //! assert!(matches!(
-//!     store.claim(&key, fp, Duration::from_secs(30)).await?,
+//!     store.claim(&key, fp, Lease::freeing(Duration::from_secs(30))).await?,
 //!     Claim::InFlight { .. }
 //! ));
 //! // ... run the operation, then keep its result for a minute ...
 //! store.complete(&key, token, b"201 Created", Duration::from_secs(60)).await?;
 //! // Retries replay it.
-//! let Claim::Completed { payload, .. } = store.claim(&key, fp, Duration::from_secs(30)).await?
+//! let Claim::Completed { payload, .. } = store.claim(&key, fp, Lease::freeing(Duration::from_secs(30))).await?
 //! else {
 //!     panic!("completed");
 //! };
@@ -85,7 +85,9 @@ use std::time::Duration;
 use redis::Value;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 
-use crate::store::{BoxFuture, Claim, FencingToken, Fingerprint, Store, StoreError, StoreKey};
+use crate::store::{
+    BoxFuture, Claim, FencingToken, Fingerprint, Lease, Store, StoreError, StoreKey,
+};
 
 /// Settings of a [`RedisStore`]; configuration, separate from the running
 /// store.
@@ -514,9 +516,31 @@ impl Store for RedisStore {
         &'a self,
         key: &'a StoreKey,
         fingerprint: Fingerprint,
-        lease: Duration,
+        lease: Lease,
     ) -> BoxFuture<'a, Result<Claim, StoreError>> {
-        Box::pin(self.claim_impl(key, fingerprint, lease))
+        Box::pin(self.claim_impl(key, fingerprint, lease.hold))
+    }
+
+    // TEMPORARY (issue 12 in progress): replaced by the store's own renew,
+    // inspect and remove before this lands.
+    fn renew<'a>(
+        &'a self,
+        _key: &'a StoreKey,
+        _token: FencingToken,
+        _lease: Lease,
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(async { Err(StoreError::Unavailable("renew: not implemented".into())) })
+    }
+
+    fn inspect<'a>(
+        &'a self,
+        _key: &'a StoreKey,
+    ) -> BoxFuture<'a, Result<Option<crate::store::KeyState>, StoreError>> {
+        Box::pin(async { Err(StoreError::Unavailable("inspect: not implemented".into())) })
+    }
+
+    fn remove<'a>(&'a self, _key: &'a StoreKey) -> BoxFuture<'a, Result<bool, StoreError>> {
+        Box::pin(async { Err(StoreError::Unavailable("remove: not implemented".into())) })
     }
 
     fn complete<'a>(

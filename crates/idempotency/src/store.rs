@@ -1,26 +1,44 @@
 //! The storage seam: one small trait that every store implements.
 //!
-//! A store knows nothing of HTTP. It keeps, per [`StoreKey`], either a live
-//! claim (someone is executing the operation under a lease) or a completed
-//! result (an opaque payload the engine encoded), each with an expiry. Three
-//! operations, each a single atomic step in the store (never
-//! check-then-act):
+//! A store knows nothing of HTTP. It keeps, per [`StoreKey`], a live claim
+//! (someone is executing the operation under a lease), an abandoned claim
+//! (the lease lapsed with no outcome recorded), or a completed result (an
+//! opaque payload the engine encoded), each with an expiry. Its operations
+//! are each a single atomic step in the store (never check-then-act):
 //!
-//! - [`Store::claim`]: take the key if it is free, or tell who has it;
+//! - [`Store::claim`]: take the key if it is free, or tell what holds it;
+//! - [`Store::renew`]: extend the caller's lease while the work runs;
 //! - [`Store::complete`]: replace the caller's claim with a result, but only
 //!   while the caller still holds it (fencing);
-//! - [`Store::release`]: give the claim up so that a retry may execute.
+//! - [`Store::release`]: give the claim up so that a retry may execute;
+//! - [`Store::inspect`] and [`Store::remove`]: an operator's view of a key,
+//!   and the release of a key locked after a lapse.
 //!
 //! Every store must pass [`crate::conformance`].
 //!
+//! # Key states
+//!
+//! ```text
+//!            claim                complete
+//!   free ──────────► held ─────────────────► completed ──(ttl)──► free
+//!    ▲                │ ▲ renew
+//!    │      release   │ └──┘
+//!    ├────────────────┤
+//!    │                │ lease lapses
+//!    │                ▼
+//!    │ (Lapse::Free)  lapsed ──(Lapse::Lock)──► abandoned ──(lock time)──► free
+//!    └────────────────┘                         (operator remove ──► free)
+//! ```
+//!
 //! # Fencing
 //!
-//! A claim's lease can expire while its holder is still running (a long GC
-//! pause, a hung upstream). The next claim then wins with a higher
-//! [`FencingToken`], and the old holder's late `complete` or `release` is
-//! refused with [`StoreError::Fenced`], so it cannot overwrite the newer
-//! record. Tokens issued for one key strictly increase over the life of the
-//! store, across expiry and release.
+//! A claim's lease can lapse while its holder is still running (a long GC
+//! pause, a store it could not reach to renew). From then on the holder's
+//! late `renew`, `complete` or `release` is refused with
+//! [`StoreError::Fenced`], so it cannot overwrite what the key became. Under
+//! [`Lapse::Free`] the next claim wins with a higher [`FencingToken`].
+//! Tokens issued for one key strictly increase over the life of the store,
+//! across lapse, release, expiry and removal.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -33,31 +51,61 @@ pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 ///
 /// The engine builds it from the tenant, the method, the route and the
 /// client's key, then hashes it, so a store sees a short printable-ASCII
-/// string (at most [`StoreKey::MAX_LEN`] bytes) it can use as is.
+/// string (at most [`StoreKey::MAX_LEN`] bytes) it can use as is. Beside
+/// the string it carries a digest of the tenant, so a store that bounds its
+/// capacity (the memory store) can give each tenant a share of its own.
 ///
 /// ```
 /// use keel_idempotency::store::StoreKey;
 ///
 /// let key = StoreKey::new("t1:POST:/orders:abc").unwrap();
 /// assert_eq!(key.as_str(), "t1:POST:/orders:abc");
+/// assert_eq!(key.tenant(), 0);
+/// assert_eq!(key.with_tenant(7).tenant(), 7);
 /// assert!(StoreKey::new("").is_none());
 /// assert!(StoreKey::new("tab\tinside").is_none());
 /// ```
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct StoreKey(String);
+pub struct StoreKey {
+    key: String,
+    tenant: u64,
+}
 
 impl StoreKey {
     /// The longest key a store must accept, in bytes.
     pub const MAX_LEN: usize = 200;
 
     /// Wraps `key` if it is 1 to [`Self::MAX_LEN`] bytes of printable ASCII
-    /// (`'!'..='~'`), otherwise `None`.
+    /// (`'!'..='~'`), otherwise `None`. The key belongs to no tenant (0).
     pub fn new(key: impl Into<String>) -> Option<Self> {
         let key = key.into();
         let ok = !key.is_empty()
             && key.len() <= Self::MAX_LEN
             && key.bytes().all(|b| b.is_ascii_graphic());
-        ok.then_some(Self(key))
+        ok.then_some(Self { key, tenant: 0 })
+    }
+
+    /// The same key, charged to `tenant` (a digest of the tenant; 0 for
+    /// none).
+    ///
+    /// ```
+    /// # use keel_idempotency::store::StoreKey;
+    /// let key = StoreKey::new("k").unwrap().with_tenant(42);
+    /// assert_eq!((key.as_str(), key.tenant()), ("k", 42));
+    /// ```
+    pub fn with_tenant(mut self, tenant: u64) -> Self {
+        self.tenant = tenant;
+        self
+    }
+
+    /// The tenant digest the key is charged to; 0 for none.
+    ///
+    /// ```
+    /// # use keel_idempotency::store::StoreKey;
+    /// assert_eq!(StoreKey::new("k").unwrap().tenant(), 0);
+    /// ```
+    pub fn tenant(&self) -> u64 {
+        self.tenant
     }
 
     /// The key as a string slice.
@@ -67,13 +115,13 @@ impl StoreKey {
     /// assert_eq!(StoreKey::new("k").unwrap().as_str(), "k");
     /// ```
     pub fn as_str(&self) -> &str {
-        &self.0
+        &self.key
     }
 }
 
 impl std::fmt::Display for StoreKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
+        f.write_str(&self.key)
     }
 }
 
@@ -124,13 +172,92 @@ impl Fingerprint {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct FencingToken(pub u64);
 
+/// The terms of a claim: how long it holds without renewal, and what its
+/// lapse means.
+///
+/// A claim lapses when its holder neither finishes nor [renews](Store::renew)
+/// it in time: the holder crashed, or lost the store. Since the holder may
+/// have sent the request before it vanished, the safe reading of a lapse is
+/// "outcome unknown": with [`Lapse::Lock`] the key stays locked (claims get
+/// [`Claim::Abandoned`]) until the lock's time is up or an operator
+/// [removes](Store::remove) the key. [`Lapse::Free`] lets the next claim
+/// take the key over instead: at-least-once after a crash, for operations
+/// that are safe to run twice.
+///
+/// ```
+/// use keel_idempotency::store::{Lapse, Lease};
+/// use std::time::Duration;
+///
+/// let lease = Lease::locking(Duration::from_secs(10), Duration::from_secs(86_400));
+/// assert_eq!(lease.hold, Duration::from_secs(10));
+/// assert_eq!(lease.lapse, Lapse::Lock(Duration::from_secs(86_400)));
+/// assert_eq!(Lease::freeing(Duration::from_secs(10)).lapse, Lapse::Free);
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Lease {
+    /// How long the claim holds from its claim or last renewal.
+    pub hold: Duration,
+    /// What the key becomes when the claim lapses.
+    pub lapse: Lapse,
+}
+
+/// What a lapsed claim makes of its key; see [`Lease`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Lapse {
+    /// The key stays locked as abandoned for this long after the lapse.
+    Lock(Duration),
+    /// The key is free: the next claim acquires it.
+    Free,
+}
+
+impl Lease {
+    /// A lease of `hold` whose lapse locks the key for `lock_for`.
+    ///
+    /// ```
+    /// # use keel_idempotency::store::Lease;
+    /// # use std::time::Duration;
+    /// let lease = Lease::locking(Duration::from_secs(5), Duration::from_secs(60));
+    /// assert_eq!(lease.record_life(), Duration::from_secs(65));
+    /// ```
+    pub fn locking(hold: Duration, lock_for: Duration) -> Self {
+        Self {
+            hold,
+            lapse: Lapse::Lock(lock_for),
+        }
+    }
+
+    /// A lease of `hold` whose lapse frees the key.
+    ///
+    /// ```
+    /// # use keel_idempotency::store::Lease;
+    /// # use std::time::Duration;
+    /// assert_eq!(Lease::freeing(Duration::from_secs(5)).record_life(), Duration::from_secs(5));
+    /// ```
+    pub fn freeing(hold: Duration) -> Self {
+        Self {
+            hold,
+            lapse: Lapse::Free,
+        }
+    }
+
+    /// How long, from the claim or its last renewal, the store keeps the
+    /// claim's record: the hold, plus the lock after a lapse.
+    pub fn record_life(&self) -> Duration {
+        match self.lapse {
+            Lapse::Lock(lock_for) => self.hold.saturating_add(lock_for),
+            Lapse::Free => self.hold,
+        }
+    }
+}
+
 /// What [`Store::claim`] found.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Claim {
-    /// The key was free (never used, released, or its lease or record
-    /// expired): the caller now holds it under a lease and must
-    /// [`complete`](Store::complete) or [`release`](Store::release) it with
-    /// this token.
+    /// The key was free (never used, released, removed, or its record
+    /// expired, or its lease lapsed under [`Lapse::Free`]): the caller now
+    /// holds it under a lease and must [`complete`](Store::complete) or
+    /// [`release`](Store::release) it with this token, and
+    /// [`renew`](Store::renew) it while the work runs.
     Acquired {
         /// The caller's fencing token.
         token: FencingToken,
@@ -149,6 +276,46 @@ pub enum Claim {
         /// The engine's encoded result, byte for byte as completed.
         payload: Vec<u8>,
     },
+    /// A claim lapsed under [`Lapse::Lock`]: its holder vanished without
+    /// recording an outcome, so the operation may or may not have run. The
+    /// key stays locked until the lock's time is up or an operator removes
+    /// it.
+    Abandoned {
+        /// The fingerprint the vanished holder claimed with.
+        fingerprint: Fingerprint,
+    },
+}
+
+/// What a key holds, as [`Store::inspect`] reports it to an operator.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum KeyState {
+    /// A live claim.
+    Held {
+        /// The holder's fingerprint.
+        fingerprint: Fingerprint,
+        /// The holder's token.
+        token: FencingToken,
+        /// Time left on the lease.
+        lease_left: Duration,
+    },
+    /// A claim whose lease lapsed under [`Lapse::Lock`].
+    Abandoned {
+        /// The vanished holder's fingerprint.
+        fingerprint: Fingerprint,
+        /// The vanished holder's token.
+        token: FencingToken,
+        /// Time left before the lock ends by itself.
+        expires_in: Duration,
+    },
+    /// A stored result.
+    Completed {
+        /// The fingerprint of the request that produced it.
+        fingerprint: Fingerprint,
+        /// The engine's encoded result.
+        payload: Vec<u8>,
+        /// Time left before the result expires.
+        expires_in: Duration,
+    },
 }
 
 /// Why a store operation failed.
@@ -165,6 +332,12 @@ pub enum StoreError {
     /// The store held something it could not read.
     #[error("idempotency store returned corrupt data: {0}")]
     Corrupt(String),
+    /// The store is healthy but has no room for a new claim (a bounded
+    /// memory store at capacity, a tenant over its share, a full disk).
+    /// Existing claims and results are kept; new claims are refused until
+    /// records expire.
+    #[error("idempotency store is full: {0}")]
+    Full(String),
 }
 
 /// A place to keep claims and results.
@@ -172,14 +345,38 @@ pub enum StoreError {
 /// Implementations: [`crate::memory`], [`crate::embedded`], [`crate::redis`]
 /// and [`crate::postgres`]; each passes [`crate::conformance`].
 pub trait Store: Send + Sync + 'static {
-    /// Atomically claims `key` for `lease` with `fingerprint`, or reports the
-    /// live claim or stored result that is already there.
+    /// Atomically claims `key` under `lease` with `fingerprint`, or reports
+    /// the live claim, stored result or abandoned claim already there.
     fn claim<'a>(
         &'a self,
         key: &'a StoreKey,
         fingerprint: Fingerprint,
-        lease: Duration,
+        lease: Lease,
     ) -> BoxFuture<'a, Result<Claim, StoreError>>;
+
+    /// Extends the live claim held by `token` to `lease.hold` from now (and
+    /// its record's life to [`Lease::record_life`] from now). Fails with
+    /// [`StoreError::Fenced`] unless `key` is claimed by exactly `token`
+    /// with its lease not yet lapsed.
+    fn renew<'a>(
+        &'a self,
+        key: &'a StoreKey,
+        token: FencingToken,
+        lease: Lease,
+    ) -> BoxFuture<'a, Result<(), StoreError>>;
+
+    /// What `key` holds now, or `None` if it is free. For operators: not on
+    /// any request's path.
+    fn inspect<'a>(
+        &'a self,
+        key: &'a StoreKey,
+    ) -> BoxFuture<'a, Result<Option<KeyState>, StoreError>>;
+
+    /// Removes whatever `key` holds (a claim, an abandoned claim or a
+    /// result), returning whether there was anything. For an operator who
+    /// has reconciled an abandoned key; the next claim acquires it with a
+    /// higher token than any before, so a late holder stays fenced.
+    fn remove<'a>(&'a self, key: &'a StoreKey) -> BoxFuture<'a, Result<bool, StoreError>>;
 
     /// Replaces the claim held by `token` with `payload`, kept for `ttl`.
     /// Fails with [`StoreError::Fenced`] unless `key` is claimed, in flight,
@@ -217,9 +414,29 @@ impl<S: Store + ?Sized> Store for std::sync::Arc<S> {
         &'a self,
         key: &'a StoreKey,
         fingerprint: Fingerprint,
-        lease: Duration,
+        lease: Lease,
     ) -> BoxFuture<'a, Result<Claim, StoreError>> {
         (**self).claim(key, fingerprint, lease)
+    }
+
+    fn renew<'a>(
+        &'a self,
+        key: &'a StoreKey,
+        token: FencingToken,
+        lease: Lease,
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        (**self).renew(key, token, lease)
+    }
+
+    fn inspect<'a>(
+        &'a self,
+        key: &'a StoreKey,
+    ) -> BoxFuture<'a, Result<Option<KeyState>, StoreError>> {
+        (**self).inspect(key)
+    }
+
+    fn remove<'a>(&'a self, key: &'a StoreKey) -> BoxFuture<'a, Result<bool, StoreError>> {
+        (**self).remove(key)
     }
 
     fn complete<'a>(

@@ -11,7 +11,9 @@ use std::time::Duration;
 use keel_idempotency::conformance;
 use keel_idempotency::embedded::{EmbeddedConfig, EmbeddedStore};
 use keel_idempotency::engine::{Begin, Engine, Policy};
-use keel_idempotency::store::{Claim, FencingToken, Fingerprint, Store, StoreError, StoreKey};
+use keel_idempotency::store::{
+    Claim, FencingToken, Fingerprint, Lease, Store, StoreError, StoreKey,
+};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn conformance_suite() {
@@ -45,7 +47,7 @@ async fn tokens_keep_increasing_across_reopen_and_purge_removes_expired() {
     let first = {
         let store = EmbeddedStore::open_dir(dir.path()).expect("open");
         let Claim::Acquired { token } = store
-            .claim(&key, fp, Duration::from_secs(60))
+            .claim(&key, fp, Lease::freeing(Duration::from_secs(60)))
             .await
             .expect("claim")
         else {
@@ -56,7 +58,7 @@ async fn tokens_keep_increasing_across_reopen_and_purge_removes_expired() {
     };
     let store = EmbeddedStore::open_dir(dir.path()).expect("reopen");
     let Claim::Acquired { token } = store
-        .claim(&key, fp, Duration::from_millis(1))
+        .claim(&key, fp, Lease::freeing(Duration::from_millis(1)))
         .await
         .expect("claim")
     else {
@@ -68,13 +70,15 @@ async fn tokens_keep_increasing_across_reopen_and_purge_removes_expired() {
     );
     let other = StoreKey::new("kept").expect("valid");
     store
-        .claim(&other, fp, Duration::from_secs(60))
+        .claim(&other, fp, Lease::freeing(Duration::from_secs(60)))
         .await
         .expect("claim");
     tokio::time::sleep(Duration::from_millis(20)).await;
     assert_eq!(store.purge_expired().await.expect("purge"), 1);
     assert!(matches!(
-        store.claim(&other, fp, Duration::from_secs(60)).await,
+        store
+            .claim(&other, fp, Lease::freeing(Duration::from_secs(60)))
+            .await,
         Ok(Claim::InFlight { .. })
     ));
 }
@@ -171,7 +175,10 @@ fn log_files(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
 }
 
 async fn acquire(store: &EmbeddedStore, key: &StoreKey, lease: Duration) -> FencingToken {
-    match store.claim(key, Fingerprint([1; 32]), lease).await {
+    match store
+        .claim(key, Fingerprint([1; 32]), Lease::freeing(lease))
+        .await
+    {
         Ok(Claim::Acquired { token }) => token,
         other => panic!("{key} should be free, got {other:?}"),
     }
@@ -179,7 +186,11 @@ async fn acquire(store: &EmbeddedStore, key: &StoreKey, lease: Duration) -> Fenc
 
 async fn assert_replays(store: &EmbeddedStore, key: &StoreKey, payload: &[u8]) {
     match store
-        .claim(key, Fingerprint([1; 32]), Duration::from_secs(60))
+        .claim(
+            key,
+            Fingerprint([1; 32]),
+            Lease::freeing(Duration::from_secs(60)),
+        )
         .await
     {
         Ok(Claim::Completed { payload: p, .. }) => assert_eq!(p, payload, "{key}"),
@@ -288,7 +299,11 @@ async fn a_torn_append_is_cut_off_and_earlier_records_survive() {
         // b's result was the torn record: its claim is what the log holds.
         assert!(matches!(
             store
-                .claim(&b, Fingerprint([1; 32]), Duration::from_secs(60))
+                .claim(
+                    &b,
+                    Fingerprint([1; 32]),
+                    Lease::freeing(Duration::from_secs(60))
+                )
                 .await,
             Ok(Claim::InFlight { .. })
         ));
@@ -393,7 +408,7 @@ async fn model_run(ops: Vec<Op>) {
         match op {
             Op::Claim(k) => {
                 let got = store
-                    .claim(&keys[k], fp, Duration::from_secs(600))
+                    .claim(&keys[k], fp, Lease::freeing(Duration::from_secs(600)))
                     .await
                     .expect("claim");
                 match (model.get(&k), got) {
@@ -472,7 +487,9 @@ async fn model_run(ops: Vec<Op>) {
     for (k, want) in &model {
         match (
             want,
-            store.claim(&keys[*k], fp, Duration::from_secs(600)).await,
+            store
+                .claim(&keys[*k], fp, Lease::freeing(Duration::from_secs(600)))
+                .await,
         ) {
             (Model::InFlight(_), Ok(Claim::InFlight { .. })) => {}
             (Model::Completed(p), Ok(Claim::Completed { payload, .. })) => assert_eq!(&payload, p),

@@ -18,7 +18,7 @@ use keel_idempotency::fingerprint::FingerprintConfig;
 use keel_idempotency::gate::{AlwaysAllow, ConsecutiveFailures};
 use keel_idempotency::memory::MemoryStore;
 use keel_idempotency::store::{
-    BoxFuture, Claim, FencingToken, Fingerprint, Store, StoreError, StoreKey,
+    BoxFuture, Claim, FencingToken, Fingerprint, KeyState, Lease, Store, StoreError, StoreKey,
 };
 use proptest::prelude::*;
 
@@ -634,7 +634,7 @@ impl Store for DownStore {
         &'a self,
         _: &'a StoreKey,
         _: Fingerprint,
-        _: Duration,
+        _: Lease,
     ) -> BoxFuture<'a, Result<Claim, StoreError>> {
         self.calls.fetch_add(1, Ordering::SeqCst);
         Box::pin(async { Err(StoreError::Unavailable("connection refused".into())) })
@@ -655,6 +655,24 @@ impl Store for DownStore {
         _: FencingToken,
     ) -> BoxFuture<'a, Result<(), StoreError>> {
         self.calls.fetch_add(1, Ordering::SeqCst);
+        Box::pin(async { Err(StoreError::Unavailable("connection refused".into())) })
+    }
+    fn renew<'a>(
+        &'a self,
+        _: &'a StoreKey,
+        _: FencingToken,
+        _: Lease,
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        Box::pin(async { Err(StoreError::Unavailable("connection refused".into())) })
+    }
+    fn inspect<'a>(
+        &'a self,
+        _: &'a StoreKey,
+    ) -> BoxFuture<'a, Result<Option<KeyState>, StoreError>> {
+        Box::pin(async { Err(StoreError::Unavailable("connection refused".into())) })
+    }
+    fn remove<'a>(&'a self, _: &'a StoreKey) -> BoxFuture<'a, Result<bool, StoreError>> {
         Box::pin(async { Err(StoreError::Unavailable("connection refused".into())) })
     }
     fn name(&self) -> &'static str {
@@ -751,9 +769,26 @@ async fn store_failing_at_completion_reports_it() {
             &'a self,
             k: &'a StoreKey,
             f: Fingerprint,
-            l: Duration,
+            l: Lease,
         ) -> BoxFuture<'a, Result<Claim, StoreError>> {
             self.0.claim(k, f, l)
+        }
+        fn renew<'a>(
+            &'a self,
+            k: &'a StoreKey,
+            t: FencingToken,
+            l: Lease,
+        ) -> BoxFuture<'a, Result<(), StoreError>> {
+            self.0.renew(k, t, l)
+        }
+        fn inspect<'a>(
+            &'a self,
+            k: &'a StoreKey,
+        ) -> BoxFuture<'a, Result<Option<KeyState>, StoreError>> {
+            self.0.inspect(k)
+        }
+        fn remove<'a>(&'a self, k: &'a StoreKey) -> BoxFuture<'a, Result<bool, StoreError>> {
+            self.0.remove(k)
         }
         fn complete<'a>(
             &'a self,
@@ -799,7 +834,7 @@ impl Store for GarbageStore {
         &'a self,
         _: &'a StoreKey,
         fp: Fingerprint,
-        _: Duration,
+        _: Lease,
     ) -> BoxFuture<'a, Result<Claim, StoreError>> {
         let r = if self.store_error {
             Err(StoreError::Corrupt("bad row".into()))
@@ -826,6 +861,23 @@ impl Store for GarbageStore {
         _: FencingToken,
     ) -> BoxFuture<'a, Result<(), StoreError>> {
         Box::pin(async { Err(StoreError::Fenced) })
+    }
+    fn renew<'a>(
+        &'a self,
+        _: &'a StoreKey,
+        _: FencingToken,
+        _: Lease,
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(async { Err(StoreError::Fenced) })
+    }
+    fn inspect<'a>(
+        &'a self,
+        _: &'a StoreKey,
+    ) -> BoxFuture<'a, Result<Option<KeyState>, StoreError>> {
+        Box::pin(async { Err(StoreError::Corrupt("bad row".into())) })
+    }
+    fn remove<'a>(&'a self, _: &'a StoreKey) -> BoxFuture<'a, Result<bool, StoreError>> {
+        Box::pin(async { Ok(false) })
     }
     fn name(&self) -> &'static str {
         "garbage"

@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use keel_idempotency::conformance;
 use keel_idempotency::memory::{MemoryConfig, MemoryStore};
-use keel_idempotency::store::{Claim, Fingerprint, Store, StoreError, StoreKey};
+use keel_idempotency::store::{Claim, Fingerprint, Lease, Store, StoreError, StoreKey};
 
 #[tokio::test(start_paused = true)]
 async fn conformance_paused_time() {
@@ -29,11 +29,15 @@ const FP: Fingerprint = Fingerprint([1; 32]);
 const LONG: Duration = Duration::from_secs(600);
 
 #[tokio::test(start_paused = true)]
-async fn bounded_by_entries_evicts_completed_never_live_claims() {
+async fn bounded_by_entries_refuses_new_claims_and_evicts_nothing() {
     let store = MemoryStore::with_config(MemoryConfig::default().shards(1).max_entries(10));
     // Five live claims and five completed records fill the store.
     for i in 0..10 {
-        let Claim::Acquired { token } = store.claim(&key(i), FP, LONG).await.expect("claim") else {
+        let Claim::Acquired { token } = store
+            .claim(&key(i), FP, Lease::freeing(LONG))
+            .await
+            .expect("claim")
+        else {
             panic!("fresh key");
         };
         if i >= 5 {
@@ -44,32 +48,25 @@ async fn bounded_by_entries_evicts_completed_never_live_claims() {
         }
     }
     assert_eq!(store.len(), 10);
-    // More claims evict completed records, never the live ones.
-    for i in 10..15 {
-        assert!(matches!(
-            store.claim(&key(i), FP, LONG).await,
-            Ok(Claim::Acquired { .. })
-        ));
-        assert!(store.len() <= 10);
-    }
-    for i in 0..5 {
+    // A full store refuses the new key rather than drop a record that a
+    // retry still needs.
+    assert!(matches!(
+        store.claim(&key(99), FP, Lease::freeing(LONG)).await,
+        Err(StoreError::Full(_))
+    ));
+    for i in 0..10 {
         assert!(
             matches!(
-                store.claim(&key(i), FP, LONG).await,
-                Ok(Claim::InFlight { .. })
+                store.claim(&key(i), FP, Lease::freeing(LONG)).await,
+                Ok(Claim::InFlight { .. } | Claim::Completed { .. })
             ),
-            "live claim {i} was evicted"
+            "entry {i} was dropped"
         );
     }
-    // Now the store is full of live claims: refuse rather than evict one.
-    assert!(matches!(
-        store.claim(&key(99), FP, LONG).await,
-        Err(StoreError::Unavailable(_))
-    ));
     // Expiry frees room.
     tokio::time::advance(LONG + Duration::from_secs(1)).await;
     assert!(matches!(
-        store.claim(&key(99), FP, LONG).await,
+        store.claim(&key(99), FP, Lease::freeing(LONG)).await,
         Ok(Claim::Acquired { .. })
     ));
 }
@@ -78,39 +75,36 @@ async fn bounded_by_entries_evicts_completed_never_live_claims() {
 async fn bounded_by_bytes() {
     let store = MemoryStore::with_config(MemoryConfig::default().shards(1).max_bytes(64 << 10));
     let payload = vec![7u8; 16 << 10];
+    let mut stored = 0;
     for i in 0..20 {
-        let Claim::Acquired { token } = store.claim(&key(i), FP, LONG).await.expect("claim") else {
+        let Claim::Acquired { token } = store
+            .claim(&key(i), FP, Lease::freeing(LONG))
+            .await
+            .expect("claim")
+        else {
             panic!("fresh key");
         };
-        store
-            .complete(&key(i), token, &payload, LONG)
-            .await
-            .expect("room is made");
+        match store.complete(&key(i), token, &payload, LONG).await {
+            Ok(()) => stored += 1,
+            Err(StoreError::Full(_)) => {
+                store.release(&key(i), token).await.expect("still held");
+            }
+            Err(e) => panic!("unexpected {e}"),
+        }
         assert!(
             store.bytes() <= 64 << 10,
             "over the byte limit: {}",
             store.bytes()
         );
     }
-    // The newest record is there.
-    assert!(matches!(
-        store.claim(&key(19), FP, LONG).await,
-        Ok(Claim::Completed { .. })
-    ));
-    // A record bigger than the whole store is refused, and the claim stays.
-    let Claim::Acquired { token } = store.claim(&key(100), FP, LONG).await.expect("claim") else {
-        panic!("fresh key");
-    };
-    assert!(matches!(
-        store
-            .complete(&key(100), token, &vec![0u8; 128 << 10], LONG)
-            .await,
-        Err(StoreError::Unavailable(_))
-    ));
-    store
-        .release(&key(100), token)
-        .await
-        .expect("the claim is still held");
+    assert_eq!(stored, 3, "three 16 KiB records and their keys fit in 64 KiB");
+    // The first records are all still there.
+    for i in 0..3 {
+        assert!(matches!(
+            store.claim(&key(i), FP, Lease::freeing(LONG)).await,
+            Ok(Claim::Completed { .. })
+        ));
+    }
 }
 
 #[tokio::test(start_paused = true)]
@@ -122,7 +116,10 @@ async fn purge_removes_only_expired() {
         } else {
             LONG
         };
-        store.claim(&key(i), FP, lease).await.expect("claim");
+        store
+            .claim(&key(i), FP, Lease::freeing(lease))
+            .await
+            .expect("claim");
     }
     tokio::time::advance(Duration::from_secs(2)).await;
     assert_eq!(store.purge_expired().await.expect("purge"), 5);

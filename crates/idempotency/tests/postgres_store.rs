@@ -16,7 +16,9 @@ use std::time::Duration;
 
 use keel_idempotency::conformance;
 use keel_idempotency::postgres::{PostgresOptions, PostgresStore, SetupError};
-use keel_idempotency::store::{Claim, FencingToken, Fingerprint, Store, StoreError, StoreKey};
+use keel_idempotency::store::{
+    Claim, FencingToken, Fingerprint, Lease, Store, StoreError, StoreKey,
+};
 use net_support::{Mode, Proxy};
 
 const LONG: Duration = Duration::from_secs(60);
@@ -67,7 +69,10 @@ fn key(s: &str) -> StoreKey {
 }
 
 async fn acquire(store: &PostgresStore, k: &StoreKey, lease: Duration) -> FencingToken {
-    match store.claim(k, Fingerprint([1; 32]), lease).await {
+    match store
+        .claim(k, Fingerprint([1; 32]), Lease::freeing(lease))
+        .await
+    {
         Ok(Claim::Acquired { token }) => token,
         other => panic!("expected Acquired, got {other:?}"),
     }
@@ -115,7 +120,11 @@ async fn schema_creation_is_safe_when_many_processes_start_at_once() {
                 store.ensure_schema().await?;
             }
             store
-                .claim(&key("first-use"), Fingerprint([1; 32]), LONG)
+                .claim(
+                    &key("first-use"),
+                    Fingerprint([1; 32]),
+                    Lease::freeing(LONG),
+                )
                 .await
         }));
     }
@@ -259,7 +268,9 @@ async fn the_sweeper_deletes_expired_rows_and_keeps_live_ones() {
     sweeper.abort();
     assert_eq!(remaining, 1, "only the live record stays");
     assert!(matches!(
-        store.claim(&live, Fingerprint([1; 32]), LONG).await,
+        store
+            .claim(&live, Fingerprint([1; 32]), Lease::freeing(LONG))
+            .await,
         Ok(Claim::Completed { .. })
     ));
     drop_schema(&url, &table).await;
@@ -267,7 +278,10 @@ async fn the_sweeper_deletes_expired_rows_and_keeps_live_ones() {
 
 async fn claim_until_ok(store: &PostgresStore, k: &StoreKey) -> Claim {
     for _ in 0..100 {
-        match store.claim(k, Fingerprint([1; 32]), LONG).await {
+        match store
+            .claim(k, Fingerprint([1; 32]), Lease::freeing(LONG))
+            .await
+        {
             Ok(c) => return c,
             Err(StoreError::Unavailable(_)) => tokio::time::sleep(Duration::from_millis(100)).await,
             Err(e) => panic!("unexpected {e}"),
@@ -307,9 +321,12 @@ async fn a_dead_or_hung_server_is_unavailable_fast_and_the_store_recovers() {
     for (mode, what) in [(Mode::Down, "down"), (Mode::Blackhole, "hung")] {
         proxy.set(mode);
         for op in 0..3 {
-            let got = tokio::time::timeout(guard, store.claim(&during, Fingerprint([1; 32]), LONG))
-                .await
-                .unwrap_or_else(|_| panic!("claim hung while the server was {what}"));
+            let got = tokio::time::timeout(
+                guard,
+                store.claim(&during, Fingerprint([1; 32]), Lease::freeing(LONG)),
+            )
+            .await
+            .unwrap_or_else(|_| panic!("claim hung while the server was {what}"));
             assert!(
                 matches!(got, Err(StoreError::Unavailable(_))),
                 "{what}, op {op}: {got:?}"
@@ -356,9 +373,12 @@ async fn a_dead_or_hung_server_is_unavailable_fast_and_the_store_recovers() {
         options(&table).op_timeout(Duration::from_millis(200)),
     )
     .expect("store");
-    let got = tokio::time::timeout(guard, nowhere.claim(&during, Fingerprint([1; 32]), LONG))
-        .await
-        .expect("no hang");
+    let got = tokio::time::timeout(
+        guard,
+        nowhere.claim(&during, Fingerprint([1; 32]), Lease::freeing(LONG)),
+    )
+    .await
+    .expect("no hang");
     assert!(matches!(got, Err(StoreError::Unavailable(_))), "{got:?}");
     drop_schema(&url, &table).await;
 }
@@ -383,7 +403,11 @@ async fn new_request_is_two_round_trips_and_replay_is_one() {
     let keys: Vec<StoreKey> = (0..N).map(|i| key(&format!("rt-{i}"))).collect();
     let start = proxy.round_trips();
     for k in &keys {
-        match store.claim(k, fp, LONG).await.expect("claim") {
+        match store
+            .claim(k, fp, Lease::freeing(LONG))
+            .await
+            .expect("claim")
+        {
             Claim::Acquired { token } => store
                 .complete(k, token, b"201", LONG)
                 .await
@@ -395,7 +419,10 @@ async fn new_request_is_two_round_trips_and_replay_is_one() {
     let start = proxy.round_trips();
     for k in &keys {
         assert!(matches!(
-            store.claim(k, fp, LONG).await.expect("replay"),
+            store
+                .claim(k, fp, Lease::freeing(LONG))
+                .await
+                .expect("replay"),
             Claim::Completed { .. }
         ));
     }
@@ -445,11 +472,15 @@ async fn replays_and_in_flight_duplicates_are_pure_reads() {
     };
     for _ in 0..5 {
         assert!(matches!(
-            store.claim(&done, Fingerprint([1; 32]), LONG).await,
+            store
+                .claim(&done, Fingerprint([1; 32]), Lease::freeing(LONG))
+                .await,
             Ok(Claim::Completed { .. })
         ));
         assert!(matches!(
-            store.claim(&held, Fingerprint([1; 32]), LONG).await,
+            store
+                .claim(&held, Fingerprint([1; 32]), Lease::freeing(LONG))
+                .await,
             Ok(Claim::InFlight { .. })
         ));
     }

@@ -15,7 +15,9 @@ use std::time::Duration;
 
 use keel_idempotency::conformance;
 use keel_idempotency::redis::{RedisOptions, RedisStore, SetupError};
-use keel_idempotency::store::{Claim, FencingToken, Fingerprint, Store, StoreError, StoreKey};
+use keel_idempotency::store::{
+    Claim, FencingToken, Fingerprint, Lease, Store, StoreError, StoreKey,
+};
 use net_support::{Mode, Proxy};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
@@ -70,7 +72,10 @@ fn key(s: &str) -> StoreKey {
 }
 
 async fn acquire(store: &RedisStore, k: &StoreKey, lease: Duration) -> FencingToken {
-    match store.claim(k, Fingerprint([1; 32]), lease).await {
+    match store
+        .claim(k, Fingerprint([1; 32]), Lease::freeing(lease))
+        .await
+    {
         Ok(Claim::Acquired { token }) => token,
         other => panic!("expected Acquired, got {other:?}"),
     }
@@ -245,7 +250,9 @@ async fn prefixes_isolate_stores_and_foreign_data_is_corrupt() {
         .query_async(&mut conn)
         .await
         .expect("set");
-    let got = s1.claim(&foreign, Fingerprint([1; 32]), LONG).await;
+    let got = s1
+        .claim(&foreign, Fingerprint([1; 32]), Lease::freeing(LONG))
+        .await;
     assert!(matches!(got, Err(StoreError::Corrupt(_))), "{got:?}");
 
     assert!(matches!(
@@ -261,7 +268,10 @@ async fn prefixes_isolate_stores_and_foreign_data_is_corrupt() {
 /// may still fail.
 async fn claim_until_ok(store: &RedisStore, k: &StoreKey) -> Claim {
     for _ in 0..100 {
-        match store.claim(k, Fingerprint([1; 32]), LONG).await {
+        match store
+            .claim(k, Fingerprint([1; 32]), Lease::freeing(LONG))
+            .await
+        {
             Ok(c) => return c,
             Err(StoreError::Unavailable(_)) => tokio::time::sleep(Duration::from_millis(100)).await,
             Err(e) => panic!("unexpected {e}"),
@@ -298,7 +308,7 @@ async fn a_dead_or_hung_server_is_unavailable_fast_and_the_store_recovers() {
     for (mode, what) in [(Mode::Down, "down"), (Mode::Blackhole, "hung")] {
         proxy.set(mode);
         for op in 0..3 {
-            let claim = store.claim(&during, Fingerprint([1; 32]), LONG);
+            let claim = store.claim(&during, Fingerprint([1; 32]), Lease::freeing(LONG));
             let got = tokio::time::timeout(guard, claim)
                 .await
                 .unwrap_or_else(|_| panic!("claim hung while the server was {what}"));
@@ -334,9 +344,12 @@ async fn a_dead_or_hung_server_is_unavailable_fast_and_the_store_recovers() {
         RedisOptions::default().op_timeout(Duration::from_millis(200)),
     )
     .expect("lazy");
-    let got = tokio::time::timeout(guard, nowhere.claim(&key("x"), Fingerprint([1; 32]), LONG))
-        .await
-        .expect("no hang");
+    let got = tokio::time::timeout(
+        guard,
+        nowhere.claim(&key("x"), Fingerprint([1; 32]), Lease::freeing(LONG)),
+    )
+    .await
+    .expect("no hang");
     assert!(matches!(got, Err(StoreError::Unavailable(_))), "{got:?}");
     assert!(matches!(
         RedisStore::connect(
@@ -427,7 +440,11 @@ async fn new_request_is_two_round_trips_and_replay_is_one() {
 
     let mut monitor = Monitor::start(&url).await;
     for k in &keys {
-        match store.claim(k, fp, LONG).await.expect("claim") {
+        match store
+            .claim(k, fp, Lease::freeing(LONG))
+            .await
+            .expect("claim")
+        {
             Claim::Acquired { token } => store
                 .complete(k, token, b"201", LONG)
                 .await
@@ -440,7 +457,10 @@ async fn new_request_is_two_round_trips_and_replay_is_one() {
 
     for k in &keys {
         assert!(matches!(
-            store.claim(k, fp, LONG).await.expect("replay"),
+            store
+                .claim(k, fp, Lease::freeing(LONG))
+                .await
+                .expect("replay"),
             Claim::Completed { .. }
         ));
     }

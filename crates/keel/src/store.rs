@@ -20,7 +20,9 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use keel_idempotency::gate::{ConsecutiveFailures, StoreGate};
-use keel_idempotency::store::{BoxFuture, Claim, Fingerprint, Store, StoreError, StoreKey};
+use keel_idempotency::store::{
+    BoxFuture, Claim, FencingToken, Fingerprint, KeyState, Lease, Store, StoreError, StoreKey,
+};
 use keel_supervisor::{ChildContext, ChildResult, ChildSpec, RestartBackoff};
 use tokio::sync::Notify;
 
@@ -51,7 +53,7 @@ impl Store for StoreSlot {
         &'a self,
         key: &'a StoreKey,
         fingerprint: Fingerprint,
-        lease: Duration,
+        lease: Lease,
     ) -> BoxFuture<'a, Result<Claim, StoreError>> {
         match self.get() {
             Ok(store) => store.claim(key, fingerprint, lease),
@@ -59,10 +61,39 @@ impl Store for StoreSlot {
         }
     }
 
+    fn renew<'a>(
+        &'a self,
+        key: &'a StoreKey,
+        token: FencingToken,
+        lease: Lease,
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        match self.get() {
+            Ok(store) => store.renew(key, token, lease),
+            Err(e) => Box::pin(async move { Err(e) }),
+        }
+    }
+
+    fn inspect<'a>(
+        &'a self,
+        key: &'a StoreKey,
+    ) -> BoxFuture<'a, Result<Option<KeyState>, StoreError>> {
+        match self.get() {
+            Ok(store) => store.inspect(key),
+            Err(e) => Box::pin(async move { Err(e) }),
+        }
+    }
+
+    fn remove<'a>(&'a self, key: &'a StoreKey) -> BoxFuture<'a, Result<bool, StoreError>> {
+        match self.get() {
+            Ok(store) => store.remove(key),
+            Err(e) => Box::pin(async move { Err(e) }),
+        }
+    }
+
     fn complete<'a>(
         &'a self,
         key: &'a StoreKey,
-        token: keel_idempotency::store::FencingToken,
+        token: FencingToken,
         payload: &'a [u8],
         ttl: Duration,
     ) -> BoxFuture<'a, Result<(), StoreError>> {
@@ -75,7 +106,7 @@ impl Store for StoreSlot {
     fn release<'a>(
         &'a self,
         key: &'a StoreKey,
-        token: keel_idempotency::store::FencingToken,
+        token: FencingToken,
     ) -> BoxFuture<'a, Result<(), StoreError>> {
         match self.get() {
             Ok(store) => store.release(key, token),
@@ -295,7 +326,11 @@ impl SharedStore {
 async fn probe(store: &Arc<dyn Store>, key: &StoreKey, timeout: Duration) -> Result<(), String> {
     let work = async {
         match store
-            .claim(key, Fingerprint([0; 32]), Duration::from_secs(5))
+            .claim(
+                key,
+                Fingerprint([0; 32]),
+                Lease::freeing(Duration::from_secs(5)),
+            )
             .await
         {
             Ok(Claim::Acquired { token }) => match store.release(key, token).await {
@@ -395,7 +430,11 @@ mod tests {
         assert!(matches!(
             shared
                 .store
-                .claim(&key, Fingerprint([1; 32]), Duration::from_secs(1))
+                .claim(
+                    &key,
+                    Fingerprint([1; 32]),
+                    Lease::freeing(Duration::from_secs(1))
+                )
                 .await,
             Err(StoreError::Unavailable(_))
         ));
@@ -418,7 +457,11 @@ mod tests {
         assert!(matches!(
             shared
                 .store
-                .claim(&key, Fingerprint([1; 32]), Duration::from_secs(1))
+                .claim(
+                    &key,
+                    Fingerprint([1; 32]),
+                    Lease::freeing(Duration::from_secs(1))
+                )
                 .await,
             Ok(Claim::Acquired { .. })
         ));
