@@ -53,11 +53,14 @@
 //! never called, and records "outcome unknown" if it was. Without a tokio
 //! runtime at drop time the claim simply lapses when its lease expires.
 
+use std::future::Future;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
 use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, Uri};
+use keel_retry::{Backoff, Jitter};
 
 use crate::codec::{Record, StoredResponse};
 use crate::fingerprint::FingerprintConfig;
@@ -783,6 +786,17 @@ impl Engine {
                 ),
             ));
         }
+        if head.method == Method::CONNECT || head.headers.contains_key(http::header::UPGRADE) {
+            // A tunnel is not a result that can be recorded or replayed: a
+            // retry could only run the operation again.
+            return reject(Problem::new(
+                ProblemKind::UpgradeRefused,
+                format!(
+                    "a request with an {} cannot upgrade the connection; send it without Upgrade, or without the key",
+                    policy.header
+                ),
+            ));
+        }
         let key = self.store_key(&head, &client_key);
         let fingerprint = policy
             .fingerprint
@@ -1186,6 +1200,66 @@ impl Guard {
         self.state.as_ref().map(|s| s.token)
     }
 
+    /// Extends the claim's lease by the policy's lease from now. A caller
+    /// that runs the work itself can call this; [`Guard::hold`] does it on
+    /// a timer. [`StoreError::Fenced`] means the lease had already lapsed:
+    /// the key is locked as "outcome unknown" (or, with
+    /// [`LapsedLease::Rerun`], free for another request), and this guard's
+    /// result will not be recorded.
+    ///
+    /// ```
+    /// # use keel_idempotency::{engine::*, memory::MemoryStore};
+    /// # tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap().block_on(async {
+    /// # let engine = Engine::new(std::sync::Arc::new(MemoryStore::new()), Policy::default());
+    /// # let req = http::Request::post("/x").header("idempotency-key", "k").body(()).unwrap();
+    /// let Begin::Execute(guard) = engine.begin(&req, b"").await else { panic!() };
+    /// guard.renew().await.unwrap();
+    /// guard.release().await.unwrap();
+    /// # });
+    /// ```
+    pub async fn renew(&self) -> Result<(), StoreError> {
+        match &self.state {
+            Some(s) => s.renew().await,
+            None => Err(StoreError::Fenced),
+        }
+    }
+
+    /// Runs `work` (the request to the upstream, the handler, the reading
+    /// of a slow response body) while renewing the lease every third of
+    /// it, so a slow but live request is never taken for a dead one. A
+    /// request that finishes within a third of the lease costs no store
+    /// call. A renewal the store refuses for being unreachable is tried
+    /// again sooner; one refused as fenced ends the renewals (the lease had
+    /// lapsed already). `work` runs to its end either way.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// # use keel_idempotency::{engine::*, memory::MemoryStore};
+    /// # tokio::runtime::Builder::new_current_thread().enable_time().start_paused(true).build().unwrap().block_on(async {
+    /// let engine = Engine::new(
+    ///     std::sync::Arc::new(MemoryStore::new()),
+    ///     Policy::default().lease(Duration::from_secs(3)),
+    /// );
+    /// let req = http::Request::post("/x").header("idempotency-key", "k").body(()).unwrap();
+    /// let Begin::Execute(mut guard) = engine.begin(&req, b"").await else { panic!() };
+    /// guard.mark_started();
+    /// // Work that takes ten leases: the key stays held, not abandoned.
+    /// let answer = guard.hold(async {
+    ///     tokio::time::sleep(Duration::from_secs(30)).await;
+    ///     "done"
+    /// }).await;
+    /// assert_eq!(answer, "done");
+    /// let ok = http::Response::new("done");
+    /// assert_eq!(guard.complete(&ok).await.unwrap(), Completion::Stored);
+    /// # });
+    /// ```
+    pub async fn hold<F: Future>(&self, work: F) -> F::Output {
+        match &self.state {
+            Some(s) => s.hold(work).await,
+            None => work.await,
+        }
+    }
+
     /// Finishes with the operation's response, applying the outcome
     /// policy: 408, 409, 425 and 429 (and 5xx on routes that release them)
     /// release the claim; a body over the limit stores a "too large"
@@ -1271,7 +1345,21 @@ impl Guard {
             headers: kept,
             body: body.to_vec(),
         });
-        s.store(&record).await.map(|()| Completion::Stored)
+        match s.store(&record).await {
+            Ok(()) => Ok(Completion::Stored),
+            Err(StoreError::Full(_)) => {
+                // No room for the response: record that the operation ran
+                // (a small record a full store still takes), so a retry
+                // gets a 409 instead of running it again.
+                let ran = Record::TooLarge {
+                    status: status.as_u16(),
+                    request_id: s.request_id.clone(),
+                    body_len: body.len() as u64,
+                };
+                s.store(&ran).await.map(|()| Completion::TooLarge)
+            }
+            Err(e) => Err(e),
+        }
     }
 
     /// Finishes with a response too large to buffer (a gateway that
@@ -1352,21 +1440,79 @@ impl Guard {
 }
 
 impl GuardState {
-    async fn store(&self, record: &Record) -> Result<(), StoreError> {
-        let payload = record.encode();
+    fn lease(&self) -> Lease {
+        self.inner.policy.store_lease()
+    }
+
+    async fn renew(&self) -> Result<(), StoreError> {
         let r = self
             .inner
             .store
-            .complete(&self.key, self.token, &payload, self.inner.policy.ttl)
+            .renew(&self.key, self.token, self.lease())
             .await;
         self.report(&r);
         r
     }
 
+    async fn hold<F: Future>(&self, work: F) -> F::Output {
+        let every = (self.inner.policy.lease / 3).max(Duration::from_millis(1));
+        let lease = self.lease();
+        let mut work = std::pin::pin!(work);
+        let mut tick = std::pin::pin!(tokio::time::sleep(every));
+        let mut renewal: Option<crate::store::BoxFuture<'_, Result<(), StoreError>>> = None;
+        let mut lost = false;
+        std::future::poll_fn(|cx| {
+            if let Poll::Ready(out) = work.as_mut().poll(cx) {
+                return Poll::Ready(out);
+            }
+            loop {
+                if let Some(r) = renewal.as_mut() {
+                    let Poll::Ready(result) = r.as_mut().poll(cx) else {
+                        return Poll::Pending;
+                    };
+                    renewal = None;
+                    self.report(&result);
+                    let next = match result {
+                        Ok(()) => every,
+                        // The store is unreachable: try again well before
+                        // the lease runs out.
+                        Err(StoreError::Unavailable(_) | StoreError::Full(_)) => every / 4,
+                        // Lapsed already (or unreadable): nothing to keep.
+                        Err(StoreError::Fenced | StoreError::Corrupt(_)) => {
+                            lost = true;
+                            every
+                        }
+                    };
+                    tick.as_mut().reset(tokio::time::Instant::now() + next);
+                }
+                if lost {
+                    return Poll::Pending;
+                }
+                match tick.as_mut().poll(cx) {
+                    Poll::Ready(()) => {
+                        renewal = Some(self.inner.store.renew(&self.key, self.token, lease));
+                    }
+                    Poll::Pending => return Poll::Pending,
+                }
+            }
+        })
+        .await
+    }
+
+    async fn store(&self, record: &Record) -> Result<(), StoreError> {
+        let payload = record.encode();
+        let ttl = self.inner.policy.ttl;
+        self.persist(|| {
+            self.inner
+                .store
+                .complete(&self.key, self.token, &payload, ttl)
+        })
+        .await
+    }
+
     async fn release(&self) -> Result<(), StoreError> {
-        let r = self.inner.store.release(&self.key, self.token).await;
-        self.report(&r);
-        r
+        self.persist(|| self.inner.store.release(&self.key, self.token))
+            .await
     }
 
     async fn outcome_unknown(&self) -> Result<(), StoreError> {
@@ -1376,7 +1522,41 @@ impl GuardState {
         .await
     }
 
-    fn report(&self, r: &Result<(), StoreError>) {
+    /// Writes an outcome, retrying while the store is unreachable, with
+    /// capped full-jitter backoff, for up to the policy's `record_retry`.
+    /// If it still fails, the claim stays until its lease lapses, and then
+    /// locks the key ([`LapsedLease::Lock`]): a lost write never frees a
+    /// key whose request may have run.
+    async fn persist<'s, F>(&'s self, write: F) -> Result<(), StoreError>
+    where
+        F: Fn() -> crate::store::BoxFuture<'s, Result<(), StoreError>>,
+    {
+        let mut result = write().await;
+        self.report(&result);
+        if !matches!(result, Err(StoreError::Unavailable(_))) {
+            return result;
+        }
+        let deadline = tokio::time::Instant::now() + self.inner.policy.record_retry;
+        let mut delays = Backoff::exponential(Duration::from_millis(50))
+            .cap(Duration::from_secs(1))
+            .jitter(Jitter::Full)
+            .iter();
+        for delay in delays.by_ref() {
+            let wake = tokio::time::Instant::now() + delay;
+            if wake > deadline {
+                break;
+            }
+            tokio::time::sleep_until(wake).await;
+            result = write().await;
+            self.report(&result);
+            if !matches!(result, Err(StoreError::Unavailable(_))) {
+                break;
+            }
+        }
+        result
+    }
+
+    fn report<T>(&self, r: &Result<T, StoreError>) {
         match r {
             Err(StoreError::Unavailable(_)) => self.inner.gate.on_failure(),
             _ => self.inner.gate.on_success(),

@@ -12,11 +12,12 @@ use common::{post, problem_type};
 use http::{HeaderMap, Request, Response, StatusCode};
 use keel_idempotency::codec::Record;
 use keel_idempotency::engine::{
-    Begin, Completion, Engine, InFlight, PassReason, Policy, ServerErrors, StoreDown, Tenant,
+    Begin, Completion, Engine, InFlight, KeyLookup, LapsedLease, PassReason, Policy, ServerErrors,
+    StoreDown, Tenant,
 };
 use keel_idempotency::fingerprint::FingerprintConfig;
 use keel_idempotency::gate::{AlwaysAllow, ConsecutiveFailures};
-use keel_idempotency::memory::MemoryStore;
+use keel_idempotency::memory::{MemoryConfig, MemoryStore};
 use keel_idempotency::store::{
     BoxFuture, Claim, FencingToken, Fingerprint, KeyState, Lease, Store, StoreError, StoreKey,
 };
@@ -759,70 +760,6 @@ async fn store_down_fails_open_per_route() {
     assert_eq!(rejected(&e, &bad, b"").await.status(), 400);
 }
 
-#[tokio::test]
-async fn store_failing_at_completion_reports_it() {
-    // Claim succeeds on a real store, then the store "goes down" for the
-    // completion: the caller learns the result was not recorded.
-    struct FlakyComplete(MemoryStore);
-    impl Store for FlakyComplete {
-        fn claim<'a>(
-            &'a self,
-            k: &'a StoreKey,
-            f: Fingerprint,
-            l: Lease,
-        ) -> BoxFuture<'a, Result<Claim, StoreError>> {
-            self.0.claim(k, f, l)
-        }
-        fn renew<'a>(
-            &'a self,
-            k: &'a StoreKey,
-            t: FencingToken,
-            l: Lease,
-        ) -> BoxFuture<'a, Result<(), StoreError>> {
-            self.0.renew(k, t, l)
-        }
-        fn inspect<'a>(
-            &'a self,
-            k: &'a StoreKey,
-        ) -> BoxFuture<'a, Result<Option<KeyState>, StoreError>> {
-            self.0.inspect(k)
-        }
-        fn remove<'a>(&'a self, k: &'a StoreKey) -> BoxFuture<'a, Result<bool, StoreError>> {
-            self.0.remove(k)
-        }
-        fn complete<'a>(
-            &'a self,
-            _: &'a StoreKey,
-            _: FencingToken,
-            _: &'a [u8],
-            _: Duration,
-        ) -> BoxFuture<'a, Result<(), StoreError>> {
-            Box::pin(async { Err(StoreError::Unavailable("timeout".into())) })
-        }
-        fn release<'a>(
-            &'a self,
-            k: &'a StoreKey,
-            t: FencingToken,
-        ) -> BoxFuture<'a, Result<(), StoreError>> {
-            self.0.release(k, t)
-        }
-        fn name(&self) -> &'static str {
-            "flaky"
-        }
-    }
-    let e = Engine::new(
-        Arc::new(FlakyComplete(MemoryStore::new())),
-        Policy::default(),
-    );
-    let guard = execute(&e, &post("k"), b"").await;
-    assert!(matches!(
-        guard.complete(&respond(200, "ok")).await,
-        Err(StoreError::Unavailable(_))
-    ));
-    // The claim stays until its lease ends: a retry is told to wait, not run.
-    assert_eq!(rejected(&e, &post("k"), b"").await.status(), 409);
-}
-
 /// A store whose records are unreadable: a payload that is not a record,
 /// or a store-level `Corrupt` error.
 struct GarbageStore {
@@ -937,4 +874,367 @@ async fn complete_parts_and_unbuffered() {
             .expect("released"),
         Completion::Released
     );
+}
+
+// ---- faults: slow work, vanished holders, a store that stalls or fills ----
+
+/// A memory store with switchable faults, counting the calls of each kind.
+#[derive(Default)]
+struct Faulty {
+    inner: MemoryStore,
+    /// While set, every call fails as unavailable (a stalled or cut store).
+    down: std::sync::atomic::AtomicBool,
+    /// The next this-many `complete` calls fail as unavailable.
+    fail_completes: AtomicUsize,
+    renews: AtomicUsize,
+    completes: AtomicUsize,
+}
+
+impl Faulty {
+    fn over(inner: MemoryStore) -> Arc<Self> {
+        Arc::new(Self {
+            inner,
+            ..Self::default()
+        })
+    }
+
+    fn set_down(&self, down: bool) {
+        self.down.store(down, Ordering::SeqCst);
+    }
+
+    fn fault(&self) -> Option<StoreError> {
+        self.down
+            .load(Ordering::SeqCst)
+            .then(|| StoreError::Unavailable("stalled".into()))
+    }
+}
+
+impl Store for Faulty {
+    fn claim<'a>(
+        &'a self,
+        k: &'a StoreKey,
+        f: Fingerprint,
+        l: Lease,
+    ) -> BoxFuture<'a, Result<Claim, StoreError>> {
+        match self.fault() {
+            Some(e) => Box::pin(async move { Err(e) }),
+            None => self.inner.claim(k, f, l),
+        }
+    }
+    fn renew<'a>(
+        &'a self,
+        k: &'a StoreKey,
+        t: FencingToken,
+        l: Lease,
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        self.renews.fetch_add(1, Ordering::SeqCst);
+        match self.fault() {
+            Some(e) => Box::pin(async move { Err(e) }),
+            None => self.inner.renew(k, t, l),
+        }
+    }
+    fn complete<'a>(
+        &'a self,
+        k: &'a StoreKey,
+        t: FencingToken,
+        p: &'a [u8],
+        ttl: Duration,
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        self.completes.fetch_add(1, Ordering::SeqCst);
+        let scripted = self
+            .fail_completes
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok();
+        match self
+            .fault()
+            .or_else(|| scripted.then(|| StoreError::Unavailable("timeout".into())))
+        {
+            Some(e) => Box::pin(async move { Err(e) }),
+            None => self.inner.complete(k, t, p, ttl),
+        }
+    }
+    fn release<'a>(
+        &'a self,
+        k: &'a StoreKey,
+        t: FencingToken,
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        match self.fault() {
+            Some(e) => Box::pin(async move { Err(e) }),
+            None => self.inner.release(k, t),
+        }
+    }
+    fn inspect<'a>(
+        &'a self,
+        k: &'a StoreKey,
+    ) -> BoxFuture<'a, Result<Option<KeyState>, StoreError>> {
+        self.inner.inspect(k)
+    }
+    fn remove<'a>(&'a self, k: &'a StoreKey) -> BoxFuture<'a, Result<bool, StoreError>> {
+        self.inner.remove(k)
+    }
+    fn name(&self) -> &'static str {
+        "faulty"
+    }
+}
+
+fn faulty_engine(store: &Arc<Faulty>, policy: Policy) -> Engine {
+    Engine::with_gate(store.clone(), Arc::new(AlwaysAllow), policy)
+}
+
+fn lookup(key: &str) -> KeyLookup<'_> {
+    KeyLookup {
+        tenant: Some(b"Bearer tenant-a"),
+        method: &http::Method::POST,
+        path: "/orders",
+        key,
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_slow_request_keeps_its_key_held_past_the_lease() {
+    let store = Faulty::over(MemoryStore::new());
+    let e = faulty_engine(&store, Policy::default().lease(Duration::from_secs(3)));
+    let mut guard = execute(&e, &post("slow"), b"").await;
+    guard.mark_started();
+    // The response takes ten leases (a body streamed slowly); a duplicate
+    // sent in the middle is told to wait, never run or locked out.
+    let work = guard.hold(tokio::time::sleep(Duration::from_secs(30)));
+    let duplicate = async {
+        tokio::time::sleep(Duration::from_secs(20)).await;
+        rejected(&e, &post("slow"), b"").await
+    };
+    let ((), dup) = tokio::join!(work, duplicate);
+    assert_eq!(dup.status(), 409);
+    assert_eq!(problem_type(&dup), "urn:keel:problem:idempotency-in-flight");
+    let renewals = store.renews.load(Ordering::SeqCst);
+    assert!(
+        (29..=31).contains(&renewals),
+        "renewed every second (a third of the lease): {renewals}"
+    );
+    assert_eq!(
+        guard.complete(&respond(201, "made")).await.expect("stored"),
+        Completion::Stored
+    );
+    assert_eq!(replayed(&e, &post("slow"), b"").await.body(), "made");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_request_within_a_third_of_the_lease_costs_no_renewal() {
+    let store = Faulty::over(MemoryStore::new());
+    let e = faulty_engine(&store, Policy::default().lease(Duration::from_secs(3)));
+    let mut guard = execute(&e, &post("quick"), b"").await;
+    guard.mark_started();
+    guard
+        .hold(tokio::time::sleep(Duration::from_millis(900)))
+        .await;
+    guard.complete(&respond(200, "ok")).await.expect("stored");
+    assert_eq!(store.renews.load(Ordering::SeqCst), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn renewal_rides_out_a_store_blip_shorter_than_the_lease() {
+    let store = Faulty::over(MemoryStore::new());
+    let e = faulty_engine(&store, Policy::default().lease(Duration::from_secs(3)));
+    let mut guard = execute(&e, &post("blip"), b"").await;
+    guard.mark_started();
+    let blip = async {
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        store.set_down(true);
+        tokio::time::sleep(Duration::from_millis(1400)).await;
+        store.set_down(false);
+    };
+    tokio::join!(
+        guard.hold(tokio::time::sleep(Duration::from_secs(10))),
+        blip
+    );
+    assert_eq!(
+        guard.complete(&respond(200, "ok")).await.expect("stored"),
+        Completion::Stored,
+        "the lease never lapsed: the blip was retried within it"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_store_outage_past_the_lease_locks_the_key_never_frees_it() {
+    let store = Faulty::over(MemoryStore::new());
+    let e = faulty_engine(
+        &store,
+        Policy::default()
+            .lease(Duration::from_secs(3))
+            .record_retry(Duration::from_secs(2)),
+    );
+    let mut guard = execute(&e, &post("outage"), b"").await;
+    guard.mark_started();
+    // The store stalls while the request is at the upstream, and stays
+    // away past the lease and the write retries.
+    store.set_down(true);
+    guard.hold(tokio::time::sleep(Duration::from_secs(2))).await;
+    assert!(matches!(
+        guard.complete(&respond(201, "made")).await,
+        Err(StoreError::Unavailable(_))
+    ));
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    store.set_down(false);
+    let retry = rejected(&e, &post("outage"), b"").await;
+    assert_eq!(retry.status(), 409);
+    assert_eq!(
+        problem_type(&retry),
+        "urn:keel:problem:idempotency-outcome-unknown"
+    );
+    assert!(
+        store.completes.load(Ordering::SeqCst) > 3,
+        "the write was retried"
+    );
+    let status = e.key_status(&lookup("outage")).await.expect("inspect");
+    assert_eq!(status.state, "abandoned");
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_outcome_write_is_retried_until_the_store_answers() {
+    let store = Faulty::over(MemoryStore::new());
+    let e = faulty_engine(&store, Policy::default());
+    let mut guard = execute(&e, &post("retried"), b"").await;
+    guard.mark_started();
+    store.fail_completes.store(4, Ordering::SeqCst);
+    assert_eq!(
+        guard.complete(&respond(201, "made")).await.expect("stored"),
+        Completion::Stored
+    );
+    assert_eq!(store.completes.load(Ordering::SeqCst), 5);
+    assert_eq!(replayed(&e, &post("retried"), b"").await.body(), "made");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_vanished_holder_locks_the_key_until_an_operator_releases_it() {
+    let e = engine(Policy::default().lease(Duration::from_secs(3)));
+    let mut guard = execute(&e, &post("crash"), b"").await;
+    guard.mark_started();
+    // The process dies with the request at the upstream: no drop handler,
+    // no completion, no renewal.
+    std::mem::forget(guard);
+    assert_eq!(rejected(&e, &post("crash"), b"").await.status(), 409);
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let r = rejected(&e, &post("crash"), b"").await;
+    assert_eq!(
+        problem_type(&r),
+        "urn:keel:problem:idempotency-outcome-unknown"
+    );
+    assert!(r.headers().get("retry-after").is_none());
+    // A different body under the same key is still a different request.
+    assert_eq!(rejected(&e, &post("crash"), b"other").await.status(), 422);
+    // Still locked an hour later, well inside the TTL.
+    tokio::time::sleep(Duration::from_secs(3600)).await;
+    assert_eq!(rejected(&e, &post("crash"), b"").await.status(), 409);
+    let status = e.key_status(&lookup("crash")).await.expect("inspect");
+    assert_eq!((status.state, status.token.is_some()), ("abandoned", true));
+    assert!(e.remove_key(&lookup("crash")).await.expect("remove"));
+    assert_eq!(
+        e.key_status(&lookup("crash")).await.expect("inspect").state,
+        "free"
+    );
+    execute(&e, &post("crash"), b"").await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_abandoned_lock_ends_with_the_ttl() {
+    let e = engine(
+        Policy::default()
+            .lease(Duration::from_secs(3))
+            .ttl(Duration::from_secs(60)),
+    );
+    let mut guard = execute(&e, &post("ttl"), b"").await;
+    guard.mark_started();
+    std::mem::forget(guard);
+    tokio::time::sleep(Duration::from_secs(62)).await;
+    assert_eq!(rejected(&e, &post("ttl"), b"").await.status(), 409);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    execute(&e, &post("ttl"), b"").await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_rerun_route_frees_a_vanished_holders_key() {
+    let e = engine(
+        Policy::default()
+            .lease(Duration::from_secs(3))
+            .lapsed_lease(LapsedLease::Rerun),
+    );
+    let mut guard = execute(&e, &post("rerun"), b"").await;
+    guard.mark_started();
+    std::mem::forget(guard);
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    execute(&e, &post("rerun"), b"").await;
+}
+
+#[tokio::test]
+async fn a_full_store_refuses_new_keys_with_503_and_replays_the_rest() {
+    let e = engine_over(MemoryStore::with_config(
+        MemoryConfig::default().shards(1).max_entries(4),
+    ));
+    for i in 0..4 {
+        let key = format!("k{i}");
+        execute(&e, &post(&key), b"")
+            .await
+            .complete(&respond(201, "made"))
+            .await
+            .expect("stored");
+    }
+    let full = rejected(&e, &post("k4"), b"").await;
+    assert_eq!(full.status(), 503);
+    assert_eq!(
+        problem_type(&full),
+        "urn:keel:problem:idempotency-store-full"
+    );
+    assert!(full.headers().contains_key("retry-after"));
+    for i in 0..4 {
+        let key = format!("k{i}");
+        assert_eq!(replayed(&e, &post(&key), b"").await.body(), "made");
+    }
+}
+
+#[tokio::test]
+async fn a_response_without_room_is_recorded_as_ran() {
+    let e = engine_over(MemoryStore::with_config(
+        MemoryConfig::default().shards(1).max_bytes(2048),
+    ));
+    let big: &'static str = Box::leak("x".repeat(4096).into_boxed_str());
+    let guard = execute(&e, &post("big"), b"").await;
+    assert_eq!(
+        guard.complete(&respond(201, big)).await.expect("recorded"),
+        Completion::TooLarge
+    );
+    let r = rejected(&e, &post("big"), b"").await;
+    assert_eq!(r.status(), 409);
+    assert_eq!(
+        problem_type(&r),
+        "urn:keel:problem:idempotency-response-not-stored"
+    );
+}
+
+fn engine_over(store: MemoryStore) -> Engine {
+    Engine::new(Arc::new(store), Policy::default())
+}
+
+#[tokio::test]
+async fn keyed_requests_cannot_upgrade() {
+    let e = engine(Policy::default());
+    let upgrade = Request::post("/orders")
+        .header("idempotency-key", "ws")
+        .header("connection", "upgrade")
+        .header("upgrade", "websocket")
+        .body(())
+        .expect("req");
+    let r = rejected(&e, &upgrade, b"").await;
+    assert_eq!(r.status(), 400);
+    assert_eq!(
+        problem_type(&r),
+        "urn:keel:problem:idempotency-upgrade-refused"
+    );
+    let unkeyed = Request::post("/orders")
+        .header("upgrade", "websocket")
+        .body(())
+        .expect("req");
+    assert!(matches!(
+        e.begin(&unkeyed, b"").await,
+        Begin::PassThrough(PassReason::NoKey)
+    ));
 }

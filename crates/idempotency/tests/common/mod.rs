@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use keel_idempotency::conformance::unique_prefix;
-use keel_idempotency::engine::{Begin, Completion, Engine, InFlight, Policy};
+use keel_idempotency::engine::{Begin, Completion, Engine, InFlight, LapsedLease, Policy};
 use keel_idempotency::store::{Store, StoreError};
 
 /// The `type` member of a problem+json response.
@@ -156,12 +156,51 @@ pub async fn cross_instance_200_keys(a: Arc<dyn Store>, b: Arc<dyn Store>) {
     assert!(per_key.iter().all(|n| n.load(Ordering::SeqCst) == 1));
 }
 
-/// A holder whose lease expires: the next request claims the key with a
+/// A holder whose lease lapses. By default the key is then locked as
+/// "outcome unknown" (the holder may have run the request): the next
+/// request gets a 409 and the stale holder's late completion is refused.
+/// Under `LapsedLease::Rerun` the next request claims the key with a
 /// higher token and executes; the stale holder's completion is refused and
 /// cannot overwrite the newer result. Waits on tokio's clock, so it runs
 /// instantly under paused time.
 pub async fn lease_expiry_fences_stale_holder(store: Arc<dyn Store>) {
-    let engine = Engine::new(store, policy().lease(Duration::from_millis(300)));
+    let locking = Engine::new(store.clone(), policy().lease(Duration::from_millis(300)));
+    let Begin::Execute(mut vanished) = locking.begin(&post("lapse-lock"), b"x").await else {
+        panic!("fresh key must execute");
+    };
+    vanished.mark_started();
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    for _ in 0..2 {
+        match locking.begin(&post("lapse-lock"), b"x").await {
+            Begin::Reject(r) => {
+                assert_eq!(r.status(), 409);
+                assert_eq!(
+                    problem_type(&r),
+                    "urn:keel:problem:idempotency-outcome-unknown"
+                );
+            }
+            other => panic!("after the lapse: expected the outcome-unknown 409, got {other:?}"),
+        }
+    }
+    let late = http::Response::new(Bytes::from_static(b"late"));
+    assert!(matches!(
+        vanished.complete(&late).await,
+        Err(StoreError::Fenced)
+    ));
+    assert!(
+        matches!(
+            locking.begin(&post("lapse-lock"), b"x").await,
+            Begin::Reject(_)
+        ),
+        "a late completion does not unlock the key"
+    );
+
+    let engine = Engine::new(
+        store,
+        policy()
+            .lease(Duration::from_millis(300))
+            .lapsed_lease(LapsedLease::Rerun),
+    );
     let Begin::Execute(mut stale) = engine.begin(&post("lease"), b"x").await else {
         panic!("fresh key must execute");
     };
@@ -172,7 +211,7 @@ pub async fn lease_expiry_fences_stale_holder(store: Arc<dyn Store>) {
     }
     tokio::time::sleep(Duration::from_millis(700)).await;
     let Begin::Execute(fresh) = engine.begin(&post("lease"), b"x").await else {
-        panic!("after the lease, the next request must take the key over");
+        panic!("after the lease, a rerun route's next request must take the key over");
     };
     assert!(
         fresh.token() > stale.token(),
