@@ -165,19 +165,22 @@ where
                 Begin::Replay(r) | Begin::Reject(r) => Ok(r.map(buffered)),
                 Begin::Execute(mut guard) => {
                     guard.mark_started();
-                    // On error the guard is dropped started, which records
-                    // "outcome unknown" on a spawned task.
-                    let response = inner
-                        .call(Request::from_parts(parts, buffered(bytes)))
+                    // The handler and the reading of its body run under
+                    // the lease, renewed while they last. On error the
+                    // guard is dropped started, which records "outcome
+                    // unknown" on a spawned task.
+                    let response = guard
+                        .hold(inner.call(Request::from_parts(parts, buffered(bytes))))
                         .await?;
                     let (rparts, rbody) = response.into_parts();
                     // Keep only Send values across the awaits below.
-                    let collected = rbody.collect().await.ok().map(|c| c.to_bytes());
+                    let collected = guard.hold(rbody.collect()).await.ok().map(|c| c.to_bytes());
                     match collected {
                         Some(body) => {
                             // The client gets its response even if recording
-                            // fails; a retry then meets the claim (409) until
-                            // its lease ends.
+                            // fails; a retry then meets the claim (409), and
+                            // once its lease lapses the key stays locked as
+                            // "outcome unknown".
                             let _ = guard
                                 .complete_parts(rparts.status, &rparts.headers, &body)
                                 .await;

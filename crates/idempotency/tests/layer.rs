@@ -143,3 +143,41 @@ async fn service_error_locks_the_key_as_outcome_unknown() {
         "the operation is not run again"
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_handler_slower_than_the_lease_still_runs_once() {
+    let runs = Arc::new(AtomicUsize::new(0));
+    let counter = runs.clone();
+    let app = Router::new()
+        .route(
+            "/orders",
+            post(move || {
+                let runs = counter.clone();
+                async move {
+                    runs.fetch_add(1, Ordering::SeqCst);
+                    // Ten leases of work: the layer renews the claim.
+                    tokio::time::sleep(std::time::Duration::from_secs(30)).await;
+                    "charged"
+                }
+            }),
+        )
+        .layer(IdempotencyLayer::new(engine(
+            Policy::default().lease(std::time::Duration::from_secs(3)),
+        )));
+    let first = tokio::spawn(app.clone().oneshot(post_req("slow", "{}")));
+    tokio::time::sleep(std::time::Duration::from_secs(20)).await;
+    let duplicate = app
+        .clone()
+        .oneshot(post_req("slow", "{}"))
+        .await
+        .expect("infallible");
+    assert_eq!(duplicate.status(), 409, "the first is still running");
+    let first = first.await.expect("task").expect("infallible");
+    assert_eq!(text(first).await, "charged");
+    let retry = app
+        .oneshot(post_req("slow", "{}"))
+        .await
+        .expect("infallible");
+    assert_eq!(retry.headers()["idempotent-replayed"], "true");
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
+}

@@ -44,6 +44,8 @@ pub struct AdminState {
     pub drain: Arc<DrainControl>,
     /// The supervision tree, once built.
     pub supervision: crate::supervision::ProbeSlot,
+    /// Idempotency keys (`/idempotency/keys`), when a route is idempotent.
+    pub keys: Option<crate::idempotency::KeyAdmin>,
 }
 
 /// Serves the admin API until `shutdown` turns true.
@@ -66,9 +68,14 @@ pub async fn run(
         };
         let state = state.clone();
         tokio::spawn(async move {
-            let service = service_fn(move |request| {
+            let service = service_fn(move |request: Request<Incoming>| {
                 let state = state.clone();
-                async move { Ok::<_, Infallible>(answer(&state, &request)) }
+                async move {
+                    if request.uri().path() == "/idempotency/keys" {
+                        return Ok::<_, Infallible>(keys_answer(&state, &request).await);
+                    }
+                    Ok::<_, Infallible>(answer(&state, &request))
+                }
             });
             let _ = http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), service)
@@ -128,6 +135,27 @@ fn answer(state: &AdminState, request: &Request<Incoming>) -> Response<ProxyBody
         ),
         _ => text(StatusCode::NOT_FOUND, "text/plain", "not found\n".into()),
     }
+}
+
+/// `/idempotency/keys`: see [`crate::idempotency::KeyAdmin`].
+async fn keys_answer(state: &AdminState, request: &Request<Incoming>) -> Response<ProxyBody> {
+    let Some(keys) = &state.keys else {
+        return text(
+            StatusCode::NOT_FOUND,
+            "application/json",
+            "{\"error\":\"no route is idempotent\"}\n".into(),
+        );
+    };
+    if request.method() != Method::GET && request.method() != Method::DELETE {
+        return text(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "text/plain",
+            "GET or DELETE\n".into(),
+        );
+    }
+    let query = request.uri().query().unwrap_or("");
+    let (status, body) = keys.answer(request.method(), query, percent_decode).await;
+    text(status, "application/json", format!("{body:#}\n"))
 }
 
 /// The `/status` document.

@@ -62,6 +62,11 @@ pub struct ServerConfig {
     /// Worker threads; 0 means one per core.
     #[serde(default)]
     pub workers: usize,
+    /// Bytes of keyed request bodies (buffered to be fingerprinted) held at
+    /// once across all connections; a keyed request past it gets 503 with
+    /// `Retry-After`.
+    #[serde(default = "defaults::buffer_budget")]
+    pub buffer_budget: ConfigSize,
 }
 
 /// `[store]` kinds.
@@ -108,6 +113,14 @@ pub struct StoreConfig {
     /// again. Completed results are always synced.
     #[serde(default)]
     pub durable_claims: Option<Spanned<bool>>,
+    /// Memory store: bytes held in all (claims and results). A full store
+    /// refuses new keys with 503; it never drops a result before its TTL.
+    #[serde(default = "defaults::memory_max_bytes")]
+    pub max_bytes: ConfigSize,
+    /// Memory store: bytes one tenant's keys may hold, so one tenant's
+    /// flood cannot use up the others' room.
+    #[serde(default = "defaults::memory_max_tenant_bytes")]
+    pub max_bytes_per_tenant: ConfigSize,
 }
 
 impl Default for StoreConfig {
@@ -119,6 +132,8 @@ impl Default for StoreConfig {
             prefix: defaults::store_prefix(),
             timeout: defaults::store_timeout(),
             durable_claims: None,
+            max_bytes: defaults::memory_max_bytes(),
+            max_bytes_per_tenant: defaults::memory_max_tenant_bytes(),
         }
     }
 }
@@ -252,6 +267,24 @@ pub struct IdempotencyConfig {
     /// What a 5xx answer or an ambiguous failure does to the key.
     #[serde(default)]
     pub server_errors: ServerErrorsPolicy,
+    /// What a claim whose lease lapsed (the gateway holding it crashed or
+    /// lost the store) makes of its key: `lock` (default) or `rerun`.
+    #[serde(default)]
+    pub lapsed_lease: LapsedLeasePolicy,
+}
+
+/// `routes.idempotency.lapsed_lease`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LapsedLeasePolicy {
+    /// Lock the key as "outcome unknown" for the TTL: the request may have
+    /// run, so it never runs twice (default). `keel idempotency release`
+    /// frees it after reconciliation.
+    #[default]
+    Lock,
+    /// Free the key: a retry runs the request again (at-least-once after a
+    /// crash, for operations safe to repeat).
+    Rerun,
 }
 
 /// `routes.idempotency.server_errors`.
@@ -420,6 +453,15 @@ mod defaults {
     }
     pub fn idempotency_max_body() -> ConfigSize {
         ConfigSize(1 << 20)
+    }
+    pub fn buffer_budget() -> ConfigSize {
+        ConfigSize(256 << 20)
+    }
+    pub fn memory_max_bytes() -> ConfigSize {
+        ConfigSize(256 << 20)
+    }
+    pub fn memory_max_tenant_bytes() -> ConfigSize {
+        ConfigSize(64 << 20)
     }
     pub fn tenant_header() -> Spanned<String> {
         Spanned::new(0..0, "authorization".to_owned())

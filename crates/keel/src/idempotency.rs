@@ -18,6 +18,7 @@
 //!    (or releases it where `server_errors = "release"`).
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
@@ -25,17 +26,21 @@ use http::header::{self, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
 use http_body::Body;
 use keel_idempotency::engine::{
-    Begin, Engine, Guard, PassReason, Policy, RequestHead, ServerErrors, StoreDown, Tenant,
+    Begin, Engine, Guard, LapsedLease, PassReason, Policy, RequestHead, ServerErrors, StoreDown,
+    Tenant,
 };
 
 use crate::body::{BodyTooLarge, ProxyBody};
-use crate::config::{IdempotencyConfig, RouteConfig, ServerErrorsPolicy};
+use crate::config::{IdempotencyConfig, LapsedLeasePolicy, RouteConfig, ServerErrorsPolicy};
 use crate::metrics::{IdempotencyMetrics, Metrics};
 use crate::problem::{Problem, ProblemKind};
 use crate::proxy::{
-    BoxFuture, FilterDecision, RequestContext, RequestFilter, ResponseFilter, UpstreamFailure,
+    BoxFuture, Exchange, FilterDecision, RequestContext, RequestFilter, ResponseFilter,
+    UpstreamFailure, UpstreamOutcome,
 };
 use crate::store::SharedStore;
+use keel_idempotency::problem::ProblemKind as ProblemKindLib;
+use prometheus_client::metrics::counter::Counter;
 
 /// Outcome indexes into [`crate::metrics::IDEMPOTENCY_OUTCOMES`].
 mod outcome {
@@ -46,6 +51,9 @@ mod outcome {
     pub const STORE_ERROR: usize = 4;
     pub const REJECTED: usize = 5;
     pub const PASSED: usize = 6;
+    pub const OUTCOME_UNKNOWN: usize = 7;
+    pub const STORE_FULL: usize = 8;
+    pub const LOCKED_UNKNOWN: usize = 9;
 }
 
 /// The engine policy for one route's `[routes.idempotency]`;
@@ -75,6 +83,10 @@ pub fn policy(config: &IdempotencyConfig, request_timeout: Duration, route: &str
             ServerErrorsPolicy::Store => ServerErrors::Store,
             ServerErrorsPolicy::Release => ServerErrors::Release,
         })
+        .lapsed_lease(match config.lapsed_lease {
+            LapsedLeasePolicy::Lock => LapsedLease::Lock,
+            LapsedLeasePolicy::Rerun => LapsedLease::Rerun,
+        })
         .store_retry_after(Duration::from_secs(1))
         // Routes are scoped apart by path already; the route name keeps
         // two routes over the same paths (different hosts) apart too.
@@ -91,12 +103,45 @@ pub fn policy(config: &IdempotencyConfig, request_timeout: Duration, route: &str
 pub struct Filters {
     store: SharedStore,
     metrics: Arc<Metrics>,
+    budget: Arc<BufferBudget>,
 }
 
 impl Filters {
-    /// Filters over `store`.
-    pub fn new(store: SharedStore, metrics: Arc<Metrics>) -> Self {
-        Self { store, metrics }
+    /// Filters over `store`; keyed request bodies buffered at once, across
+    /// every route and connection, hold at most `buffer_budget` bytes.
+    pub fn new(store: SharedStore, metrics: Arc<Metrics>, buffer_budget: u64) -> Self {
+        Self {
+            store,
+            metrics,
+            budget: Arc::new(BufferBudget::new(buffer_budget)),
+        }
+    }
+
+    /// The operator's view of every idempotent route's keys, for the
+    /// admin API; `timeout_of` gives a route's upstream request timeout.
+    pub fn key_admin(
+        &self,
+        routes: &[RouteConfig],
+        timeout_of: impl Fn(&RouteConfig) -> Duration,
+    ) -> KeyAdmin {
+        let routes = routes
+            .iter()
+            .filter_map(|route| {
+                let config = route.idempotency.as_ref().filter(|i| i.enabled)?;
+                let name = route_name(route);
+                let engine = Engine::with_gate(
+                    self.store.store.clone(),
+                    self.store.gate.clone(),
+                    policy(config, timeout_of(route), &name),
+                );
+                Some(AdminRoute {
+                    name,
+                    path_prefix: route.path_prefix.get_ref().clone(),
+                    engine,
+                })
+            })
+            .collect();
+        KeyAdmin { routes }
     }
 
     /// The filter for `route`, or `None` for a plain route.
@@ -106,10 +151,7 @@ impl Filters {
         request_timeout: Duration,
     ) -> Option<Arc<dyn RequestFilter>> {
         let config = route.idempotency.as_ref().filter(|i| i.enabled)?;
-        let name = route
-            .name
-            .clone()
-            .unwrap_or_else(|| route.path_prefix.get_ref().clone());
+        let name = route_name(route);
         let engine = Engine::with_gate(
             self.store.store.clone(),
             self.store.gate.clone(),
@@ -120,7 +162,170 @@ impl Filters {
             metrics: self.metrics.idempotency(&name),
             server_errors: config.server_errors,
             max_response: usize::try_from(config.max_response.0).unwrap_or(usize::MAX),
+            body_timeout: request_timeout,
+            budget: self.budget.clone(),
         }))
+    }
+}
+
+/// `GET` and `DELETE /idempotency/keys?route=R&key=K[&path=P][&method=M][&tenant=T]`:
+/// what the store holds for one client key, and its release by an
+/// operator who has reconciled a key locked as "outcome unknown".
+/// `path` defaults to the route's `path_prefix`, `method` to POST, and
+/// `tenant` (the raw value of the route's tenant header) to none.
+pub struct KeyAdmin {
+    routes: Vec<AdminRoute>,
+}
+
+struct AdminRoute {
+    name: String,
+    path_prefix: String,
+    engine: Engine,
+}
+
+impl KeyAdmin {
+    /// Answers one admin request; `query` is the raw query string, decoded
+    /// with `decode`.
+    pub async fn answer(
+        &self,
+        method: &Method,
+        query: &str,
+        decode: impl Fn(&str) -> String,
+    ) -> (StatusCode, serde_json::Value) {
+        let param = |name: &str| {
+            query
+                .split('&')
+                .filter_map(|pair| pair.split_once('='))
+                .find(|(k, _)| *k == name)
+                .map(|(_, v)| decode(v))
+        };
+        let bad = |detail: String| {
+            (
+                StatusCode::BAD_REQUEST,
+                serde_json::json!({ "error": detail }),
+            )
+        };
+        let (Some(route_name), Some(key)) = (param("route"), param("key")) else {
+            return bad(
+                "give route= (an idempotent route's name) and key= (the client's Idempotency-Key)"
+                    .into(),
+            );
+        };
+        let Some(route) = self.routes.iter().find(|r| r.name == route_name) else {
+            let names: Vec<&str> = self.routes.iter().map(|r| r.name.as_str()).collect();
+            return bad(format!(
+                "no idempotent route named {route_name:?}; idempotent routes: {names:?}"
+            ));
+        };
+        let path = param("path").unwrap_or_else(|| route.path_prefix.clone());
+        let request_method = match param("method").map(|m| Method::from_bytes(m.as_bytes())) {
+            None => Method::POST,
+            Some(Ok(m)) => m,
+            Some(Err(_)) => return bad("method= is not an HTTP method".into()),
+        };
+        let tenant = param("tenant");
+        let lookup = keel_idempotency::engine::KeyLookup {
+            tenant: tenant.as_deref().map(str::as_bytes),
+            method: &request_method,
+            path: &path,
+            key: &key,
+        };
+        let before = match route.engine.key_status(&lookup).await {
+            Ok(status) => status,
+            Err(e) => {
+                return (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    serde_json::json!({ "error": e.to_string() }),
+                );
+            }
+        };
+        let mut body = serde_json::json!({
+            "route": route.name,
+            "method": request_method.as_str(),
+            "path": path,
+            "key": key,
+            "state": before.state,
+            "status": before.status,
+            "request_id": before.request_id,
+            "expires_in_ms": before.expires_in.map(|d| d.as_millis() as u64),
+            "token": before.token,
+        });
+        if method == Method::DELETE {
+            match route.engine.remove_key(&lookup).await {
+                Ok(removed) => {
+                    body["removed"] = serde_json::Value::Bool(removed);
+                    tracing::warn!(
+                        route = %route.name,
+                        state = before.state,
+                        removed,
+                        "idempotency key released by an operator"
+                    );
+                }
+                Err(e) => {
+                    return (
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        serde_json::json!({ "error": e.to_string() }),
+                    );
+                }
+            }
+        }
+        (StatusCode::OK, body)
+    }
+}
+
+/// A route's name as metrics and the admin API know it.
+pub fn route_name(route: &RouteConfig) -> String {
+    route
+        .name
+        .clone()
+        .unwrap_or_else(|| route.path_prefix.get_ref().clone())
+}
+
+/// Bytes of keyed request bodies buffered right now, across the process,
+/// against a fixed budget: a flood of large keyed uploads is refused with
+/// 503 instead of growing memory without bound. One counter, updated
+/// once per body chunk, not a lock or a queue.
+pub struct BufferBudget {
+    used: AtomicU64,
+    limit: u64,
+}
+
+impl BufferBudget {
+    fn new(limit: u64) -> Self {
+        Self {
+            used: AtomicU64::new(0),
+            limit,
+        }
+    }
+
+    /// Takes `n` more bytes for `held`, or says there is no room.
+    fn take(&self, held: &mut u64, n: u64) -> bool {
+        let ok = self
+            .used
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| {
+                used.checked_add(n).filter(|&total| total <= self.limit)
+            })
+            .is_ok();
+        if ok {
+            *held += n;
+        }
+        ok
+    }
+
+    fn give_back(&self, n: u64) {
+        self.used.fetch_sub(n, Ordering::AcqRel);
+    }
+}
+
+/// Bytes one request holds of the [`BufferBudget`]; returned on drop.
+struct BudgetHold<'a> {
+    budget: &'a BufferBudget,
+    held: u64,
+}
+
+impl Drop for BudgetHold<'_> {
+    fn drop(&mut self) {
+        self.budget.give_back(self.held);
     }
 }
 
@@ -130,6 +335,10 @@ pub struct IdempotencyFilter {
     metrics: IdempotencyMetrics,
     server_errors: ServerErrorsPolicy,
     max_response: usize,
+    /// A keyed body must arrive within this (the upstream's
+    /// request_timeout, as a plain route's streamed body would be cut).
+    body_timeout: Duration,
+    budget: Arc<BufferBudget>,
 }
 
 impl RequestFilter for IdempotencyFilter {
@@ -170,9 +379,38 @@ impl IdempotencyFilter {
     ) -> FilterDecision {
         // One byte past the limit is enough for the engine to refuse.
         let limit = self.engine.policy().get_max_body().saturating_add(1);
-        let body = match read_up_to(body, limit).await {
-            Ok(body) => body,
-            Err(ReadError::TooLarge(limit)) => {
+        let mut hold = BudgetHold {
+            budget: &self.budget,
+            held: 0,
+        };
+        let read = tokio::time::timeout(self.body_timeout, read_up_to(body, limit, &mut hold));
+        let body = match read.await {
+            Err(_elapsed) => {
+                self.metrics.inc(outcome::REJECTED);
+                return FilterDecision::Respond(
+                    Problem::new(
+                        ProblemKind::RequestTimeout,
+                        format!(
+                            "the request body did not arrive within {} s",
+                            self.body_timeout.as_secs_f64()
+                        ),
+                    )
+                    .into_response(Some(&request_id)),
+                );
+            }
+            Ok(Err(ReadError::NoBudget)) => {
+                self.metrics.inc(outcome::REJECTED);
+                return FilterDecision::Respond(
+                    Problem::new(
+                        ProblemKind::Unavailable,
+                        "the gateway is buffering as many keyed request bodies as it may; retry shortly",
+                    )
+                    .retry_after(Duration::from_secs(1))
+                    .into_response(Some(&request_id)),
+                );
+            }
+            Ok(Ok(body)) => body,
+            Ok(Err(ReadError::TooLarge(limit))) => {
                 self.metrics.inc(outcome::REJECTED);
                 return FilterDecision::Respond(
                     Problem::new(
@@ -182,7 +420,7 @@ impl IdempotencyFilter {
                     .into_response(Some(&request_id)),
                 );
             }
-            Err(ReadError::Broken(why)) => {
+            Ok(Err(ReadError::Broken(why))) => {
                 self.metrics.inc(outcome::REJECTED);
                 return FilterDecision::Respond(
                     Problem::new(
@@ -193,7 +431,11 @@ impl IdempotencyFilter {
                 );
             }
         };
-        match Box::pin(self.engine.begin(&parts, &body)).await {
+        let decision = Box::pin(self.engine.begin(&parts, &body)).await;
+        // The body is forwarded as `Bytes` that the request owns from here;
+        // the budget counts bytes waiting on the client, not on upstreams.
+        drop(hold);
+        match decision {
             Begin::Execute(mut guard) => {
                 self.metrics.inc(outcome::NEW);
                 // From here a lost result locks the key instead of
@@ -206,6 +448,7 @@ impl IdempotencyFilter {
                         request_id,
                         max_response: self.max_response,
                         release_ambiguous: self.server_errors == ServerErrorsPolicy::Release,
+                        locked: self.metrics.counter(outcome::LOCKED_UNKNOWN),
                     })),
                 }
             }
@@ -214,12 +457,7 @@ impl IdempotencyFilter {
                 respond(response)
             }
             Begin::Reject(response) => {
-                self.metrics.inc(match response.status() {
-                    StatusCode::CONFLICT => outcome::IN_FLIGHT,
-                    StatusCode::UNPROCESSABLE_ENTITY => outcome::MISMATCH,
-                    StatusCode::SERVICE_UNAVAILABLE => outcome::STORE_ERROR,
-                    _ => outcome::REJECTED,
-                });
+                self.metrics.inc(reject_outcome(&response));
                 respond(response)
             }
             Begin::PassThrough(reason) => {
@@ -237,13 +475,38 @@ impl IdempotencyFilter {
     }
 }
 
+/// The metrics outcome of a refusal, by its problem type.
+fn reject_outcome(response: &Response<Bytes>) -> usize {
+    let is = |kind: ProblemKindLib| {
+        response
+            .body()
+            .windows(kind.type_uri().len())
+            .any(|w| w == kind.type_uri().as_bytes())
+    };
+    match response.status() {
+        StatusCode::CONFLICT if is(ProblemKindLib::OutcomeUnknown) => outcome::OUTCOME_UNKNOWN,
+        StatusCode::CONFLICT if is(ProblemKindLib::InFlight) => outcome::IN_FLIGHT,
+        StatusCode::CONFLICT => outcome::REJECTED,
+        StatusCode::UNPROCESSABLE_ENTITY => outcome::MISMATCH,
+        StatusCode::SERVICE_UNAVAILABLE if is(ProblemKindLib::StoreFull) => outcome::STORE_FULL,
+        StatusCode::SERVICE_UNAVAILABLE => outcome::STORE_ERROR,
+        _ => outcome::REJECTED,
+    }
+}
+
 enum ReadError {
     TooLarge(u64),
     Broken(String),
+    NoBudget,
 }
 
-/// Reads `body` whole, failing past `limit` bytes (or the route's limit).
-async fn read_up_to(mut body: ProxyBody, limit: usize) -> Result<Bytes, ReadError> {
+/// Reads `body` whole, failing past `limit` bytes (or the route's limit),
+/// taking each chunk's bytes from the process's buffer budget.
+async fn read_up_to(
+    mut body: ProxyBody,
+    limit: usize,
+    hold: &mut BudgetHold<'_>,
+) -> Result<Bytes, ReadError> {
     let mut buf = Collected::default();
     while let Some(frame) =
         std::future::poll_fn(|cx| std::pin::Pin::new(&mut body).poll_frame(cx)).await
@@ -251,6 +514,9 @@ async fn read_up_to(mut body: ProxyBody, limit: usize) -> Result<Bytes, ReadErro
         match frame {
             Ok(frame) => {
                 if let Ok(data) = frame.into_data() {
+                    if !hold.budget.take(&mut hold.held, data.len() as u64) {
+                        return Err(ReadError::NoBudget);
+                    }
                     buf.push(data);
                     if buf.len() >= limit {
                         return Ok(buf.freeze());
@@ -305,9 +571,17 @@ struct Finish {
     request_id: HeaderValue,
     max_response: usize,
     release_ambiguous: bool,
+    /// Counts keys this gateway locks as "outcome unknown".
+    locked: Counter,
 }
 
 impl ResponseFilter for Finish {
+    fn hold<'a>(&'a self, exchange: Exchange<'a>) -> BoxFuture<'a, UpstreamOutcome> {
+        // The claim's lease is renewed while the upstream works on the
+        // request, so a slow upstream never lets a duplicate in.
+        Box::pin(self.guard.hold(exchange))
+    }
+
     fn on_response(
         self: Box<Self>,
         outcome: Result<Response<ProxyBody>, UpstreamFailure>,
@@ -317,30 +591,88 @@ impl ResponseFilter for Finish {
             request_id,
             max_response,
             release_ambiguous,
+            locked,
         } = *self;
+        let end = Ending {
+            request_id,
+            release_ambiguous,
+            locked,
+        };
         match outcome {
             Err(failure) => Box::pin(async move {
-                let result = if !failure.sent || release_ambiguous {
-                    guard.release().await
+                if failure.sent {
+                    end.lost(guard).await;
                 } else {
-                    guard.outcome_unknown().await
-                };
-                log_store_error(result.err(), &request_id);
-                failure.problem.into_response(Some(&request_id))
+                    // Never reached the upstream: a retry may run it.
+                    log_store_error(guard.release().await.err(), &end.request_id);
+                }
+                failure.problem.into_response(Some(&end.request_id))
             }),
             Ok(response) => {
                 // Taken apart before the future is made, so the future
                 // holds the parts once, not the response and its parts.
                 let (parts, body) = response.into_parts();
-                Box::pin(store_response(
-                    guard,
-                    request_id,
-                    max_response,
-                    release_ambiguous,
-                    parts,
-                    body,
-                ))
+                Box::pin(store_response(guard, end, max_response, parts, body))
             }
+        }
+    }
+}
+
+/// How a claim ends when its result is lost.
+struct Ending {
+    request_id: HeaderValue,
+    release_ambiguous: bool,
+    locked: Counter,
+}
+
+impl Ending {
+    /// The request reached the upstream and its result is lost: lock the
+    /// key as "outcome unknown", or release it on a route that re-runs
+    /// ambiguous requests (`server_errors = "release"`).
+    async fn lost(&self, guard: Guard) {
+        let result = if self.release_ambiguous {
+            Box::pin(guard.release()).await
+        } else {
+            self.locked.inc();
+            Box::pin(guard.outcome_unknown()).await
+        };
+        log_store_error(result.err(), &self.request_id);
+    }
+}
+
+/// What reading an upstream's response body for the record came to.
+enum Read {
+    /// The whole body, within the limit.
+    Whole(Bytes),
+    /// Past the limit after this much: what was read, to send before the
+    /// rest.
+    OverLimit { read: Bytes, seen: u64 },
+    /// The body broke off.
+    Broken(String),
+}
+
+/// Reads `body` for the record, up to `max_response` bytes.
+async fn read_response(body: &mut ProxyBody, max_response: usize) -> Read {
+    let mut buf = Collected::default();
+    loop {
+        let frame = std::future::poll_fn(|cx| std::pin::Pin::new(&mut *body).poll_frame(cx)).await;
+        match frame {
+            None => return Read::Whole(buf.freeze()),
+            Some(Ok(frame)) => {
+                let Ok(data) = frame.into_data() else {
+                    // Trailers are not replayed.
+                    continue;
+                };
+                let seen = (buf.len() + data.len()) as u64;
+                buf.push(data);
+                if seen > max_response as u64 {
+                    return Read::OverLimit {
+                        read: buf.freeze(),
+                        seen,
+                    };
+                }
+            }
+            Some(Err(error)) => return Read::Broken(error.to_string()),
         }
     }
 }
@@ -349,15 +681,17 @@ impl ResponseFilter for Finish {
 /// key's result and sends it on; streams it unstored when too large.
 async fn store_response(
     guard: Guard,
-    request_id: HeaderValue,
+    end: Ending,
     max_response: usize,
-    release_ambiguous: bool,
     parts: http::response::Parts,
     mut body: ProxyBody,
 ) -> Response<ProxyBody> {
+    let request_id = &end.request_id;
     if parts.status == StatusCode::SWITCHING_PROTOCOLS {
-        // A tunnel is not a result to replay; let a retry run again.
-        log_store_error(Box::pin(guard.release()).await.err(), &request_id);
+        // Keyed upgrade requests are refused before they are sent, so this
+        // is an upstream that switched protocols unasked: the request ran,
+        // and a tunnel is no result to replay.
+        end.lost(guard).await;
         return Response::from_parts(parts, body);
     }
     let declared = parts
@@ -370,58 +704,42 @@ async fn store_response(
     {
         // Too large to keep: record that it ran, then stream it.
         let result = Box::pin(guard.complete_unbuffered(parts.status, len)).await;
-        log_store_error(result.err(), &request_id);
+        log_store_error(result.err(), request_id);
         return Response::from_parts(parts, body);
     }
-    let mut buf = Collected::default();
-    loop {
-        let frame = std::future::poll_fn(|cx| std::pin::Pin::new(&mut body).poll_frame(cx)).await;
-        match frame {
-            None => break,
-            Some(Ok(frame)) => {
-                let Ok(data) = frame.into_data() else {
-                    // Trailers are not replayed.
-                    continue;
-                };
-                if buf.len() + data.len() > max_response {
-                    // Over the limit while streaming: record "ran, at
-                    // least this large", then send what we have and
-                    // stream the rest.
-                    let seen = (buf.len() + data.len()) as u64;
-                    let result = Box::pin(guard.complete_unbuffered(parts.status, seen)).await;
-                    log_store_error(result.err(), &request_id);
-                    buf.push(data);
-                    let body = ProxyBody::Prefixed {
-                        prefix: Some(buf.freeze()),
-                        rest: Box::new(body),
-                    };
-                    return Response::from_parts(parts, body);
-                }
-                buf.push(data);
-            }
-            Some(Err(error)) => {
-                // The upstream ran the request and broke mid-body: the
-                // result is lost.
-                let result = if release_ambiguous {
-                    Box::pin(guard.release()).await
-                } else {
-                    Box::pin(guard.outcome_unknown()).await
-                };
-                log_store_error(result.err(), &request_id);
-                return Problem::new(
-                    ProblemKind::UpstreamBadResponse,
-                    format!("the upstream's response body broke off: {error}"),
-                )
-                .into_response(Some(&request_id));
-            }
+    // The body may stream for longer than the lease: renew while reading.
+    let read = Box::pin(guard.hold(read_response(&mut body, max_response))).await;
+    match read {
+        Read::Whole(body) => {
+            // Every store call is boxed: its future is far larger than this
+            // one's own state, and stays out of it (see
+            // `the_per_request_futures_stay_small`).
+            let result = Box::pin(guard.complete_parts(parts.status, &parts.headers, &body)).await;
+            log_store_error(result.err(), request_id);
+            Response::from_parts(parts, ProxyBody::full(body))
+        }
+        Read::OverLimit { read, seen } => {
+            // Over the limit while streaming: record "ran, at least this
+            // large", then send what we have and stream the rest.
+            let result = Box::pin(guard.complete_unbuffered(parts.status, seen)).await;
+            log_store_error(result.err(), request_id);
+            let body = ProxyBody::Prefixed {
+                prefix: Some(read),
+                rest: Box::new(body),
+            };
+            Response::from_parts(parts, body)
+        }
+        Read::Broken(error) => {
+            // The upstream ran the request and broke mid-body: the result
+            // is lost.
+            end.lost(guard).await;
+            Problem::new(
+                ProblemKind::UpstreamBadResponse,
+                format!("the upstream's response body broke off: {error}"),
+            )
+            .into_response(Some(request_id))
         }
     }
-    let body = buf.freeze();
-    // Every store call is boxed: its future is far larger than this one's
-    // own state, and stays out of it (see `the_per_request_futures_stay_small`).
-    let result = Box::pin(guard.complete_parts(parts.status, &parts.headers, &body)).await;
-    log_store_error(result.err(), &request_id);
-    Response::from_parts(parts, ProxyBody::full(body))
 }
 
 fn log_store_error(error: Option<keel_idempotency::store::StoreError>, request_id: &HeaderValue) {
@@ -484,9 +802,12 @@ mod tests {
         drop(complete);
         let filter = store_response(
             execute(keyed("k2")).await,
-            HeaderValue::from_static("id"),
+            Ending {
+                request_id: HeaderValue::from_static("id"),
+                release_ambiguous: false,
+                locked: Counter::default(),
+            },
             1024,
-            false,
             response,
             ProxyBody::full(Bytes::new()),
         );

@@ -80,6 +80,32 @@ enum Command {
         #[arg(long, requires = "endpoint")]
         resume: bool,
     },
+    /// Show what the idempotency store holds for one client key, or release
+    /// a key locked as "outcome unknown" once you have reconciled it.
+    Idempotency {
+        /// Admin address, such as 127.0.0.1:9901.
+        #[arg(long)]
+        admin: String,
+        /// The idempotent route's name (or path_prefix when it has none).
+        #[arg(long)]
+        route: String,
+        /// The client's Idempotency-Key value.
+        #[arg(long)]
+        key: String,
+        /// The request path (default: the route's path_prefix).
+        #[arg(long)]
+        path: Option<String>,
+        /// The request method.
+        #[arg(long, default_value = "POST")]
+        method: String,
+        /// The raw value of the route's tenant header (Authorization by
+        /// default) the request carried.
+        #[arg(long)]
+        tenant: Option<String>,
+        /// Remove the key's record so the next request with it runs.
+        #[arg(long)]
+        release: bool,
+    },
     /// Start the gateway in front of a built-in sample API and print what to try.
     Demo {
         /// Data-plane address.
@@ -140,6 +166,39 @@ fn main() -> ExitCode {
             };
             let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
             drain::cli(&admin, target, tty).await?;
+            Ok(())
+        }),
+        Command::Idempotency {
+            admin,
+            route,
+            key,
+            path,
+            method,
+            tenant,
+            release,
+        } => run_async(1, async move {
+            let mut query = format!(
+                "/idempotency/keys?route={}&key={}&method={}",
+                admin::percent_encode(&route),
+                admin::percent_encode(&key),
+                admin::percent_encode(&method)
+            );
+            for (name, value) in [("path", &path), ("tenant", &tenant)] {
+                if let Some(value) = value {
+                    query.push_str(&format!("&{name}={}", admin::percent_encode(value)));
+                }
+            }
+            let verb = if release {
+                http::Method::DELETE
+            } else {
+                http::Method::GET
+            };
+            let (status, body) = admin::admin_request(&admin, verb, &query).await?;
+            if !status.is_success() {
+                let why = body["error"].as_str().unwrap_or("unexpected answer");
+                return Err(format!("{status}: {why}").into());
+            }
+            println!("{body:#}");
             Ok(())
         }),
         Command::Demo { listen, admin } => run_async(0, demo::run(listen, admin)),

@@ -165,7 +165,7 @@ struct ChildLabel {
 }
 
 /// Idempotency outcome labels, in [`IdempotencyMetrics`] order.
-pub const IDEMPOTENCY_OUTCOMES: [&str; 7] = [
+pub const IDEMPOTENCY_OUTCOMES: [&str; 10] = [
     "new",
     "replayed",
     "in_flight_conflict",
@@ -173,6 +173,15 @@ pub const IDEMPOTENCY_OUTCOMES: [&str; 7] = [
     "store_error",
     "rejected",
     "passed_through",
+    // A retry answered 409 because its key is locked as "outcome unknown"
+    // (recorded as lost, or left by a holder whose lease lapsed).
+    "outcome_unknown",
+    // A new key refused because the store is full (or the tenant over its
+    // share).
+    "store_full",
+    // A key this gateway locked as "outcome unknown" (the request was sent
+    // and its result lost).
+    "locked_unknown",
 ];
 
 /// Pre-made idempotency outcome counters for one route.
@@ -187,6 +196,12 @@ impl IdempotencyMetrics {
         if let Some(counter) = self.counters.get(outcome) {
             counter.inc();
         }
+    }
+
+    /// One outcome's counter (a shared handle), for code that counts
+    /// after the route's filter has returned.
+    pub fn counter(&self, outcome: usize) -> Counter {
+        self.counters.get(outcome).cloned().unwrap_or_default()
     }
 }
 

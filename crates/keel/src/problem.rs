@@ -31,6 +31,8 @@ pub enum ProblemKind {
     UpstreamTimeout,
     /// A dependency is unavailable; try again after `Retry-After`.
     Unavailable,
+    /// The client did not send its request body in time.
+    RequestTimeout,
 }
 
 impl ProblemKind {
@@ -46,6 +48,7 @@ impl ProblemKind {
             }
             ProblemKind::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             ProblemKind::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+            ProblemKind::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
         }
     }
 
@@ -60,6 +63,7 @@ impl ProblemKind {
             ProblemKind::UpstreamBadResponse => "urn:keel:problem:upstream-bad-response",
             ProblemKind::UpstreamTimeout => "urn:keel:problem:upstream-timeout",
             ProblemKind::Unavailable => "urn:keel:problem:unavailable",
+            ProblemKind::RequestTimeout => "urn:keel:problem:request-timeout",
         }
     }
 
@@ -74,6 +78,7 @@ impl ProblemKind {
             ProblemKind::UpstreamBadResponse => "Upstream sent an invalid response",
             ProblemKind::UpstreamTimeout => "Upstream timed out",
             ProblemKind::Unavailable => "Service unavailable",
+            ProblemKind::RequestTimeout => "Request body not received in time",
         }
     }
 }

@@ -113,8 +113,24 @@ pub struct UpstreamFailure {
     pub sent: bool,
 }
 
+/// What the upstream phase produced: a response, or why there is none.
+pub type UpstreamOutcome = Result<Response<ProxyBody>, UpstreamFailure>;
+
+/// The upstream phase of one request, borrowed for
+/// [`ResponseFilter::hold`] so that the filter can run beside it without
+/// boxing it.
+pub type Exchange<'a> = Pin<&'a mut (dyn Future<Output = UpstreamOutcome> + Send + 'a)>;
+
 /// A hook that sees the upstream's outcome for one request.
 pub trait ResponseFilter: Send + 'static {
+    /// Drives the upstream phase (selection, sending, retries, up to the
+    /// response head). The idempotency filter renews its claim's lease
+    /// here, so a slow upstream is not taken for a dead one; the default
+    /// just awaits it.
+    fn hold<'a>(&'a self, exchange: Exchange<'a>) -> BoxFuture<'a, UpstreamOutcome> {
+        Box::pin(exchange)
+    }
+
     /// Makes the response sent downstream.
     fn on_response(
         self: Box<Self>,
@@ -283,10 +299,16 @@ impl Gateway {
         let upstream = &self.upstreams[route.upstream];
         let stale_key = route.stale.as_ref().and_then(|c| c.key(&request, &host));
         let upgrade = downstream_upgrade.is_some();
-        let outcome = crate::resilience::retry::forward(upstream, request, upgrade, |r, e| {
+        let forward = crate::resilience::retry::forward(upstream, request, upgrade, |r, e| {
             self.upstream_request(r, e, &host, downstream, upgrade)
-        })
-        .await;
+        });
+        let outcome = match &on_response {
+            Some(hook) => {
+                let mut forward = std::pin::pin!(forward);
+                hook.hold(forward.as_mut()).await
+            }
+            None => forward.await,
+        };
 
         // 6b. stale fallback: a failed read answered from the route's cache
         let outcome = match (&route.stale, stale_key) {

@@ -173,14 +173,16 @@ pub async fn start(config: &Config) -> Result<Running, ServeError> {
     let store_child = store
         .as_ref()
         .map(|s| s.connector(readiness.register("store", "store: starting")));
-    let filters = store.map(|s| crate::idempotency::Filters::new(s, metrics.clone()));
-    let idempotent = |route: &RouteConfig| {
-        let timeout = config
+    let filters = store.map(|s| {
+        crate::idempotency::Filters::new(s, metrics.clone(), config.server.buffer_budget.0)
+    });
+    let timeout_of = |route: &RouteConfig| {
+        config
             .upstreams
             .get(route.upstream.get_ref())
-            .map_or(Duration::from_secs(30), |u| u.request_timeout.0);
-        filters.as_ref()?.for_route(route, timeout)
+            .map_or(Duration::from_secs(30), |u| u.request_timeout.0)
     };
+    let idempotent = |route: &RouteConfig| filters.as_ref()?.for_route(route, timeout_of(route));
     let gateway: &'static Gateway =
         Box::leak(Box::new(build_gateway(config, &metrics, &idempotent)));
     let (shutdown, shutdown_rx) = watch::channel(false);
@@ -226,6 +228,9 @@ pub async fn start(config: &Config) -> Result<Running, ServeError> {
             draining: shutdown_rx.clone(),
             supervision: probe.clone(),
             drain: drain.clone(),
+            keys: filters
+                .as_ref()
+                .map(|f| f.key_admin(&config.routes, timeout_of)),
         });
         admin_child = Some((listener, state));
     }

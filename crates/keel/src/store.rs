@@ -180,6 +180,7 @@ struct Settings {
     prefix: String,
     timeout: Duration,
     durable_claims: bool,
+    memory: keel_idempotency::memory::MemoryConfig,
 }
 
 impl SharedStore {
@@ -208,6 +209,11 @@ impl SharedStore {
                 prefix: config.prefix.clone(),
                 timeout: config.timeout.0,
                 durable_claims: config.durable_claims(),
+                memory: keel_idempotency::memory::MemoryConfig::default()
+                    .max_bytes(usize::try_from(config.max_bytes.0).unwrap_or(usize::MAX))
+                    .max_tenant_bytes(
+                        usize::try_from(config.max_bytes_per_tenant.0).unwrap_or(usize::MAX),
+                    ),
             }),
         }
     }
@@ -283,7 +289,9 @@ impl SharedStore {
         }
         let s = &self.settings;
         let store: Arc<dyn Store> = match s.kind {
-            StoreKind::Memory => Arc::new(keel_idempotency::memory::MemoryStore::new()),
+            StoreKind::Memory => Arc::new(keel_idempotency::memory::MemoryStore::with_config(
+                s.memory.clone(),
+            )),
             StoreKind::Embedded => {
                 let (path, durable) = (s.path.clone(), s.durable_claims);
                 let opened = tokio::task::spawn_blocking(move || {
