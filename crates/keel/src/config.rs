@@ -66,7 +66,7 @@ pub struct ServerConfig {
     /// once across all connections; a keyed request past it gets 503 with
     /// `Retry-After`.
     #[serde(default = "defaults::buffer_budget")]
-    pub buffer_budget: ConfigSize,
+    pub buffer_budget: Spanned<ConfigSize>,
 }
 
 /// `[store]` kinds.
@@ -116,11 +116,11 @@ pub struct StoreConfig {
     /// Memory store: bytes held in all (claims and results). A full store
     /// refuses new keys with 503; it never drops a result before its TTL.
     #[serde(default = "defaults::memory_max_bytes")]
-    pub max_bytes: ConfigSize,
+    pub max_bytes: Spanned<ConfigSize>,
     /// Memory store: bytes one tenant's keys may hold, so one tenant's
     /// flood cannot use up the others' room.
     #[serde(default = "defaults::memory_max_tenant_bytes")]
-    pub max_bytes_per_tenant: ConfigSize,
+    pub max_bytes_per_tenant: Spanned<ConfigSize>,
 }
 
 impl Default for StoreConfig {
@@ -454,14 +454,14 @@ mod defaults {
     pub fn idempotency_max_body() -> ConfigSize {
         ConfigSize(1 << 20)
     }
-    pub fn buffer_budget() -> ConfigSize {
-        ConfigSize(256 << 20)
+    pub fn buffer_budget() -> Spanned<ConfigSize> {
+        Spanned::new(0..0, ConfigSize(256 << 20))
     }
-    pub fn memory_max_bytes() -> ConfigSize {
-        ConfigSize(256 << 20)
+    pub fn memory_max_bytes() -> Spanned<ConfigSize> {
+        Spanned::new(0..0, ConfigSize(256 << 20))
     }
-    pub fn memory_max_tenant_bytes() -> ConfigSize {
-        ConfigSize(64 << 20)
+    pub fn memory_max_tenant_bytes() -> Spanned<ConfigSize> {
+        Spanned::new(0..0, ConfigSize(64 << 20))
     }
     pub fn tenant_header() -> Spanned<String> {
         Spanned::new(0..0, "authorization".to_owned())
@@ -658,6 +658,46 @@ fn validate(config: &Config, c: &mut Checker<'_>) {
         c.error(
             durable.span(),
             "store.durable_claims is only used by kind = \"embedded\"; remove it",
+        );
+    }
+    let memory_limits = [
+        ("max_bytes", &store.max_bytes),
+        ("max_bytes_per_tenant", &store.max_bytes_per_tenant),
+    ];
+    for (key, limit) in memory_limits {
+        // A span of 0..0 is the default: only a value written in the file
+        // is questioned.
+        let written = limit.span() != (0..0);
+        if written && *store.kind.get_ref() != StoreKind::Memory {
+            c.error(
+                limit.span(),
+                format!("store.{key} is only used by kind = \"memory\"; remove it"),
+            );
+        } else if limit.get_ref().0 < 1024 {
+            c.error(limit.span(), format!("store.{key} must be at least 1KiB"));
+        }
+    }
+    if store.max_bytes_per_tenant.get_ref().0 > store.max_bytes.get_ref().0 {
+        c.error(
+            store.max_bytes_per_tenant.span(),
+            "store.max_bytes_per_tenant cannot be above store.max_bytes",
+        );
+    }
+    let budget = config.server.buffer_budget.get_ref().0;
+    let largest_keyed_body = config
+        .routes
+        .iter()
+        .filter_map(|r| r.idempotency.as_ref().filter(|i| i.enabled))
+        .map(|i| i.max_body.0)
+        .max();
+    if let Some(largest) = largest_keyed_body
+        && budget <= largest
+    {
+        c.error(
+            config.server.buffer_budget.span(),
+            format!(
+                "server.buffer_budget ({budget} bytes) must be above the largest idempotent route's max_body ({largest} bytes), or every such body is refused"
+            ),
         );
     }
     match store.kind.get_ref() {

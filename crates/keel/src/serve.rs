@@ -174,7 +174,11 @@ pub async fn start(config: &Config) -> Result<Running, ServeError> {
         .as_ref()
         .map(|s| s.connector(readiness.register("store", "store: starting")));
     let filters = store.map(|s| {
-        crate::idempotency::Filters::new(s, metrics.clone(), config.server.buffer_budget.0)
+        crate::idempotency::Filters::new(
+            s,
+            metrics.clone(),
+            config.server.buffer_budget.get_ref().0,
+        )
     });
     let timeout_of = |route: &RouteConfig| {
         config

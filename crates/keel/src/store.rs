@@ -210,9 +210,10 @@ impl SharedStore {
                 timeout: config.timeout.0,
                 durable_claims: config.durable_claims(),
                 memory: keel_idempotency::memory::MemoryConfig::default()
-                    .max_bytes(usize::try_from(config.max_bytes.0).unwrap_or(usize::MAX))
+                    .max_bytes(usize::try_from(config.max_bytes.get_ref().0).unwrap_or(usize::MAX))
                     .max_tenant_bytes(
-                        usize::try_from(config.max_bytes_per_tenant.0).unwrap_or(usize::MAX),
+                        usize::try_from(config.max_bytes_per_tenant.get_ref().0)
+                            .unwrap_or(usize::MAX),
                     ),
             }),
         }

@@ -93,6 +93,21 @@ fn broken_configs_exit_2_with_file_line_col() {
             "10:1: unknown field `enable`",
         ),
         ("[server]", "[server\n", "1:8:"),
+        (
+            "[upstreams.app]",
+            "[store]\nkind = \"redis\"\nurl = \"redis://x\"\nmax_bytes = \"1MiB\"\n[upstreams.app]",
+            "7:13: store.max_bytes is only used by kind = \"memory\"",
+        ),
+        (
+            "[upstreams.app]",
+            "[store]\nkind = \"memory\"\nmax_bytes = \"1MiB\"\nmax_bytes_per_tenant = \"2MiB\"\n[upstreams.app]",
+            "7:24: store.max_bytes_per_tenant cannot be above store.max_bytes",
+        ),
+        (
+            "path_prefix = \"/\"",
+            "path_prefix = \"/\"\n[routes.idempotency]\nenabled = true\nlapsed_lease = \"maybe\"",
+            "11:16: unknown variant `maybe`, expected `lock` or `rerun`",
+        ),
     ];
     for (from, to, expected) in cases {
         let text = BASE.replacen(from, to, 1);
@@ -113,6 +128,29 @@ fn broken_configs_exit_2_with_file_line_col() {
         stderr.starts_with("/nonexistent/keel.toml:1:1: cannot read"),
         "{stderr}"
     );
+}
+
+#[test]
+fn a_buffer_budget_below_a_keyed_body_limit_is_refused() {
+    let text = BASE
+        .replacen(
+            "listen = \"127.0.0.1:8080\"",
+            "listen = \"127.0.0.1:8080\"\nbuffer_budget = \"64KiB\"",
+            1,
+        )
+        .replacen(
+            "upstream = \"app\"",
+            "upstream = \"app\"\n[routes.idempotency]\nenabled = true",
+            1,
+        );
+    let path = common::temp_file("budget.toml", &text);
+    let (code, stderr) = check(&path);
+    assert_eq!(code, Some(2), "{stderr}");
+    let want = format!(
+        "{}:3:17: server.buffer_budget (65536 bytes) must be above the largest idempotent route's max_body (1048576 bytes)",
+        path.display()
+    );
+    assert!(stderr.starts_with(&want), "want {want:?}\ngot  {stderr:?}");
 }
 
 #[test]
