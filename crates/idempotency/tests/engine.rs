@@ -886,6 +886,7 @@ struct Faulty {
     down: std::sync::atomic::AtomicBool,
     /// The next this-many `complete` calls fail as unavailable.
     fail_completes: AtomicUsize,
+    claims: AtomicUsize,
     renews: AtomicUsize,
     completes: AtomicUsize,
 }
@@ -916,6 +917,7 @@ impl Store for Faulty {
         f: Fingerprint,
         l: Lease,
     ) -> BoxFuture<'a, Result<Claim, StoreError>> {
+        self.claims.fetch_add(1, Ordering::SeqCst);
         match self.fault() {
             Some(e) => Box::pin(async move { Err(e) }),
             None => self.inner.claim(k, f, l),
@@ -1016,6 +1018,29 @@ async fn a_slow_request_keeps_its_key_held_past_the_lease() {
         Completion::Stored
     );
     assert_eq!(replayed(&e, &post("slow"), b"").await.body(), "made");
+}
+
+/// The store round trips of the idempotent path: a new request claims and
+/// completes (2), a replay claims (1); renewal adds calls only to requests
+/// that outlive a third of the lease.
+#[tokio::test(start_paused = true)]
+async fn a_new_request_costs_two_store_calls_and_a_replay_one() {
+    let store = Faulty::over(MemoryStore::new());
+    let e = faulty_engine(&store, Policy::default().lease(Duration::from_secs(3)));
+    let calls = |s: &Faulty| {
+        s.claims.load(Ordering::SeqCst)
+            + s.renews.load(Ordering::SeqCst)
+            + s.completes.load(Ordering::SeqCst)
+    };
+    let mut guard = execute(&e, &post("trips"), b"").await;
+    guard.mark_started();
+    guard
+        .hold(tokio::time::sleep(Duration::from_millis(200)))
+        .await;
+    guard.complete(&respond(201, "made")).await.expect("stored");
+    assert_eq!(calls(&store), 2, "claim and complete");
+    replayed(&e, &post("trips"), b"").await;
+    assert_eq!(calls(&store), 3, "a replay is one claim");
 }
 
 #[tokio::test(start_paused = true)]
