@@ -51,7 +51,18 @@
 //! A guard dropped unfinished (a panic, a cancelled future) finishes itself
 //! on a spawned task: it releases the claim if [`Guard::mark_started`] was
 //! never called, and records "outcome unknown" if it was. Without a tokio
-//! runtime at drop time the claim simply lapses when its lease expires.
+//! runtime at drop time the claim lapses at the end of its lease.
+//!
+//! # Leases
+//!
+//! Run the work under [`Guard::hold`]: it renews the lease every third of
+//! it, so a slow but live request keeps its key. A lease that lapses (the
+//! process died, or lost the store for two thirds of the lease) locks the
+//! key as "outcome unknown" for the TTL ([`LapsedLease::Lock`], the
+//! default): the request may have run, so it never runs twice. Routes whose
+//! operations are safe to repeat may choose [`LapsedLease::Rerun`]. An
+//! operator frees a locked key with [`Engine::remove_key`] once they know
+//! what became of it.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -1268,8 +1279,9 @@ impl Guard {
     ///
     /// Deliver the response to the client whatever this returns. An error
     /// means the result could not be recorded: [`StoreError::Fenced`] if
-    /// the lease had expired and another request took the key over, or the
-    /// store being down (the claim then lapses when its lease ends).
+    /// the lease had lapsed already, or the store being down past the
+    /// policy's `record_retry` (the claim then lapses when its lease ends,
+    /// which locks the key as "outcome unknown").
     ///
     /// ```
     /// # use keel_idempotency::{engine::*, memory::MemoryStore};
@@ -1568,7 +1580,8 @@ impl Drop for Guard {
     fn drop(&mut self) {
         let Some(s) = self.state.take() else { return };
         // Drop cannot await; finish on the runtime if there is one. If there
-        // is none, the claim lapses at the end of its lease.
+        // is none, the claim lapses at the end of its lease (and locks the
+        // key if it was started).
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
             rt.spawn(async move {
                 let _ = if s.started {
