@@ -155,7 +155,8 @@ use tokio::sync::OnceCell;
 use tokio_postgres::NoTls;
 
 use crate::store::{
-    BoxFuture, Claim, FencingToken, Fingerprint, Lease, Store, StoreError, StoreKey,
+    BoxFuture, Claim, FencingToken, Fingerprint, KeyState, Lapse, Lease, Store, StoreError,
+    StoreKey,
 };
 
 /// The longest table name accepted (without the schema), leaving room for
@@ -329,6 +330,9 @@ impl TableName {
 /// The SQL text of each operation, built once from the table name.
 struct Sql {
     claim: String,
+    renew: String,
+    inspect: String,
+    remove: String,
     complete: String,
     release: String,
     purge: String,
@@ -338,24 +342,66 @@ struct Sql {
 
 const PURGE_BATCH: u64 = 1000;
 
+/// The end of the lease of the claim in row `r`: `lease_until`, but only
+/// while the claim that wrote it still holds the row (`lease_token =
+/// token`). A row without one (written by the version before leases could
+/// lock, or taken over by that version's claim function during a rolling
+/// upgrade, which leaves the previous claim's `lease_until` behind) ends
+/// its lease at `expires_at`, which is what that version meant.
+fn lease_end(r: &str) -> String {
+    format!("CASE WHEN {r}.lease_token = {r}.token THEN {r}.lease_until ELSE {r}.expires_at END")
+}
+
+/// Whole milliseconds from `now` to `at`, rounded up, at least 1.
+fn millis_until(at: &str, now: &str) -> String {
+    format!("GREATEST(1, ceil(extract(epoch FROM {at} - {now}) * 1000))::bigint")
+}
+
 impl Sql {
     fn new(table: &TableName) -> Self {
         let t = table.qualified();
-        let func = table.with_suffix("_claim");
+        let func = table.with_suffix(CLAIM_FUNCTION_SUFFIX);
+        let lease_end = lease_end("r");
+        let lease_left = millis_until(&lease_end, "c.now");
+        let expires_in = millis_until("r.expires_at", "c.now");
         Self {
             claim: format!(
                 "SELECT o_kind, o_token, o_fingerprint, o_payload, o_remaining_ms \
-                 FROM {func}($1::text, $2::bytea, $3::bigint)"
+                 FROM {func}($1::text, $2::bytea, $3::bigint, $4::bigint)"
+            ),
+            // One reading of the clock (`c.now`) for the check and both new
+            // deadlines, so the record outlives the lease by exactly the
+            // lock.
+            renew: format!(
+                "UPDATE {t} AS r \
+                 SET lease_until = c.now + $3::bigint * interval '1 millisecond', \
+                 expires_at = c.now + ($3::bigint + $4::bigint) * interval '1 millisecond', \
+                 lease_token = r.token \
+                 FROM (SELECT clock_timestamp() AS now) c \
+                 WHERE r.key = $1::text AND r.token = $2::bigint AND r.state = 1 \
+                 AND {lease_end} > c.now"
+            ),
+            // Kinds as the claim function's: 2 held, 3 completed, 4
+            // abandoned (a claim whose lease ended while its record lives).
+            inspect: format!(
+                "SELECT CASE WHEN r.state = 2 THEN 3 WHEN {lease_end} > c.now THEN 2 ELSE 4 END::smallint, \
+                 r.token, r.fingerprint, r.payload, {lease_left}, {expires_in} \
+                 FROM {t} r, (SELECT clock_timestamp() AS now) c \
+                 WHERE r.key = $1::text AND r.expires_at > c.now"
+            ),
+            remove: format!(
+                "DELETE FROM {t} WHERE key = $1::text RETURNING expires_at > clock_timestamp()"
             ),
             complete: format!(
-                "UPDATE {t} SET state = 2, payload = $3::bytea, \
-                 expires_at = clock_timestamp() + $4::bigint * interval '1 millisecond' \
-                 WHERE key = $1::text AND token = $2::bigint AND state = 1 \
-                 AND expires_at > clock_timestamp()"
+                "UPDATE {t} AS r SET state = 2, payload = $3::bytea, \
+                 expires_at = clock_timestamp() + $4::bigint * interval '1 millisecond', \
+                 lease_until = NULL, lease_token = NULL \
+                 WHERE r.key = $1::text AND r.token = $2::bigint AND r.state = 1 \
+                 AND {lease_end} > clock_timestamp()"
             ),
             release: format!(
-                "DELETE FROM {t} WHERE key = $1::text AND token = $2::bigint AND state = 1 \
-                 AND expires_at > clock_timestamp()"
+                "DELETE FROM {t} AS r WHERE r.key = $1::text AND r.token = $2::bigint \
+                 AND r.state = 1 AND {lease_end} > clock_timestamp()"
             ),
             purge: format!(
                 "DELETE FROM {t} WHERE key IN (SELECT key FROM {t} \
@@ -368,12 +414,20 @@ impl Sql {
     }
 }
 
+/// The claim function's name after the table's: `<table>_claim_v2`. The
+/// version before leases could lock had `<table>_claim(text, bytea,
+/// bigint)`; the new one takes the lock time too, so it got a new name
+/// rather than an overload of the old one, which the migration leaves in
+/// place for processes of that version still running during an upgrade.
+const CLAIM_FUNCTION_SUFFIX: &str = "_claim_v2";
+
 fn migration_sql(table: &TableName) -> String {
     let t = table.qualified();
     let seq = table.with_suffix("_fence_seq");
-    let func = table.with_suffix("_claim");
+    let func = table.with_suffix(CLAIM_FUNCTION_SUFFIX);
     // An index name takes no schema: it lives in its table's schema.
     let idx = format!("{}_expires_at_idx", table.name);
+    let lease_end = lease_end("r");
     format!(
         r"CREATE SEQUENCE IF NOT EXISTS {seq};
 CREATE TABLE IF NOT EXISTS {t} (
@@ -382,39 +436,59 @@ CREATE TABLE IF NOT EXISTS {t} (
     token       bigint      NOT NULL,
     fingerprint bytea       NOT NULL,
     payload     bytea,
-    expires_at  timestamptz NOT NULL
+    expires_at  timestamptz NOT NULL,
+    lease_until timestamptz,
+    lease_token bigint
 );
+DO $keel$
+BEGIN
+    IF (SELECT count(*) FROM pg_attribute
+         WHERE attrelid = '{t}'::regclass AND NOT attisdropped
+           AND attname IN ('lease_until', 'lease_token')) < 2 THEN
+        ALTER TABLE {t} ADD COLUMN IF NOT EXISTS lease_until timestamptz,
+                        ADD COLUMN IF NOT EXISTS lease_token bigint;
+    END IF;
+END
+$keel$;
 CREATE INDEX IF NOT EXISTS {idx} ON {t} (expires_at);
 CREATE OR REPLACE FUNCTION {func}(
-    p_key text, p_fingerprint bytea, p_lease_ms bigint,
+    p_key text, p_fingerprint bytea, p_lease_ms bigint, p_lock_ms bigint,
     OUT o_kind smallint, OUT o_token bigint, OUT o_fingerprint bytea,
     OUT o_payload bytea, OUT o_remaining_ms bigint)
 LANGUAGE plpgsql VOLATILE AS $keel$
 DECLARE
     cur record;
+    now_at timestamptz;
+    new_token bigint;
 BEGIN
     FOR attempt IN 1..16 LOOP
-        SELECT r.state, r.fingerprint, r.payload, r.expires_at INTO cur
+        now_at := clock_timestamp();
+        SELECT r.state, r.fingerprint, r.payload, {lease_end} AS lease_end INTO cur
           FROM {t} r
-         WHERE r.key = p_key AND r.expires_at > clock_timestamp();
+         WHERE r.key = p_key AND r.expires_at > now_at;
         IF FOUND THEN
             o_fingerprint := cur.fingerprint;
             IF cur.state = 2 THEN
                 o_kind := 3;
                 o_payload := cur.payload;
-            ELSE
+            ELSIF cur.lease_end > now_at THEN
                 o_kind := 2;
-                o_remaining_ms := GREATEST(1, ceil(extract(epoch FROM cur.expires_at - clock_timestamp()) * 1000))::bigint;
+                o_remaining_ms := GREATEST(1, ceil(extract(epoch FROM cur.lease_end - now_at) * 1000))::bigint;
+            ELSE
+                o_kind := 4;
             END IF;
             RETURN;
         END IF;
-        INSERT INTO {t} AS r (key, state, token, fingerprint, payload, expires_at)
-        VALUES (p_key, 1, nextval('{seq}'), p_fingerprint, NULL,
-                clock_timestamp() + p_lease_ms * interval '1 millisecond')
+        new_token := nextval('{seq}');
+        INSERT INTO {t} AS r (key, state, token, fingerprint, payload, expires_at, lease_until, lease_token)
+        VALUES (p_key, 1, new_token, p_fingerprint, NULL,
+                now_at + (p_lease_ms + p_lock_ms) * interval '1 millisecond',
+                now_at + p_lease_ms * interval '1 millisecond', new_token)
         ON CONFLICT (key) DO UPDATE
             SET state = 1, token = EXCLUDED.token, fingerprint = EXCLUDED.fingerprint,
-                payload = NULL, expires_at = EXCLUDED.expires_at
-            WHERE r.expires_at <= clock_timestamp()
+                payload = NULL, expires_at = EXCLUDED.expires_at,
+                lease_until = EXCLUDED.lease_until, lease_token = EXCLUDED.lease_token
+            WHERE r.expires_at <= now_at
         RETURNING r.token INTO o_token;
         IF FOUND THEN
             o_kind := 1;
@@ -601,9 +675,18 @@ impl PostgresStore {
                     )
                     .await
                     .map_err(pg_error)?;
-                    tx.batch_execute(&self.inner.sql.ddl)
-                        .await
-                        .map_err(pg_error)?;
+                    // Adding a column (once, on upgrade) takes the table's
+                    // exclusive lock, and every claim queues behind a lock
+                    // request that waits: give up after one operation's
+                    // time rather than stall the traffic behind a long
+                    // transaction. The next operation tries again.
+                    tx.batch_execute(&format!(
+                        "SET LOCAL lock_timeout = {}; {}",
+                        millis(self.inner.op_timeout),
+                        self.inner.sql.ddl
+                    ))
+                    .await
+                    .map_err(pg_error)?;
                     tx.commit().await.map_err(pg_error)
                 })
                 .await
@@ -674,16 +757,69 @@ impl PostgresStore {
         &self,
         key: &StoreKey,
         fingerprint: Fingerprint,
-        lease: Duration,
+        lease: Lease,
     ) -> Result<Claim, StoreError> {
-        let lease_ms = millis(lease);
+        let (lease_ms, lock_ms) = lease_millis(lease);
         let row = self
             .run(&self.inner.sql.claim, async |c, s| {
-                c.query_one(s, &[&key.as_str(), &&fingerprint.0[..], &lease_ms])
-                    .await
+                c.query_one(
+                    s,
+                    &[&key.as_str(), &&fingerprint.0[..], &lease_ms, &lock_ms],
+                )
+                .await
             })
             .await?;
         decode_claim(&row)
+    }
+
+    async fn renew_impl(
+        &self,
+        key: &StoreKey,
+        token: FencingToken,
+        lease: Lease,
+    ) -> Result<(), StoreError> {
+        // A token beyond i64 was never issued by the sequence.
+        let Ok(token) = i64::try_from(token.0) else {
+            return Err(StoreError::Fenced);
+        };
+        let (lease_ms, lock_ms) = lease_millis(lease);
+        let n = self
+            .run(&self.inner.sql.renew, async |c, s| {
+                c.execute(s, &[&key.as_str(), &token, &lease_ms, &lock_ms])
+                    .await
+            })
+            .await?;
+        if n == 1 {
+            Ok(())
+        } else {
+            Err(StoreError::Fenced)
+        }
+    }
+
+    async fn inspect_impl(&self, key: &StoreKey) -> Result<Option<KeyState>, StoreError> {
+        let row = self
+            .run(&self.inner.sql.inspect, async |c, s| {
+                c.query_opt(s, &[&key.as_str()]).await
+            })
+            .await?;
+        row.as_ref().map(decode_key_state).transpose()
+    }
+
+    async fn remove_impl(&self, key: &StoreKey) -> Result<bool, StoreError> {
+        let row = self
+            .run(&self.inner.sql.remove, async |c, s| {
+                c.query_opt(s, &[&key.as_str()]).await
+            })
+            .await?;
+        // No row: nothing was there. A row that had expired but was not
+        // swept yet is gone now too, yet nothing live was there.
+        match row {
+            None => Ok(false),
+            Some(r) => r
+                .try_get::<_, Option<bool>>(0)
+                .map(|live| live.unwrap_or(false))
+                .map_err(|e| StoreError::Corrupt(format!("postgres: {e}"))),
+        }
     }
 
     async fn complete_impl(
@@ -748,29 +884,27 @@ impl Store for PostgresStore {
         fingerprint: Fingerprint,
         lease: Lease,
     ) -> BoxFuture<'a, Result<Claim, StoreError>> {
-        Box::pin(self.claim_impl(key, fingerprint, lease.hold))
+        Box::pin(self.claim_impl(key, fingerprint, lease))
     }
 
-    // TEMPORARY (issue 12 in progress): replaced by the store's own renew,
-    // inspect and remove before this lands.
     fn renew<'a>(
         &'a self,
-        _key: &'a StoreKey,
-        _token: FencingToken,
-        _lease: Lease,
+        key: &'a StoreKey,
+        token: FencingToken,
+        lease: Lease,
     ) -> BoxFuture<'a, Result<(), StoreError>> {
-        Box::pin(async { Err(StoreError::Unavailable("renew: not implemented".into())) })
+        Box::pin(self.renew_impl(key, token, lease))
     }
 
     fn inspect<'a>(
         &'a self,
-        _key: &'a StoreKey,
-    ) -> BoxFuture<'a, Result<Option<crate::store::KeyState>, StoreError>> {
-        Box::pin(async { Err(StoreError::Unavailable("inspect: not implemented".into())) })
+        key: &'a StoreKey,
+    ) -> BoxFuture<'a, Result<Option<KeyState>, StoreError>> {
+        Box::pin(self.inspect_impl(key))
     }
 
-    fn remove<'a>(&'a self, _key: &'a StoreKey) -> BoxFuture<'a, Result<bool, StoreError>> {
-        Box::pin(async { Err(StoreError::Unavailable("remove: not implemented".into())) })
+    fn remove<'a>(&'a self, key: &'a StoreKey) -> BoxFuture<'a, Result<bool, StoreError>> {
+        Box::pin(self.remove_impl(key))
     }
 
     fn complete<'a>(
@@ -815,6 +949,16 @@ fn millis(d: Duration) -> i64 {
     i64::try_from(ms).unwrap_or(i64::MAX)
 }
 
+/// A lease in whole milliseconds: the hold (at least 1) and the lock after
+/// a lapse (0 when the lapse frees the key).
+fn lease_millis(lease: Lease) -> (i64, i64) {
+    let lock = match lease.lapse {
+        Lapse::Lock(d) if !d.is_zero() => millis(d),
+        Lapse::Lock(_) | Lapse::Free => 0,
+    };
+    (millis(lease.hold), lock)
+}
+
 fn pool_error(e: deadpool_postgres::PoolError) -> StoreError {
     StoreError::Unavailable(format!("postgres pool: {e}"))
 }
@@ -833,50 +977,94 @@ fn pg_error(e: tokio_postgres::Error) -> StoreError {
     }
 }
 
+fn corrupt(e: tokio_postgres::Error) -> StoreError {
+    StoreError::Corrupt(format!("postgres: {e}"))
+}
+
+/// Column `i` of `row` as a fingerprint (32 bytes).
+fn fingerprint_at(row: &tokio_postgres::Row, i: usize) -> Result<Fingerprint, StoreError> {
+    row.try_get::<_, Option<Vec<u8>>>(i)
+        .map_err(corrupt)?
+        .and_then(|fp| <[u8; 32]>::try_from(fp.as_slice()).ok())
+        .map(Fingerprint)
+        .ok_or_else(|| StoreError::Corrupt("postgres: a fingerprint that is not 32 bytes".into()))
+}
+
+/// Column `i` of `row` as a non-negative count of milliseconds.
+fn millis_at(row: &tokio_postgres::Row, i: usize, what: &str) -> Result<Duration, StoreError> {
+    row.try_get::<_, Option<i64>>(i)
+        .map_err(corrupt)?
+        .and_then(|ms| u64::try_from(ms).ok())
+        .map(|ms| Duration::from_millis(ms.max(1)))
+        .ok_or_else(|| StoreError::Corrupt(format!("postgres: no valid {what}")))
+}
+
+/// Column `i` of `row` as a fencing token (issued by the sequence, so
+/// positive).
+fn token_at(row: &tokio_postgres::Row, i: usize) -> Result<FencingToken, StoreError> {
+    row.try_get::<_, Option<i64>>(i)
+        .map_err(corrupt)?
+        .and_then(|t| u64::try_from(t).ok())
+        .map(FencingToken)
+        .ok_or_else(|| StoreError::Corrupt("postgres: no valid token".into()))
+}
+
+/// Column `i` of `row` as a stored result's payload.
+fn payload_at(row: &tokio_postgres::Row, i: usize) -> Result<Vec<u8>, StoreError> {
+    row.try_get::<_, Option<Vec<u8>>>(i)
+        .map_err(corrupt)?
+        .ok_or_else(|| StoreError::Corrupt("postgres: a completed record without payload".into()))
+}
+
+/// Reads the claim function's row: `o_kind` 1 acquired, 2 in flight, 3
+/// completed, 4 abandoned, then token, fingerprint, payload and the time
+/// left on the holder's lease.
 fn decode_claim(row: &tokio_postgres::Row) -> Result<Claim, StoreError> {
-    let bad = |what: &str| StoreError::Corrupt(format!("postgres: claim returned {what}"));
-    let get = |i: usize| {
-        row.try_get::<_, Option<Vec<u8>>>(i)
-            .map_err(|e| StoreError::Corrupt(format!("postgres: {e}")))
-    };
-    let kind: Option<i16> = row
-        .try_get(0)
-        .map_err(|e| StoreError::Corrupt(format!("postgres: {e}")))?;
-    let fingerprint = || {
-        get(2)?
-            .and_then(|fp| <[u8; 32]>::try_from(fp.as_slice()).ok())
-            .map(Fingerprint)
-            .ok_or_else(|| bad("a fingerprint that is not 32 bytes"))
-    };
+    let kind: Option<i16> = row.try_get(0).map_err(corrupt)?;
     match kind {
-        Some(1) => {
-            let token: Option<i64> = row
-                .try_get(1)
-                .map_err(|e| StoreError::Corrupt(format!("postgres: {e}")))?;
-            let token = token
-                .and_then(|t| u64::try_from(t).ok())
-                .ok_or_else(|| bad("no valid token"))?;
-            Ok(Claim::Acquired {
-                token: FencingToken(token),
-            })
-        }
-        Some(2) => {
-            let remaining: Option<i64> = row
-                .try_get(4)
-                .map_err(|e| StoreError::Corrupt(format!("postgres: {e}")))?;
-            let ms = remaining
-                .and_then(|r| u64::try_from(r).ok())
-                .ok_or_else(|| bad("no remaining lease"))?;
-            Ok(Claim::InFlight {
-                fingerprint: fingerprint()?,
-                retry_after: Duration::from_millis(ms.max(1)),
-            })
-        }
-        Some(3) => Ok(Claim::Completed {
-            fingerprint: fingerprint()?,
-            payload: get(3)?.ok_or_else(|| bad("a completed record without payload"))?,
+        Some(1) => Ok(Claim::Acquired {
+            token: token_at(row, 1)?,
         }),
-        other => Err(bad(&format!("kind {other:?}"))),
+        Some(2) => Ok(Claim::InFlight {
+            fingerprint: fingerprint_at(row, 2)?,
+            retry_after: millis_at(row, 4, "remaining lease")?,
+        }),
+        Some(3) => Ok(Claim::Completed {
+            fingerprint: fingerprint_at(row, 2)?,
+            payload: payload_at(row, 3)?,
+        }),
+        Some(4) => Ok(Claim::Abandoned {
+            fingerprint: fingerprint_at(row, 2)?,
+        }),
+        other => Err(StoreError::Corrupt(format!(
+            "postgres: claim returned kind {other:?}"
+        ))),
+    }
+}
+
+/// Reads the inspect statement's row: kind (2 held, 3 completed, 4
+/// abandoned), token, fingerprint, payload, lease left, expiry left.
+fn decode_key_state(row: &tokio_postgres::Row) -> Result<KeyState, StoreError> {
+    let kind: Option<i16> = row.try_get(0).map_err(corrupt)?;
+    match kind {
+        Some(2) => Ok(KeyState::Held {
+            fingerprint: fingerprint_at(row, 2)?,
+            token: token_at(row, 1)?,
+            lease_left: millis_at(row, 4, "remaining lease")?,
+        }),
+        Some(3) => Ok(KeyState::Completed {
+            fingerprint: fingerprint_at(row, 2)?,
+            payload: payload_at(row, 3)?,
+            expires_in: millis_at(row, 5, "remaining time")?,
+        }),
+        Some(4) => Ok(KeyState::Abandoned {
+            fingerprint: fingerprint_at(row, 2)?,
+            token: token_at(row, 1)?,
+            expires_in: millis_at(row, 5, "remaining time")?,
+        }),
+        other => Err(StoreError::Corrupt(format!(
+            "postgres: inspect returned kind {other:?}"
+        ))),
     }
 }
 

@@ -58,6 +58,7 @@ async fn drop_schema(url: &str, table: &str) {
         .batch_execute(&format!(
             "DROP TABLE IF EXISTS {table}; \
              DROP SEQUENCE IF EXISTS {table}_fence_seq; \
+             DROP FUNCTION IF EXISTS {table}_claim_v2(text, bytea, bigint, bigint); \
              DROP FUNCTION IF EXISTS {table}_claim(text, bytea, bigint);"
         ))
         .await
