@@ -1,25 +1,42 @@
-//! PostgreSQL store: one statement per operation, schema created on first
-//! use, an expiry index and a periodic sweep.
+//! PostgreSQL store: one statement per operation, schema created (and
+//! migrated) on first use, an expiry index and a periodic sweep.
 //!
 //! # Model
 //!
-//! One row per [`StoreKey`]: `state` 1 (in flight, `expires_at` is the end
-//! of the lease) or 2 (completed, `expires_at` is the end of the TTL), the
-//! holder's fencing `token`, the `fingerprint` and the `payload`. All times
-//! come from the database clock (`clock_timestamp()`), so instances with
-//! skewed clocks still agree on when a lease ends.
+//! One row per [`StoreKey`]: `state` 1 (a claim) or 2 (a completed result),
+//! the holder's fencing `token`, the `fingerprint`, the `payload`, and two
+//! deadlines:
+//!
+//! - `expires_at`: when the row is gone and the key free. For a result, the
+//!   end of its TTL; for a claim, the end of its lease plus, under
+//!   [`Lapse::Lock`], the lock ([`Lease::record_life`]).
+//! - `lease_until`: when the claim's lease ends, valid while `lease_token`
+//!   (the token of the claim that set it) equals `token`. Otherwise, in rows
+//!   written by the version before leases could lock, the lease ends at
+//!   `expires_at`, which is what that version meant.
+//!
+//! A claim row is *held* while its lease end is ahead, *abandoned* once its
+//! lease ended while the row still lives (only a locking lease makes a row
+//! outlive its lease), and gone once `expires_at` has passed. All times come
+//! from the database clock (`clock_timestamp()`), so instances with skewed
+//! clocks still agree on when a lease ends.
 //!
 //! Fencing tokens come from a sequence (`<table>_fence_seq`): they increase
-//! across the whole table, so per key too, across release, expiry and
-//! sweeping, and they never depend on a clock.
+//! across the whole table, so per key too, across release, lapse, expiry,
+//! sweeping and removal (a deleted row takes nothing from the sequence), and
+//! they never depend on a clock.
 //!
 //! # One statement per operation
 //!
-//! - **claim** is `SELECT ... FROM <table>_claim($1, $2, $3)`, a PL/pgSQL
-//!   function created with the table. It reads the live row first (a replay
-//!   or an in-flight duplicate is a plain read, no write, no row lock), and
-//!   only when there is none runs `INSERT ... ON CONFLICT (key) DO UPDATE
-//!   ... WHERE <table>.expires_at <= clock_timestamp() RETURNING token`. A
+//! - **claim** is `SELECT ... FROM <table>_claim_v2($1, $2, $3, $4)` (key,
+//!   fingerprint, hold and lock in milliseconds; lock 0 for [`Lapse::Free`]),
+//!   a PL/pgSQL function created with the table. It returns a kind: 1
+//!   acquired, 2 in flight, 3 completed, 4 abandoned. It reads the live row
+//!   first (a replay, an in-flight duplicate or an abandoned key is a plain
+//!   read, no write, no row lock), and only when there is none runs `INSERT
+//!   ... ON CONFLICT (key) DO UPDATE ... WHERE <table>.expires_at <= now
+//!   RETURNING token`. An abandoned row's `expires_at` is the end of its
+//!   lock, so no claim takes it over before then, whatever its own lease. A
 //!   plain `INSERT ... ON CONFLICT` with a fallback `SELECT` in the same
 //!   statement would not do: when a concurrent claim commits the row after
 //!   the statement's snapshot was taken, the fallback cannot see it and the
@@ -27,10 +44,25 @@
 //!   fresh snapshot (READ COMMITTED, volatile function), so a claim that
 //!   loses that race loops once and reads the winner's row. Still one round
 //!   trip.
-//! - **complete** is one `UPDATE ... WHERE key = $1 AND token = $2 AND
-//!   state = 1 AND expires_at > clock_timestamp()`; no row updated means
-//!   [`StoreError::Fenced`].
+//! - **renew** is one `UPDATE ... SET lease_until = now + hold, expires_at =
+//!   now + hold + lock, lease_token = token FROM (SELECT clock_timestamp() AS
+//!   now) ... WHERE key = $1 AND token = $2 AND state = 1 AND <lease end> >
+//!   now`, one reading of the clock for the check and both deadlines; no row
+//!   updated means [`StoreError::Fenced`].
+//! - **complete** is one `UPDATE ... SET state = 2, payload = $3, expires_at
+//!   = clock_timestamp() + ttl, lease_until = NULL, lease_token = NULL WHERE
+//!   key = $1 AND token = $2 AND state = 1 AND <lease end> >
+//!   clock_timestamp()`; no row updated means [`StoreError::Fenced`].
 //! - **release** is one `DELETE` with the same condition.
+//! - **inspect** is one `SELECT` of the live row, its kind (held, abandoned,
+//!   completed) and the time left computed in SQL from one reading of the
+//!   clock.
+//! - **remove** is one `DELETE ... WHERE key = $1 RETURNING expires_at >
+//!   clock_timestamp()`: whatever the key held goes, and the answer says
+//!   whether it was live.
+//! - **purge** deletes rows whose `expires_at` has passed (see below); an
+//!   abandoned row's lasts until its lock ends, so a sweep never frees a
+//!   locked key early.
 //!
 //! Statements are prepared once per pooled connection (deadpool's statement
 //! cache), so after a connection's first use each operation is exactly one
@@ -54,39 +86,62 @@
 //!     token       bigint      NOT NULL,
 //!     fingerprint bytea       NOT NULL,
 //!     payload     bytea,
-//!     expires_at  timestamptz NOT NULL
+//!     expires_at  timestamptz NOT NULL,
+//!     lease_until timestamptz,
+//!     lease_token bigint
 //! );
+//! DO $keel$
+//! BEGIN
+//!     IF (SELECT count(*) FROM pg_attribute
+//!          WHERE attrelid = 'keel_idempotency'::regclass AND NOT attisdropped
+//!            AND attname IN ('lease_until', 'lease_token')) < 2 THEN
+//!         ALTER TABLE keel_idempotency
+//!             ADD COLUMN IF NOT EXISTS lease_until timestamptz,
+//!             ADD COLUMN IF NOT EXISTS lease_token bigint;
+//!     END IF;
+//! END
+//! $keel$;
 //! CREATE INDEX IF NOT EXISTS keel_idempotency_expires_at_idx ON keel_idempotency (expires_at);
-//! CREATE OR REPLACE FUNCTION keel_idempotency_claim(
-//!     p_key text, p_fingerprint bytea, p_lease_ms bigint,
+//! CREATE OR REPLACE FUNCTION keel_idempotency_claim_v2(
+//!     p_key text, p_fingerprint bytea, p_lease_ms bigint, p_lock_ms bigint,
 //!     OUT o_kind smallint, OUT o_token bigint, OUT o_fingerprint bytea,
 //!     OUT o_payload bytea, OUT o_remaining_ms bigint)
 //! LANGUAGE plpgsql VOLATILE AS $keel$
 //! DECLARE
 //!     cur record;
+//!     now_at timestamptz;
+//!     new_token bigint;
 //! BEGIN
 //!     FOR attempt IN 1..16 LOOP
-//!         SELECT r.state, r.fingerprint, r.payload, r.expires_at INTO cur
+//!         now_at := clock_timestamp();
+//!         SELECT r.state, r.fingerprint, r.payload,
+//!                CASE WHEN r.lease_token = r.token THEN r.lease_until ELSE r.expires_at END AS lease_end
+//!           INTO cur
 //!           FROM keel_idempotency r
-//!          WHERE r.key = p_key AND r.expires_at > clock_timestamp();
+//!          WHERE r.key = p_key AND r.expires_at > now_at;
 //!         IF FOUND THEN
 //!             o_fingerprint := cur.fingerprint;
 //!             IF cur.state = 2 THEN
 //!                 o_kind := 3;
 //!                 o_payload := cur.payload;
-//!             ELSE
+//!             ELSIF cur.lease_end > now_at THEN
 //!                 o_kind := 2;
-//!                 o_remaining_ms := GREATEST(1, ceil(extract(epoch FROM cur.expires_at - clock_timestamp()) * 1000))::bigint;
+//!                 o_remaining_ms := GREATEST(1, ceil(extract(epoch FROM cur.lease_end - now_at) * 1000))::bigint;
+//!             ELSE
+//!                 o_kind := 4;
 //!             END IF;
 //!             RETURN;
 //!         END IF;
-//!         INSERT INTO keel_idempotency AS r (key, state, token, fingerprint, payload, expires_at)
-//!         VALUES (p_key, 1, nextval('keel_idempotency_fence_seq'), p_fingerprint, NULL,
-//!                 clock_timestamp() + p_lease_ms * interval '1 millisecond')
+//!         new_token := nextval('keel_idempotency_fence_seq');
+//!         INSERT INTO keel_idempotency AS r (key, state, token, fingerprint, payload, expires_at, lease_until, lease_token)
+//!         VALUES (p_key, 1, new_token, p_fingerprint, NULL,
+//!                 now_at + (p_lease_ms + p_lock_ms) * interval '1 millisecond',
+//!                 now_at + p_lease_ms * interval '1 millisecond', new_token)
 //!         ON CONFLICT (key) DO UPDATE
 //!             SET state = 1, token = EXCLUDED.token, fingerprint = EXCLUDED.fingerprint,
-//!                 payload = NULL, expires_at = EXCLUDED.expires_at
-//!             WHERE r.expires_at <= clock_timestamp()
+//!                 payload = NULL, expires_at = EXCLUDED.expires_at,
+//!                 lease_until = EXCLUDED.lease_until, lease_token = EXCLUDED.lease_token
+//!             WHERE r.expires_at <= now_at
 //!         RETURNING r.token INTO o_token;
 //!         IF FOUND THEN
 //!             o_kind := 1;
@@ -104,6 +159,56 @@
 //! expiry index, and [`PostgresStore::spawn_sweeper`] runs it periodically.
 //! Several instances may sweep at once (`FOR UPDATE SKIP LOCKED`).
 //!
+//! ## Upgrading a table of the previous version
+//!
+//! Tables created before leases could lock lack `lease_until` and
+//! `lease_token`. The same setup adds them in place (`ALTER TABLE ... ADD
+//! COLUMN IF NOT EXISTS`; nullable and without a default, so no row is
+//! rewritten), under the same advisory lock, so processes upgrading at once
+//! do it once. It runs only while a column is missing, because `ALTER TABLE`
+//! takes the table's exclusive lock even when there is nothing to add; and
+//! the setup sets `lock_timeout` to one operation timeout, so an `ALTER`
+//! waiting behind a long transaction gives up (the next operation tries
+//! again) instead of queueing every claim behind it. Rows written by the
+//! previous version have no `lease_token`: their lease ends at `expires_at`,
+//! as before, so their holders' completions still succeed and their lapse
+//! frees the key as it did.
+//!
+//! The claim function takes the lock time now, so it has a new name,
+//! `<table>_claim_v2`. The previous `<table>_claim(text, bytea, bigint)` is
+//! not dropped: processes of the previous version still running during a
+//! rolling upgrade call it, and it stays correct on the upgraded table. It
+//! takes a row over only once `expires_at` has passed, so never an abandoned
+//! key before its lock ends (it answers "in flight" until then); a row it
+//! takes over keeps the `lease_token` of an earlier claim, so it reads as a
+//! row of the previous version, its lease ending at `expires_at`, as that
+//! version set it. Once no process of the previous version is left, drop it:
+//! `DROP FUNCTION IF EXISTS keel_idempotency_claim(text, bytea, bigint);`.
+//!
+//! # Consistency
+//!
+//! Each operation is one statement, its own transaction, serialised with
+//! every other operation on the key by the row (primary key, row locks), so
+//! no interleaving can let two claims of one key win; when it returns `Ok`,
+//! it has committed. What survives a failure is what PostgreSQL keeps of a
+//! commit. With the defaults (`synchronous_commit = on`, `fsync = on`) a
+//! commit is acknowledged only once its WAL is flushed, so a claim or result
+//! survives a crash of the server. With `synchronous_commit = off` (set for
+//! the server, a database, a role or the store's connections) the server
+//! acknowledges first and flushes within a few `wal_writer_delay`s: a crash
+//! can lose the last commits, and a lost claim or result lets a retry run the
+//! operation again. A failover to an asynchronous standby loses likewise what
+//! it had not received. Keep `synchronous_commit = on`; for strict
+//! exactly-once across failover, run synchronous standbys
+//! (`synchronous_standby_names`) with `synchronous_commit = remote_apply` (or
+//! at least `on`) and fail over only to one of them, so every acknowledged
+//! claim is on the new primary, and visible there, before anyone sees it
+//! succeed. Deadlines read the server's clock: a failover to a server whose
+//! clock differs moves leases by the difference, so keep the servers' clocks
+//! synchronised. An operation that timed out on the client may still have
+//! committed: a claim then holds the key for its lease (and, locking, its
+//! lock), the safe direction.
+//!
 //! # Failures
 //!
 //! Each operation, taking a pooled connection included, is bounded by
@@ -111,8 +216,8 @@
 //! connection, a full pool or no answer in time is
 //! [`StoreError::Unavailable`]. Broken connections are dropped by the pool
 //! and replaced on the next use, so the store recovers by itself. Until
-//! the schema exists, the first operation may also spend up to four
-//! operation timeouts (at least 2 s) creating it.
+//! the schema exists (or is upgraded), the first operation may also spend up
+//! to four operation timeouts (at least 2 s) creating it.
 //!
 //! ```
 //! use std::time::Duration;
@@ -141,7 +246,7 @@
 //! # let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await?;
 //! # tokio::spawn(conn);
 //! # client.batch_execute(&format!("DROP TABLE {table}; DROP SEQUENCE {table}_fence_seq; \
-//! #     DROP FUNCTION {table}_claim(text, bytea, bigint);")).await?;
+//! #     DROP FUNCTION {table}_claim_v2(text, bytea, bigint, bigint);")).await?;
 //! # Ok(())
 //! # }
 //! ```
@@ -160,7 +265,7 @@ use crate::store::{
 };
 
 /// The longest table name accepted (without the schema), leaving room for
-/// the derived names (`_fence_seq`, `_expires_at_idx`, `_claim`) within
+/// the derived names (`_fence_seq`, `_expires_at_idx`, `_claim_v2`) within
 /// PostgreSQL's 63-byte identifier limit.
 pub const MAX_TABLE_NAME_LEN: usize = 40;
 
@@ -445,8 +550,9 @@ BEGIN
     IF (SELECT count(*) FROM pg_attribute
          WHERE attrelid = '{t}'::regclass AND NOT attisdropped
            AND attname IN ('lease_until', 'lease_token')) < 2 THEN
-        ALTER TABLE {t} ADD COLUMN IF NOT EXISTS lease_until timestamptz,
-                        ADD COLUMN IF NOT EXISTS lease_token bigint;
+        ALTER TABLE {t}
+            ADD COLUMN IF NOT EXISTS lease_until timestamptz,
+            ADD COLUMN IF NOT EXISTS lease_token bigint;
     END IF;
 END
 $keel$;
@@ -463,7 +569,9 @@ DECLARE
 BEGIN
     FOR attempt IN 1..16 LOOP
         now_at := clock_timestamp();
-        SELECT r.state, r.fingerprint, r.payload, {lease_end} AS lease_end INTO cur
+        SELECT r.state, r.fingerprint, r.payload,
+               {lease_end} AS lease_end
+          INTO cur
           FROM {t} r
          WHERE r.key = p_key AND r.expires_at > now_at;
         IF FOUND THEN
@@ -1105,7 +1213,9 @@ mod tests {
         let sql = migration_sql(&t);
         assert!(sql.contains("CREATE SEQUENCE IF NOT EXISTS s.idem_fence_seq;"));
         assert!(sql.contains("CREATE INDEX IF NOT EXISTS idem_expires_at_idx ON s.idem"));
-        assert!(sql.contains("FUNCTION s.idem_claim("));
+        assert!(sql.contains("FUNCTION s.idem_claim_v2("));
+        assert!(sql.contains("'s.idem'::regclass"));
+        assert!(sql.contains("ALTER TABLE s.idem\n"));
     }
 
     #[test]
@@ -1126,6 +1236,38 @@ mod tests {
     fn lock_ids_differ_per_table() {
         assert_ne!(lock_id("a"), lock_id("b"));
         assert_eq!(lock_id("a"), lock_id("a"));
+    }
+
+    #[test]
+    fn leases_pass_hold_and_lock_in_millis() {
+        let s = Duration::from_secs;
+        assert_eq!(lease_millis(Lease::freeing(s(5))), (5_000, 0));
+        assert_eq!(lease_millis(Lease::locking(s(5), s(60))), (5_000, 60_000));
+        // A lock of nothing frees the key at the lapse, like `Lapse::Free`.
+        assert_eq!(
+            lease_millis(Lease::locking(s(5), Duration::ZERO)),
+            (5_000, 0)
+        );
+        let (hold, lock) = lease_millis(Lease::locking(Duration::MAX, Duration::MAX));
+        assert!(
+            hold.checked_add(lock).is_some(),
+            "hold + lock cannot overflow"
+        );
+    }
+
+    #[test]
+    fn every_statement_reads_the_lease_end_the_same_way() {
+        let sql = Sql::new(&PostgresOptions::default().table);
+        let end = lease_end("r");
+        for (name, text) in [
+            ("renew", &sql.renew),
+            ("inspect", &sql.inspect),
+            ("complete", &sql.complete),
+            ("release", &sql.release),
+            ("claim function", &sql.ddl),
+        ] {
+            assert!(text.contains(&end), "{name} must use the shared lease end");
+        }
     }
 
     #[test]
