@@ -23,7 +23,7 @@
 //!
 //! Fencing tokens come from a sequence (`<table>_fence_seq`): they increase
 //! across the whole table, so per key too, across release, lapse, expiry,
-//! sweeping and removal (a deleted row takes nothing from the sequence), and
+//! sweeping and removal (deleting rows never sets the sequence back), and
 //! they never depend on a clock.
 //!
 //! # One statement per operation
@@ -162,28 +162,29 @@
 //! ## Upgrading a table of the previous version
 //!
 //! Tables created before leases could lock lack `lease_until` and
-//! `lease_token`. The same setup adds them in place (`ALTER TABLE ... ADD
+//! `lease_token`. The setup ([`PostgresStore::ensure_schema`], or the SQL of
+//! [`PostgresStore::migration_sql`]) adds them in place (`ALTER TABLE ... ADD
 //! COLUMN IF NOT EXISTS`; nullable and without a default, so no row is
-//! rewritten), under the same advisory lock, so processes upgrading at once
-//! do it once. It runs only while a column is missing, because `ALTER TABLE`
-//! takes the table's exclusive lock even when there is nothing to add; and
-//! the setup sets `lock_timeout` to one operation timeout, so an `ALTER`
-//! waiting behind a long transaction gives up (the next operation tries
-//! again) instead of queueing every claim behind it. Rows written by the
-//! previous version have no `lease_token`: their lease ends at `expires_at`,
-//! as before, so their holders' completions still succeed and their lapse
-//! frees the key as it did.
+//! rewritten), under the same advisory lock, so processes upgrading at once do
+//! it once. It runs only while a column is missing, because `ALTER TABLE` takes
+//! the table's exclusive lock even when there is nothing to add; and the setup
+//! sets `lock_timeout` to one operation timeout, so an `ALTER` waiting behind a
+//! long transaction gives up (the next operation tries again) instead of
+//! queueing every claim behind it. Rows written by the previous version have no
+//! `lease_token`: their lease ends at `expires_at`, as before, so their
+//! holders' completions still succeed and their lapse frees the key as it did.
 //!
 //! The claim function takes the lock time now, so it has a new name,
-//! `<table>_claim_v2`. The previous `<table>_claim(text, bytea, bigint)` is
-//! not dropped: processes of the previous version still running during a
-//! rolling upgrade call it, and it stays correct on the upgraded table. It
-//! takes a row over only once `expires_at` has passed, so never an abandoned
-//! key before its lock ends (it answers "in flight" until then); a row it
-//! takes over keeps the `lease_token` of an earlier claim, so it reads as a
-//! row of the previous version, its lease ending at `expires_at`, as that
-//! version set it. Once no process of the previous version is left, drop it:
-//! `DROP FUNCTION IF EXISTS keel_idempotency_claim(text, bytea, bigint);`.
+//! `<table>_claim_v2`. The previous `<table>_claim(text, bytea, bigint)` is not
+//! dropped: processes of the previous version still running during a rolling
+//! upgrade call it, and it stays correct on the upgraded table (as do that
+//! version's complete and release, which only touch its own claims). It takes a
+//! row over only once `expires_at` has passed, so never an abandoned key before
+//! its lock ends (it answers "in flight" until then); a row it takes over keeps
+//! the `lease_token` of an earlier claim, so it reads as a row of the previous
+//! version, its lease ending at `expires_at`, as that version set it. Once no
+//! process of the previous version is left, drop it: `DROP FUNCTION IF EXISTS
+//! keel_idempotency_claim(text, bytea, bigint);`.
 //!
 //! # Consistency
 //!
@@ -195,15 +196,17 @@
 //! commit is acknowledged only once its WAL is flushed, so a claim or result
 //! survives a crash of the server. With `synchronous_commit = off` (set for
 //! the server, a database, a role or the store's connections) the server
-//! acknowledges first and flushes within a few `wal_writer_delay`s: a crash
+//! acknowledges first and flushes within three `wal_writer_delay`s: a crash
 //! can lose the last commits, and a lost claim or result lets a retry run the
 //! operation again. A failover to an asynchronous standby loses likewise what
-//! it had not received. Keep `synchronous_commit = on`; for strict
+//! it had not received. Keep `synchronous_commit = on`. For strict
 //! exactly-once across failover, run synchronous standbys
-//! (`synchronous_standby_names`) with `synchronous_commit = remote_apply` (or
-//! at least `on`) and fail over only to one of them, so every acknowledged
-//! claim is on the new primary, and visible there, before anyone sees it
-//! succeed. Deadlines read the server's clock: a failover to a server whose
+//! (`synchronous_standby_names`), fail over only to one of them, and set
+//! `synchronous_commit = remote_apply`: a commit is then acknowledged only
+//! once the standby has applied it, so every claim or result a caller saw
+//! succeed is on the new primary and visible to the first claim it serves
+//! (`on` with synchronous standbys already has it on the standby's disk).
+//! Deadlines read the server's clock: a failover to a server whose
 //! clock differs moves leases by the difference, so keep the servers' clocks
 //! synchronised. An operation that timed out on the client may still have
 //! committed: a claim then holds the key for its lease (and, locking, its
@@ -362,8 +365,9 @@ impl PostgresOptions {
     }
 
     /// Whether the store creates its table, sequence, index and function on
-    /// first use (default true). Turn it off when the application's role may
-    /// not run DDL and the schema comes from [`PostgresStore::migration_sql`].
+    /// first use, and upgrades a table of the previous version in place
+    /// (default true). Turn it off when the application's role may not run
+    /// DDL and the schema comes from [`PostgresStore::migration_sql`].
     ///
     /// ```
     /// # use keel_idempotency::postgres::PostgresOptions;
@@ -622,7 +626,8 @@ fn lock_id(table: &str) -> i64 {
     i64::from_ne_bytes(h.to_ne_bytes())
 }
 
-/// Claims, completes and releases keys with one SQL statement each.
+/// Claims, renews, completes, releases, inspects and removes keys with one
+/// SQL statement each.
 ///
 /// Cheap to clone: clones share the pool.
 ///
@@ -728,15 +733,19 @@ impl PostgresStore {
     }
 
     /// The SQL that creates the schema for `table` (sequence, table, expiry
-    /// index, claim function), for your own migrations. Idempotent: every
-    /// statement is `IF NOT EXISTS` or `OR REPLACE`.
+    /// index, claim function `<table>_claim_v2`), or upgrades a table of the
+    /// previous version in place (adding the lease columns), for your own
+    /// migrations. Idempotent: every statement is `IF NOT EXISTS` or `OR
+    /// REPLACE`, and the column upgrade runs only while a column is missing.
     ///
     /// ```
     /// use keel_idempotency::postgres::PostgresStore;
     ///
     /// let sql = PostgresStore::migration_sql("idem").unwrap();
     /// assert!(sql.contains("CREATE TABLE IF NOT EXISTS idem ("));
+    /// assert!(sql.contains("ADD COLUMN IF NOT EXISTS lease_until timestamptz"));
     /// assert!(sql.contains("CREATE INDEX IF NOT EXISTS idem_expires_at_idx"));
+    /// assert!(sql.contains("CREATE OR REPLACE FUNCTION idem_claim_v2("));
     /// assert!(PostgresStore::migration_sql("idem; drop table x").is_err());
     /// ```
     pub fn migration_sql(table: &str) -> Result<String, SetupError> {
@@ -758,9 +767,12 @@ impl PostgresStore {
         self.inner.table.qualified()
     }
 
-    /// Creates the schema now if it is not there yet (and if
-    /// [`PostgresOptions::create_schema`] is on); otherwise the first
-    /// operation does it. Safe to call from many processes at once.
+    /// Creates the schema now if it is not there yet, or upgrades a table of
+    /// the previous version (if [`PostgresOptions::create_schema`] is on);
+    /// otherwise the first operation does it. Safe to call from many
+    /// processes at once. An upgrade waits for the table's exclusive lock
+    /// for at most [`PostgresOptions::op_timeout`], then fails with
+    /// [`StoreError::Unavailable`] and is tried again on the next call.
     ///
     /// ```no_run
     /// # async fn demo(store: keel_idempotency::postgres::PostgresStore) {
