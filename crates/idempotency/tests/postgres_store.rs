@@ -1,7 +1,9 @@
 //! The PostgreSQL store against a real server (`KEEL_TEST_POSTGRES_URL`):
 //! the conformance suite, two instances sharing the database, concurrent
-//! schema creation, fencing across expiry and sweeping, the server going
-//! away and coming back, and round trips counted on the wire.
+//! schema creation, the upgrade of a table of the previous version (with
+//! that version's processes still running), fencing across expiry and
+//! sweeping, abandoned rows surviving sweeps, the server going away and
+//! coming back, and round trips counted on the wire.
 //!
 //! Every test uses a table of its own and drops it at the end, so it can
 //! share the database with other tests and other people.
@@ -17,7 +19,7 @@ use std::time::Duration;
 use keel_idempotency::conformance;
 use keel_idempotency::postgres::{PostgresOptions, PostgresStore, SetupError};
 use keel_idempotency::store::{
-    Claim, FencingToken, Fingerprint, Lease, Store, StoreError, StoreKey,
+    Claim, FencingToken, Fingerprint, KeyState, Lease, Store, StoreError, StoreKey,
 };
 use net_support::{Mode, Proxy};
 
@@ -58,6 +60,7 @@ async fn drop_schema(url: &str, table: &str) {
         .batch_execute(&format!(
             "DROP TABLE IF EXISTS {table}; \
              DROP SEQUENCE IF EXISTS {table}_fence_seq; \
+             DROP FUNCTION IF EXISTS {table}_claim_v2(text, bytea, bigint, bigint); \
              DROP FUNCTION IF EXISTS {table}_claim(text, bytea, bigint);"
         ))
         .await
@@ -513,5 +516,391 @@ async fn engines_on_postgres_execute_exactly_once() {
     let a = PostgresStore::connect(&url, options(&table)).expect("a");
     let b = PostgresStore::connect(&url, options(&table)).expect("b");
     common::cross_instance_200_keys(std::sync::Arc::new(a), std::sync::Arc::new(b)).await;
+    drop_schema(&url, &table).await;
+}
+
+/// The schema of the version before leases could lock (commit 6fc3382,
+/// `migration_sql`), verbatim: the table an existing deployment has.
+fn old_ddl(t: &str) -> String {
+    format!(
+        r"CREATE SEQUENCE IF NOT EXISTS {t}_fence_seq;
+CREATE TABLE IF NOT EXISTS {t} (
+    key         text        PRIMARY KEY,
+    state       smallint    NOT NULL CHECK (state IN (1, 2)),
+    token       bigint      NOT NULL,
+    fingerprint bytea       NOT NULL,
+    payload     bytea,
+    expires_at  timestamptz NOT NULL
+);
+CREATE INDEX IF NOT EXISTS {t}_expires_at_idx ON {t} (expires_at);
+CREATE OR REPLACE FUNCTION {t}_claim(
+    p_key text, p_fingerprint bytea, p_lease_ms bigint,
+    OUT o_kind smallint, OUT o_token bigint, OUT o_fingerprint bytea,
+    OUT o_payload bytea, OUT o_remaining_ms bigint)
+LANGUAGE plpgsql VOLATILE AS $keel$
+DECLARE
+    cur record;
+BEGIN
+    FOR attempt IN 1..16 LOOP
+        SELECT r.state, r.fingerprint, r.payload, r.expires_at INTO cur
+          FROM {t} r
+         WHERE r.key = p_key AND r.expires_at > clock_timestamp();
+        IF FOUND THEN
+            o_fingerprint := cur.fingerprint;
+            IF cur.state = 2 THEN
+                o_kind := 3;
+                o_payload := cur.payload;
+            ELSE
+                o_kind := 2;
+                o_remaining_ms := GREATEST(1, ceil(extract(epoch FROM cur.expires_at - clock_timestamp()) * 1000))::bigint;
+            END IF;
+            RETURN;
+        END IF;
+        INSERT INTO {t} AS r (key, state, token, fingerprint, payload, expires_at)
+        VALUES (p_key, 1, nextval('{t}_fence_seq'), p_fingerprint, NULL,
+                clock_timestamp() + p_lease_ms * interval '1 millisecond')
+        ON CONFLICT (key) DO UPDATE
+            SET state = 1, token = EXCLUDED.token, fingerprint = EXCLUDED.fingerprint,
+                payload = NULL, expires_at = EXCLUDED.expires_at
+            WHERE r.expires_at <= clock_timestamp()
+        RETURNING r.token INTO o_token;
+        IF FOUND THEN
+            o_kind := 1;
+            RETURN;
+        END IF;
+    END LOOP;
+    RAISE EXCEPTION 'keel-idempotency: claim of % kept losing races', p_key
+        USING ERRCODE = '40001';
+END
+$keel$;
+"
+    )
+}
+
+/// A process of the previous version, talking to the same table with that
+/// version's statements.
+struct OldProcess {
+    client: tokio_postgres::Client,
+    table: String,
+}
+
+impl OldProcess {
+    async fn new(url: &str, table: &str) -> Self {
+        Self {
+            client: sql(url).await,
+            table: table.to_owned(),
+        }
+    }
+
+    /// The old claim: `(kind, token)`, kind 1 acquired, 2 in flight, 3
+    /// completed.
+    async fn claim(&self, key: &str, lease: Duration) -> (i16, Option<i64>) {
+        let row = self
+            .client
+            .query_one(
+                &format!(
+                    "SELECT o_kind, o_token FROM {}_claim($1::text, $2::bytea, $3::bigint)",
+                    self.table
+                ),
+                &[&key, &&[1u8; 32][..], &(lease.as_millis() as i64)],
+            )
+            .await
+            .expect("old claim");
+        (row.get(0), row.get(1))
+    }
+
+    /// The old completion; whether it took.
+    async fn complete(&self, key: &str, token: i64, payload: &[u8]) -> bool {
+        let n = self
+            .client
+            .execute(
+                &format!(
+                    "UPDATE {} SET state = 2, payload = $3::bytea, \
+                     expires_at = clock_timestamp() + interval '60 seconds' \
+                     WHERE key = $1::text AND token = $2::bigint AND state = 1 \
+                     AND expires_at > clock_timestamp()",
+                    self.table
+                ),
+                &[&key, &token, &payload],
+            )
+            .await
+            .expect("old complete");
+        n == 1
+    }
+}
+
+fn token_of(t: Option<i64>) -> FencingToken {
+    FencingToken(u64::try_from(t.expect("a token")).expect("positive token"))
+}
+
+/// A deployment of the previous version: its table, rows its processes
+/// wrote (a live claim, a result, a lapsed claim), then processes of the
+/// new version starting at once. The setup adds the lease columns in
+/// place; the old rows read as before; the old version's processes still
+/// running during the rolling upgrade keep working alongside the new ones,
+/// and neither misreads the other's rows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_old_schema_table_is_migrated_in_place_and_its_rows_still_work() {
+    let Some(url) = keel_testkit::service_url(keel_testkit::POSTGRES) else {
+        return;
+    };
+    let table = unique_table();
+    let admin = sql(&url).await;
+    admin
+        .batch_execute(&old_ddl(&table))
+        .await
+        .expect("old schema");
+    let old = OldProcess::new(&url, &table).await;
+    let (kind, held) = old.claim("old-held", LONG).await;
+    assert_eq!(kind, 1);
+    let (kind, done) = old.claim("old-done", LONG).await;
+    assert_eq!(kind, 1);
+    assert!(
+        old.complete("old-done", done.expect("token"), b"old result")
+            .await
+    );
+    let (kind, lapsed) = old.claim("old-lapsed", Duration::from_millis(200)).await;
+    assert_eq!(kind, 1);
+    tokio::time::sleep(Duration::from_millis(400)).await;
+
+    // Four processes of the new version start at once on the old table.
+    let stores: Vec<PostgresStore> = (0..4)
+        .map(|_| PostgresStore::connect(&url, options(&table).pool_size(1)).expect("store"))
+        .collect();
+    let mut tasks = Vec::new();
+    for store in &stores {
+        let store = store.clone();
+        tasks.push(tokio::spawn(async move { store.ensure_schema().await }));
+    }
+    for t in tasks {
+        t.await.expect("task").expect("the upgrade runs");
+    }
+    let columns: i64 = admin
+        .query_one(
+            "SELECT count(*) FROM information_schema.columns \
+             WHERE table_name = $1 AND column_name IN ('lease_until', 'lease_token')",
+            &[&table],
+        )
+        .await
+        .expect("columns")
+        .get(0);
+    assert_eq!(columns, 2, "both lease columns were added");
+    let store = &stores[0];
+    let fp = Fingerprint([1; 32]);
+    let lock = Lease::locking(LONG, LONG);
+
+    // The old live claim: in flight, its lease ending at its expiry, and
+    // its token still holds it (renewable, completable).
+    let held = token_of(held);
+    match store.claim(&key("old-held"), fp, lock).await {
+        Ok(Claim::InFlight {
+            fingerprint,
+            retry_after,
+        }) => {
+            assert_eq!(fingerprint, fp);
+            assert!(
+                retry_after <= LONG && retry_after > LONG / 2,
+                "{retry_after:?}"
+            );
+        }
+        other => panic!("old live claim: {other:?}"),
+    }
+    match store.inspect(&key("old-held")).await {
+        Ok(Some(KeyState::Held { token, .. })) => assert_eq!(token, held),
+        other => panic!("old live claim: {other:?}"),
+    }
+    store
+        .renew(&key("old-held"), held, lock)
+        .await
+        .expect("the old holder's token renews");
+    store
+        .complete(&key("old-held"), held, b"finished", LONG)
+        .await
+        .expect("the old holder's token completes");
+
+    // The old result replays.
+    match store.claim(&key("old-done"), fp, lock).await {
+        Ok(Claim::Completed { payload, .. }) => assert_eq!(payload, b"old result"),
+        other => panic!("old result: {other:?}"),
+    }
+    assert!(matches!(
+        store.inspect(&key("old-done")).await,
+        Ok(Some(KeyState::Completed { .. }))
+    ));
+
+    // The old lapsed claim freed its key, as that version meant: not
+    // abandoned.
+    match store.claim(&key("old-lapsed"), fp, lock).await {
+        Ok(Claim::Acquired { token }) => assert!(token > token_of(lapsed)),
+        other => panic!("old lapsed claim: {other:?}"),
+    }
+
+    // An old process still running: its claims and completions work, and
+    // the new version reads its rows right.
+    let (kind, t) = old.claim("during-upgrade", LONG).await;
+    assert_eq!(kind, 1);
+    assert!(matches!(
+        store.inspect(&key("during-upgrade")).await,
+        Ok(Some(KeyState::Held { token, .. })) if token == token_of(t)
+    ));
+    assert!(
+        old.complete("during-upgrade", t.expect("token"), b"old")
+            .await
+    );
+
+    // The old version takes over a row the new one wrote, once it expired:
+    // the stale lease deadline left behind must not make it look
+    // abandoned while the old holder is live.
+    let short = Lease::locking(Duration::from_millis(150), Duration::from_millis(150));
+    assert!(matches!(
+        store.claim(&key("handover"), fp, short).await,
+        Ok(Claim::Acquired { .. })
+    ));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (kind, t) = old.claim("handover", LONG).await;
+    assert_eq!(kind, 1, "the expired row is the old version's to take");
+    match store.claim(&key("handover"), fp, lock).await {
+        Ok(Claim::InFlight { .. }) => {}
+        other => panic!("a live old holder reads as {other:?}"),
+    }
+    assert!(old.complete("handover", t.expect("token"), b"old").await);
+
+    // And it never takes over a key the new version locked.
+    let locking = Lease::locking(Duration::from_millis(150), LONG);
+    assert!(matches!(
+        store.claim(&key("locked"), fp, locking).await,
+        Ok(Claim::Acquired { .. })
+    ));
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert!(matches!(
+        store.claim(&key("locked"), fp, lock).await,
+        Ok(Claim::Abandoned { .. })
+    ));
+    assert_eq!(
+        old.claim("locked", LONG).await.0,
+        2,
+        "the old version sees a locked key as in flight"
+    );
+
+    // An old process restarting reruns its setup: harmless to both.
+    admin
+        .batch_execute(&old_ddl(&table))
+        .await
+        .expect("old setup again");
+    let fresh = PostgresStore::connect(&url, options(&table)).expect("store");
+    conformance::run(&fresh).await;
+    drop_schema(&url, &table).await;
+}
+
+/// The upgrade's `ALTER TABLE` needs the table's exclusive lock. Behind a
+/// long transaction it gives up after the operation timeout rather than
+/// make every claim queue behind it, and the next attempt succeeds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upgrade_blocked_by_a_long_transaction_gives_up_and_retries() {
+    let Some(url) = keel_testkit::service_url(keel_testkit::POSTGRES) else {
+        return;
+    };
+    let table = unique_table();
+    let mut long = sql(&url).await;
+    long.batch_execute(&old_ddl(&table))
+        .await
+        .expect("old schema");
+    let reader = long.transaction().await.expect("begin");
+    reader
+        .query(&format!("SELECT count(*) FROM {table}"), &[])
+        .await
+        .expect("a read holding its lock");
+
+    let store =
+        PostgresStore::connect(&url, options(&table).op_timeout(Duration::from_millis(300)))
+            .expect("store");
+    let started = std::time::Instant::now();
+    let got = store.ensure_schema().await;
+    assert!(
+        matches!(got, Err(StoreError::Unavailable(_))),
+        "blocked upgrade: {got:?}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "gave up after {:?}",
+        started.elapsed()
+    );
+    // Meanwhile the old version's claims were never stuck behind it.
+    let old = OldProcess::new(&url, &table).await;
+    let claimed = tokio::time::timeout(Duration::from_secs(2), old.claim("meanwhile", LONG))
+        .await
+        .expect("an old claim is not queued behind the upgrade");
+    assert_eq!(claimed.0, 1);
+
+    reader.commit().await.expect("the long transaction ends");
+    store.ensure_schema().await.expect("the upgrade runs now");
+    match store
+        .claim(
+            &key("meanwhile"),
+            Fingerprint([1; 32]),
+            Lease::freeing(LONG),
+        )
+        .await
+    {
+        Ok(Claim::InFlight { .. }) => {}
+        other => panic!("{other:?}"),
+    }
+    drop_schema(&url, &table).await;
+}
+
+/// A lapsed locking claim stays through sweeps until its lock ends, then
+/// the sweep deletes it and the key is free; removing a row that expired
+/// but was not swept yet reports nothing live.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn abandoned_rows_survive_sweeps_until_their_lock_ends() {
+    let Some(url) = keel_testkit::service_url(keel_testkit::POSTGRES) else {
+        return;
+    };
+    let table = unique_table();
+    let store = PostgresStore::connect(&url, options(&table)).expect("store");
+    let fp = Fingerprint([1; 32]);
+    let k = key("abandoned");
+    let lease = Lease::locking(Duration::from_millis(200), Duration::from_millis(1200));
+    let Ok(Claim::Acquired { token: first }) = store.claim(&k, fp, lease).await else {
+        panic!("a fresh key is free");
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(store.purge_expired().await.expect("purge"), 0);
+    assert!(matches!(
+        store.claim(&k, fp, Lease::freeing(LONG)).await,
+        Ok(Claim::Abandoned { .. })
+    ));
+    match store.inspect(&k).await {
+        Ok(Some(KeyState::Abandoned {
+            token, expires_in, ..
+        })) => {
+            assert_eq!(token, first);
+            assert!(expires_in <= Duration::from_millis(1200), "{expires_in:?}");
+        }
+        other => panic!("{other:?}"),
+    }
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    assert!(matches!(store.inspect(&k).await, Ok(None)));
+    assert_eq!(store.purge_expired().await.expect("purge"), 1);
+    let second = acquire(&store, &k, LONG).await;
+    assert!(second > first);
+
+    let expired = key("expired-unswept");
+    acquire(&store, &expired, Duration::from_millis(50)).await;
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    assert!(
+        !store.remove(&expired).await.expect("remove"),
+        "an expired row is nothing live"
+    );
+    let count: i64 = sql(&url)
+        .await
+        .query_one(
+            &format!("SELECT count(*) FROM {table} WHERE key = $1"),
+            &[&expired.as_str()],
+        )
+        .await
+        .expect("count")
+        .get(0);
+    assert_eq!(count, 0, "but it is gone");
     drop_schema(&url, &table).await;
 }
