@@ -418,7 +418,8 @@ fn bench_postgres(c: &mut Criterion) {
         client
             .batch_execute(&format!(
                 "DROP TABLE IF EXISTS {table}; DROP SEQUENCE IF EXISTS {table}_fence_seq; \
-                 DROP FUNCTION IF EXISTS {table}_claim(text, bytea, bigint);"
+                 DROP FUNCTION IF EXISTS {table}_claim(text, bytea, bigint); \
+                 DROP FUNCTION IF EXISTS {table}_claim_v2(text, bytea, bigint, bigint);"
             ))
             .await
             .expect("drop bench table");

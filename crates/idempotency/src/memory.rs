@@ -20,18 +20,18 @@
 //!
 //! ```
 //! use keel_idempotency::memory::MemoryStore;
-//! use keel_idempotency::store::{Claim, Fingerprint, Store, StoreKey};
+//! use keel_idempotency::store::{Claim, Fingerprint, Lease, Store, StoreKey};
 //! use std::time::Duration;
 //!
 //! # tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap().block_on(async {
 //! let store = MemoryStore::new();
 //! let key = StoreKey::new("tenant:POST:/orders:k1").unwrap();
 //! let fp = Fingerprint([1; 32]);
-//! let Claim::Acquired { token } = store.claim(&key, fp, Duration::from_secs(30)).await.unwrap()
+//! let Claim::Acquired { token } = store.claim(&key, fp, Lease::freeing(Duration::from_secs(30))).await.unwrap()
 //! else { panic!("a fresh key is free") };
 //! store.complete(&key, token, b"response", Duration::from_secs(3600)).await.unwrap();
 //! assert!(matches!(
-//!     store.claim(&key, fp, Duration::from_secs(30)).await.unwrap(),
+//!     store.claim(&key, fp, Lease::freeing(Duration::from_secs(30))).await.unwrap(),
 //!     Claim::Completed { .. }
 //! ));
 //! # });

@@ -268,8 +268,14 @@ async fn postgres_store_end_to_end() {
 async fn drop_table(url: &str, prefix: &str) {
     if let Ok((client, connection)) = tokio_postgres::connect(url, tokio_postgres::NoTls).await {
         tokio::spawn(connection);
+        // The table and everything the store created beside it.
+        let t = format!("{prefix}_idempotency");
         let _ = client
-            .batch_execute(&format!("DROP TABLE IF EXISTS {prefix}_idempotency"))
+            .batch_execute(&format!(
+                "DROP TABLE IF EXISTS {t}; DROP SEQUENCE IF EXISTS {t}_fence_seq; \
+                 DROP FUNCTION IF EXISTS {t}_claim(text, bytea, bigint); \
+                 DROP FUNCTION IF EXISTS {t}_claim_v2(text, bytea, bigint, bigint);"
+            ))
             .await;
     }
 }
