@@ -1,4 +1,4 @@
-//! Redis store: one round trip per operation, Cluster-safe keys, native TTL.
+//! Redis store: one round trip per operation, Redis Cluster, native TTL.
 //!
 //! # Layout
 //!
@@ -42,6 +42,37 @@
 //! the lease (a record caught in its last millisecond counts as free).
 //! [`Store::remove`] deletes the record but leaves the fence.
 //!
+//! ```
+//! use std::time::Duration;
+//! use keel_idempotency::redis::{RedisOptions, RedisStore};
+//! use keel_idempotency::store::{Claim, Fingerprint, KeyState, Lease, Store, StoreKey};
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! # let Ok(url) = std::env::var("KEEL_TEST_REDIS_URL") else { return Ok(()) };
+//! # let prefix = keel_idempotency::conformance::unique_prefix();
+//! let store = RedisStore::connect(&url, RedisOptions::default().prefix(&prefix)).await?;
+//! let key = StoreKey::new("tenant1:POST:/payments:k1").unwrap();
+//! // Held for 10 s at a time; if the holder vanishes, the key stays locked
+//! // for a day rather than let a retry charge the card twice.
+//! let lease = Lease::locking(Duration::from_secs(10), Duration::from_secs(86_400));
+//! let Claim::Acquired { token } = store.claim(&key, Fingerprint([1; 32]), lease).await? else {
+//!     panic!("a fresh key is free");
+//! };
+//! store.renew(&key, token, lease).await?; // still working: 10 s more
+//! assert!(matches!(store.inspect(&key).await?, Some(KeyState::Held { token: t, .. }) if t == token));
+//! // An operator who reconciled the key by hand frees it; a later claim
+//! // gets a higher token, so the old holder stays fenced.
+//! assert!(store.remove(&key).await?);
+//! let Claim::Acquired { token: next } = store.claim(&key, Fingerprint([1; 32]), lease).await? else {
+//!     panic!("removed keys are free");
+//! };
+//! assert!(next > token);
+//! # store.remove(&key).await?;
+//! # Ok(())
+//! # }
+//! ```
+//!
 //! Claims written by a version of this store from before lapse-locking (`f`,
 //! fingerprint, token; expiring with the lease) are still read, as held
 //! freeing claims, so an upgrade may happen while requests are in flight.
@@ -67,6 +98,65 @@
 //! store works again as soon as the server is back. Note that a timed-out
 //! `claim` may still have been applied by the server: the key then stays
 //! claimed until its lease runs out, which is the safe direction.
+//!
+//! A server at `maxmemory` under the `noeviction` policy answers writes
+//! with `OOM`: claims, renewals and completions then fail with
+//! [`StoreError::Full`], while replays, in-flight answers, inspection,
+//! release and removal (reads and deletes) keep working.
+//!
+//! # Redis Cluster
+//!
+//! [`RedisStore::connect_cluster`] (or [`RedisStore::lazy_cluster`],
+//! [`RedisStore::from_cluster`]) takes the URLs of some of the cluster's
+//! nodes and runs the same scripts over the `redis` crate's cluster
+//! connection: each call goes to the primary owning its key's slot (the
+//! record and the fence share a hash tag, so one slot), redirections
+//! (`MOVED`, `ASK`) after a resharding or failover are followed within
+//! [`RedisOptions::op_timeout`], and the scripts are loaded on every
+//! primary. Keys spread over all primaries.
+//!
+//! ```no_run
+//! use keel_idempotency::redis::{RedisOptions, RedisStore};
+//!
+//! # async fn demo() -> Result<(), keel_idempotency::redis::SetupError> {
+//! let store = RedisStore::connect_cluster(
+//!     ["redis://10.0.0.1:6379/", "redis://10.0.0.2:6379/"],
+//!     RedisOptions::default().prefix("payments-idem"),
+//! )
+//! .await?;
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! # Consistency
+//!
+//! Each operation is atomic on the primary that runs it, and two callers
+//! never both acquire a key, nor does a fenced holder overwrite it, as long
+//! as that primary keeps what it acknowledged. It may not:
+//!
+//! - Replication is asynchronous. When a primary fails and a replica is
+//!   promoted (Sentinel, a Cluster failover, a managed service's failover),
+//!   writes the old primary acknowledged but had not yet sent to the
+//!   replica are lost: a claim (a retry then acquires the key and runs the
+//!   operation again), a renewal, or a result (the holder was told it was
+//!   stored; a retry runs the operation again).
+//! - Persistence decides what a restart of the same server keeps: without
+//!   persistence, nothing; with RDB snapshots, what the last snapshot held;
+//!   with AOF and `appendfsync everysec` (the usual setting), all but about
+//!   the last second. Only AOF with `appendfsync always` keeps every
+//!   acknowledged write across a crash, at a cost in latency.
+//! - An eviction policy other than `noeviction` lets Redis drop records
+//!   before their time when memory runs short (every record has an expiry,
+//!   so `volatile-*` policies take them too). Use `noeviction`: a full
+//!   server then refuses new claims ([`StoreError::Full`]) instead of
+//!   forgetting results.
+//!
+//! Redis's `WAIT numreplicas timeout`, sent after each write, would narrow
+//! the failover window to writes not yet on that many replicas; the store
+//! does not send it today (it would be an option, at one more round trip
+//! per write), so a deployment that cannot afford a second execution after
+//! a failover needs a store with synchronous durability (PostgreSQL with
+//! synchronous replication) instead.
 //!
 //! ```
 //! use std::time::Duration;
@@ -108,8 +198,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use redis::Value;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::cluster::{ClusterClientBuilder, ClusterConfig};
+use redis::cluster_async::ClusterConnection;
+use redis::{Cmd, Pipeline, RedisFuture, Value};
 
 use crate::store::{
     BoxFuture, Claim, FencingToken, Fingerprint, KeyState, Lapse, Lease, Store, StoreError,
@@ -198,9 +290,11 @@ impl RedisOptions {
         self
     }
 
-    /// How many multiplexed connections [`RedisStore::connect`] opens
-    /// (default 1, at least 1). Operations are spread over them round-robin,
-    /// so no single connection's writer is a bottleneck.
+    /// How many multiplexed connections [`RedisStore::connect`] opens, or
+    /// cluster connections (each with one connection per node)
+    /// [`RedisStore::connect_cluster`] opens (default 1, at least 1).
+    /// Operations are spread over them round-robin, so no single
+    /// connection's writer is a bottleneck.
     ///
     /// ```
     /// # use keel_idempotency::redis::RedisOptions;
@@ -250,7 +344,7 @@ pub struct RedisStore {
 }
 
 struct Inner {
-    conns: Vec<ConnectionManager>,
+    conns: Vec<Conn>,
     next: AtomicUsize,
     prefix: String,
     op_timeout: Duration,
@@ -292,10 +386,54 @@ impl Scripts {
     }
 }
 
+/// One connection of the store: to a single server (or a primary behind a
+/// proxy or Sentinel-managed address), or to a whole Redis Cluster, which
+/// routes each script call to the primary owning its keys' slot and follows
+/// `MOVED`/`ASK` redirections.
+#[derive(Clone)]
+enum Conn {
+    Single(ConnectionManager),
+    Cluster(ClusterConnection),
+}
+
+// Delegation, so that `redis::Script` (EVALSHA, and SCRIPT LOAD after a
+// NOSCRIPT) runs the same way over either kind of connection.
+impl redis::aio::ConnectionLike for Conn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            Conn::Single(c) => c.req_packed_command(cmd),
+            Conn::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            Conn::Single(c) => c.req_packed_commands(pipeline, offset, count),
+            Conn::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Conn::Single(c) => c.get_db(),
+            Conn::Cluster(c) => c.get_db(),
+        }
+    }
+}
+
 impl std::fmt::Debug for RedisStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RedisStore")
             .field("prefix", &self.inner.prefix)
+            .field(
+                "cluster",
+                &matches!(self.inner.conns.first(), Some(Conn::Cluster(_))),
+            )
             .field("connections", &self.inner.conns.len())
             .field("op_timeout", &self.inner.op_timeout)
             .finish_non_exhaustive()
@@ -519,10 +657,125 @@ impl RedisStore {
             .set_min_delay(Duration::from_millis(10))
             .set_max_delay(options.op_timeout);
         let conns = (0..options.connections)
-            .map(|_| ConnectionManager::new_lazy_with_config(client.clone(), config.clone()))
+            .map(|_| {
+                ConnectionManager::new_lazy_with_config(client.clone(), config.clone())
+                    .map(Conn::Single)
+            })
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| SetupError::InvalidUrl(e.to_string()))?;
         Ok(Self::build(conns, options))
+    }
+
+    /// Connects to a Redis Cluster through `nodes`, the URLs of some of its
+    /// nodes (`redis://host:port/`; one reachable node is enough, the rest
+    /// of the cluster is discovered from it), opening
+    /// [`RedisOptions::connections`] cluster connections and loading the
+    /// scripts on every primary, within [`RedisOptions::op_timeout`] per
+    /// step. The URLs are those [`redis::cluster::ClusterClient::new`]
+    /// takes: all with the same user and password, no database number.
+    ///
+    /// Both Redis keys of a [`StoreKey`] carry one hash tag, so each script
+    /// call runs on the one primary that owns the key's slot, and keys
+    /// spread over every primary. See [Consistency](self#consistency) for
+    /// what a failover may lose.
+    ///
+    /// ```no_run
+    /// # use keel_idempotency::redis::{RedisOptions, RedisStore};
+    /// # async fn demo() -> Result<(), keel_idempotency::redis::SetupError> {
+    /// let store = RedisStore::connect_cluster(
+    ///     ["redis://10.0.0.1:6379/", "redis://10.0.0.2:6379/", "redis://10.0.0.3:6379/"],
+    ///     RedisOptions::default().prefix("payments-idem"),
+    /// )
+    /// .await?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub async fn connect_cluster<I>(nodes: I, options: RedisOptions) -> Result<Self, SetupError>
+    where
+        I: IntoIterator,
+        I::Item: AsRef<str>,
+    {
+        let store = Self::lazy_cluster(nodes, options)?;
+        store.load_scripts().await?;
+        Ok(store)
+    }
+
+    /// Like [`RedisStore::connect_cluster`], without touching the network:
+    /// the cluster's slots are fetched in the background and on first use,
+    /// and operations fail with [`StoreError::Unavailable`] until some node
+    /// answers.
+    ///
+    /// # Panics
+    ///
+    /// Outside a tokio runtime: each cluster connection spawns its task on
+    /// the current runtime.
+    ///
+    /// ```
+    /// use keel_idempotency::redis::{RedisOptions, RedisStore, SetupError};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() {
+    /// let store = RedisStore::lazy_cluster(
+    ///     ["redis://127.0.0.1:7001/", "redis://127.0.0.1:7002/"],
+    ///     RedisOptions::default(),
+    /// );
+    /// assert!(store.is_ok());
+    /// let none = RedisStore::lazy_cluster(Vec::<String>::new(), RedisOptions::default());
+    /// assert!(matches!(none, Err(SetupError::InvalidUrl(_))));
+    /// # }
+    /// ```
+    pub fn lazy_cluster<I>(nodes: I, options: RedisOptions) -> Result<Self, SetupError>
+    where
+        I: IntoIterator,
+        I::Item: AsRef<str>,
+    {
+        validate_prefix(&options.prefix)?;
+        let nodes: Vec<String> = nodes.into_iter().map(|n| n.as_ref().to_owned()).collect();
+        // As for a single server, retries stay within the store's own
+        // timeout; the cluster client also spends them following a slot
+        // that moved (MOVED, ASK) or waiting out TRYAGAIN.
+        let max_wait_ms = u64::try_from(options.op_timeout.as_millis()).unwrap_or(u64::MAX);
+        let client = ClusterClientBuilder::new(nodes)
+            .connection_timeout(options.op_timeout)
+            .response_timeout(options.op_timeout)
+            .retries(2)
+            .min_retry_wait(10)
+            .max_retry_wait(max_wait_ms)
+            .build()
+            .map_err(|e| SetupError::InvalidUrl(e.to_string()))?;
+        let config = ClusterConfig::new()
+            .set_connection_timeout(options.op_timeout)
+            .set_response_timeout(options.op_timeout);
+        let conns = (0..options.connections)
+            .map(|_| Conn::Cluster(client.get_pending_async_connection_with_config(config.clone())))
+            .collect();
+        Ok(Self::build(conns, options))
+    }
+
+    /// Uses an existing cluster connection (for TLS, ACL users, custom
+    /// retry settings...), loading the scripts on every primary through it.
+    /// [`RedisOptions::connections`] is ignored: the store uses this one.
+    ///
+    /// ```no_run
+    /// # use keel_idempotency::redis::{RedisOptions, RedisStore};
+    /// # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+    /// let client = redis::cluster::ClusterClient::builder(["redis://10.0.0.1:6379/"])
+    ///     .username("idem")
+    ///     .password("secret")
+    ///     .build()?;
+    /// let conn = client.get_async_connection().await?;
+    /// let store = RedisStore::from_cluster(conn, RedisOptions::default()).await?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub async fn from_cluster(
+        conn: ClusterConnection,
+        options: RedisOptions,
+    ) -> Result<Self, SetupError> {
+        validate_prefix(&options.prefix)?;
+        let store = Self::build(vec![Conn::Cluster(conn)], options);
+        store.load_scripts().await?;
+        Ok(store)
     }
 
     /// Uses an existing [`ConnectionManager`] (for TLS, ACL users, custom
@@ -543,12 +796,12 @@ impl RedisStore {
         options: RedisOptions,
     ) -> Result<Self, SetupError> {
         validate_prefix(&options.prefix)?;
-        let store = Self::build(vec![manager], options);
+        let store = Self::build(vec![Conn::Single(manager)], options);
         store.load_scripts().await?;
         Ok(store)
     }
 
-    fn build(conns: Vec<ConnectionManager>, options: RedisOptions) -> Self {
+    fn build(conns: Vec<Conn>, options: RedisOptions) -> Self {
         Self {
             inner: Arc::new(Inner {
                 conns,
@@ -592,8 +845,8 @@ impl RedisStore {
         record_key(&self.inner.prefix, key)
     }
 
-    /// Loads the scripts on every connection, so that later calls are a
-    /// single `EVALSHA`.
+    /// Loads the scripts on every connection (on a cluster, `SCRIPT LOAD`
+    /// goes to every primary), so that later calls are a single `EVALSHA`.
     async fn load_scripts(&self) -> Result<(), SetupError> {
         for conn in &self.inner.conns {
             for script in self.inner.scripts.all() {
@@ -614,7 +867,7 @@ impl RedisStore {
         Ok(())
     }
 
-    fn conn(&self) -> ConnectionManager {
+    fn conn(&self) -> Conn {
         let i = self.inner.next.fetch_add(1, Ordering::Relaxed) % self.inner.conns.len();
         self.inner.conns[i].clone()
     }
@@ -839,11 +1092,15 @@ fn millis(d: Duration) -> u64 {
 fn map_error(e: &redis::RedisError) -> StoreError {
     // WRONGTYPE means someone else's data lives under our key, and
     // KEELCORRUPT is the claim script finding a record it did not write:
-    // waiting will not fix either. Everything else (I/O, LOADING, READONLY
-    // after a failover, OOM, MASTERDOWN...) is the server being unable to
-    // serve right now.
+    // waiting will not fix either. OOM is a healthy server at `maxmemory`
+    // (under `noeviction`): it still reads, so existing results keep
+    // replaying, but refuses the write of a new claim or result: full.
+    // Everything else (I/O, LOADING, READONLY after a failover,
+    // MASTERDOWN, CLUSTERDOWN...) is the server being unable to serve
+    // right now.
     match e.code() {
         Some("WRONGTYPE" | "KEELCORRUPT") => StoreError::Corrupt(format!("redis: {e}")),
+        Some("OOM") => StoreError::Full(format!("redis: {e}")),
         _ => StoreError::Unavailable(format!("redis: {e}")),
     }
 }
