@@ -94,8 +94,9 @@
 //! Every operation is bounded by [`RedisOptions::op_timeout`] (300 ms by
 //! default). A refused connection, a dropped one or no answer in time is
 //! [`StoreError::Unavailable`], so a dead Redis costs the caller at most the
-//! timeout; the [`ConnectionManager`] reconnects in the background and the
-//! store works again as soon as the server is back. Note that a timed-out
+//! timeout; the [`ConnectionManager`] (or the cluster connection)
+//! reconnects in the background and the store works again as soon as the
+//! server is back. Note that a timed-out
 //! `claim` may still have been applied by the server: the key then stays
 //! claimed until its lease runs out, which is the safe direction.
 //!
@@ -145,6 +146,12 @@
 //!   with AOF and `appendfsync everysec` (the usual setting), all but about
 //!   the last second. Only AOF with `appendfsync always` keeps every
 //!   acknowledged write across a crash, at a cost in latency.
+//! - Lease deadlines are on the clock of the primary that wrote them, and
+//!   are read on the clock of the primary that serves the key next: after
+//!   a failover, a skew between the two clocks shortens or lengthens the
+//!   leases live at that moment (keep the servers on NTP). A step of one
+//!   server's clock does the same to its own leases; tokens keep
+//!   increasing regardless.
 //! - An eviction policy other than `noeviction` lets Redis drop records
 //!   before their time when memory runs short (every record has an expiry,
 //!   so `volatile-*` policies take them too). Use `noeviction`: a full
