@@ -1,7 +1,9 @@
 //! The Redis store against a real Redis (`KEEL_TEST_REDIS_URL`): the
 //! conformance suite, two instances sharing the server, fencing across
-//! expiry, the server going away and coming back, and round trips counted
-//! on the server with `MONITOR`.
+//! expiry and removal, the record layout (lease deadline on the server's
+//! clock, record life, fence), claims written by the previous layout, the
+//! server going away and coming back, and round trips counted on the
+//! server with `MONITOR`.
 //!
 //! Every test writes under a prefix of its own and deletes its keys at the
 //! end, so it can share the server with other tests and other people.
@@ -16,7 +18,7 @@ use std::time::Duration;
 use keel_idempotency::conformance;
 use keel_idempotency::redis::{RedisOptions, RedisStore, SetupError};
 use keel_idempotency::store::{
-    Claim, FencingToken, Fingerprint, Lease, Store, StoreError, StoreKey,
+    Claim, FencingToken, Fingerprint, KeyState, Lease, Store, StoreError, StoreKey,
 };
 use net_support::{Mode, Proxy};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
@@ -324,6 +326,28 @@ async fn a_dead_or_hung_server_is_unavailable_fast_and_the_store_recovers() {
                 matches!(got, Err(StoreError::Unavailable(_))),
                 "{what}, op {op}: {got:?}"
             );
+            let renew = store.renew(&before, token, Lease::freeing(LONG));
+            let got = tokio::time::timeout(guard, renew)
+                .await
+                .unwrap_or_else(|_| panic!("renew hung while the server was {what}"));
+            assert!(
+                matches!(got, Err(StoreError::Unavailable(_))),
+                "{what}, op {op}: {got:?}"
+            );
+            let got = tokio::time::timeout(guard, store.inspect(&during))
+                .await
+                .unwrap_or_else(|_| panic!("inspect hung while the server was {what}"));
+            assert!(
+                matches!(got, Err(StoreError::Unavailable(_))),
+                "{what}, op {op}: {got:?}"
+            );
+            let got = tokio::time::timeout(guard, store.remove(&during))
+                .await
+                .unwrap_or_else(|_| panic!("remove hung while the server was {what}"));
+            assert!(
+                matches!(got, Err(StoreError::Unavailable(_))),
+                "{what}, op {op}: {got:?}"
+            );
         }
         proxy.set(Mode::Up);
         // Back: the store reconnects by itself, and the claim made before
@@ -467,6 +491,27 @@ async fn new_request_is_two_round_trips_and_replay_is_one() {
     let s = sentinel("replay").await;
     let replays = monitor.count_until(&prefix, &s).await;
 
+    let held: Vec<StoreKey> = (0..N).map(|i| key(&format!("rt-held-{i}"))).collect();
+    let mut tokens = Vec::new();
+    for k in &held {
+        tokens.push(acquire(&store, k, LONG).await);
+    }
+    let s = sentinel("held").await;
+    monitor.count_until(&prefix, &s).await;
+    for (k, token) in held.iter().zip(&tokens) {
+        store
+            .renew(k, *token, Lease::locking(LONG, LONG))
+            .await
+            .expect("renew");
+        assert!(matches!(
+            store.inspect(k).await.expect("inspect"),
+            Some(KeyState::Held { .. })
+        ));
+        assert!(store.remove(k).await.expect("remove"));
+    }
+    let s = sentinel("operator").await;
+    let operator = monitor.count_until(&prefix, &s).await;
+
     eprintln!(
         "redis round trips: {} per new request, {} per replay",
         new_requests as f64 / N as f64,
@@ -474,6 +519,11 @@ async fn new_request_is_two_round_trips_and_replay_is_one() {
     );
     assert_eq!(new_requests, 2 * N, "claim + complete, one command each");
     assert_eq!(replays, N, "a replay is one claim");
+    assert_eq!(
+        operator,
+        3 * N,
+        "renew, inspect and remove, one command each"
+    );
     cleanup(&url, &prefix).await;
 }
 
@@ -501,5 +551,325 @@ async fn engines_on_redis_execute_exactly_once() {
         .await
         .expect("b");
     common::cross_instance_200_keys(std::sync::Arc::new(a), std::sync::Arc::new(b)).await;
+    cleanup(&url, &prefix).await;
+}
+
+/// The server's clock in milliseconds, as the scripts read it.
+async fn server_ms(conn: &mut redis::aio::MultiplexedConnection) -> u64 {
+    let (secs, micros): (u64, u64) = redis::cmd("TIME").query_async(conn).await.expect("time");
+    secs * 1000 + micros / 1000
+}
+
+async fn get_bytes(conn: &mut redis::aio::MultiplexedConnection, k: &str) -> Vec<u8> {
+    let v: Option<Vec<u8>> = redis::cmd("GET")
+        .arg(k)
+        .query_async(conn)
+        .await
+        .expect("get");
+    v.unwrap_or_else(|| panic!("{k} is missing"))
+}
+
+async fn pttl(conn: &mut redis::aio::MultiplexedConnection, k: &str) -> i64 {
+    redis::cmd("PTTL")
+        .arg(k)
+        .query_async(conn)
+        .await
+        .expect("pttl")
+}
+
+/// Splits a claim record `h`, fingerprint, mode, deadline `:` token.
+fn claim_record(v: &[u8]) -> (u8, [u8; 32], u8, u64, u64) {
+    assert_eq!(v[0], b'h', "a claim record: {v:?}");
+    let fp: [u8; 32] = v[1..33].try_into().expect("fingerprint");
+    let rest = std::str::from_utf8(&v[34..]).expect("ascii tail");
+    let (deadline, token) = rest.split_once(':').expect("deadline:token");
+    (
+        v[0],
+        fp,
+        v[33],
+        deadline.parse().expect("deadline"),
+        token.parse().expect("token"),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_carry_the_lease_deadline_on_the_server_clock_and_live_for_the_record_life() {
+    let Some(url) = keel_testkit::service_url(keel_testkit::REDIS) else {
+        return;
+    };
+    let prefix = conformance::unique_prefix();
+    let store = RedisStore::connect(&url, options(&prefix))
+        .await
+        .expect("connect");
+    let mut conn = raw(&url).await;
+    let hold = Duration::from_secs(20);
+    let lock = Duration::from_secs(100);
+
+    // Locking: the record lives hold + lock, the fence longer still.
+    let k = key("locking");
+    let rec = store.record_key(&k);
+    let before = server_ms(&mut conn).await;
+    let Claim::Acquired { token } = store
+        .claim(&k, Fingerprint([5; 32]), Lease::locking(hold, lock))
+        .await
+        .expect("claim")
+    else {
+        panic!("fresh key");
+    };
+    let after = server_ms(&mut conn).await;
+    let (_, fp, mode, deadline, t) = claim_record(&get_bytes(&mut conn, &rec).await);
+    assert_eq!((fp, mode, t), ([5; 32], b'L', token.0));
+    assert!(
+        (before + 20_000..=after + 20_000).contains(&deadline),
+        "deadline {deadline} is the server's now + hold ({before}..{after})"
+    );
+    let record_pttl = pttl(&mut conn, &rec).await;
+    assert!(
+        record_pttl > 100_000 && record_pttl <= 120_000,
+        "record life is hold + lock: {record_pttl}"
+    );
+    let fence_pttl = pttl(&mut conn, &format!("{rec}:fence")).await;
+    assert!(fence_pttl > record_pttl, "the fence outlives the record");
+
+    // Renewal moves the deadline and the record life, and may change the
+    // lapse: renewed as freeing, the record lives the hold alone.
+    store
+        .renew(&k, token, Lease::freeing(Duration::from_secs(40)))
+        .await
+        .expect("renew");
+    let (_, fp, mode, renewed, t) = claim_record(&get_bytes(&mut conn, &rec).await);
+    assert_eq!((fp, mode, t), ([5; 32], b'F', token.0));
+    assert!(renewed >= deadline + 20_000 - 1, "{renewed} vs {deadline}");
+    let record_pttl = pttl(&mut conn, &rec).await;
+    assert!(
+        record_pttl > 30_000 && record_pttl <= 40_000,
+        "a freeing lease's record lives the hold: {record_pttl}"
+    );
+    match store.inspect(&k).await.expect("inspect") {
+        Some(KeyState::Held {
+            fingerprint,
+            token: t,
+            lease_left,
+        }) => {
+            assert_eq!((fingerprint, t), (Fingerprint([5; 32]), token));
+            assert!(lease_left > Duration::from_secs(30) && lease_left <= Duration::from_secs(40));
+        }
+        other => panic!("expected Held, got {other:?}"),
+    }
+
+    // A lost fence is put back by the renewal, at the holder's token.
+    let fence = format!("{rec}:fence");
+    let _: i64 = redis::cmd("DEL")
+        .arg(&fence)
+        .query_async(&mut conn)
+        .await
+        .expect("del");
+    store
+        .renew(&k, token, Lease::locking(hold, lock))
+        .await
+        .expect("renew");
+    let restored = get_bytes(&mut conn, &fence).await;
+    assert_eq!(restored, token.0.to_string().into_bytes());
+    assert!(pttl(&mut conn, &fence).await > pttl(&mut conn, &rec).await);
+    cleanup(&url, &prefix).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_abandoned_key_stays_locked_until_removed_and_the_old_holder_stays_fenced() {
+    let Some(url) = keel_testkit::service_url(keel_testkit::REDIS) else {
+        return;
+    };
+    let prefix = conformance::unique_prefix();
+    let a = RedisStore::connect(&url, options(&prefix))
+        .await
+        .expect("a");
+    let b = RedisStore::connect(&url, options(&prefix))
+        .await
+        .expect("b");
+    let mut conn = raw(&url).await;
+    let k = key("abandoned");
+    let short = Duration::from_millis(100);
+    let Claim::Acquired { token } = a
+        .claim(&k, Fingerprint([1; 32]), Lease::locking(short, LONG))
+        .await
+        .expect("claim")
+    else {
+        panic!("fresh key");
+    };
+    // Wait for the lapse on the server's clock, with a deadline.
+    let rec = a.record_key(&k);
+    let (_, _, _, deadline, _) = claim_record(&get_bytes(&mut conn, &rec).await);
+    let give_up = tokio::time::Instant::now() + Duration::from_secs(10);
+    while server_ms(&mut conn).await < deadline {
+        assert!(
+            tokio::time::Instant::now() < give_up,
+            "the lease never lapsed"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The other instance sees the abandoned claim, whatever its own lease.
+    for lease in [Lease::freeing(LONG), Lease::locking(LONG, LONG)] {
+        assert_eq!(
+            b.claim(&k, Fingerprint([2; 32]), lease)
+                .await
+                .expect("claim"),
+            Claim::Abandoned {
+                fingerprint: Fingerprint([1; 32])
+            }
+        );
+    }
+    match b.inspect(&k).await.expect("inspect") {
+        Some(KeyState::Abandoned {
+            fingerprint,
+            token: t,
+            expires_in,
+        }) => {
+            assert_eq!((fingerprint, t), (Fingerprint([1; 32]), token));
+            assert!(expires_in > Duration::from_secs(50) && expires_in <= LONG);
+        }
+        other => panic!("expected Abandoned, got {other:?}"),
+    }
+    // The operator removes it, the fence is lost as well (evicted): the
+    // server clock still gives the next claim a higher token, and the
+    // vanished holder, back late, is fenced.
+    assert!(b.remove(&k).await.expect("remove"));
+    assert!(!b.remove(&k).await.expect("remove again"), "nothing left");
+    let _: i64 = redis::cmd("DEL")
+        .arg(format!("{rec}:fence"))
+        .query_async(&mut conn)
+        .await
+        .expect("del fence");
+    let next = acquire(&b, &k, LONG).await;
+    assert!(next > token, "{next:?} > {token:?}");
+    assert!(matches!(
+        a.complete(&k, token, b"late", LONG).await,
+        Err(StoreError::Fenced)
+    ));
+    assert!(matches!(
+        a.renew(&k, token, Lease::locking(LONG, LONG)).await,
+        Err(StoreError::Fenced)
+    ));
+    assert!(matches!(
+        a.release(&k, token).await,
+        Err(StoreError::Fenced)
+    ));
+    b.complete(&k, next, b"reconciled", LONG)
+        .await
+        .expect("complete");
+    cleanup(&url, &prefix).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn claims_written_by_the_previous_layout_are_held_freeing_claims() {
+    let Some(url) = keel_testkit::service_url(keel_testkit::REDIS) else {
+        return;
+    };
+    let prefix = conformance::unique_prefix();
+    let store = RedisStore::connect(&url, options(&prefix))
+        .await
+        .expect("connect");
+    let mut conn = raw(&url).await;
+    // What the store wrote before lapse-locking: 'f', fingerprint, token,
+    // expiring with the lease.
+    let write_legacy = async |conn: &mut redis::aio::MultiplexedConnection, k: &StoreKey| {
+        let mut v = vec![b'f'];
+        v.extend([9; 32]);
+        v.extend(b"1234567");
+        let _: () = redis::cmd("SET")
+            .arg(store.record_key(k))
+            .arg(v)
+            .arg("PX")
+            .arg(60_000)
+            .query_async(conn)
+            .await
+            .expect("set");
+    };
+    let old = FencingToken(1_234_567);
+    let k = key("legacy");
+    write_legacy(&mut conn, &k).await;
+    match store
+        .claim(&k, Fingerprint([1; 32]), Lease::locking(LONG, LONG))
+        .await
+    {
+        Ok(Claim::InFlight {
+            fingerprint,
+            retry_after,
+        }) => {
+            assert_eq!(fingerprint, Fingerprint([9; 32]));
+            assert!(retry_after > Duration::from_secs(50) && retry_after <= LONG);
+        }
+        other => panic!("expected InFlight, got {other:?}"),
+    }
+    assert!(matches!(
+        store.inspect(&k).await,
+        Ok(Some(KeyState::Held { token, .. })) if token == old
+    ));
+    assert!(matches!(
+        store.complete(&k, FencingToken(7), b"x", LONG).await,
+        Err(StoreError::Fenced)
+    ));
+    // Its holder, upgraded, renews and completes it.
+    store
+        .renew(&k, old, Lease::locking(LONG, LONG))
+        .await
+        .expect("renew a legacy claim");
+    store
+        .complete(&k, old, b"done", LONG)
+        .await
+        .expect("complete a legacy claim");
+    assert!(matches!(
+        store.claim(&k, Fingerprint([1; 32]), Lease::freeing(LONG)).await,
+        Ok(Claim::Completed { fingerprint, payload }) if fingerprint == Fingerprint([9; 32]) && payload == b"done"
+    ));
+    // Released and removed likewise.
+    let r = key("legacy-release");
+    write_legacy(&mut conn, &r).await;
+    store.release(&r, old).await.expect("release");
+    let next = acquire(&store, &r, LONG).await;
+    assert!(next > old);
+    let d = key("legacy-remove");
+    write_legacy(&mut conn, &d).await;
+    assert!(store.remove(&d).await.expect("remove"));
+    assert_eq!(store.inspect(&d).await.expect("inspect"), None);
+    cleanup(&url, &prefix).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn foreign_records_are_corrupt_to_inspect_and_an_operator_can_remove_them() {
+    let Some(url) = keel_testkit::service_url(keel_testkit::REDIS) else {
+        return;
+    };
+    let prefix = conformance::unique_prefix();
+    let store = RedisStore::connect(&url, options(&prefix))
+        .await
+        .expect("connect");
+    let mut conn = raw(&url).await;
+    let k = key("foreign");
+    let mut claim_like = vec![b'h'];
+    claim_like.extend([1; 32]);
+    claim_like.extend(b"Xnot-a-deadline");
+    for value in [b"not ours".to_vec(), claim_like] {
+        let _: () = redis::cmd("SET")
+            .arg(store.record_key(&k))
+            .arg(value)
+            .arg("PX")
+            .arg(60_000)
+            .query_async(&mut conn)
+            .await
+            .expect("set");
+        let got = store.inspect(&k).await;
+        assert!(matches!(got, Err(StoreError::Corrupt(_))), "{got:?}");
+        let got = store
+            .claim(&k, Fingerprint([1; 32]), Lease::locking(LONG, LONG))
+            .await;
+        assert!(matches!(got, Err(StoreError::Corrupt(_))), "{got:?}");
+        assert!(matches!(
+            store.renew(&k, FencingToken(1), Lease::freeing(LONG)).await,
+            Err(StoreError::Fenced)
+        ));
+        assert!(store.remove(&k).await.expect("remove foreign data"));
+        acquire(&store, &k, LONG).await;
+        assert!(store.remove(&k).await.expect("remove the claim"));
+    }
     cleanup(&url, &prefix).await;
 }
