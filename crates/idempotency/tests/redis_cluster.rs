@@ -1,5 +1,5 @@
 //! The Redis store on a real Redis Cluster: three primaries started by the
-//! test itself (see `redis_cluster_support`), the conformance suite, two
+//! test itself (see `keel_testkit::redis_server`), the conformance suite, two
 //! instances sharing the cluster, keys spread over every primary with each
 //! record and its fence in one slot, scripts lost on every node, a slot
 //! moved to another primary under a live claim, and a primary going away.
@@ -9,14 +9,12 @@
 
 #![cfg(feature = "redis")]
 
-mod redis_cluster_support;
-
 use std::time::Duration;
 
 use keel_idempotency::conformance;
 use keel_idempotency::redis::{RedisOptions, RedisStore, SetupError};
 use keel_idempotency::store::{Claim, Fingerprint, KeyState, Lease, Store, StoreError, StoreKey};
-use redis_cluster_support::Cluster;
+use keel_testkit::redis_server::Cluster;
 
 const LONG: Duration = Duration::from_secs(60);
 

@@ -2,20 +2,18 @@
 //! (under `noeviction`): new claims and results are refused as
 //! [`StoreError::Full`], while everything already stored keeps answering.
 //! The shared Redis is never reconfigured: this one is started for the test
-//! (see `redis_cluster_support`) and killed after it.
+//! (see `keel_testkit::redis_server`) and killed after it.
 //!
 //! Skips (with the reason printed) when `redis-server` is not installed,
 //! unless `CI=true`, where that is a failure.
 
 #![cfg(feature = "redis")]
 
-mod redis_cluster_support;
-
 use std::time::Duration;
 
 use keel_idempotency::redis::{RedisOptions, RedisStore};
 use keel_idempotency::store::{Claim, Fingerprint, KeyState, Lease, Store, StoreError, StoreKey};
-use redis_cluster_support::Server;
+use keel_testkit::redis_server::Server;
 
 const LONG: Duration = Duration::from_secs(60);
 

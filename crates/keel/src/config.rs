@@ -99,6 +99,10 @@ pub struct StoreConfig {
     /// URL for redis and postgres.
     #[serde(default)]
     pub url: Option<Spanned<String>>,
+    /// Redis Cluster: seed nodes (`redis://host:port/` each), in place of
+    /// `url`; the rest of the cluster is discovered from them.
+    #[serde(default)]
+    pub cluster_nodes: Option<Spanned<Vec<Spanned<String>>>>,
     /// Key prefix (redis) or table name prefix (postgres), so several
     /// gateways or tenants can share one server.
     #[serde(default = "defaults::store_prefix")]
@@ -129,6 +133,7 @@ impl Default for StoreConfig {
             kind: Spanned::new(0..0, StoreKind::Memory),
             path: None,
             url: None,
+            cluster_nodes: None,
             prefix: defaults::store_prefix(),
             timeout: defaults::store_timeout(),
             durable_claims: None,
@@ -700,6 +705,32 @@ fn validate(config: &Config, c: &mut Checker<'_>) {
             ),
         );
     }
+    if let Some(nodes) = &store.cluster_nodes {
+        if *store.kind.get_ref() != StoreKind::Redis {
+            c.error(
+                nodes.span(),
+                "store.cluster_nodes is only used by kind = \"redis\"; remove it",
+            );
+        } else if let Some(url) = &store.url {
+            c.error(
+                url.span(),
+                "give either store.url (one Redis server) or store.cluster_nodes (a Redis Cluster), not both",
+            );
+        } else if nodes.get_ref().is_empty() {
+            c.error(nodes.span(), "store.cluster_nodes needs at least one node");
+        }
+        for node in nodes.get_ref() {
+            if !["redis://", "rediss://"]
+                .iter()
+                .any(|s| node.get_ref().starts_with(s))
+            {
+                c.error(
+                    node.span(),
+                    "a cluster node must start with redis:// or rediss://",
+                );
+            }
+        }
+    }
     match store.kind.get_ref() {
         StoreKind::Memory | StoreKind::Embedded => {
             if let Some(url) = &store.url {
@@ -709,6 +740,8 @@ fn validate(config: &Config, c: &mut Checker<'_>) {
                 );
             }
         }
+        // A cluster's nodes stand in for the URL (checked above).
+        StoreKind::Redis if store.cluster_nodes.is_some() => {}
         kind @ (StoreKind::Redis | StoreKind::Postgres) => {
             let schemes: &[&str] = if *kind == StoreKind::Redis {
                 &["redis://", "rediss://"]

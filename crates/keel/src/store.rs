@@ -177,6 +177,8 @@ struct Settings {
     location: String,
     path: std::path::PathBuf,
     url: String,
+    /// Redis Cluster seed nodes; empty for one server.
+    cluster_nodes: Vec<String>,
     prefix: String,
     timeout: Duration,
     durable_claims: bool,
@@ -192,9 +194,22 @@ impl SharedStore {
             .as_ref()
             .map(|u| u.get_ref().clone())
             .unwrap_or_default();
+        let cluster_nodes: Vec<String> = config
+            .cluster_nodes
+            .iter()
+            .flat_map(|nodes| nodes.get_ref().iter().map(|n| n.get_ref().clone()))
+            .collect();
         let location = match kind {
             StoreKind::Memory => "memory".to_owned(),
             StoreKind::Embedded => format!("embedded at {}", config.embedded_path().display()),
+            StoreKind::Redis if !cluster_nodes.is_empty() => format!(
+                "redis cluster at {}",
+                cluster_nodes
+                    .iter()
+                    .map(|n| redact(n))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
             StoreKind::Redis => format!("redis at {}", redact(&url)),
             StoreKind::Postgres => format!("postgres at {}", redact(&url)),
         };
@@ -206,6 +221,7 @@ impl SharedStore {
                 location,
                 path: config.embedded_path(),
                 url,
+                cluster_nodes,
                 prefix: config.prefix.clone(),
                 timeout: config.timeout.0,
                 durable_claims: config.durable_claims(),
@@ -309,7 +325,12 @@ impl SharedStore {
                     .prefix(s.prefix.clone())
                     .op_timeout(s.timeout)
                     .connections(2);
-                Arc::new(RedisStore::lazy(&s.url, options).map_err(|e| e.to_string())?)
+                let store = if s.cluster_nodes.is_empty() {
+                    RedisStore::lazy(&s.url, options)
+                } else {
+                    RedisStore::lazy_cluster(&s.cluster_nodes, options)
+                };
+                Arc::new(store.map_err(|e| e.to_string())?)
             }
             StoreKind::Postgres => {
                 use keel_idempotency::postgres::{PostgresOptions, PostgresStore};

@@ -104,6 +104,16 @@ fn broken_configs_exit_2_with_file_line_col() {
             "7:24: store.max_bytes_per_tenant cannot be above store.max_bytes",
         ),
         (
+            "[upstreams.app]",
+            "[store]\nkind = \"redis\"\nurl = \"redis://x\"\ncluster_nodes = [\"redis://y\"]\n[upstreams.app]",
+            "6:7: give either store.url (one Redis server) or store.cluster_nodes",
+        ),
+        (
+            "[upstreams.app]",
+            "[store]\nkind = \"redis\"\ncluster_nodes = [\"redis://y\", \"http://z\"]\n[upstreams.app]",
+            "6:31: a cluster node must start with redis://",
+        ),
+        (
             "path_prefix = \"/\"",
             "path_prefix = \"/\"\n[routes.idempotency]\nenabled = true\nlapsed_lease = \"maybe\"",
             "11:16: unknown variant `maybe`, expected `lock` or `rerun`",

@@ -287,8 +287,46 @@ async fn two_gateways_sharing_redis_run_duplicates_once() {
     };
     let upstream = TestUpstream::start().await;
     let config = routes(&redis(&url, &unique_name("two")), upstream.addr);
-    let a = Keel::start("", &config).await;
-    let b = Keel::start("", &config).await;
+    duplicates_across_two_gateways(&config, &upstream).await;
+}
+
+/// The same against a three-primary Redis Cluster the test starts on free
+/// ports: the gateways reach it through `cluster_nodes`, and the keys land
+/// on more than one primary.
+#[tokio::test]
+async fn two_gateways_sharing_a_redis_cluster_run_duplicates_once() {
+    let Some(cluster) = keel_testkit::redis_server::Cluster::start() else {
+        return;
+    };
+    let nodes: Vec<String> = cluster.urls().iter().map(|u| format!("{u:?}")).collect();
+    let store = format!(
+        "[store]\nkind = \"redis\"\ncluster_nodes = [{}]\nprefix = \"{}\"\ntimeout = \"1s\"\n",
+        nodes.join(", "),
+        unique_name("cluster")
+    );
+    let upstream = TestUpstream::start().await;
+    let config = routes(&store, upstream.addr);
+    duplicates_across_two_gateways(&config, &upstream).await;
+    // More keys, one request each: they spread over the primaries.
+    let keel = Keel::start("", &config).await;
+    wait_ready(keel.admin, StatusCode::OK).await;
+    for i in 0..30 {
+        let key = unique_name(&format!("spread-{i}"));
+        let (status, _, _) = post_keyed(keel.listen, "/charges", Some(&key), None, "{}").await;
+        assert_eq!(status, StatusCode::OK);
+    }
+    let counts = cluster.key_counts();
+    assert!(
+        counts.iter().filter(|&&n| n > 0).count() >= 2,
+        "keys on more than one primary: {counts:?}"
+    );
+}
+
+/// 32 concurrent duplicates of one key, split across two gateways sharing
+/// `config`'s store: one execution; afterwards either gateway replays.
+async fn duplicates_across_two_gateways(config: &str, upstream: &TestUpstream) {
+    let a = Keel::start("", config).await;
+    let b = Keel::start("", config).await;
     wait_ready(a.admin, StatusCode::OK).await;
     wait_ready(b.admin, StatusCode::OK).await;
     let key = unique_name("split");

@@ -18,6 +18,8 @@
 use std::net::{TcpStream, ToSocketAddrs};
 use std::time::Duration;
 
+pub mod redis_server;
+
 /// Environment variable holding the Redis URL (`redis://127.0.0.1:6379/`).
 pub const REDIS: &str = "KEEL_TEST_REDIS_URL";
 /// Environment variable holding the PostgreSQL URL (`postgres://postgres@127.0.0.1:5432/test`).

@@ -12,8 +12,16 @@
 //!
 //! Every wait polls with a deadline: nothing sleeps a fixed time in the
 //! hope that the cluster is ready.
-
-#![allow(dead_code)]
+//!
+//! ```no_run
+//! use keel_testkit::redis_server::{Cluster, Server};
+//!
+//! let Some(cluster) = Cluster::start() else { return }; // skipped: no Redis here
+//! let seeds: Vec<String> = cluster.urls(); // one redis:// URL per primary
+//! assert_eq!(seeds.len(), 3);
+//! let Some(server) = Server::start() else { return };
+//! assert_eq!(server.cli(&["PING"]).trim(), "PONG");
+//! ```
 
 use std::net::TcpListener;
 use std::path::Path;
@@ -57,6 +65,9 @@ impl Cluster {
     /// Starts a three-primary cluster and waits until every node reports
     /// `cluster_state:ok`; `None` (printed reason) if Redis is not
     /// installed outside CI.
+    /// ```no_run
+    /// let cluster = keel_testkit::redis_server::Cluster::start();
+    /// ```
     pub fn start() -> Option<Self> {
         if !tools_installed("Redis Cluster") {
             return None;
@@ -168,11 +179,19 @@ impl Cluster {
     }
 
     /// The nodes' ports.
+    /// ```no_run
+    /// # let cluster = keel_testkit::redis_server::Cluster::start().unwrap();
+    /// assert_eq!(cluster.ports().len(), 3);
+    /// ```
     pub fn ports(&self) -> Vec<u16> {
         self.nodes.iter().map(|n| n.port).collect()
     }
 
     /// A `redis://` URL per node, as a cluster client takes them.
+    /// ```no_run
+    /// # let cluster = keel_testkit::redis_server::Cluster::start().unwrap();
+    /// assert!(cluster.urls()[0].starts_with("redis://127.0.0.1:"));
+    /// ```
     pub fn urls(&self) -> Vec<String> {
         self.ports()
             .into_iter()
@@ -181,6 +200,10 @@ impl Cluster {
     }
 
     /// How many keys each node holds (`DBSIZE`), in node order.
+    /// ```no_run
+    /// # let cluster = keel_testkit::redis_server::Cluster::start().unwrap();
+    /// let total: u64 = cluster.key_counts().iter().sum();
+    /// ```
     pub fn key_counts(&self) -> Vec<u64> {
         self.ports()
             .into_iter()
@@ -196,6 +219,10 @@ impl Cluster {
 
     /// Runs `redis-cli -p <port of node i> <args...>` and returns its
     /// output.
+    /// ```no_run
+    /// # let cluster = keel_testkit::redis_server::Cluster::start().unwrap();
+    /// assert!(cluster.cli(0, &["CLUSTER", "INFO"]).contains("cluster_state:ok"));
+    /// ```
     pub fn cli(&self, i: usize, args: &[&str]) -> String {
         assert!(!self.nodes[i].killed, "node {i} was killed");
         let port = self.nodes[i].port;
@@ -203,12 +230,21 @@ impl Cluster {
     }
 
     /// Like [`Cluster::cli`], and the reply must be `OK`.
+    /// ```no_run
+    /// # let cluster = keel_testkit::redis_server::Cluster::start().unwrap();
+    /// cluster.cli_ok(0, &["SET", "k", "v"]);
+    /// ```
     pub fn cli_ok(&self, i: usize, args: &[&str]) {
         let reply = self.cli(i, args);
         assert_eq!(reply.trim(), "OK", "{args:?} on node {i}");
     }
 
     /// Kills node `i` (SIGKILL: a crash, no goodbye to the cluster).
+    /// ```no_run
+    /// # let mut cluster = keel_testkit::redis_server::Cluster::start().unwrap();
+    /// cluster.kill(0);
+    /// assert_ne!(cluster.live(), 0);
+    /// ```
     pub fn kill(&mut self, i: usize) {
         let node = &mut self.nodes[i];
         let _ = node.child.kill();
@@ -217,6 +253,10 @@ impl Cluster {
     }
 
     /// The index of a node still running, to ask about the cluster.
+    /// ```no_run
+    /// # let cluster = keel_testkit::redis_server::Cluster::start().unwrap();
+    /// let node = cluster.live();
+    /// ```
     pub fn live(&self) -> usize {
         self.nodes
             .iter()
@@ -252,6 +292,11 @@ impl Cluster {
     }
 
     /// Node `i`'s cluster id.
+    ///
+    /// ```no_run
+    /// # let cluster = keel_testkit::redis_server::Cluster::start().unwrap();
+    /// assert_eq!(cluster.node_id(0).len(), 40);
+    /// ```
     pub fn node_id(&self, i: usize) -> String {
         self.nodes_view()
             .into_iter()
@@ -261,6 +306,11 @@ impl Cluster {
     }
 
     /// The index of the node serving `slot`.
+    ///
+    /// ```no_run
+    /// # let cluster = keel_testkit::redis_server::Cluster::start().unwrap();
+    /// assert!(cluster.owner_of_slot(0) < 3);
+    /// ```
     pub fn owner_of_slot(&self, slot: u16) -> usize {
         let serves = |item: &str| {
             // "5461", "0-5460"; "[5461->-<id>]" marks a migration, not
@@ -307,6 +357,9 @@ impl Drop for Server {
 impl Server {
     /// Starts a standalone server and waits until it answers; `None`
     /// (printed reason) if Redis is not installed outside CI.
+    /// ```no_run
+    /// let server = keel_testkit::redis_server::Server::start();
+    /// ```
     pub fn start() -> Option<Self> {
         if !tools_installed("Redis server") {
             return None;
@@ -356,11 +409,19 @@ impl Server {
     }
 
     /// The server's `redis://` URL.
+    /// ```no_run
+    /// # let server = keel_testkit::redis_server::Server::start().unwrap();
+    /// assert!(server.url().starts_with("redis://"));
+    /// ```
     pub fn url(&self) -> String {
         format!("redis://127.0.0.1:{}/", self.node.port)
     }
 
     /// Runs `redis-cli -p <port> <args...>` and returns its output.
+    /// ```no_run
+    /// # let server = keel_testkit::redis_server::Server::start().unwrap();
+    /// server.cli(&["CONFIG", "SET", "maxmemory", "1mb"]);
+    /// ```
     pub fn cli(&self, args: &[&str]) -> String {
         let port = self.node.port;
         cli(port, args).unwrap_or_else(|e| panic!("redis-cli -p {port} {args:?}: {e}"))
@@ -382,7 +443,7 @@ fn tools_installed(what: &str) -> bool {
         return true;
     };
     let reason = format!("{missing} is not installed, so no {what} can be started");
-    if keel_testkit::in_ci() {
+    if crate::in_ci() {
         panic!("CI=true and {reason}: install redis-server and redis-cli (Redis 5+)");
     }
     eprintln!("skipping: {reason}");
