@@ -216,9 +216,11 @@ impl CountingUpstream {
 
     /// Waits (bounded) until `n` requests are held on `/hold`.
     pub async fn wait_holding(&self, n: usize, within: Duration) {
-        wait_until(&format!("{n} requests held at the upstream"), within, || {
-            self.holding() >= n
-        })
+        wait_until(
+            &format!("{n} requests held at the upstream"),
+            within,
+            || self.holding() >= n,
+        )
         .await;
     }
 }
@@ -343,6 +345,7 @@ pub const OUTCOME_UNKNOWN: &str = "urn:keel:problem:idempotency-outcome-unknown"
 pub const IN_FLIGHT: &str = "urn:keel:problem:idempotency-in-flight";
 pub const STORE_FULL: &str = "urn:keel:problem:idempotency-store-full";
 pub const STORE_UNAVAILABLE: &str = "urn:keel:problem:idempotency-store-unavailable";
+pub const NOT_STORED: &str = "urn:keel:problem:idempotency-response-not-stored";
 pub const UPGRADE_REFUSED: &str = "urn:keel:problem:idempotency-upgrade-refused";
 pub const REQUEST_TIMEOUT: &str = "urn:keel:problem:request-timeout";
 
