@@ -63,6 +63,38 @@ fn redis_store(url: &str) -> String {
     )
 }
 
+/// Runs `keel idempotency --admin ADMIN --route api --key KEY --path PATH
+/// [--release]` and returns the JSON it prints.
+async fn keel_idempotency(
+    admin: SocketAddr,
+    key: &str,
+    path: &str,
+    release: bool,
+) -> serde_json::Value {
+    let mut args: Vec<String> = [
+        "idempotency",
+        "--admin",
+        &admin.to_string(),
+        "--route",
+        "api",
+        "--key",
+        key,
+        "--path",
+        path,
+    ]
+    .map(str::to_owned)
+    .to_vec();
+    if release {
+        args.push("--release".into());
+    }
+    let (ok, stdout, stderr) = keel_command(args).await;
+    assert!(
+        ok,
+        "keel idempotency (release: {release}) failed: {stdout}{stderr}"
+    );
+    serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("{e}: {stdout}"))
+}
+
 /// Sends the retry until it is no longer answered "still in flight" (the
 /// lease of a dead holder has not lapsed yet), for at most `within`.
 async fn retry_after_lapse(gw: SocketAddr, path: &str, key: &str, within: Duration) -> Reply {
@@ -415,26 +447,8 @@ async fn a_killed_gateway_leaves_its_keys_locked_until_an_operator_releases_them
         state["state"] == "outcome_unknown" || state["state"] == "abandoned",
         "{state}"
     );
-    let (ok, stdout, stderr) = keel_command(
-        [
-            "idempotency",
-            "--admin",
-            &keel.admin.to_string(),
-            "--route",
-            "api",
-            "--key",
-            &keys[0],
-            "--path",
-            "/hold",
-            "--release",
-        ]
-        .map(str::to_owned)
-        .to_vec(),
-    )
-    .await;
-    assert!(ok, "keel idempotency --release failed: {stdout}{stderr}");
-    let released: serde_json::Value = serde_json::from_str(&stdout).expect("JSON out");
-    assert_eq!(released["removed"], true, "{stdout}");
+    let released = keel_idempotency(keel.admin, &keys[0], "/hold", true).await;
+    assert_eq!(released["removed"], true, "{released}");
 
     let reply = post(keel.listen, "/hold", &keys[0], None).await;
     assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
@@ -640,7 +654,8 @@ async fn a_keyed_upgrade_is_refused_before_the_upstream() {
 ///    upgrade: the request ran and its result is no replayable answer, so
 ///    the key is locked as "outcome unknown" (memory store), the retry
 ///    gets 409, `/metrics` counts `locked_unknown` and `outcome_unknown`,
-///    and the admin API shows and releases the key.
+///    and the admin API and `keel idempotency --release` show and release
+///    the key.
 #[tokio::test]
 async fn an_unasked_101_locks_the_key_and_is_counted() {
     let upstream = SwitchingUpstream::start().await;
@@ -666,11 +681,18 @@ async fn an_unasked_101_locks_the_key_and_is_counted() {
     let (status, state) = key_admin(keel.admin, Method::GET, &query).await;
     assert_eq!(status, StatusCode::OK, "{state}");
     assert_eq!(state["state"], "outcome_unknown", "{state}");
-    let (status, released) = key_admin(keel.admin, Method::DELETE, &query).await;
-    assert_eq!(status, StatusCode::OK, "{released}");
+    // The operator's command shows the same, then releases the key.
+    let shown = keel_idempotency(keel.admin, &key, "/switch", false).await;
+    assert_eq!(shown["state"], "outcome_unknown", "{shown}");
+    let released = keel_idempotency(keel.admin, &key, "/switch", true).await;
     assert_eq!(released["removed"], true, "{released}");
+    assert_eq!(released["state"], "outcome_unknown", "{released}");
     let (_, state) = key_admin(keel.admin, Method::GET, &query).await;
     assert_eq!(state["state"], "free", "{state}");
+    // A second release finds nothing to remove.
+    let (status, again) = key_admin(keel.admin, Method::DELETE, &query).await;
+    assert_eq!(status, StatusCode::OK, "{again}");
+    assert_eq!(again["removed"], false, "{again}");
 
     // Released by the operator: the next request with the key runs.
     faults::raw_head(gw, request.as_bytes(), Duration::from_secs(3)).await;

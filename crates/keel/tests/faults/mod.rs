@@ -565,7 +565,7 @@ impl PrivateRedis {
         self.signal("-CONT");
     }
 
-    /// SIGKILL, and waits for the port to be free.
+    /// SIGKILL, and reaps the process.
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
