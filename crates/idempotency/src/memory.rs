@@ -39,7 +39,7 @@
 
 use std::collections::HashMap;
 use std::hash::{BuildHasher, RandomState};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -224,6 +224,10 @@ struct Shard {
     /// of any key (which always lives in the same shard) strictly increase,
     /// across release, lapse, expiry and removal.
     last_token: u64,
+    /// Set when a result was refused for room: new keys are refused until
+    /// the shard is back under 7/8 of its bytes, so it does not go on
+    /// running requests whose results cannot be kept.
+    saturated: bool,
 }
 
 impl Shard {
@@ -250,6 +254,15 @@ impl Shard {
         tenants: &Tenants,
     ) -> bool {
         let fits = |s: &Self| s.map.len() < max_entries && s.bytes + cost <= max_bytes;
+        if self.saturated {
+            if self.bytes > refill(max_bytes) {
+                self.purge(now, tenants);
+            }
+            if self.bytes > refill(max_bytes) {
+                return false;
+            }
+            self.saturated = false;
+        }
         if fits(self) {
             return true;
         }
@@ -279,28 +292,68 @@ impl Shard {
 /// another of the same tenant may pass the share by one entry, no more.
 struct Tenants {
     bytes: Box<[AtomicUsize]>,
+    /// Set when a tenant's result was refused for room: its new keys are
+    /// refused too until it is back under [`refill`] of its share, so it
+    /// does not go on running requests whose results cannot be kept.
+    saturated: Box<[AtomicBool]>,
     limit: usize,
+}
+
+/// The share of a limit below which a saturated tenant or shard takes new
+/// keys again: 7/8.
+fn refill(limit: usize) -> usize {
+    limit - limit / 8
 }
 
 impl Tenants {
     fn new(limit: usize) -> Self {
         Self {
             bytes: (0..TENANT_BUCKETS).map(|_| AtomicUsize::new(0)).collect(),
+            saturated: (0..TENANT_BUCKETS)
+                .map(|_| AtomicBool::new(false))
+                .collect(),
             limit,
         }
     }
 
-    fn bucket(&self, key: &StoreKey) -> Option<&AtomicUsize> {
+    fn index(key: &StoreKey) -> Option<usize> {
         match key.tenant() {
             0 => None,
-            t => Some(&self.bytes[(t % TENANT_BUCKETS as u64) as usize]),
+            t => Some((t % TENANT_BUCKETS as u64) as usize),
         }
+    }
+
+    fn bucket(&self, key: &StoreKey) -> Option<&AtomicUsize> {
+        Self::index(key).map(|i| &self.bytes[i])
     }
 
     /// Whether `key`'s tenant has room for `cost` more bytes.
     fn has_room(&self, key: &StoreKey, cost: usize) -> bool {
         self.bucket(key)
             .is_none_or(|b| b.load(Ordering::Relaxed) + cost <= self.limit)
+    }
+
+    /// Whether `key`'s tenant may take a new key: it has room for the claim
+    /// and is not saturated (a saturated one is cleared once it is back
+    /// under 7/8 of its share).
+    fn takes_new_key(&self, key: &StoreKey, cost: usize) -> bool {
+        let Some(i) = Self::index(key) else {
+            return true;
+        };
+        let used = self.bytes[i].load(Ordering::Relaxed);
+        if self.saturated[i].load(Ordering::Relaxed) {
+            if used > refill(self.limit) {
+                return false;
+            }
+            self.saturated[i].store(false, Ordering::Relaxed);
+        }
+        used + cost <= self.limit
+    }
+
+    fn saturate(&self, key: &StoreKey) {
+        if let Some(i) = Self::index(key) {
+            self.saturated[i].store(true, Ordering::Relaxed);
+        }
     }
 
     fn charge(&self, key: &StoreKey, cost: usize) {
@@ -458,7 +511,7 @@ impl MemoryStore {
             return Ok(Claim::Acquired { token });
         }
         let cost = Entry::cost(key, 0);
-        if !self.tenants.has_room(key, cost) {
+        if !self.tenants.takes_new_key(key, cost) {
             return Err(StoreError::Full(
                 "this tenant's share of the memory store is used up; retry once its records expire"
                     .into(),
@@ -526,6 +579,7 @@ impl MemoryStore {
         let extra = payload.len();
         if extra > SMALL_RECORD {
             if !self.tenants.has_room(key, extra) {
+                self.tenants.saturate(key);
                 return Err(StoreError::Full(format!(
                     "this tenant's share of the memory store has no room for a {extra}-byte record"
                 )));
@@ -533,6 +587,7 @@ impl MemoryStore {
             if shard.bytes + extra > self.shard_bytes {
                 shard.purge(now, &self.tenants);
                 if shard.bytes + extra > self.shard_bytes {
+                    shard.saturated = true;
                     return Err(StoreError::Full(format!(
                         "the memory store has no room for a {extra}-byte record; raise its max_bytes"
                     )));
@@ -780,6 +835,14 @@ mod tests {
             (8..=10).contains(&flooded),
             "the flooding tenant keeps about its 1 MiB share: {flooded} records"
         );
+        // Once a result was refused, the tenant takes no new keys: it does
+        // not go on running requests whose results cannot be kept.
+        assert!(matches!(
+            store
+                .claim(&key(9000, 2), Fingerprint([1; 32]), Lease::freeing(LONG))
+                .await,
+            Err(StoreError::Full(_))
+        ));
         assert!(matches!(
             store
                 .claim(&key(0, 1), Fingerprint([1; 32]), Lease::freeing(LONG))
@@ -802,6 +865,54 @@ mod tests {
             store.bytes(),
             "every byte is charged to its tenant"
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_tenant_whose_result_was_refused_takes_no_new_keys_until_it_has_room() {
+        let store = MemoryStore::with_config(
+            MemoryConfig::default()
+                .shards(4)
+                .max_bytes(8 << 20)
+                .max_tenant_bytes(1 << 20),
+        );
+        let record = vec![1u8; 300 << 10];
+        for i in 0..3 {
+            put(&store, &key(i, 3), &record).await.expect("room");
+        }
+        // The fourth result does not fit the share: refused, and the
+        // tenant is saturated, although a claim (100 bytes) would fit.
+        assert!(matches!(
+            put(&store, &key(3, 3), &record).await,
+            Err(StoreError::Full(_))
+        ));
+        let fresh_key = key(99, 3);
+        let fresh = || store.claim(&fresh_key, Fingerprint([1; 32]), Lease::freeing(LONG));
+        assert!(matches!(fresh().await, Err(StoreError::Full(_))));
+        // Another tenant is not affected.
+        put(&store, &key(0, 4), &record)
+            .await
+            .expect("another tenant");
+        // Back under 7/8 of the share: new keys again.
+        assert!(store.remove(&key(0, 3)).await.expect("remove"));
+        assert!(matches!(fresh().await, Ok(Claim::Acquired { .. })));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_shard_whose_result_was_refused_takes_no_new_keys_until_it_has_room() {
+        let store = MemoryStore::with_config(MemoryConfig::default().shards(1).max_bytes(1 << 20));
+        let record = vec![1u8; 300 << 10];
+        for i in 0..3 {
+            put(&store, &key(i, 0), &record).await.expect("room");
+        }
+        assert!(matches!(
+            put(&store, &key(3, 0), &record).await,
+            Err(StoreError::Full(_))
+        ));
+        let fresh_key = key(99, 0);
+        let fresh = || store.claim(&fresh_key, Fingerprint([1; 32]), Lease::freeing(LONG));
+        assert!(matches!(fresh().await, Err(StoreError::Full(_))));
+        assert!(store.remove(&key(0, 0)).await.expect("remove"));
+        assert!(matches!(fresh().await, Ok(Claim::Acquired { .. })));
     }
 
     #[tokio::test(start_paused = true)]
