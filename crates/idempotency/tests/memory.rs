@@ -97,10 +97,7 @@ async fn bounded_by_bytes() {
             store.bytes()
         );
     }
-    assert_eq!(
-        stored, 3,
-        "three 16 KiB records and their keys fit in 64 KiB"
-    );
+    assert_eq!(stored, 3, "three 16 KiB records and their keys fit in 64 KiB");
     // The first records are all still there.
     for i in 0..3 {
         assert!(matches!(
