@@ -1873,6 +1873,121 @@ mod tests {
         }
     }
 
+    /// Writes segment `seq` of the previous format (version 1) by hand.
+    fn write_v1_segment(
+        dir: &Path,
+        seq: u64,
+        base: u64,
+        records: &[(Kind, &str, u64, u64, &[u8])],
+    ) {
+        let mut bytes = log::v1::segment_header(base).to_vec();
+        for &(kind, key, token, expires_ms, payload) in records {
+            let meta = Meta {
+                kind,
+                token,
+                lease_ms: 0,
+                expires_ms,
+                fingerprint: Fingerprint([1; 32]),
+            };
+            log::v1::encode(&mut bytes, &meta, key, payload);
+        }
+        std::fs::write(log::segment_path(dir, seq), bytes).expect("write a version 1 segment");
+    }
+
+    fn header_magic(path: &Path) -> Vec<u8> {
+        std::fs::read(path).expect("read")[..8].to_vec()
+    }
+
+    #[tokio::test]
+    async fn a_directory_of_the_previous_format_is_read_and_carried_over() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let now = now_ms();
+        let minute = now + 60_000;
+        let hour = now + 3_600_000;
+        write_v1_segment(
+            dir.path(),
+            1,
+            0,
+            &[
+                (Kind::InFlight, "done", 1, minute, b""),
+                (Kind::Completed, "done", 1, hour, b"v1 result"),
+                (Kind::InFlight, "held", 2, minute, b""),
+                (Kind::InFlight, "gone", 3, minute, b""),
+                (Kind::Released, "gone", 3, 0, b""),
+            ],
+        );
+        write_v1_segment(
+            dir.path(),
+            2,
+            3,
+            &[(Kind::InFlight, "late", 4, minute, b"")],
+        );
+        let (done, held, gone, late) = (key("done"), key("held"), key("gone"), key("late"));
+        {
+            let store = EmbeddedStore::open_dir(dir.path()).expect("open a version 1 directory");
+            // Appends go to a new segment of the current format.
+            assert_eq!(store.stats().segments, 3);
+            assert_eq!(header_magic(&log::segment_path(dir.path(), 3)), b"KEELIDX2");
+            assert!(matches!(
+                store.claim(&done, Fingerprint([1; 32]), Lease::freeing(Duration::from_secs(5))).await,
+                Ok(Claim::Completed { payload, .. }) if payload == b"v1 result"
+            ));
+            assert!(matches!(store.inspect(&gone).await, Ok(None)));
+            for (k, token) in [(&held, 2), (&late, 4)] {
+                assert!(matches!(
+                    store.inspect(k).await,
+                    Ok(Some(KeyState::Held { token: t, lease_left, .. }))
+                        if t.0 == token && lease_left <= Duration::from_secs(60)
+                ));
+            }
+            // Compaction rewrites the old segments' live records in the
+            // current format and deletes them.
+            store.purge_expired().await.expect("purge");
+            assert_eq!(store.stats().segments, 1);
+            let files = log::list_segments(dir.path()).expect("list");
+            assert_eq!(files, [3]);
+        }
+        let store = EmbeddedStore::open_dir(dir.path()).expect("reopen");
+        assert_eq!(store.stats().entries, 3);
+        assert!(matches!(
+            store.inspect(&done).await,
+            Ok(Some(KeyState::Completed { payload, .. })) if payload == b"v1 result"
+        ));
+        assert!(matches!(
+            store.inspect(&held).await,
+            Ok(Some(KeyState::Held {
+                token: FencingToken(2),
+                ..
+            }))
+        ));
+        // A version 1 claim's lapse frees its key, as that version meant.
+        store.advance_clock(Duration::from_secs(61));
+        for k in [&held, &late] {
+            assert!(acquire(&store, k).await > FencingToken(4));
+        }
+    }
+
+    #[tokio::test]
+    async fn a_segment_of_a_later_format_is_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        drop(EmbeddedStore::open_dir(dir.path()).expect("open"));
+        let path = log::segment_path(dir.path(), 1);
+        let mut bytes = std::fs::read(&path).expect("read");
+        bytes[7] = b'9';
+        let sum = blake3::hash(&bytes[..16]);
+        bytes[16..24].copy_from_slice(&sum.as_bytes()[..8]);
+        std::fs::write(&path, &bytes).expect("write");
+        let msg = EmbeddedStore::open_dir(dir.path())
+            .expect_err("a later format must not be opened over")
+            .to_string();
+        assert!(msg.contains("later keel"), "{msg}");
+        assert_eq!(
+            std::fs::read(&path).expect("kept"),
+            bytes,
+            "the file is left alone"
+        );
+    }
+
     #[tokio::test]
     async fn an_unsynced_claim_stays_held_when_its_batch_fails() {
         let dir = tempfile::tempdir().expect("tempdir");
