@@ -49,8 +49,9 @@
 //! lease end with a lapse that frees the key. They are never appended to:
 //! opening such a directory starts a new segment, and compaction rewrites
 //! their live records in the current format. A keel from before this
-//! format cannot read it (it would take the newest segment for a torn one):
-//! do not downgrade over a directory this version has written. A directory
+//! format cannot read it (it would delete the newest segment as one whose
+//! header a crash cut short, and refuse the others): do not downgrade over
+//! a directory this version has written. A directory
 //! holding a `KEELIDX` segment of a later version, or the single file of
 //! the older redb-based store, is refused rather than opened empty.
 //!
@@ -106,10 +107,12 @@
 //! nothing already stored is lost, and every caller of that batch gets
 //! [`StoreError::Full`]:
 //!
-//! - a new claim is refused (and leaves no trace in the index); while the
-//!   disk is full, claims wait for their record to be written even
-//!   without durable claims, so none is answered that the disk cannot
-//!   hold;
+//! - a new claim is refused (and leaves no trace in the index). Without
+//!   durable claims, a claim is answered before its write, so those
+//!   answered before the writer first meets the full disk stay held in
+//!   memory for their holders (their records are lost, as a crash would
+//!   lose them); from that failure on, until a write succeeds again, every
+//!   new claim waits for its write and is refused;
 //! - claims on keys already held, abandoned or completed need no write and
 //!   are answered as always: stored results are replayed from disk;
 //! - a completion that cannot be written returns the error and leaves the

@@ -414,7 +414,7 @@ async fn model_run(ops: Vec<Op>) {
     let mut last_token = FencingToken(0);
     let fp = Fingerprint([9; 32]);
     let lease = |step: usize| {
-        if step % 2 == 0 {
+        if step.is_multiple_of(2) {
             Lease::locking(Duration::from_secs(600), Duration::from_secs(600))
         } else {
             Lease::freeing(Duration::from_secs(600))
