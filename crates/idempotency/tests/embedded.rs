@@ -12,7 +12,7 @@ use keel_idempotency::conformance;
 use keel_idempotency::embedded::{EmbeddedConfig, EmbeddedStore};
 use keel_idempotency::engine::{Begin, Engine, Policy};
 use keel_idempotency::store::{
-    Claim, FencingToken, Fingerprint, Lease, Store, StoreError, StoreKey,
+    Claim, FencingToken, Fingerprint, KeyState, Lease, Store, StoreError, StoreKey,
 };
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -367,6 +367,11 @@ enum Op {
     CompleteExpiring(usize, usize),
     CompleteStale(usize),
     Release(usize),
+    /// Renews the holder's claim, or tries a stale token on anything else.
+    Renew(usize),
+    /// An operator's removal, whatever the key holds.
+    Remove(usize),
+    Inspect(usize),
     Purge,
     Reopen,
 }
@@ -379,6 +384,9 @@ fn op() -> impl proptest::strategy::Strategy<Value = Op> {
         2 => (0..6usize, 0..700usize).prop_map(|(k, n)| Op::CompleteExpiring(k, n)),
         1 => (0..6usize).prop_map(Op::CompleteStale),
         2 => (0..6usize).prop_map(Op::Release),
+        1 => (0..6usize).prop_map(Op::Renew),
+        1 => (0..6usize).prop_map(Op::Remove),
+        1 => (0..6usize).prop_map(Op::Inspect),
         1 => Just(Op::Purge),
         1 => Just(Op::Reopen),
     ]
@@ -393,7 +401,8 @@ enum Model {
 
 /// Runs `ops` against a store with 4 KiB segments (so records rotate,
 /// compact and get moved) and a plain map, reopening the store where the
-/// ops say, and checks every answer against the map.
+/// ops say, and checks every answer against the map. Claims alternate
+/// between locking and freeing leases (none lapses: the clock stays put).
 async fn model_run(ops: Vec<Op>) {
     let dir = tempfile::tempdir().expect("tempdir");
     let open = || EmbeddedStore::open_dir_with(dir.path(), small_segments()).expect("open");
@@ -404,13 +413,17 @@ async fn model_run(ops: Vec<Op>) {
     let mut model: std::collections::HashMap<usize, Model> = Default::default();
     let mut last_token = FencingToken(0);
     let fp = Fingerprint([9; 32]);
+    let lease = |step: usize| {
+        if step.is_multiple_of(2) {
+            Lease::locking(Duration::from_secs(600), Duration::from_secs(600))
+        } else {
+            Lease::freeing(Duration::from_secs(600))
+        }
+    };
     for (step, op) in ops.into_iter().enumerate() {
         match op {
             Op::Claim(k) => {
-                let got = store
-                    .claim(&keys[k], fp, Lease::freeing(Duration::from_secs(600)))
-                    .await
-                    .expect("claim");
+                let got = store.claim(&keys[k], fp, lease(step)).await.expect("claim");
                 match (model.get(&k), got) {
                     (None, Claim::Acquired { token }) => {
                         assert!(token > last_token, "step {step}: token went back");
@@ -468,6 +481,33 @@ async fn model_run(ops: Vec<Op>) {
                     model.remove(&k);
                 }
             }
+            Op::Renew(k) => match model.get(&k) {
+                Some(Model::InFlight(token)) => store
+                    .renew(&keys[k], *token, lease(step))
+                    .await
+                    .expect("renew"),
+                _ => assert!(
+                    matches!(
+                        store.renew(&keys[k], last_token, lease(step)).await,
+                        Err(StoreError::Fenced)
+                    ),
+                    "step {step}: renewed key {k}, which is not held"
+                ),
+            },
+            Op::Remove(k) => {
+                let was = store.remove(&keys[k]).await.expect("remove");
+                assert_eq!(was, model.remove(&k).is_some(), "step {step}: remove {k}");
+            }
+            Op::Inspect(k) => match (model.get(&k), store.inspect(&keys[k]).await) {
+                (None, Ok(None)) => {}
+                (Some(Model::InFlight(t)), Ok(Some(KeyState::Held { token, .. }))) => {
+                    assert_eq!(token, *t, "step {step}: inspect {k}");
+                }
+                (Some(Model::Completed(p)), Ok(Some(KeyState::Completed { payload, .. }))) => {
+                    assert_eq!(&payload, p, "step {step}: inspect {k}");
+                }
+                (want, got) => panic!("step {step}: inspect {k}: model {want:?}, store {got:?}"),
+            },
             Op::Purge => {
                 // Expiring keys were purged when they expired: nothing is
                 // left to remove, but the compactor is woken.
@@ -502,8 +542,9 @@ async fn model_run(ops: Vec<Op>) {
 proptest::proptest! {
     #![proptest_config(proptest::prelude::ProptestConfig { cases: 48, ..Default::default() })]
 
-    /// Random claims, completions, releases, purges and restarts agree with
-    /// a plain map, through segment rotation and compaction.
+    /// Random claims, completions, releases, renewals, removals,
+    /// inspections, purges and restarts agree with a plain map, through
+    /// segment rotation and compaction.
     #[test]
     fn the_log_store_agrees_with_a_map(ops in proptest::collection::vec(op(), 1..200)) {
         tokio::runtime::Builder::new_current_thread()
