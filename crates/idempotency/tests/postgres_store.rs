@@ -99,9 +99,13 @@ async fn two_instances_sharing_postgres_elect_one_winner_per_key() {
     };
     let table = unique_table();
     // Two stores with pools of their own: two engine instances on one
-    // database, each also racing to create the schema.
-    let a = PostgresStore::connect(&url, options(&table)).expect("a");
-    let b = PostgresStore::connect(&url, options(&table)).expect("b");
+    // database, each also racing to create the schema. 1,600 claims at
+    // once queue for the two pools' connections; on a loaded machine that
+    // wait alone can pass 2 s, and this case is about one winner per key,
+    // not latency, so each operation gets longer.
+    let patient = || options(&table).op_timeout(Duration::from_secs(15));
+    let a = PostgresStore::connect(&url, patient()).expect("a");
+    let b = PostgresStore::connect(&url, patient()).expect("b");
     conformance::run_shared(&a, &b).await;
     drop_schema(&url, &table).await;
 }
