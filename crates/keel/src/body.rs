@@ -173,8 +173,7 @@ impl BodyWatch {
         let since = state
             .now_us()
             .saturating_sub(state.last_data_us.load(Ordering::Acquire));
-        state.was_waiting.load(Ordering::Acquire)
-            && Duration::from_micros(since) < BETWEEN_READS
+        state.was_waiting.load(Ordering::Acquire) && Duration::from_micros(since) < BETWEEN_READS
     }
 
     /// Bytes read from the client so far.
@@ -189,12 +188,10 @@ impl BodyWatch {
 
     fn record_fault(&self, fault: BodyFault) {
         // The first fault wins.
-        let _ = self.0.fault.compare_exchange(
-            0,
-            fault.code(),
-            Ordering::AcqRel,
-            Ordering::Acquire,
-        );
+        let _ = self
+            .0
+            .fault
+            .compare_exchange(0, fault.code(), Ordering::AcqRel, Ordering::Acquire);
         self.0.waiting.store(false, Ordering::Release);
     }
 

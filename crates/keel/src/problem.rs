@@ -248,7 +248,10 @@ mod tests {
             ClientClosed,
         ];
         for kind in all {
-            assert!(!(kind.is_request_side() && kind.is_upstream_side()), "{kind:?}");
+            assert!(
+                !(kind.is_request_side() && kind.is_upstream_side()),
+                "{kind:?}"
+            );
             assert_eq!(
                 kind.is_request_side(),
                 kind.outcome().starts_with("client_"),
@@ -256,6 +259,9 @@ mod tests {
             );
         }
         let response = Problem::new(ClientClosed, "gone").into_response(None);
-        assert_eq!(response.extensions().get::<ProblemKind>(), Some(&ClientClosed));
+        assert_eq!(
+            response.extensions().get::<ProblemKind>(),
+            Some(&ClientClosed)
+        );
     }
 }

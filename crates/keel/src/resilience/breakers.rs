@@ -25,7 +25,9 @@ use tokio::sync::watch;
 
 use super::{BreakerConfig, HealthCheckConfig, RetryConfig};
 use crate::body::ProxyBody;
-use crate::metrics::{BreakerMetrics, HealthMetrics, Metrics, RetryMetrics, UpstreamFailureMetrics};
+use crate::metrics::{
+    BreakerMetrics, HealthMetrics, Metrics, RetryMetrics, UpstreamFailureMetrics,
+};
 use crate::proxy::Gateway;
 
 /// A set of HTTP statuses, as a bitmap: membership is one shift and mask.
