@@ -400,3 +400,64 @@ impl Body for ProxyBody {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("wrapper")]
+    struct Wrapper(#[source] Box<dyn std::error::Error + Send + Sync>);
+
+    #[test]
+    fn faults_are_told_apart_through_the_source_chain() {
+        let eof = std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "cut short");
+        assert_eq!(BodyFault::of(&eof), BodyFault::Incomplete);
+        let wrapped = Wrapper(Box::new(std::io::Error::from(
+            std::io::ErrorKind::ConnectionReset,
+        )));
+        assert_eq!(BodyFault::of(&wrapped), BodyFault::Incomplete);
+        let too_large = Wrapper(Box::new(BodyTooLarge { limit: 10 }));
+        assert_eq!(BodyFault::of(&too_large), BodyFault::TooLarge);
+        let framing = std::io::Error::new(std::io::ErrorKind::InvalidInput, "bad chunk size");
+        assert_eq!(
+            BodyFault::of(&Wrapper(Box::new(framing))),
+            BodyFault::Malformed
+        );
+    }
+
+    #[test]
+    fn the_watch_tells_who_the_reader_waits_for() {
+        let watch = BodyWatch::default();
+        assert!(!watch.waiting_on_client(), "not read yet: nobody waits");
+        watch.record_waiting();
+        assert!(watch.waiting_on_client());
+        // Bytes came and the reader has not asked again yet: still the
+        // client's turn, for a moment.
+        watch.record_data(3, false);
+        assert!(watch.waiting_on_client());
+        assert_eq!(watch.received(), 3);
+        // Bytes came while nobody waited (they were there already): the
+        // reader holds them, so it waits on whoever takes them.
+        watch.record_data(3, false);
+        assert!(!watch.waiting_on_client());
+        watch.record_waiting();
+        watch.record_data(1, true);
+        assert!(watch.ended());
+        assert!(
+            !watch.waiting_on_client(),
+            "a complete body waits on nobody"
+        );
+
+        let failed = BodyWatch::default();
+        failed.record_waiting();
+        failed.record_fault(BodyFault::Incomplete);
+        failed.record_fault(BodyFault::Malformed);
+        assert_eq!(
+            failed.fault(),
+            Some(BodyFault::Incomplete),
+            "first fault wins"
+        );
+        assert!(!failed.waiting_on_client());
+    }
+}

@@ -199,7 +199,9 @@ impl Gateway {
         // Who failed, when the gateway answered for a failure: the problem
         // kind travels on the response as an extension.
         let kind = response.extensions().get::<ProblemKind>().copied();
-        let outcome = kind.map_or("ok", ProblemKind::outcome);
+        // "-": not a gateway-made failure (the upstream's answer, whatever
+        // its status, a replay, a stale answer).
+        let outcome = kind.map_or("-", ProblemKind::outcome);
         // A client that closed its connection mid-body most likely never
         // reads the answer: logged and counted as 499, as nginx does.
         let logged_status = match kind {
