@@ -19,7 +19,10 @@
 //! 7. **response filter** — the route filter's hook, then response headers
 //!    (hop-by-hop out, `x-request-id`, `Via`), and protocol upgrades spliced
 //!    into a tunnel;
-//! 8. **logging** — metrics and one access-log line.
+//! 8. **logging** — metrics and one access-log line, saying who failed
+//!    when the gateway answered for a failure: the client (a malformed, cut
+//!    short or too slow request body: 400, 499, 408, never counted against
+//!    the upstream) or the upstream (502, 504).
 //!
 //! [`Gateway::handle`] is the entry point; each phase is a small function
 //! below, in that order.
