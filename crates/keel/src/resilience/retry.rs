@@ -188,19 +188,18 @@ pub async fn forward(
             // Reading a kept body waits on the client alone: running out of
             // time here is the client's lateness (408), never the upstream's.
             let watch = request.extensions().get::<BodyWatch>().cloned();
-            let read = tokio::time::timeout_at(deadline, keep(request, settings.max_body)).await;
-            let failure = match read {
-                Ok(Ok(kept)) => Ok(kept),
-                Ok(Err(failure)) => Err(failure),
-                Err(_elapsed) => Err(crate::proxy::body_timeout(upstream, watch.as_ref())),
-            };
-            let kept = match failure {
+            let read =
+                match tokio::time::timeout_at(deadline, keep(request, settings.max_body)).await {
+                    Ok(read) => read,
+                    Err(_elapsed) => Err(crate::proxy::body_timeout(upstream, watch.as_ref())),
+                };
+            let kept = match read {
                 Ok(kept) => kept,
-                Err(failure) => {
+                Err(client_failure) => {
                     if let Some(permit) = upstream_permit {
                         permit.record(Outcome::Ignore);
                     }
-                    return Err(failure);
+                    return Err(client_failure);
                 }
             };
             // Only requests that can reach the upstream earn retries.
