@@ -3,7 +3,10 @@
 //! size hint passes through so `Content-Length` survives the hop.
 
 use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
@@ -22,6 +25,197 @@ pub struct BodyTooLarge {
     pub limit: u64,
 }
 
+/// How a request body failed on the client's side.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BodyFault {
+    /// Not valid HTTP framing (a bad chunk size line, say): answered 400.
+    Malformed,
+    /// The client closed the connection (or its sending half) before the
+    /// declared length or the last chunk arrived: logged as 499, answered
+    /// 400 in case it is still there to read it.
+    Incomplete,
+    /// Over the route's `max_body_size` while streaming: answered 413.
+    TooLarge,
+}
+
+impl BodyFault {
+    /// The fault behind an error read from a request body: a
+    /// [`BodyTooLarge`], an early end of the stream (an `UnexpectedEof` or
+    /// a reset somewhere in the source chain), or else bad framing.
+    pub fn of(error: &(dyn std::error::Error + 'static)) -> BodyFault {
+        let mut source = Some(error);
+        while let Some(e) = source {
+            if e.is::<BodyTooLarge>() {
+                return BodyFault::TooLarge;
+            }
+            if let Some(io) = e.downcast_ref::<std::io::Error>() {
+                use std::io::ErrorKind::{
+                    BrokenPipe, ConnectionAborted, ConnectionReset, UnexpectedEof,
+                };
+                if matches!(
+                    io.kind(),
+                    UnexpectedEof | ConnectionReset | ConnectionAborted | BrokenPipe
+                ) {
+                    return BodyFault::Incomplete;
+                }
+            }
+            if let Some(hyper) = e.downcast_ref::<hyper::Error>()
+                && (hyper.is_incomplete_message() || hyper.is_canceled())
+            {
+                return BodyFault::Incomplete;
+            }
+            source = e.source();
+        }
+        BodyFault::Malformed
+    }
+
+    fn code(self) -> u8 {
+        match self {
+            BodyFault::Malformed => 1,
+            BodyFault::Incomplete => 2,
+            BodyFault::TooLarge => 3,
+        }
+    }
+
+    fn from_code(code: u8) -> Option<BodyFault> {
+        match code {
+            1 => Some(BodyFault::Malformed),
+            2 => Some(BodyFault::Incomplete),
+            3 => Some(BodyFault::TooLarge),
+            _ => None,
+        }
+    }
+}
+
+/// What became of a downstream request body, shared between the body
+/// (which records it as it is read, wherever it is read: by hyper's client
+/// streaming it upstream, by the retry loop or a filter buffering it) and
+/// the code that classifies a failed exchange. It tells who failed: a body
+/// that broke or was cut short is the client's fault, and so is a deadline
+/// that passed while the gateway was waiting for the client's next bytes.
+///
+/// Travels as a request extension (cloning shares the state).
+#[derive(Debug, Clone, Default)]
+pub struct BodyWatch(Arc<WatchState>);
+
+/// How soon after the client's last bytes the reader is taken to be still
+/// waiting on the client: a reader (hyper's client) that was waiting, got
+/// bytes and has not asked again yet is between two reads, not blocked by
+/// the upstream, unless that lasts longer than this.
+const BETWEEN_READS: Duration = Duration::from_millis(100);
+
+#[derive(Debug)]
+struct WatchState {
+    /// A [`BodyFault`] code; 0 while none.
+    fault: AtomicU8,
+    /// The body was read to its end.
+    ended: AtomicBool,
+    /// The last read found no bytes ready: the reader waits on the client.
+    waiting: AtomicBool,
+    /// The read before the last one was waiting on the client.
+    was_waiting: AtomicBool,
+    /// When the last bytes came, in microseconds since `created`.
+    last_data_us: AtomicU64,
+    created: Instant,
+    /// Bytes read so far.
+    received: AtomicU64,
+    /// The route's limit, for [`BodyTooLarge`]'s message.
+    limit: AtomicU64,
+}
+
+impl Default for WatchState {
+    fn default() -> Self {
+        WatchState {
+            fault: AtomicU8::new(0),
+            ended: AtomicBool::new(false),
+            waiting: AtomicBool::new(false),
+            was_waiting: AtomicBool::new(false),
+            last_data_us: AtomicU64::new(0),
+            created: Instant::now(),
+            received: AtomicU64::new(0),
+            limit: AtomicU64::new(u64::MAX),
+        }
+    }
+}
+
+impl WatchState {
+    fn now_us(&self) -> u64 {
+        u64::try_from(self.created.elapsed().as_micros()).unwrap_or(u64::MAX)
+    }
+}
+
+impl BodyWatch {
+    /// The fault recorded, if the body failed on the client's side.
+    pub fn fault(&self) -> Option<BodyFault> {
+        BodyFault::from_code(self.0.fault.load(Ordering::Acquire))
+    }
+
+    /// True once the whole body was read.
+    pub fn ended(&self) -> bool {
+        self.0.ended.load(Ordering::Acquire)
+    }
+
+    /// True while the body is neither complete nor failed and its reader
+    /// is waiting for the client's next bytes: a deadline passing now is
+    /// the client's lateness, not the upstream's. A reader that is not
+    /// asking for more (hyper's client holding bytes the upstream does not
+    /// take) waits on the upstream instead; one that was waiting, just got
+    /// bytes and is about to ask again still counts as waiting on the
+    /// client.
+    pub fn waiting_on_client(&self) -> bool {
+        if self.fault().is_some() || self.ended() {
+            return false;
+        }
+        let state = &self.0;
+        if state.waiting.load(Ordering::Acquire) {
+            return true;
+        }
+        let since = state
+            .now_us()
+            .saturating_sub(state.last_data_us.load(Ordering::Acquire));
+        state.was_waiting.load(Ordering::Acquire) && Duration::from_micros(since) < BETWEEN_READS
+    }
+
+    /// Bytes read from the client so far.
+    pub fn received(&self) -> u64 {
+        self.0.received.load(Ordering::Relaxed)
+    }
+
+    /// The route's body limit.
+    pub fn limit(&self) -> u64 {
+        self.0.limit.load(Ordering::Relaxed)
+    }
+
+    fn record_fault(&self, fault: BodyFault) {
+        // The first fault wins.
+        let _ = self
+            .0
+            .fault
+            .compare_exchange(0, fault.code(), Ordering::AcqRel, Ordering::Acquire);
+        self.0.waiting.store(false, Ordering::Release);
+    }
+
+    fn record_data(&self, len: u64, end: bool) {
+        let state = &self.0;
+        state.received.fetch_add(len, Ordering::Relaxed);
+        if end {
+            state.ended.store(true, Ordering::Release);
+        }
+        state.last_data_us.store(state.now_us(), Ordering::Release);
+        let was = state.waiting.swap(false, Ordering::AcqRel);
+        state.was_waiting.store(was, Ordering::Release);
+    }
+
+    fn record_end(&self) {
+        self.0.ended.store(true, Ordering::Release);
+        self.0.waiting.store(false, Ordering::Release);
+    }
+
+    fn record_waiting(&self) {
+        self.0.waiting.store(true, Ordering::Release);
+    }
+}
+
 /// A body streamed from a peer, produced by the gateway, or empty.
 #[derive(Debug)]
 pub enum ProxyBody {
@@ -37,6 +231,8 @@ pub enum ProxyBody {
         remaining: u64,
         /// The configured limit, for the error.
         limit: u64,
+        /// For a downstream request body: where its fate is recorded.
+        watch: Option<BodyWatch>,
     },
     /// An upstream response body whose connection returns to the pool at
     /// the end of the body.
@@ -68,16 +264,25 @@ impl ProxyBody {
             inner,
             remaining: u64::MAX,
             limit: u64::MAX,
+            watch: None,
         }
     }
 
-    /// A streamed body that fails with [`BodyTooLarge`] past `limit` bytes.
-    pub fn limited(inner: Incoming, limit: u64) -> Self {
-        ProxyBody::Stream {
+    /// A downstream request body that fails with [`BodyTooLarge`] past
+    /// `limit` bytes, and the watch that records how reading it goes.
+    pub fn request(inner: Incoming, limit: u64) -> (Self, BodyWatch) {
+        let watch = BodyWatch::default();
+        watch.0.limit.store(limit, Ordering::Relaxed);
+        if inner.is_end_stream() {
+            watch.record_end();
+        }
+        let body = ProxyBody::Stream {
             inner,
             remaining: limit,
             limit,
-        }
+            watch: Some(watch.clone()),
+        };
+        (body, watch)
     }
 }
 
@@ -96,23 +301,41 @@ impl Body for ProxyBody {
                 inner,
                 remaining,
                 limit,
-            } => match Pin::new(inner).poll_frame(cx) {
+                watch,
+            } => match Pin::new(&mut *inner).poll_frame(cx) {
                 Poll::Ready(Some(Ok(frame))) => {
-                    if let Some(data) = frame.data_ref() {
-                        let len = data.len() as u64;
-                        if len > *remaining {
-                            *remaining = 0;
-                            return Poll::Ready(Some(Err(Box::new(BodyTooLarge {
-                                limit: *limit,
-                            }))));
+                    let len = frame.data_ref().map_or(0, |d| d.len() as u64);
+                    if len > *remaining {
+                        *remaining = 0;
+                        if let Some(watch) = watch {
+                            watch.record_fault(BodyFault::TooLarge);
                         }
-                        *remaining -= len;
+                        return Poll::Ready(Some(Err(Box::new(BodyTooLarge { limit: *limit }))));
+                    }
+                    *remaining -= len;
+                    if let Some(watch) = watch {
+                        watch.record_data(len, inner.is_end_stream());
                     }
                     Poll::Ready(Some(Ok(frame)))
                 }
-                Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(Box::new(e)))),
-                Poll::Ready(None) => Poll::Ready(None),
-                Poll::Pending => Poll::Pending,
+                Poll::Ready(Some(Err(e))) => {
+                    if let Some(watch) = watch {
+                        watch.record_fault(BodyFault::of(&e));
+                    }
+                    Poll::Ready(Some(Err(Box::new(e))))
+                }
+                Poll::Ready(None) => {
+                    if let Some(watch) = watch {
+                        watch.record_end();
+                    }
+                    Poll::Ready(None)
+                }
+                Poll::Pending => {
+                    if let Some(watch) = watch {
+                        watch.record_waiting();
+                    }
+                    Poll::Pending
+                }
             },
             ProxyBody::Pooled { inner, checkin } => {
                 let polled = Pin::new(&mut *inner).poll_frame(cx);
@@ -175,5 +398,66 @@ impl Body for ProxyBody {
                 hint
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("wrapper")]
+    struct Wrapper(#[source] Box<dyn std::error::Error + Send + Sync>);
+
+    #[test]
+    fn faults_are_told_apart_through_the_source_chain() {
+        let eof = std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "cut short");
+        assert_eq!(BodyFault::of(&eof), BodyFault::Incomplete);
+        let wrapped = Wrapper(Box::new(std::io::Error::from(
+            std::io::ErrorKind::ConnectionReset,
+        )));
+        assert_eq!(BodyFault::of(&wrapped), BodyFault::Incomplete);
+        let too_large = Wrapper(Box::new(BodyTooLarge { limit: 10 }));
+        assert_eq!(BodyFault::of(&too_large), BodyFault::TooLarge);
+        let framing = std::io::Error::new(std::io::ErrorKind::InvalidInput, "bad chunk size");
+        assert_eq!(
+            BodyFault::of(&Wrapper(Box::new(framing))),
+            BodyFault::Malformed
+        );
+    }
+
+    #[test]
+    fn the_watch_tells_who_the_reader_waits_for() {
+        let watch = BodyWatch::default();
+        assert!(!watch.waiting_on_client(), "not read yet: nobody waits");
+        watch.record_waiting();
+        assert!(watch.waiting_on_client());
+        // Bytes came and the reader has not asked again yet: still the
+        // client's turn, for a moment.
+        watch.record_data(3, false);
+        assert!(watch.waiting_on_client());
+        assert_eq!(watch.received(), 3);
+        // Bytes came while nobody waited (they were there already): the
+        // reader holds them, so it waits on whoever takes them.
+        watch.record_data(3, false);
+        assert!(!watch.waiting_on_client());
+        watch.record_waiting();
+        watch.record_data(1, true);
+        assert!(watch.ended());
+        assert!(
+            !watch.waiting_on_client(),
+            "a complete body waits on nobody"
+        );
+
+        let failed = BodyWatch::default();
+        failed.record_waiting();
+        failed.record_fault(BodyFault::Incomplete);
+        failed.record_fault(BodyFault::Malformed);
+        assert_eq!(
+            failed.fault(),
+            Some(BodyFault::Incomplete),
+            "first fault wins"
+        );
+        assert!(!failed.waiting_on_client());
     }
 }

@@ -20,6 +20,15 @@ const METHOD_CLASSES: [&str; 8] = [
     "GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "other",
 ];
 const STATUS_CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
+/// Request-side failure outcomes (`keel_client_failures_total`): a bad
+/// request or body (400, 413, 431), a body too slow (408), a client that
+/// closed its connection mid-body (logged as 499). None of them counts
+/// against an upstream.
+pub const CLIENT_OUTCOMES: [&str; 3] = ["client_error", "client_timeout", "client_closed"];
+/// Causes of `keel_upstream_failures_total`: attempts that counted against
+/// an upstream (connection refused or timed out, an invalid answer or a
+/// reset, no answer in time, a configured failure status).
+pub const UPSTREAM_FAILURE_CAUSES: [&str; 4] = ["connect", "bad_response", "timeout", "status"];
 /// Upper bounds in seconds.
 const BUCKETS: [f64; 14] = [
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
@@ -52,6 +61,18 @@ struct RequestLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RouteLabel {
     route: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RouteOutcomeLabels {
+    route: String,
+    outcome: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct UpstreamCauseLabels {
+    upstream: String,
+    cause: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -114,6 +135,8 @@ impl EncodeMetric for AtomicHistogram {
 pub struct RouteMetrics {
     requests: Vec<Counter>,
     latency: AtomicHistogram,
+    /// In [`CLIENT_OUTCOMES`] order.
+    client_failures: Vec<Counter>,
 }
 
 impl RouteMetrics {
@@ -124,6 +147,18 @@ impl RouteMetrics {
             counter.inc();
         }
         self.latency.observe(elapsed);
+    }
+
+    /// Counts one request-side failure by its label in [`CLIENT_OUTCOMES`]
+    /// (other labels are ignored).
+    pub fn client_failure(&self, outcome: &str) {
+        if let Some(counter) = CLIENT_OUTCOMES
+            .iter()
+            .position(|o| *o == outcome)
+            .and_then(|i| self.client_failures.get(i))
+        {
+            counter.inc();
+        }
     }
 }
 
@@ -150,6 +185,7 @@ pub struct Metrics {
     idempotency: Family<OutcomeLabels, Counter>,
     restarts: Family<ChildLabel, Counter>,
     drain: Family<DrainLabels, Gauge>,
+    client_failures: Family<RouteOutcomeLabels, Counter>,
     resilience: ResilienceFamilies,
 }
 
@@ -293,6 +329,12 @@ impl Metrics {
             "Connections of a drain (target: shutdown or an endpoint) by state: total, signalled, closed, remaining, forced",
             drain.clone(),
         );
+        let client_failures = Family::<RouteOutcomeLabels, Counter>::default();
+        registry.register(
+            "client_failures",
+            "Requests that failed on the client's side (never counted against an upstream), by route and outcome: client_error (400/413/431), client_timeout (408, body too slow), client_closed (closed mid-body, logged as 499)",
+            client_failures.clone(),
+        );
         let resilience = ResilienceFamilies::register(&mut registry);
         Metrics {
             registry,
@@ -304,6 +346,7 @@ impl Metrics {
             idempotency,
             restarts,
             drain,
+            client_failures,
             resilience,
         }
     }
@@ -357,7 +400,22 @@ impl Metrics {
                 route: route.to_owned(),
             })
             .clone();
-        RouteMetrics { requests, latency }
+        let client_failures = CLIENT_OUTCOMES
+            .iter()
+            .map(|outcome| {
+                self.client_failures
+                    .get_or_create(&RouteOutcomeLabels {
+                        route: route.to_owned(),
+                        outcome: (*outcome).to_owned(),
+                    })
+                    .clone()
+            })
+            .collect();
+        RouteMetrics {
+            requests,
+            latency,
+            client_failures,
+        }
     }
 
     /// Creates the handles for an upstream endpoint.
@@ -434,6 +492,27 @@ pub struct ResilienceFamilies {
     budget_exhausted: Family<UpstreamLabel, Counter>,
     health: Family<HealthLabels, Counter>,
     healthy: Family<EndpointLabels, Gauge>,
+    upstream_failures: Family<UpstreamCauseLabels, Counter>,
+}
+
+/// Handles for one upstream's failure counters, in
+/// [`UPSTREAM_FAILURE_CAUSES`] order.
+#[derive(Debug, Clone, Default)]
+pub struct UpstreamFailureMetrics {
+    counters: Vec<Counter>,
+}
+
+impl UpstreamFailureMetrics {
+    /// Counts one failed attempt by its cause in [`UPSTREAM_FAILURE_CAUSES`].
+    pub fn inc(&self, cause: &str) {
+        if let Some(counter) = UPSTREAM_FAILURE_CAUSES
+            .iter()
+            .position(|c| *c == cause)
+            .and_then(|i| self.counters.get(i))
+        {
+            counter.inc();
+        }
+    }
 }
 
 /// Handles for one breaker (`endpoint` is empty for the upstream-wide one).
@@ -524,7 +603,28 @@ impl ResilienceFamilies {
             "1 while an endpoint passes its health checks",
             f.healthy.clone(),
         );
+        registry.register(
+            "upstream_failures",
+            "Attempts that counted against an upstream, by cause: connect, bad_response (invalid answer or reset), timeout, status (a configured failure status); client-side failures are never counted here",
+            f.upstream_failures.clone(),
+        );
         f
+    }
+
+    /// Handles for one upstream's failure counters.
+    pub fn upstream_failures(&self, upstream: &str) -> UpstreamFailureMetrics {
+        let counters = UPSTREAM_FAILURE_CAUSES
+            .iter()
+            .map(|cause| {
+                self.upstream_failures
+                    .get_or_create(&UpstreamCauseLabels {
+                        upstream: upstream.to_owned(),
+                        cause: (*cause).to_owned(),
+                    })
+                    .clone()
+            })
+            .collect();
+        UpstreamFailureMetrics { counters }
     }
 
     /// Handles for one breaker.

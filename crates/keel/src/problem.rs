@@ -33,6 +33,10 @@ pub enum ProblemKind {
     Unavailable,
     /// The client did not send its request body in time.
     RequestTimeout,
+    /// The client closed its connection (or its sending half) before its
+    /// request body was complete. Answered 400 in case it only half-closed
+    /// and still reads; logged and counted as 499.
+    ClientClosed,
 }
 
 impl ProblemKind {
@@ -49,6 +53,7 @@ impl ProblemKind {
             ProblemKind::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             ProblemKind::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
             ProblemKind::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
+            ProblemKind::ClientClosed => StatusCode::BAD_REQUEST,
         }
     }
 
@@ -64,6 +69,7 @@ impl ProblemKind {
             ProblemKind::UpstreamTimeout => "urn:keel:problem:upstream-timeout",
             ProblemKind::Unavailable => "urn:keel:problem:unavailable",
             ProblemKind::RequestTimeout => "urn:keel:problem:request-timeout",
+            ProblemKind::ClientClosed => "urn:keel:problem:request-body-incomplete",
         }
     }
 
@@ -79,6 +85,50 @@ impl ProblemKind {
             ProblemKind::UpstreamTimeout => "Upstream timed out",
             ProblemKind::Unavailable => "Service unavailable",
             ProblemKind::RequestTimeout => "Request body not received in time",
+            ProblemKind::ClientClosed => "Request body incomplete",
+        }
+    }
+
+    /// Whether the request (the client) failed, not the upstream: a bad or
+    /// oversized request, a body that broke, was cut short or came too
+    /// slowly. These never count against an upstream (breakers, outlier
+    /// ejection, retries, upstream failure metrics).
+    pub fn is_request_side(self) -> bool {
+        matches!(
+            self,
+            ProblemKind::BadRequest
+                | ProblemKind::BodyTooLarge
+                | ProblemKind::HeadersTooLarge
+                | ProblemKind::RequestTimeout
+                | ProblemKind::ClientClosed
+        )
+    }
+
+    /// Whether the upstream failed: it could not be reached, answered
+    /// garbage or reset the connection, or did not answer in time.
+    pub fn is_upstream_side(self) -> bool {
+        matches!(
+            self,
+            ProblemKind::UpstreamUnreachable
+                | ProblemKind::UpstreamBadResponse
+                | ProblemKind::UpstreamTimeout
+        )
+    }
+
+    /// The outcome label of the access log and of
+    /// `keel_client_failures_total` for an answer of this kind.
+    pub fn outcome(self) -> &'static str {
+        match self {
+            ProblemKind::BadRequest | ProblemKind::BodyTooLarge | ProblemKind::HeadersTooLarge => {
+                "client_error"
+            }
+            ProblemKind::RequestTimeout => "client_timeout",
+            ProblemKind::ClientClosed => "client_closed",
+            ProblemKind::NoRoute => "no_route",
+            ProblemKind::UpstreamUnreachable
+            | ProblemKind::UpstreamBadResponse
+            | ProblemKind::UpstreamTimeout => "upstream_error",
+            ProblemKind::Unavailable => "unavailable",
         }
     }
 }
@@ -114,7 +164,9 @@ impl Problem {
         self
     }
 
-    /// The problem+json response; `request_id` goes in the body as well as the header.
+    /// The problem+json response; `request_id` goes in the body as well as
+    /// the header. The kind rides along as a response extension, so the
+    /// logging phase can tell who failed.
     pub fn into_response(self, request_id: Option<&HeaderValue>) -> Response<ProxyBody> {
         let status = self.kind.status();
         let mut body = serde_json::json!({
@@ -129,6 +181,7 @@ impl Problem {
         let bytes = Bytes::from(body.to_string());
         let mut response = Response::new(ProxyBody::full(bytes));
         *response.status_mut() = status;
+        response.extensions_mut().insert(self.kind);
         let headers = response.headers_mut();
         headers.insert(
             header::CONTENT_TYPE,
@@ -175,5 +228,40 @@ mod tests {
         assert_eq!(ProblemKind::BodyTooLarge.status(), 413);
         assert_eq!(ProblemKind::HeadersTooLarge.status(), 431);
         assert_eq!(ProblemKind::BadRequest.status(), 400);
+        assert_eq!(ProblemKind::RequestTimeout.status(), 408);
+        assert_eq!(ProblemKind::ClientClosed.status(), 400);
+    }
+
+    #[test]
+    fn every_kind_is_blamed_on_one_side_at_most() {
+        use ProblemKind::*;
+        let all = [
+            BadRequest,
+            NoRoute,
+            BodyTooLarge,
+            HeadersTooLarge,
+            UpstreamUnreachable,
+            UpstreamBadResponse,
+            UpstreamTimeout,
+            Unavailable,
+            RequestTimeout,
+            ClientClosed,
+        ];
+        for kind in all {
+            assert!(
+                !(kind.is_request_side() && kind.is_upstream_side()),
+                "{kind:?}"
+            );
+            assert_eq!(
+                kind.is_request_side(),
+                kind.outcome().starts_with("client_"),
+                "{kind:?}"
+            );
+        }
+        let response = Problem::new(ClientClosed, "gone").into_response(None);
+        assert_eq!(
+            response.extensions().get::<ProblemKind>(),
+            Some(&ClientClosed)
+        );
     }
 }

@@ -19,7 +19,10 @@
 //! 7. **response filter** — the route filter's hook, then response headers
 //!    (hop-by-hop out, `x-request-id`, `Via`), and protocol upgrades spliced
 //!    into a tunnel;
-//! 8. **logging** — metrics and one access-log line.
+//! 8. **logging** — metrics and one access-log line, saying who failed
+//!    when the gateway answered for a failure: the client (a malformed, cut
+//!    short or too slow request body: 400, 499, 408, never counted against
+//!    the upstream) or the upstream (502, 504).
 //!
 //! [`Gateway::handle`] is the entry point; each phase is a small function
 //! below, in that order.
@@ -34,7 +37,7 @@ use http::uri::PathAndQuery;
 use http::{Request, Response, StatusCode, Uri, Version};
 use hyper::body::Incoming;
 
-use crate::body::{BodyTooLarge, ProxyBody};
+use crate::body::{BodyFault, BodyWatch, ProxyBody};
 use crate::headers::{
     X_REQUEST_ID, append_forwarded, append_via, head_size, new_request_id, remove_hop_by_hop,
     wants_upgrade,
@@ -196,16 +199,31 @@ impl Gateway {
             .headers_mut()
             .insert(X_REQUEST_ID, request_id.clone());
         let elapsed = started.elapsed();
-        route
-            .map_or(&self.unmatched, |r| &r.metrics)
-            .record(&method, response.status(), elapsed);
+        // Who failed, when the gateway answered for a failure: the problem
+        // kind travels on the response as an extension.
+        let kind = response.extensions().get::<ProblemKind>().copied();
+        // "-": not a gateway-made failure (the upstream's answer, whatever
+        // its status, a replay, a stale answer).
+        let outcome = kind.map_or("-", ProblemKind::outcome);
+        // A client that closed its connection mid-body most likely never
+        // reads the answer: logged and counted as 499, as nginx does.
+        let logged_status = match kind {
+            Some(ProblemKind::ClientClosed) => CLIENT_CLOSED,
+            _ => response.status(),
+        };
+        let metrics = route.map_or(&self.unmatched, |r| &r.metrics);
+        metrics.record(&method, logged_status, elapsed);
+        if kind.is_some_and(ProblemKind::is_request_side) {
+            metrics.client_failure(outcome);
+        }
         if self.settings.access_log {
             tracing::info!(
                 target: "keel::access",
                 request_id = request_id.to_str().unwrap_or("-"),
                 route = route.map_or("-", |r| r.name.as_str()),
                 method = %method,
-                status = response.status().as_u16(),
+                status = logged_status.as_u16(),
+                outcome,
                 duration_us = elapsed.as_micros() as u64,
                 "request"
             );
@@ -267,7 +285,14 @@ impl Gateway {
         let downstream_upgrade = (request.version() == Version::HTTP_11
             && wants_upgrade(request.headers()))
         .then(|| hyper::upgrade::on(&mut request));
-        let request = request.map(|body| ProxyBody::limited(body, route.max_body_size));
+        // The body's watch rides along as an extension: whoever reads the
+        // body records on it whether the client failed (see `send`).
+        let request = {
+            let (mut parts, body) = request.into_parts();
+            let (body, watch) = ProxyBody::request(body, route.max_body_size);
+            parts.extensions.insert(watch);
+            Request::from_parts(parts, body)
+        };
 
         // 4. request filter
         let (request, on_response) = match &route.filter {
@@ -403,6 +428,13 @@ impl Gateway {
     }
 }
 
+/// The status logged and counted (never sent) for a request whose client
+/// closed its connection before its body was complete.
+const CLIENT_CLOSED: StatusCode = match StatusCode::from_u16(499) {
+    Ok(status) => status,
+    Err(_) => StatusCode::BAD_REQUEST,
+};
+
 /// The client's request id, or a new one when absent or unusable.
 fn request_id(request: &Request<Incoming>) -> HeaderValue {
     match request.headers().get(X_REQUEST_ID) {
@@ -442,6 +474,12 @@ fn check_declared_length(request: &Request<Incoming>, limit: u64) -> Option<Prob
 
 /// Sends the request on the endpoint's pool within `timeout` (what is left
 /// of the upstream's `request_timeout` for this attempt).
+///
+/// Who failed decides what the failure is: the request's [`BodyWatch`]
+/// (an extension set in phase 2) says whether the client's body broke, was
+/// cut short, or was what the exchange was waiting for when the deadline
+/// passed. Those are the client's failures (400, 408, 413, or
+/// [`ProblemKind::ClientClosed`]); everything else is the upstream's.
 pub(crate) async fn send(
     upstream: &Upstream,
     endpoint: &'static Endpoint,
@@ -449,24 +487,86 @@ pub(crate) async fn send(
     timeout: std::time::Duration,
 ) -> Result<Response<ProxyBody>, UpstreamFailure> {
     let _in_flight = InFlight::start(endpoint);
+    let watch = request.extensions().get::<BodyWatch>().cloned();
     match tokio::time::timeout(timeout, endpoint.send(request)).await {
         Ok(Ok(response)) => Ok(response),
-        Ok(Err(error)) => Err(classify(&upstream.name, endpoint, &error)),
-        Err(_elapsed) => Err(UpstreamFailure {
-            problem: Problem::new(
-                ProblemKind::UpstreamTimeout,
-                format!(
-                    "upstream {:?} did not answer within {:?}",
-                    upstream.name, upstream.request_timeout
+        Ok(Err(error)) => Err(classify(&upstream.name, endpoint, &error, watch.as_ref())),
+        Err(_elapsed) => {
+            if let Some(watch) = &watch {
+                if let Some(fault) = watch.fault() {
+                    return Err(body_failure(fault, watch, true));
+                }
+                if watch.waiting_on_client() {
+                    return Err(body_timeout(upstream, Some(watch)));
+                }
+            }
+            Err(UpstreamFailure {
+                problem: Problem::new(
+                    ProblemKind::UpstreamTimeout,
+                    format!(
+                        "upstream {:?} did not answer within {:?}",
+                        upstream.name, upstream.request_timeout
+                    ),
                 ),
-            ),
-            sent: true,
-        }),
+                sent: true,
+            })
+        }
     }
 }
 
-/// Maps a send error to the problem the client sees.
-fn classify(upstream: &str, endpoint: &Endpoint, error: &SendError) -> UpstreamFailure {
+/// The failure for a request body that was still coming, too slowly, when
+/// the upstream's `request_timeout` ran out: the client's lateness (408).
+pub(crate) fn body_timeout(upstream: &Upstream, watch: Option<&BodyWatch>) -> UpstreamFailure {
+    let received = watch.map_or(0, BodyWatch::received);
+    tracing::debug!(
+        upstream = upstream.name,
+        received,
+        "request body too slow; not counted against the upstream"
+    );
+    UpstreamFailure {
+        problem: Problem::new(
+            ProblemKind::RequestTimeout,
+            format!(
+                "the request body did not arrive within the {:?} request timeout \
+                 ({received} bytes received)",
+                upstream.request_timeout
+            ),
+        ),
+        sent: true,
+    }
+}
+
+/// The failure for a request body that failed on the client's side.
+pub(crate) fn body_failure(fault: BodyFault, watch: &BodyWatch, sent: bool) -> UpstreamFailure {
+    let problem = match fault {
+        BodyFault::Malformed => Problem::new(
+            ProblemKind::BadRequest,
+            "the request body is malformed (invalid framing) and could not be read",
+        ),
+        BodyFault::Incomplete => Problem::new(
+            ProblemKind::ClientClosed,
+            format!(
+                "the client closed the connection before sending the whole request body \
+                 ({} bytes received)",
+                watch.received()
+            ),
+        ),
+        BodyFault::TooLarge => Problem::new(
+            ProblemKind::BodyTooLarge,
+            format!("request body over the {}-byte limit", watch.limit()),
+        ),
+    };
+    UpstreamFailure { problem, sent }
+}
+
+/// Maps a send error to the problem the client sees: the client's when its
+/// body failed, else the upstream's.
+fn classify(
+    upstream: &str,
+    endpoint: &Endpoint,
+    error: &SendError,
+    watch: Option<&BodyWatch>,
+) -> UpstreamFailure {
     let (kind, detail, sent) = match error {
         SendError::Connect(_) => (
             ProblemKind::UpstreamUnreachable,
@@ -479,15 +579,26 @@ fn classify(upstream: &str, endpoint: &Endpoint, error: &SendError) -> UpstreamF
             false,
         ),
         SendError::Http { error: http, sent } => {
-            let mut source: Option<&(dyn std::error::Error + 'static)> = Some(http);
-            while let Some(e) = source {
-                if let Some(too_large) = e.downcast_ref::<BodyTooLarge>() {
-                    return UpstreamFailure {
-                        problem: Problem::new(ProblemKind::BodyTooLarge, too_large.to_string()),
-                        sent: *sent,
-                    };
-                }
-                source = e.source();
+            // The body hyper was streaming failed: the watch knows how. A
+            // body without a watch (the gateway's own) is judged from the
+            // user-body error hyper wraps it in.
+            let fault = watch.and_then(BodyWatch::fault).or_else(|| {
+                use std::error::Error as _;
+                http.is_user()
+                    .then(|| http.source().map(BodyFault::of))
+                    .flatten()
+            });
+            if let Some(fault) = fault {
+                let fallback = BodyWatch::default();
+                let failure = body_failure(fault, watch.unwrap_or(&fallback), *sent);
+                tracing::debug!(
+                    upstream,
+                    endpoint = endpoint.url,
+                    %error,
+                    kind = ?failure.problem.kind,
+                    "request body failed on the client's side; not counted against the upstream"
+                );
+                return failure;
             }
             (
                 ProblemKind::UpstreamBadResponse,

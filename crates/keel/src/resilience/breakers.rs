@@ -25,7 +25,9 @@ use tokio::sync::watch;
 
 use super::{BreakerConfig, HealthCheckConfig, RetryConfig};
 use crate::body::ProxyBody;
-use crate::metrics::{BreakerMetrics, HealthMetrics, Metrics, RetryMetrics};
+use crate::metrics::{
+    BreakerMetrics, HealthMetrics, Metrics, RetryMetrics, UpstreamFailureMetrics,
+};
 use crate::proxy::Gateway;
 
 /// A set of HTTP statuses, as a bitmap: membership is one shift and mask.
@@ -140,6 +142,9 @@ pub struct UpstreamResilience {
     pub retry: Option<RetrySettings>,
     /// Active health checks (`None`: off).
     pub health_check: Option<HealthCheckConfig>,
+    /// Attempts that counted against the upstream, by cause (never the
+    /// client's failures).
+    pub failures: UpstreamFailureMetrics,
 }
 
 impl UpstreamResilience {
@@ -180,6 +185,7 @@ impl UpstreamResilience {
             max_retry_after: config.max_retry_after.0,
             retry,
             health_check: health_check.cloned(),
+            failures: metrics.resilience().upstream_failures(name),
         }
     }
 

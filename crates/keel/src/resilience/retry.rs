@@ -4,6 +4,11 @@
 //! are safe to repeat, retries on another endpoint with full-jitter backoff,
 //! paid from the upstream's retry budget, all inside the upstream's
 //! `request_timeout`.
+//!
+//! Only the upstream's failures count: an attempt that failed because of
+//! the client's request body (malformed, cut short, too large, too slow)
+//! is recorded as `Ignore` by both breakers, is never retried, takes
+//! nothing from the budget and is not in `keel_upstream_failures_total`.
 
 use std::time::Duration;
 
@@ -14,7 +19,7 @@ use keel_breaker::Outcome;
 use keel_retry::Budget;
 use tokio::time::Instant;
 
-use crate::body::{BodyTooLarge, ProxyBody};
+use crate::body::{BodyFault, BodyWatch, ProxyBody};
 use crate::problem::{Problem, ProblemKind};
 use crate::proxy::UpstreamFailure;
 use crate::upstream::{Endpoint, Unavailable, Upstream};
@@ -59,7 +64,8 @@ impl Kept {
 }
 
 /// Keeps the request for retries when it is safe and its body is small;
-/// a kept body is read in full first (bounded by `max_body`).
+/// a kept body is read in full first (bounded by `max_body`; the caller
+/// bounds the time). Reading it fails only on the client's side.
 async fn keep(
     request: Request<ProxyBody>,
     max_body: u64,
@@ -73,7 +79,7 @@ async fn keep(
     let bytes = if empty {
         None
     } else {
-        Some(collect(body).await?)
+        Some(collect(body, parts.extensions.get::<BodyWatch>()).await?)
     };
     let kept = Kept {
         method: parts.method.clone(),
@@ -86,7 +92,7 @@ async fn keep(
     Ok((Request::from_parts(parts, body), Some(kept)))
 }
 
-async fn collect(mut body: ProxyBody) -> Result<Bytes, UpstreamFailure> {
+async fn collect(mut body: ProxyBody, watch: Option<&BodyWatch>) -> Result<Bytes, UpstreamFailure> {
     let mut out = bytes::BytesMut::new();
     while let Some(frame) =
         std::future::poll_fn(|cx| std::pin::Pin::new(&mut body).poll_frame(cx)).await
@@ -98,19 +104,15 @@ async fn collect(mut body: ProxyBody) -> Result<Bytes, UpstreamFailure> {
                 }
             }
             Err(error) => {
-                let problem = match error.downcast_ref::<BodyTooLarge>() {
-                    Some(too_large) => {
-                        Problem::new(ProblemKind::BodyTooLarge, too_large.to_string())
-                    }
-                    None => Problem::new(
-                        ProblemKind::BadRequest,
-                        "the request body could not be read from the client",
-                    ),
-                };
-                return Err(UpstreamFailure {
-                    problem,
-                    sent: false,
-                });
+                let fault = watch
+                    .and_then(BodyWatch::fault)
+                    .unwrap_or_else(|| BodyFault::of(error.as_ref()));
+                let fallback = BodyWatch::default();
+                return Err(crate::proxy::body_failure(
+                    fault,
+                    watch.unwrap_or(&fallback),
+                    false,
+                ));
             }
         }
     }
@@ -183,8 +185,26 @@ pub async fn forward(
         .filter(|_| !upgrade && is_retry_safe(&request));
     let (mut first, kept) = match retry {
         Some(settings) => {
+            // Reading a kept body waits on the client alone: running out of
+            // time here is the client's lateness (408), never the upstream's.
+            let watch = request.extensions().get::<BodyWatch>().cloned();
+            let read =
+                match tokio::time::timeout_at(deadline, keep(request, settings.max_body)).await {
+                    Ok(read) => read,
+                    Err(_elapsed) => Err(crate::proxy::body_timeout(upstream, watch.as_ref())),
+                };
+            let kept = match read {
+                Ok(kept) => kept,
+                Err(client_failure) => {
+                    if let Some(permit) = upstream_permit {
+                        permit.record(Outcome::Ignore);
+                    }
+                    return Err(client_failure);
+                }
+            };
+            // Only requests that can reach the upstream earn retries.
             settings.budget.on_request();
-            keep(request, settings.max_body).await?
+            kept
         }
         None => (request, None),
     };
@@ -222,13 +242,17 @@ pub async fn forward(
                 (verdict, again)
             }
             Err(failure) => match failure.problem.kind {
-                // The client's body, not the upstream, failed.
-                ProblemKind::BodyTooLarge | ProblemKind::BadRequest => (Outcome::Ignore, false),
                 // The deadline is spent: no time for another attempt.
                 ProblemKind::UpstreamTimeout => (Outcome::Failure, false),
-                _ => (Outcome::Failure, true),
+                kind if kind.is_upstream_side() => (Outcome::Failure, true),
+                // The client, not the upstream, failed: nothing to learn
+                // about the endpoint, and no point in another attempt.
+                _ => (Outcome::Ignore, false),
             },
         };
+        if verdict.is_failure() {
+            resilience.failures.inc(failure_cause(&result));
+        }
         if let Some(permit) = permit {
             permit.record(verdict);
         }
@@ -258,18 +282,29 @@ pub async fn forward(
             Ok(response) => {
                 permit.record(resilience.outcome_of(response.status(), response.headers()))
             }
-            Err(failure)
-                if matches!(
-                    failure.problem.kind,
-                    ProblemKind::Unavailable | ProblemKind::BodyTooLarge | ProblemKind::BadRequest
-                ) =>
-            {
+            // Refused by the breakers, or the client's failure.
+            Err(failure) if !failure.problem.kind.is_upstream_side() => {
                 permit.record(Outcome::Ignore)
             }
             Err(_) => permit.failure(),
         }
     }
     outcome
+}
+
+/// The `keel_upstream_failures_total` cause of an attempt that counted
+/// against the upstream.
+fn failure_cause(result: &Result<Response<ProxyBody>, UpstreamFailure>) -> &'static str {
+    match result {
+        Ok(_) => "status",
+        Err(failure) => match failure.problem.kind {
+            ProblemKind::UpstreamUnreachable => "connect",
+            // A connect timeout: the request was never sent.
+            ProblemKind::UpstreamTimeout if !failure.sent => "connect",
+            ProblemKind::UpstreamTimeout => "timeout",
+            _ => "bad_response",
+        },
+    }
 }
 
 #[cfg(test)]
@@ -301,8 +336,14 @@ mod tests {
         let again = kept.rebuild();
         assert_eq!(again.method(), Method::PUT);
         assert_eq!(again.headers()["x-a"], "1");
-        assert_eq!(collect(again.into_body()).await.expect("body"), "hello");
-        assert_eq!(collect(request.into_body()).await.expect("body"), "hello");
+        assert_eq!(
+            collect(again.into_body(), None).await.expect("body"),
+            "hello"
+        );
+        assert_eq!(
+            collect(request.into_body(), None).await.expect("body"),
+            "hello"
+        );
 
         let big = Request::put("/x")
             .body(ProxyBody::full(vec![0u8; 17]))

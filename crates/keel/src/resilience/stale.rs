@@ -147,6 +147,9 @@ impl StaleCache {
                 }
                 None => Ok(response),
             },
+            // The client's own failure (a broken or slow body) is its to
+            // see: stale content answers only for the upstream.
+            Err(failure) if failure.problem.kind.is_request_side() => Err(failure),
             Err(failure) => self.lookup(&key).map(Ok).unwrap_or(Err(failure)),
         }
     }
