@@ -13,7 +13,7 @@ use http_body::Body;
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
@@ -46,6 +46,20 @@ pub struct AdminState {
     pub supervision: crate::supervision::ProbeSlot,
     /// Idempotency keys (`/idempotency/keys`), when a route is idempotent.
     pub keys: Option<crate::idempotency::KeyAdmin>,
+    /// Connection limits of the admin listener.
+    pub limits: AdminLimits,
+}
+
+/// Connection limits of the admin listener (`[server]`).
+#[derive(Debug, Clone, Copy)]
+pub struct AdminLimits {
+    /// A request head must be read within this, counted from the accept
+    /// or from the end of the previous response (so it also bounds the
+    /// wait between requests on a kept-alive connection).
+    pub header_read_timeout: std::time::Duration,
+    /// Connections served at once; further ones wait in the listen
+    /// backlog until one ends.
+    pub max_connections: usize,
 }
 
 /// Serves the admin API until `shutdown` turns true.
@@ -54,7 +68,22 @@ pub async fn run(
     state: Arc<AdminState>,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    let limits = state.limits;
+    let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections.max(1)));
+    let mut builder = http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout);
     loop {
+        // A free slot first: at the cap, new connections wait in the
+        // backlog instead of each holding a task and buffers.
+        let slot = tokio::select! {
+            slot = slots.clone().acquire_owned() => match slot {
+                Ok(slot) => slot,
+                Err(_) => return,
+            },
+            _ = crate::listener::stopped(&mut shutdown) => return,
+        };
         let (stream, _) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(accepted) => accepted,
@@ -67,7 +96,9 @@ pub async fn run(
             _ = crate::listener::stopped(&mut shutdown) => return,
         };
         let state = state.clone();
+        let builder = builder.clone();
         tokio::spawn(async move {
+            let _slot = slot;
             let service = service_fn(move |request: Request<Incoming>| {
                 let state = state.clone();
                 async move {
@@ -77,7 +108,7 @@ pub async fn run(
                     Ok::<_, Infallible>(answer(&state, &request))
                 }
             });
-            let _ = http1::Builder::new()
+            let _ = builder
                 .serve_connection(TokioIo::new(stream), service)
                 .await;
         });

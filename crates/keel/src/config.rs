@@ -47,9 +47,30 @@ pub struct ServerConfig {
     /// Admin address; no admin server when absent.
     #[serde(default)]
     pub admin_listen: Option<Spanned<String>>,
-    /// How long a downstream connection may wait for the next request head.
+    /// How long a downstream connection may sit with no request: HTTP/1
+    /// between requests (until the first byte of the next one), HTTP/2 with
+    /// no open stream (then GOAWAY).
     #[serde(default = "defaults::server_idle_timeout")]
-    pub idle_timeout: ConfigDuration,
+    pub idle_timeout: Spanned<ConfigDuration>,
+    /// How long a request head may take from its first byte to its end
+    /// (HTTP/1; on a new connection, from the accept), and a new connection
+    /// its protocol sniff and HTTP/2 preface. Also the admin listener's
+    /// limit for a request head and for the wait between requests.
+    #[serde(default = "defaults::header_read_timeout")]
+    pub header_read_timeout: Spanned<ConfigDuration>,
+    /// HTTP/2: a PING is sent after this long without a frame from the
+    /// client, so that a dead peer is found.
+    #[serde(default = "defaults::http2_keep_alive_interval")]
+    pub http2_keep_alive_interval: Spanned<ConfigDuration>,
+    /// HTTP/2: how long a PING may go unanswered before the connection is
+    /// closed; also how long a connection with no stream left may take to
+    /// answer a GOAWAY before it is cut.
+    #[serde(default = "defaults::http2_keep_alive_timeout")]
+    pub http2_keep_alive_timeout: Spanned<ConfigDuration>,
+    /// Admin connections served at once; further ones wait in the
+    /// listen backlog.
+    #[serde(default = "defaults::admin_max_connections")]
+    pub admin_max_connections: Spanned<usize>,
     /// Largest request head (request line plus headers) accepted; 431 above.
     #[serde(default = "defaults::max_header_size")]
     pub max_header_size: ConfigSize,
@@ -420,8 +441,20 @@ impl Default for LogConfig {
 mod defaults {
     use super::*;
 
-    pub fn server_idle_timeout() -> ConfigDuration {
-        ConfigDuration(Duration::from_secs(60))
+    pub fn server_idle_timeout() -> Spanned<ConfigDuration> {
+        Spanned::new(0..0, ConfigDuration(Duration::from_secs(60)))
+    }
+    pub fn header_read_timeout() -> Spanned<ConfigDuration> {
+        Spanned::new(0..0, ConfigDuration(Duration::from_secs(10)))
+    }
+    pub fn http2_keep_alive_interval() -> Spanned<ConfigDuration> {
+        Spanned::new(0..0, ConfigDuration(Duration::from_secs(30)))
+    }
+    pub fn http2_keep_alive_timeout() -> Spanned<ConfigDuration> {
+        Spanned::new(0..0, ConfigDuration(Duration::from_secs(15)))
+    }
+    pub fn admin_max_connections() -> Spanned<usize> {
+        Spanned::new(0..0, 64)
     }
     pub fn max_header_size() -> ConfigSize {
         ConfigSize(16 * 1024)
@@ -654,6 +687,30 @@ fn validate(config: &Config, c: &mut Checker<'_>) {
     }
     if config.server.max_header_size.0 < 1024 {
         c.error(0..0, "server.max_header_size must be at least 1KiB");
+    }
+    let server = &config.server;
+    let timeouts = [
+        ("idle_timeout", &server.idle_timeout),
+        ("header_read_timeout", &server.header_read_timeout),
+        (
+            "http2_keep_alive_interval",
+            &server.http2_keep_alive_interval,
+        ),
+        ("http2_keep_alive_timeout", &server.http2_keep_alive_timeout),
+    ];
+    for (key, timeout) in timeouts {
+        if timeout.get_ref().0.is_zero() {
+            c.error(
+                timeout.span(),
+                format!("server.{key} must be above zero (a zero timeout would close every connection at once)"),
+            );
+        }
+    }
+    if *server.admin_max_connections.get_ref() == 0 {
+        c.error(
+            server.admin_max_connections.span(),
+            "server.admin_max_connections must be at least 1",
+        );
     }
 
     let store = &config.store;
@@ -1017,6 +1074,66 @@ deadline = "30s"
             errors(&text)
         );
         assert!(errors("[server\n").len() == 1);
+    }
+
+    #[test]
+    fn server_timeouts_have_defaults_and_must_be_above_zero() {
+        let config = parse(Path::new("k.toml"), GOOD).expect("valid");
+        let server = &config.server;
+        assert_eq!(server.idle_timeout.get_ref().0, Duration::from_secs(60));
+        assert_eq!(
+            server.header_read_timeout.get_ref().0,
+            Duration::from_secs(10)
+        );
+        assert_eq!(
+            server.http2_keep_alive_interval.get_ref().0,
+            Duration::from_secs(30)
+        );
+        assert_eq!(
+            server.http2_keep_alive_timeout.get_ref().0,
+            Duration::from_secs(15)
+        );
+        assert_eq!(*server.admin_max_connections.get_ref(), 64);
+
+        let text = GOOD.replace(
+            "admin_listen = \"127.0.0.1:9901\"",
+            "admin_listen = \"127.0.0.1:9901\"\nheader_read_timeout = \"2s\"\nhttp2_keep_alive_interval = \"5s\"\nhttp2_keep_alive_timeout = \"3s\"\nadmin_max_connections = 8",
+        );
+        let config = parse(Path::new("k.toml"), &text).expect("valid");
+        assert_eq!(
+            config.server.header_read_timeout.get_ref().0,
+            Duration::from_secs(2)
+        );
+        assert_eq!(*config.server.admin_max_connections.get_ref(), 8);
+
+        for key in [
+            "idle_timeout",
+            "header_read_timeout",
+            "http2_keep_alive_interval",
+            "http2_keep_alive_timeout",
+        ] {
+            let text = GOOD.replace(
+                "admin_listen = \"127.0.0.1:9901\"",
+                &format!("admin_listen = \"127.0.0.1:9901\"\n{key} = \"0s\""),
+            );
+            let errs = errors(&text);
+            assert_eq!(errs.len(), 1, "{errs:?}");
+            let at = format!(
+                "k.toml:5:{}: server.{key} must be above zero",
+                key.len() + 4
+            );
+            assert!(errs[0].starts_with(&at), "{errs:?}");
+        }
+        let text = GOOD.replace(
+            "admin_listen = \"127.0.0.1:9901\"",
+            "admin_listen = \"127.0.0.1:9901\"\nadmin_max_connections = 0",
+        );
+        let errs = errors(&text);
+        assert_eq!(errs.len(), 1, "{errs:?}");
+        assert!(
+            errs[0].starts_with("k.toml:5:25: server.admin_max_connections must be at least 1"),
+            "{errs:?}"
+        );
     }
 
     #[test]

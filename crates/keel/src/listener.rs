@@ -2,36 +2,88 @@
 //! HTTP/1.1 (keep-alive, upgrades) or HTTP/2 with prior knowledge.
 //!
 //! The protocol is sniffed with `peek` instead of hyper-util's auto builder
-//! so the connection stays a plain `TokioIo<TcpStream>`: after an upgrade
-//! the tunnel gets the raw socket back and can wait on it without buffers.
+//! so the connection stays a plain socket: after an upgrade the tunnel gets
+//! the raw `TcpStream` back ([`ServerStream::into_tcp`]) and can wait on it
+//! without buffers.
+//!
+//! Every phase of a connection has a deadline, kept by one watchdog per
+//! connection ([`Activity`]):
+//!
+//! - a new connection: its first request head (HTTP/1) or the HTTP/2
+//!   preface within `header_read_timeout` of the accept;
+//! - HTTP/1 between requests: the first byte of the next request within
+//!   `idle_timeout`, then the rest of its head within `header_read_timeout`;
+//! - HTTP/2 with no open stream for `idle_timeout`: GOAWAY, and the
+//!   connection is cut if the client has not closed it, with no stream
+//!   left, `http2_keep_alive_timeout` later (the same grace applies to the
+//!   GOAWAY of a drain);
+//! - HTTP/2 at any time: a PING after `http2_keep_alive_interval` without a
+//!   frame from the client, and the connection closed if it is not answered
+//!   within `http2_keep_alive_timeout` (hyper's keep-alive), so a dead peer
+//!   is found even while streams are open.
+//!
+//! A request in progress has no deadline here (the upstream's timeouts bound
+//! it).
 //!
 //! A listener is a value with a `run` future that ends on shutdown, so the
 //! supervision tree can own it as a child and restart it.
 
 use std::convert::Infallible;
+use std::future::Future;
+use std::io;
 use std::net::SocketAddr;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
 use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use keel_drain::{ConnKind, Registration};
+use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::watch;
+use tokio::sync::{Notify, watch};
+use tokio::time::Instant;
 
+use crate::body::{BoxError, ProxyBody};
 use crate::proxy::{Downstream, Gateway};
 
 const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
-/// Downstream connection settings.
+/// Downstream connection settings (`[server]`).
 #[derive(Debug, Clone)]
 pub struct ConnectionSettings {
-    /// How long a connection may wait for a request head.
+    /// How long a connection may sit with no request: HTTP/1 until the
+    /// first byte of the next request, HTTP/2 with no open stream.
     pub idle_timeout: Duration,
+    /// How long a request head may take from its first byte (from the
+    /// accept on a new connection, which also covers the protocol sniff
+    /// and the HTTP/2 preface).
+    pub header_read_timeout: Duration,
+    /// HTTP/2: a PING after this long without a frame from the client.
+    pub http2_keep_alive_interval: Duration,
+    /// HTTP/2: how long a PING may go unanswered; also the grace after a
+    /// GOAWAY for a connection with no stream left.
+    pub http2_keep_alive_timeout: Duration,
     /// Request-head limit, which hyper enforces as a backstop at twice this.
     pub max_header_size: usize,
+}
+
+impl Default for ConnectionSettings {
+    /// The `[server]` defaults.
+    fn default() -> Self {
+        ConnectionSettings {
+            idle_timeout: Duration::from_secs(60),
+            header_read_timeout: Duration::from_secs(10),
+            http2_keep_alive_interval: Duration::from_secs(30),
+            http2_keep_alive_timeout: Duration::from_secs(15),
+            max_header_size: 16 * 1024,
+        }
+    }
 }
 
 /// Counts open downstream connections (including tunnels until upgrade),
@@ -82,7 +134,7 @@ pub struct DataPlane {
     gateway: &'static Gateway,
     http1: http1::Builder,
     http2: http2::Builder<TokioExecutor>,
-    idle_timeout: Duration,
+    settings: ConnectionSettings,
     connections: ConnectionCount,
 }
 
@@ -95,19 +147,24 @@ impl DataPlane {
     ) -> std::io::Result<Self> {
         let listener = TcpListener::bind(addr).await?;
         let mut h1 = http1::Builder::new();
-        h1.timer(TokioTimer::new())
-            .keep_alive(true)
-            .header_read_timeout(settings.idle_timeout)
+        // The head and idle deadlines are the connection's watchdog's
+        // (`Activity`), which tells the wait for a request from the head
+        // itself; hyper's own header timer (30 s by default once a timer is
+        // set) is turned off.
+        h1.keep_alive(true)
+            .header_read_timeout(None)
             .max_buf_size((settings.max_header_size * 2).max(8192));
         let mut h2 = http2::Builder::new(TokioExecutor::new());
         h2.timer(TokioTimer::new())
+            .keep_alive_interval(settings.http2_keep_alive_interval)
+            .keep_alive_timeout(settings.http2_keep_alive_timeout)
             .max_header_list_size(u32::try_from(settings.max_header_size * 2).unwrap_or(u32::MAX));
         Ok(DataPlane {
             listener: Some(listener),
             gateway,
             http1: h1,
             http2: h2,
-            idle_timeout: settings.idle_timeout,
+            settings: settings.clone(),
             connections: ConnectionCount::default(),
         })
     }
@@ -173,20 +230,42 @@ impl DataPlane {
         peer: SocketAddr,
         mut shutdown: watch::Receiver<bool>,
     ) {
+        let accepted = Instant::now();
         let _ = stream.set_nodelay(true);
-        let is_h2 = match tokio::time::timeout(self.idle_timeout, sniff_h2(&stream)).await {
+        let settings = &self.settings;
+        let sniffed =
+            tokio::time::timeout_at(accepted + settings.header_read_timeout, sniff_h2(&stream))
+                .await;
+        let is_h2 = match sniffed {
             Ok(Some(is_h2)) => is_h2,
-            _ => return,
+            Ok(None) => return,
+            Err(_) => {
+                tracing::debug!(%peer, "no request head or HTTP/2 preface in time; closing");
+                return;
+            }
         };
+        let activity = Arc::new(if is_h2 {
+            Activity::new(Phase::Idle(Instant::now()), false, settings)
+        } else {
+            // The first head's deadline counts from the accept.
+            Activity::new(Phase::Head(accepted), true, settings)
+        });
         let gateway = self.gateway;
         let downstream = Downstream {
             peer,
             proto: "http",
         };
-        let service = service_fn(move |request| async move {
-            Ok::<_, Infallible>(gateway.handle(request, downstream).await)
+        let tracker = activity.clone();
+        let service = service_fn(move |request| {
+            let in_flight = tracker.request_started();
+            async move {
+                let response = gateway.handle(request, downstream).await;
+                Ok::<_, Infallible>(response.map(|body| Tracked {
+                    body,
+                    in_flight: Some(in_flight),
+                }))
+            }
         });
-        let io = TokioIo::new(stream);
         // Registered for draining: a gentle close is the same graceful
         // shutdown as the stop signal (`Connection: close` on the next
         // response and idle connections closed; GOAWAY on HTTP/2), a forced
@@ -197,33 +276,125 @@ impl DataPlane {
             ConnKind::Http1
         };
         let mut drain = crate::drain::registry().register(kind, None);
+        let mut control = Control {
+            activity: &activity,
+            shutdown: &mut shutdown,
+            drain: &mut drain,
+            goaway_grace: is_h2.then_some(settings.http2_keep_alive_timeout),
+        };
         if is_h2 {
-            let connection = self.http2.serve_connection(io, service);
+            let connection = self.http2.serve_connection(TokioIo::new(stream), service);
             tokio::pin!(connection);
-            tokio::select! {
-                result = connection.as_mut() => log_end(result),
-                _ = asked_to_close(&mut shutdown, &mut drain) => {
-                    connection.as_mut().graceful_shutdown();
-                    tokio::select! {
-                        result = connection.as_mut() => log_end(result),
-                        () = forced(&mut drain) => tracing::debug!("connection cut at the drain deadline"),
-                    }
-                }
-            }
+            control
+                .drive(connection, |c| c.graceful_shutdown(), peer)
+                .await;
         } else {
+            let io = TokioIo::new(ServerStream {
+                stream,
+                activity: Some(activity.clone()),
+            });
             let connection = self.http1.serve_connection(io, service).with_upgrades();
             tokio::pin!(connection);
-            tokio::select! {
-                result = connection.as_mut() => log_end(result),
-                _ = asked_to_close(&mut shutdown, &mut drain) => {
-                    connection.as_mut().graceful_shutdown();
-                    tokio::select! {
-                        result = connection.as_mut() => log_end(result),
-                        () = forced(&mut drain) => tracing::debug!("connection cut at the drain deadline"),
+            control
+                .drive(connection, |c| c.graceful_shutdown(), peer)
+                .await;
+        }
+    }
+}
+
+/// What a connection answers to besides its own I/O: the listener's stop,
+/// the drain registry, and its watchdog.
+struct Control<'a> {
+    activity: &'a Activity,
+    shutdown: &'a mut watch::Receiver<bool>,
+    drain: &'a mut Registration,
+    /// HTTP/2: how long a connection with no stream may take to close
+    /// after a GOAWAY before it is cut. `None` for HTTP/1.
+    goaway_grace: Option<Duration>,
+}
+
+/// Why the watchdog fired.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Expiry {
+    /// A request head (or the preface) took too long.
+    Head,
+    /// No request for the idle limit.
+    Idle,
+}
+
+impl Control<'_> {
+    /// Serves `connection` until it ends, the drain's deadline cuts it, or
+    /// its watchdog fires: HTTP/1 is then closed; HTTP/2 gets GOAWAY first
+    /// and is cut only if it is still open, with no stream, after the grace.
+    async fn drive<C>(
+        &mut self,
+        mut connection: Pin<&mut C>,
+        graceful_shutdown: impl Fn(Pin<&mut C>),
+        peer: SocketAddr,
+    ) where
+        C: Future<Output = Result<(), hyper::Error>>,
+    {
+        let mut closing = false;
+        loop {
+            let event = tokio::select! {
+                result = connection.as_mut() => {
+                    log_end(result);
+                    return;
+                }
+                forced = drain_step(self.shutdown, self.drain, closing) => {
+                    if forced {
+                        tracing::debug!("connection cut at the drain deadline");
+                        return;
                     }
+                    None
+                }
+                expiry = self.activity.expired() => Some(expiry),
+            };
+            match (event, self.goaway_grace) {
+                // Asked to close (listener stop or drain).
+                (None, grace) => {
+                    closing = true;
+                    graceful_shutdown(connection.as_mut());
+                    if let Some(grace) = grace {
+                        self.activity.going_away(grace);
+                    }
+                }
+                (Some(Expiry::Head), _) => {
+                    tracing::debug!(%peer, "request head not read in time; closing");
+                    return;
+                }
+                (Some(Expiry::Idle), None) => {
+                    tracing::debug!(%peer, "idle connection closed");
+                    return;
+                }
+                (Some(Expiry::Idle), Some(_)) if self.activity.is_going_away() => {
+                    tracing::debug!(%peer, "no answer to GOAWAY; connection cut");
+                    return;
+                }
+                (Some(Expiry::Idle), Some(grace)) => {
+                    tracing::debug!(%peer, "idle HTTP/2 connection: GOAWAY");
+                    graceful_shutdown(connection.as_mut());
+                    self.activity.going_away(grace);
                 }
             }
         }
+    }
+}
+
+/// Until the connection is closing: resolves (false) once the listener
+/// stops or the drain asks it to close. Then: resolves (true) once the
+/// drain forces it closed.
+async fn drain_step(
+    shutdown: &mut watch::Receiver<bool>,
+    drain: &mut Registration,
+    closing: bool,
+) -> bool {
+    if closing {
+        forced(drain).await;
+        true
+    } else {
+        asked_to_close(shutdown, drain).await;
+        false
     }
 }
 
@@ -254,25 +425,300 @@ fn log_end(result: Result<(), hyper::Error>) {
     }
 }
 
+/// Where a connection is between requests.
+#[derive(Debug, Clone, Copy)]
+enum Phase {
+    /// Reading a request head (HTTP/1) or the preface, since then.
+    Head(Instant),
+    /// No request in progress since then.
+    Idle(Instant),
+    /// At least one request in progress: no deadline.
+    Busy,
+}
+
+#[derive(Debug)]
+struct ActivityState {
+    phase: Phase,
+    in_flight: usize,
+    /// The idle limit: `idle_timeout`, or the GOAWAY grace once going away.
+    idle_limit: Duration,
+    going_away: bool,
+}
+
+/// One connection's watchdog: which phase it is in and since when, from
+/// the requests (started in the service, ended when the response body is
+/// done) and, on HTTP/1, from the socket's reads (the first byte after an
+/// idle spell starts a head).
+#[derive(Debug)]
+struct Activity {
+    state: Mutex<ActivityState>,
+    /// HTTP/1 only: true while idle, so that a read starts a head; a
+    /// read otherwise costs one atomic load.
+    awaiting_head: AtomicBool,
+    /// HTTP/1: reads start heads.
+    tracks_heads: bool,
+    header_read_timeout: Duration,
+    changed: Notify,
+}
+
+impl Activity {
+    fn new(phase: Phase, tracks_heads: bool, settings: &ConnectionSettings) -> Activity {
+        Activity {
+            state: Mutex::new(ActivityState {
+                phase,
+                in_flight: 0,
+                idle_limit: settings.idle_timeout,
+                going_away: false,
+            }),
+            awaiting_head: AtomicBool::new(false),
+            tracks_heads,
+            header_read_timeout: settings.header_read_timeout,
+            changed: Notify::new(),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, ActivityState> {
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// A request head has been read: no deadline until its response is done.
+    fn request_started(self: &Arc<Self>) -> InFlight {
+        let mut state = self.lock();
+        state.in_flight += 1;
+        state.phase = Phase::Busy;
+        self.awaiting_head.store(false, Ordering::Relaxed);
+        drop(state);
+        InFlight(self.clone())
+    }
+
+    fn request_done(&self) {
+        let mut state = self.lock();
+        state.in_flight = state.in_flight.saturating_sub(1);
+        if state.in_flight == 0 {
+            state.phase = Phase::Idle(Instant::now());
+            if self.tracks_heads {
+                self.awaiting_head.store(true, Ordering::Relaxed);
+            }
+            drop(state);
+            self.changed.notify_one();
+        }
+    }
+
+    /// HTTP/1: bytes arrived; after an idle spell, they start a head.
+    fn bytes_read(&self) {
+        if self.awaiting_head.load(Ordering::Relaxed)
+            && self.awaiting_head.swap(false, Ordering::Relaxed)
+        {
+            let mut state = self.lock();
+            if let Phase::Idle(_) = state.phase {
+                state.phase = Phase::Head(Instant::now());
+                drop(state);
+                self.changed.notify_one();
+            }
+        }
+    }
+
+    /// A GOAWAY has been sent: with no stream, the connection has `grace`
+    /// to close before it is cut.
+    fn going_away(&self, grace: Duration) {
+        let mut state = self.lock();
+        if state.going_away {
+            return;
+        }
+        state.going_away = true;
+        state.idle_limit = grace;
+        if let Phase::Idle(_) = state.phase {
+            state.phase = Phase::Idle(Instant::now());
+        }
+        drop(state);
+        self.changed.notify_one();
+    }
+
+    fn is_going_away(&self) -> bool {
+        self.lock().going_away
+    }
+
+    fn deadline(&self) -> Option<(Instant, Expiry)> {
+        let state = self.lock();
+        match state.phase {
+            Phase::Head(since) => Some((since + self.header_read_timeout, Expiry::Head)),
+            Phase::Idle(since) => Some((since + state.idle_limit, Expiry::Idle)),
+            Phase::Busy => None,
+        }
+    }
+
+    /// Resolves when the current phase has outlived its deadline.
+    async fn expired(&self) -> Expiry {
+        loop {
+            let changed = self.changed.notified();
+            tokio::pin!(changed);
+            // Registered before the state is read, so no change is missed.
+            changed.as_mut().enable();
+            match self.deadline() {
+                None => changed.await,
+                Some((at, expiry)) => {
+                    if Instant::now() >= at {
+                        return expiry;
+                    }
+                    tokio::select! {
+                        () = tokio::time::sleep_until(at) => {}
+                        () = changed => {}
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A request in progress; dropped when its response body is done (or
+/// dropped).
+struct InFlight(Arc<Activity>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.request_done();
+    }
+}
+
+/// The response body, which ends its request's [`InFlight`] when done.
+struct Tracked {
+    body: ProxyBody,
+    in_flight: Option<InFlight>,
+}
+
+impl Body for Tracked {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let polled = Pin::new(&mut self.body).poll_frame(cx);
+        if let Poll::Ready(None) = polled {
+            self.in_flight = None;
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
+
+/// The downstream socket of an HTTP/1 connection: the `TcpStream`, whose
+/// reads tell the connection's watchdog when a request head starts.
+pub struct ServerStream {
+    stream: TcpStream,
+    activity: Option<Arc<Activity>>,
+}
+
+/// What an upgraded downstream connection is (`Upgraded::downcast`).
+pub type ServerIo = TokioIo<ServerStream>;
+
+impl ServerStream {
+    /// The socket, for a tunnel after an upgrade.
+    pub fn into_tcp(self) -> TcpStream {
+        self.stream
+    }
+}
+
+impl AsyncRead for ServerStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut this.stream).poll_read(cx, buf);
+        if buf.filled().len() > before
+            && let Some(activity) = &this.activity
+        {
+            activity.bytes_read();
+        }
+        polled
+    }
+}
+
+impl AsyncWrite for ServerStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().stream).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_shutdown(cx)
+    }
+}
+
 /// Looks at the first bytes without consuming them: `Some(true)` for the
 /// HTTP/2 preface, `Some(false)` for anything else, `None` if the client
-/// closed first.
+/// closed (or half-closed) first. Bounded by the caller's deadline.
+///
+/// It does not spin on a partial preface: `peek` leaves the socket
+/// readable, so a peek that shows nothing new clears the readiness (inside
+/// `try_io`, which keeps any newer event) and the loop waits for the next
+/// segment.
 async fn sniff_h2(stream: &TcpStream) -> Option<bool> {
-    let mut buf = [0u8; 24];
+    let mut seen = 0;
     loop {
-        let n = stream.peek(&mut buf).await.ok()?;
-        if n == 0 {
-            return None;
+        let ready = stream.ready(Interest::READABLE).await.ok()?;
+        let mut buf = [0u8; H2_PREFACE.len()];
+        let peeked = stream.try_io(Interest::READABLE, || {
+            let mut read_buf = ReadBuf::new(&mut buf);
+            let mut cx = Context::from_waker(Waker::noop());
+            match stream.poll_peek(&mut cx, &mut read_buf) {
+                Poll::Ready(Ok(n)) if n == 0 || n > seen => Ok(n),
+                Poll::Ready(Ok(_)) | Poll::Pending => Err(io::ErrorKind::WouldBlock.into()),
+                Poll::Ready(Err(error)) => Err(error),
+            }
+        });
+        match peeked {
+            Ok(0) => return None,
+            Ok(n) => {
+                seen = n;
+                if buf[..n] != H2_PREFACE[..n] {
+                    return Some(false);
+                }
+                if n == H2_PREFACE.len() {
+                    return Some(true);
+                }
+            }
+            // Nothing new: wait for the next segment, unless the client has
+            // half-closed (its readiness is never cleared, and the preface
+            // can no longer be completed).
+            Err(error) if error.kind() == io::ErrorKind::WouldBlock => {
+                if ready.is_read_closed() {
+                    return None;
+                }
+            }
+            Err(_) => return None,
         }
-        if buf[..n] != H2_PREFACE[..n] {
-            return Some(false);
-        }
-        if n == H2_PREFACE.len() {
-            return Some(true);
-        }
-        // A prefix of the preface: the rest is on its way. peek would return
-        // the same bytes at once, so wait a moment (bounded by the caller's
-        // idle timeout).
-        tokio::time::sleep(Duration::from_millis(2)).await;
     }
 }

@@ -763,6 +763,7 @@ mod tests {
         let settings = ConnectionSettings {
             idle_timeout: std::time::Duration::from_secs(5),
             max_header_size: 16 * 1024,
+            ..ConnectionSettings::default()
         };
         let plane = DataPlane::bind(config.listen_addr(), gateway, &settings)
             .await

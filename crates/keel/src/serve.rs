@@ -191,9 +191,13 @@ pub async fn start(config: &Config) -> Result<Running, ServeError> {
         Box::leak(Box::new(build_gateway(config, &metrics, &idempotent)));
     let (shutdown, shutdown_rx) = watch::channel(false);
 
+    let server = &config.server;
     let settings = ConnectionSettings {
-        idle_timeout: config.server.idle_timeout.0,
-        max_header_size: usize::try_from(config.server.max_header_size.0).unwrap_or(usize::MAX),
+        idle_timeout: server.idle_timeout.get_ref().0,
+        header_read_timeout: server.header_read_timeout.get_ref().0,
+        http2_keep_alive_interval: server.http2_keep_alive_interval.get_ref().0,
+        http2_keep_alive_timeout: server.http2_keep_alive_timeout.get_ref().0,
+        max_header_size: usize::try_from(server.max_header_size.0).unwrap_or(usize::MAX),
     };
     let addr = config.listen_addr();
     let data_plane = DataPlane::bind(addr, gateway, &settings)
@@ -235,6 +239,10 @@ pub async fn start(config: &Config) -> Result<Running, ServeError> {
             keys: filters
                 .as_ref()
                 .map(|f| f.key_admin(&config.routes, timeout_of)),
+            limits: crate::admin::AdminLimits {
+                header_read_timeout: server.header_read_timeout.get_ref().0,
+                max_connections: *server.admin_max_connections.get_ref(),
+            },
         });
         admin_child = Some((listener, state));
     }

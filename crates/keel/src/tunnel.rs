@@ -57,8 +57,8 @@ pub async fn splice(downstream: OnUpgrade, upstream: OnUpgrade, websocket: bool)
             return;
         }
     };
-    let down = match down.downcast::<TokioIo<TcpStream>>() {
-        Ok(parts) => (parts.io.into_inner(), parts.read_buf),
+    let down = match down.downcast::<crate::listener::ServerIo>() {
+        Ok(parts) => (parts.io.into_inner().into_tcp(), parts.read_buf),
         Err(other) => {
             tracing::debug!("downstream upgrade is not a plain TCP stream; buffered copy");
             return fallback(other, up).await;
