@@ -28,34 +28,15 @@ cleanup() {
 }
 trap cleanup EXIT
 
-log() { printf '==> %s\n' "$*" >&2; }
+. benches/proxy/lib.sh
 
-if ! command -v wrk >/dev/null; then
-    log "installing wrk"
-    apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk >/dev/null
-fi
+ensure_wrk
 log "building keel and the backend (release)"
 # Built separately: an example build enables dev-dependency features
 # (tokio test-util) that must not reach the measured gateway binary.
 [ -n "${SKIP_BUILD:-}" ] || cargo build --release -q -p keel --bin keel
 [ -n "${SKIP_BUILD:-}" ] || cargo build --release -q -p keel --example bench_backend
 BIN=target/release
-
-wait_port() { # wait_port HOST:PORT
-    for _ in $(seq 1 200); do
-        if (exec 3<>"/dev/tcp/${1%:*}/${1#*:}") 2>/dev/null; then return 0; fi
-        sleep 0.05
-    done
-    echo "error: $1 did not come up" >&2; exit 1
-}
-wait_ready() { # until /readyz answers 200 (the store is connected)
-    for _ in $(seq 1 200); do
-        if curl -sf "http://$KEEL_ADMIN/readyz" >/dev/null; then return 0; fi
-        sleep 0.05
-    done
-    echo "error: keel did not become ready" >&2; exit 1
-}
 
 taskset -c 1 "$BIN/examples/bench_backend" "$BACKEND" >/dev/null &
 PIDS+=($!)
@@ -64,22 +45,9 @@ wait_port "$BACKEND"
 # The same POST through the same Lua request() hook (wrk builds each
 # request in Lua, which costs wrk time too, so both runs pay it), with a
 # fresh Idempotency-Key each: the "off" route ignores the header.
-cat > "$WORK/keyed.lua" <<'LUA'
-wrk.method = "POST"
-wrk.body = '{"amount":100,"currency":"EUR"}'
-wrk.headers["Content-Type"] = "application/json"
-math.randomseed(os.time())
-local run = tostring(os.time()) .. "-" .. tostring(math.random(1, 1000000000))
-local n = 0
-request = function()
-  n = n + 1
-  wrk.headers["Idempotency-Key"] = run .. "-" .. n
-  return wrk.format()
-end
-LUA
+write_keyed_lua "$WORK/keyed.lua"
 
 TCK=$(getconf CLK_TCK)
-cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 
 # rps NAME URL LUA PID -> "req/s cpu_us_per_request" (keel's user+sys
 # CPU from /proc divided by requests served: robust to a busy machine)
@@ -135,7 +103,7 @@ TOML
     local pid=$!
     PIDS+=("$pid")
     wait_port "$KEEL"
-    wait_ready
+    wait_ready "$KEEL_ADMIN"
     local off on off_cpu on_cpu
     read -r off off_cpu <<<"$(rps "$name-off" "http://$KEEL/off" "$WORK/keyed.lua" "$pid")"
     read -r on on_cpu <<<"$(rps "$name-on" "http://$KEEL/on" "$WORK/keyed.lua" "$pid")"
