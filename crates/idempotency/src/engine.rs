@@ -1470,13 +1470,21 @@ impl GuardState {
         let every = (self.inner.policy.lease / 3).max(Duration::from_millis(1));
         let lease = self.lease();
         let mut work = std::pin::pin!(work);
-        let mut tick = std::pin::pin!(tokio::time::sleep(every));
+        // The timer is made only once the work has to wait: work that is
+        // ready at once (a response body already buffered) costs no timer.
+        let mut tick = std::pin::pin!(None::<tokio::time::Sleep>);
         let mut renewal: Option<crate::store::BoxFuture<'_, Result<(), StoreError>>> = None;
         let mut lost = false;
         std::future::poll_fn(|cx| {
             if let Poll::Ready(out) = work.as_mut().poll(cx) {
                 return Poll::Ready(out);
             }
+            if tick.is_none() {
+                tick.set(Some(tokio::time::sleep(every)));
+            }
+            let Some(mut sleep) = tick.as_mut().as_pin_mut() else {
+                return Poll::Pending;
+            };
             loop {
                 if let Some(r) = renewal.as_mut() {
                     let Poll::Ready(result) = r.as_mut().poll(cx) else {
@@ -1495,12 +1503,12 @@ impl GuardState {
                             every
                         }
                     };
-                    tick.as_mut().reset(tokio::time::Instant::now() + next);
+                    sleep.as_mut().reset(tokio::time::Instant::now() + next);
                 }
                 if lost {
                     return Poll::Pending;
                 }
-                match tick.as_mut().poll(cx) {
+                match sleep.as_mut().poll(cx) {
                     Poll::Ready(()) => {
                         renewal = Some(self.inner.store.renew(&self.key, self.token, lease));
                     }

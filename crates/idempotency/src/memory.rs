@@ -572,10 +572,9 @@ impl MemoryStore {
         let now = Instant::now();
         let mut guard = self.shard(key);
         let shard = &mut *guard;
-        if !shard.map.get(key).is_some_and(|e| e.held_by(token, now)) {
-            return Err(StoreError::Fenced);
-        }
-        // The claim's own slot is reused: only the payload needs room.
+        // The claim's own slot is reused: only the payload needs room. Room
+        // is checked before the one lookup of the key (a purge may drop
+        // it, and then the caller is fenced, as it should be).
         let extra = payload.len();
         if extra > SMALL_RECORD {
             if !self.tenants.has_room(key, extra) {
@@ -594,14 +593,15 @@ impl MemoryStore {
                 }
             }
         }
+        let Some(e) = shard.map.get_mut(key).filter(|e| e.held_by(token, now)) else {
+            return Err(StoreError::Fenced);
+        };
+        e.expires = now + ttl;
+        e.state = State::Completed {
+            payload: payload.into(),
+        };
         shard.bytes += extra;
         self.tenants.charge(key, extra);
-        if let Some(e) = shard.map.get_mut(key) {
-            e.expires = now + ttl;
-            e.state = State::Completed {
-                payload: payload.into(),
-            };
-        }
         Ok(())
     }
 

@@ -65,10 +65,19 @@ pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 /// assert!(StoreKey::new("").is_none());
 /// assert!(StoreKey::new("tab\tinside").is_none());
 /// ```
-#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub struct StoreKey {
     key: String,
     tenant: u64,
+}
+
+/// Hashes the key string alone: the engine's keys already digest the
+/// tenant, so hashing the tenant again would only cost every map lookup
+/// (keys equal as a whole have equal strings, so `Hash` agrees with `Eq`).
+impl std::hash::Hash for StoreKey {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.key.hash(state);
+    }
 }
 
 impl StoreKey {

@@ -1157,7 +1157,8 @@ async fn a_vanished_holder_locks_the_key_until_an_operator_releases_it() {
         e.key_status(&lookup("crash")).await.expect("inspect").state,
         "free"
     );
-    execute(&e, &post("crash"), b"").await;
+    let guard = execute(&e, &post("crash"), b"").await;
+    guard.release().await.expect("the new holder releases");
 }
 
 #[tokio::test(start_paused = true)]
@@ -1173,7 +1174,8 @@ async fn an_abandoned_lock_ends_with_the_ttl() {
     tokio::time::sleep(Duration::from_secs(62)).await;
     assert_eq!(rejected(&e, &post("ttl"), b"").await.status(), 409);
     tokio::time::sleep(Duration::from_secs(2)).await;
-    execute(&e, &post("ttl"), b"").await;
+    let guard = execute(&e, &post("ttl"), b"").await;
+    guard.release().await.expect("the new holder releases");
 }
 
 #[tokio::test(start_paused = true)]
@@ -1187,7 +1189,8 @@ async fn a_rerun_route_frees_a_vanished_holders_key() {
     guard.mark_started();
     std::mem::forget(guard);
     tokio::time::sleep(Duration::from_secs(4)).await;
-    execute(&e, &post("rerun"), b"").await;
+    let guard = execute(&e, &post("rerun"), b"").await;
+    guard.release().await.expect("the new holder releases");
 }
 
 #[tokio::test]

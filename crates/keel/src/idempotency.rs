@@ -383,9 +383,9 @@ impl IdempotencyFilter {
             budget: &self.budget,
             held: 0,
         };
-        let read = tokio::time::timeout(self.body_timeout, read_up_to(body, limit, &mut hold));
+        let read = within(self.body_timeout, read_up_to(body, limit, &mut hold));
         let body = match read.await {
-            Err(_elapsed) => {
+            None => {
                 self.metrics.inc(outcome::REJECTED);
                 return FilterDecision::Respond(
                     Problem::new(
@@ -398,7 +398,7 @@ impl IdempotencyFilter {
                     .into_response(Some(&request_id)),
                 );
             }
-            Ok(Err(ReadError::NoBudget)) => {
+            Some(Err(ReadError::NoBudget)) => {
                 self.metrics.inc(outcome::REJECTED);
                 return FilterDecision::Respond(
                     Problem::new(
@@ -409,8 +409,8 @@ impl IdempotencyFilter {
                     .into_response(Some(&request_id)),
                 );
             }
-            Ok(Ok(body)) => body,
-            Ok(Err(ReadError::TooLarge(limit))) => {
+            Some(Ok(body)) => body,
+            Some(Err(ReadError::TooLarge(limit))) => {
                 self.metrics.inc(outcome::REJECTED);
                 return FilterDecision::Respond(
                     Problem::new(
@@ -420,7 +420,7 @@ impl IdempotencyFilter {
                     .into_response(Some(&request_id)),
                 );
             }
-            Ok(Err(ReadError::Broken(why))) => {
+            Some(Err(ReadError::Broken(why))) => {
                 self.metrics.inc(outcome::REJECTED);
                 return FilterDecision::Respond(
                     Problem::new(
@@ -473,6 +473,27 @@ impl IdempotencyFilter {
             }
         }
     }
+}
+
+/// `work`'s output, or `None` if it takes longer than `limit`. Like
+/// `tokio::time::timeout`, but the timer is made only if the work has to
+/// wait: a keyed body that has already arrived (the usual case) costs none.
+async fn within<F: std::future::Future>(limit: Duration, work: F) -> Option<F::Output> {
+    let mut work = std::pin::pin!(work);
+    let mut timer = std::pin::pin!(None::<tokio::time::Sleep>);
+    std::future::poll_fn(|cx| {
+        if let std::task::Poll::Ready(out) = work.as_mut().poll(cx) {
+            return std::task::Poll::Ready(Some(out));
+        }
+        if timer.is_none() {
+            timer.set(Some(tokio::time::sleep(limit)));
+        }
+        match timer.as_mut().as_pin_mut().map(|t| t.poll(cx)) {
+            Some(std::task::Poll::Ready(())) => std::task::Poll::Ready(None),
+            _ => std::task::Poll::Pending,
+        }
+    })
+    .await
 }
 
 /// The metrics outcome of a refusal, by its problem type.
