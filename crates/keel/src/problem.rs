@@ -33,6 +33,9 @@ pub enum ProblemKind {
     Unavailable,
     /// The client did not send its request body in time.
     RequestTimeout,
+    /// The request uses something the gateway does not implement (a
+    /// transfer coding other than `chunked`).
+    NotImplemented,
 }
 
 impl ProblemKind {
@@ -49,6 +52,7 @@ impl ProblemKind {
             ProblemKind::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             ProblemKind::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
             ProblemKind::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
+            ProblemKind::NotImplemented => StatusCode::NOT_IMPLEMENTED,
         }
     }
 
@@ -64,6 +68,7 @@ impl ProblemKind {
             ProblemKind::UpstreamTimeout => "urn:keel:problem:upstream-timeout",
             ProblemKind::Unavailable => "urn:keel:problem:unavailable",
             ProblemKind::RequestTimeout => "urn:keel:problem:request-timeout",
+            ProblemKind::NotImplemented => "urn:keel:problem:not-implemented",
         }
     }
 
@@ -79,6 +84,7 @@ impl ProblemKind {
             ProblemKind::UpstreamTimeout => "Upstream timed out",
             ProblemKind::Unavailable => "Service unavailable",
             ProblemKind::RequestTimeout => "Request body not received in time",
+            ProblemKind::NotImplemented => "Not implemented by the gateway",
         }
     }
 }
@@ -175,5 +181,6 @@ mod tests {
         assert_eq!(ProblemKind::BodyTooLarge.status(), 413);
         assert_eq!(ProblemKind::HeadersTooLarge.status(), 431);
         assert_eq!(ProblemKind::BadRequest.status(), 400);
+        assert_eq!(ProblemKind::NotImplemented.status(), 501);
     }
 }
