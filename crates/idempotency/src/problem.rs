@@ -306,7 +306,9 @@ mod tests {
     #[test]
     fn request_id_left_alone_where_it_does_not_belong() {
         // Already there: kept.
-        let own = Problem::new(ProblemKind::InFlight, "").request_id("mine").to_response();
+        let own = Problem::new(ProblemKind::InFlight, "")
+            .request_id("mine")
+            .to_response();
         assert_eq!(body(&with_request_id(own, "other"))["request_id"], "mine");
         // Not a problem: untouched.
         let replay = Response::new(Bytes::from_static(b"{\"ok\":true}"));

@@ -537,7 +537,10 @@ fn check_problem(headers: &HeaderMap, body: &[u8], want_type: &str) -> Result<()
         .and_then(|v| v.to_str().ok())
         .ok_or("no x-request-id")?;
     if body["request_id"] != id {
-        return Err(format!("request_id {} but x-request-id {id}", body["request_id"]));
+        return Err(format!(
+            "request_id {} but x-request-id {id}",
+            body["request_id"]
+        ));
     }
     Ok(())
 }
@@ -622,7 +625,11 @@ async fn http1_corpus() {
         HTTP1.len(),
         failures.join("\n")
     );
-    assert_eq!(upstream.requests(), reached, "requests reached the upstream");
+    assert_eq!(
+        upstream.requests(),
+        reached,
+        "requests reached the upstream"
+    );
     // And the gateway is still up.
     let answer = exchange(keel.listen, b"GET /ok HTTP/1.1\r\nHost: a.test\r\n\r\n").await;
     assert_eq!(answer.status, Some(200));
@@ -650,16 +657,25 @@ async fn oversized_heads_are_refused_before_the_upstream() {
         "GET / HTTP/1.1\r\nHost: a.test\r\nX-Big: {}\r\n\r\n",
         "z".repeat(64 * 1024)
     );
-    assert_eq!(exchange(keel.listen, huge.as_bytes()).await.status, Some(431));
+    assert_eq!(
+        exchange(keel.listen, huge.as_bytes()).await.status,
+        Some(431)
+    );
     // Many small headers adding up.
     let mut many = String::from("GET / HTTP/1.1\r\nHost: a.test\r\n");
     for i in 0..400 {
         many.push_str(&format!("X-H{i}: {i}\r\n"));
     }
     many.push_str("\r\n");
-    assert_eq!(exchange(keel.listen, many.as_bytes()).await.status, Some(431));
+    assert_eq!(
+        exchange(keel.listen, many.as_bytes()).await.status,
+        Some(431)
+    );
     // A head that never ends.
-    let endless = format!("GET / HTTP/1.1\r\nHost: a.test\r\nX-A: {}", "a".repeat(64 * 1024));
+    let endless = format!(
+        "GET / HTTP/1.1\r\nHost: a.test\r\nX-A: {}",
+        "a".repeat(64 * 1024)
+    );
     let answer = exchange(keel.listen, endless.as_bytes()).await;
     assert!(
         matches!(answer.status, Some(431) | None),
@@ -843,7 +859,8 @@ mod raw_h2 {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
         loop {
             while buf.len() >= 9 {
-                let len = usize::from(buf[0]) << 16 | usize::from(buf[1]) << 8 | usize::from(buf[2]);
+                let len =
+                    usize::from(buf[0]) << 16 | usize::from(buf[1]) << 8 | usize::from(buf[2]);
                 if buf.len() < 9 + len {
                     break;
                 }
@@ -923,7 +940,11 @@ async fn http2_hand_made_frames() {
         H2Answer::Status(400)
     );
     // An empty :authority.
-    let empty_authority = send(keel.listen, &block(&[(":authority", ""), ("host", "a.test")])).await;
+    let empty_authority = send(
+        keel.listen,
+        &block(&[(":authority", ""), ("host", "a.test")]),
+    )
+    .await;
     assert!(
         matches!(
             empty_authority,
@@ -1019,7 +1040,8 @@ max_body = "1KiB"
     assert_eq!(headers["x-request-id"], "client-id-1");
 
     // 413 over the route's idempotent body limit (the engine's refusal).
-    let (status, headers, body) = post_keyed(gw, "/pay", Some("k-big"), None, &"x".repeat(2048)).await;
+    let (status, headers, body) =
+        post_keyed(gw, "/pay", Some("k-big"), None, &"x".repeat(2048)).await;
     assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
     assert_eq!(
         serde_json::from_slice::<serde_json::Value>(&body).expect("json")["request_id"],
