@@ -123,6 +123,9 @@ pub struct Problem {
     pub retry_after: Option<Duration>,
     /// The `x-request-id` of the earlier request, where one is involved.
     pub original_request_id: Option<String>,
+    /// The id of this request (its `x-request-id`), written in the body as
+    /// `request_id` so a client can quote it; see [`Problem::request_id`].
+    pub request_id: Option<String>,
 }
 
 impl Problem {
@@ -138,6 +141,7 @@ impl Problem {
             detail: detail.into(),
             retry_after: None,
             original_request_id: None,
+            request_id: None,
         }
     }
 
@@ -150,6 +154,21 @@ impl Problem {
     /// ```
     pub fn retry_after(mut self, after: Duration) -> Self {
         self.retry_after = Some(after);
+        self
+    }
+
+    /// Adds this request's id, written in the body as `request_id`. The
+    /// library sets no header for it: echoing `x-request-id` is the
+    /// server's business.
+    ///
+    /// ```
+    /// use keel_idempotency::problem::{Problem, ProblemKind};
+    /// let r = Problem::new(ProblemKind::KeyMissing, "send one").request_id("req-1").to_response();
+    /// let body: serde_json::Value = serde_json::from_slice(r.body()).unwrap();
+    /// assert_eq!(body["request_id"], "req-1");
+    /// ```
+    pub fn request_id(mut self, id: impl Into<String>) -> Self {
+        self.request_id = Some(id.into());
         self
     }
 
@@ -171,6 +190,9 @@ impl Problem {
         if let Some(id) = &self.original_request_id {
             body["original_request_id"] = serde_json::Value::String(id.clone());
         }
+        if let Some(id) = &self.request_id {
+            body["request_id"] = serde_json::Value::String(id.clone());
+        }
         let mut response = Response::new(Bytes::from(body.to_string()));
         *response.status_mut() = self.kind.status();
         let headers = response.headers_mut();
@@ -188,5 +210,114 @@ impl Problem {
             headers.insert(crate::engine::ORIGINAL_REQUEST_ID, id);
         }
         response
+    }
+}
+
+/// Adds `"request_id": request_id` to the body of a problem answer that is
+/// already built, such as [`Begin::Reject`](crate::engine::Begin::Reject)'s,
+/// so every problem a server sends can carry the id of the request it
+/// answers. Anything else is returned as it is: a response that is not
+/// `application/problem+json`, a body that is not a JSON object, or one
+/// that already has a `request_id`.
+///
+/// ```
+/// use keel_idempotency::problem::{Problem, ProblemKind, with_request_id};
+/// let refused = Problem::new(ProblemKind::InFlight, "wait").to_response();
+/// let refused = with_request_id(refused, "req-7");
+/// let body: serde_json::Value = serde_json::from_slice(refused.body()).unwrap();
+/// assert_eq!(body["request_id"], "req-7");
+/// assert_eq!(body["type"], "urn:keel:problem:idempotency-in-flight");
+/// ```
+pub fn with_request_id(response: Response<Bytes>, request_id: &str) -> Response<Bytes> {
+    let is_problem = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(CONTENT_TYPE.as_bytes()));
+    if !is_problem {
+        return response;
+    }
+    let Ok(serde_json::Value::Object(mut body)) =
+        serde_json::from_slice::<serde_json::Value>(response.body())
+    else {
+        return response;
+    };
+    if body.contains_key("request_id") {
+        return response;
+    }
+    body.insert(
+        "request_id".to_owned(),
+        serde_json::Value::String(request_id.to_owned()),
+    );
+    let bytes = Bytes::from(serde_json::Value::Object(body).to_string());
+    let (mut parts, _) = response.into_parts();
+    // A length set by the caller would now be wrong; the body says it.
+    parts.headers.remove(header::CONTENT_LENGTH);
+    Response::from_parts(parts, bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn body(response: &Response<Bytes>) -> serde_json::Value {
+        serde_json::from_slice(response.body()).expect("problem+json")
+    }
+
+    #[test]
+    fn problem_carries_the_request_id_when_given() {
+        let plain = Problem::new(ProblemKind::FingerprintMismatch, "new key").to_response();
+        assert!(body(&plain).get("request_id").is_none());
+        let with = Problem::new(ProblemKind::FingerprintMismatch, "new key")
+            .request_id("abc")
+            .to_response();
+        assert_eq!(with.status(), 422);
+        assert_eq!(body(&with)["request_id"], "abc");
+        assert_eq!(body(&with)["status"], 422);
+    }
+
+    #[test]
+    fn request_id_added_to_every_built_problem() {
+        for kind in [
+            ProblemKind::KeyMissing,
+            ProblemKind::KeyInvalid,
+            ProblemKind::FingerprintMismatch,
+            ProblemKind::InFlight,
+            ProblemKind::BodyTooLarge,
+            ProblemKind::StoreUnavailable,
+            ProblemKind::OutcomeUnknown,
+            ProblemKind::ResponseNotStored,
+            ProblemKind::StoreFull,
+            ProblemKind::UpgradeRefused,
+        ] {
+            let mut p = Problem::new(kind, "detail \"quoted\"").retry_after(Duration::from_secs(2));
+            p.original_request_id = Some("first".into());
+            let before = p.to_response();
+            let after = with_request_id(before.clone(), "id-\"1\"");
+            assert_eq!(after.status(), before.status());
+            assert_eq!(after.headers(), before.headers());
+            let (b, a) = (body(&before), body(&after));
+            assert_eq!(a["request_id"], "id-\"1\"", "{kind:?}");
+            let mut a = a;
+            a.as_object_mut().expect("object").remove("request_id");
+            assert_eq!(a, b, "{kind:?}: nothing else changes");
+        }
+    }
+
+    #[test]
+    fn request_id_left_alone_where_it_does_not_belong() {
+        // Already there: kept.
+        let own = Problem::new(ProblemKind::InFlight, "")
+            .request_id("mine")
+            .to_response();
+        assert_eq!(body(&with_request_id(own, "other"))["request_id"], "mine");
+        // Not a problem: untouched.
+        let replay = Response::new(Bytes::from_static(b"{\"ok\":true}"));
+        let same = with_request_id(replay, "x");
+        assert_eq!(same.body().as_ref(), b"{\"ok\":true}");
+        // A problem body that is not an object: untouched.
+        let mut odd = Response::new(Bytes::from_static(b"[1]"));
+        odd.headers_mut()
+            .insert(header::CONTENT_TYPE, HeaderValue::from_static(CONTENT_TYPE));
+        assert_eq!(with_request_id(odd, "x").body().as_ref(), b"[1]");
     }
 }

@@ -1,11 +1,19 @@
 //! Proxy header semantics: hop-by-hop removal (RFC 9110 section 7.6.1),
-//! `X-Forwarded-*`, `Via`, and request ids.
+//! `X-Forwarded-*`, `Via`, request ids, and the checks on the request head
+//! the gateway makes itself before routing: the host (`Host` and
+//! `:authority`, RFC 9112 section 3.2, RFC 9113 section 8.3.1) and the
+//! transfer coding (RFC 9112 section 6.1).
+//!
+//! Everything here is a pure function of an `http` head, with no other
+//! dependency on the gateway, so the fuzz target in `fuzz/` compiles this
+//! file as it is (`#[path]`). Keep it that way: no `crate::` paths.
 
 use std::cell::RefCell;
 use std::io::Write;
 use std::net::IpAddr;
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Uri, Version};
 use keel_retry::SplitMix64;
 
 /// `x-request-id`.
@@ -156,6 +164,247 @@ pub fn head_size(uri: &http::Uri, headers: &HeaderMap) -> usize {
     size
 }
 
+/// Why a request's host cannot be used; each is a 400.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HostError {
+    /// No `Host` where one is required: an HTTP/1.1 request, or an HTTP/2
+    /// request without `:authority`.
+    Missing,
+    /// More than one `Host` field line.
+    Repeated,
+    /// A `Host` or `:authority` that is not `uri-host [ ":" port ]` with a
+    /// non-empty host (an `http` URI never has an empty host, RFC 9110
+    /// section 4.2.1), or that carries userinfo.
+    Invalid,
+    /// HTTP/2: `:authority` and `Host` name different hosts.
+    Conflict,
+}
+
+impl HostError {
+    /// A detail line for the client.
+    pub fn detail(self) -> &'static str {
+        match self {
+            HostError::Missing => "an HTTP/1.1 request needs a Host header",
+            HostError::Repeated => "the request has more than one Host header",
+            HostError::Invalid => "the Host header or :authority is not a valid host[:port]",
+            HostError::Conflict => "the Host header and :authority name different hosts",
+        }
+    }
+}
+
+/// The host a request is for, checked as RFC 9112 section 3.2 and RFC 9113
+/// section 8.3.1 say; the gateway routes on it and the upstream gets it as
+/// `Host`, so both read the same one.
+///
+/// - Any version: at most one `Host`, and a `Host` or authority present
+///   must be a valid `uri-host [ ":" port ]`.
+/// - HTTP/1.1: exactly one `Host`; with an absolute-form target the
+///   target's authority is the host (section 3.2.2: `Host` is ignored).
+/// - HTTP/2 (and 3): `:authority` takes precedence; with both, they must
+///   name the same host after normalisation (case, default port), else
+///   [`HostError::Conflict`]; with neither, [`HostError::Missing`].
+/// - HTTP/1.0: `Host` is optional; `""` when there is none.
+pub fn request_host<'a>(
+    version: Version,
+    uri: &'a Uri,
+    headers: &'a HeaderMap,
+) -> Result<&'a str, HostError> {
+    let mut values = headers.get_all(header::HOST).iter();
+    let host = match (values.next(), values.next()) {
+        (Some(_), Some(_)) => return Err(HostError::Repeated),
+        (Some(value), None) => Some(valid_host(value.as_bytes())?),
+        (None, _) => None,
+    };
+    let authority = match uri.authority() {
+        Some(authority) => Some(valid_host(authority.as_str().as_bytes())?),
+        None => None,
+    };
+    if version == Version::HTTP_2 || version == Version::HTTP_3 {
+        return match (authority, host) {
+            (Some(authority), Some(host)) => {
+                let default_port = match uri.scheme_str() {
+                    Some(s) if s.eq_ignore_ascii_case("https") => 443,
+                    _ => 80,
+                };
+                if same_host(authority, host, default_port) {
+                    Ok(authority)
+                } else {
+                    Err(HostError::Conflict)
+                }
+            }
+            (Some(one), None) | (None, Some(one)) => Ok(one),
+            (None, None) => Err(HostError::Missing),
+        };
+    }
+    if version == Version::HTTP_11 {
+        let host = host.ok_or(HostError::Missing)?;
+        return Ok(authority.unwrap_or(host));
+    }
+    Ok(authority.or(host).unwrap_or(""))
+}
+
+/// `value` as text when it is `uri-host [ ":" port ]` (RFC 3986 section
+/// 3.2.2) with a non-empty host and a port of at most 65535.
+fn valid_host(value: &[u8]) -> Result<&str, HostError> {
+    let (host, port) = split_host_port(value).ok_or(HostError::Invalid)?;
+    let host_ok = if host.first() == Some(&b'[') {
+        valid_ip_literal(host)
+    } else {
+        valid_reg_name(host)
+    };
+    let port_ok = port.is_none_or(|p| {
+        p.is_empty()
+            || (p.len() <= 5 && p.iter().all(u8::is_ascii_digit) && parse_port(p).is_some())
+    });
+    if !(host_ok && port_ok) {
+        return Err(HostError::Invalid);
+    }
+    // Every byte checked is ASCII.
+    std::str::from_utf8(value).map_err(|_| HostError::Invalid)
+}
+
+/// Splits `host[:port]`; the host keeps the brackets of an IP literal.
+/// `None` when something follows an IP literal other than `:port`.
+fn split_host_port(value: &[u8]) -> Option<(&[u8], Option<&[u8]>)> {
+    let end = if value.first() == Some(&b'[') {
+        value.iter().position(|&b| b == b']')? + 1
+    } else {
+        // A reg-name has no colon: the first one starts the port.
+        value.iter().position(|&b| b == b':').unwrap_or(value.len())
+    };
+    let (host, rest) = value.split_at(end);
+    match rest {
+        [] => Some((host, None)),
+        [b':', port @ ..] => Some((host, Some(port))),
+        _ => None,
+    }
+}
+
+fn parse_port(port: &[u8]) -> Option<u16> {
+    std::str::from_utf8(port).ok()?.parse().ok()
+}
+
+/// `unreserved / sub-delims` (RFC 3986 section 2).
+fn unreserved_or_sub_delim(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=".contains(&b)
+}
+
+/// `reg-name = *( unreserved / pct-encoded / sub-delims )`, non-empty
+/// (which covers `IPv4address`).
+fn valid_reg_name(host: &[u8]) -> bool {
+    if host.is_empty() {
+        return false;
+    }
+    let mut i = 0;
+    while i < host.len() {
+        match host[i] {
+            b'%' => {
+                let hex = |j: usize| host.get(j).is_some_and(u8::is_ascii_hexdigit);
+                if !(hex(i + 1) && hex(i + 2)) {
+                    return false;
+                }
+                i += 3;
+            }
+            b if unreserved_or_sub_delim(b) => i += 1,
+            _ => return false,
+        }
+    }
+    true
+}
+
+/// `IP-literal = "[" ( IPv6address / IPvFuture ) "]"`.
+fn valid_ip_literal(host: &[u8]) -> bool {
+    let Some(inner) = host.strip_prefix(b"[").and_then(|h| h.strip_suffix(b"]")) else {
+        return false;
+    };
+    match inner {
+        // IPvFuture = "v" 1*HEXDIG "." 1*( unreserved / sub-delims / ":" )
+        [b'v' | b'V', rest @ ..] => {
+            let Some(dot) = rest.iter().position(|&b| b == b'.') else {
+                return false;
+            };
+            let (version, tail) = (&rest[..dot], &rest[dot + 1..]);
+            !version.is_empty()
+                && version.iter().all(u8::is_ascii_hexdigit)
+                && !tail.is_empty()
+                && tail
+                    .iter()
+                    .all(|&b| b == b':' || unreserved_or_sub_delim(b))
+        }
+        _ => std::str::from_utf8(inner)
+            .ok()
+            .and_then(|s| s.parse::<std::net::Ipv6Addr>().ok())
+            .is_some(),
+    }
+}
+
+/// Whether two valid hosts name the same one after RFC 3986's case and
+/// scheme-based normalisation: the host compared without regard to case,
+/// an empty or absent port taken as `default_port`. Percent-encodings are
+/// compared as written (only their case is ignored), so `%61` and `a`
+/// differ: stricter than the RFC, never looser.
+fn same_host(a: &str, b: &str, default_port: u16) -> bool {
+    fn parts(s: &str, default_port: u16) -> Option<(&[u8], u16)> {
+        let (host, port) = split_host_port(s.as_bytes())?;
+        let port = match port {
+            None | Some([]) => default_port,
+            Some(p) => parse_port(p)?,
+        };
+        Some((host, port))
+    }
+    match (parts(a, default_port), parts(b, default_port)) {
+        (Some((ha, pa)), Some((hb, pb))) => pa == pb && ha.eq_ignore_ascii_case(hb),
+        _ => false,
+    }
+}
+
+/// Why a request's transfer coding is refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CodingError {
+    /// A transfer coding other than a lone `chunked` (501, RFC 9112
+    /// section 6.1): the gateway would strip the coding and send the
+    /// still-coded content upstream as if it were not.
+    NotImplemented,
+    /// `Transfer-Encoding` in an HTTP/1.0 request, whose framing RFC 9112
+    /// section 6.1 says to treat as faulty (400).
+    Http10,
+}
+
+impl CodingError {
+    /// A detail line for the client.
+    pub fn detail(self) -> &'static str {
+        match self {
+            CodingError::NotImplemented => {
+                "the gateway accepts no transfer coding but a lone chunked"
+            }
+            CodingError::Http10 => "an HTTP/1.0 request cannot have a Transfer-Encoding",
+        }
+    }
+}
+
+/// `Ok` when the request has no `Transfer-Encoding` or exactly `chunked`
+/// (names are case-insensitive; empty list elements are ignored, as
+/// RFC 9110 section 5.6.1 asks of recipients).
+pub fn check_transfer_encoding(version: Version, headers: &HeaderMap) -> Result<(), CodingError> {
+    let mut codings = headers
+        .get_all(header::TRANSFER_ENCODING)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+        .map(<[u8]>::trim_ascii)
+        .filter(|c| !c.is_empty())
+        .peekable();
+    if codings.peek().is_none() && !headers.contains_key(header::TRANSFER_ENCODING) {
+        return Ok(());
+    }
+    if version < Version::HTTP_11 {
+        return Err(CodingError::Http10);
+    }
+    match (codings.next(), codings.next()) {
+        (Some(only), None) if only.eq_ignore_ascii_case(b"chunked") => Ok(()),
+        _ => Err(CodingError::NotImplemented),
+    }
+}
+
 thread_local! {
     // A per-thread generator: request ids need uniqueness, not secrecy, and
     // a thread-local state keeps id generation off any shared cache line.
@@ -265,6 +514,265 @@ mod tests {
         assert_eq!(h[X_FORWARDED_FOR], "10.0.0.1, 127.0.0.1");
         assert_eq!(h[X_FORWARDED_PROTO], "http");
         assert_eq!(h[X_FORWARDED_HOST], "a.test");
+    }
+
+    fn head(version: Version, uri: &str, hosts: &[&[u8]]) -> (Version, Uri, HeaderMap) {
+        let mut headers = HeaderMap::new();
+        for host in hosts {
+            headers.append(
+                header::HOST,
+                HeaderValue::from_bytes(host).expect("header value"),
+            );
+        }
+        (version, uri.parse().expect("uri"), headers)
+    }
+
+    fn host_of(version: Version, uri: &str, hosts: &[&[u8]]) -> Result<String, HostError> {
+        let (version, uri, headers) = head(version, uri, hosts);
+        request_host(version, &uri, &headers).map(str::to_owned)
+    }
+
+    #[test]
+    fn host_syntax_is_uri_host_and_port() {
+        for good in [
+            &b"a.test"[..],
+            b"A.Test:8080",
+            b"127.0.0.1",
+            b"127.0.0.1:80",
+            b"[::1]",
+            b"[::1]:443",
+            b"[2001:db8::ffff:1.2.3.4]",
+            b"[v1.fe80::a+en1]",
+            b"xn--bcher-kva.example",
+            b"a-b_c~d!$&'()*+,;=",
+            b"%41pi.test",
+            b"a.test:",
+            b"a.test:65535",
+        ] {
+            let text = String::from_utf8_lossy(good).into_owned();
+            assert_eq!(
+                host_of(Version::HTTP_11, "/", &[good]),
+                Ok(text),
+                "{good:?}"
+            );
+        }
+        for bad in [
+            &b""[..],
+            b"a b/c@d",
+            b"a b",
+            b"a/b",
+            b"user@a.test",
+            b"a.test:65536",
+            b"a.test:99999",
+            b"a.test:x",
+            b"a.test:80:80",
+            b":80",
+            b"[::1",
+            b"[::1]x",
+            b"[::1]:x",
+            b"[a.test]",
+            b"[::1%25eth0]",
+            b"[v1]",
+            b"[v.x]",
+            b"%zz",
+            b"%4",
+            b"caf\xe9",
+            b"a\tb",
+            b"a?b",
+            b"a#b",
+            b"a\"b",
+        ] {
+            assert_eq!(
+                host_of(Version::HTTP_11, "/", &[bad]),
+                Err(HostError::Invalid),
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+    }
+
+    #[test]
+    fn http11_needs_exactly_one_host() {
+        assert_eq!(host_of(Version::HTTP_11, "/", &[]), Err(HostError::Missing));
+        assert_eq!(
+            host_of(Version::HTTP_11, "/", &[b"a.test", b"a.test"]),
+            Err(HostError::Repeated)
+        );
+        assert_eq!(
+            host_of(Version::HTTP_11, "/", &[b"a.test", b"b.test"]),
+            Err(HostError::Repeated)
+        );
+        // Absolute form: the target's authority is the host, Host is
+        // still required and must be valid.
+        assert_eq!(
+            host_of(Version::HTTP_11, "http://a.test/x", &[b"b.test"]).as_deref(),
+            Ok("a.test")
+        );
+        assert_eq!(
+            host_of(Version::HTTP_11, "http://a.test/x", &[]),
+            Err(HostError::Missing)
+        );
+        assert_eq!(
+            host_of(Version::HTTP_11, "http://u@a.test/x", &[b"a.test"]),
+            Err(HostError::Invalid)
+        );
+        // HTTP/1.0: optional, but one at most and valid.
+        assert_eq!(host_of(Version::HTTP_10, "/", &[]).as_deref(), Ok(""));
+        assert_eq!(
+            host_of(Version::HTTP_10, "/", &[b"a.test"]).as_deref(),
+            Ok("a.test")
+        );
+        assert_eq!(
+            host_of(Version::HTTP_10, "/", &[b"a", b"b"]),
+            Err(HostError::Repeated)
+        );
+        assert_eq!(
+            host_of(Version::HTTP_10, "/", &[b""]),
+            Err(HostError::Invalid)
+        );
+    }
+
+    #[test]
+    fn http2_authority_wins_and_must_agree_with_host() {
+        let h2 = Version::HTTP_2;
+        assert_eq!(host_of(h2, "http://a.test/", &[]).as_deref(), Ok("a.test"));
+        assert_eq!(host_of(h2, "/", &[b"a.test"]).as_deref(), Ok("a.test"));
+        assert_eq!(host_of(h2, "/", &[]), Err(HostError::Missing));
+        for same in [&b"a.test"[..], b"A.TEST", b"a.test:80", b"a.test:"] {
+            assert_eq!(
+                host_of(h2, "http://a.test/", &[same]).as_deref(),
+                Ok("a.test"),
+                "{same:?}"
+            );
+        }
+        assert_eq!(
+            host_of(h2, "https://a.test:443/", &[b"a.test"]).as_deref(),
+            Ok("a.test:443")
+        );
+        for other in [&b"b.test"[..], b"a.test:8080", b"a.test.", b"%61.test"] {
+            assert_eq!(
+                host_of(h2, "http://a.test/", &[other]),
+                Err(HostError::Conflict),
+                "{other:?}"
+            );
+        }
+        assert_eq!(
+            host_of(h2, "https://a.test/", &[b"a.test:80"]),
+            Err(HostError::Conflict)
+        );
+        assert_eq!(
+            host_of(h2, "http://a.test/", &[b"a.test", b"a.test"]),
+            Err(HostError::Repeated)
+        );
+        assert_eq!(
+            host_of(h2, "http://a.test/", &[b"a b"]),
+            Err(HostError::Invalid)
+        );
+        assert_eq!(
+            host_of(h2, "http://u:p@a.test/", &[]),
+            Err(HostError::Invalid)
+        );
+    }
+
+    fn te(version: Version, values: &[&str]) -> Result<(), CodingError> {
+        let mut headers = HeaderMap::new();
+        for v in values {
+            headers.append(
+                header::TRANSFER_ENCODING,
+                HeaderValue::from_str(v).expect("value"),
+            );
+        }
+        check_transfer_encoding(version, &headers)
+    }
+
+    #[test]
+    fn only_a_lone_chunked_coding_is_accepted() {
+        let v11 = Version::HTTP_11;
+        assert_eq!(te(v11, &[]), Ok(()));
+        for ok in [
+            &["chunked"][..],
+            &["Chunked"],
+            &["CHUNKED"],
+            &["chunked,"],
+            &[", chunked"],
+        ] {
+            assert_eq!(te(v11, ok), Ok(()), "{ok:?}");
+        }
+        for refused in [
+            &["gzip, chunked"][..],
+            &["chunked, chunked"],
+            &["chunked", "chunked"],
+            &["gzip", "chunked"],
+            &["gzip"],
+            &["identity"],
+            &["chunked, gzip"],
+            &["x-custom, chunked"],
+            &[""],
+            &["chunked;q=1"],
+        ] {
+            assert_eq!(
+                te(v11, refused),
+                Err(CodingError::NotImplemented),
+                "{refused:?}"
+            );
+        }
+        assert_eq!(te(Version::HTTP_10, &["chunked"]), Err(CodingError::Http10));
+    }
+
+    proptest::proptest! {
+        /// The head checks, hop-by-hop removal and forwarded headers never
+        /// panic, whatever the header bytes; a host that is accepted is
+        /// ASCII without whitespace, `/`, `@`, `?` or `#`, and survives as a
+        /// header value. (The same functions as `fuzz/fuzz_targets/request_head.rs`.)
+        #[test]
+        fn head_handling_never_panics(
+            hosts in proptest::collection::vec(
+                proptest::collection::vec(proptest::prelude::any::<u8>(), 0..24), 0..3),
+            host_like in "[a-zA-Z0-9.:\\[\\]%@ _-]{0,24}",
+            authority in proptest::option::of("[a-zA-Z0-9.:\\[\\]%@_-]{1,24}"),
+            connection in "[a-zA-Z0-9, -]{0,40}",
+            coding in "[a-zA-Z, ;=]{0,20}",
+            version in 0u8..4,
+            ip in proptest::prelude::any::<[u8; 16]>(),
+        ) {
+            let version = [Version::HTTP_09, Version::HTTP_10, Version::HTTP_11, Version::HTTP_2][usize::from(version)];
+            let mut headers = HeaderMap::new();
+            for h in hosts.iter().map(Vec::as_slice).chain([host_like.as_bytes()]) {
+                if let Ok(v) = HeaderValue::from_bytes(h) {
+                    headers.append(header::HOST, v);
+                }
+            }
+            if let Ok(v) = HeaderValue::from_str(&connection) {
+                headers.append(header::CONNECTION, v);
+            }
+            if let Ok(v) = HeaderValue::from_str(&coding) {
+                headers.append(header::TRANSFER_ENCODING, v);
+            }
+            let uri: Uri = authority
+                .as_deref()
+                .and_then(|a| format!("http://{a}/p").parse().ok())
+                .unwrap_or_else(|| Uri::from_static("/p"));
+            let _ = check_transfer_encoding(version, &headers);
+            let host = request_host(version, &uri, &headers).map(str::to_owned);
+            if let Ok(host) = &host {
+                proptest::prop_assert!(host.bytes().all(|b| b.is_ascii_graphic()));
+                proptest::prop_assert!(!host.contains(['/', '@', '?', '#']));
+                proptest::prop_assert!(host.is_empty() || HeaderValue::from_str(host).is_ok());
+            }
+            let _ = head_size(&uri, &headers);
+            let _ = wants_upgrade(&headers);
+            let client = if ip[0] % 2 == 0 {
+                IpAddr::from([ip[1], ip[2], ip[3], ip[4]])
+            } else {
+                IpAddr::from(ip)
+            };
+            // In the order the gateway applies them to the upstream request.
+            remove_hop_by_hop(&mut headers, ip[5] % 2 == 0);
+            proptest::prop_assert!(!headers.contains_key(header::TRANSFER_ENCODING));
+            append_forwarded(&mut headers, client, "http", host.as_deref().ok());
+            append_via(&mut headers, version);
+            proptest::prop_assert!(headers.contains_key(X_FORWARDED_FOR));
+        }
     }
 
     #[test]

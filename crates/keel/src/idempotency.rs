@@ -365,8 +365,20 @@ impl RequestFilter for IdempotencyFilter {
     }
 }
 
+/// A replay, sent as it was stored.
 fn respond(response: Response<Bytes>) -> FilterDecision {
     FilterDecision::Respond(response.map(ProxyBody::full))
+}
+
+/// A refusal made by the engine (400, 409, 413, 422, 503): its problem
+/// body gets this request's id as `request_id`, as every problem the
+/// gateway writes does.
+fn refuse(response: Response<Bytes>, request_id: &HeaderValue) -> FilterDecision {
+    let response = match request_id.to_str() {
+        Ok(id) => keel_idempotency::problem::with_request_id(response, id),
+        Err(_) => response,
+    };
+    respond(response)
 }
 
 impl IdempotencyFilter {
@@ -458,7 +470,7 @@ impl IdempotencyFilter {
             }
             Begin::Reject(response) => {
                 self.metrics.inc(reject_outcome(&response));
-                respond(response)
+                refuse(response, &request_id)
             }
             Begin::PassThrough(reason) => {
                 self.metrics.inc(if reason == PassReason::StoreUnavailable {

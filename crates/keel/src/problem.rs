@@ -37,6 +37,9 @@ pub enum ProblemKind {
     /// request body was complete. Answered 400 in case it only half-closed
     /// and still reads; logged and counted as 499.
     ClientClosed,
+    /// The request uses something the gateway does not implement (a
+    /// transfer coding other than `chunked`).
+    NotImplemented,
 }
 
 impl ProblemKind {
@@ -54,6 +57,7 @@ impl ProblemKind {
             ProblemKind::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
             ProblemKind::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
             ProblemKind::ClientClosed => StatusCode::BAD_REQUEST,
+            ProblemKind::NotImplemented => StatusCode::NOT_IMPLEMENTED,
         }
     }
 
@@ -70,6 +74,7 @@ impl ProblemKind {
             ProblemKind::Unavailable => "urn:keel:problem:unavailable",
             ProblemKind::RequestTimeout => "urn:keel:problem:request-timeout",
             ProblemKind::ClientClosed => "urn:keel:problem:request-body-incomplete",
+            ProblemKind::NotImplemented => "urn:keel:problem:not-implemented",
         }
     }
 
@@ -86,6 +91,7 @@ impl ProblemKind {
             ProblemKind::Unavailable => "Service unavailable",
             ProblemKind::RequestTimeout => "Request body not received in time",
             ProblemKind::ClientClosed => "Request body incomplete",
+            ProblemKind::NotImplemented => "Not implemented by the gateway",
         }
     }
 
@@ -101,6 +107,7 @@ impl ProblemKind {
                 | ProblemKind::HeadersTooLarge
                 | ProblemKind::RequestTimeout
                 | ProblemKind::ClientClosed
+                | ProblemKind::NotImplemented
         )
     }
 
@@ -129,6 +136,7 @@ impl ProblemKind {
             | ProblemKind::UpstreamBadResponse
             | ProblemKind::UpstreamTimeout => "upstream_error",
             ProblemKind::Unavailable => "unavailable",
+            ProblemKind::NotImplemented => "client_error",
         }
     }
 }
@@ -263,5 +271,6 @@ mod tests {
             response.extensions().get::<ProblemKind>(),
             Some(&ClientClosed)
         );
+        assert_eq!(ProblemKind::NotImplemented.status(), 501);
     }
 }

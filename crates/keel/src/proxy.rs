@@ -1,7 +1,10 @@
 //! The life of a request through the gateway, top to bottom:
 //!
 //! 1. **request id** — reuse the client's `x-request-id` or make one;
-//! 2. **limits** — request head size (431), declared body size (413);
+//! 2. **limits and checks on the head** — request head size (431); a
+//!    transfer coding other than `chunked` (501); `Host`/`:authority`
+//!    missing, repeated, invalid or in conflict (400); declared body size
+//!    (413, once the route is known);
 //! 3. **route match** — longest path prefix, host, methods (404 otherwise);
 //! 4. **request filter** — the route's [`RequestFilter`], if any. This is
 //!    where the idempotency engine plugs in: it may answer directly (replay,
@@ -39,8 +42,8 @@ use hyper::body::Incoming;
 
 use crate::body::{BodyFault, BodyWatch, ProxyBody};
 use crate::headers::{
-    X_REQUEST_ID, append_forwarded, append_via, head_size, new_request_id, remove_hop_by_hop,
-    wants_upgrade,
+    CodingError, HostError, X_REQUEST_ID, append_forwarded, append_via, check_transfer_encoding,
+    head_size, new_request_id, remove_hop_by_hop, wants_upgrade,
 };
 use crate::metrics::RouteMetrics;
 use crate::problem::{Problem, ProblemKind};
@@ -256,14 +259,29 @@ impl Gateway {
                 ),
             );
         }
-        let Some(host) = request_host(&request) else {
-            return fail(
-                None,
-                Problem::new(
-                    ProblemKind::BadRequest,
-                    "an HTTP/1.1 request needs a Host header",
-                ),
-            );
+        // 2b. framing and host, which the gateway and the upstream must
+        // read alike
+        if let Err(error) = check_transfer_encoding(request.version(), request.headers()) {
+            let kind = match error {
+                CodingError::NotImplemented => ProblemKind::NotImplemented,
+                CodingError::Http10 => ProblemKind::BadRequest,
+            };
+            let mut handled = fail(None, Problem::new(kind, error.detail()));
+            // The body's framing is in doubt: read no further request on
+            // this connection.
+            if request.version() < Version::HTTP_2 {
+                handled
+                    .response
+                    .headers_mut()
+                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            }
+            return handled;
+        }
+        let host = match request_host(&mut request) {
+            Ok(host) => host,
+            Err(error) => {
+                return fail(None, Problem::new(ProblemKind::BadRequest, error.detail()));
+            }
         };
 
         // 3. route match
@@ -443,16 +461,21 @@ fn request_id(request: &Request<Incoming>) -> HeaderValue {
     }
 }
 
-/// The host the client asked for: `Host`, else the URI's authority (HTTP/2).
-/// `None` for an HTTP/1.1 request with neither, which is malformed.
-fn request_host(request: &Request<Incoming>) -> Option<String> {
-    if let Some(host) = request.headers().get(header::HOST) {
-        return host.to_str().ok().map(str::to_owned);
+/// The host the client asked for, checked (see [`crate::headers::request_host`]).
+/// When it is not the request's `Host` byte for byte (HTTP/2 `:authority`,
+/// an HTTP/1.1 absolute-form target), `Host` is set to it, so the
+/// upstream reads the host the gateway routed on.
+fn request_host(request: &mut Request<Incoming>) -> Result<String, HostError> {
+    let host = crate::headers::request_host(request.version(), request.uri(), request.headers())?
+        .to_owned();
+    let headers = request.headers_mut();
+    if !host.is_empty() && headers.get(header::HOST).is_none_or(|h| h != host.as_str()) {
+        // Checked above: a valid host is a valid header value.
+        if let Ok(value) = HeaderValue::from_str(&host) {
+            headers.insert(header::HOST, value);
+        }
     }
-    if let Some(authority) = request.uri().authority() {
-        return Some(authority.as_str().to_owned());
-    }
-    (request.version() < Version::HTTP_11).then(String::new)
+    Ok(host)
 }
 
 /// 413 early when `Content-Length` already says the body is too large.

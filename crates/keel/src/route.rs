@@ -82,11 +82,9 @@ impl Router {
 
 fn strip_port(host: &str) -> &str {
     if host.starts_with('[') {
-        // [v6]:port
-        return host
-            .split(']')
-            .next()
-            .map_or(host, |h| &host[..h.len() + 1]);
+        // [v6]:port; an unclosed bracket (refused earlier, but this must
+        // not panic on it either) is kept whole.
+        return host.find(']').map_or(host, |end| &host[..=end]);
     }
     host.rsplit_once(':').map_or(host, |(h, _)| h)
 }
@@ -95,6 +93,14 @@ fn strip_port(host: &str) -> &str {
 mod tests {
     use super::*;
     use crate::metrics::Metrics;
+
+    #[test]
+    fn ports_come_off_hosts_without_panicking() {
+        assert_eq!(strip_port("a.test:8080"), "a.test");
+        assert_eq!(strip_port("[::1]:8080"), "[::1]");
+        assert_eq!(strip_port("[::1"), "[::1");
+        assert_eq!(strip_port("a.test"), "a.test");
+    }
 
     fn route(
         prefix: &str,
