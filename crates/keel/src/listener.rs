@@ -46,7 +46,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use keel_drain::{ConnKind, Registration};
 use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Notify, watch};
+use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::body::{BoxError, ProxyBody};
@@ -458,7 +458,6 @@ struct Activity {
     /// HTTP/1: reads start heads.
     tracks_heads: bool,
     header_read_timeout: Duration,
-    changed: Notify,
 }
 
 impl Activity {
@@ -473,7 +472,6 @@ impl Activity {
             awaiting_head: AtomicBool::new(false),
             tracks_heads,
             header_read_timeout: settings.header_read_timeout,
-            changed: Notify::new(),
         }
     }
 
@@ -501,8 +499,6 @@ impl Activity {
             if self.tracks_heads {
                 self.awaiting_head.store(true, Ordering::Relaxed);
             }
-            drop(state);
-            self.changed.notify_one();
         }
     }
 
@@ -514,8 +510,6 @@ impl Activity {
             let mut state = self.lock();
             if let Phase::Idle(_) = state.phase {
                 state.phase = Phase::Head(Instant::now());
-                drop(state);
-                self.changed.notify_one();
             }
         }
     }
@@ -532,42 +526,49 @@ impl Activity {
         if let Phase::Idle(_) = state.phase {
             state.phase = Phase::Idle(Instant::now());
         }
-        drop(state);
-        self.changed.notify_one();
     }
 
     fn is_going_away(&self) -> bool {
         self.lock().going_away
     }
 
-    fn deadline(&self) -> Option<(Instant, Expiry)> {
+    /// The current phase's deadline, and the shortest limit a phase can
+    /// have (see `expired`).
+    fn deadline(&self) -> (Option<(Instant, Expiry)>, Duration) {
         let state = self.lock();
-        match state.phase {
+        let deadline = match state.phase {
             Phase::Head(since) => Some((since + self.header_read_timeout, Expiry::Head)),
             Phase::Idle(since) => Some((since + state.idle_limit, Expiry::Idle)),
             Phase::Busy => None,
-        }
+        };
+        let shortest = if self.tracks_heads {
+            state.idle_limit.min(self.header_read_timeout)
+        } else {
+            state.idle_limit
+        };
+        (deadline, shortest)
     }
 
     /// Resolves when the current phase has outlived its deadline.
+    ///
+    /// Phase changes wake nobody (they happen on every request, and a wake
+    /// would cost a poll of the whole connection): the watchdog sleeps
+    /// until the current deadline, or for the shortest limit a phase can
+    /// have if that is sooner, and looks again. A phase that begins after
+    /// the watchdog last looked ends no sooner than that shortest limit
+    /// after its start, so the watchdog has looked again by then and sleeps
+    /// until its exact deadline.
     async fn expired(&self) -> Expiry {
         loop {
-            let changed = self.changed.notified();
-            tokio::pin!(changed);
-            // Registered before the state is read, so no change is missed.
-            changed.as_mut().enable();
-            match self.deadline() {
-                None => changed.await,
-                Some((at, expiry)) => {
-                    if Instant::now() >= at {
-                        return expiry;
-                    }
-                    tokio::select! {
-                        () = tokio::time::sleep_until(at) => {}
-                        () = changed => {}
-                    }
-                }
-            }
+            let now = Instant::now();
+            let (deadline, shortest) = self.deadline();
+            let look_again = now + shortest;
+            let wake = match deadline {
+                Some((at, expiry)) if at <= now => return expiry,
+                Some((at, _)) => at.min(look_again),
+                None => look_again,
+            };
+            tokio::time::sleep_until(wake).await;
         }
     }
 }
