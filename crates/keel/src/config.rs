@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 use toml::Spanned;
+use toml::de::{DeTable, DeValue};
 
 use crate::units::{ConfigDuration, ConfigSize};
 
@@ -542,10 +543,38 @@ fn line_col(source: &str, offset: usize) -> (usize, usize) {
     (line, col)
 }
 
+/// One step of a key path in the file: a table key or an array index.
+#[derive(Debug, Clone, Copy)]
+enum Seg<'k> {
+    Key(&'k str),
+    Index(usize),
+}
+
+impl<'k> From<&'k str> for Seg<'k> {
+    fn from(key: &'k str) -> Self {
+        Seg::Key(key)
+    }
+}
+
+impl From<usize> for Seg<'_> {
+    fn from(index: usize) -> Self {
+        Seg::Index(index)
+    }
+}
+
+/// A key path, as `at!["routes", 0, "idempotency", "ttl"]`.
+macro_rules! at {
+    ($($seg:expr),+ $(,)?) => {
+        &[$(Seg::from($seg)),+]
+    };
+}
+
 /// Collects semantic errors with their spans.
 struct Checker<'a> {
     file: &'a Path,
     source: &'a str,
+    /// The document as parsed, to find where a key was written.
+    doc: &'a DeTable<'a>,
     errors: Vec<ConfigError>,
 }
 
@@ -558,6 +587,49 @@ impl Checker<'_> {
             col,
             message: message.into(),
         });
+    }
+
+    /// The value written at `path`, if it is written.
+    fn value(&self, path: &[Seg<'_>]) -> Option<&Spanned<DeValue<'_>>> {
+        let mut value: Option<&Spanned<DeValue<'_>>> = None;
+        for seg in path {
+            value = match (seg, value.map(Spanned::get_ref)) {
+                (Seg::Key(key), None) => self.doc.get(*key),
+                (Seg::Key(key), Some(DeValue::Table(table))) => table.get(*key),
+                (Seg::Index(i), Some(DeValue::Array(array))) => array.get(*i),
+                _ => None,
+            };
+            value?;
+        }
+        value
+    }
+
+    /// Where the value at `path` is written. A key left out (its default
+    /// is in use) points at the nearest table on its path that is written,
+    /// or at the start of the file.
+    fn span(&self, path: &[Seg<'_>]) -> Range<usize> {
+        (0..=path.len())
+            .rev()
+            .find_map(|n| self.value(&path[..n]).map(Spanned::span))
+            .unwrap_or(0..0)
+    }
+
+    /// Whether `path` is written in the file.
+    fn written(&self, path: &[Seg<'_>]) -> bool {
+        self.value(path).is_some()
+    }
+
+    /// An error at the value written at `path`.
+    fn error_at(&mut self, path: &[Seg<'_>], message: impl Into<String>) {
+        let span = self.span(path);
+        self.error(span, message);
+    }
+
+    /// `key` (named in messages as `name`) must not be zero.
+    fn above_zero(&mut self, path: &[Seg<'_>], name: &str, value: Duration, why: &str) {
+        if value.is_zero() {
+            self.error_at(path, format!("{name} must be above zero: {why}"));
+        }
     }
 }
 
@@ -575,8 +647,9 @@ pub fn load(file: &Path) -> Result<Config, Vec<ConfigError>> {
 }
 
 /// Parses and validates config text; `file` is only used in messages.
+/// Never panics, whatever the text (fuzzed: `fuzz/`).
 pub fn parse(file: &Path, source: &str) -> Result<Config, Vec<ConfigError>> {
-    let config: Config = toml::from_str(source).map_err(|e| {
+    let syntax_error = |e: toml::de::Error| {
         let (line, col) = e.span().map_or((1, 1), |span| line_col(source, span.start));
         vec![ConfigError {
             file: file.to_owned(),
@@ -584,10 +657,14 @@ pub fn parse(file: &Path, source: &str) -> Result<Config, Vec<ConfigError>> {
             col,
             message: e.message().trim().to_owned(),
         }]
-    })?;
+    };
+    let doc = DeTable::parse(source).map_err(syntax_error)?;
+    let config =
+        Config::deserialize(toml::de::Deserializer::from(doc.clone())).map_err(syntax_error)?;
     let mut checker = Checker {
         file,
         source,
+        doc: doc.get_ref(),
         errors: Vec::new(),
     };
     validate(&config, &mut checker);
@@ -598,8 +675,23 @@ pub fn parse(file: &Path, source: &str) -> Result<Config, Vec<ConfigError>> {
     }
 }
 
-fn check_addr(c: &mut Checker<'_>, key: &str, value: &Spanned<String>) {
-    if value.get_ref().parse::<SocketAddr>().is_err() {
+/// Most worker threads `server.workers` may ask for: far more than any
+/// machine has cores, far fewer than would exhaust memory (each thread
+/// reserves a stack, and the runtime per-thread queues).
+pub const MAX_WORKERS: usize = 1024;
+
+/// Bounds of `server.max_header_size`: hyper needs room for a request
+/// line, and a head of a megabyte is an attack, not a request.
+const HEADER_SIZE_RANGE: std::ops::RangeInclusive<u64> = 1024..=(1 << 20);
+
+/// The methods routes may name: those of RFC 9110 and PATCH (RFC 5789).
+const METHODS: [&str; 9] = [
+    "GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH",
+];
+
+fn check_addr(c: &mut Checker<'_>, key: &str, value: &Spanned<String>) -> Option<SocketAddr> {
+    let addr = value.get_ref().parse::<SocketAddr>().ok();
+    if addr.is_none() {
         c.error(
             value.span(),
             format!(
@@ -608,19 +700,40 @@ fn check_addr(c: &mut Checker<'_>, key: &str, value: &Spanned<String>) {
             ),
         );
     }
+    addr
+}
+
+/// Whether two listeners would fight over one socket: the same port
+/// (other than 0, "any free port") on the same address, or on an
+/// unspecified address that covers the other (`0.0.0.0` covers IPv4,
+/// `[::]` both families, as Linux binds it dual-stack).
+fn addrs_overlap(a: SocketAddr, b: SocketAddr) -> bool {
+    if a.port() != b.port() || a.port() == 0 {
+        return false;
+    }
+    let (a, b) = (a.ip().to_canonical(), b.ip().to_canonical());
+    let covers = |x: std::net::IpAddr, y: std::net::IpAddr| {
+        x.is_unspecified() && (x.is_ipv6() || y.is_ipv4())
+    };
+    a == b || covers(a, b) || covers(b, a)
 }
 
 fn check_method(c: &mut Checker<'_>, method: &Spanned<String>) {
     let text = method.get_ref();
-    let valid = !text.is_empty()
-        && text.bytes().all(|b| b.is_ascii_uppercase())
-        && http::Method::from_bytes(text.as_bytes()).is_ok();
-    if !valid {
-        c.error(
-            method.span(),
-            format!("{text:?} is not an HTTP method; write it in capitals, such as \"POST\""),
-        );
+    if METHODS.contains(&text.as_str()) {
+        return;
     }
+    let upper = text.to_ascii_uppercase();
+    let message = if METHODS.contains(&upper.as_str()) {
+        format!("{text:?} is not an HTTP method; write it in capitals: {upper:?}")
+    } else {
+        format!(
+            "{text:?} is not an HTTP method; use one of {}",
+            METHODS.join(", ")
+        )
+    };
+    // A default (span 0..0) is always valid, so this is a written value.
+    c.error(method.span(), message);
 }
 
 /// Checks an upstream endpoint URL; returns its scheme-less authority on success.
@@ -647,23 +760,163 @@ pub fn endpoint_authority(url: &str) -> Result<http::uri::Authority, String> {
         .ok_or_else(|| format!("{url:?}: missing host"))
 }
 
-fn validate(config: &Config, c: &mut Checker<'_>) {
-    check_addr(c, "listen", &config.server.listen);
-    if let Some(admin) = &config.server.admin_listen {
-        check_addr(c, "admin_listen", admin);
+/// An error and its causes, `: `-separated.
+fn chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
     }
-    if config.server.max_header_size.0 < 1024 {
-        c.error(0..0, "server.max_header_size must be at least 1KiB");
-    }
+    text
+}
 
-    let store = &config.store;
+/// A Redis URL as the store opens it (`redis::Client::open` parses without
+/// connecting); the message never repeats the URL, which may hold a password.
+fn redis_url_error(url: &str) -> Option<String> {
+    if !url.starts_with("redis://") {
+        return Some(if url.starts_with("rediss://") {
+            "TLS (rediss://) is not supported by this build; use redis://".to_owned()
+        } else {
+            "must start with redis://".to_owned()
+        });
+    }
+    redis::Client::open(url).err().map(|e| chain(&e))
+}
+
+/// A PostgreSQL URL as the store opens it: `tokio_postgres::Config` parses
+/// it, and connecting needs a host and a port per host.
+fn postgres_url_error(url: &str) -> Option<String> {
+    if !["postgres://", "postgresql://"]
+        .iter()
+        .any(|s| url.starts_with(s))
+    {
+        return Some("must start with postgres:// or postgresql://".to_owned());
+    }
+    let config = match url.parse::<tokio_postgres::Config>() {
+        Ok(config) => config,
+        Err(e) => return Some(chain(&e)),
+    };
+    let hosts = config.get_hosts().len().max(config.get_hostaddrs().len());
+    if hosts == 0 {
+        return Some("names no host".to_owned());
+    }
+    let ports = config.get_ports().len();
+    if ports > 1 && ports != hosts {
+        return Some(format!("names {hosts} hosts but {ports} ports"));
+    }
+    None
+}
+
+/// The rule `RedisStore` holds key prefixes to.
+fn redis_prefix_ok(prefix: &str) -> bool {
+    !prefix.is_empty()
+        && prefix.len() <= 64
+        && prefix
+            .bytes()
+            .all(|b| b.is_ascii_graphic() && b != b'{' && b != b'}')
+}
+
+fn validate(config: &Config, c: &mut Checker<'_>) {
+    validate_server(config, c);
+    validate_store(&config.store, c);
+    validate_upstreams(config, c);
+    validate_routes(config, c);
+    validate_drain(&config.drain, c);
+    if let Err(e) = tracing_subscriber::EnvFilter::try_new(&config.log.level) {
+        c.error_at(
+            at!["log", "level"],
+            format!(
+                "log.level {:?} is not a log filter ({e}); write a level such as \"info\" or directives such as \"keel=debug,info\"",
+                config.log.level
+            ),
+        );
+    }
+}
+
+fn validate_server(config: &Config, c: &mut Checker<'_>) {
+    let server = &config.server;
+    let listen = check_addr(c, "listen", &server.listen);
+    if let Some(admin) = &server.admin_listen
+        && let Some(admin_addr) = check_addr(c, "admin_listen", admin)
+        && let Some(listen) = listen
+        && addrs_overlap(admin_addr, listen)
+    {
+        c.error(
+            admin.span(),
+            format!(
+                "admin_listen {:?} takes the same port as listen {:?}; give the admin API a port of its own",
+                admin.get_ref(),
+                server.listen.get_ref()
+            ),
+        );
+    }
+    if server.workers > MAX_WORKERS {
+        c.error_at(
+            at!["server", "workers"],
+            format!(
+                "server.workers = {} is too many; use at most {MAX_WORKERS}, or 0 for one per core",
+                server.workers
+            ),
+        );
+    }
+    c.above_zero(
+        at!["server", "idle_timeout"],
+        "server.idle_timeout",
+        server.idle_timeout.0,
+        "\"0s\" closes every connection before its request is read (the default is \"60s\")",
+    );
+    if !HEADER_SIZE_RANGE.contains(&server.max_header_size.0) {
+        c.error_at(
+            at!["server", "max_header_size"],
+            "server.max_header_size must be between 1KiB and 1MiB (the default is \"16KiB\")",
+        );
+    }
+    let budget = server.buffer_budget.get_ref().0;
+    let largest_keyed_body = config
+        .routes
+        .iter()
+        .filter_map(|r| r.idempotency.as_ref().filter(|i| i.enabled))
+        .map(|i| i.max_body.0)
+        .max();
+    if let Some(largest) = largest_keyed_body
+        && budget <= largest
+    {
+        c.error(
+            server.buffer_budget.span(),
+            format!(
+                "server.buffer_budget ({budget} bytes) must be above the largest idempotent route's max_body ({largest} bytes), or every such body is refused"
+            ),
+        );
+    }
+}
+
+fn validate_store(store: &StoreConfig, c: &mut Checker<'_>) {
+    let kind = *store.kind.get_ref();
     if let Some(durable) = &store.durable_claims
-        && *store.kind.get_ref() != StoreKind::Embedded
+        && kind != StoreKind::Embedded
     {
         c.error(
             durable.span(),
             "store.durable_claims is only used by kind = \"embedded\"; remove it",
         );
+    }
+    if let Some(path) = &store.path {
+        if kind != StoreKind::Embedded {
+            c.error_at(
+                at!["store", "path"],
+                "store.path is only used by kind = \"embedded\"; remove it",
+            );
+        } else if path.trim().is_empty() {
+            c.error_at(
+                at!["store", "path"],
+                "store.path is empty; name a directory such as \"keel-data\"",
+            );
+        }
     }
     let memory_limits = [
         ("max_bytes", &store.max_bytes),
@@ -673,7 +926,7 @@ fn validate(config: &Config, c: &mut Checker<'_>) {
         // A span of 0..0 is the default: only a value written in the file
         // is questioned.
         let written = limit.span() != (0..0);
-        if written && *store.kind.get_ref() != StoreKind::Memory {
+        if written && kind != StoreKind::Memory {
             c.error(
                 limit.span(),
                 format!("store.{key} is only used by kind = \"memory\"; remove it"),
@@ -688,25 +941,23 @@ fn validate(config: &Config, c: &mut Checker<'_>) {
             "store.max_bytes_per_tenant cannot be above store.max_bytes",
         );
     }
-    let budget = config.server.buffer_budget.get_ref().0;
-    let largest_keyed_body = config
-        .routes
-        .iter()
-        .filter_map(|r| r.idempotency.as_ref().filter(|i| i.enabled))
-        .map(|i| i.max_body.0)
-        .max();
-    if let Some(largest) = largest_keyed_body
-        && budget <= largest
-    {
-        c.error(
-            config.server.buffer_budget.span(),
+    c.above_zero(
+        at!["store", "timeout"],
+        "store.timeout",
+        store.timeout.0,
+        "no store operation could finish (the default is \"2s\")",
+    );
+    if kind == StoreKind::Redis && !redis_prefix_ok(&store.prefix) {
+        c.error_at(
+            at!["store", "prefix"],
             format!(
-                "server.buffer_budget ({budget} bytes) must be above the largest idempotent route's max_body ({largest} bytes), or every such body is refused"
+                "store.prefix {:?} cannot prefix Redis keys; use 1 to 64 printable ASCII characters without spaces, '{{' or '}}'",
+                store.prefix
             ),
         );
     }
     if let Some(nodes) = &store.cluster_nodes {
-        if *store.kind.get_ref() != StoreKind::Redis {
+        if kind != StoreKind::Redis {
             c.error(
                 nodes.span(),
                 "store.cluster_nodes is only used by kind = \"redis\"; remove it",
@@ -719,19 +970,35 @@ fn validate(config: &Config, c: &mut Checker<'_>) {
         } else if nodes.get_ref().is_empty() {
             c.error(nodes.span(), "store.cluster_nodes needs at least one node");
         }
+        let mut all_ok = true;
         for node in nodes.get_ref() {
-            if !["redis://", "rediss://"]
-                .iter()
-                .any(|s| node.get_ref().starts_with(s))
-            {
+            if let Some(problem) = redis_url_error(node.get_ref()) {
+                all_ok = false;
                 c.error(
                     node.span(),
-                    "a cluster node must start with redis:// or rediss://",
+                    format!(
+                        "a cluster node must be a Redis URL such as \"redis://HOST:PORT/\": {problem}"
+                    ),
                 );
             }
         }
+        if all_ok
+            && kind == StoreKind::Redis
+            && !nodes.get_ref().is_empty()
+            && let Err(e) = redis::cluster::ClusterClientBuilder::new(
+                nodes.get_ref().iter().map(|n| n.get_ref().as_str()),
+            )
+            .build()
+        {
+            c.error(
+                nodes.span(),
+                format!(
+                    "store.cluster_nodes do not make one cluster client ({e}); give every node the same user and password, and no database number"
+                ),
+            );
+        }
     }
-    match store.kind.get_ref() {
+    match kind {
         StoreKind::Memory | StoreKind::Embedded => {
             if let Some(url) = &store.url {
                 c.error(
@@ -742,27 +1009,36 @@ fn validate(config: &Config, c: &mut Checker<'_>) {
         }
         // A cluster's nodes stand in for the URL (checked above).
         StoreKind::Redis if store.cluster_nodes.is_some() => {}
-        kind @ (StoreKind::Redis | StoreKind::Postgres) => {
-            let schemes: &[&str] = if *kind == StoreKind::Redis {
-                &["redis://", "rediss://"]
+        StoreKind::Redis | StoreKind::Postgres => {
+            let (problem, example) = if kind == StoreKind::Redis {
+                (
+                    store.url.as_ref().map(|u| redis_url_error(u.get_ref())),
+                    "redis://[:PASSWORD@]HOST:PORT/[DB]",
+                )
             } else {
-                &["postgres://", "postgresql://"]
+                (
+                    store.url.as_ref().map(|u| postgres_url_error(u.get_ref())),
+                    "postgres://USER[:PASSWORD]@HOST[:PORT]/DATABASE",
+                )
             };
-            match &store.url {
-                None => c.error(
+            match (&store.url, problem.flatten()) {
+                (None, _) => c.error(
                     store.kind.span(),
-                    format!("this store kind needs url = \"{}...\"", schemes[0]),
+                    format!("this store kind needs url = \"{example}\""),
                 ),
-                Some(url) if !schemes.iter().any(|s| url.get_ref().starts_with(s)) => c.error(
+                (Some(url), Some(problem)) => c.error(
                     url.span(),
-                    format!("store.url must start with {}", schemes.join(" or ")),
+                    format!("store.url {problem}; write \"{example}\""),
                 ),
-                Some(_) => {}
+                (Some(_), None) => {}
             }
         }
     }
+}
 
+fn validate_upstreams(config: &Config, c: &mut Checker<'_>) {
     for (name, upstream) in &config.upstreams {
+        let name = name.as_str();
         if upstream.endpoints.get_ref().is_empty() {
             c.error(
                 upstream.endpoints.span(),
@@ -776,33 +1052,57 @@ fn validate(config: &Config, c: &mut Checker<'_>) {
                 c.error(endpoint.span(), message);
             }
         }
-        for message in crate::resilience::validate_upstream(
+        for (key, message) in crate::resilience::validate_upstream(
             name,
             upstream.breaker.as_ref(),
             upstream.health_check.as_ref(),
             upstream.retry.as_ref(),
         ) {
-            c.error(upstream.endpoints.span(), message);
+            let mut path = vec![Seg::Key("upstreams"), Seg::Key(name)];
+            path.extend(key.iter().map(|k| Seg::Key(k)));
+            c.error_at(&path, message);
         }
-        if upstream.connect_timeout.0.is_zero() || upstream.request_timeout.0.is_zero() {
-            c.error(
-                upstream.endpoints.span(),
-                format!("upstream {name:?}: timeouts must be above zero"),
-            );
-        }
+        c.above_zero(
+            at!["upstreams", name, "connect_timeout"],
+            &format!("upstreams.{name}.connect_timeout"),
+            upstream.connect_timeout.0,
+            "no connection could be made (the default is \"2s\")",
+        );
+        c.above_zero(
+            at!["upstreams", name, "request_timeout"],
+            &format!("upstreams.{name}.request_timeout"),
+            upstream.request_timeout.0,
+            "every request would time out (the default is \"30s\")",
+        );
     }
+}
 
+fn validate_routes(config: &Config, c: &mut Checker<'_>) {
     if config.routes.is_empty() {
         c.error(0..0, "no [[routes]]: add at least one route");
     }
     let mut seen: Vec<(&str, Option<String>)> = Vec::new();
-    for route in &config.routes {
+    for (i, route) in config.routes.iter().enumerate() {
         let prefix = route.path_prefix.get_ref();
         if !prefix.starts_with('/') {
             c.error(
                 route.path_prefix.span(),
                 format!("path_prefix {prefix:?} must start with \"/\""),
             );
+        }
+        if let Some(host) = &route.host {
+            let bare = host
+                .parse::<http::uri::Authority>()
+                .ok()
+                .filter(|a| a.port().is_none() && a.as_str() == a.host() && !a.host().is_empty());
+            if bare.is_none() {
+                c.error_at(
+                    at!["routes", i, "host"],
+                    format!(
+                        "routes.host {host:?} is not a host name; write the name alone, without scheme, port or path, such as \"api.example.com\""
+                    ),
+                );
+            }
         }
         let host = route.host.as_ref().map(|h| h.to_ascii_lowercase());
         if route.methods.is_none() && seen.iter().any(|(p, h)| *p == prefix && *h == host) {
@@ -830,8 +1130,19 @@ fn validate(config: &Config, c: &mut Checker<'_>) {
             for method in &idem.methods {
                 check_method(c, method);
             }
-            if idem.ttl.0.is_zero() {
-                c.error(0..0, "routes.idempotency.ttl must be above zero");
+            c.above_zero(
+                at!["routes", i, "idempotency", "ttl"],
+                "routes.idempotency.ttl",
+                idem.ttl.0,
+                "a result would be forgotten as soon as it is stored (the default is \"24h\")",
+            );
+            if let Some(lease) = &idem.lease {
+                c.above_zero(
+                    at!["routes", i, "idempotency", "lease"],
+                    "routes.idempotency.lease",
+                    lease.0,
+                    "every claim would lapse at once; leave it out for the upstream's request_timeout plus a margin",
+                );
             }
             if http::HeaderName::from_bytes(idem.tenant_header.get_ref().as_bytes()).is_err() {
                 c.error(
@@ -843,26 +1154,66 @@ fn validate(config: &Config, c: &mut Checker<'_>) {
                 );
             }
         }
+        if let Some(stale) = route.stale.as_ref().filter(|s| s.enabled) {
+            c.above_zero(
+                at!["routes", i, "stale", "max_age"],
+                "routes.stale.max_age",
+                stale.max_age.0,
+                "nothing kept could ever be served (the default is \"5m\")",
+            );
+            if stale.max_entry_size.0 > stale.max_bytes.0 {
+                c.error_at(
+                    at!["routes", i, "stale", "max_entry_size"],
+                    "routes.stale.max_entry_size cannot be above routes.stale.max_bytes",
+                );
+            }
+        }
     }
+}
 
-    if config.drain.batch_size == 0 {
-        c.error(0..0, "drain.batch_size must be at least 1");
+fn validate_drain(drain: &DrainConfig, c: &mut Checker<'_>) {
+    if drain.batch_size == 0 {
+        c.error_at(
+            at!["drain", "batch_size"],
+            "drain.batch_size must be at least 1",
+        );
     }
-    if !(config.drain.percent > 0.0 && config.drain.percent <= 100.0) {
-        c.error(0..0, "drain.percent must be above 0 and at most 100");
+    if !(drain.percent > 0.0 && drain.percent <= 100.0) {
+        c.error_at(
+            at!["drain", "percent"],
+            "drain.percent must be above 0 and at most 100",
+        );
     }
-    if config.drain.shutdown_delay.0 >= config.drain.deadline.0 {
-        c.error(
-            0..0,
+    c.above_zero(
+        at!["drain", "deadline"],
+        "drain.deadline",
+        drain.deadline.0,
+        "connections would be cut the moment the drain starts (the default is \"30s\")",
+    );
+    if !drain.deadline.0.is_zero() && drain.shutdown_delay.0 >= drain.deadline.0 {
+        // Point at whichever of the two is written (the deadline when both).
+        let key = if c.written(at!["drain", "deadline"]) {
+            "deadline"
+        } else {
+            "shutdown_delay"
+        };
+        c.error_at(
+            at!["drain", key],
             "drain.shutdown_delay must be shorter than drain.deadline (both count from the signal)",
         );
     }
-    if config.drain.batch_interval.0.is_zero() || config.drain.gradual_over.0.is_zero() {
-        c.error(
-            0..0,
-            "drain.batch_interval and drain.gradual_over must be above zero",
-        );
-    }
+    c.above_zero(
+        at!["drain", "batch_interval"],
+        "drain.batch_interval",
+        drain.batch_interval.0,
+        "write the time between two batches, such as \"2s\"",
+    );
+    c.above_zero(
+        at!["drain", "gradual_over"],
+        "drain.gradual_over",
+        drain.gradual_over.0,
+        "write the length of a gradual drain, such as \"20s\"",
+    );
 }
 
 impl Config {
@@ -989,7 +1340,9 @@ deadline = "30s"
         let text = GOOD.replace("ttl = \"24h\"", "ttl = \"24 hours\"");
         let errs = errors(&text);
         assert!(errs[0].starts_with("k.toml:21:7:"), "{errs:?}");
-        assert!(errs[0].contains("unknown unit"), "{errs:?}");
+        assert!(errs[0].contains("no spaces allowed"), "{errs:?}");
+        let text = GOOD.replace("ttl = \"24h\"", "ttl = \"24hours\"");
+        assert!(errors(&text)[0].contains("unknown unit"));
         let text = GOOD.replace(
             "admin_listen = \"127.0.0.1:9901\"",
             "max_body_size = \"ten\"",
@@ -1004,7 +1357,10 @@ deadline = "30s"
         assert!(errors(&text)[0].contains("https upstreams are not supported"));
         let text = GOOD.replace("path_prefix = \"/\"", "path_prefix = \"api\"");
         assert!(errors(&text)[0].contains("must start with"));
-        let text = GOOD.replace("kind = \"embedded\"", "kind = \"redis\"");
+        let text = GOOD.replace(
+            "kind = \"embedded\"\npath = \"keel-data\"",
+            "kind = \"redis\"",
+        );
         assert!(errors(&text)[0].contains("needs url"));
         let text = GOOD.replace("\"POST\", \"PATCH\"", "\"post\"");
         assert!(errors(&text)[0].contains("not an HTTP method"));
@@ -1017,6 +1373,255 @@ deadline = "30s"
             errors(&text)
         );
         assert!(errors("[server\n").len() == 1);
+    }
+
+    /// One error, starting with `want` (`LINE:COL: message`).
+    #[track_caller]
+    fn assert_error(text: &str, want: &str) {
+        let errs = errors(text);
+        assert_eq!(errs.len(), 1, "{errs:?}\n---\n{text}");
+        assert!(
+            errs[0].starts_with(&format!("k.toml:{want}")),
+            "want k.toml:{want}\ngot  {}\n---\n{text}",
+            errs[0]
+        );
+    }
+
+    #[test]
+    fn errors_point_at_the_key_even_inside_nested_tables() {
+        let drain = |extra: &str| GOOD.replace("deadline = \"30s\"", extra);
+        assert_error(
+            &drain("deadline = \"30s\"\nstrategy = \"percent\"\npercent = 0.0"),
+            "30:11: drain.percent must be above 0",
+        );
+        assert_error(
+            &drain("deadline = \"3s\""),
+            "28:12: drain.shutdown_delay must be shorter than drain.deadline",
+        );
+        // Only shutdown_delay is written (deadline is the default 30s).
+        assert_error(
+            &GOOD
+                .replace("deadline = \"30s\"", "")
+                .replace("shutdown_delay = \"5s\"", "shutdown_delay = \"40s\""),
+            "25:18: drain.shutdown_delay must be shorter",
+        );
+        assert_error(
+            &GOOD.replace("batch_interval = \"2s\"", "batch_interval = \"0s\""),
+            "27:18: drain.batch_interval must be above zero",
+        );
+        assert_error(
+            &GOOD.replace("batch_size = 10000", "batch_size = 0"),
+            "26:14: drain.batch_size must be at least 1",
+        );
+        assert_error(
+            &GOOD.replace("ttl = \"24h\"", "ttl = \"0s\""),
+            "21:7: routes.idempotency.ttl must be above zero",
+        );
+        // A dotted key at the top level points at its value too.
+        let without_drain = &GOOD[..GOOD.find("[drain]").expect("drain")];
+        assert_error(
+            &format!("drain.percent = 101.0{without_drain}"),
+            "1:17: drain.percent must be above 0",
+        );
+    }
+
+    #[test]
+    fn a_key_left_out_points_at_its_table() {
+        let checker_errors = |text: &str, path: &[Seg<'_>]| {
+            let doc = DeTable::parse(text).expect("toml");
+            let c = Checker {
+                file: Path::new("k.toml"),
+                source: text,
+                doc: doc.get_ref(),
+                errors: Vec::new(),
+            };
+            line_col(text, c.span(path).start)
+        };
+        let text = "[server]\nlisten = \"x\"\n\n[[routes]]\na = 1\n[[routes]]\nb = 2\n";
+        assert_eq!(checker_errors(text, at!["server", "listen"]), (2, 10));
+        assert_eq!(checker_errors(text, at!["routes", 1, "b"]), (7, 5));
+        // Absent key: its table (the header of the second [[routes]]).
+        let (line, _) = checker_errors(text, at!["routes", 1, "idempotency", "ttl"]);
+        assert!(line == 6 || line == 7, "{line}");
+        assert_eq!(checker_errors(text, at!["drain", "percent"]), (1, 1));
+    }
+
+    #[test]
+    fn store_urls_are_parsed_as_the_stores_parse_them() {
+        let store = |body: &str| {
+            GOOD.replace(
+                "kind = \"embedded\"\npath = \"keel-data\"",
+                &format!("kind = {body}"),
+            )
+        };
+        assert_error(
+            &store("\"redis\"\nurl = \"redis://:pw@[::1\""),
+            "8:7: store.url ",
+        );
+        assert!(
+            errors(&store("\"redis\"\nurl = \"redis://:pw@[::1\""))[0].contains("write \"redis://")
+        );
+        assert!(!errors(&store("\"redis\"\nurl = \"redis://:pw@[::1\""))[0].contains("pw"));
+        assert_error(
+            &store("\"redis\"\nurl = \"rediss://h:6379/\""),
+            "8:7: store.url TLS (rediss://) is not supported",
+        );
+        assert_error(
+            &store("\"redis\"\nurl = \"redis://h:6379/\"\nprefix = \"a{b\""),
+            "9:10: store.prefix \"a{b\" cannot prefix Redis keys",
+        );
+        assert!(errors(&store("\"redis\"\nurl = \"redis://h:6379/2\"")).is_empty());
+        assert_error(
+            &store("\"postgres\"\nurl = \"postgres://u@h:notaport/db\""),
+            "8:7: store.url invalid connection string: invalid value for option `port`",
+        );
+        assert_error(
+            &store("\"postgres\"\nurl = \"postgres:///db\""),
+            "8:7: store.url names no host",
+        );
+        assert!(errors(&store("\"postgres\"\nurl = \"postgresql://u:p@h1,h2/db\"")).is_empty());
+        assert_error(
+            &store("\"redis\"\ncluster_nodes = [\"redis://:p@a:1/\", \"redis://:q@b:2/\"]"),
+            "8:17: store.cluster_nodes do not make one cluster client",
+        );
+        assert_error(
+            &store("\"redis\"\nurl = \"redis://h/\"\ntimeout = \"0s\""),
+            "9:11: store.timeout must be above zero",
+        );
+        assert_error(
+            &GOOD.replace("path = \"keel-data\"", "path = \"\""),
+            "8:8: store.path is empty",
+        );
+        assert_error(
+            &store("\"memory\"\npath = \"x\""),
+            "8:8: store.path is only used by kind = \"embedded\"",
+        );
+    }
+
+    #[test]
+    fn listeners_must_not_share_a_socket() {
+        let pair = |listen: &str, admin: &str| {
+            GOOD.replace("127.0.0.1:8080", listen)
+                .replace("127.0.0.1:9901", admin)
+        };
+        for (listen, admin) in [
+            ("127.0.0.1:8080", "127.0.0.1:8080"),
+            ("0.0.0.0:8080", "127.0.0.1:8080"),
+            ("127.0.0.1:8080", "0.0.0.0:8080"),
+            ("[::]:8080", "127.0.0.1:8080"),
+            ("[::1]:8080", "[::]:8080"),
+            ("[::ffff:127.0.0.1]:8080", "127.0.0.1:8080"),
+        ] {
+            assert_error(
+                &pair(listen, admin),
+                &format!(
+                    "4:16: admin_listen \"{admin}\" takes the same port as listen \"{listen}\""
+                ),
+            );
+        }
+        for (listen, admin) in [
+            ("127.0.0.1:8080", "127.0.0.2:8080"),
+            ("0.0.0.0:8080", "[::1]:8080"),
+            ("127.0.0.1:0", "127.0.0.1:0"),
+            ("0.0.0.0:8080", "0.0.0.0:8081"),
+        ] {
+            assert!(errors(&pair(listen, admin)).is_empty(), "{listen} {admin}");
+        }
+    }
+
+    #[test]
+    fn resilience_errors_point_at_their_key() {
+        let with = |table: &str| {
+            GOOD.replace(
+                "endpoints = [\"http://127.0.0.1:3000\"]",
+                &format!("endpoints = [\"http://127.0.0.1:3000\"]\n{table}"),
+            )
+        };
+        assert_error(
+            &with("[upstreams.app.breaker]\nfailures = 0"),
+            "13:12: upstreams.app.breaker.failures must be at least 1",
+        );
+        assert_error(
+            &with("[upstreams.app.breaker]\nwindow = \"0s\""),
+            "13:10: upstreams.app.breaker.window must be above zero",
+        );
+        assert_error(
+            &with("[upstreams.app.breaker]\nprobe_timeout = \"0s\""),
+            "13:17: upstreams.app.breaker.probe_timeout must be above zero",
+        );
+        assert_error(
+            &with("[upstreams.app.health_check]\npath = \"/a b\""),
+            "13:8: upstreams.app.health_check.path \"/a b\" must be a request path",
+        );
+        assert_error(
+            &with("[upstreams.app.retry]\nstatuses = [503, 1000]"),
+            "13:12: upstreams.app.retry.statuses: 1000 is not an HTTP status",
+        );
+        assert_error(
+            &with("connect_timeout = \"0s\""),
+            "12:19: upstreams.app.connect_timeout must be above zero",
+        );
+    }
+
+    #[test]
+    fn routes_checks() {
+        assert_error(
+            &GOOD.replace(
+                "path_prefix = \"/\"",
+                "path_prefix = \"/\"\nhost = \"a.example:80\"",
+            ),
+            "15:8: routes.host \"a.example:80\" is not a host name",
+        );
+        assert!(
+            errors(&GOOD.replace(
+                "path_prefix = \"/\"",
+                "path_prefix = \"/\"\nhost = \"A.example\""
+            ))
+            .is_empty()
+        );
+        assert_error(
+            &GOOD.replace("ttl = \"24h\"", "ttl = \"24h\"\nlease = \"0s\""),
+            "22:9: routes.idempotency.lease must be above zero",
+        );
+        assert_error(
+            &GOOD.replace("\"POST\", \"PATCH\"", "\"POST\", \"POTS\""),
+            "20:20: \"POTS\" is not an HTTP method; use one of GET, HEAD, POST",
+        );
+        assert_error(
+            &format!("{GOOD}\n[routes.stale]\nmax_age = \"0s\""),
+            "31:11: routes.stale.max_age must be above zero",
+        );
+    }
+
+    #[test]
+    fn server_limits() {
+        let server = |line: &str| {
+            GOOD.replace(
+                "admin_listen = \"127.0.0.1:9901\"",
+                &format!("admin_listen = \"127.0.0.1:9901\"\n{line}"),
+            )
+        };
+        assert_error(
+            &server("workers = 100000000"),
+            "5:11: server.workers = 100000000 is too many; use at most 1024",
+        );
+        assert!(errors(&server("workers = 1024")).is_empty());
+        assert_error(
+            &server("idle_timeout = \"0s\""),
+            "5:16: server.idle_timeout must be above zero",
+        );
+        assert_error(
+            &server("max_header_size = \"0B\""),
+            "5:19: server.max_header_size must be between 1KiB and 1MiB",
+        );
+        assert_error(
+            &server("max_header_size = \"2MiB\""),
+            "5:19: server.max_header_size must be between 1KiB and 1MiB",
+        );
+        assert_error(
+            &GOOD.replace("[drain]", "[log]\nlevel = \"keel=loud\"\n[drain]"),
+            "25:9: log.level \"keel=loud\" is not a log filter",
+        );
     }
 
     #[test]
