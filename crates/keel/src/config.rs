@@ -775,21 +775,26 @@ fn chain(error: &dyn std::error::Error) -> String {
     text
 }
 
-/// A Redis URL as the store opens it (`redis::Client::open` parses without
-/// connecting); the message never repeats the URL, which may hold a password.
+/// What is wrong with a Redis URL, as the store opens it
+/// (`redis::Client::open` parses without connecting), as a predicate for
+/// "store.url ..."; never repeats the URL, which may hold a password.
 fn redis_url_error(url: &str) -> Option<String> {
-    if !url.starts_with("redis://") {
-        return Some(if url.starts_with("rediss://") {
-            "TLS (rediss://) is not supported by this build; use redis://".to_owned()
-        } else {
-            "must start with redis://".to_owned()
-        });
+    if url.starts_with("rediss://") {
+        return Some(
+            "uses TLS (rediss://), which this build does not support; use redis://".to_owned(),
+        );
     }
-    redis::Client::open(url).err().map(|e| chain(&e))
+    if !url.starts_with("redis://") {
+        return Some("must start with redis://".to_owned());
+    }
+    let error = redis::Client::open(url).err()?;
+    let reason = chain(&error).replace(&format!(" - {:?}", error.kind()), "");
+    Some(format!("is not a Redis URL the store can open ({reason})"))
 }
 
-/// A PostgreSQL URL as the store opens it: `tokio_postgres::Config` parses
-/// it, and connecting needs a host and a port per host.
+/// What is wrong with a PostgreSQL URL, as the store opens it:
+/// `tokio_postgres::Config` parses it, and connecting needs a host and as
+/// many ports as hosts (or one).
 fn postgres_url_error(url: &str) -> Option<String> {
     if !["postgres://", "postgresql://"]
         .iter()
@@ -797,19 +802,23 @@ fn postgres_url_error(url: &str) -> Option<String> {
     {
         return Some("must start with postgres:// or postgresql://".to_owned());
     }
-    let config = match url.parse::<tokio_postgres::Config>() {
-        Ok(config) => config,
-        Err(e) => return Some(chain(&e)),
+    let problem = match url.parse::<tokio_postgres::Config>() {
+        Err(e) => chain(&e),
+        Ok(config) => {
+            let hosts = config.get_hosts().len().max(config.get_hostaddrs().len());
+            let ports = config.get_ports().len();
+            if hosts == 0 {
+                "it names no host".to_owned()
+            } else if ports > 1 && ports != hosts {
+                format!("it names {hosts} hosts but {ports} ports")
+            } else {
+                return None;
+            }
+        }
     };
-    let hosts = config.get_hosts().len().max(config.get_hostaddrs().len());
-    if hosts == 0 {
-        return Some("names no host".to_owned());
-    }
-    let ports = config.get_ports().len();
-    if ports > 1 && ports != hosts {
-        return Some(format!("names {hosts} hosts but {ports} ports"));
-    }
-    None
+    Some(format!(
+        "is not a PostgreSQL URL the store can open ({problem})"
+    ))
 }
 
 /// The rule `RedisStore` holds key prefixes to.
@@ -976,9 +985,7 @@ fn validate_store(store: &StoreConfig, c: &mut Checker<'_>) {
                 all_ok = false;
                 c.error(
                     node.span(),
-                    format!(
-                        "a cluster node must be a Redis URL such as \"redis://HOST:PORT/\": {problem}"
-                    ),
+                    format!("a cluster node {problem}; write \"redis://HOST:PORT/\""),
                 );
             }
         }
@@ -1456,7 +1463,7 @@ deadline = "30s"
         };
         assert_error(
             &store("\"redis\"\nurl = \"redis://:pw@[::1\""),
-            "8:7: store.url ",
+            "8:7: store.url is not a Redis URL the store can open (Redis URL did not parse); write \"redis://",
         );
         assert!(
             errors(&store("\"redis\"\nurl = \"redis://:pw@[::1\""))[0].contains("write \"redis://")
@@ -1464,7 +1471,7 @@ deadline = "30s"
         assert!(!errors(&store("\"redis\"\nurl = \"redis://:pw@[::1\""))[0].contains("pw"));
         assert_error(
             &store("\"redis\"\nurl = \"rediss://h:6379/\""),
-            "8:7: store.url TLS (rediss://) is not supported",
+            "8:7: store.url uses TLS (rediss://), which this build does not support",
         );
         assert_error(
             &store("\"redis\"\nurl = \"redis://h:6379/\"\nprefix = \"a{b\""),
@@ -1473,11 +1480,11 @@ deadline = "30s"
         assert!(errors(&store("\"redis\"\nurl = \"redis://h:6379/2\"")).is_empty());
         assert_error(
             &store("\"postgres\"\nurl = \"postgres://u@h:notaport/db\""),
-            "8:7: store.url invalid connection string: invalid value for option `port`",
+            "8:7: store.url is not a PostgreSQL URL the store can open (invalid connection string: invalid value for option `port`)",
         );
         assert_error(
             &store("\"postgres\"\nurl = \"postgres:///db\""),
-            "8:7: store.url names no host",
+            "8:7: store.url is not a PostgreSQL URL the store can open (it names no host)",
         );
         assert!(errors(&store("\"postgres\"\nurl = \"postgresql://u:p@h1,h2/db\"")).is_empty());
         assert_error(
@@ -1628,5 +1635,177 @@ deadline = "30s"
     fn line_col_counts_characters() {
         assert_eq!(line_col("ab\ncdé f", 8), (2, 5));
         assert_eq!(line_col("", 10), (1, 1));
+    }
+
+    /// The parser never panics, and what it accepts is within the bounds
+    /// `serve` needs: thousands of random and mutated documents on stable
+    /// (the `fuzz/` target does the same with coverage guidance).
+    mod no_panic {
+        use super::*;
+        use proptest::prelude::*;
+
+        const SEEDS: [&str; 4] = [
+            GOOD,
+            include_str!("../../../examples/keel-embedded.toml"),
+            include_str!("../../../examples/keel-redis.toml"),
+            include_str!("../../../examples/keel-postgres.toml"),
+        ];
+
+        /// Pieces of TOML and of bad values to splice in.
+        const SNIPPETS: &[&str] = &[
+            "\n",
+            " ",
+            "=",
+            "\"",
+            "'",
+            "[",
+            "]",
+            "{",
+            "}",
+            ",",
+            ".",
+            "#",
+            "\\",
+            "é",
+            "\u{0}",
+            "\r\n",
+            "'''",
+            "\"\"\"",
+            "[[routes]]\n",
+            "[drain]\n",
+            "[store]\n",
+            "[server]\n",
+            "[log]\n",
+            "[upstreams.app]\n",
+            "[upstreams.app.breaker]\n",
+            "[upstreams.app.retry]\n",
+            "[upstreams.app.health_check]\n",
+            "[routes.idempotency]\n",
+            "[routes.stale]\n",
+            "0",
+            "-1",
+            "1.5",
+            "nan",
+            "-inf",
+            "1e400",
+            "99999999999999999999",
+            "true",
+            "1979-05-27T07:32:00Z",
+            "\"0s\"",
+            "\"30 s\"",
+            "\"365d\"",
+            "\"366d\"",
+            "\"0B\"",
+            "\"1GiB\"",
+            "\"POTS\"",
+            "\"get\"",
+            "\"redis://:pw@[::1\"",
+            "\"postgres:///db\"",
+            "\"127.0.0.1:8080\"",
+            "\"0.0.0.0:8080\"",
+            "\"[::]:9901\"",
+            "kind = \"redis\"\n",
+            "kind = \"postgres\"\n",
+            "kind = \"memory\"\n",
+            "url = ",
+            "cluster_nodes = [\"redis://a:1/\"]\n",
+            "workers = ",
+            "percent = ",
+            "deadline = ",
+            "ttl = ",
+            "lease = ",
+            "methods = ",
+            "host = ",
+            "level = ",
+            "prefix = ",
+            "path = ",
+            "failures = ",
+            "statuses = ",
+            "max_header_size = ",
+            "admin_listen = ",
+            "enabled = true\n",
+            "[]",
+            "[\"\"]",
+        ];
+
+        fn boundary(text: &str, at: usize) -> usize {
+            let mut at = at % (text.len() + 1);
+            while !text.is_char_boundary(at) {
+                at -= 1;
+            }
+            at
+        }
+
+        /// `seed` with `edits` (position, length, snippet, kind) applied.
+        fn mutate(seed: &str, edits: &[(usize, usize, usize, u8)]) -> String {
+            let mut text = seed.to_owned();
+            for &(pos, len, snippet, kind) in edits {
+                let start = boundary(&text, pos);
+                let end = boundary(&text, start + len % 24).max(start);
+                let snippet = SNIPPETS[snippet % SNIPPETS.len()];
+                match kind % 3 {
+                    0 => text.replace_range(start..end, ""),
+                    1 => text.insert_str(start, snippet),
+                    _ => text.replace_range(start..end, snippet),
+                }
+            }
+            text
+        }
+
+        /// Parses `text`; checks the errors' places and, when accepted, the
+        /// bounds `serve` relies on.
+        fn check(text: &str) {
+            match parse(Path::new("f.toml"), text) {
+                Err(errors) => {
+                    assert!(!errors.is_empty());
+                    let lines = text.split('\n').count();
+                    for e in &errors {
+                        assert!(e.line >= 1 && e.line <= lines && e.col >= 1, "{e}");
+                        assert!(!e.message.is_empty());
+                    }
+                }
+                Ok(config) => {
+                    assert!(config.server.workers <= MAX_WORKERS);
+                    assert!(!config.server.idle_timeout.0.is_zero());
+                    assert!(HEADER_SIZE_RANGE.contains(&config.server.max_header_size.0));
+                    assert!(!config.store.timeout.0.is_zero());
+                    assert!(!config.routes.is_empty());
+                    assert!(config.drain.shutdown_delay.0 < config.drain.deadline.0);
+                    if let Some(admin) = config.admin_addr() {
+                        assert!(!addrs_overlap(admin, config.listen_addr()));
+                    }
+                    for upstream in config.upstreams.values() {
+                        assert!(!upstream.request_timeout.0.is_zero());
+                        assert!(!upstream.connect_timeout.0.is_zero());
+                    }
+                }
+            }
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(2000))]
+
+            #[test]
+            fn mutated_configs(
+                seed in 0..SEEDS.len(),
+                edits in prop::collection::vec(
+                    (any::<usize>(), any::<usize>(), any::<usize>(), any::<u8>()),
+                    1..6,
+                ),
+            ) {
+                check(&mutate(SEEDS[seed], &edits));
+            }
+
+            #[test]
+            fn arbitrary_text(text in any::<String>()) {
+                check(&text);
+            }
+
+            #[test]
+            fn spliced_snippets(pieces in prop::collection::vec(0..SNIPPETS.len(), 0..40)) {
+                let text: String = pieces.iter().map(|&i| SNIPPETS[i]).collect();
+                check(&text);
+            }
+        }
     }
 }
