@@ -625,7 +625,8 @@ impl Checker<'_> {
         self.error(span, message);
     }
 
-    /// `key` (named in messages as `name`) must not be zero.
+    /// The duration at `path` (named `name` in the message) must not be
+    /// zero; `why` says what zero would do.
     fn above_zero(&mut self, path: &[Seg<'_>], name: &str, value: Duration, why: &str) {
         if value.is_zero() {
             self.error_at(path, format!("{name} must be above zero: {why}"));
