@@ -789,8 +789,15 @@ fn redis_url_error(url: &str) -> Option<String> {
         return Some("must start with redis://".to_owned());
     }
     let error = redis::Client::open(url).err()?;
-    let reason = chain(&error).replace(&format!(" - {:?}", error.kind()), "");
-    Some(format!("is not a Redis URL the store can open ({reason})"))
+    Some(format!(
+        "is not a Redis URL the store can open ({})",
+        redis_reason(&error)
+    ))
+}
+
+/// A Redis error without the " - InvalidClientConfig" its text carries.
+fn redis_reason(error: &redis::RedisError) -> String {
+    chain(error).replace(&format!(" - {:?}", error.kind()), "")
 }
 
 /// What is wrong with a PostgreSQL URL, as the store opens it:
@@ -1001,7 +1008,8 @@ fn validate_store(store: &StoreConfig, c: &mut Checker<'_>) {
             c.error(
                 nodes.span(),
                 format!(
-                    "store.cluster_nodes do not make one cluster client ({e}); give every node the same user and password, and no database number"
+                    "store.cluster_nodes do not make one cluster client ({}); give every node the same user and password, and no database number",
+                    redis_reason(&e)
                 ),
             );
         }
@@ -1490,7 +1498,7 @@ deadline = "30s"
         assert!(errors(&store("\"postgres\"\nurl = \"postgresql://u:p@h1,h2/db\"")).is_empty());
         assert_error(
             &store("\"redis\"\ncluster_nodes = [\"redis://:p@a:1/\", \"redis://:q@b:2/\"]"),
-            "8:17: store.cluster_nodes do not make one cluster client",
+            "8:17: store.cluster_nodes do not make one cluster client (Cannot use different password among initial nodes.); give every node",
         );
         assert_error(
             &store("\"redis\"\nurl = \"redis://h/\"\ntimeout = \"0s\""),
