@@ -21,14 +21,16 @@ fn check(path: &Path) -> (Option<i32>, String) {
 #[test]
 fn shipped_examples_are_valid() {
     let examples = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../examples");
-    for name in [
-        "keel-embedded.toml",
-        "keel-redis.toml",
-        "keel-postgres.toml",
-    ] {
-        let (code, stderr) = check(&examples.join(name));
-        assert_eq!(code, Some(0), "{name}: {stderr}");
+    let mut checked = Vec::new();
+    for entry in std::fs::read_dir(&examples).expect("examples/") {
+        let path = entry.expect("entry").path();
+        if path.extension().is_some_and(|e| e == "toml") {
+            let (code, stderr) = check(&path);
+            assert_eq!(code, Some(0), "{}: {stderr}", path.display());
+            checked.push(path);
+        }
     }
+    assert!(checked.len() >= 3, "examples/*.toml: {checked:?}");
 }
 
 const BASE: &str = r#"[server]
@@ -65,12 +67,12 @@ fn broken_configs_exit_2_with_file_line_col() {
         (
             "[server]",
             "[server]\nidle_timeout = \"10 sec\"",
-            "2:16: \"10 sec\": unknown unit",
+            "2:16: \"10 sec\": no spaces allowed; expected a duration such as \"30s\"",
         ),
         (
             "[server]",
             "[server]\nmax_body_size = \"1 PB\"",
-            "2:17: \"1 PB\": unknown unit",
+            "2:17: \"1 PB\": no spaces allowed; expected a size",
         ),
         (
             "[upstreams.app]",
@@ -119,6 +121,19 @@ fn broken_configs_exit_2_with_file_line_col() {
             "11:16: unknown variant `maybe`, expected `lock` or `rerun`",
         ),
     ];
+    run_cases(cases);
+    let missing = PathBuf::from("/nonexistent/keel.toml");
+    let (code, stderr) = check(&missing);
+    assert_eq!(code, Some(2));
+    assert!(
+        stderr.starts_with("/nonexistent/keel.toml:1:1: cannot read"),
+        "{stderr}"
+    );
+}
+
+/// Each case edits `BASE` (first match of `from` becomes `to`), and
+/// `keel check` must exit 2 with stderr starting `FILE:` + `expected`.
+fn run_cases(cases: &[(&str, &str, &str)]) {
     for (from, to, expected) in cases {
         let text = BASE.replacen(from, to, 1);
         assert_ne!(text, BASE, "case {expected} did not apply");
@@ -131,13 +146,117 @@ fn broken_configs_exit_2_with_file_line_col() {
             "want {want:?}\ngot  {stderr:?}\n---\n{text}"
         );
     }
-    let missing = PathBuf::from("/nonexistent/keel.toml");
-    let (code, stderr) = check(&missing);
-    assert_eq!(code, Some(2));
-    assert!(
-        stderr.starts_with("/nonexistent/keel.toml:1:1: cannot read"),
-        "{stderr}"
-    );
+}
+
+/// Values `keel check` used to pass although `serve` then failed or
+/// misbehaved with them: each must fail at its own key.
+#[test]
+fn values_serve_cannot_run_with_fail_at_their_key() {
+    run_cases(&[
+        // Serve tried to allocate ~24 GB of thread stacks and was killed.
+        (
+            "[server]",
+            "[server]\nworkers = 100000000",
+            "2:11: server.workers = 100000000 is too many; use at most 1024, or 0 for one per core",
+        ),
+        // Every request was closed unanswered.
+        (
+            "[server]",
+            "[server]\nidle_timeout = \"0s\"",
+            "2:16: server.idle_timeout must be above zero",
+        ),
+        // The admin server could not bind.
+        (
+            "[server]",
+            "[server]\nadmin_listen = \"127.0.0.1:8080\"",
+            "2:16: admin_listen \"127.0.0.1:8080\" takes the same port as listen \"127.0.0.1:8080\"; give the admin API a port of its own",
+        ),
+        (
+            "listen = \"127.0.0.1:8080\"",
+            "listen = \"0.0.0.0:8080\"\nadmin_listen = \"127.0.0.1:8080\"",
+            "3:16: admin_listen \"127.0.0.1:8080\" takes the same port as listen \"0.0.0.0:8080\"",
+        ),
+        // The store never opened: every keyed request got 503.
+        (
+            "[upstreams.app]",
+            "[store]\nkind = \"redis\"\nurl = \"redis://:pw@[::1\"\n[upstreams.app]",
+            "6:7: store.url is not a Redis URL the store can open (Redis URL did not parse); write \"redis://[:PASSWORD@]HOST:PORT/[DB]\"",
+        ),
+        (
+            "[upstreams.app]",
+            "[store]\nkind = \"postgres\"\nurl = \"postgres://u@h:notaport/db\"\n[upstreams.app]",
+            "6:7: store.url is not a PostgreSQL URL the store can open (invalid connection string: invalid value for option `port`); write \"postgres://",
+        ),
+        (
+            "[upstreams.app]",
+            "[store]\nkind = \"redis\"\nurl = \"redis://h/\"\ntimeout = \"0s\"\n[upstreams.app]",
+            "7:11: store.timeout must be above zero",
+        ),
+        // A token no client sends.
+        (
+            "[[routes]]",
+            "[[routes]]\nmethods = [\"GET\", \"POTS\"]",
+            "8:19: \"POTS\" is not an HTTP method; use one of GET, HEAD, POST, PUT, DELETE, CONNECT, OPTIONS, TRACE, PATCH",
+        ),
+        // Strict duration syntax.
+        (
+            "[server]",
+            "[server]\nidle_timeout = \"30 s\"",
+            "2:16: \"30 s\": no spaces allowed; write \"30s\"",
+        ),
+        (
+            "[server]",
+            "[server]\nidle_timeout = \"400d\"",
+            "2:16: \"400d\": too large; a duration is at most 365d",
+        ),
+        // A bare number: one "expected", and what to write.
+        (
+            "endpoints = [\"http://127.0.0.1:3000\"]",
+            "endpoints = [\"http://127.0.0.1:3000\"]\nrequest_timeout = 30",
+            "6:19: expected a duration such as \"30s\", found the number 30; write it as a string with a unit, such as \"30s\"",
+        ),
+        (
+            "endpoints = [\"http://127.0.0.1:3000\"]",
+            "endpoints = [\"http://127.0.0.1:3000\"]\nconnect_timeout = \"0s\"",
+            "6:19: upstreams.app.connect_timeout must be above zero",
+        ),
+        // These used to point at 1:1.
+        (
+            "[[routes]]",
+            "[drain]\nstrategy = \"percent\"\npercent = 0.0\n[[routes]]",
+            "9:11: drain.percent must be above 0 and at most 100",
+        ),
+        (
+            "upstream = \"app\"",
+            "upstream = \"app\"\n[routes.idempotency]\nenabled = true\nttl = \"0s\"",
+            "12:7: routes.idempotency.ttl must be above zero",
+        ),
+        (
+            "upstream = \"app\"",
+            "upstream = \"app\"\n[routes.idempotency]\nenabled = true\nlease = \"0s\"",
+            "12:9: routes.idempotency.lease must be above zero",
+        ),
+        (
+            "[server]",
+            "[server]\nmax_header_size = \"0B\"",
+            "2:19: server.max_header_size must be between 1KiB and 1MiB",
+        ),
+        (
+            "[[routes]]",
+            "[drain]\nshutdown_delay = \"30s\"\ndeadline = \"10s\"\n[[routes]]",
+            "9:12: drain.shutdown_delay must be shorter than drain.deadline",
+        ),
+        (
+            "[[routes]]",
+            "[drain]\nshutdown_delay = \"40s\"\n[[routes]]",
+            "8:18: drain.shutdown_delay must be shorter than drain.deadline",
+        ),
+        (
+            "endpoints = [\"http://127.0.0.1:3000\"]",
+            "endpoints = [\"http://127.0.0.1:3000\"]\n[upstreams.app.breaker]\nwindow = \"0s\"",
+            "7:10: upstreams.app.breaker.window must be above zero",
+        ),
+    ]);
 }
 
 #[test]
