@@ -15,7 +15,9 @@
 # runs on CPU 1. Every timeout of both servers is set above the window
 # (60 s), so that each holds every connection for the whole window: the
 # figure is the cost of holding them, not of closing them. The client
-# reports how many connections were still open at the end.
+# reports how many connections were still open at the end, and the growth
+# of the server's resident memory (VmRSS, all its processes) from before
+# the first connection to the start of the window, per connection.
 #
 # Usage: bash benches/slow_clients/run.sh
 # Knobs: CONNECTIONS=2000  WINDOW=10 (seconds)  ROUNDS=1
@@ -103,18 +105,8 @@ access_log = false
 TOML
 }
 keel_config "$KEEL" "$KEEL_ADMIN" yes >"$WORK/keel.toml"
-taskset -c 0 "$BIN/keel" serve --config "$WORK/keel.toml" >"$WORK/keel.log" 2>&1 &
-KEEL_PID=$!
-PIDS+=("$KEEL_PID")
-wait_port "$KEEL"
-
-BASE_PID=""
 if [ -n "$KEEL_BASELINE" ]; then
     keel_config "$BASE" "$BASE_ADMIN" no >"$WORK/keel-baseline.toml"
-    taskset -c 0 "$KEEL_BASELINE" serve --config "$WORK/keel-baseline.toml" >"$WORK/keel-baseline.log" 2>&1 &
-    BASE_PID=$!
-    PIDS+=("$BASE_PID")
-    wait_port "$BASE"
 fi
 
 # Cleartext HTTP/2: `listen ... http2` before nginx 1.25.1, `http2 on` after.
@@ -153,17 +145,50 @@ http {
     }
 }
 NGINX
-taskset -c 0 nginx -c "$WORK/nginx.conf" &
-NGINX_MASTER=$!
-PIDS+=("$NGINX_MASTER")
-wait_port "$NGINX_H1"; wait_port "$NGINX_H2"
-NGINX_WORKER=""
-for _ in $(seq 1 100); do
-    NGINX_WORKER=$(pgrep -P "$NGINX_MASTER" | head -n1 || true)
-    [ -n "$NGINX_WORKER" ] && break
-    sleep 0.05
-done
-[ -n "$NGINX_WORKER" ] || { echo "error: no nginx worker" >&2; exit 1; }
+
+# Each measurement gets a freshly started server, so that memory freed by
+# the previous one is not reused (RSS) and nothing left over from it runs
+# on CPU 0 (a build from before the sniffer fix kept polling a closed
+# partial preface until its idle timeout).
+# start NAME -> sets SERVER_PIDS (comma-separated) and SERVER_ADDR_H1/H2
+start() {
+    case $1 in
+    keel | keel-baseline)
+        local bin=$BIN/keel config=$WORK/keel.toml addr=$KEEL
+        if [ "$1" = keel-baseline ]; then
+            bin=$KEEL_BASELINE config=$WORK/keel-baseline.toml addr=$BASE
+        fi
+        taskset -c 0 "$bin" serve --config "$config" >>"$WORK/$1.log" 2>&1 &
+        SERVER_MAIN=$!
+        PIDS+=("$SERVER_MAIN")
+        wait_port "$addr"
+        SERVER_PIDS=$SERVER_MAIN SERVER_ADDR_H1=$addr SERVER_ADDR_H2=$addr
+        ;;
+    nginx)
+        taskset -c 0 nginx -c "$WORK/nginx.conf" &
+        SERVER_MAIN=$!
+        PIDS+=("$SERVER_MAIN")
+        wait_port "$NGINX_H1"; wait_port "$NGINX_H2"
+        local worker=""
+        for _ in $(seq 1 100); do
+            worker=$(pgrep -P "$SERVER_MAIN" | head -n1 || true)
+            [ -n "$worker" ] && break
+            sleep 0.05
+        done
+        [ -n "$worker" ] || { echo "error: no nginx worker" >&2; exit 1; }
+        SERVER_PIDS=$SERVER_MAIN,$worker SERVER_ADDR_H1=$NGINX_H1 SERVER_ADDR_H2=$NGINX_H2
+        ;;
+    esac
+}
+stop() {
+    kill "$SERVER_MAIN" 2>/dev/null || true
+    wait "$SERVER_MAIN" 2>/dev/null || true
+    # nginx's master waits for its worker; keel is one process.
+    for _ in $(seq 1 100); do
+        (exec 3<>"/dev/tcp/${SERVER_ADDR_H1%:*}/${SERVER_ADDR_H1#*:}") 2>/dev/null || break
+        sleep 0.05
+    done
+}
 
 # --- the client ---------------------------------------------------------------
 cat > "$WORK/hold.py" <<'PY'
@@ -186,6 +211,15 @@ port, n, window = int(port), int(n), float(window)
 pids = [int(p) for p in pids.split(",")]
 closed = 0
 stop = asyncio.Event()
+
+
+def rss_kib():
+    """Resident memory of the given processes."""
+    total = 0
+    for pid in pids:
+        with open(f"/proc/{pid}/status") as f:
+            total += next(int(l.split()[1]) for l in f if l.startswith("VmRSS:"))
+    return total
 
 
 def cpu():
@@ -242,6 +276,7 @@ async def hold(opened):
 async def main():
     opened = []
     tasks = []
+    rss_before = rss_kib()
     t0 = time.monotonic()
     for start in range(0, n, 100):
         batch = [asyncio.create_task(hold(opened)) for _ in range(start, min(n, start + 100))]
@@ -253,6 +288,7 @@ async def main():
     failed = sum(1 for t in tasks if t.done() and t.exception())
     await asyncio.sleep(2)  # settle: every connection past its first bytes
     open_at_start = len(opened) - closed
+    rss_held = rss_kib()
     u0, s0 = cpu()
     w0 = time.monotonic()
     await asyncio.sleep(window)
@@ -269,19 +305,23 @@ async def main():
         "window_s": round(wall, 2),
         "cpu_ms": round((u1 - u0 + s1 - s0) * 1000),
         "user_ms": round((u1 - u0) * 1000), "sys_ms": round((s1 - s0) * 1000),
+        "rss_kib_per_connection": round((rss_held - rss_before) / max(1, open_at_start), 2),
     }))
 
 
 asyncio.run(asyncio.wait_for(main(), 60 + 2 + window + 30))
 PY
 
-# measure NAME ADDR MODE PIDS -> prints one JSON line
+# measure NAME MODE -> prints one JSON line
 measure() {
-    local name=$1 addr=$2 mode=$3 pids=$4 out
+    local name=$1 mode=$2 addr out
+    start "$name"
+    addr=$SERVER_ADDR_H2
+    [ "$mode" = h1-slowloris ] && addr=$SERVER_ADDR_H1
     out=$(taskset -c 1 python3 "$WORK/hold.py" "${addr%:*}" "${addr#*:}" "$mode" \
-        "$CONNECTIONS" "$WINDOW" "$pids")
+        "$CONNECTIONS" "$WINDOW" "$SERVER_PIDS")
+    stop
     echo "$out" | sed "s/^{/{\"server\": \"$name\", /"
-    sleep 2  # let the server close the client's sockets before the next run
 }
 
 log "$CONNECTIONS connections per run, ${WINDOW}s window, servers on CPU 0, client on CPU 1"
@@ -289,12 +329,11 @@ RESULTS="$WORK/results.jsonl"
 for round in $(seq 1 "$ROUNDS"); do
     for mode in h1-slowloris h2-idle h2-partial; do
         log "round $round: $mode"
-        measure keel "$KEEL" "$mode" "$KEEL_PID" | tee -a "$RESULTS"
-        if [ -n "$BASE_PID" ]; then
-            measure keel-baseline "$BASE" "$mode" "$BASE_PID" | tee -a "$RESULTS"
+        measure keel "$mode" | tee -a "$RESULTS"
+        if [ -n "$KEEL_BASELINE" ]; then
+            measure keel-baseline "$mode" | tee -a "$RESULTS"
         fi
-        if [ "$mode" = h1-slowloris ]; then nginx_addr=$NGINX_H1; else nginx_addr=$NGINX_H2; fi
-        measure nginx "$nginx_addr" "$mode" "$NGINX_MASTER,$NGINX_WORKER" | tee -a "$RESULTS"
+        measure nginx "$mode" | tee -a "$RESULTS"
     done
 done
 
@@ -303,10 +342,11 @@ python3 - "$RESULTS" <<'PY'
 import json, sys
 rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
 print()
-print("| connections | server | open at start / end | CPU in the window (user / sys) | CPU per connection-second |")
-print("| --- | --- | ---: | ---: | ---: |")
+print("| connections | server | open at start / end | CPU in the window (user / sys) | CPU per connection-second | RSS per connection |")
+print("| --- | --- | ---: | ---: | ---: | ---: |")
 for r in rows:
     per = r["cpu_ms"] * 1000 / max(1, r["open_at_start"]) / r["window_s"]
     print(f"| {r['mode']} | {r['server']} | {r['open_at_start']} / {r['open_at_end']} "
-          f"| {r['cpu_ms']} ms ({r['user_ms']} / {r['sys_ms']}) | {per:.2f} us |")
+          f"| {r['cpu_ms']} ms ({r['user_ms']} / {r['sys_ms']}) | {per:.2f} us "
+          f"| {r['rss_kib_per_connection']:.2f} KiB |")
 PY

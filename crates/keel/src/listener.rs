@@ -28,6 +28,7 @@
 //! A listener is a value with a `run` future that ends on shutdown, so the
 //! supervision tree can own it as a child and restart it.
 
+use std::cell::RefCell;
 use std::convert::Infallible;
 use std::future::Future;
 use std::io;
@@ -233,11 +234,14 @@ impl DataPlane {
         let accepted = Instant::now();
         let _ = stream.set_nodelay(true);
         let settings = &self.settings;
-        let sniffed =
-            tokio::time::timeout_at(accepted + settings.header_read_timeout, sniff_h2(&stream))
-                .await;
+        let head_limit = (settings.max_header_size * 2).max(8192);
+        let sniffed = tokio::time::timeout_at(
+            accepted + settings.header_read_timeout,
+            sniff(&stream, head_limit),
+        )
+        .await;
         let is_h2 = match sniffed {
-            Ok(Some(is_h2)) => is_h2,
+            Ok(Some(sniffed)) => sniffed == Sniffed::Http2,
             Ok(None) => return,
             Err(_) => {
                 tracing::debug!(%peer, "no request head or HTTP/2 preface in time; closing");
@@ -291,7 +295,7 @@ impl DataPlane {
         } else {
             let io = TokioIo::new(ServerStream {
                 stream,
-                activity: Some(activity.clone()),
+                activity: activity.clone(),
             });
             let connection = self.http1.serve_connection(io, service).with_upgrades();
             tokio::pin!(connection);
@@ -373,6 +377,7 @@ impl Control<'_> {
                 }
                 (Some(Expiry::Idle), Some(grace)) => {
                     tracing::debug!(%peer, "idle HTTP/2 connection: GOAWAY");
+                    closing = true;
                     graceful_shutdown(connection.as_mut());
                     self.activity.going_away(grace);
                 }
@@ -617,7 +622,7 @@ impl Body for Tracked {
 /// reads tell the connection's watchdog when a request head starts.
 pub struct ServerStream {
     stream: TcpStream,
-    activity: Option<Arc<Activity>>,
+    activity: Arc<Activity>,
 }
 
 /// What an upgraded downstream connection is (`Upgraded::downcast`).
@@ -639,10 +644,8 @@ impl AsyncRead for ServerStream {
         let this = self.get_mut();
         let before = buf.filled().len();
         let polled = Pin::new(&mut this.stream).poll_read(cx, buf);
-        if buf.filled().len() > before
-            && let Some(activity) = &this.activity
-        {
-            activity.bytes_read();
+        if buf.filled().len() > before {
+            this.activity.bytes_read();
         }
         polled
     }
@@ -678,42 +681,63 @@ impl AsyncWrite for ServerStream {
     }
 }
 
-/// Looks at the first bytes without consuming them: `Some(true)` for the
-/// HTTP/2 preface, `Some(false)` for anything else, `None` if the client
-/// closed (or half-closed) first. Bounded by the caller's deadline.
+/// The protocol of a new connection, from its first bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Sniffed {
+    /// HTTP/1.x: a complete first request head (or bytes the parser will
+    /// reject anyway) is waiting in the socket.
+    Http1,
+    /// The whole HTTP/2 preface is waiting in the socket.
+    Http2,
+}
+
+thread_local! {
+    // Where the sniffer peeks, one per worker thread, borrowed only for
+    // the non-blocking peek and the scan that follows it.
+    static PEEK: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Looks at what a new connection sent without consuming it, until the
+/// protocol is known and the first request head (HTTP/1) or the preface
+/// (HTTP/2) is complete; `None` if the client closed or half-closed first.
+/// Bounded by the caller's deadline. `head_limit`: the most bytes looked
+/// at; a head that fills them goes to the parser (which answers 431).
 ///
-/// It does not spin on a partial preface: `peek` leaves the socket
+/// A slow client costs one small peek per segment here, before any HTTP
+/// connection state exists: the parser's buffers and state are made only
+/// for a complete head. It does not spin: `peek` leaves the socket
 /// readable, so a peek that shows nothing new clears the readiness (inside
 /// `try_io`, which keeps any newer event) and the loop waits for the next
 /// segment.
-async fn sniff_h2(stream: &TcpStream) -> Option<bool> {
+async fn sniff(stream: &TcpStream, head_limit: usize) -> Option<Sniffed> {
     let mut seen = 0;
     loop {
         let ready = stream.ready(Interest::READABLE).await.ok()?;
-        let mut buf = [0u8; H2_PREFACE.len()];
         let peeked = stream.try_io(Interest::READABLE, || {
-            let mut read_buf = ReadBuf::new(&mut buf);
-            let mut cx = Context::from_waker(Waker::noop());
-            match stream.poll_peek(&mut cx, &mut read_buf) {
-                Poll::Ready(Ok(n)) if n == 0 || n > seen => Ok(n),
-                Poll::Ready(Ok(_)) | Poll::Pending => Err(io::ErrorKind::WouldBlock.into()),
-                Poll::Ready(Err(error)) => Err(error),
-            }
+            PEEK.with_borrow_mut(|buf| {
+                if buf.len() < head_limit {
+                    buf.resize(head_limit, 0);
+                }
+                let buf = &mut buf[..head_limit];
+                let mut read_buf = ReadBuf::new(buf);
+                let mut cx = Context::from_waker(Waker::noop());
+                match stream.poll_peek(&mut cx, &mut read_buf) {
+                    Poll::Ready(Ok(0)) => Ok((0, None)),
+                    Poll::Ready(Ok(n)) if n > seen => {
+                        Ok((n, classify(read_buf.filled(), n == head_limit)))
+                    }
+                    Poll::Ready(Ok(_)) | Poll::Pending => Err(io::ErrorKind::WouldBlock.into()),
+                    Poll::Ready(Err(error)) => Err(error),
+                }
+            })
         });
         match peeked {
-            Ok(0) => return None,
-            Ok(n) => {
-                seen = n;
-                if buf[..n] != H2_PREFACE[..n] {
-                    return Some(false);
-                }
-                if n == H2_PREFACE.len() {
-                    return Some(true);
-                }
-            }
+            Ok((0, _)) => return None,
+            Ok((_, Some(sniffed))) => return Some(sniffed),
+            Ok((n, None)) => seen = n,
             // Nothing new: wait for the next segment, unless the client has
-            // half-closed (its readiness is never cleared, and the preface
-            // can no longer be completed).
+            // half-closed (its readiness is never cleared, and the head or
+            // preface can no longer be completed).
             Err(error) if error.kind() == io::ErrorKind::WouldBlock => {
                 if ready.is_read_closed() {
                     return None;
@@ -721,5 +745,62 @@ async fn sniff_h2(stream: &TcpStream) -> Option<bool> {
             }
             Err(_) => return None,
         }
+    }
+}
+
+/// What the first bytes of a connection say; `None`: wait for more.
+fn classify(bytes: &[u8], full: bool) -> Option<Sniffed> {
+    let n = bytes.len().min(H2_PREFACE.len());
+    if bytes[..n] == H2_PREFACE[..n] {
+        return (n == H2_PREFACE.len()).then_some(Sniffed::Http2);
+    }
+    let complete = bytes
+        .windows(2)
+        .enumerate()
+        .any(|(i, w)| w == b"\n\n" || (w == b"\n\r" && bytes.get(i + 2) == Some(&b'\n')));
+    // A control character is never part of a valid head: the parser will
+    // reject it (400) without waiting for more.
+    let invalid = bytes
+        .iter()
+        .any(|&b| (b < 0x20 && !matches!(b, b'\r' | b'\n' | b'\t')) || b == 0x7f);
+    (full || complete || invalid).then_some(Sniffed::Http1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn classify_waits_for_a_whole_head_or_preface() {
+        let head = b"GET / HTTP/1.1\r\nHost: a\r\n\r\n";
+        for end in 1..head.len() {
+            assert_eq!(classify(&head[..end], false), None, "{end}");
+        }
+        assert_eq!(classify(head, false), Some(Sniffed::Http1));
+        assert_eq!(
+            classify(b"GET / HTTP/1.1\nHost: a\n\n", false),
+            Some(Sniffed::Http1)
+        );
+        assert_eq!(
+            classify(b"GET / HTTP/1.1\r\nHost: a\r\n", true),
+            Some(Sniffed::Http1)
+        );
+        // TLS or other binary: to the parser at once, for its 400.
+        assert_eq!(
+            classify(b"\x16\x03\x01\x02\x00", false),
+            Some(Sniffed::Http1)
+        );
+        for end in 1..H2_PREFACE.len() {
+            assert_eq!(classify(&H2_PREFACE[..end], false), None, "{end}");
+        }
+        assert_eq!(classify(H2_PREFACE, false), Some(Sniffed::Http2));
+        let mut more = H2_PREFACE.to_vec();
+        more.extend_from_slice(&[0, 0, 0, 4, 0, 0, 0, 0, 0]);
+        assert_eq!(classify(&more, false), Some(Sniffed::Http2));
+        // PRI is also an HTTP/1 method name: only the whole preface is HTTP/2.
+        assert_eq!(
+            classify(b"PRI /x HTTP/1.1\r\n\r\n", false),
+            Some(Sniffed::Http1)
+        );
     }
 }

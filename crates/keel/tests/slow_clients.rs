@@ -289,6 +289,52 @@ async fn half_closed_partial_preface_is_closed_at_once() {
 }
 
 #[tokio::test]
+async fn half_closed_partial_head_is_closed_at_once() {
+    let (keel, _upstream) = keel("").await;
+    let (mut stream, opened) = connect(keel.listen).await;
+    stream
+        .write_all(b"GET /x HTTP/1.1\r\nHost: a\r\n")
+        .await
+        .expect("write");
+    stream.shutdown().await.expect("half-close");
+    let closed = wait_closed(&mut stream).await;
+    assert!(
+        closed - opened < HEADER_READ / 2,
+        "a half-closed partial head was held for {:?}",
+        closed - opened
+    );
+}
+
+#[tokio::test]
+async fn heads_and_prefaces_in_several_segments_are_served() {
+    // The sniffer waits for new bytes after each partial peek: a pause
+    // between segments (shorter than the timeout) loses nothing.
+    let (keel, _upstream) = keel("").await;
+    let pause = Duration::from_millis(300);
+
+    let (mut stream, _) = connect(keel.listen).await;
+    let request = get_request(keel.listen);
+    for part in request.chunks(7) {
+        stream.write_all(part).await.expect("write");
+        tokio::time::sleep(pause / 4).await;
+    }
+    let response = read_response(&mut stream).await;
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+
+    let (mut stream, _) = connect(keel.listen).await;
+    stream.write_all(&PREFACE[..5]).await.expect("write");
+    tokio::time::sleep(pause).await;
+    stream.write_all(&PREFACE[5..20]).await.expect("write");
+    tokio::time::sleep(pause).await;
+    stream.write_all(&PREFACE[20..]).await.expect("write");
+    stream.write_all(SETTINGS).await.expect("write");
+    let (kind, _) = read_frame(&mut stream, Duration::from_secs(2))
+        .await
+        .expect("a frame");
+    assert_eq!(kind, FRAME_SETTINGS, "the server's SETTINGS first");
+}
+
+#[tokio::test]
 async fn unanswered_http2_pings_close_a_busy_connection() {
     // A dead peer with a request in flight: the idle timer does not run,
     // the keep-alive PING finds it.
