@@ -4,7 +4,9 @@
 //! The protocol is sniffed with `peek` instead of hyper-util's auto builder
 //! so the connection stays a plain socket: after an upgrade the tunnel gets
 //! the raw `TcpStream` back ([`ServerStream::into_tcp`]) and can wait on it
-//! without buffers.
+//! without buffers. The sniffer also waits for the whole first request head
+//! (or preface), so a slow client holds no parser state until it has sent
+//! one.
 //!
 //! Every phase of a connection has a deadline, kept by one watchdog per
 //! connection ([`Activity`]):
