@@ -108,10 +108,6 @@ pub enum StoreKind {
 /// `[store]`.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-#[allow(
-    dead_code,
-    reason = "read by the idempotency engine and drain, wired in phase 2"
-)]
 pub struct StoreConfig {
     /// Which store.
     pub kind: Spanned<StoreKind>,
@@ -165,10 +161,6 @@ impl Default for StoreConfig {
     }
 }
 
-#[allow(
-    dead_code,
-    reason = "read by the idempotency engine and drain, wired in phase 2"
-)]
 impl StoreConfig {
     /// The embedded store's directory (`keel-data` by default).
     pub fn embedded_path(&self) -> PathBuf {
@@ -256,10 +248,6 @@ pub struct RouteConfig {
 /// `[routes.idempotency]`.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-#[allow(
-    dead_code,
-    reason = "read by the idempotency engine and drain, wired in phase 2"
-)]
 pub struct IdempotencyConfig {
     /// Turns the engine on for this route.
     #[serde(default)]
@@ -330,10 +318,6 @@ pub enum ServerErrorsPolicy {
 /// `[drain]`.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
-#[allow(
-    dead_code,
-    reason = "read by the idempotency engine and drain, wired in phase 2"
-)]
 pub struct DrainConfig {
     /// Readiness fails, traffic still served, for this long.
     #[serde(default = "defaults::shutdown_delay")]

@@ -10,10 +10,6 @@ use crate::body::ProxyBody;
 
 /// What went wrong, as far as the client needs to know.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[allow(
-    dead_code,
-    reason = "read by the idempotency engine and drain, wired in phase 2"
-)]
 pub enum ProblemKind {
     /// The request is not valid HTTP the gateway can forward.
     BadRequest,
@@ -152,10 +148,6 @@ pub struct Problem {
     pub retry_after: Option<Duration>,
 }
 
-#[allow(
-    dead_code,
-    reason = "read by the idempotency engine and drain, wired in phase 2"
-)]
 impl Problem {
     /// A problem of `kind` with `detail`.
     pub fn new(kind: ProblemKind, detail: impl Into<String>) -> Self {

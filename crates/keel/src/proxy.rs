@@ -66,7 +66,7 @@ pub struct Downstream {
 #[derive(Debug)]
 #[allow(
     dead_code,
-    reason = "read by the idempotency engine and drain, wired in phase 2"
+    reason = "route and downstream are there for filters; the idempotency filter reads only the request id"
 )]
 pub struct RequestContext<'a> {
     /// The request id (also in the request's headers).
@@ -78,10 +78,6 @@ pub struct RequestContext<'a> {
 }
 
 /// What a request filter decided.
-#[allow(
-    dead_code,
-    reason = "read by the idempotency engine and drain, wired in phase 2"
-)]
 pub enum FilterDecision {
     /// Send `request` upstream; `on_response` (if any) sees the outcome and
     /// makes the final response.
@@ -107,10 +103,6 @@ pub trait RequestFilter: Send + Sync + 'static {
 
 /// Why the upstream did not produce a response.
 #[derive(Debug)]
-#[allow(
-    dead_code,
-    reason = "read by the idempotency engine and drain, wired in phase 2"
-)]
 pub struct UpstreamFailure {
     /// The problem answered to the client unless the filter decides otherwise.
     pub problem: Problem,

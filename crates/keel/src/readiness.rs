@@ -57,10 +57,6 @@ pub struct ConditionReport {
     pub reason: Option<String>,
 }
 
-#[allow(
-    dead_code,
-    reason = "read by the idempotency engine and drain, wired in phase 2"
-)]
 impl Readiness {
     /// Registers a condition, initially not ready with `reason`.
     pub fn register(&self, name: &str, reason: &str) -> ReadinessHandle {
