@@ -378,7 +378,7 @@ async fn run(
         remaining
     };
 
-    // Phase 1: paced, gentle closes until the schedule or the deadline ends.
+    // First, paced, gentle closes until the schedule or the deadline ends.
     let mut signalled_n = 0;
     while next < order.len() {
         let due = started + schedule[order[next]];
@@ -406,7 +406,7 @@ async fn run(
         }
     }
 
-    // Phase 2: wait for the rest to leave, until the deadline.
+    // Then wait for the rest to leave, until the deadline.
     loop {
         if update(signalled_n, forced, false) == 0 {
             return;

@@ -491,7 +491,7 @@ fn check_declared_length(request: &Request<Incoming>, limit: u64) -> Option<Prob
 /// of the upstream's `request_timeout` for this attempt).
 ///
 /// Who failed decides what the failure is: the request's [`BodyWatch`]
-/// (an extension set in phase 2) says whether the client's body broke, was
+/// (an extension set where the body limit is applied) says whether the client's body broke, was
 /// cut short, or was what the exchange was waiting for when the deadline
 /// passed. Those are the client's failures (400, 408, 413, or
 /// [`ProblemKind::ClientClosed`]); everything else is the upstream's.

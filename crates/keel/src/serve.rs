@@ -48,7 +48,7 @@ pub enum ServeError {
     TreeExited(keel_supervisor::ExitReason),
 }
 
-/// Makes the request filter for a route (`None`: a plain route). Phase 2
+/// Makes the request filter for a route (`None`: a plain route). `start`
 /// passes a factory that builds the idempotency engine's filter from
 /// `[routes.idempotency]` and the shared store.
 pub type FilterFactory<'a> = &'a dyn Fn(&RouteConfig) -> Option<Arc<dyn RequestFilter>>;
