@@ -3,8 +3,9 @@
 
 #![cfg(feature = "embedded")]
 
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
+#[path = "support/kill9.rs"]
+mod kill9;
+
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -122,31 +123,12 @@ async fn crash_child() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn completed_record_survives_kill_9() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let mut child = Command::new(std::env::current_exe().expect("test binary"))
-        .args([
-            "--exact",
-            "crash_child",
-            "--ignored",
-            "--nocapture",
-            "--test-threads=1",
-        ])
-        .env(CHILD_DIR, dir.path())
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("spawn child");
-    let stdout = child.stdout.take().expect("piped");
-    let completed = tokio::task::spawn_blocking(move || {
-        BufReader::new(stdout)
-            .lines()
-            .map_while(Result::ok)
-            .any(|l| l.contains("COMPLETED"))
-    })
-    .await
-    .expect("reader");
+    let completed = kill9::run_until_then_kill("crash_child", CHILD_DIR, dir.path(), "COMPLETED")
+        .await
+        .is_some();
+    // Killed with SIGKILL: no destructors, no flush, no clean close of the
+    // database.
     assert!(completed, "the child did not complete its record");
-    // SIGKILL: no destructors, no flush, no clean close of the database.
-    child.kill().expect("kill -9");
-    child.wait().expect("reap");
 
     let engine = engine(dir.path());
     match engine.begin(&request(), b"amount=5").await {

@@ -7,8 +7,9 @@
 
 #![cfg(feature = "embedded")]
 
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
+#[path = "support/kill9.rs"]
+mod kill9;
+
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -115,32 +116,10 @@ async fn lease_holder_child() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_claim_held_at_kill_9_locks_its_key_after_restart() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let mut child = Command::new(std::env::current_exe().expect("test binary"))
-        .args([
-            "--exact",
-            "lease_holder_child",
-            "--ignored",
-            "--nocapture",
-            "--test-threads=1",
-        ])
-        .env(CHILD_DIR, dir.path())
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("spawn child");
-    let stdout = child.stdout.take().expect("piped");
-    let line = tokio::task::spawn_blocking(move || {
-        BufReader::new(stdout)
-            .lines()
-            .map_while(Result::ok)
-            // libtest may print the test's name on the same line first.
-            .find_map(|l| l.split_once("HELD ").map(|(_, tokens)| tokens.to_owned()))
-    })
-    .await
-    .expect("reader")
-    .expect("the child did not take its claims");
     // SIGKILL while both claims are held: no destructor, no release.
-    child.kill().expect("kill -9");
-    child.wait().expect("reap");
+    let line = kill9::run_until_then_kill("lease_holder_child", CHILD_DIR, dir.path(), "HELD ")
+        .await
+        .expect("the child did not take its claims");
     let tokens: Vec<u64> = line
         .split_whitespace()
         .map(|t| t.parse().expect("a token"))
