@@ -173,12 +173,13 @@ impl Problem {
     }
 
     /// The full response: status, `content-type`, `Retry-After` and the
-    /// JSON body.
+    /// JSON body, with the [`ProblemKind`] as a response extension.
     ///
     /// ```
     /// use keel_idempotency::problem::{Problem, ProblemKind};
     /// let r = Problem::new(ProblemKind::BodyTooLarge, "limit 1 MiB").to_response();
     /// assert_eq!(r.status(), 413);
+    /// assert_eq!(r.extensions().get(), Some(&ProblemKind::BodyTooLarge));
     /// ```
     pub fn to_response(&self) -> Response<Bytes> {
         let mut body = serde_json::json!({
@@ -195,6 +196,9 @@ impl Problem {
         }
         let mut response = Response::new(Bytes::from(body.to_string()));
         *response.status_mut() = self.kind.status();
+        // The kind rides along, so a caller (metrics) can tell refusals of
+        // one status apart without reading the body.
+        response.extensions_mut().insert(self.kind);
         let headers = response.headers_mut();
         headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(CONTENT_TYPE));
         if let Some(after) = self.retry_after {

@@ -510,19 +510,12 @@ async fn within<F: std::future::Future>(limit: Duration, work: F) -> Option<F::O
 
 /// The metrics outcome of a refusal, by its problem type.
 fn reject_outcome(response: &Response<Bytes>) -> usize {
-    let is = |kind: ProblemKindLib| {
-        response
-            .body()
-            .windows(kind.type_uri().len())
-            .any(|w| w == kind.type_uri().as_bytes())
-    };
-    match response.status() {
-        StatusCode::CONFLICT if is(ProblemKindLib::OutcomeUnknown) => outcome::OUTCOME_UNKNOWN,
-        StatusCode::CONFLICT if is(ProblemKindLib::InFlight) => outcome::IN_FLIGHT,
-        StatusCode::CONFLICT => outcome::REJECTED,
-        StatusCode::UNPROCESSABLE_ENTITY => outcome::MISMATCH,
-        StatusCode::SERVICE_UNAVAILABLE if is(ProblemKindLib::StoreFull) => outcome::STORE_FULL,
-        StatusCode::SERVICE_UNAVAILABLE => outcome::STORE_ERROR,
+    match response.extensions().get::<ProblemKindLib>() {
+        Some(ProblemKindLib::OutcomeUnknown) => outcome::OUTCOME_UNKNOWN,
+        Some(ProblemKindLib::InFlight) => outcome::IN_FLIGHT,
+        Some(ProblemKindLib::FingerprintMismatch) => outcome::MISMATCH,
+        Some(ProblemKindLib::StoreFull) => outcome::STORE_FULL,
+        Some(ProblemKindLib::StoreUnavailable) => outcome::STORE_ERROR,
         _ => outcome::REJECTED,
     }
 }
