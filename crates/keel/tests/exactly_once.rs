@@ -17,11 +17,12 @@ use std::time::Duration;
 
 use common::{Keel, TcpProxy, free_addr, temp_file, unique_name, wait_ready};
 use faults::{
-    CountingUpstream, IN_FLIGHT, NOT_STORED, OUTCOME_UNKNOWN, PrivateRedis, REQUEST_TIMEOUT, Reply,
-    RetryAnswer, STORE_FULL, STORE_UNAVAILABLE, SwitchingUpstream, UPGRADE_REFUSED, keel_command,
-    key_admin, outcome_count, post, retry_answer, send, wait_until,
+    CountingUpstream, IN_FLIGHT, NOT_STORED, OUTCOME_UNKNOWN, REQUEST_TIMEOUT, Reply, RetryAnswer,
+    STORE_FULL, STORE_UNAVAILABLE, SwitchingUpstream, UPGRADE_REFUSED, keel_command, key_admin,
+    outcome_count, post, retry_answer, send, wait_until,
 };
 use http::{Method, StatusCode};
+use keel_testkit::redis_server::Server;
 use tokio::time::Instant;
 
 /// `[store]` (given), one upstream with `request_timeout`, and one
@@ -179,11 +180,10 @@ async fn a_slow_response_body_keeps_its_claim_past_the_lease() {
 ///     execution.
 #[tokio::test]
 async fn redis_paused_mid_request_never_runs_the_key_twice() {
-    if !PrivateRedis::available() {
+    let Some(redis) = Server::start() else {
         return;
-    }
+    };
     let upstream = CountingUpstream::start().await;
-    let redis = PrivateRedis::start(free_addr().port()).await;
     let keel = Keel::start(
         "",
         &gateway(&redis_store(&redis.url()), upstream.addr, "2s", ""),
@@ -238,12 +238,11 @@ async fn redis_paused_mid_request_never_runs_the_key_twice() {
 ///     `WAIT`; this test only documents what happens then.
 #[tokio::test]
 async fn redis_killed_mid_request_fails_closed_while_it_is_down() {
-    if !PrivateRedis::available() {
+    let Some(mut redis) = Server::start() else {
         return;
-    }
+    };
     let upstream = CountingUpstream::start().await;
-    let port = free_addr().port();
-    let mut redis = PrivateRedis::start(port).await;
+    let port = redis.port();
     let keel = Keel::start(
         "",
         &gateway(&redis_store(&redis.url()), upstream.addr, "10s", ""),
@@ -285,7 +284,7 @@ async fn redis_killed_mid_request_fails_closed_while_it_is_down() {
     );
 
     // Back on the same port, empty.
-    let _redis = PrivateRedis::start(port).await;
+    let _redis = Server::start_on(port).expect("redis-server was there a moment ago");
     wait_ready(keel.admin, StatusCode::OK).await;
     upstream.open();
     let first = first.await.expect("first client");

@@ -377,9 +377,30 @@ impl Server {
         panic!("could not start a Redis server in {START_ATTEMPTS} attempts: {last_error}");
     }
 
+    /// Starts a standalone server on `port` (to bring one back on the
+    /// port of a server that was killed); `None` (printed reason) if Redis
+    /// is not installed outside CI.
+    ///
+    /// ```no_run
+    /// # use keel_testkit::redis_server::Server;
+    /// let mut first = Server::start().unwrap();
+    /// let port = first.port();
+    /// first.kill();
+    /// let again = Server::start_on(port).unwrap(); // empty: nothing was persisted
+    /// ```
+    pub fn start_on(port: u16) -> Option<Self> {
+        if !tools_installed("Redis server") {
+            return None;
+        }
+        Some(Self::try_start_on(port).unwrap_or_else(|e| panic!("{e}")))
+    }
+
     fn try_start() -> Result<Self, String> {
+        Self::try_start_on(free_ports(1)?[0])
+    }
+
+    fn try_start_on(port: u16) -> Result<Self, String> {
         let dir = tempfile::tempdir().map_err(|e| format!("temporary directory: {e}"))?;
-        let port = free_ports(1)?[0];
         let child = spawn_node(dir.path(), port, false)?;
         let mut server = Self {
             node: Node {
@@ -406,6 +427,61 @@ impl Server {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// The server's port.
+    ///
+    /// ```no_run
+    /// # let server = keel_testkit::redis_server::Server::start().unwrap();
+    /// assert!(server.url().contains(&server.port().to_string()));
+    /// ```
+    pub fn port(&self) -> u16 {
+        self.node.port
+    }
+
+    /// SIGSTOP: the server is frozen; its connections stay open and
+    /// nothing answers (a stalled store).
+    ///
+    /// ```no_run
+    /// # let server = keel_testkit::redis_server::Server::start().unwrap();
+    /// server.pause();
+    /// server.resume();
+    /// ```
+    pub fn pause(&self) {
+        self.signal("-STOP");
+    }
+
+    /// SIGCONT, after [`Server::pause`].
+    ///
+    /// ```no_run
+    /// # let server = keel_testkit::redis_server::Server::start().unwrap();
+    /// server.pause();
+    /// server.resume();
+    /// ```
+    pub fn resume(&self) {
+        self.signal("-CONT");
+    }
+
+    /// SIGKILL (a crash), and reaps the process; nothing is persisted.
+    ///
+    /// ```no_run
+    /// # let mut server = keel_testkit::redis_server::Server::start().unwrap();
+    /// server.kill();
+    /// ```
+    pub fn kill(&mut self) {
+        let _ = self.node.child.kill();
+        let _ = self.node.child.wait();
+        self.node.killed = true;
+    }
+
+    fn signal(&self, signal: &str) {
+        assert!(!self.node.killed, "the server was killed");
+        let pid = self.node.child.id().to_string();
+        let ok = Command::new("kill")
+            .args([signal, &pid])
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "kill {signal} {pid}");
     }
 
     /// The server's `redis://` URL.
