@@ -195,8 +195,22 @@ impl DrainPlan {
     /// assert_eq!(short.last_close(), Duration::from_millis(1800));
     /// ```
     pub fn last_close(&self) -> Duration {
-        self.deadline
-            .saturating_sub(self.close_grace.min(self.deadline / 10))
+        self.deadline.saturating_sub(self.effective_close_grace())
+    }
+
+    /// The close grace as the plan uses it: at most a tenth of the
+    /// deadline. It is also how long a connection asked gently may take to
+    /// reach a clean point to close at (a WebSocket's message end).
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use keel_drain::DrainPlan;
+    ///
+    /// let plan = DrainPlan::batches(1, Duration::from_secs(1)).deadline(Duration::from_secs(5));
+    /// assert_eq!(plan.effective_close_grace(), Duration::from_millis(500));
+    /// ```
+    pub fn effective_close_grace(&self) -> Duration {
+        self.close_grace.min(self.deadline / 10)
     }
 
     /// Turns jitter inside each batch on or off.

@@ -354,6 +354,12 @@ pub struct DrainConfig {
     /// each hears its close frame and hint before the cut.
     #[serde(default = "defaults::close_grace")]
     pub close_grace: ConfigDuration,
+    /// A WebSocket asked to close while a fragmented message is on its way
+    /// to the client gets its close frame after that message ends, unless
+    /// more than this many bytes (or more than the close grace) go by
+    /// first; then it goes at the next frame boundary.
+    #[serde(default = "defaults::close_message_limit")]
+    pub close_message_limit: ConfigSize,
 }
 
 /// `[drain] strategy`.
@@ -382,6 +388,7 @@ impl Default for DrainConfig {
             jitter: defaults::drain_jitter(),
             reconnect_window: defaults::reconnect_window(),
             close_grace: defaults::close_grace(),
+            close_message_limit: defaults::close_message_limit(),
         }
     }
 }
@@ -515,6 +522,9 @@ mod defaults {
     }
     pub fn close_grace() -> ConfigDuration {
         ConfigDuration(Duration::from_secs(1))
+    }
+    pub fn close_message_limit() -> ConfigSize {
+        ConfigSize(16 << 20)
     }
     pub fn log_level() -> String {
         "info".to_owned()

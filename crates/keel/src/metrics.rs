@@ -186,6 +186,8 @@ pub struct Metrics {
     restarts: Family<ChildLabel, Counter>,
     drain: Family<DrainLabels, Gauge>,
     client_failures: Family<RouteOutcomeLabels, Counter>,
+    /// `keel_tunnel_closes_mid_message_total`, counted by the tunnels.
+    pub tunnel_closes_mid_message: Counter,
     resilience: ResilienceFamilies,
 }
 
@@ -335,6 +337,12 @@ impl Metrics {
             "Requests that failed on the client's side (never counted against an upstream), by route and outcome: client_error (400/413/431), client_timeout (408, body too slow), client_closed (closed mid-body, logged as 499)",
             client_failures.clone(),
         );
+        let tunnel_closes_mid_message = Counter::default();
+        registry.register(
+            "tunnel_closes_mid_message",
+            "Drained WebSocket tunnels whose close frame went inside a fragmented message, at a frame boundary, because the message outlasted the close grace or close_message_limit",
+            tunnel_closes_mid_message.clone(),
+        );
         let resilience = ResilienceFamilies::register(&mut registry);
         Metrics {
             registry,
@@ -347,6 +355,7 @@ impl Metrics {
             restarts,
             drain,
             client_failures,
+            tunnel_closes_mid_message,
             resilience,
         }
     }

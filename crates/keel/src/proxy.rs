@@ -145,6 +145,8 @@ pub struct ProxySettings {
     pub via: bool,
     /// Write one info line per request.
     pub access_log: bool,
+    /// How drained WebSocket tunnels place their close frame.
+    pub tunnel_close: crate::tunnel::ClosePolicy,
 }
 
 /// The gateway: routes, upstreams and settings, shared by all connections.
@@ -424,7 +426,12 @@ impl Gateway {
                 .remove::<hyper::upgrade::OnUpgrade>();
             match (downstream_upgrade, upstream_upgrade) {
                 (Some(down), Some(up)) => {
-                    tokio::spawn(crate::tunnel::splice(down, up, websocket));
+                    tokio::spawn(crate::tunnel::splice(
+                        down,
+                        up,
+                        websocket,
+                        self.settings.tunnel_close.clone(),
+                    ));
                 }
                 _ => {
                     *response = Problem::new(

@@ -110,6 +110,13 @@ pub fn build_gateway(config: &Config, metrics: &Metrics, filters: FilterFactory<
             max_header_size: usize::try_from(config.server.max_header_size.0).unwrap_or(usize::MAX),
             via: config.server.via,
             access_log: config.log.access_log,
+            tunnel_close: crate::tunnel::ClosePolicy {
+                // The grace the drain plan leaves before its deadline.
+                message_wait: crate::drain::plan(&config.drain, config.drain.deadline.0)
+                    .effective_close_grace(),
+                message_limit: config.drain.close_message_limit.0,
+                mid_message: metrics.tunnel_closes_mid_message.clone(),
+            },
         },
         unmatched: metrics.route("-"),
     }

@@ -9,11 +9,15 @@
 //!
 //! Every tunnel is registered in the drain registry (`crate::drain`) with
 //! its upstream endpoint. Asked gently to close, a WebSocket tunnel stops
-//! forwarding the upstream's bytes at the next frame boundary (it tracks
-//! frame headers, a few bytes of state per direction), sends the client a
-//! close frame with code 1012 and the reconnect hint, and ends once the
-//! client's close frame has gone through; asked by force (the deadline),
-//! any tunnel is cut. Other upgrades have no close frame: they are cut.
+//! forwarding the upstream's bytes at the end of the message in flight (it
+//! tracks frame headers and fragmentation, a few bytes of state per
+//! direction; a message longer than the close grace or
+//! `close_message_limit` is cut at a frame boundary instead), sends the
+//! client a close frame with code 1012 and the reconnect hint, forwards the
+//! client's answering close frame to the upstream, and then sends each side
+//! a FIN and reads until each side's own FIN (at most [`LINGER`]), so
+//! neither peer sees a reset. Asked by force (the deadline), any tunnel is
+//! cut. Other upgrades have no close frame: they are cut.
 
 use std::cell::RefCell;
 use std::future::Future;
@@ -26,8 +30,10 @@ use http::HeaderMap;
 use hyper::upgrade::{OnUpgrade, Upgraded};
 use hyper_util::rt::TokioIo;
 use keel_drain::{CloseRequest, ConnKind, Registration};
+use prometheus_client::metrics::counter::Counter;
 use tokio::io::AsyncWrite;
 use tokio::net::TcpStream;
+use tokio::time::{Duration, Sleep};
 
 use crate::upstream::CountedIo;
 
@@ -49,7 +55,12 @@ pub fn is_websocket(headers: &HeaderMap) -> bool {
 
 /// Waits for both sides to finish upgrading, then copies bytes both ways
 /// until both sides have closed.
-pub async fn splice(downstream: OnUpgrade, upstream: OnUpgrade, websocket: bool) {
+pub async fn splice(
+    downstream: OnUpgrade,
+    upstream: OnUpgrade,
+    websocket: bool,
+    policy: ClosePolicy,
+) {
     let (down, up) = match tokio::try_join!(downstream, upstream) {
         Ok(both) => both,
         Err(error) => {
@@ -93,6 +104,7 @@ pub async fn splice(downstream: OnUpgrade, upstream: OnUpgrade, websocket: bool)
             up_pending,
             Some(registration),
             websocket,
+            policy,
         )
         .await;
         if let Err(error) = result {
@@ -122,12 +134,46 @@ pub async fn tunnel(
     b: TcpStream,
     b_pending: Bytes,
 ) -> io::Result<()> {
-    run(a, a_pending, b, b_pending, None, false).await
+    run(
+        a,
+        a_pending,
+        b,
+        b_pending,
+        None,
+        false,
+        ClosePolicy::default(),
+    )
+    .await
 }
 
 /// How many read-and-write rounds one direction may do in one poll before
 /// it yields, so a busy tunnel cannot starve the other tasks of its thread.
 const ROUNDS_PER_POLL: usize = 32;
+
+/// How long a closed WebSocket tunnel waits, once both close frames have
+/// gone through, for both peers to close their side. Dropping a socket
+/// with unread bytes makes the kernel reset the connection (and discard
+/// what it had not sent yet, the forwarded close frame included), so the
+/// tunnel reads and discards until each peer's FIN; this bounds it for a
+/// peer that never closes.
+const LINGER: Duration = Duration::from_secs(2);
+
+/// How a drained WebSocket tunnel places its close frame: after the end of
+/// a fragmented message in flight toward the client (clients such as
+/// Python's `websockets` take a close between fragments for a protocol
+/// error), unless the message goes on for longer than `message_wait` or
+/// `message_limit` bytes; then at the next frame boundary, which RFC 6455
+/// allows, counted in `mid_message`. Built from `[drain]` in `serve`.
+#[derive(Debug, Clone, Default)]
+pub struct ClosePolicy {
+    /// The longest wait for the end of a message (`[drain] close_grace`).
+    pub message_wait: Duration,
+    /// The most bytes forwarded while waiting for it
+    /// (`[drain] close_message_limit`).
+    pub message_limit: u64,
+    /// Closes that went inside a message because a bound was hit.
+    pub mid_message: Counter,
+}
 
 /// Copies both ways between `a` (the client) and `b` (the upstream) until
 /// both sides have closed, the drain closes the tunnel, or it is cut.
@@ -138,6 +184,7 @@ fn run(
     b_pending: Bytes,
     registration: Option<Registration>,
     websocket: bool,
+    policy: ClosePolicy,
 ) -> Tunnel {
     let frames = || websocket.then(Frames::default);
     Tunnel {
@@ -147,8 +194,10 @@ fn run(
         to_client: Half::new(&b_pending, frames()),
         registration,
         websocket,
+        policy,
         close: None,
         close_sent: false,
+        wait: Wait::Nothing,
     }
 }
 
@@ -164,10 +213,33 @@ struct Tunnel {
     to_client: Half,
     registration: Option<Registration>,
     websocket: bool,
+    policy: ClosePolicy,
     /// The gentle close asked by the drain, once asked.
     close: Option<CloseRequest>,
     /// Set once the close frame went out to the client.
     close_sent: bool,
+    /// The timer of the closing handshake, if one runs.
+    wait: Wait,
+}
+
+/// What a closing tunnel is waiting for, with its deadline.
+enum Wait {
+    Nothing,
+    /// The end of the message in flight toward the client.
+    MessageEnd(Pin<Box<Sleep>>),
+    /// Both peers' FIN, after both close frames went through.
+    Linger(Pin<Box<Sleep>>),
+}
+
+/// Where a direction stops forwarding to send the close frame instead.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stop {
+    /// Not closing: forward everything.
+    Never,
+    /// After the message in flight (and its interleaved control frames).
+    MessageEnd,
+    /// At the next frame boundary.
+    FrameEnd,
 }
 
 /// One direction of a tunnel.
@@ -178,31 +250,40 @@ struct Half {
     out: Vec<u8>,
     written: usize,
     frames: Option<Frames>,
-    /// Towards the client: forward up to the next frame boundary, then
-    /// send the close frame.
-    stopping: bool,
+    /// Towards the client: where to put the close frame.
+    stop: Stop,
+    /// Towards the client: bytes forwarded while waiting for a message end.
+    waited_bytes: u64,
     /// Towards the client: `out` holds the close frame.
     closing: bool,
+    /// The closing handshake is through in this direction: read what the
+    /// source still sends and drop it, until its FIN.
+    discard: bool,
+    /// The source's FIN came while the close frame was still to be sent.
+    eof: bool,
     done: bool,
 }
 
 impl Half {
     fn new(pending: &[u8], mut frames: Option<Frames>) -> Self {
         if let Some(frames) = frames.as_mut() {
-            frames.feed(pending, false);
+            frames.feed(pending, Stop::Never);
         }
         Self {
             out: pending.to_vec(),
             written: 0,
             frames,
-            stopping: false,
+            stop: Stop::Never,
+            waited_bytes: 0,
             closing: false,
+            discard: false,
+            eof: false,
             done: false,
         }
     }
 
-    fn at_boundary(&self) -> bool {
-        self.frames.as_ref().is_none_or(Frames::at_boundary)
+    fn at(&self, stop: Stop) -> bool {
+        self.frames.as_ref().is_none_or(|f| f.at(stop))
     }
 
     fn saw_close(&self) -> bool {
@@ -224,7 +305,14 @@ impl Future for Tunnel {
                 }
                 if this.close.is_none() {
                     this.close = Some(request);
-                    this.to_client.stopping = true;
+                    if this.policy.message_wait.is_zero() {
+                        this.to_client.stop = Stop::FrameEnd;
+                    } else {
+                        this.to_client.stop = Stop::MessageEnd;
+                        this.wait = Wait::MessageEnd(Box::pin(tokio::time::sleep(
+                            this.policy.message_wait,
+                        )));
+                    }
                 }
             }
         }
@@ -236,6 +324,7 @@ impl Future for Tunnel {
             &mut this.client,
             Direction::ToClient,
             this.close.as_ref(),
+            &this.policy,
             &mut this.close_sent,
             cx,
         )?;
@@ -245,31 +334,61 @@ impl Future for Tunnel {
             &mut this.upstream,
             Direction::ToUpstream,
             None,
+            &this.policy,
             &mut this.close_sent,
             cx,
         )?;
         if to_client.is_ready() && to_upstream.is_ready() {
-            Poll::Ready(Ok(()))
-        } else {
-            Poll::Pending
+            return Poll::Ready(Ok(()));
         }
+        let handshake_over = this.close_sent && (this.to_upstream.discard || this.to_upstream.done);
+        match &mut this.wait {
+            Wait::MessageEnd(_) if this.close_sent => this.wait = Wait::Nothing,
+            Wait::MessageEnd(timer) => {
+                if timer.as_mut().poll(cx).is_ready() {
+                    // The message did not end within the grace: close at
+                    // the next frame boundary rather than not at all.
+                    this.wait = Wait::Nothing;
+                    this.to_client.stop = Stop::FrameEnd;
+                    this.policy.mid_message.inc();
+                    cx.waker().wake_by_ref();
+                }
+                return Poll::Pending;
+            }
+            _ => {}
+        }
+        if handshake_over && matches!(this.wait, Wait::Nothing) {
+            this.wait = Wait::Linger(Box::pin(tokio::time::sleep(LINGER)));
+        }
+        if let Wait::Linger(timer) = &mut this.wait
+            && timer.as_mut().poll(cx).is_ready()
+        {
+            tracing::debug!("a peer kept its side open after the close handshake");
+            return Poll::Ready(Ok(()));
+        }
+        Poll::Pending
     }
 }
 
 /// Moves one direction along as far as it goes without waiting; `Ready`
 /// once it is finished.
 ///
-/// Towards the client, a gentle close stops forwarding at the next frame
-/// boundary and sends the close frame instead, then half-closes. Towards
-/// the upstream, the copy ends once the client's close frame has gone
-/// through after ours. End of stream half-closes the destination: the
-/// other direction may still be talking.
+/// Towards the client, a gentle close stops forwarding where `half.stop`
+/// says and sends the close frame instead, then half-closes and discards
+/// what the upstream still sends. Towards the upstream, once the client's
+/// close frame has gone through after ours, it half-closes and discards
+/// the rest. Either way the direction is finished only at its source's
+/// FIN, so no socket is dropped with unread bytes (which would reset it).
+/// End of stream half-closes the destination: the other direction may
+/// still be talking.
+#[allow(clippy::too_many_arguments)]
 fn poll_half(
     half: &mut Half,
     src: &TcpStream,
     dst: &mut TcpStream,
     direction: Direction,
     close: Option<&CloseRequest>,
+    policy: &ClosePolicy,
     close_sent: &mut bool,
     cx: &mut Context<'_>,
 ) -> Poll<io::Result<()>> {
@@ -291,59 +410,94 @@ fn poll_half(
             half.written = 0;
         }
         if half.closing {
+            // Our close frame is out: FIN after it, then wait for the
+            // upstream's FIN, dropping what it still sends.
             *close_sent = true;
-            half.done = true;
+            half.closing = false;
+            half.discard = true;
+            half.done = half.eof;
             half_close(dst, cx);
             continue;
         }
-        if direction == Direction::ToClient && half.stopping && half.at_boundary() {
+        if direction == Direction::ToClient
+            && half.stop != Stop::Never
+            && !half.discard
+            && half.at(half.stop)
+        {
             let reason = close.map(CloseRequest::close_reason).unwrap_or_default();
             half.out = close_frame(CloseRequest::WEBSOCKET_CODE, &reason);
             half.closing = true;
             continue;
         }
-        if direction == Direction::ToUpstream && *close_sent && half.saw_close() {
-            // Both close frames exchanged: the client waits for us to
-            // close the connection.
-            half.done = true;
+        if direction == Direction::ToUpstream && *close_sent && !half.discard && half.saw_close() {
+            // Both close frames exchanged: FIN after the client's, then
+            // wait for the client's FIN.
+            half.discard = true;
+            half_close(dst, cx);
             continue;
         }
         ready!(src.poll_read_ready(cx))?;
-        let stopping = half.stopping;
+        let stop = if half.discard { Stop::Never } else { half.stop };
+        let discard = half.discard;
         let frames = &mut half.frames;
-        let step = SCRATCH.with_borrow_mut(|scratch| -> io::Result<Step> {
-            let n = match src.try_read(scratch) {
-                Ok(0) => return Ok(Step::Eof),
-                Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Step::Done),
-                Err(e) => return Err(e),
-            };
-            // While stopping, what follows the frame boundary is dropped:
-            // the client is told to go instead.
-            let n = match frames.as_mut() {
-                Some(frames) => frames.feed(&scratch[..n], stopping),
-                None => n,
-            };
-            let mut written = 0;
-            while written < n {
-                match dst.try_write(&scratch[written..n]) {
-                    Ok(m) => written += m,
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+        let (step, forwarded) =
+            SCRATCH.with_borrow_mut(|scratch| -> io::Result<(Step, usize)> {
+                let n = match src.try_read(scratch) {
+                    Ok(0) => return Ok((Step::Eof, 0)),
+                    Ok(n) => n,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok((Step::Done, 0)),
                     Err(e) => return Err(e),
+                };
+                if discard {
+                    return Ok((Step::Done, 0));
                 }
+                // While stopping, what follows the stop point is dropped: the
+                // client is told to go instead.
+                let n = match frames.as_mut() {
+                    Some(frames) => frames.feed(&scratch[..n], stop),
+                    None => n,
+                };
+                let mut written = 0;
+                while written < n {
+                    match dst.try_write(&scratch[written..n]) {
+                        Ok(m) => written += m,
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                        Err(e) => return Err(e),
+                    }
+                }
+                Ok(if written == n {
+                    (Step::Done, n)
+                } else {
+                    (Step::Rest(scratch[written..n].to_vec()), n)
+                })
+            })?;
+        if half.stop == Stop::MessageEnd {
+            half.waited_bytes += forwarded as u64;
+            if half.waited_bytes > policy.message_limit {
+                // A message longer than the limit: close inside it.
+                half.stop = Stop::FrameEnd;
+                policy.mid_message.inc();
             }
-            Ok(if written == n {
-                Step::Done
-            } else {
-                Step::Rest(scratch[written..n].to_vec())
-            })
-        });
-        match step? {
+        }
+        match step {
             Step::Done => {}
             Step::Rest(rest) => half.out = rest,
+            Step::Eof
+                if direction == Direction::ToClient
+                    && half.stop != Stop::Never
+                    && !half.discard
+                    && half.at(Stop::FrameEnd) =>
+            {
+                // The upstream left before the close frame went out: the
+                // client still gets it (at the frame boundary), then FIN.
+                half.eof = true;
+                half.stop = Stop::FrameEnd;
+            }
             Step::Eof => {
                 half.done = true;
-                half_close(dst, cx);
+                if !half.discard {
+                    half_close(dst, cx);
+                }
             }
         }
     }
@@ -385,8 +539,9 @@ fn close_frame(code: u16, reason: &str) -> Vec<u8> {
     frame
 }
 
-/// Where a WebSocket byte stream is relative to its frames: enough to stop
-/// at a boundary and to notice a close frame, without buffering payloads.
+/// Where a WebSocket byte stream is relative to its frames and messages:
+/// enough to stop at a frame or message boundary and to notice a close
+/// frame, without buffering payloads.
 #[derive(Debug, Default)]
 struct Frames {
     header: [u8; 14],
@@ -394,19 +549,31 @@ struct Frames {
     payload_left: u64,
     in_close: bool,
     saw_close: bool,
+    /// Between the first and the final fragment of a data message (control
+    /// frames may come in between).
+    in_message: bool,
 }
 
 impl Frames {
-    fn at_boundary(&self) -> bool {
+    fn at_frame_boundary(&self) -> bool {
         self.header_len == 0 && self.payload_left == 0
     }
 
+    /// True when the stream is at a point where `stop` says to stop.
+    fn at(&self, stop: Stop) -> bool {
+        match stop {
+            Stop::Never => false,
+            Stop::FrameEnd => self.at_frame_boundary(),
+            Stop::MessageEnd => self.at_frame_boundary() && !self.in_message,
+        }
+    }
+
     /// Follows `data` and returns how many bytes of it to forward: all of
-    /// it, or with `stop`, up to the first frame boundary.
-    fn feed(&mut self, data: &[u8], stop: bool) -> usize {
+    /// it, or up to the first point where `stop` says to stop.
+    fn feed(&mut self, data: &[u8], stop: Stop) -> usize {
         let mut i = 0;
         loop {
-            if (stop && self.at_boundary()) || i == data.len() {
+            if self.at(stop) || i == data.len() {
                 return i;
             }
             if self.payload_left > 0 {
@@ -426,9 +593,16 @@ impl Frames {
             if let Some((total, payload, opcode)) = frame_header(&self.header[..len])
                 && total == len
             {
+                let fin = self.header[0] & 0x80 != 0;
                 self.header_len = 0;
                 self.payload_left = payload;
                 self.in_close = opcode == 0x8;
+                // A data frame (continuation, text, binary) without FIN
+                // leaves a message open; with FIN it ends one. Control
+                // frames come between fragments and change nothing.
+                if opcode <= 0x2 {
+                    self.in_message = !fin;
+                }
                 if payload == 0 && self.in_close {
                     self.saw_close = true;
                 }
@@ -530,16 +704,234 @@ mod tests {
         // and the close frame is noticed.
         let mut f = Frames::default();
         for b in &stream {
-            assert_eq!(f.feed(std::slice::from_ref(b), false), 1);
+            assert_eq!(f.feed(std::slice::from_ref(b), Stop::Never), 1);
         }
-        assert!(f.saw_close && f.at_boundary());
+        assert!(f.saw_close && f.at_frame_boundary());
         // Stopping in the middle of the first frame forwards its rest only.
         let mut f = Frames::default();
-        assert_eq!(f.feed(&stream[..10], false), 10);
-        assert_eq!(f.feed(&stream[10..], true), first - 10);
-        assert!(f.at_boundary() && !f.saw_close);
+        assert_eq!(f.feed(&stream[..10], Stop::Never), 10);
+        assert_eq!(f.feed(&stream[10..], Stop::FrameEnd), first - 10);
+        assert!(f.at_frame_boundary() && !f.saw_close);
         // At a boundary, stopping forwards nothing.
-        assert_eq!(f.feed(&stream[first..], true), 0);
+        assert_eq!(f.feed(&stream[first..], Stop::FrameEnd), 0);
+    }
+
+    /// A binary message in three fragments with a ping between the first
+    /// two, then a one-frame text message.
+    fn fragmented() -> (Vec<u8>, usize, usize) {
+        let mut stream = fragment(0x2, false, &[1; 200]);
+        let first = stream.len();
+        stream.extend(frame(0x9, b"ping", false));
+        stream.extend(fragment(0x0, false, &[2; 70_000]));
+        stream.extend(fragment(0x0, true, &[3; 10]));
+        let message_end = stream.len();
+        stream.extend(frame(0x1, b"next", false));
+        (stream, first, message_end)
+    }
+
+    fn fragment(opcode: u8, fin: bool, payload: &[u8]) -> Vec<u8> {
+        let mut f = frame(opcode, payload, false);
+        if !fin {
+            f[0] &= 0x7f;
+        }
+        f
+    }
+
+    #[test]
+    fn frames_stop_at_the_end_of_a_fragmented_message() {
+        let (stream, first, message_end) = fragmented();
+        // Asked to stop inside the first fragment: the ping and the other
+        // fragments still go, the next message does not.
+        let mut f = Frames::default();
+        assert_eq!(f.feed(&stream[..10], Stop::Never), 10);
+        assert!(f.in_message);
+        assert_eq!(f.feed(&stream[10..], Stop::MessageEnd), message_end - 10);
+        assert!(f.at(Stop::MessageEnd));
+        // A byte at a time, the same point.
+        let mut f = Frames::default();
+        let mut forwarded = f.feed(&stream[..1], Stop::Never);
+        for b in &stream[1..] {
+            forwarded += f.feed(std::slice::from_ref(b), Stop::MessageEnd);
+        }
+        assert_eq!(forwarded, message_end);
+        // Asked at a message boundary, it stops at once.
+        assert_eq!(f.feed(&stream[message_end..], Stop::MessageEnd), 0);
+        // Inside the first fragment, a frame stop stops at its end.
+        let mut f = Frames::default();
+        assert_eq!(f.feed(&stream[..10], Stop::Never), 10);
+        assert_eq!(f.feed(&stream[10..], Stop::FrameEnd), first - 10);
+        assert!(f.in_message && !f.at(Stop::MessageEnd));
+    }
+
+    /// A gentle close with a fragmented message in flight toward the
+    /// client, through a tunnel registered like the gateway's.
+    struct Drained {
+        client: TcpStream,
+        upstream: TcpStream,
+        registry: keel_drain::Registry,
+        id: keel_drain::ConnId,
+        mid_message: Counter,
+        task: tokio::task::JoinHandle<io::Result<()>>,
+    }
+
+    async fn drained(message_wait: Duration, message_limit: u64) -> Drained {
+        let (client, proxy_a) = tests_pair().await;
+        let (proxy_b, upstream) = tests_pair().await;
+        let registry = keel_drain::Registry::new();
+        let registration = registry.register(keel_drain::ConnKind::Tunnel, None);
+        let id = registration.id();
+        let mid_message = Counter::default();
+        let policy = ClosePolicy {
+            message_wait,
+            message_limit,
+            mid_message: mid_message.clone(),
+        };
+        let task = tokio::spawn(run(
+            proxy_a,
+            Bytes::new(),
+            proxy_b,
+            Bytes::new(),
+            Some(registration),
+            true,
+            policy,
+        ));
+        Drained {
+            client,
+            upstream,
+            registry,
+            id,
+            mid_message,
+            task,
+        }
+    }
+
+    impl Drained {
+        fn close(&self) {
+            let asked = self.registry.close(
+                self.id,
+                CloseRequest {
+                    force: false,
+                    reconnect_after: Duration::from_millis(7),
+                },
+            );
+            assert!(asked);
+        }
+    }
+
+    async fn read_exactly(from: &mut TcpStream, n: usize) -> Vec<u8> {
+        let mut got = vec![0; n];
+        from.read_exact(&mut got).await.expect("read");
+        got
+    }
+
+    fn masked_close() -> Vec<u8> {
+        frame(0x8, &1012u16.to_be_bytes(), true)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_close_frame_waits_for_the_message_end_and_both_sides_end_with_fin() {
+        let (stream, first, message_end) = fragmented();
+        let mut t = drained(Duration::from_secs(1), 1 << 20).await;
+        t.upstream.write_all(&stream[..first]).await.expect("write");
+        assert_eq!(read_exactly(&mut t.client, first).await, stream[..first]);
+        t.close();
+        // The rest of the message (and the ping inside it) still goes to
+        // the client; the next message does not; then the close frame.
+        t.upstream.write_all(&stream[first..]).await.expect("write");
+        let rest = read_exactly(&mut t.client, message_end - first).await;
+        assert_eq!(rest, stream[first..message_end]);
+        let close = close_frame(1012, "keel drain; reconnect_after_ms=7");
+        assert_eq!(read_exactly(&mut t.client, close.len()).await, close);
+        assert_eq!(t.mid_message.get(), 0);
+        // The client answers; the upstream gets that close frame, then FIN,
+        // though it went on streaming in between.
+        t.upstream
+            .write_all(&frame(0x2, &[5; 5000], false))
+            .await
+            .expect("write");
+        t.client.write_all(&masked_close()).await.expect("write");
+        let mut up = Vec::new();
+        t.upstream
+            .read_to_end(&mut up)
+            .await
+            .expect("no reset toward the upstream");
+        assert_eq!(up, masked_close());
+        // The client's side: FIN after the close frame.
+        let mut tail = Vec::new();
+        t.client
+            .read_to_end(&mut tail)
+            .await
+            .expect("no reset toward the client");
+        assert!(tail.is_empty());
+        // The tunnel ends once both peers have closed, never before.
+        assert!(!t.task.is_finished());
+        t.upstream
+            .write_all(&frame(0x8, &1012u16.to_be_bytes(), false))
+            .await
+            .expect("write");
+        drop(t.upstream);
+        drop(t.client);
+        t.task.await.expect("join").expect("tunnel");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_message_that_outlasts_the_grace_is_closed_at_a_frame_boundary() {
+        let (stream, first, _) = fragmented();
+        let mut t = drained(Duration::from_secs(1), 1 << 20).await;
+        t.upstream.write_all(&stream[..first]).await.expect("write");
+        assert_eq!(read_exactly(&mut t.client, first).await, stream[..first]);
+        t.close();
+        // The upstream stalls inside the message: after the grace, the close
+        // frame goes at the frame boundary, and it is counted.
+        let close = close_frame(1012, "keel drain; reconnect_after_ms=7");
+        assert_eq!(read_exactly(&mut t.client, close.len()).await, close);
+        assert_eq!(t.mid_message.get(), 1);
+        t.client.write_all(&masked_close()).await.expect("write");
+        drop(t.client);
+        let mut up = Vec::new();
+        t.upstream.read_to_end(&mut up).await.expect("read");
+        assert_eq!(up, masked_close());
+        drop(t.upstream);
+        t.task.await.expect("join").expect("tunnel");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_message_past_the_byte_limit_is_closed_at_a_frame_boundary() {
+        let (stream, first, _) = fragmented();
+        let mut t = drained(Duration::from_secs(60), 100).await;
+        t.upstream.write_all(&stream[..first]).await.expect("write");
+        assert_eq!(read_exactly(&mut t.client, first).await, stream[..first]);
+        t.close();
+        // More than 100 bytes of the message go by: the close frame follows
+        // the frame the limit was crossed in, well before the grace.
+        t.upstream.write_all(&stream[first..]).await.expect("write");
+        let ping = frame(0x9, b"ping", false);
+        let big = fragment(0x0, false, &[2; 70_000]);
+        let got = read_exactly(&mut t.client, ping.len() + big.len()).await;
+        assert_eq!(got, [ping, big].concat());
+        let close = close_frame(1012, "keel drain; reconnect_after_ms=7");
+        assert_eq!(read_exactly(&mut t.client, close.len()).await, close);
+        assert_eq!(t.mid_message.get(), 1);
+        drop((t.client, t.upstream));
+        t.task.await.expect("join").ok();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_peer_that_never_closes_is_let_go_after_the_linger() {
+        let mut t = drained(Duration::from_secs(1), 1 << 20).await;
+        t.close();
+        let close = close_frame(1012, "keel drain; reconnect_after_ms=7");
+        assert_eq!(read_exactly(&mut t.client, close.len()).await, close);
+        t.client.write_all(&masked_close()).await.expect("write");
+        assert_eq!(
+            read_exactly(&mut t.upstream, masked_close().len()).await,
+            masked_close()
+        );
+        // Neither peer closes: the tunnel ends LINGER later on its own.
+        let started = tokio::time::Instant::now();
+        t.task.await.expect("join").expect("tunnel");
+        assert!(started.elapsed() >= LINGER);
+        drop((t.client, t.upstream));
     }
 
     #[test]
@@ -566,6 +958,7 @@ mod size_probe {
             bytes::Bytes::new(),
             Some(reg),
             true,
+            super::ClosePolicy::default(),
         );
         // The idle-memory budget: the tunnel future was 1.6 KiB as an
         // async block with drain support, and is a few hundred bytes as a

@@ -56,6 +56,31 @@ pub fn service_url(var: &str) -> Option<String> {
     }
 }
 
+/// True when `python3` can import `module` (a test drives a real
+/// third-party client or server written in Python).
+///
+/// Under `CI=true` a missing module panics (`.ci/run` installs it); elsewhere
+/// the test is skipped with the reason on stderr.
+///
+/// ```no_run
+/// if keel_testkit::python_with("websockets") {
+///     // run python3 with a script that imports websockets
+/// }
+/// ```
+pub fn python_with(module: &str) -> bool {
+    let imported = std::process::Command::new("python3")
+        .args(["-c", &format!("import {module}")])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    imported
+        || skip(&format!(
+            "python3 cannot import {module} (pip install {module}; bash .ci/run installs it)"
+        ))
+        .is_some()
+}
+
 fn skip(reason: &str) -> Option<String> {
     if in_ci() {
         panic!("CI=true and a required service is missing: {reason}");
