@@ -16,8 +16,9 @@
 //! client a close frame with code 1012 and the reconnect hint, forwards the
 //! client's answering close frame to the upstream, and then sends each side
 //! a FIN and reads until each side's own FIN (at most [`LINGER`]), so
-//! neither peer sees a reset. Asked by force (the deadline), any tunnel is
-//! cut. Other upgrades have no close frame: they are cut.
+//! neither peer sees a reset. Other upgrades have no close frame: asked
+//! gently, they get a FIN both ways and are read until both FINs (at most
+//! [`LINGER`]). Asked by force (the deadline), any tunnel is cut.
 
 use std::cell::RefCell;
 use std::future::Future;
@@ -298,14 +299,18 @@ impl Future for Tunnel {
         let this = self.get_mut();
         if let Some(registration) = this.registration.as_mut() {
             while let Poll::Ready(request) = registration.poll_closing(cx) {
-                if request.force || !this.websocket {
-                    // The deadline, or an upgrade with no close frame: cut.
+                if request.force {
+                    // The deadline: cut.
                     tracing::debug!("tunnel cut by the drain");
                     return Poll::Ready(Ok(()));
                 }
                 if this.close.is_none() {
                     this.close = Some(request);
-                    if this.policy.message_wait.is_zero() {
+                    if !this.websocket {
+                        // No close frame to send: FIN both ways at once.
+                        this.to_client.stop = Stop::FrameEnd;
+                        this.to_upstream.stop = Stop::FrameEnd;
+                    } else if this.policy.message_wait.is_zero() {
                         this.to_client.stop = Stop::FrameEnd;
                     } else {
                         this.to_client.stop = Stop::MessageEnd;
@@ -341,7 +346,12 @@ impl Future for Tunnel {
         if to_client.is_ready() && to_upstream.is_ready() {
             return Poll::Ready(Ok(()));
         }
-        let handshake_over = this.close_sent && (this.to_upstream.discard || this.to_upstream.done);
+        let over = |half: &Half| half.discard || half.done;
+        let handshake_over = if this.websocket {
+            this.close_sent && over(&this.to_upstream)
+        } else {
+            over(&this.to_client) && over(&this.to_upstream)
+        };
         match &mut this.wait {
             Wait::MessageEnd(_) if this.close_sent => this.wait = Wait::Nothing,
             Wait::MessageEnd(timer) => {
@@ -416,6 +426,13 @@ fn poll_half(
             half.closing = false;
             half.discard = true;
             half.done = half.eof;
+            half_close(dst, cx);
+            continue;
+        }
+        if half.stop != Stop::Never && !half.discard && half.frames.is_none() {
+            // An upgrade with no close frame, asked to close: FIN, then
+            // read until the source's FIN.
+            half.discard = true;
             half_close(dst, cx);
             continue;
         }
@@ -914,6 +931,47 @@ mod tests {
         assert_eq!(t.mid_message.get(), 1);
         drop((t.client, t.upstream));
         t.task.await.expect("join").ok();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn another_upgrade_asked_to_close_gets_fin_both_ways_and_no_reset() {
+        let (mut client, proxy_a) = tests_pair().await;
+        let (proxy_b, mut upstream) = tests_pair().await;
+        let registry = keel_drain::Registry::new();
+        let registration = registry.register(keel_drain::ConnKind::Tunnel, None);
+        let id = registration.id();
+        let task = tokio::spawn(run(
+            proxy_a,
+            Bytes::new(),
+            proxy_b,
+            Bytes::new(),
+            Some(registration),
+            false,
+            ClosePolicy::default(),
+        ));
+        client.write_all(b"hello").await.expect("write");
+        assert_eq!(read_exactly(&mut upstream, 5).await, b"hello");
+        let request = CloseRequest {
+            force: false,
+            reconnect_after: Duration::ZERO,
+        };
+        assert!(registry.close(id, request));
+        // Both sides read FIN; what the upstream still sends is dropped.
+        upstream.write_all(&[1; 50_000]).await.expect("write");
+        let mut rest = Vec::new();
+        client
+            .read_to_end(&mut rest)
+            .await
+            .expect("no reset toward the client");
+        let mut up = Vec::new();
+        upstream
+            .read_to_end(&mut up)
+            .await
+            .expect("no reset toward the upstream");
+        assert!(up.is_empty());
+        assert!(!task.is_finished(), "it waits for both peers' FIN");
+        drop((client, upstream));
+        task.await.expect("join").expect("tunnel");
     }
 
     #[tokio::test(start_paused = true)]
