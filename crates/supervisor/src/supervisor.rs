@@ -873,7 +873,9 @@ impl Run {
                 return Ok(());
             }
             *lock(&self.inner.start_error) = Some(e.clone());
-            return Err(ChildError::msg(e.to_string()));
+            // The typed error travels up as this supervisor's exit, so a
+            // parent's own `StartError` names the innermost child.
+            return Err(ChildError::from(e));
         }
         ctx.ready();
         let token = self.token.clone();
@@ -1283,13 +1285,16 @@ impl Run {
             reason = %exit.reason,
             "child exited"
         );
-        event::emit(
-            &self.events,
-            node.path(),
-            EventKind::Exited {
-                reason: exit.reason.clone(),
-            },
-        );
+        if !exit.start_failed {
+            // A failed start was reported as `StartFailed` already.
+            event::emit(
+                &self.events,
+                node.path(),
+                EventKind::Exited {
+                    reason: exit.reason.clone(),
+                },
+            );
+        }
         let restart = match spec_restart {
             Restart::Permanent => true,
             Restart::Transient => exit.start_failed || exit.reason.is_abnormal(),
