@@ -8,6 +8,7 @@
 %%   exit PATH CLASS         it ended: normal | shutdown | killed | crash
 %%   ctl OP PATH RESULT      a terminate/restart/delete/start_child answer
 %%   start_link ok|error     the root's start returned
+%%   stop                    the runner stops the root (if it still runs)
 %%
 %% Order: workers trap exits and report their own start and end with a
 %% synchronous call to the tracer before doing anything the supervisor can
@@ -47,16 +48,18 @@ run(#{tree := Tree, script := Script}) ->
             call(Tracer, {line, "start_link ok"}),
             lists:foreach(fun(Step) -> step(string:split(Step, " ", all), Root, Tree, Tracer) end,
                           Script),
-            stop(Root);
+            stop(Root, Tracer);
         {error, _} ->
             call(Tracer, {line, "start_link error"})
     end,
     call(Tracer, lines).
 
-%% The parent's way to stop the root: an exit signal, then wait for it.
-stop(Root) ->
+%% The parent's way to stop the root: an exit signal, then wait for it. The
+%% `stop` line tells the exits it causes from those of an escalation.
+stop(Root, Tracer) ->
     case is_process_alive(Root) of
         true ->
+            call(Tracer, {line, "stop"}),
             exit(Root, shutdown),
             receive {'EXIT', Root, _} -> ok end;
         false ->
@@ -65,8 +68,8 @@ stop(Root) ->
 
 step(["wait", Ms], _Root, _Tree, _Tracer) ->
     timer:sleep(list_to_integer(Ms));
-step(["stop"], Root, _Tree, _Tracer) ->
-    stop(Root),
+step(["stop"], Root, _Tree, Tracer) ->
+    stop(Root, Tracer),
     settle();
 step([Action, Path], _Root, _Tree, Tracer)
   when Action =:= "crash"; Action =:= "normal"; Action =:= "shutdown" ->
