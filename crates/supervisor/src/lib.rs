@@ -5,10 +5,14 @@
 //! them by a [`Strategy`] within a restart intensity: more than `N` restarts
 //! in `T` and it stops its children in reverse order and exits with reason
 //! `shutdown`, as OTP's does, so that its own parent decides (escalation;
-//! the detail is in [`Snapshot::escalation`] and [`EventKind::Escalated`]). Supervisors nest, so a
-//! program is a tree whose top is strict and whose leaves may be lenient.
+//! the detail is in [`Snapshot::escalation`] and [`EventKind::Escalated`]).
+//! Supervisors nest, so a program is a tree whose top is strict and whose
+//! leaves may be lenient.
 //!
-//! The semantics are Erlang/OTP's, exactly, unless marked opt-in:
+//! The semantics are Erlang/OTP's, checked against OTP 25's own
+//! `supervisor` by a differential test (`tests/otp_differential.rs`); the
+//! few deliberate differences are listed in `docs/supervisor.md`. Beyond
+//! OTP, everything is opt-in:
 //!
 //! | OTP | here |
 //! | --- | --- |
@@ -20,6 +24,7 @@
 //! | `init/1` returning | [`ChildContext::ready`] |
 //! | `handle_continue` | [`ChildContext::defer`], then `ready` |
 //! | `significant`, `auto_shutdown` | [`ChildSpec::significant`], [`AutoShutdown`] |
+//! | `terminate_child`, `restart_child`, `delete_child` | [`SupervisorControl::terminate_child`], [`restart_child`](SupervisorControl::restart_child), [`delete_child`](SupervisorControl::delete_child) |
 //!
 //! Beyond OTP, all opt-in so the defaults stay exact: restart delays with
 //! exponential backoff and full jitter ([`RestartBackoff`]), a per-child fuse

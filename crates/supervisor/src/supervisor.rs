@@ -6,7 +6,9 @@
 //! (start or stop a child), and a timer (a delayed restart or the end of a
 //! parked child's cool-down). Starting a child blocks the supervisor until
 //! the child is initialised, exactly as OTP's synchronous `init` does; exits
-//! that arrive meanwhile are queued and handled in order afterwards.
+//! and stop requests that arrive meanwhile wait until it is over. Every exit
+//! is tagged with the incarnation it ends, so one queued while the
+//! supervisor was busy is never taken for a crash of a later incarnation.
 
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
@@ -254,8 +256,9 @@ impl SupervisorBuilder {
     }
 
     /// Sets the restart intensity: more than `max_restarts` restarts within
-    /// `period` make the supervisor stop its children and exit abnormally
-    /// (escalate). Default: 3 in 5 s (Elixir's default).
+    /// `period` make the supervisor stop its children and exit with reason
+    /// `shutdown` (escalate: its parent decides, as in OTP; the detail is in
+    /// [`Snapshot::escalation`]). Default: 3 in 5 s (Elixir's default).
     pub fn intensity(mut self, max_restarts: u32, period: Duration) -> Self {
         self.intensity = max_restarts;
         self.period = period;
@@ -698,15 +701,18 @@ impl std::ops::Deref for SupervisorHandle {
 
 impl SupervisorHandle {
     /// Stops the tree: children in reverse start order, each by its
-    /// shutdown policy, nested supervisors first stopping their own. Returns
-    /// the root's exit reason.
+    /// shutdown policy, nested supervisors first stopping their own. A
+    /// restart under way finishes first (OTP's starts are synchronous; a
+    /// child that never initialises holds the stop up unless it has a
+    /// [`ChildSpec::start_timeout`]). Returns the root's exit reason.
     pub async fn shutdown(&self) -> ExitReason {
         self.token.cancel();
         self.wait().await
     }
 
     /// Waits until the tree stops on its own (escalation, auto-shutdown) or
-    /// is shut down.
+    /// is shut down. Both end with [`ExitReason::Shutdown`], as in OTP;
+    /// [`Snapshot::escalation`] tells an escalation apart.
     pub async fn wait(&self) -> ExitReason {
         {
             let mut join = self.join.lock().await;
