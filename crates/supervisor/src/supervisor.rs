@@ -629,6 +629,20 @@ impl SupervisorControl {
     /// restarted), and returns once it is initialised (OTP's
     /// `restart_child`). It does not count against the restart intensity.
     /// A child that fails to start keeps its spec.
+    ///
+    /// ```
+    /// use keel_supervisor::{ChildSpec, ControlError, Supervisor};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() {
+    /// let w = ChildSpec::new("w", |ctx| async move { ctx.ready(); ctx.cancelled().await; Ok(()) });
+    /// let handle = Supervisor::builder("root").child(w).build().unwrap().start().await.unwrap();
+    /// assert_eq!(handle.restart_child("w").await, Err(ControlError::Running("root/w".into())));
+    /// handle.terminate_child("w").await.unwrap();
+    /// handle.restart_child("w").await.unwrap();
+    /// handle.shutdown().await;
+    /// # }
+    /// ```
     pub async fn restart_child(&self, name: &str) -> Result<(), ControlError> {
         self.child_op(ChildOp::Restart, name).await
     }
@@ -637,6 +651,21 @@ impl SupervisorControl {
     /// `delete_child`). A supervisor restarted by its parent starts its
     /// static children afresh, the deleted one included, as OTP's `init`
     /// does.
+    ///
+    /// ```
+    /// use keel_supervisor::{ChildSpec, ControlError, Supervisor};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() {
+    /// let w = ChildSpec::new("w", |ctx| async move { ctx.ready(); ctx.cancelled().await; Ok(()) });
+    /// let handle = Supervisor::builder("root").child(w).build().unwrap().start().await.unwrap();
+    /// handle.terminate_child("w").await.unwrap();
+    /// handle.delete_child("w").await.unwrap();
+    /// assert!(matches!(handle.delete_child("w").await, Err(ControlError::NotFound { .. })));
+    /// assert!(handle.snapshot().children.is_empty());
+    /// handle.shutdown().await;
+    /// # }
+    /// ```
     pub async fn delete_child(&self, name: &str) -> Result<(), ControlError> {
         self.child_op(ChildOp::Delete, name).await
     }

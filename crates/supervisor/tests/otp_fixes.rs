@@ -317,3 +317,44 @@ async fn a_childs_error_is_kept_with_its_source_chain() {
     assert_eq!(source.to_string(), "refused");
     handle.shutdown().await;
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_failed_restart_is_tried_again_whatever_the_restart_type() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    // A transient child whose second start fails with a `shutdown` reason:
+    // as an exit that would leave it stopped, as a failed restart OTP tries
+    // it again.
+    let starts = Arc::new(AtomicU32::new(0));
+    let counter = starts.clone();
+    let child = ChildSpec::new("t", move |ctx| {
+        let n = counter.fetch_add(1, Ordering::SeqCst) + 1;
+        async move {
+            match n {
+                1 => {
+                    ctx.ready();
+                    Err(keel_supervisor::ChildError::msg("crash"))
+                }
+                2 => Err(keel_supervisor::ChildError::shutdown()),
+                _ => {
+                    ctx.ready();
+                    ctx.cancelled().await;
+                    Ok(())
+                }
+            }
+        }
+    })
+    .restart(Restart::Transient);
+    let sup = Supervisor::builder("root")
+        .intensity(5, Duration::from_secs(5))
+        .child(child)
+        .build()
+        .expect("spec");
+    let handle = sup.start().await.expect("start");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(starts.load(Ordering::SeqCst), 3);
+    let t = &handle.snapshot().children[0];
+    assert_eq!((t.state, t.restarts), (ChildState::Running, 2));
+    handle.shutdown().await;
+}
