@@ -118,12 +118,12 @@ result({error, _}) -> "error start_failed".
 %% the scenarios' timeouts.
 settle() -> timer:sleep(100).
 
-find(Path, Tree) -> find(string:split(Path, "/", all), Tree, []).
-find([Name], #{name := Name} = Node, _) -> Node;
-find([Name | Rest], #{name := Name, children := Children}, _) ->
-    [Next | _] = Rest,
+%% The scenario node at PATH ("root/mid").
+find(Path, Tree) -> find_node(string:split(Path, "/", all), Tree).
+find_node([Name], #{name := Name} = Node) -> Node;
+find_node([Name, Next | Rest], #{name := Name, children := Children}) ->
     [Child] = [C || #{name := N} = C <- Children, N =:= Next],
-    find(Rest, Child, []).
+    find_node([Next | Rest], Child).
 
 %% ---------------------------------------------------------------------------
 %% The tree: supervisors built from the scenario's nodes.
