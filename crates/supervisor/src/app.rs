@@ -3,6 +3,7 @@
 use std::future::Future;
 use std::time::Duration;
 
+use crate::node::Escalation;
 use crate::spec::ExitReason;
 use crate::supervisor::{StartError, Supervisor, SupervisorHandle};
 
@@ -12,9 +13,13 @@ pub enum AppError {
     /// The root supervisor could not start.
     #[error(transparent)]
     Start(#[from] StartError),
-    /// The tree stopped on its own, abnormally (the root escalated).
+    /// The tree stopped on its own with an abnormal reason (its root task
+    /// panicked or was aborted).
     #[error("the supervision tree stopped: {0}")]
     TreeFailed(ExitReason),
+    /// The root supervisor exceeded its restart intensity and gave up.
+    #[error("the supervision tree gave up: {} restarts, the last of {}", .0.restarts, .0.child)]
+    Escalated(Escalation),
     /// The orderly shutdown did not finish within the deadline; every task
     /// was aborted.
     #[error("shutdown did not finish within {0:?}; remaining tasks were aborted")]
@@ -101,6 +106,11 @@ async fn run_started(
         tokio::select! {
             () = shutdown => {}
             reason = handle.wait() => {
+                // A root that gave up exits with `shutdown`, as OTP's does;
+                // the program still failed.
+                if let Some(escalation) = handle.snapshot().escalation {
+                    return Err(AppError::Escalated(escalation));
+                }
                 return if reason.is_abnormal() {
                     Err(AppError::TreeFailed(reason))
                 } else {

@@ -69,9 +69,12 @@ pub enum EventKind {
         cool_down: Duration,
     },
     /// A supervisor exceeded its restart intensity, stopped its children
-    /// and exited abnormally for its parent to decide.
+    /// and exited with reason `shutdown` (OTP's) for its parent to decide.
     Escalated {
-        /// Restarts in the window when it gave up.
+        /// The path of the child whose exit exceeded the intensity.
+        child: Arc<str>,
+        /// Restarts in the window when it gave up, the refused one
+        /// included.
         restarts: usize,
     },
     /// A supervisor shut itself down because significant children exited.

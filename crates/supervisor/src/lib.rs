@@ -3,11 +3,16 @@
 //! A [`Supervisor`] starts its children in order, each one initialised
 //! before the next (OTP's synchronous start), watches them, and restarts
 //! them by a [`Strategy`] within a restart intensity: more than `N` restarts
-//! in `T` and it stops its children in reverse order and exits abnormally,
-//! so that its own parent decides (escalation). Supervisors nest, so a
-//! program is a tree whose top is strict and whose leaves may be lenient.
+//! in `T` and it stops its children in reverse order and exits with reason
+//! `shutdown`, as OTP's does, so that its own parent decides (escalation;
+//! the detail is in [`Snapshot::escalation`] and [`EventKind::Escalated`]).
+//! Supervisors nest, so a program is a tree whose top is strict and whose
+//! leaves may be lenient.
 //!
-//! The semantics are Erlang/OTP's, exactly, unless marked opt-in:
+//! The semantics are Erlang/OTP's, checked against OTP 25's own
+//! `supervisor` by a differential test (`tests/otp_differential.rs`); the
+//! few deliberate differences are listed in `docs/supervisor.md`. Beyond
+//! OTP, everything is opt-in:
 //!
 //! | OTP | here |
 //! | --- | --- |
@@ -19,6 +24,7 @@
 //! | `init/1` returning | [`ChildContext::ready`] |
 //! | `handle_continue` | [`ChildContext::defer`], then `ready` |
 //! | `significant`, `auto_shutdown` | [`ChildSpec::significant`], [`AutoShutdown`] |
+//! | `terminate_child`, `restart_child`, `delete_child` | [`SupervisorControl::terminate_child`], [`restart_child`](SupervisorControl::restart_child), [`delete_child`](SupervisorControl::delete_child) |
 //!
 //! Beyond OTP, all opt-in so the defaults stay exact: restart delays with
 //! exponential backoff and full jitter ([`RestartBackoff`]), a per-child fuse
@@ -83,13 +89,13 @@ mod supervisor;
 pub use app::{AppError, Application};
 pub use context::ChildContext;
 pub use event::{Event, EventKind};
-pub use node::{ChildState, Kind, NotReady, Snapshot, TreeProbe};
+pub use node::{ChildState, Escalation, Kind, NotReady, Snapshot, TreeProbe};
 pub use spec::{
     ChildError, ChildFuse, ChildResult, ChildSpec, ExitReason, Restart, RestartBackoff, Shutdown,
 };
 pub use supervisor::{
-    AutoShutdown, BuildError, StartDecision, StartError, StartFailure, Strategy, Supervisor,
-    SupervisorBuilder, SupervisorControl, SupervisorHandle,
+    AutoShutdown, BuildError, ControlError, StartDecision, StartError, StartFailure, Strategy,
+    Supervisor, SupervisorBuilder, SupervisorControl, SupervisorHandle,
 };
 
 /// A boxed, sendable future.

@@ -49,6 +49,8 @@ pub(crate) struct NodeState {
     pub(crate) restarts: u64,
     pub(crate) started_at: Option<Instant>,
     pub(crate) last_exit: Option<String>,
+    /// For a supervisor: why it last gave up, if it ever did.
+    pub(crate) escalation: Option<Escalation>,
     /// Which run of the child this state belongs to; a child's late writes
     /// from an earlier run are ignored.
     pub(crate) generation: u64,
@@ -80,6 +82,7 @@ impl Node {
                 restarts: 0,
                 started_at: None,
                 last_exit: None,
+                escalation: None,
                 generation: 0,
             }),
             children: Mutex::new(Vec::new()),
@@ -171,12 +174,13 @@ impl Node {
 
     pub(crate) fn snapshot(&self, now: Instant) -> Snapshot {
         let s = self.state();
-        let (state, ready, reason, restarts, last_exit) = (
+        let (state, ready, reason, restarts, last_exit, escalation) = (
             s.state,
             s.ready,
             s.reason.clone(),
             s.restarts,
             s.last_exit.clone(),
+            s.escalation.clone(),
         );
         let uptime_ms = match (s.state, s.started_at) {
             (ChildState::Running | ChildState::Starting, Some(t)) => Some(
@@ -198,9 +202,30 @@ impl Node {
             restarts,
             uptime_ms,
             last_exit,
+            escalation,
             children: children.iter().map(|c| c.snapshot(now)).collect(),
         }
     }
+}
+
+/// Why a supervisor gave up: the detail its `shutdown` exit reason does not
+/// carry (OTP logs it; here it is in the [`Snapshot`] and the
+/// [`crate::EventKind::Escalated`] event).
+///
+/// ```
+/// use keel_supervisor::Escalation;
+/// let e = Escalation { child: "root/db".into(), restarts: 4 };
+/// assert_eq!(
+///     serde_json::to_string(&e).unwrap(),
+///     r#"{"child":"root/db","restarts":4}"#
+/// );
+/// ```
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Escalation {
+    /// The path of the child whose exit exceeded the intensity.
+    pub child: String,
+    /// Restarts inside the window, the one refused included.
+    pub restarts: usize,
 }
 
 fn describe(state: ChildState) -> &'static str {
@@ -266,6 +291,10 @@ pub struct Snapshot {
     /// Why it last exited.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub last_exit: Option<String>,
+    /// For a supervisor that exceeded its restart intensity: which child's
+    /// exit tipped it over and how many restarts the window held. Its exit
+    /// reason is `shutdown`, as in OTP; this is where the detail is kept.
+    pub escalation: Option<Escalation>,
     /// Its children, in start order (supervisors only).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub children: Vec<Snapshot>,

@@ -157,27 +157,50 @@ pub struct ChildFuse {
 
 /// Why a child exited, as the supervisor saw it.
 ///
+/// An error keeps the child's error itself, source chain included, so that
+/// whoever reads the reason (an event, a [`crate::StartError`]) can inspect
+/// or downcast it.
+///
 /// ```
+/// use std::error::Error;
 /// use keel_supervisor::ExitReason;
+///
 /// assert!(!ExitReason::Normal.is_abnormal());
 /// assert!(!ExitReason::Shutdown.is_abnormal());
-/// assert!(ExitReason::Error("boom".into()).is_abnormal());
+/// let io = std::io::Error::new(std::io::ErrorKind::AddrInUse, "port 80 taken");
+/// let reason = ExitReason::from_error(io);
+/// assert!(reason.is_abnormal());
+/// let e = reason.error().unwrap();
+/// assert_eq!(
+///     e.downcast_ref::<std::io::Error>().unwrap().kind(),
+///     std::io::ErrorKind::AddrInUse
+/// );
+/// assert_eq!(reason, ExitReason::msg("port 80 taken"));
 /// ```
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Debug, serde::Serialize)]
 #[serde(tag = "kind", content = "detail", rename_all = "snake_case")]
 pub enum ExitReason {
     /// The child's function returned `Ok(())`.
     Normal,
     /// The child stopped because it was asked to, or returned
-    /// [`ChildError::shutdown`].
+    /// [`ChildError::shutdown`]; also how a supervisor exits when it gives
+    /// up (restart intensity) or shuts itself down (auto-shutdown), as in
+    /// OTP.
     Shutdown,
-    /// The child returned an error.
-    Error(String),
+    /// The child returned an error, kept as it was returned.
+    Error(#[serde(serialize_with = "serialize_error")] Arc<dyn std::error::Error + Send + Sync>),
     /// The child panicked.
     Panic(String),
     /// The child ignored cancellation and was aborted at its shutdown
     /// timeout (or was stopped with [`Shutdown::Brutal`]).
     Killed,
+}
+
+fn serialize_error<S: serde::Serializer>(
+    e: &Arc<dyn std::error::Error + Send + Sync>,
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    s.collect_str(e)
 }
 
 impl ExitReason {
@@ -188,7 +211,63 @@ impl ExitReason {
             ExitReason::Error(_) | ExitReason::Panic(_) | ExitReason::Killed
         )
     }
+
+    /// An error reason described by a message.
+    ///
+    /// ```
+    /// # use keel_supervisor::ExitReason;
+    /// assert_eq!(ExitReason::msg("boom").to_string(), "error: boom");
+    /// ```
+    pub fn msg(message: impl Into<String>) -> Self {
+        let e: Box<dyn std::error::Error + Send + Sync> = message.into().into();
+        ExitReason::Error(Arc::from(e))
+    }
+
+    /// An error reason that keeps `e` (and its source chain).
+    ///
+    /// ```
+    /// # use keel_supervisor::ExitReason;
+    /// let r = ExitReason::from_error(std::fmt::Error);
+    /// assert!(r.error().unwrap().is::<std::fmt::Error>());
+    /// ```
+    pub fn from_error(e: impl std::error::Error + Send + Sync + 'static) -> Self {
+        ExitReason::Error(Arc::new(e))
+    }
+
+    /// The child's error, for [`ExitReason::Error`].
+    ///
+    /// ```
+    /// # use keel_supervisor::ExitReason;
+    /// assert!(ExitReason::Normal.error().is_none());
+    /// assert_eq!(ExitReason::msg("x").error().unwrap().to_string(), "x");
+    /// ```
+    pub fn error(&self) -> Option<&(dyn std::error::Error + Send + Sync + 'static)> {
+        match self {
+            ExitReason::Error(e) => Some(&**e),
+            _ => None,
+        }
+    }
 }
+
+/// Errors compare by what they say (the same error value, or two errors
+/// with the same message, are equal), so reasons can be asserted on; the
+/// other reasons compare as plain values.
+impl PartialEq for ExitReason {
+    fn eq(&self, other: &Self) -> bool {
+        match (self, other) {
+            (ExitReason::Normal, ExitReason::Normal)
+            | (ExitReason::Shutdown, ExitReason::Shutdown)
+            | (ExitReason::Killed, ExitReason::Killed) => true,
+            (ExitReason::Error(a), ExitReason::Error(b)) => {
+                Arc::ptr_eq(a, b) || a.to_string() == b.to_string()
+            }
+            (ExitReason::Panic(a), ExitReason::Panic(b)) => a == b,
+            _ => false,
+        }
+    }
+}
+
+impl Eq for ExitReason {}
 
 impl fmt::Display for ExitReason {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -248,7 +327,7 @@ impl ChildError {
     pub(crate) fn into_reason(self) -> ExitReason {
         match self.inner {
             ErrorKind::Shutdown => ExitReason::Shutdown,
-            ErrorKind::Failure(e) => ExitReason::Error(e.to_string()),
+            ErrorKind::Failure(e) => ExitReason::Error(Arc::from(e)),
         }
     }
 }

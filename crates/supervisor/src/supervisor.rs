@@ -6,7 +6,9 @@
 //! (start or stop a child), and a timer (a delayed restart or the end of a
 //! parked child's cool-down). Starting a child blocks the supervisor until
 //! the child is initialised, exactly as OTP's synchronous `init` does; exits
-//! that arrive meanwhile are queued and handled in order afterwards.
+//! and stop requests that arrive meanwhile wait until it is over. Every exit
+//! is tagged with the incarnation it ends, so one queued while the
+//! supervisor was busy is never taken for a crash of a later incarnation.
 
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
@@ -20,7 +22,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::context::ChildContext;
 use crate::event::{self, Event, EventKind, EventSender};
-use crate::node::{ChildState, Kind, Node, Snapshot, TreeProbe};
+use crate::node::{ChildState, Escalation, Kind, Node, Snapshot, TreeProbe};
 use crate::rng::SplitMix64;
 use crate::spec::{ChildError, ChildResult, ChildSpec, ExitReason, Restart, Shutdown};
 
@@ -138,6 +140,61 @@ pub enum StartError {
     NotRunning(String),
 }
 
+/// Why [`SupervisorControl::terminate_child`],
+/// [`restart_child`](SupervisorControl::restart_child) or
+/// [`delete_child`](SupervisorControl::delete_child) refused (OTP's
+/// `{error, _}` answers).
+///
+/// ```
+/// use keel_supervisor::{ChildSpec, ControlError, Supervisor};
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() {
+/// let sup = Supervisor::builder("root")
+///     .child(ChildSpec::new("w", |ctx| async move { ctx.ready(); ctx.cancelled().await; Ok(()) }))
+///     .build()
+///     .unwrap();
+/// let handle = sup.start().await.unwrap();
+/// assert!(matches!(handle.delete_child("w").await, Err(ControlError::Running { .. })));
+/// assert!(matches!(handle.terminate_child("x").await, Err(ControlError::NotFound { .. })));
+/// handle.shutdown().await;
+/// # }
+/// ```
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ControlError {
+    /// No child has this name (OTP's `not_found`).
+    #[error("supervisor {supervisor} has no child named {name}")]
+    NotFound {
+        /// The supervisor's path.
+        supervisor: String,
+        /// The name asked for.
+        name: String,
+    },
+    /// The child is running; terminate it first (OTP's `running`).
+    #[error("child {0} is running")]
+    Running(String),
+    /// The child waits for a delayed restart or a fuse's cool-down (OTP's
+    /// `restarting`).
+    #[error("child {0} is waiting to be restarted")]
+    Restarting(String),
+    /// `restart_child` and `delete_child` do not apply to a dynamic
+    /// supervisor, whose children are removed when terminated (OTP's
+    /// `simple_one_for_one`).
+    #[error("supervisor {0} is dynamic: a terminated child is removed")]
+    Dynamic(String),
+    /// The child failed to start again (`restart_child`); its spec stays.
+    #[error("child {child} failed to start: {reason}")]
+    StartFailed {
+        /// The child's path.
+        child: String,
+        /// Why.
+        reason: ExitReason,
+    },
+    /// The supervisor is not running.
+    #[error("supervisor {0} is not running")]
+    NotRunning(String),
+}
+
 /// A supervisor specification that is not valid.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum BuildError {
@@ -199,8 +256,9 @@ impl SupervisorBuilder {
     }
 
     /// Sets the restart intensity: more than `max_restarts` restarts within
-    /// `period` make the supervisor stop its children and exit abnormally
-    /// (escalate). Default: 3 in 5 s (Elixir's default).
+    /// `period` make the supervisor stop its children and exit with reason
+    /// `shutdown` (escalate: its parent decides, as in OTP; the detail is in
+    /// [`Snapshot::escalation`]). Default: 3 in 5 s (Elixir's default).
     pub fn intensity(mut self, max_restarts: u32, period: Duration) -> Self {
         self.intensity = max_restarts;
         self.period = period;
@@ -323,7 +381,14 @@ struct Inner {
 
 enum Command {
     Start(ChildSpec, oneshot::Sender<Result<(), StartError>>),
-    Terminate(String, oneshot::Sender<bool>),
+    Child(ChildOp, String, oneshot::Sender<Result<(), ControlError>>),
+}
+
+#[derive(Clone, Copy, Debug)]
+enum ChildOp {
+    Terminate,
+    Restart,
+    Delete,
 }
 
 /// A validated supervisor specification, ready to start (as the root of a
@@ -506,7 +571,7 @@ impl fmt::Debug for Supervisor {
 /// });
 /// control.start_child(conn("c1")).await.unwrap();
 /// assert!(control.start_child(conn("c2")).await.is_err()); // over max_children
-/// assert!(control.terminate_child("c1").await);
+/// control.terminate_child("c1").await.unwrap(); // dynamic: removed
 /// control.start_child(conn("c2")).await.unwrap();
 /// handle.shutdown().await;
 /// # }
@@ -532,23 +597,90 @@ impl SupervisorControl {
         rx.await.unwrap_or_else(|_| Err(not_running()))
     }
 
-    /// Stops the child named `name` (with its shutdown policy) and removes
-    /// it. Returns false if there is no such child or the supervisor is not
-    /// running.
-    pub async fn terminate_child(&self, name: &str) -> bool {
+    /// Stops the child named `name` by its shutdown policy (OTP's
+    /// `terminate_child`). Under a static strategy its spec stays: a later
+    /// group restart (`one_for_all`, `rest_for_one`) starts it again, and
+    /// so does [`restart_child`](Self::restart_child); a temporary child's
+    /// spec is removed, as in OTP. Under [`Strategy::Dynamic`] the child is
+    /// removed (OTP's `simple_one_for_one`). Terminating a child that is
+    /// already stopped succeeds and changes nothing.
+    ///
+    /// ```
+    /// use keel_supervisor::{ChildSpec, Supervisor};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() {
+    /// let w = ChildSpec::new("w", |ctx| async move { ctx.ready(); ctx.cancelled().await; Ok(()) });
+    /// let handle = Supervisor::builder("root").child(w).build().unwrap().start().await.unwrap();
+    /// handle.terminate_child("w").await.unwrap();
+    /// handle.restart_child("w").await.unwrap(); // the spec stayed
+    /// handle.terminate_child("w").await.unwrap();
+    /// handle.delete_child("w").await.unwrap(); // now it is gone
+    /// assert!(handle.restart_child("w").await.is_err());
+    /// handle.shutdown().await;
+    /// # }
+    /// ```
+    pub async fn terminate_child(&self, name: &str) -> Result<(), ControlError> {
+        self.child_op(ChildOp::Terminate, name).await
+    }
+
+    /// Starts again a child that was terminated with
+    /// [`terminate_child`](Self::terminate_child) (or exited and was not
+    /// restarted), and returns once it is initialised (OTP's
+    /// `restart_child`). It does not count against the restart intensity.
+    /// A child that fails to start keeps its spec.
+    ///
+    /// ```
+    /// use keel_supervisor::{ChildSpec, ControlError, Supervisor};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() {
+    /// let w = ChildSpec::new("w", |ctx| async move { ctx.ready(); ctx.cancelled().await; Ok(()) });
+    /// let handle = Supervisor::builder("root").child(w).build().unwrap().start().await.unwrap();
+    /// assert_eq!(handle.restart_child("w").await, Err(ControlError::Running("root/w".into())));
+    /// handle.terminate_child("w").await.unwrap();
+    /// handle.restart_child("w").await.unwrap();
+    /// handle.shutdown().await;
+    /// # }
+    /// ```
+    pub async fn restart_child(&self, name: &str) -> Result<(), ControlError> {
+        self.child_op(ChildOp::Restart, name).await
+    }
+
+    /// Removes the spec of a child that is not running (OTP's
+    /// `delete_child`). A supervisor restarted by its parent starts its
+    /// static children afresh, the deleted one included, as OTP's `init`
+    /// does.
+    ///
+    /// ```
+    /// use keel_supervisor::{ChildSpec, ControlError, Supervisor};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() {
+    /// let w = ChildSpec::new("w", |ctx| async move { ctx.ready(); ctx.cancelled().await; Ok(()) });
+    /// let handle = Supervisor::builder("root").child(w).build().unwrap().start().await.unwrap();
+    /// handle.terminate_child("w").await.unwrap();
+    /// handle.delete_child("w").await.unwrap();
+    /// assert!(matches!(handle.delete_child("w").await, Err(ControlError::NotFound { .. })));
+    /// assert!(handle.snapshot().children.is_empty());
+    /// handle.shutdown().await;
+    /// # }
+    /// ```
+    pub async fn delete_child(&self, name: &str) -> Result<(), ControlError> {
+        self.child_op(ChildOp::Delete, name).await
+    }
+
+    async fn child_op(&self, op: ChildOp, name: &str) -> Result<(), ControlError> {
         let (tx, rx) = oneshot::channel();
+        let not_running = || ControlError::NotRunning(self.inner.node.path().to_string());
         if !*self.inner.running.borrow() {
-            return false;
+            return Err(not_running());
         }
-        if self
-            .inner
+        self.inner
             .commands
-            .send(Command::Terminate(name.to_string(), tx))
-            .is_err()
-        {
-            return false;
-        }
-        rx.await.unwrap_or(false)
+            .send(Command::Child(op, name.to_string(), tx))
+            .map_err(|_| not_running())?;
+        rx.await.unwrap_or_else(|_| Err(not_running()))
     }
 
     /// Read access to the subtree.
@@ -598,15 +730,18 @@ impl std::ops::Deref for SupervisorHandle {
 
 impl SupervisorHandle {
     /// Stops the tree: children in reverse start order, each by its
-    /// shutdown policy, nested supervisors first stopping their own. Returns
-    /// the root's exit reason.
+    /// shutdown policy, nested supervisors first stopping their own. A
+    /// restart under way finishes first (OTP's starts are synchronous; a
+    /// child that never initialises holds the stop up unless it has a
+    /// [`ChildSpec::start_timeout`]). Returns the root's exit reason.
     pub async fn shutdown(&self) -> ExitReason {
         self.token.cancel();
         self.wait().await
     }
 
     /// Waits until the tree stops on its own (escalation, auto-shutdown) or
-    /// is shut down.
+    /// is shut down. Both end with [`ExitReason::Shutdown`], as in OTP;
+    /// [`Snapshot::escalation`] tells an escalation apart.
     pub async fn wait(&self) -> ExitReason {
         {
             let mut join = self.join.lock().await;
@@ -638,7 +773,7 @@ impl SupervisorHandle {
 // The run: one supervisor task.
 
 enum Stop {
-    Escalate(usize),
+    Escalate { child: Arc<str>, restarts: usize },
     AutoShutdown,
 }
 
@@ -646,6 +781,9 @@ struct Slot {
     key: u64,
     spec: ChildSpec,
     running: Option<RunningChild>,
+    /// The generation of the child's latest start; exits of earlier ones
+    /// are stale.
+    incarnation: u64,
     /// A pending delayed restart (backoff) or the end of a cool-down.
     restart_at: Option<Instant>,
     /// Consecutive restarts, for backoff.
@@ -660,9 +798,16 @@ struct RunningChild {
     token: CancellationToken,
 }
 
+/// A child's exit, tagged with the incarnation (the node's generation at
+/// spawn) it ends, so that an exit queued while the supervisor was busy can
+/// never be taken for a crash of a later incarnation of the same child.
 struct Exit {
     key: u64,
+    incarnation: u64,
     reason: ExitReason,
+    /// The child failed to start (during a restart): OTP tries again
+    /// whatever its restart type.
+    start_failed: bool,
 }
 
 struct Run {
@@ -679,7 +824,8 @@ struct Run {
     token: CancellationToken,
     slots: Vec<Slot>,
     tasks: JoinSet<ChildResult>,
-    by_task: HashMap<Id, u64>,
+    /// Task id to (slot key, incarnation).
+    by_task: HashMap<Id, (u64, u64)>,
     pending: VecDeque<Exit>,
     restarts: VecDeque<Instant>,
     next_key: u64,
@@ -762,11 +908,20 @@ impl Run {
                 return Ok(());
             }
             *lock(&self.inner.start_error) = Some(e.clone());
-            return Err(ChildError::msg(e.to_string()));
+            // The typed error travels up as this supervisor's exit, so a
+            // parent's own `StartError` names the innermost child.
+            return Err(ChildError::from(e));
         }
         ctx.ready();
         let token = self.token.clone();
         loop {
+            // A stop requested during a (synchronous) restart is acted on
+            // as soon as the restart is over, before exits queued
+            // meanwhile could start more restarts.
+            if token.is_cancelled() {
+                self.stop_all().await;
+                return Ok(());
+            }
             if let Some(exit) = self.pending.pop_front() {
                 if let Err(stop) = self.on_exit(exit).await {
                     return Err(self.stop(stop).await);
@@ -800,22 +955,29 @@ impl Run {
     async fn stop(&mut self, stop: Stop) -> ChildError {
         self.stop_all().await;
         match stop {
-            Stop::Escalate(restarts) => {
-                event::emit(
-                    &self.events,
-                    self.path.clone(),
-                    EventKind::Escalated { restarts },
-                );
+            Stop::Escalate { child, restarts } => {
+                self.node.state().escalation = Some(Escalation {
+                    child: child.to_string(),
+                    restarts,
+                });
                 tracing::warn!(
                     target: "keel_supervisor",
                     supervisor = &*self.path,
+                    child = &*child,
                     restarts,
+                    intensity = self.inner.intensity,
+                    period = ?self.inner.period,
                     "restart intensity exceeded; escalating"
                 );
-                ChildError::msg(format!(
-                    "supervisor {} exceeded its restart intensity ({} restarts in {:?})",
-                    self.path, self.inner.intensity, self.inner.period
-                ))
+                event::emit(
+                    &self.events,
+                    self.path.clone(),
+                    EventKind::Escalated { child, restarts },
+                );
+                // OTP's supervisor exits with `shutdown` here: the parent
+                // restarts it only if it is permanent, never a transient
+                // one. The detail stays in the event and the snapshot.
+                ChildError::shutdown()
             }
             Stop::AutoShutdown => {
                 event::emit(&self.events, self.path.clone(), EventKind::AutoShutdown);
@@ -831,6 +993,7 @@ impl Run {
             key,
             spec,
             running: None,
+            incarnation: 0,
             restart_at: None,
             attempts: 0,
             fuse_window: VecDeque::new(),
@@ -851,11 +1014,18 @@ impl Run {
             ),
             Err(e) => (e.id(), join_error_reason(e)),
         };
-        let key = self.by_task.remove(&id)?;
-        if let Some(i) = self.index(key) {
+        let (key, incarnation) = self.by_task.remove(&id)?;
+        if let Some(i) = self.index(key)
+            && self.slots[i].incarnation == incarnation
+        {
             self.slots[i].running = None;
         }
-        Some(Exit { key, reason })
+        Some(Exit {
+            key,
+            incarnation,
+            reason,
+            start_failed: false,
+        })
     }
 
     /// Starts the static children in order.
@@ -932,17 +1102,19 @@ impl Run {
         let id = abort.id();
         let key = slot.key;
         slot.running = Some(RunningChild { id, abort, token });
+        slot.incarnation = generation;
         slot.started_at = Some(now);
         let deadline = slot.spec.start_timeout.map(|d| now + d);
-        self.by_task.insert(id, key);
+        self.by_task.insert(id, (key, generation));
         event::emit(&self.events, node.path(), EventKind::Started);
 
-        let parent = self.token.clone();
+        // A start is synchronous, as OTP's: a stop requested meanwhile waits
+        // until it is over (the main loop then stops everything in reverse
+        // order). Only the opt-in start timeout cuts it short.
         let mut init_open = true;
         let failure = loop {
             tokio::select! {
                 biased;
-                _ = parent.cancelled() => break ExitReason::Shutdown,
                 changed = init_rx.changed(), if init_open => {
                     match changed {
                         Ok(()) if *init_rx.borrow() => return Ok(()),
@@ -952,7 +1124,7 @@ impl Run {
                 }
                 joined = self.tasks.join_next_with_id() => {
                     let Some(exit) = joined.and_then(|j| self.exit_of(j)) else { continue };
-                    if exit.key != key {
+                    if exit.key != key || exit.incarnation != generation {
                         self.pending.push_back(exit);
                     } else if exit.reason == ExitReason::Normal {
                         // Returned before saying ready: it started and
@@ -965,14 +1137,14 @@ impl Run {
                     }
                 }
                 _ = sleep_until_opt(deadline), if deadline.is_some() => {
-                    break ExitReason::Error(format!(
+                    break ExitReason::msg(format!(
                         "not initialised within its start timeout of {:?}",
                         self.slots[i].spec.start_timeout.unwrap_or_default()
                     ));
                 }
             }
         };
-        // Cancelled or timed out while starting: stop it per its policy.
+        // Timed out while starting: stop it per its policy.
         if let Some(i) = self.index(key) {
             self.terminate(i).await;
         }
@@ -1000,31 +1172,47 @@ impl Run {
 
     /// Stops the child in slot `i` by its shutdown policy; the slot stays.
     async fn terminate(&mut self, i: usize) {
+        let key = self.slots[i].key;
+        let incarnation = self.slots[i].incarnation;
         let Some(child) = self.slots[i].running.take() else {
+            // It ended on its own while the supervisor was busy (stopping a
+            // sibling, say) and its exit is still queued. Stopping it
+            // consumes that exit, as OTP's shutdown reads the queued
+            // 'EXIT' of a child that is already dead: otherwise the exit
+            // would later pass for a crash of the child's next incarnation.
+            let queued = self
+                .pending
+                .iter()
+                .position(|e| e.key == key && e.incarnation == incarnation);
+            if let Some(exit) = queued.and_then(|pos| self.pending.remove(pos)) {
+                self.record_stop(i, exit.reason);
+            }
             return;
         };
-        let key = self.slots[i].key;
         child.token.cancel();
         let reason = match self.slots[i].spec.shutdown {
             Shutdown::Brutal => {
                 child.abort.abort();
-                self.reap(child.id, key, None)
+                self.reap(child.id, (key, incarnation), None)
                     .await
                     .unwrap_or(ExitReason::Killed)
             }
             Shutdown::Timeout(d) => {
-                match self.reap(child.id, key, Some(Instant::now() + d)).await {
+                match self
+                    .reap(child.id, (key, incarnation), Some(Instant::now() + d))
+                    .await
+                {
                     Some(reason) => reason,
                     None => {
                         child.abort.abort();
-                        self.reap(child.id, key, None)
+                        self.reap(child.id, (key, incarnation), None)
                             .await
                             .unwrap_or(ExitReason::Killed)
                     }
                 }
             }
             Shutdown::Infinity => self
-                .reap(child.id, key, None)
+                .reap(child.id, (key, incarnation), None)
                 .await
                 .unwrap_or(ExitReason::Killed),
         };
@@ -1033,6 +1221,11 @@ impl Run {
         } else {
             reason
         };
+        self.record_stop(i, reason);
+    }
+
+    /// Records that the child in slot `i` was stopped, ending with `reason`.
+    fn record_stop(&mut self, i: usize, reason: ExitReason) {
         let node = self.slots[i].spec.node.clone();
         {
             let mut s = node.state();
@@ -1046,10 +1239,12 @@ impl Run {
 
     /// Waits for task `id` (slot `key`) to end, until `deadline`. Other
     /// children's exits seen meanwhile are queued. `None` on timeout.
-    async fn reap(&mut self, id: Id, key: u64, deadline: Option<Instant>) -> Option<ExitReason> {
-        if let Some(pos) = self.pending.iter().position(|e| e.key == key) {
-            return self.pending.remove(pos).map(|e| e.reason);
-        }
+    async fn reap(
+        &mut self,
+        id: Id,
+        (key, incarnation): (u64, u64),
+        deadline: Option<Instant>,
+    ) -> Option<ExitReason> {
         loop {
             if !self.by_task.contains_key(&id) {
                 return Some(ExitReason::Killed);
@@ -1057,7 +1252,7 @@ impl Run {
             tokio::select! {
                 joined = self.tasks.join_next_with_id() => {
                     let exit = joined.and_then(|j| self.exit_of(j))?;
-                    if exit.key == key {
+                    if exit.key == key && exit.incarnation == incarnation {
                         return Some(exit.reason);
                     }
                     self.pending.push_back(exit);
@@ -1104,6 +1299,13 @@ impl Run {
         let Some(i) = self.index(exit.key) else {
             return Ok(());
         };
+        let slot = &self.slots[i];
+        if exit.incarnation != slot.incarnation || slot.running.is_some() {
+            // Stale: the end of an earlier incarnation, already accounted
+            // for (terminate consumes queued exits, so this is a guard, not
+            // a path the supervisor relies on).
+            return Ok(());
+        }
         let now = Instant::now();
         let node = self.slots[i].spec.node.clone();
         let spec_restart = self.slots[i].spec.restart;
@@ -1118,16 +1320,19 @@ impl Run {
             reason = %exit.reason,
             "child exited"
         );
-        event::emit(
-            &self.events,
-            node.path(),
-            EventKind::Exited {
-                reason: exit.reason.clone(),
-            },
-        );
+        if !exit.start_failed {
+            // A failed start was reported as `StartFailed` already.
+            event::emit(
+                &self.events,
+                node.path(),
+                EventKind::Exited {
+                    reason: exit.reason.clone(),
+                },
+            );
+        }
         let restart = match spec_restart {
             Restart::Permanent => true,
-            Restart::Transient => exit.reason.is_abnormal(),
+            Restart::Transient => exit.start_failed || exit.reason.is_abnormal(),
             Restart::Temporary => false,
         };
         if !restart {
@@ -1167,7 +1372,10 @@ impl Run {
                 return Ok(());
             }
         } else if !self.add_restart(now) {
-            return Err(Stop::Escalate(self.restarts.len()));
+            return Err(Stop::Escalate {
+                child: node.path(),
+                restarts: self.restarts.len(),
+            });
         }
 
         let delay = self.backoff_delay(i, now);
@@ -1291,7 +1499,12 @@ impl Run {
                     return;
                 }
                 if !grouped {
-                    self.pending.push_back(Exit { key, reason });
+                    self.pending.push_back(Exit {
+                        key,
+                        incarnation: self.slots[j].incarnation,
+                        reason,
+                        start_failed: true,
+                    });
                     continue;
                 }
                 for &rest in &keys[n + 1..] {
@@ -1299,7 +1512,12 @@ impl Run {
                         self.slots[r].spec.node.state().state = ChildState::Restarting;
                     }
                 }
-                self.pending.push_front(Exit { key, reason });
+                self.pending.push_front(Exit {
+                    key,
+                    incarnation: self.slots[j].incarnation,
+                    reason,
+                    start_failed: true,
+                });
                 return;
             }
         }
@@ -1352,15 +1570,56 @@ impl Run {
                 let result = self.add_child(spec).await;
                 let _ = reply.send(result);
             }
-            Command::Terminate(name, reply) => {
-                let found = self.slots.iter().position(|s| s.spec.name() == name);
-                if let Some(i) = found {
+            Command::Child(op, name, reply) => {
+                let result = self.child_op(op, &name).await;
+                let _ = reply.send(result);
+            }
+        }
+    }
+
+    async fn child_op(&mut self, op: ChildOp, name: &str) -> Result<(), ControlError> {
+        let supervisor = self.path.to_string();
+        let Some(i) = self.slots.iter().position(|s| s.spec.name() == name) else {
+            return Err(ControlError::NotFound {
+                supervisor,
+                name: name.to_string(),
+            });
+        };
+        let dynamic = matches!(self.inner.strategy, Strategy::Dynamic { .. });
+        let path = self.slots[i].spec.node.path().to_string();
+        match op {
+            ChildOp::Terminate => {
+                // A pending delayed restart or cool-down is called off.
+                self.slots[i].restart_at = None;
+                if self.slots[i].running.is_some() {
                     self.terminate(i).await;
-                    if let Some(i) = self.slots.iter().position(|s| s.spec.name() == name) {
-                        self.remove(i);
+                } else {
+                    let mut s = self.slots[i].spec.node.state();
+                    if s.state != ChildState::Failed {
+                        s.state = ChildState::Stopped;
                     }
                 }
-                let _ = reply.send(found.is_some());
+                let key = self.slots[i].key;
+                if let Some(i) = self.index(key)
+                    && (dynamic || self.slots[i].spec.restart == Restart::Temporary)
+                {
+                    self.remove(i);
+                }
+                Ok(())
+            }
+            ChildOp::Restart | ChildOp::Delete if dynamic => Err(ControlError::Dynamic(supervisor)),
+            _ if self.slots[i].running.is_some() => Err(ControlError::Running(path)),
+            _ if self.slots[i].restart_at.is_some() => Err(ControlError::Restarting(path)),
+            ChildOp::Restart => match self.start_slot(i).await {
+                Ok(()) => Ok(()),
+                Err(reason) => Err(ControlError::StartFailed {
+                    child: path,
+                    reason,
+                }),
+            },
+            ChildOp::Delete => {
+                self.remove(i);
+                Ok(())
             }
         }
     }
@@ -1402,8 +1661,8 @@ impl Run {
             Command::Start(_, reply) => {
                 let _ = reply.send(Err(err));
             }
-            Command::Terminate(_, reply) => {
-                let _ = reply.send(false);
+            Command::Child(_, _, reply) => {
+                let _ = reply.send(Err(ControlError::NotRunning(self.path.to_string())));
             }
         }
     }
