@@ -945,6 +945,10 @@ impl Engine {
             if !inner.gate.allow() {
                 return self.store_down("the idempotency store is failing; calls are paused");
             }
+            // Before the claim is sent: the store starts the lease later
+            // than this, never earlier, so a deadline counted from here is
+            // safe (see `Guard::lease_covers`).
+            let asked = tokio::time::Instant::now();
             let claim = inner
                 .store
                 .claim(&key, fingerprint, policy.store_lease())
@@ -991,6 +995,7 @@ impl Engine {
                             token,
                             request_id,
                             started: false,
+                            leased_until: asked + policy.lease,
                         }),
                     });
                 }
@@ -1133,6 +1138,9 @@ struct GuardState {
     token: FencingToken,
     request_id: Option<String>,
     started: bool,
+    /// When the claim's lease ends at the earliest, by this process's
+    /// clock (renewals only move it later).
+    leased_until: tokio::time::Instant,
 }
 
 /// Holds the claim on a key while the operation runs. See
@@ -1233,6 +1241,37 @@ impl Guard {
             Some(s) => s.renew().await,
             None => Err(StoreError::Fenced),
         }
+    }
+
+    /// True when the claim's lease lasts past `deadline` with room left to
+    /// record the outcome (a tenth of the lease, at most a second): work
+    /// that is sure to end by `deadline` (it runs under a timeout) then
+    /// needs no [`hold`](Self::hold), and costs no timer. The lease is
+    /// counted from just before the claim was sent, so never past the
+    /// store's own count; a finished guard covers nothing.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// # use keel_idempotency::{engine::*, memory::MemoryStore};
+    /// # tokio::runtime::Builder::new_current_thread().enable_time().start_paused(true).build().unwrap().block_on(async {
+    /// let engine = Engine::new(
+    ///     std::sync::Arc::new(MemoryStore::new()),
+    ///     Policy::default().lease(Duration::from_secs(3)),
+    /// );
+    /// let req = http::Request::post("/x").header("idempotency-key", "k").body(()).unwrap();
+    /// let Begin::Execute(guard) = engine.begin(&req, b"").await else { panic!() };
+    /// let now = tokio::time::Instant::now();
+    /// assert!(guard.lease_covers(now + Duration::from_secs(2)));
+    /// // Work that may take the whole lease must run under `hold`.
+    /// assert!(!guard.lease_covers(now + Duration::from_secs(3)));
+    /// # guard.release().await.unwrap();
+    /// # });
+    /// ```
+    pub fn lease_covers(&self, deadline: tokio::time::Instant) -> bool {
+        self.state.as_ref().is_some_and(|s| {
+            let room = (s.inner.policy.lease / 10).min(Duration::from_secs(1));
+            deadline + room <= s.leased_until
+        })
     }
 
     /// Runs `work` (the request to the upstream, the handler, the reading

@@ -232,7 +232,7 @@ pub enum ProxyBody {
         /// The configured limit, for the error.
         limit: u64,
         /// For a downstream request body: where its fate is recorded.
-        watch: Option<BodyWatch>,
+        watch: Watch,
     },
     /// An upstream response body whose connection returns to the pool at
     /// the end of the body.
@@ -264,25 +264,74 @@ impl ProxyBody {
             inner,
             remaining: u64::MAX,
             limit: u64::MAX,
-            watch: None,
+            watch: Watch::Unwatched,
         }
     }
 
     /// A downstream request body that fails with [`BodyTooLarge`] past
-    /// `limit` bytes, and the watch that records how reading it goes.
-    pub fn request(inner: Incoming, limit: u64) -> (Self, BodyWatch) {
-        let watch = BodyWatch::default();
-        watch.0.limit.store(limit, Ordering::Relaxed);
-        if inner.is_end_stream() {
-            watch.record_end();
-        }
-        let body = ProxyBody::Stream {
+    /// `limit` bytes; [`watch`](Self::watch) gives the watch that records
+    /// how reading it goes.
+    pub fn request(inner: Incoming, limit: u64) -> Self {
+        ProxyBody::Stream {
             inner,
             remaining: limit,
             limit,
-            watch: Some(watch.clone()),
+            watch: Watch::OnRequest,
+        }
+    }
+
+    /// The watch of a downstream request body made by
+    /// [`request`](Self::request), made on the first call: ask for it
+    /// before reading the body, since reads before it are not recorded. A
+    /// body the gateway reads whole itself (an idempotent route's) never
+    /// needs one, and costs no allocation. `None` for any other body (one
+    /// the gateway made or buffered cannot fail on the client's side).
+    pub fn watch(&mut self) -> Option<BodyWatch> {
+        let ProxyBody::Stream {
+            inner,
+            remaining,
+            limit,
+            watch,
+        } = self
+        else {
+            return None;
         };
-        (body, watch)
+        match watch {
+            Watch::Unwatched => None,
+            Watch::On(watch) => Some(watch.clone()),
+            Watch::OnRequest => {
+                let made = BodyWatch::default();
+                made.0.limit.store(*limit, Ordering::Relaxed);
+                made.0
+                    .received
+                    .store(*limit - *remaining, Ordering::Relaxed);
+                if inner.is_end_stream() {
+                    made.record_end();
+                }
+                *watch = Watch::On(made.clone());
+                Some(made)
+            }
+        }
+    }
+}
+
+/// Whether a streamed body is watched.
+#[derive(Debug)]
+pub enum Watch {
+    /// Not a downstream request body.
+    Unwatched,
+    /// A downstream request body whose watch is not made yet.
+    OnRequest,
+    /// Watched.
+    On(BodyWatch),
+}
+
+impl Watch {
+    fn get(&self) -> Option<&BodyWatch> {
+        match self {
+            Watch::On(watch) => Some(watch),
+            _ => None,
+        }
     }
 }
 
@@ -307,31 +356,31 @@ impl Body for ProxyBody {
                     let len = frame.data_ref().map_or(0, |d| d.len() as u64);
                     if len > *remaining {
                         *remaining = 0;
-                        if let Some(watch) = watch {
+                        if let Some(watch) = watch.get() {
                             watch.record_fault(BodyFault::TooLarge);
                         }
                         return Poll::Ready(Some(Err(Box::new(BodyTooLarge { limit: *limit }))));
                     }
                     *remaining -= len;
-                    if let Some(watch) = watch {
+                    if let Some(watch) = watch.get() {
                         watch.record_data(len, inner.is_end_stream());
                     }
                     Poll::Ready(Some(Ok(frame)))
                 }
                 Poll::Ready(Some(Err(e))) => {
-                    if let Some(watch) = watch {
+                    if let Some(watch) = watch.get() {
                         watch.record_fault(BodyFault::of(&e));
                     }
                     Poll::Ready(Some(Err(Box::new(e))))
                 }
                 Poll::Ready(None) => {
-                    if let Some(watch) = watch {
+                    if let Some(watch) = watch.get() {
                         watch.record_end();
                     }
                     Poll::Ready(None)
                 }
                 Poll::Pending => {
-                    if let Some(watch) = watch {
+                    if let Some(watch) = watch.get() {
                         watch.record_waiting();
                     }
                     Poll::Pending

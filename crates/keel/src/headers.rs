@@ -41,6 +41,12 @@ const HOP_BY_HOP: [HeaderName; 9] = [
 /// With `keep_upgrade`, `Connection: upgrade` and `Upgrade` are put back so a
 /// protocol switch can pass end to end.
 pub fn remove_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+    // Most messages carry none: one pass over the names, comparing without
+    // hashing, spares nine hashed removals. (A name listed in Connection
+    // needs a Connection header, itself hop-by-hop.)
+    if !headers.keys().any(|name| HOP_BY_HOP.contains(name)) {
+        return;
+    }
     // Names listed in Connection are only known at run time; collect them
     // first (rare, so the Vec is usually never allocated).
     let mut listed: Vec<HeaderName> = Vec::new();
@@ -246,16 +252,20 @@ pub fn request_host<'a>(
 /// `value` as text when it is `uri-host [ ":" port ]` (RFC 3986 section
 /// 3.2.2) with a non-empty host and a port of at most 65535.
 fn valid_host(value: &[u8]) -> Result<&str, HostError> {
-    let (host, port) = split_host_port(value).ok_or(HostError::Invalid)?;
-    let host_ok = if host.first() == Some(&b'[') {
-        valid_ip_literal(host)
+    let (host_ok, port) = if value.first() == Some(&b'[') {
+        let (host, port) = split_host_port(value).ok_or(HostError::Invalid)?;
+        (valid_ip_literal(host), port)
     } else {
-        valid_reg_name(host)
+        // One pass: the reg-name ends at the first byte it cannot hold,
+        // which must be the port's colon or the end.
+        let end = reg_name_len(value).ok_or(HostError::Invalid)?;
+        match &value[end..] {
+            [] => (end > 0, None),
+            [b':', port @ ..] => (end > 0, Some(port)),
+            _ => return Err(HostError::Invalid),
+        }
     };
-    let port_ok = port.is_none_or(|p| {
-        p.is_empty()
-            || (p.len() <= 5 && p.iter().all(u8::is_ascii_digit) && parse_port(p).is_some())
-    });
+    let port_ok = port.is_none_or(|p| p.is_empty() || parse_port(p).is_some());
     if !(host_ok && port_ok) {
         return Err(HostError::Invalid);
     }
@@ -280,36 +290,76 @@ fn split_host_port(value: &[u8]) -> Option<(&[u8], Option<&[u8]>)> {
     }
 }
 
+/// 1 to 5 digits, at most 65535.
 fn parse_port(port: &[u8]) -> Option<u16> {
-    std::str::from_utf8(port).ok()?.parse().ok()
+    if port.is_empty() || port.len() > 5 {
+        return None;
+    }
+    let mut n = 0u32;
+    for &b in port {
+        if !b.is_ascii_digit() {
+            return None;
+        }
+        n = n * 10 + u32::from(b - b'0');
+    }
+    u16::try_from(n).ok()
 }
+
+/// `unreserved / sub-delims` (RFC 3986 section 2) as a table: every
+/// request's host is checked byte by byte against it.
+const UNRESERVED_OR_SUB_DELIM: [bool; 256] = {
+    let mut table = [false; 256];
+    let mut i = 0;
+    while i < 256 {
+        let b = i as u8;
+        table[i] = b.is_ascii_alphanumeric()
+            || matches!(
+                b,
+                b'-' | b'.'
+                    | b'_'
+                    | b'~'
+                    | b'!'
+                    | b'$'
+                    | b'&'
+                    | b'\''
+                    | b'('
+                    | b')'
+                    | b'*'
+                    | b'+'
+                    | b','
+                    | b';'
+                    | b'='
+            );
+        i += 1;
+    }
+    table
+};
 
 /// `unreserved / sub-delims` (RFC 3986 section 2).
 fn unreserved_or_sub_delim(b: u8) -> bool {
-    b.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=".contains(&b)
+    UNRESERVED_OR_SUB_DELIM[usize::from(b)]
 }
 
-/// `reg-name = *( unreserved / pct-encoded / sub-delims )`, non-empty
-/// (which covers `IPv4address`).
-fn valid_reg_name(host: &[u8]) -> bool {
-    if host.is_empty() {
-        return false;
-    }
+/// How many bytes at the start of `value` a
+/// `reg-name = *( unreserved / pct-encoded / sub-delims )` takes (possibly
+/// 0; it covers `IPv4address`); `None` for a `%` not followed by two hex
+/// digits.
+fn reg_name_len(value: &[u8]) -> Option<usize> {
     let mut i = 0;
-    while i < host.len() {
-        match host[i] {
-            b'%' => {
-                let hex = |j: usize| host.get(j).is_some_and(u8::is_ascii_hexdigit);
-                if !(hex(i + 1) && hex(i + 2)) {
-                    return false;
-                }
-                i += 3;
+    while let Some(&b) = value.get(i) {
+        if unreserved_or_sub_delim(b) {
+            i += 1;
+        } else if b == b'%' {
+            let hex = |j: usize| value.get(j).is_some_and(u8::is_ascii_hexdigit);
+            if !(hex(i + 1) && hex(i + 2)) {
+                return None;
             }
-            b if unreserved_or_sub_delim(b) => i += 1,
-            _ => return false,
+            i += 3;
+        } else {
+            break;
         }
     }
-    true
+    Some(i)
 }
 
 /// `IP-literal = "[" ( IPv6address / IPvFuture ) "]"`.
@@ -386,16 +436,16 @@ impl CodingError {
 /// (names are case-insensitive; empty list elements are ignored, as
 /// RFC 9110 section 5.6.1 asks of recipients).
 pub fn check_transfer_encoding(version: Version, headers: &HeaderMap) -> Result<(), CodingError> {
-    let mut codings = headers
-        .get_all(header::TRANSFER_ENCODING)
+    // One lookup: most requests have no Transfer-Encoding at all.
+    let values = headers.get_all(header::TRANSFER_ENCODING);
+    if values.iter().next().is_none() {
+        return Ok(());
+    }
+    let mut codings = values
         .iter()
         .flat_map(|v| v.as_bytes().split(|&b| b == b','))
         .map(<[u8]>::trim_ascii)
-        .filter(|c| !c.is_empty())
-        .peekable();
-    if codings.peek().is_none() && !headers.contains_key(header::TRANSFER_ENCODING) {
-        return Ok(());
-    }
+        .filter(|c| !c.is_empty());
     if version < Version::HTTP_11 {
         return Err(CodingError::Http10);
     }

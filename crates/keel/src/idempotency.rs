@@ -17,8 +17,10 @@
 //!    a request lost after it was sent locks the key as "outcome unknown"
 //!    (or releases it where `server_errors = "release"`).
 
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
@@ -563,31 +565,42 @@ async fn read_up_to(
 /// Body bytes gathered frame by frame: the usual single-frame body is kept
 /// as is, without a copy; only a second frame starts a buffer.
 #[derive(Default)]
-struct Collected {
-    first: Bytes,
-    rest: Option<BytesMut>,
+enum Collected {
+    #[default]
+    Nothing,
+    One(Bytes),
+    Joined(BytesMut),
 }
 
 impl Collected {
     fn push(&mut self, data: Bytes) {
-        match &mut self.rest {
-            Some(buf) => buf.extend_from_slice(&data),
-            None if self.first.is_empty() => self.first = data,
-            None => {
-                let mut buf = BytesMut::with_capacity(self.first.len() + data.len());
-                buf.extend_from_slice(&self.first);
+        match self {
+            Collected::Joined(buf) => buf.extend_from_slice(&data),
+            Collected::Nothing => *self = Collected::One(data),
+            Collected::One(first) if first.is_empty() => *self = Collected::One(data),
+            Collected::One(first) => {
+                let mut buf = BytesMut::with_capacity(first.len() + data.len());
+                buf.extend_from_slice(first);
                 buf.extend_from_slice(&data);
-                self.rest = Some(buf);
+                *self = Collected::Joined(buf);
             }
         }
     }
 
     fn len(&self) -> usize {
-        self.rest.as_ref().map_or(self.first.len(), BytesMut::len)
+        match self {
+            Collected::Nothing => 0,
+            Collected::One(one) => one.len(),
+            Collected::Joined(buf) => buf.len(),
+        }
     }
 
     fn freeze(self) -> Bytes {
-        self.rest.map_or(self.first, BytesMut::freeze)
+        match self {
+            Collected::Nothing => Bytes::new(),
+            Collected::One(one) => one,
+            Collected::Joined(buf) => buf.freeze(),
+        }
     }
 }
 
@@ -602,6 +615,12 @@ struct Finish {
 }
 
 impl ResponseFilter for Finish {
+    fn must_hold(&self, ends_by: tokio::time::Instant) -> bool {
+        // The default lease is the request timeout and a margin, so it
+        // covers the upstream phase unless a shorter `lease` is set.
+        !self.guard.lease_covers(ends_by)
+    }
+
     fn hold<'a>(&'a self, exchange: Exchange<'a>) -> BoxFuture<'a, UpstreamOutcome> {
         // The claim's lease is renewed while the upstream works on the
         // request, so a slow upstream never lets a duplicate in.
@@ -677,13 +696,17 @@ enum Read {
     Broken(String),
 }
 
-/// Reads `body` for the record, up to `max_response` bytes.
-async fn read_response(body: &mut ProxyBody, max_response: usize) -> Read {
-    let mut buf = Collected::default();
+/// Reads `body` for the record, up to `max_response` bytes, into `buf`
+/// (kept across polls): `Pending` while the body is still coming.
+fn poll_read_response(
+    body: &mut ProxyBody,
+    buf: &mut Collected,
+    max_response: usize,
+    cx: &mut Context<'_>,
+) -> Poll<Read> {
     loop {
-        let frame = std::future::poll_fn(|cx| std::pin::Pin::new(&mut *body).poll_frame(cx)).await;
-        match frame {
-            None => return Read::Whole(buf.freeze()),
+        match ready!(Pin::new(&mut *body).poll_frame(cx)) {
+            None => return Poll::Ready(Read::Whole(std::mem::take(buf).freeze())),
             Some(Ok(frame)) => {
                 let Ok(data) = frame.into_data() else {
                     // Trailers are not replayed.
@@ -692,13 +715,11 @@ async fn read_response(body: &mut ProxyBody, max_response: usize) -> Read {
                 let seen = (buf.len() + data.len()) as u64;
                 buf.push(data);
                 if seen > max_response as u64 {
-                    return Read::OverLimit {
-                        read: buf.freeze(),
-                        seen,
-                    };
+                    let read = std::mem::take(buf).freeze();
+                    return Poll::Ready(Read::OverLimit { read, seen });
                 }
             }
-            Some(Err(error)) => return Read::Broken(error.to_string()),
+            Some(Err(error)) => return Poll::Ready(Read::Broken(error.to_string())),
         }
     }
 }
@@ -733,8 +754,23 @@ async fn store_response(
         log_store_error(result.err(), request_id);
         return Response::from_parts(parts, body);
     }
-    // The body may stream for longer than the lease: renew while reading.
-    let read = Box::pin(guard.hold(read_response(&mut body, max_response))).await;
+    // Usually the whole body is there with the head; a body still
+    // streaming may take longer than the lease, so it is read under `hold`
+    // (renewing), which costs a timer only then.
+    let mut buf = Collected::default();
+    let first = std::future::poll_fn(|cx| {
+        Poll::Ready(poll_read_response(&mut body, &mut buf, max_response, cx))
+    })
+    .await;
+    let read = match first {
+        Poll::Ready(read) => read,
+        Poll::Pending => {
+            let rest = std::future::poll_fn(|cx| {
+                poll_read_response(&mut body, &mut buf, max_response, cx)
+            });
+            Box::pin(guard.hold(rest)).await
+        }
+    };
     match read {
         Read::Whole(body) => {
             // Every store call is boxed: its future is far larger than this

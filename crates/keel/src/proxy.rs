@@ -121,6 +121,16 @@ pub type Exchange<'a> = Pin<&'a mut (dyn Future<Output = UpstreamOutcome> + Send
 
 /// A hook that sees the upstream's outcome for one request.
 pub trait ResponseFilter: Send + 'static {
+    /// Whether the upstream phase, which ends by `ends_by` (it runs under
+    /// the upstream's `request_timeout`), must run under
+    /// [`hold`](Self::hold); when false it is awaited as it is. The
+    /// idempotency filter needs it only when its claim's lease could run
+    /// out first.
+    fn must_hold(&self, ends_by: tokio::time::Instant) -> bool {
+        let _ = ends_by;
+        false
+    }
+
     /// Drives the upstream phase (selection, sending, retries, up to the
     /// response head). The idempotency filter renews its claim's lease
     /// here, so a slow upstream is not taken for a dead one; the default
@@ -297,14 +307,9 @@ impl Gateway {
         let downstream_upgrade = (request.version() == Version::HTTP_11
             && wants_upgrade(request.headers()))
         .then(|| hyper::upgrade::on(&mut request));
-        // The body's watch rides along as an extension: whoever reads the
-        // body records on it whether the client failed (see `send`).
-        let request = {
-            let (mut parts, body) = request.into_parts();
-            let (body, watch) = ProxyBody::request(body, route.max_body_size);
-            parts.extensions.insert(watch);
-            Request::from_parts(parts, body)
-        };
+        // The body carries its watch: whoever reads the body records on it
+        // whether the client failed (see `send`).
+        let request = request.map(|body| ProxyBody::request(body, route.max_body_size));
 
         // 4. request filter
         let (request, on_response) = match &route.filter {
@@ -336,15 +341,16 @@ impl Gateway {
         let upstream = &self.upstreams[route.upstream];
         let stale_key = route.stale.as_ref().and_then(|c| c.key(&request, &host));
         let upgrade = downstream_upgrade.is_some();
-        let forward = crate::resilience::retry::forward(upstream, request, upgrade, |r, e| {
-            self.upstream_request(r, e, &host, downstream, upgrade)
-        });
-        let outcome = match &on_response {
-            Some(hook) => {
-                let mut forward = std::pin::pin!(forward);
-                hook.hold(forward.as_mut()).await
-            }
-            None => forward.await,
+        let ends_by = tokio::time::Instant::now() + upstream.request_timeout;
+        let forward =
+            crate::resilience::retry::forward(upstream, request, upgrade, ends_by, |r, e| {
+                self.upstream_request(r, e, &host, downstream, upgrade)
+            });
+        let outcome = if let Some(hook) = on_response.as_ref().filter(|h| h.must_hold(ends_by)) {
+            let mut forward = std::pin::pin!(forward);
+            hook.hold(forward.as_mut()).await
+        } else {
+            forward.await
         };
 
         // 6b. stale fallback: a failed read answered from the route's cache
@@ -497,19 +503,19 @@ fn check_declared_length(request: &Request<Incoming>, limit: u64) -> Option<Prob
 /// Sends the request on the endpoint's pool within `timeout` (what is left
 /// of the upstream's `request_timeout` for this attempt).
 ///
-/// Who failed decides what the failure is: the request's [`BodyWatch`]
-/// (an extension set where the body limit is applied) says whether the client's body broke, was
+/// Who failed decides what the failure is: the request body's
+/// [`BodyWatch`] (set where the body limit is applied) says whether the client's body broke, was
 /// cut short, or was what the exchange was waiting for when the deadline
 /// passed. Those are the client's failures (400, 408, 413, or
 /// [`ProblemKind::ClientClosed`]); everything else is the upstream's.
 pub(crate) async fn send(
     upstream: &Upstream,
     endpoint: &'static Endpoint,
-    request: Request<ProxyBody>,
+    mut request: Request<ProxyBody>,
     timeout: std::time::Duration,
 ) -> Result<Response<ProxyBody>, UpstreamFailure> {
     let _in_flight = InFlight::start(endpoint);
-    let watch = request.extensions().get::<BodyWatch>().cloned();
+    let watch = request.body_mut().watch();
     match tokio::time::timeout(timeout, endpoint.send(request)).await {
         Ok(Ok(response)) => Ok(response),
         Ok(Err(error)) => Err(classify(&upstream.name, endpoint, &error, watch.as_ref())),

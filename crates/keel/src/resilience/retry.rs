@@ -79,7 +79,9 @@ async fn keep(
     let bytes = if empty {
         None
     } else {
-        Some(collect(body, parts.extensions.get::<BodyWatch>()).await?)
+        let mut body = body;
+        let watch = body.watch();
+        Some(collect(body, watch.as_ref()).await?)
     };
     let kept = Kept {
         method: parts.method.clone(),
@@ -156,17 +158,19 @@ pub fn unavailable(upstream: &Upstream, why: Unavailable) -> UpstreamFailure {
     }
 }
 
-/// Sends `request` to `upstream` under its breakers, retrying when safe.
-/// `prepare` turns the downstream request into the one sent to an endpoint
-/// (headers, origin-form URI); `upgrade` requests are never retried.
+/// Sends `request` to `upstream` under its breakers, retrying when safe,
+/// and ends by `deadline` (the upstream's `request_timeout` from the
+/// start; every wait below is bounded by it). `prepare` turns the
+/// downstream request into the one sent to an endpoint (headers,
+/// origin-form URI); `upgrade` requests are never retried.
 pub async fn forward(
     upstream: &'static Upstream,
-    request: Request<ProxyBody>,
+    mut request: Request<ProxyBody>,
     upgrade: bool,
+    deadline: Instant,
     prepare: impl Fn(Request<ProxyBody>, &Endpoint) -> Request<ProxyBody>,
 ) -> Result<Response<ProxyBody>, UpstreamFailure> {
     let resilience = &upstream.resilience;
-    let deadline = Instant::now() + upstream.request_timeout;
 
     // The upstream-wide breaker: open means no endpoint is even tried.
     let upstream_permit = match resilience.allow() {
@@ -187,7 +191,7 @@ pub async fn forward(
         Some(settings) => {
             // Reading a kept body waits on the client alone: running out of
             // time here is the client's lateness (408), never the upstream's.
-            let watch = request.extensions().get::<BodyWatch>().cloned();
+            let watch = request.body_mut().watch();
             let read =
                 match tokio::time::timeout_at(deadline, keep(request, settings.max_body)).await {
                     Ok(read) => read,
