@@ -4,6 +4,7 @@
 mod common;
 
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use common::{
     Keel, TcpProxy, TestUpstream, echo, free_addr, get, post_keyed, redis_host_port, temp_file,
@@ -577,5 +578,61 @@ lease = "5s"
         problem_type(&body),
         "urn:keel:problem:idempotency-outcome-unknown"
     );
+    assert_eq!(upstream.requests(), 1);
+}
+
+/// A `lease` shorter than the upstream's `request_timeout` cannot cover a
+/// slow upstream phase, so the gateway renews it while the upstream works:
+/// a retry arriving after the first lease would have lapsed still finds
+/// the request in flight (409), never runs it, and replays it once done.
+#[tokio::test]
+async fn a_lease_shorter_than_the_upstream_phase_is_renewed_while_it_runs() {
+    let upstream = TestUpstream::start().await;
+    let config = format!(
+        r#"
+[store]
+kind = "memory"
+
+[upstreams.app]
+endpoints = ["http://{}"]
+request_timeout = "10s"
+
+[[routes]]
+name = "api"
+path_prefix = "/"
+upstream = "app"
+
+[routes.idempotency]
+enabled = true
+lease = "1s"
+"#,
+        upstream.addr
+    );
+    let keel = Keel::start("", &config).await;
+    wait_ready(keel.admin, StatusCode::OK).await;
+    let listen = keel.listen;
+    let first = tokio::spawn(async move {
+        post_keyed(listen, "/slow/3000", Some("k-renewed"), None, "{}").await
+    });
+    // Past the first lease (1 s) and two renewals' worth of it.
+    tokio::time::sleep(Duration::from_millis(2200)).await;
+    let (status, _, body) =
+        post_keyed(keel.listen, "/slow/3000", Some("k-renewed"), None, "{}").await;
+    assert_eq!(
+        status,
+        StatusCode::CONFLICT,
+        "{}",
+        String::from_utf8_lossy(&body)
+    );
+    assert_eq!(
+        problem_type(&body),
+        "urn:keel:problem:idempotency-in-flight"
+    );
+    let (status, _, _) = first.await.expect("join");
+    assert_eq!(status, StatusCode::OK);
+    let (status, headers, _) =
+        post_keyed(keel.listen, "/slow/3000", Some("k-renewed"), None, "{}").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(headers["idempotent-replayed"], "true");
     assert_eq!(upstream.requests(), 1);
 }
