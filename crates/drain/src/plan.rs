@@ -12,7 +12,8 @@ use tokio::time::Instant;
 
 use crate::registry::{CloseRequest, ConnId, Registry, Tally, Target};
 
-/// How fast connections are asked to close.
+/// How fast connections are asked to close. New pacings may be added, so
+/// a `match` on it needs a wildcard arm.
 ///
 /// ```
 /// use std::time::Duration;
@@ -29,6 +30,7 @@ use crate::registry::{CloseRequest, ConnId, Registry, Tally, Target};
 /// assert_eq!(envoy.batch_size(6_000), 1);
 /// ```
 #[derive(Clone, Copy, Debug, PartialEq)]
+#[non_exhaustive]
 pub enum Pacing {
     /// `size` connections every `interval` (Phoenix).
     Batches {
@@ -82,7 +84,10 @@ impl Pacing {
 }
 
 /// A complete drain: pacing, jitter, the hard deadline and the reconnect
-/// hint.
+/// hint. Made with [`new`](Self::new), [`batches`](Self::batches),
+/// [`percent`](Self::percent) or [`gradual`](Self::gradual) and the
+/// setters (its fields are public to read; more may be added, so it is not
+/// built as a struct literal).
 ///
 /// ```
 /// use std::time::Duration;
@@ -96,6 +101,7 @@ impl Pacing {
 /// assert_eq!(at, [0, 0, 1, 1, 2]);
 /// ```
 #[derive(Clone, Debug, PartialEq)]
+#[non_exhaustive]
 pub struct DrainPlan {
     /// How fast.
     pub pacing: Pacing,
@@ -225,6 +231,21 @@ impl DrainPlan {
         self
     }
 
+    /// Sets how long connections closed by force get to go before the drain
+    /// reports done anyway.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use keel_drain::DrainPlan;
+    ///
+    /// let plan = DrainPlan::gradual(Duration::from_secs(10)).force_grace(Duration::from_millis(200));
+    /// assert_eq!(plan.force_grace, Duration::from_millis(200));
+    /// ```
+    pub fn force_grace(mut self, grace: Duration) -> Self {
+        self.force_grace = grace;
+        self
+    }
+
     /// Seeds jitter and hints.
     pub fn seed(mut self, seed: u64) -> Self {
         self.seed = seed;
@@ -292,7 +313,7 @@ pub struct Progress {
 /// # async fn main() {
 /// let registry = Registry::new();
 /// for _ in 0..4 {
-///     let mut conn = registry.register(ConnKind::Tunnel, None);
+///     let mut conn = registry.register(ConnKind::TUNNEL, None);
 ///     // Each connection's task closes when asked.
 ///     tokio::spawn(async move {
 ///         conn.closing().await;
