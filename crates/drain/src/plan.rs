@@ -280,8 +280,11 @@ impl DrainPlan {
     }
 }
 
-/// A drain's progress, readable at any time.
+/// A drain's progress, readable at any time. Made by a [`Drain`] (or by
+/// [`combine`](Self::combine)); more fields may be added, so it is not
+/// built as a struct literal.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+#[non_exhaustive]
 pub struct Progress {
     /// Connections the drain set out to close.
     pub total: usize,
@@ -301,6 +304,44 @@ pub struct Progress {
     /// The drain is over (everything gone, or the grace after the deadline
     /// ran out).
     pub done: bool,
+}
+
+impl Progress {
+    /// The progress of two drains running side by side, reported as one
+    /// (for example one drain per connection kind): counts add up, times
+    /// are the later of the two, and it is done when both are.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use keel_drain::{ConnKind, DrainPlan, Registry, Target};
+    ///
+    /// # #[tokio::main(flavor = "current_thread", start_paused = true)]
+    /// # async fn main() {
+    /// let registry = Registry::new();
+    /// let h1 = registry.register(ConnKind::HTTP1, None);
+    /// let _h2 = registry.register(ConnKind::HTTP2, None);
+    /// let plan = DrainPlan::batches(10, Duration::from_secs(1));
+    /// let a = keel_drain::start(&registry, Target::Kind(ConnKind::HTTP1), plan.clone());
+    /// let b = keel_drain::start(&registry, Target::Kind(ConnKind::HTTP2), plan);
+    /// drop(h1);
+    /// let first = a.finished().await;
+    /// let both = first.combine(&b.progress());
+    /// assert_eq!((both.total, both.closed, both.remaining), (2, 1, 1));
+    /// assert!(first.done && !both.done);
+    /// # }
+    /// ```
+    pub fn combine(&self, other: &Progress) -> Progress {
+        Progress {
+            total: self.total + other.total,
+            signalled: self.signalled + other.signalled,
+            closed: self.closed + other.closed,
+            remaining: self.remaining + other.remaining,
+            forced: self.forced + other.forced,
+            elapsed_ms: self.elapsed_ms.max(other.elapsed_ms),
+            expected_finish_ms: self.expected_finish_ms.max(other.expected_finish_ms),
+            done: self.done && other.done,
+        }
+    }
 }
 
 /// A running drain.

@@ -421,16 +421,7 @@ impl DrainControl {
 /// One progress for two drains (HTTP/1 and HTTP/2), updated as either
 /// moves.
 fn merged(a: &Drain, b: &Drain) -> watch::Receiver<Progress> {
-    let sum = |a: &Progress, b: &Progress| Progress {
-        total: a.total + b.total,
-        signalled: a.signalled + b.signalled,
-        closed: a.closed + b.closed,
-        remaining: a.remaining + b.remaining,
-        forced: a.forced + b.forced,
-        elapsed_ms: a.elapsed_ms.max(b.elapsed_ms),
-        expected_finish_ms: a.expected_finish_ms.max(b.expected_finish_ms),
-        done: a.done && b.done,
-    };
+    let sum = |a: &Progress, b: &Progress| a.combine(b);
     let (mut wa, mut wb) = (a.watch(), b.watch());
     let (tx, rx) = watch::channel(sum(&wa.borrow(), &wb.borrow()));
     tokio::spawn(async move {
