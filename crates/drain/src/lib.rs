@@ -25,7 +25,7 @@
 //! # async fn main() {
 //! let registry = Registry::new();
 //! for _ in 0..100 {
-//!     let mut conn = registry.register(ConnKind::Tunnel, Some("http://blue:3000".into()));
+//!     let mut conn = registry.register(ConnKind::TUNNEL, Some("http://blue:3000".into()));
 //!     tokio::spawn(async move {
 //!         let close = conn.closing().await;
 //!         // A WebSocket tunnel would send close code 1012 here, with

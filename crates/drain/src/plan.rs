@@ -12,7 +12,8 @@ use tokio::time::Instant;
 
 use crate::registry::{CloseRequest, ConnId, Registry, Tally, Target};
 
-/// How fast connections are asked to close.
+/// How fast connections are asked to close. New pacings may be added, so
+/// a `match` on it needs a wildcard arm.
 ///
 /// ```
 /// use std::time::Duration;
@@ -29,6 +30,7 @@ use crate::registry::{CloseRequest, ConnId, Registry, Tally, Target};
 /// assert_eq!(envoy.batch_size(6_000), 1);
 /// ```
 #[derive(Clone, Copy, Debug, PartialEq)]
+#[non_exhaustive]
 pub enum Pacing {
     /// `size` connections every `interval` (Phoenix).
     Batches {
@@ -82,7 +84,10 @@ impl Pacing {
 }
 
 /// A complete drain: pacing, jitter, the hard deadline and the reconnect
-/// hint.
+/// hint. Made with [`new`](Self::new), [`batches`](Self::batches),
+/// [`percent`](Self::percent) or [`gradual`](Self::gradual) and the
+/// setters (its fields are public to read; more may be added, so it is not
+/// built as a struct literal).
 ///
 /// ```
 /// use std::time::Duration;
@@ -96,6 +101,7 @@ impl Pacing {
 /// assert_eq!(at, [0, 0, 1, 1, 2]);
 /// ```
 #[derive(Clone, Debug, PartialEq)]
+#[non_exhaustive]
 pub struct DrainPlan {
     /// How fast.
     pub pacing: Pacing,
@@ -225,6 +231,21 @@ impl DrainPlan {
         self
     }
 
+    /// Sets how long connections closed by force get to go before the drain
+    /// reports done anyway.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use keel_drain::DrainPlan;
+    ///
+    /// let plan = DrainPlan::gradual(Duration::from_secs(10)).force_grace(Duration::from_millis(200));
+    /// assert_eq!(plan.force_grace, Duration::from_millis(200));
+    /// ```
+    pub fn force_grace(mut self, grace: Duration) -> Self {
+        self.force_grace = grace;
+        self
+    }
+
     /// Seeds jitter and hints.
     pub fn seed(mut self, seed: u64) -> Self {
         self.seed = seed;
@@ -259,8 +280,11 @@ impl DrainPlan {
     }
 }
 
-/// A drain's progress, readable at any time.
+/// A drain's progress, readable at any time. Made by a [`Drain`] (or by
+/// [`combine`](Self::combine)); more fields may be added, so it is not
+/// built as a struct literal.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+#[non_exhaustive]
 pub struct Progress {
     /// Connections the drain set out to close.
     pub total: usize,
@@ -282,6 +306,44 @@ pub struct Progress {
     pub done: bool,
 }
 
+impl Progress {
+    /// The progress of two drains running side by side, reported as one
+    /// (for example one drain per connection kind): counts add up, times
+    /// are the later of the two, and it is done when both are.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use keel_drain::{ConnKind, DrainPlan, Registry, Target};
+    ///
+    /// # #[tokio::main(flavor = "current_thread", start_paused = true)]
+    /// # async fn main() {
+    /// let registry = Registry::new();
+    /// let h1 = registry.register(ConnKind::HTTP1, None);
+    /// let _h2 = registry.register(ConnKind::HTTP2, None);
+    /// let plan = DrainPlan::batches(10, Duration::from_secs(1));
+    /// let a = keel_drain::start(&registry, Target::Kind(ConnKind::HTTP1), plan.clone());
+    /// let b = keel_drain::start(&registry, Target::Kind(ConnKind::HTTP2), plan);
+    /// drop(h1);
+    /// let first = a.finished().await;
+    /// let both = first.combine(&b.progress());
+    /// assert_eq!((both.total, both.closed, both.remaining), (2, 1, 1));
+    /// assert!(first.done && !both.done);
+    /// # }
+    /// ```
+    pub fn combine(&self, other: &Progress) -> Progress {
+        Progress {
+            total: self.total + other.total,
+            signalled: self.signalled + other.signalled,
+            closed: self.closed + other.closed,
+            remaining: self.remaining + other.remaining,
+            forced: self.forced + other.forced,
+            elapsed_ms: self.elapsed_ms.max(other.elapsed_ms),
+            expected_finish_ms: self.expected_finish_ms.max(other.expected_finish_ms),
+            done: self.done && other.done,
+        }
+    }
+}
+
 /// A running drain.
 ///
 /// ```
@@ -292,7 +354,7 @@ pub struct Progress {
 /// # async fn main() {
 /// let registry = Registry::new();
 /// for _ in 0..4 {
-///     let mut conn = registry.register(ConnKind::Tunnel, None);
+///     let mut conn = registry.register(ConnKind::TUNNEL, None);
 ///     // Each connection's task closes when asked.
 ///     tokio::spawn(async move {
 ///         conn.closing().await;

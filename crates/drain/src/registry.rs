@@ -12,18 +12,77 @@ use std::time::Duration;
 
 use tokio::sync::Notify;
 
-/// What kind of connection an entry is; plans may treat them differently
-/// (an HTTP/1 connection closes after its next response, a tunnel closes
-/// with a WebSocket close frame).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum ConnKind {
+/// What kind of connection an entry is, so a drain can pick some kinds and
+/// leave others (an HTTP/1 connection closes after its next response, a
+/// tunnel closes with a WebSocket close frame, so a server drains them on
+/// different schedules).
+///
+/// Kinds are open: [`HTTP1`](Self::HTTP1), [`HTTP2`](Self::HTTP2) and
+/// [`TUNNEL`](Self::TUNNEL) are the ones an HTTP server or gateway needs,
+/// and any other is named with [`ConnKind::new`]. Two kinds are the same
+/// when their names are equal. A kind serializes as its name.
+///
+/// ```
+/// use keel_drain::{ConnKind, Registry, Target};
+///
+/// // A service with its own kinds next to the predefined ones.
+/// const GRPC_STREAM: ConnKind = ConnKind::new("grpc_stream");
+/// const MQTT: ConnKind = ConnKind::new("mqtt");
+///
+/// let registry = Registry::new();
+/// let _a = registry.register(GRPC_STREAM, None);
+/// let _b = registry.register(MQTT, None);
+/// let _c = registry.register(ConnKind::HTTP1, None);
+/// assert_eq!(registry.count(&Target::Kind(MQTT)), 1);
+/// assert_eq!(registry.count(&Target::Kind(ConnKind::new("mqtt"))), 1);
+/// assert_eq!(MQTT.name(), "mqtt");
+/// assert_eq!(ConnKind::TUNNEL.to_string(), "tunnel");
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ConnKind(&'static str);
+
+impl ConnKind {
     /// A downstream HTTP/1.1 connection.
-    Http1,
+    pub const HTTP1: ConnKind = ConnKind("http1");
     /// A downstream HTTP/2 connection.
-    Http2,
+    pub const HTTP2: ConnKind = ConnKind("http2");
     /// An upgraded connection (WebSocket or other) tunnelled to an upstream.
-    Tunnel,
+    pub const TUNNEL: ConnKind = ConnKind("tunnel");
+
+    /// The kind called `name`. A `&'static str` keeps the kind `Copy` and
+    /// free to register: kinds are a small fixed set a program names in
+    /// constants, not data read at run time.
+    ///
+    /// ```
+    /// use keel_drain::ConnKind;
+    /// assert_eq!(ConnKind::new("http1"), ConnKind::HTTP1);
+    /// ```
+    pub const fn new(name: &'static str) -> Self {
+        Self(name)
+    }
+
+    /// The kind's name, as given to [`new`](Self::new) (`"http1"`,
+    /// `"http2"` and `"tunnel"` for the predefined kinds).
+    ///
+    /// ```
+    /// use keel_drain::ConnKind;
+    /// assert_eq!(ConnKind::HTTP2.name(), "http2");
+    /// ```
+    pub const fn name(self) -> &'static str {
+        self.0
+    }
+}
+
+impl std::fmt::Display for ConnKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.0)
+    }
+}
+
+impl serde::Serialize for ConnKind {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(self.0)
+    }
 }
 
 /// How a connection is asked to close.
@@ -79,9 +138,51 @@ pub fn parse_reconnect_hint(reason: &str) -> Option<Duration> {
         .map(Duration::from_millis)
 }
 
-/// Identifies one registered connection.
+/// Identifies one registered connection: unique within its [`Registry`],
+/// in registration order.
+///
+/// ```
+/// use keel_drain::{ConnKind, Registry};
+///
+/// let registry = Registry::new();
+/// let first = registry.register(ConnKind::HTTP1, None);
+/// let second = registry.register(ConnKind::HTTP1, None);
+/// assert!(first.id() < second.id());
+/// assert_eq!(first.id(), keel_drain::ConnId::new(first.id().get()));
+/// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct ConnId(pub u64);
+pub struct ConnId(u64);
+
+impl ConnId {
+    /// The id with the number `raw`, as [`get`](Self::get) returned it. An
+    /// id no registry handed out names no connection: [`Registry::close`]
+    /// returns false for it.
+    ///
+    /// ```
+    /// use keel_drain::{ConnId, Registry};
+    /// assert!(!Registry::new().contains(ConnId::new(7)));
+    /// ```
+    pub const fn new(raw: u64) -> Self {
+        Self(raw)
+    }
+
+    /// The id's number, for logs and for spreading work by connection
+    /// (hashing, sharding).
+    ///
+    /// ```
+    /// use keel_drain::ConnId;
+    /// assert_eq!(ConnId::new(7).get(), 7);
+    /// ```
+    pub const fn get(self) -> u64 {
+        self.0
+    }
+}
+
+impl std::fmt::Display for ConnId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
 
 struct Entry {
     kind: ConnKind,
@@ -112,7 +213,7 @@ struct Shared {
 /// use keel_drain::{ConnKind, Registry};
 ///
 /// let registry = Registry::new();
-/// let conn = registry.register(ConnKind::Http1, None);
+/// let conn = registry.register(ConnKind::HTTP1, None);
 /// assert_eq!(registry.len(), 1);
 /// drop(conn); // unregisters
 /// assert_eq!(registry.len(), 0);
@@ -259,18 +360,20 @@ impl Registry {
     }
 }
 
-/// Which connections a drain applies to.
+/// Which connections a drain applies to. New ways to select connections
+/// may be added, so a `match` on it needs a wildcard arm.
 ///
 /// ```
 /// use keel_drain::{ConnKind, Target};
 ///
 /// let all = Target::All;
-/// assert!(all.accepts(ConnKind::Http1, None));
+/// assert!(all.accepts(ConnKind::HTTP1, None));
 /// let blue = Target::Endpoint("http://10.0.0.1:3000".into());
-/// assert!(blue.accepts(ConnKind::Tunnel, Some("http://10.0.0.1:3000")));
-/// assert!(!blue.accepts(ConnKind::Tunnel, Some("http://10.0.0.2:3000")));
+/// assert!(blue.accepts(ConnKind::TUNNEL, Some("http://10.0.0.1:3000")));
+/// assert!(!blue.accepts(ConnKind::TUNNEL, Some("http://10.0.0.2:3000")));
 /// ```
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Target {
     /// Every connection (the whole server is leaving).
     All,
@@ -303,7 +406,7 @@ impl Target {
 /// # #[tokio::main(flavor = "current_thread")]
 /// # async fn main() {
 /// let registry = Registry::new();
-/// let mut conn = registry.register(ConnKind::Tunnel, None);
+/// let mut conn = registry.register(ConnKind::TUNNEL, None);
 /// registry.close(conn.id(), CloseRequest { force: false, reconnect_after: Duration::from_secs(2) });
 /// let request = conn.closing().await;
 /// assert_eq!(request.reconnect_after, Duration::from_secs(2));
@@ -341,7 +444,7 @@ impl Registration {
     /// use std::time::Duration;
     ///
     /// let registry = Registry::new();
-    /// let mut conn = registry.register(ConnKind::Tunnel, None);
+    /// let mut conn = registry.register(ConnKind::TUNNEL, None);
     /// let mut cx = Context::from_waker(Waker::noop());
     /// assert!(conn.poll_closing(&mut cx).is_pending());
     /// registry.close(conn.id(), CloseRequest { force: true, reconnect_after: Duration::ZERO });

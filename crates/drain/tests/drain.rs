@@ -30,7 +30,7 @@ fn connections(
 ) -> Closes {
     let closes: Closes = Arc::default();
     for _ in 0..n {
-        let mut conn = registry.register(ConnKind::Tunnel, endpoint.map(Arc::from));
+        let mut conn = registry.register(ConnKind::TUNNEL, endpoint.map(Arc::from));
         let closes = closes.clone();
         tokio::spawn(async move {
             loop {
@@ -223,7 +223,7 @@ async fn an_endpoint_drain_leaves_other_connections_alone() {
         Behaviour::Polite,
         t0,
     );
-    let plain = registry.register(ConnKind::Http1, None);
+    let plain = registry.register(ConnKind::HTTP1, None);
     tokio::task::yield_now().await;
     let plan = DrainPlan::batches(10, Duration::from_millis(100));
     let done = keel_drain::start(&registry, Target::Endpoint("http://blue:3000".into()), plan)
@@ -298,7 +298,7 @@ fn registry_survives_concurrent_registration_from_many_threads() {
             s.spawn(|| {
                 let mut held = Vec::new();
                 for i in 0..10_000 {
-                    held.push(registry.register(ConnKind::Http1, None));
+                    held.push(registry.register(ConnKind::HTTP1, None));
                     if i % 3 == 0 {
                         held.pop();
                     }
@@ -307,4 +307,38 @@ fn registry_survives_concurrent_registration_from_many_threads() {
         }
     });
     assert_eq!(registry.len(), 0);
+}
+
+/// A kind the library does not know is drained on its own, and kinds are
+/// compared by name, not by where the name is stored.
+#[tokio::test(start_paused = true)]
+async fn user_defined_kinds_are_drained_on_their_own() {
+    const MQTT: ConnKind = ConnKind::new("mqtt");
+    let registry = Registry::new();
+    let t0 = Instant::now();
+    let tunnels = connections(&registry, 4, None, Behaviour::Polite, t0);
+    let mut mqtt = Vec::new();
+    for _ in 0..6 {
+        mqtt.push(registry.register(MQTT, None));
+    }
+    // The same name built at run time is the same kind.
+    let name: &'static str = String::from("mqtt").leak();
+    let late = registry.register(ConnKind::new(name), None);
+    let other = registry.register(ConnKind::new("mqtt_admin"), None);
+    assert_eq!(registry.count(&Target::Kind(MQTT)), 7);
+    assert_eq!(registry.count(&Target::Kind(ConnKind::TUNNEL)), 4);
+
+    let plan = DrainPlan::batches(100, Duration::from_millis(100)).jitter(false);
+    let drain = keel_drain::start(&registry, Target::Kind(MQTT), plan);
+    // The first batch is due at once; the paused clock runs the drain to it.
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    assert!(mqtt.iter().all(|c| c.requested().is_some()));
+    assert!(late.requested().is_some());
+    assert!(other.requested().is_none());
+    drop(mqtt);
+    drop(late);
+    let done = drain.finished().await;
+    assert_eq!((done.total, done.closed, done.remaining), (7, 7, 0));
+    assert!(tunnels.lock().expect("lock").is_empty());
+    assert_eq!(registry.len(), 5);
 }

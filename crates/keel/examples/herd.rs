@@ -11,7 +11,7 @@
 //!   through the admin API (`POST /upstreams/app/endpoints/drain`), and
 //!   records, per 100 ms, how many clients reconnect at green until all
 //!   are back. `immediate` reconnects at once, `fixed` after
-//!   `--fixed-delay-ms`, `jitter` with keel-client's helper (the server's
+//!   `--fixed-delay-ms`, `jitter` with keel-reconnect's helper (the server's
 //!   reconnect hint plus full-jitter backoff). It also reports when the
 //!   clients heard their close against the drain plan.
 //!
@@ -31,7 +31,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
-use keel_client::Reconnect;
+use keel_reconnect::Reconnect;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::watch;

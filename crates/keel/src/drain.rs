@@ -54,7 +54,7 @@ pub fn late_close(id: keel_drain::ConnId) -> Option<keel_drain::CloseRequest> {
     let window = LATE_WINDOW_MS.load(Ordering::Relaxed);
     (window > 0).then(|| {
         // SplitMix64 finaliser of the id: spread, no shared RNG state.
-        let mut z = id.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = id.get().wrapping_add(0x9e37_79b9_7f4a_7c15);
         z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
         z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
         z ^= z >> 31;
@@ -218,7 +218,7 @@ impl DrainControl {
         let left = self.config.deadline.0.saturating_sub(began.elapsed());
         let tunnels = keel_drain::start(
             registry(),
-            Target::Kind(ConnKind::Tunnel),
+            Target::Kind(ConnKind::TUNNEL),
             plan(&self.config, left),
         );
         // HTTP connections are all told at once (their close costs no
@@ -228,8 +228,8 @@ impl DrainControl {
             .jitter(false)
             .reconnect_window(Duration::ZERO)
             .deadline(left);
-        let h1 = keel_drain::start(registry(), Target::Kind(ConnKind::Http1), http_plan.clone());
-        let h2 = keel_drain::start(registry(), Target::Kind(ConnKind::Http2), http_plan);
+        let h1 = keel_drain::start(registry(), Target::Kind(ConnKind::HTTP1), http_plan.clone());
+        let h2 = keel_drain::start(registry(), Target::Kind(ConnKind::HTTP2), http_plan);
         let http = merged(&h1, &h2);
         {
             let mut state = self.shutdown.lock().unwrap_or_else(PoisonError::into_inner);
@@ -421,16 +421,7 @@ impl DrainControl {
 /// One progress for two drains (HTTP/1 and HTTP/2), updated as either
 /// moves.
 fn merged(a: &Drain, b: &Drain) -> watch::Receiver<Progress> {
-    let sum = |a: &Progress, b: &Progress| Progress {
-        total: a.total + b.total,
-        signalled: a.signalled + b.signalled,
-        closed: a.closed + b.closed,
-        remaining: a.remaining + b.remaining,
-        forced: a.forced + b.forced,
-        elapsed_ms: a.elapsed_ms.max(b.elapsed_ms),
-        expected_finish_ms: a.expected_finish_ms.max(b.expected_finish_ms),
-        done: a.done && b.done,
-    };
+    let sum = |a: &Progress, b: &Progress| a.combine(b);
     let (mut wa, mut wb) = (a.watch(), b.watch());
     let (tx, rx) = watch::channel(sum(&wa.borrow(), &wb.borrow()));
     tokio::spawn(async move {
@@ -492,11 +483,11 @@ mod tests {
 
     #[test]
     fn late_tunnels_get_a_spread_hint_only_while_draining() {
-        assert_eq!(late_close(keel_drain::ConnId(1)), None);
+        assert_eq!(late_close(keel_drain::ConnId::new(1)), None);
         LATE_WINDOW_MS.store(1000, Ordering::Relaxed);
         let hints: std::collections::BTreeSet<u128> = (0..100)
             .map(|i| {
-                let close = late_close(keel_drain::ConnId(i)).expect("draining");
+                let close = late_close(keel_drain::ConnId::new(i)).expect("draining");
                 assert!(!close.force);
                 close.reconnect_after.as_millis()
             })

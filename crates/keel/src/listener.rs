@@ -277,9 +277,9 @@ impl DataPlane {
         // response and idle connections closed; GOAWAY on HTTP/2), a forced
         // one (the deadline) cuts the connection, in-flight or not.
         let kind = if is_h2 {
-            ConnKind::Http2
+            ConnKind::HTTP2
         } else {
-            ConnKind::Http1
+            ConnKind::HTTP1
         };
         let mut drain = crate::drain::registry().register(kind, None);
         let mut control = Control {

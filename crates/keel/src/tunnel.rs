@@ -91,7 +91,7 @@ pub async fn splice(
     let down = (forget_wakers(down.0), down.1);
     // A task of its own, so the long-lived future holds only the tunnel's
     // state, not the (larger) upgrade futures above.
-    let registration = crate::drain::registry().register(ConnKind::Tunnel, Some(endpoint));
+    let registration = crate::drain::registry().register(ConnKind::TUNNEL, Some(endpoint));
     if let Some(close) = crate::drain::late_close(registration.id()) {
         // Upgraded while the gateway drains: leave with the others.
         crate::drain::registry().close(registration.id(), close);
@@ -795,7 +795,7 @@ mod tests {
         let (client, proxy_a) = tests_pair().await;
         let (proxy_b, upstream) = tests_pair().await;
         let registry = keel_drain::Registry::new();
-        let registration = registry.register(keel_drain::ConnKind::Tunnel, None);
+        let registration = registry.register(keel_drain::ConnKind::TUNNEL, None);
         let id = registration.id();
         let mid_message = Counter::default();
         let policy = ClosePolicy {
@@ -938,7 +938,7 @@ mod tests {
         let (mut client, proxy_a) = tests_pair().await;
         let (proxy_b, mut upstream) = tests_pair().await;
         let registry = keel_drain::Registry::new();
-        let registration = registry.register(keel_drain::ConnKind::Tunnel, None);
+        let registration = registry.register(keel_drain::ConnKind::TUNNEL, None);
         let id = registration.id();
         let task = tokio::spawn(run(
             proxy_a,
@@ -1008,7 +1008,7 @@ mod size_probe {
     async fn an_idle_tunnel_future_stays_small() {
         let (a, b) = super::tests_pair().await;
         let (c, d) = super::tests_pair().await;
-        let reg = crate::drain::registry().register(keel_drain::ConnKind::Tunnel, None);
+        let reg = crate::drain::registry().register(keel_drain::ConnKind::TUNNEL, None);
         let f = super::run(
             a,
             bytes::Bytes::new(),

@@ -9,6 +9,7 @@ use crate::supervisor::{StartError, Supervisor, SupervisorHandle};
 
 /// Why an [`Application`] ended badly.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum AppError {
     /// The root supervisor could not start.
     #[error(transparent)]

@@ -27,6 +27,7 @@ use crate::spec::ExitReason;
 /// # }
 /// ```
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Event {
     /// The node's path, names from the root joined with `/`.
     pub path: Arc<str>,
@@ -35,7 +36,10 @@ pub struct Event {
 }
 
 /// The kinds of [`Event`].
+///
+/// More may be added, so a `match` on it needs a wildcard arm.
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum EventKind {
     /// Its body was spawned.
     Started,

@@ -22,8 +22,11 @@ pub enum Kind {
 }
 
 /// Where a child is in its life.
+///
+/// More may be added, so a `match` on it needs a wildcard arm.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
+#[non_exhaustive]
 pub enum ChildState {
     /// Not started yet (or being started again later by its supervisor).
     Idle,
@@ -264,6 +267,7 @@ fn describe(state: ChildState) -> &'static str {
 /// # }
 /// ```
 #[derive(Clone, Debug, Serialize)]
+#[non_exhaustive]
 pub struct Snapshot {
     /// The child's own name.
     pub name: String,
@@ -302,6 +306,7 @@ pub struct Snapshot {
 
 /// One thing that keeps a tree from being ready.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
 pub struct NotReady {
     /// The child's path.
     pub path: String,

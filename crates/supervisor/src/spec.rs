@@ -155,7 +155,8 @@ pub struct ChildFuse {
     pub cool_down: Duration,
 }
 
-/// Why a child exited, as the supervisor saw it.
+/// Why a child exited, as the supervisor saw it. More reasons may be
+/// added, so a `match` on it needs a wildcard arm.
 ///
 /// An error keeps the child's error itself, source chain included, so that
 /// whoever reads the reason (an event, a [`crate::StartError`]) can inspect
@@ -179,6 +180,7 @@ pub struct ChildFuse {
 /// ```
 #[derive(Clone, Debug, serde::Serialize)]
 #[serde(tag = "kind", content = "detail", rename_all = "snake_case")]
+#[non_exhaustive]
 pub enum ExitReason {
     /// The child's function returned `Ok(())`.
     Normal,

@@ -83,6 +83,7 @@ pub enum AutoShutdown {
 
 /// A top-level child that failed to start, handed to a start handler.
 #[derive(Clone, Debug)]
+#[non_exhaustive]
 pub struct StartFailure {
     /// The child's path.
     pub child: String,
@@ -109,6 +110,7 @@ type StartHandler = Arc<dyn Fn(&StartFailure) -> StartDecision + Send + Sync>;
 
 /// Why a supervisor (or one of its dynamic children) could not start.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum StartError {
     /// A child failed to start and the start was halted.
     #[error("child {child} failed to start: {reason}")]
@@ -161,6 +163,7 @@ pub enum StartError {
 /// # }
 /// ```
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum ControlError {
     /// No child has this name (OTP's `not_found`).
     #[error("supervisor {supervisor} has no child named {name}")]
@@ -197,6 +200,7 @@ pub enum ControlError {
 
 /// A supervisor specification that is not valid.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum BuildError {
     /// Two children share a name.
     #[error("supervisor {supervisor}: two children are named {name}; names must be unique")]

@@ -316,6 +316,9 @@ fn class(reason: &ExitReason) -> &'static str {
         ExitReason::Shutdown => "shutdown",
         ExitReason::Killed => "killed",
         ExitReason::Error(_) | ExitReason::Panic(_) => "crash",
+        // ExitReason is non_exhaustive: a reason added later needs its
+        // OTP counterpart here before the comparison means anything.
+        other => panic!("no OTP class for {other:?}"),
     }
 }
 
@@ -495,6 +498,9 @@ fn control_result(r: Result<(), ControlError>) -> String {
         Err(ControlError::Dynamic(_)) => "error dynamic".into(),
         Err(ControlError::StartFailed { .. }) => "error start_failed".into(),
         Err(ControlError::NotRunning(_)) => "error not_running".into(),
+        // ControlError is non_exhaustive: a new error needs its OTP
+        // counterpart here.
+        Err(other) => panic!("no OTP counterpart for {other:?}"),
     }
 }
 

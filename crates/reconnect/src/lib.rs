@@ -22,7 +22,7 @@
 //!
 //! ```
 //! use std::time::Duration;
-//! use keel_client::Reconnect;
+//! use keel_reconnect::Reconnect;
 //! use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 //! use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 //!
@@ -49,36 +49,65 @@ use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 /// A WebSocket connection as [`Reconnect::connect`] returns it.
 ///
 /// ```
-/// fn takes(_ws: keel_client::WebSocket) {}
+/// fn takes(_ws: keel_reconnect::WebSocket) {}
 /// ```
 pub type WebSocket = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
-/// Why [`Reconnect::connect_with`] gave up.
+/// Why [`Reconnect::connect_with`] gave up: how many attempts were made,
+/// and the last one's error, kept whole.
+///
+/// The struct puts no bound on `E`; it is `Display` and an
+/// [`Error`](std::error::Error) when `E` is (the message includes the last
+/// error, which is therefore not also its `source`).
 ///
 /// ```
 /// # #[tokio::main(flavor = "current_thread", start_paused = true)]
 /// # async fn main() {
-/// let mut r = keel_client::Reconnect::new().max_attempts(Some(2));
+/// let mut r = keel_reconnect::Reconnect::new().max_attempts(Some(2));
 /// let err = r
 ///     .connect_with(std::time::Duration::ZERO, || async { Err::<(), _>("refused") })
 ///     .await
 ///     .expect_err("gives up");
 /// assert_eq!((err.attempts, err.last), (2, "refused"));
+/// assert_eq!(err.to_string(), "gave up after 2 attempts: refused");
 /// # }
 /// ```
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("gave up after {attempts} attempts: {last}")]
-pub struct GaveUp<E: std::fmt::Display> {
+#[non_exhaustive]
+pub struct GaveUp<E> {
     /// Attempts made.
     pub attempts: u32,
     /// The last attempt's error.
     pub last: E,
 }
 
+impl<E> GaveUp<E> {
+    /// The last attempt's error, for callers that only need the cause.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread", start_paused = true)]
+    /// # async fn main() {
+    /// #[derive(Debug, PartialEq)]
+    /// struct Refused; // not Display: GaveUp does not ask for it
+    ///
+    /// let mut r = keel_reconnect::Reconnect::new().max_attempts(Some(1));
+    /// let err = r
+    ///     .connect_with(std::time::Duration::ZERO, || async { Err::<(), _>(Refused) })
+    ///     .await
+    ///     .expect_err("gives up");
+    /// assert_eq!(err.into_last(), Refused);
+    /// # }
+    /// ```
+    pub fn into_last(self) -> E {
+        self.last
+    }
+}
+
 /// How long to wait before (re)connecting, and the loop that does it.
 ///
 /// ```
-/// use keel_client::Reconnect;
+/// use keel_reconnect::Reconnect;
 /// use std::time::Duration;
 /// let r = Reconnect::new()
 ///     .base(Duration::from_millis(100))
@@ -137,7 +166,7 @@ impl Reconnect {
     ///
     /// ```
     /// # use std::time::Duration;
-    /// let mut r = keel_client::Reconnect::new().base(Duration::from_millis(10)).seed(1);
+    /// let mut r = keel_reconnect::Reconnect::new().base(Duration::from_millis(10)).seed(1);
     /// assert!(r.after_failure() <= Duration::from_millis(10));
     /// ```
     pub fn base(mut self, base: Duration) -> Self {
@@ -150,7 +179,7 @@ impl Reconnect {
     ///
     /// ```
     /// # use std::time::Duration;
-    /// let mut r = keel_client::Reconnect::new().cap(Duration::from_millis(300)).seed(1);
+    /// let mut r = keel_reconnect::Reconnect::new().cap(Duration::from_millis(300)).seed(1);
     /// assert!((0..20).all(|_| r.after_failure() <= Duration::from_millis(300)));
     /// ```
     pub fn cap(mut self, cap: Duration) -> Self {
@@ -164,7 +193,7 @@ impl Reconnect {
     /// ```
     /// # use std::time::Duration;
     /// # use tokio_tungstenite::tungstenite::protocol::{CloseFrame, frame::coding::CloseCode};
-    /// let mut r = keel_client::Reconnect::new().max_hint(Duration::from_secs(1));
+    /// let mut r = keel_reconnect::Reconnect::new().max_hint(Duration::from_secs(1));
     /// let f = CloseFrame { code: CloseCode::Restart, reason: "reconnect_after_ms=99999".into() };
     /// assert!(r.after_close(Some(&f)) < Duration::from_millis(1200));
     /// ```
@@ -179,7 +208,7 @@ impl Reconnect {
     /// ```
     /// # use std::time::Duration;
     /// # use tokio_tungstenite::tungstenite::protocol::{CloseFrame, frame::coding::CloseCode};
-    /// let mut r = keel_client::Reconnect::new().honour_hint(false);
+    /// let mut r = keel_reconnect::Reconnect::new().honour_hint(false);
     /// let f = CloseFrame { code: CloseCode::Restart, reason: "reconnect_after_ms=9000".into() };
     /// assert!(r.after_close(Some(&f)) <= Duration::from_millis(500));
     /// ```
@@ -191,7 +220,7 @@ impl Reconnect {
     /// Give up after this many failed attempts in a row (`None`: never).
     ///
     /// ```
-    /// let r = keel_client::Reconnect::new().max_attempts(Some(5));
+    /// let r = keel_reconnect::Reconnect::new().max_attempts(Some(5));
     /// # let _ = r;
     /// ```
     pub fn max_attempts(mut self, max: Option<u32>) -> Self {
@@ -202,8 +231,8 @@ impl Reconnect {
     /// Seeds the jitter, for reproducible runs.
     ///
     /// ```
-    /// let mut a = keel_client::Reconnect::new().seed(42);
-    /// let mut b = keel_client::Reconnect::new().seed(42);
+    /// let mut a = keel_reconnect::Reconnect::new().seed(42);
+    /// let mut b = keel_reconnect::Reconnect::new().seed(42);
     /// assert_eq!(a.after_failure(), b.after_failure());
     /// ```
     pub fn seed(mut self, seed: u64) -> Self {
@@ -215,7 +244,7 @@ impl Reconnect {
     /// The largest backoff delay.
     ///
     /// ```
-    /// assert_eq!(keel_client::Reconnect::new().max_delay(), std::time::Duration::from_secs(30));
+    /// assert_eq!(keel_reconnect::Reconnect::new().max_delay(), std::time::Duration::from_secs(30));
     /// ```
     pub fn max_delay(&self) -> Duration {
         self.cap
@@ -226,7 +255,7 @@ impl Reconnect {
     ///
     /// ```
     /// # use std::time::Duration;
-    /// let mut r = keel_client::Reconnect::new();
+    /// let mut r = keel_reconnect::Reconnect::new();
     /// // Dropped without a close frame: backoff.
     /// assert!(r.after_close(None) <= Duration::from_millis(500));
     /// ```
@@ -248,7 +277,7 @@ impl Reconnect {
     ///
     /// ```
     /// # use std::time::Duration;
-    /// let mut r = keel_client::Reconnect::new().seed(3);
+    /// let mut r = keel_reconnect::Reconnect::new().seed(3);
     /// assert!(r.after_failure() <= Duration::from_millis(500));
     /// assert!(r.after_failure() <= Duration::from_secs(1));
     /// ```
@@ -260,7 +289,7 @@ impl Reconnect {
     ///
     /// ```
     /// # use std::time::Duration;
-    /// let mut r = keel_client::Reconnect::new();
+    /// let mut r = keel_reconnect::Reconnect::new();
     /// for _ in 0..10 { r.after_failure(); }
     /// r.connected();
     /// assert!(r.after_failure() <= Duration::from_millis(500));
@@ -275,7 +304,7 @@ impl Reconnect {
     /// ```
     /// # #[tokio::main(flavor = "current_thread", start_paused = true)]
     /// # async fn main() {
-    /// let mut r = keel_client::Reconnect::new();
+    /// let mut r = keel_reconnect::Reconnect::new();
     /// let mut tries = 0;
     /// let conn = r
     ///     .connect_with(std::time::Duration::from_secs(2), || {
@@ -293,7 +322,6 @@ impl Reconnect {
         mut connect: F,
     ) -> Result<T, GaveUp<E>>
     where
-        E: std::fmt::Display,
         F: FnMut() -> Fut,
         Fut: Future<Output = Result<T, E>>,
     {
@@ -324,7 +352,7 @@ impl Reconnect {
     /// ```no_run
     /// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
     /// use futures_util::StreamExt;
-    /// use keel_client::Reconnect;
+    /// use keel_reconnect::Reconnect;
     /// use std::time::Duration;
     /// use tokio_tungstenite::tungstenite::Message;
     ///
@@ -363,9 +391,9 @@ impl Reconnect {
 /// use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 ///
 /// let drained = CloseFrame { code: CloseCode::Restart, reason: "keel drain; reconnect_after_ms=20".into() };
-/// assert_eq!(keel_client::hint(&drained), Some(Duration::from_millis(20)));
+/// assert_eq!(keel_reconnect::hint(&drained), Some(Duration::from_millis(20)));
 /// let other = CloseFrame { code: CloseCode::Away, reason: "reconnect_after_ms=20".into() };
-/// assert_eq!(keel_client::hint(&other), None);
+/// assert_eq!(keel_reconnect::hint(&other), None);
 /// ```
 pub fn hint(frame: &CloseFrame) -> Option<Duration> {
     (u16::from(frame.code) == keel_drain::CloseRequest::WEBSOCKET_CODE)
@@ -377,7 +405,7 @@ pub fn hint(frame: &CloseFrame) -> Option<Duration> {
 ///
 /// ```
 /// use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
-/// assert_eq!(keel_client::code(CloseCode::Restart), 1012);
+/// assert_eq!(keel_reconnect::code(CloseCode::Restart), 1012);
 /// ```
 pub fn code(code: CloseCode) -> u16 {
     u16::from(code)
