@@ -445,7 +445,7 @@ impl RetryPolicy {
                 return finish(result, attempt, StopReason::Deadline);
             }
             if let Some((b, _)) = &self.breaker
-                && b.ask().is_err()
+                && b.would_allow().is_err()
             {
                 return finish(result, attempt, StopReason::BreakerOpen);
             }

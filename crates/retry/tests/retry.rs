@@ -186,7 +186,7 @@ async fn a_spent_budget_stops_retries_across_callers() {
 #[tokio::test(start_paused = true)]
 async fn breaker_all_attempts_rejects_before_calling() {
     let b = Breaker::new("all", Config::fuse(0, S, 60 * S)).expect("config");
-    b.melt();
+    b.record_failure();
     let calls = AtomicU32::new(0);
     let r = retry(|_| {
         calls.fetch_add(1, SeqCst);
