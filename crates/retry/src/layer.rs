@@ -12,6 +12,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, ready};
+use std::time::Duration;
 use tokio::time::{Instant, Sleep};
 use tower_service::Service;
 
@@ -312,7 +313,7 @@ pin_project_lite::pin_project! {
         #[pin]
         state: State<S::Future>,
         #[pin]
-        deadline: Deadline,
+        timer: Timer,
         svc: Option<S>,
         spare: Option<Req>,
         policy: P,
@@ -329,35 +330,48 @@ pin_project_lite::pin_project! {
         Rejected { rejected: Option<Rejected> },
         Calling { #[pin] fut: F },
         Readying,
-        Sleeping { #[pin] sleep: Sleep },
+        Sleeping { until: Instant },
         Done,
     }
 }
 
 pin_project_lite::pin_project! {
-    /// The deadline over the whole call; its timer is made on the first
-    /// poll that has to wait, so a call that completes at once costs none.
-    #[project = DeadlineProj]
-    enum Deadline {
-        Never,
-        At { at: Instant },
+    /// One timer serves both waits, which never overlap: the whole-call
+    /// deadline while an attempt runs, the backoff between attempts. It is
+    /// made on the first poll that has to wait for either, so a call that
+    /// completes at once costs none.
+    #[project = TimerProj]
+    enum Timer {
+        Idle,
         Armed { #[pin] sleep: Sleep },
     }
 }
 
-impl Deadline {
-    fn poll_passed(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
-        if let DeadlineProj::At { at } = self.as_mut().project() {
-            let at = *at;
-            self.set(Deadline::Armed {
-                sleep: tokio::time::sleep_until(at),
-            });
+impl Timer {
+    /// Polls the timer set to `at`.
+    fn poll_until(mut self: Pin<&mut Self>, at: Instant, cx: &mut Context<'_>) -> Poll<()> {
+        if let TimerProj::Armed { mut sleep } = self.as_mut().project() {
+            if sleep.deadline() != at {
+                sleep.as_mut().reset(at);
+            }
+            return sleep.poll(cx);
         }
+        self.set(Timer::Armed {
+            sleep: tokio::time::sleep_until(at),
+        });
         match self.project() {
-            DeadlineProj::Armed { sleep } => sleep.poll(cx),
-            _ => Poll::Pending,
+            TimerProj::Armed { sleep } => sleep.poll(cx),
+            TimerProj::Idle => Poll::Pending,
         }
     }
+}
+
+/// Until when to sleep for `delay` from now; a delay too long to represent
+/// sleeps as long as tokio's own `sleep` would (about 30 years).
+fn wake_at(delay: Duration) -> Instant {
+    let now = Instant::now();
+    now.checked_add(delay)
+        .unwrap_or_else(|| now + Duration::from_secs(86_400 * 365 * 30))
 }
 
 impl<S, Req, P> std::fmt::Debug for RetryFuture<S, Req, P>
@@ -393,7 +407,10 @@ where
                 StateProj::Calling { fut } => match fut.poll(cx) {
                     Poll::Ready(result) => result,
                     Poll::Pending => {
-                        ready!(this.deadline.as_mut().poll_passed(cx));
+                        let Some(at) = this.run.deadline else {
+                            return Poll::Pending;
+                        };
+                        ready!(this.timer.as_mut().poll_until(at, cx));
                         this.state.set(State::Done);
                         let attempt = this.run.attempt;
                         return Poll::Ready(Err(this.config.deadline_passed(
@@ -418,7 +435,10 @@ where
                         // and is classified like any failure.
                         Poll::Ready(Err(e)) => Err(e),
                         Poll::Pending => {
-                            ready!(this.deadline.as_mut().poll_passed(cx));
+                            let Some(at) = this.run.deadline else {
+                                return Poll::Pending;
+                            };
+                            ready!(this.timer.as_mut().poll_until(at, cx));
                             this.state.set(State::Done);
                             let attempt = this.run.attempt;
                             return Poll::Ready(Err(this.config.deadline_passed(
@@ -429,8 +449,8 @@ where
                         }
                     }
                 }
-                StateProj::Sleeping { sleep } => {
-                    ready!(sleep.poll(cx));
+                StateProj::Sleeping { until } => {
+                    ready!(this.timer.as_mut().poll_until(*until, cx));
                     this.run.attempt += 1;
                     match this.config.gate(this.run.attempt) {
                         Ok(permit) => {
@@ -462,7 +482,7 @@ where
                 Ok(delay) => {
                     *this.previous = Some(result);
                     this.state.set(State::Sleeping {
-                        sleep: tokio::time::sleep(delay),
+                        until: wake_at(delay),
                     });
                 }
             }
@@ -485,10 +505,6 @@ where
 
     fn call(&mut self, req: Req) -> Self::Future {
         let run = Run::start(&self.config);
-        let deadline = match run.deadline {
-            Some(at) => Deadline::At { at },
-            None => Deadline::Never,
-        };
         // The ready service serves the first attempt; a clone, polled ready
         // again, serves the retries of a request that may be sent again.
         let spare = self.policy.clone_request(&req);
@@ -509,7 +525,7 @@ where
         };
         RetryFuture {
             state,
-            deadline,
+            timer: Timer::Idle,
             svc,
             spare,
             policy: self.policy.clone(),
