@@ -596,6 +596,7 @@ impl Breaker {
     /// assert_eq!(b.state(), State::Open);
     /// assert!(b.retry_after().unwrap() <= Duration::from_secs(30));
     /// ```
+    #[doc(alias = "trip")]
     pub fn open_for(&self, d: Duration) {
         let i = &self.inner;
         let now = i.now();

@@ -84,6 +84,14 @@ pub enum Window {
 /// let p = FailureCount { failure_threshold: 5, window: Duration::from_secs(10) };
 /// // The same in fuse's terms: 4 failures tolerated within 10 s.
 /// assert_eq!(p, FailureCount::fuse(4, Duration::from_secs(10)));
+///
+/// // A threshold of 0 would trip before any failure: refused.
+/// use keel_breaker::{Config, ConfigError};
+/// let zero = FailureCount { failure_threshold: 0, window: Duration::from_secs(10) };
+/// assert_eq!(
+///     Config::default().failure_count(zero).validate(),
+///     Err(ConfigError::Zero { what: "failure_count.failure_threshold" })
+/// );
 /// ```
 #[doc(
     alias = "CountPolicy",

@@ -466,15 +466,16 @@ where
                 }
                 StateProj::Done => panic!("RetryFuture polled after completion"),
             };
-            let mut decision = this.policy.classify(result.as_ref());
+            let decision = this.policy.classify(result.as_ref());
             // No copy to send: the result is final, whatever it calls for.
-            if decision.is_retry() && (this.spare.is_none() || this.svc.is_none()) {
-                decision = Decision::Done;
-            }
-            match this
-                .config
-                .after(this.run, result.is_ok(), decision, this.permit.take())
-            {
+            let replayable = this.spare.is_some() && this.svc.is_some();
+            match this.config.after(
+                this.run,
+                result.is_ok(),
+                decision,
+                this.permit.take(),
+                replayable,
+            ) {
                 Err(reason) => {
                     this.state.set(State::Done);
                     return Poll::Ready(finish(result, this.run.attempt, reason));

@@ -367,7 +367,7 @@ impl RetryPolicy {
                 },
             };
             let decision = classify(result.as_ref());
-            match self.after(&mut run, result.is_ok(), decision, permit) {
+            match self.after(&mut run, result.is_ok(), decision, permit, true) {
                 Err(reason) => return finish(result, run.attempt, reason),
                 Ok(delay) => {
                     tokio::time::sleep(delay).await;
@@ -415,12 +415,16 @@ impl RetryPolicy {
 
     /// After an attempt: report its outcome to the breaker and the budget,
     /// then either the delay before the next attempt or why there is none.
+    /// A result that calls for a retry is reported as the failure it is even
+    /// when the request cannot be sent again (`replayable` false); it is
+    /// then final.
     pub(crate) fn after(
         &self,
         run: &mut Run,
         ok: bool,
         decision: Decision,
         permit: Option<keel_breaker::Permit<'static>>,
+        replayable: bool,
     ) -> Result<Duration, StopReason> {
         let attempt = run.attempt;
         let outcome = match (ok, decision) {
@@ -447,6 +451,9 @@ impl RetryPolicy {
             Decision::Retry => None,
             Decision::RetryAfter(d) => Some(d),
         };
+        if !replayable {
+            return Err(StopReason::NotRetryable);
+        }
         if attempt >= self.max_attempts {
             return Err(StopReason::MaxAttempts);
         }

@@ -568,3 +568,34 @@ async fn tower_layer_default_policy_retries_errors_of_cloneable_requests() {
     assert_eq!(got.expect("third attempt"), 9);
     assert_eq!(calls.load(SeqCst), 3);
 }
+
+#[tokio::test(start_paused = true)]
+async fn tower_layer_reports_a_failed_unsafe_request_to_the_breaker_without_retrying_it() {
+    use tower::{Layer, Service, ServiceExt};
+    let calls = Arc::new(AtomicU32::new(0));
+    let c = calls.clone();
+    let upstream = tower::service_fn(move |_r: Req| {
+        c.fetch_add(1, SeqCst);
+        async { Ok::<u16, ()>(503) }
+    });
+    // fuse(0, ..): the first failure trips it.
+    let b = Breaker::new("unsafe", Config::fuse(0, 10 * S, 10 * S)).expect("config");
+    let config = RetryPolicy::default()
+        .max_attempts(5)
+        .breaker(b.clone(), BreakerMode::AllAttempts);
+    let mut svc = RetryLayer::with_policy(config, Idempotent503).layer(upstream);
+    let got = svc
+        .ready()
+        .await
+        .expect("ready")
+        .call(Req { method: "POST" })
+        .await;
+    assert_eq!(got.expect("the 503 itself"), 503);
+    assert_eq!(calls.load(SeqCst), 1, "a POST is never sent twice");
+    assert_eq!(
+        b.snapshot().counters.failures,
+        1,
+        "but its 503 is a failure"
+    );
+    assert_eq!(b.state(), State::Open);
+}
