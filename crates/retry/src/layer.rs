@@ -163,7 +163,7 @@ pub struct RetryLayer<P = RetryErrors> {
 }
 
 impl<R, C> RetryLayer<(R, C)> {
-    /// A layer retrying with `config`; `clone_if_safe(&req)` returns a
+    /// A layer retrying as `retry_policy` allows; `clone_if_safe(&req)` returns a
     /// copy only for requests that may be sent again; `classify(result)`
     /// decides what a result calls for (it sees `Ok(&response)` or
     /// `Err(&error)`).
@@ -176,38 +176,41 @@ impl<R, C> RetryLayer<(R, C)> {
     ///     |r: Result<&(), &()>| if r.is_err() { Decision::Retry } else { Decision::Done },
     /// );
     /// ```
-    pub fn new<Req, Res, E>(config: RetryPolicy, clone_if_safe: R, classify: C) -> Self
+    pub fn new<Req, Res, E>(retry_policy: RetryPolicy, clone_if_safe: R, classify: C) -> Self
     where
         R: Fn(&Req) -> Option<Req>,
         C: Fn(Result<&Res, &E>) -> Decision,
     {
-        Self::with_policy(config, (clone_if_safe, classify))
+        Self::with_policy(retry_policy, (clone_if_safe, classify))
     }
 }
 
 impl<P> RetryLayer<P> {
-    /// A layer retrying what `policy` allows, as `config` allows.
+    /// A layer retrying the requests and results `policy` (a [`Policy`])
+    /// allows, as `retry_policy` (attempts, backoff, deadline, budget,
+    /// breaker) allows.
     ///
     /// ```
     /// use keel_retry::{RetryErrors, RetryLayer, RetryPolicy};
     /// let layer: RetryLayer = RetryLayer::with_policy(RetryPolicy::default().max_attempts(2), RetryErrors);
-    /// assert_eq!(layer.config().attempts(), 2);
+    /// assert_eq!(layer.policy().attempts(), 2);
     /// ```
-    pub fn with_policy(config: RetryPolicy, policy: P) -> Self {
+    pub fn with_policy(retry_policy: RetryPolicy, policy: P) -> Self {
         Self {
-            config: Arc::new(config),
+            config: Arc::new(retry_policy),
             policy,
         }
     }
 
-    /// How it retries: attempts, backoff, deadline, budget, breaker.
+    /// The [`RetryPolicy`]: how it retries (attempts, backoff, deadline,
+    /// budget, breaker).
     ///
     /// ```
     /// use keel_retry::{RetryErrors, RetryLayer, RetryPolicy};
     /// let layer = RetryLayer::with_policy(RetryPolicy::default(), RetryErrors);
-    /// assert_eq!(layer.config().attempts(), 3);
+    /// assert_eq!(layer.policy().attempts(), 3);
     /// ```
-    pub fn config(&self) -> &RetryPolicy {
+    pub fn policy(&self) -> &RetryPolicy {
         &self.config
     }
 }
