@@ -66,6 +66,16 @@
 //! # Ok::<(), keel_breaker::ConfigError>(())
 //! ```
 //!
+//! ## With tower
+//!
+//! [`BreakerLayer`] guards a tower service: rejected calls fail with
+//! [`CallError::Rejected`], the service's own errors come back unchanged
+//! in [`CallError::Inner`], and the response future [`BreakerFuture`] is a
+//! named type that costs no allocation. Classifiers take
+//! `Result<&Response, &Error>`, as keel-retry's do. keel-retry's crate
+//! documentation has a `ServiceBuilder` stack of retry, this breaker and
+//! tower's timeout.
+//!
 //! ## fuse's words
 //!
 //! Readers coming from Erlang's fuse find its terms as search aliases in

@@ -599,3 +599,51 @@ async fn tower_layer_reports_a_failed_unsafe_request_to_the_breaker_without_retr
     );
     assert_eq!(b.state(), State::Open);
 }
+
+#[tokio::test(start_paused = true)]
+async fn tower_layer_classifies_a_retry_whose_service_cannot_get_ready_and_retries_again() {
+    use std::sync::Mutex;
+    use std::task::{Context, Poll};
+    use tower::{Layer, Service, ServiceExt};
+    /// Readiness answers and call results are scripted, shared by clones.
+    #[derive(Clone)]
+    struct Scripted {
+        ready: Arc<Mutex<Vec<Result<(), &'static str>>>>,
+        results: Arc<Mutex<Vec<Result<u16, &'static str>>>>,
+    }
+    impl Service<Req> for Scripted {
+        type Response = u16;
+        type Error = &'static str;
+        type Future = std::future::Ready<Result<u16, &'static str>>;
+        fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+            Poll::Ready(self.ready.lock().expect("lock").remove(0))
+        }
+        fn call(&mut self, _: Req) -> Self::Future {
+            std::future::ready(self.results.lock().expect("lock").remove(0))
+        }
+    }
+    let inner = Scripted {
+        // The caller's readiness, the first retry's (busy), the second's.
+        ready: Arc::new(Mutex::new(vec![Ok(()), Err("busy"), Ok(())])),
+        results: Arc::new(Mutex::new(vec![Err("reset"), Ok(200)])),
+    };
+    let results = inner.results.clone();
+    let config = RetryPolicy::default()
+        .max_attempts(3)
+        .backoff(constant(10 * MS));
+    let mut svc = RetryLayer::with_policy(config, Idempotent503).layer(inner);
+    let start = Instant::now();
+    let got = svc
+        .ready()
+        .await
+        .expect("ready")
+        .call(Req { method: "GET" })
+        .await;
+    assert_eq!(got.expect("third attempt answers"), 200);
+    assert!(results.lock().expect("lock").is_empty(), "two calls made");
+    assert_eq!(
+        start.elapsed(),
+        20 * MS,
+        "two backoffs: after the reset and after busy"
+    );
+}
