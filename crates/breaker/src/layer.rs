@@ -190,7 +190,10 @@ pin_project_lite::pin_project! {
     /// let b = keel_breaker::Breaker::new("api", Default::default()).unwrap();
     /// let mut svc = BreakerLayer::new(b).layer(tower::service_fn(|x: u8| std::future::ready(Ok::<_, ()>(x))));
     /// let fut: BreakerFuture<Ready<Result<u8, ()>>, DefaultClassifier> = svc.call(1);
-    /// # drop(fut);
+    /// // Send (and Sync) when the inner future and the classifier are, as
+    /// // axum and tokio::spawn need.
+    /// fn send_sync<T: Send + Sync>(_: &T) {}
+    /// send_sync(&fut);
     /// ```
     pub struct BreakerFuture<F, C> {
         #[pin]

@@ -307,7 +307,10 @@ pin_project_lite::pin_project! {
     /// let inner = tower::service_fn(|x: u8| std::future::ready(Ok::<_, ()>(x)));
     /// let mut svc = RetryLayer::with_policy(RetryPolicy::default(), RetryErrors).layer(inner);
     /// let fut: RetryFuture<_, u8, RetryErrors> = svc.call(1);
-    /// # drop(fut);
+    /// // Send (and Sync) when the service, its future, the request and
+    /// // the policy are, as axum and tokio::spawn need.
+    /// fn send_sync<T: Send + Sync>(_: &T) {}
+    /// send_sync(&fut);
     /// ```
     pub struct RetryFuture<S, Req, P>
     where
