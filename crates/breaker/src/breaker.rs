@@ -265,7 +265,9 @@ impl Breaker {
         events: broadcast::Sender<Event>,
     ) -> Result<Self, crate::ConfigError> {
         cfg.validate()?;
-        let fuse = cfg.count.map(|c| FuseWindow::new(c.max_r, nanos(c.max_t)));
+        let fuse = cfg
+            .failure_count
+            .map(|c| FuseWindow::new(c.failure_threshold - 1, nanos(c.window)));
         let rate = cfg.rate.map(|r| match r.window {
             Window::Count(n) => RateWindow::count(n),
             Window::Time { buckets, bucket } => RateWindow::time(buckets, nanos(bucket)),
@@ -379,6 +381,21 @@ impl Breaker {
     /// permit.success();
     /// ```
     pub fn allow_owned(&self) -> Result<Permit<'static>, Rejected> {
+        let i = &*self.inner;
+        // The same closed fast path as `allow`: the tower layer asks through
+        // here once per call.
+        if i.plain && i.mode.load(Acquire) == Mode::Normal.code() {
+            let w = i.state.load(Acquire);
+            if w & 7 == State::Closed.code() {
+                return Ok(Permit {
+                    breaker: Holder::Owned(self.inner.clone()),
+                    generation: w >> STATE_BITS,
+                    probe: None,
+                    start: None,
+                    reported: false,
+                });
+            }
+        }
         self.inner.allow().map(|(g, probe, start)| Permit {
             breaker: Holder::Owned(self.inner.clone()),
             generation: g,
@@ -388,14 +405,15 @@ impl Breaker {
         })
     }
 
-    /// fuse's `ask`: would a call be admitted now? It reserves nothing, so
-    /// use [`allow`](Self::allow) when half-open probes must be counted.
+    /// Would a call be admitted now (fuse's `ask`)? It reserves nothing,
+    /// so use [`allow`](Self::allow) when half-open probes must be counted.
     ///
     /// ```
     /// # let b = keel_breaker::Breaker::new("db", Default::default()).unwrap();
-    /// assert!(b.ask().is_ok());
+    /// assert!(b.would_allow().is_ok());
     /// ```
-    pub fn ask(&self) -> Result<(), Rejected> {
+    #[doc(alias = "ask")]
+    pub fn would_allow(&self) -> Result<(), Rejected> {
         self.inner.peek()
     }
 
@@ -424,7 +442,7 @@ impl Breaker {
     /// # tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap().block_on(async {
     /// use keel_breaker::{Breaker, Config, Outcome};
     /// let b = Breaker::new("db", Config::default()).unwrap();
-    /// let not_found_is_fine = |r: &Result<u16, ()>| match r {
+    /// let not_found_is_fine = |r: Result<&u16, &()>| match r {
     ///     Ok(500..) | Err(_) => Outcome::Failure,
     ///     Ok(_) => Outcome::Success,
     /// };
@@ -440,7 +458,7 @@ impl Breaker {
     {
         let permit = self.allow()?;
         let result = fut.await;
-        permit.record(classifier.classify(&result));
+        permit.record(classifier.classify(result.as_ref()));
         result.map_err(CallError::Inner)
     }
 
@@ -460,14 +478,15 @@ impl Breaker {
         self.inner.record(g, outcome, None, None);
     }
 
-    /// fuse's `melt`: records one failure.
+    /// Records one failure without a permit (fuse's `melt`).
     ///
     /// ```
     /// # let b = keel_breaker::Breaker::new("db", Default::default()).unwrap();
-    /// b.melt();
+    /// b.record_failure();
     /// assert_eq!(b.snapshot().counters.failures, 1);
     /// ```
-    pub fn melt(&self) {
+    #[doc(alias = "melt")]
+    pub fn record_failure(&self) {
         self.record(Outcome::Failure);
     }
 
@@ -577,6 +596,7 @@ impl Breaker {
     /// assert_eq!(b.state(), State::Open);
     /// assert!(b.retry_after().unwrap() <= Duration::from_secs(30));
     /// ```
+    #[doc(alias = "trip")]
     pub fn open_for(&self, d: Duration) {
         let i = &self.inner;
         let now = i.now();
@@ -656,7 +676,7 @@ impl Breaker {
     ///
     /// ```
     /// # let b = keel_breaker::Breaker::new("db", Default::default()).unwrap();
-    /// b.melt();
+    /// b.record_failure();
     /// let s = b.snapshot();
     /// assert_eq!(s.window.failures, 1);
     /// ```

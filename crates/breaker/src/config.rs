@@ -73,21 +73,57 @@ pub enum Window {
     },
 }
 
-/// fuse's `{standard, MaxR, MaxT}` policy: blow on the `(max_r + 1)`-th
-/// failure within `max_t`.
+/// Trip on `failure_threshold` failures within `window`: the count policy
+/// of Erlang's fuse (`{standard, MaxR, MaxT}`, where `MaxR` is
+/// `failure_threshold - 1` failures tolerated and `MaxT` is `window`).
 ///
 /// ```
-/// use keel_breaker::CountPolicy;
+/// use keel_breaker::FailureCount;
 /// use std::time::Duration;
-/// let p = CountPolicy { max_r: 5, max_t: Duration::from_secs(10) };
-/// assert_eq!(p.max_r, 5);
+/// // The 5th failure within 10 s trips.
+/// let p = FailureCount { failure_threshold: 5, window: Duration::from_secs(10) };
+/// // The same in fuse's terms: 4 failures tolerated within 10 s.
+/// assert_eq!(p, FailureCount::fuse(4, Duration::from_secs(10)));
+///
+/// // A threshold of 0 would trip before any failure: refused.
+/// use keel_breaker::{Config, ConfigError};
+/// let zero = FailureCount { failure_threshold: 0, window: Duration::from_secs(10) };
+/// assert_eq!(
+///     Config::default().failure_count(zero).validate(),
+///     Err(ConfigError::Zero { what: "failure_count.failure_threshold" })
+/// );
 /// ```
+#[doc(
+    alias = "CountPolicy",
+    alias = "max_r",
+    alias = "max_t",
+    alias = "fuse"
+)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct CountPolicy {
-    /// Failures tolerated inside `max_t`; the next one trips.
-    pub max_r: u32,
+pub struct FailureCount {
+    /// Failures within `window` that trip the breaker (at least 1).
+    #[doc(alias = "max_r")]
+    pub failure_threshold: u32,
     /// How long a failure is remembered.
-    pub max_t: Duration,
+    #[doc(alias = "max_t")]
+    pub window: Duration,
+}
+
+impl FailureCount {
+    /// fuse's terms: tolerate `max_r` failures within `max_t`; the
+    /// `(max_r + 1)`-th trips.
+    ///
+    /// ```
+    /// use keel_breaker::FailureCount;
+    /// use std::time::Duration;
+    /// assert_eq!(FailureCount::fuse(0, Duration::from_secs(1)).failure_threshold, 1);
+    /// ```
+    pub fn fuse(max_r: u32, max_t: Duration) -> Self {
+        Self {
+            failure_threshold: max_r.saturating_add(1),
+            window: max_t,
+        }
+    }
 }
 
 /// resilience4j-style rate policy: trips when the failure rate (and/or the
@@ -175,18 +211,19 @@ impl Default for Recovery {
 /// policy, the rate policy (with slow calls) may trip it.
 ///
 /// ```
-/// use keel_breaker::{Config, CountPolicy};
+/// use keel_breaker::{Config, FailureCount};
 /// use std::time::Duration;
 /// let cfg = Config::default()
-///     .count(CountPolicy { max_r: 3, max_t: Duration::from_secs(1) })
+///     .failure_count(FailureCount { failure_threshold: 4, window: Duration::from_secs(1) })
 ///     .open_duration(Duration::from_secs(2))
 ///     .half_open_probes(2);
 /// assert!(cfg.validate().is_ok());
 /// ```
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
-    /// fuse's count window (`None`: off).
-    pub count: Option<CountPolicy>,
+    /// The failure-count policy (`None`: off).
+    #[doc(alias = "count")]
+    pub failure_count: Option<FailureCount>,
     /// Failure-rate / slow-call window (`None`: off).
     pub rate: Option<RatePolicy>,
     /// Open duration after the first trip (fuse's `reset`).
@@ -214,7 +251,7 @@ impl Default for Config {
     /// (100 minimum), open 60 s (growing to at most 10 min), 10 probes.
     fn default() -> Self {
         Self {
-            count: None,
+            failure_count: None,
             rate: Some(RatePolicy::default()),
             open_duration: Duration::from_secs(60),
             open_duration_cap: Duration::from_secs(600),
@@ -230,8 +267,8 @@ impl Default for Config {
 }
 
 impl Config {
-    /// A config with only fuse's count policy: blow on the `(max_r+1)`-th
-    /// failure within `max_t`, stay open for `reset`.
+    /// A config in fuse's terms, with only the failure-count policy: trip
+    /// on the `(max_r+1)`-th failure within `max_t`, stay open for `reset`.
     ///
     /// ```
     /// use keel_breaker::Config;
@@ -241,7 +278,7 @@ impl Config {
     /// ```
     pub fn fuse(max_r: u32, max_t: Duration, reset: Duration) -> Self {
         Self {
-            count: Some(CountPolicy { max_r, max_t }),
+            failure_count: Some(FailureCount::fuse(max_r, max_t)),
             rate: None,
             open_duration: reset,
             open_duration_cap: reset.max(Duration::from_secs(600)),
@@ -249,16 +286,17 @@ impl Config {
         }
     }
 
-    /// Sets the count policy.
+    /// Sets the failure-count policy.
     ///
     /// ```
-    /// use keel_breaker::{Config, CountPolicy};
+    /// use keel_breaker::{Config, FailureCount};
     /// use std::time::Duration;
-    /// let c = Config::default().count(CountPolicy { max_r: 1, max_t: Duration::from_secs(1) });
-    /// assert!(c.count.is_some());
+    /// let c = Config::default().failure_count(FailureCount { failure_threshold: 2, window: Duration::from_secs(1) });
+    /// assert!(c.failure_count.is_some());
     /// ```
-    pub fn count(mut self, policy: CountPolicy) -> Self {
-        self.count = Some(policy);
+    #[doc(alias = "count")]
+    pub fn failure_count(mut self, policy: FailureCount) -> Self {
+        self.failure_count = Some(policy);
         self
     }
 
@@ -405,8 +443,13 @@ impl Config {
                 what: "half_open_probes",
             });
         }
-        if let Some(c) = &self.count {
-            dur("count.max_t", c.max_t)?;
+        if let Some(c) = &self.failure_count {
+            if c.failure_threshold == 0 {
+                return Err(ConfigError::Zero {
+                    what: "failure_count.failure_threshold",
+                });
+            }
+            dur("failure_count.window", c.window)?;
         }
         if let Some(r) = &self.rate {
             if let Some(f) = r.failure_rate {

@@ -8,8 +8,9 @@
 //!
 //! * **Closed**: calls pass; each outcome is recorded. Any configured policy
 //!   may trip the breaker:
-//!   * [`CountPolicy`] (Erlang fuse's `{standard, MaxR, MaxT}`): the
-//!     `(MaxR+1)`-th failure within `MaxT` blows it;
+//!   * [`FailureCount`]: `failure_threshold` failures within `window`
+//!     trip it (Erlang fuse's `{standard, MaxR, MaxT}` with
+//!     `MaxR = failure_threshold - 1`, `MaxT = window`);
 //!   * [`RatePolicy`] (resilience4j): the failure rate, or the slow-call
 //!     rate ([`SlowPolicy`]), over a count-based or time-based [`Window`]
 //!     reaches its threshold once `min_calls` outcomes were recorded.
@@ -32,8 +33,8 @@
 //! Operator overrides ([`Mode`]) outrank the state: [`Breaker::disable`]
 //! (pass all, still count), [`Breaker::metrics_only`] (pass all, run the
 //! state machine as a dry run), [`Breaker::force_open`] (reject all,
-//! optionally until a time), [`Breaker::enable`], plus [`Breaker::melt`]
-//! and [`Breaker::reset`]. Fault injection ([`Config::fault_injection`])
+//! optionally until a time), [`Breaker::enable`], plus
+//! [`Breaker::record_failure`] and [`Breaker::reset`]. Fault injection ([`Config::fault_injection`])
 //! rejects a share of healthy calls to exercise callers' failure paths.
 //!
 //! Every transition is published as a typed [`Event`]; an alarm is raised
@@ -44,11 +45,11 @@
 //! ## Example
 //!
 //! ```
-//! use keel_breaker::{Breaker, Config, CountPolicy, RatePolicy, Window, State};
+//! use keel_breaker::{Breaker, Config, FailureCount, RatePolicy, Window, State};
 //! use std::time::Duration;
 //!
 //! let config = Config::default()
-//!     .count(CountPolicy { max_r: 4, max_t: Duration::from_secs(10) })
+//!     .failure_count(FailureCount { failure_threshold: 5, window: Duration::from_secs(10) })
 //!     .rate(Some(RatePolicy { window: Window::Count(20), min_calls: 10, ..RatePolicy::default() }))
 //!     .open_duration(Duration::from_secs(5))
 //!     .half_open_probes(3);
@@ -64,6 +65,24 @@
 //! assert_eq!(breaker.state(), State::Closed);
 //! # Ok::<(), keel_breaker::ConfigError>(())
 //! ```
+//!
+//! ## With tower
+//!
+//! [`BreakerLayer`] guards a tower service: rejected calls fail with
+//! [`CallError::Rejected`], the service's own errors come back unchanged
+//! in [`CallError::Inner`], and the response future [`BreakerFuture`] is a
+//! named type that costs no allocation. Classifiers take
+//! `Result<&Response, &Error>`, as keel-retry's do. keel-retry's crate
+//! documentation has a `ServiceBuilder` stack of retry, this breaker and
+//! tower's timeout.
+//!
+//! ## fuse's words
+//!
+//! Readers coming from Erlang's fuse find its terms as search aliases in
+//! the documentation: `CountPolicy`, `max_r`, `max_t` lead to
+//! [`FailureCount`] (and [`FailureCount::fuse`], [`Config::fuse`] take
+//! fuse's numbers as they are), `melt` to [`Breaker::record_failure`],
+//! `ask` to [`Breaker::would_allow`].
 //!
 //! ## Compared with fuse and resilience4j
 //!
@@ -95,7 +114,7 @@ mod types;
 mod window;
 
 pub use breaker::{Breaker, Permit};
-pub use config::{Config, ConfigError, CountPolicy, RatePolicy, Recovery, SlowPolicy, Window};
+pub use config::{Config, ConfigError, FailureCount, RatePolicy, Recovery, SlowPolicy, Window};
 pub use layer::{BreakerFuture, BreakerLayer, BreakerService};
 pub use registry::Registry;
 pub use types::{

@@ -22,7 +22,7 @@ type Shard = RwLock<HashMap<Arc<str>, Breaker>>;
 /// let reg = Registry::new(Config::default());
 /// let upstream = reg.get_or_insert("app").unwrap();
 /// let again = reg.get("app").unwrap();
-/// upstream.melt();
+/// upstream.record_failure();
 /// assert_eq!(again.snapshot().counters.failures, 1);
 /// assert_eq!(reg.snapshot().len(), 1);
 /// ```

@@ -123,24 +123,36 @@ impl Outcome {
     }
 }
 
-/// Decides what a call's result means. Implemented for closures.
+/// Decides what a call's result means: `Ok(&response)` or `Err(&error)`
+/// in, an [`Outcome`] out. Implemented for closures of that shape.
+///
+/// keel-retry's classifiers take the same `Result<&T, &E>`, so one
+/// function body can serve a breaker and a retry layer side by side.
 ///
 /// ```
 /// use keel_breaker::{Classify, Outcome};
-/// let by_code = |r: &Result<u16, ()>| match r {
+/// let by_code = |r: Result<&u16, &()>| match r {
 ///     Ok(code) if *code >= 500 => Outcome::Failure,
 ///     Ok(_) => Outcome::Success,
 ///     Err(()) => Outcome::Failure,
 /// };
-/// assert_eq!(by_code.classify(&Ok(503)), Outcome::Failure);
+/// assert_eq!(by_code.classify(Ok(&503)), Outcome::Failure);
 /// ```
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` cannot classify a `Result<&{T}, &{E}>`",
+    label = "not a classifier for `Result<&{T}, &{E}>`",
+    note = "a classifier is a `Fn(Result<&Response, &Error>) -> keel_breaker::Outcome` (note: `Result` of references, not a reference to a `Result`), or a type implementing `Classify<Response, Error>`"
+)]
 pub trait Classify<T, E> {
     /// Classifies one result.
-    fn classify(&self, result: &Result<T, E>) -> Outcome;
+    fn classify(&self, result: Result<&T, &E>) -> Outcome;
 }
 
-impl<T, E, F: Fn(&Result<T, E>) -> Outcome> Classify<T, E> for F {
-    fn classify(&self, result: &Result<T, E>) -> Outcome {
+impl<T, E, F> Classify<T, E> for F
+where
+    F: Fn(Result<&T, &E>) -> Outcome,
+{
+    fn classify(&self, result: Result<&T, &E>) -> Outcome {
         self(result)
     }
 }
@@ -149,13 +161,13 @@ impl<T, E, F: Fn(&Result<T, E>) -> Outcome> Classify<T, E> for F {
 ///
 /// ```
 /// use keel_breaker::{Classify, DefaultClassifier, Outcome};
-/// assert_eq!(DefaultClassifier.classify(&Err::<(), _>("boom")), Outcome::Failure);
+/// assert_eq!(DefaultClassifier.classify(Err::<&(), _>(&"boom")), Outcome::Failure);
 /// ```
 #[derive(Debug, Clone, Copy, Default)]
 pub struct DefaultClassifier;
 
 impl<T, E> Classify<T, E> for DefaultClassifier {
-    fn classify(&self, result: &Result<T, E>) -> Outcome {
+    fn classify(&self, result: Result<&T, &E>) -> Outcome {
         if result.is_ok() {
             Outcome::Success
         } else {

@@ -271,8 +271,8 @@ async fn failures_during_recovery_reopen() {
     advance(S).await;
     ok(&b);
     assert_eq!(b.state(), State::Recovering);
-    b.melt();
-    b.melt();
+    b.record_failure();
+    b.record_failure();
     assert_eq!(b.state(), State::Open);
 }
 
@@ -381,7 +381,7 @@ async fn outcomes_of_calls_admitted_before_a_trip_do_not_count_after_it() {
 #[test]
 fn snapshot_serialises_to_json() {
     let b = Breaker::new("json", Config::default()).expect("config");
-    b.melt();
+    b.record_failure();
     let v: serde_json::Value = serde_json::to_value(b.snapshot()).expect("json");
     assert_eq!(v["name"], "json");
     assert_eq!(v["state"], "closed");
@@ -425,7 +425,7 @@ fn registry_shares_breakers_and_events() {
     let mut rx = reg.subscribe();
     let a = reg.get_or_insert("app").expect("ok");
     let ep = reg.get_or_insert("app/http://127.0.0.1:3000").expect("ok");
-    ep.melt();
+    ep.record_failure();
     assert_eq!(
         reg.get("app/http://127.0.0.1:3000").expect("b").state(),
         State::Open
@@ -481,4 +481,99 @@ async fn tower_layer_rejects_without_calling_the_inner_service() {
         .expect_err("open");
     assert_eq!(e.rejected().expect("rejected").retry_after, Some(5 * S));
     assert_eq!(calls.load(Ordering::SeqCst), 3);
+}
+
+/// A classifier named as a plain function pointer, so the layered service
+/// can be stored in a struct field with a spelled-out type.
+fn by_status(r: Result<&u16, &std::convert::Infallible>) -> Outcome {
+    match r {
+        Ok(500..) => Outcome::Failure,
+        _ => Outcome::Success,
+    }
+}
+
+type Classified<S> = BreakerService<S, fn(Result<&u16, &std::convert::Infallible>) -> Outcome>;
+
+#[tokio::test(start_paused = true)]
+async fn tower_layer_classifies_ok_responses_and_its_service_type_can_be_named() {
+    use tower::{Layer, Service, ServiceExt};
+    struct Client<S> {
+        svc: Classified<S>,
+    }
+    let inner = tower::service_fn(|code: u16| async move { Ok::<u16, _>(code) });
+    let b = fuse(1, 10 * S, 5 * S);
+    let layer = BreakerLayer::new(b.clone())
+        .classify(by_status as fn(Result<&u16, &std::convert::Infallible>) -> Outcome);
+    let mut client = Client {
+        svc: layer.layer(inner),
+    };
+    for code in [200, 503, 503] {
+        let got = client.svc.ready().await.expect("ready").call(code).await;
+        assert_eq!(
+            got.expect("admitted"),
+            code,
+            "Ok responses come back as they are"
+        );
+    }
+    // Two 503s classified as failures tripped fuse(1, ..).
+    assert_eq!(b.state(), State::Open);
+    let e = client.svc.ready().await.expect("ready").call(200).await;
+    assert!(e.expect_err("open").rejected().is_some());
+    assert_eq!(b.snapshot().counters.successes, 1);
+    assert_eq!(b.snapshot().counters.failures, 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_tower_call_dropped_before_completion_frees_its_half_open_probe() {
+    use tower::{Layer, Service, ServiceExt};
+    let inner = tower::service_fn(|ok: bool| async move { if ok { Ok(()) } else { Err("boom") } });
+    let b = fuse(0, 10 * S, 5 * S);
+    let mut svc = BreakerLayer::new(b.clone()).layer(inner);
+    let _ = svc.ready().await.expect("ready").call(false).await;
+    assert_eq!(b.state(), State::Open);
+    advance(5 * S).await;
+    // The one probe permit is held by this future; a second call is refused.
+    let probe = svc.ready().await.expect("ready").call(true);
+    let refused = svc.ready().await.expect("ready").call(true).await;
+    assert_eq!(
+        refused
+            .expect_err("probe taken")
+            .rejected()
+            .map(|r| r.reason),
+        Some(RejectReason::HalfOpenFull)
+    );
+    // Dropped unpolled: the permit goes back at once, and the next call is
+    // the probe that closes the breaker.
+    drop(probe);
+    svc.ready()
+        .await
+        .expect("ready")
+        .call(true)
+        .await
+        .expect("probe admitted");
+    assert_eq!(b.state(), State::Closed);
+}
+
+#[tokio::test(start_paused = true)]
+async fn tower_layer_passes_the_inner_readiness_error_through_unchanged() {
+    use std::task::{Context, Poll};
+    use tower::{Layer, ServiceExt};
+    #[derive(Debug)]
+    struct NeverReady;
+    impl tower::Service<()> for NeverReady {
+        type Response = ();
+        type Error = &'static str;
+        type Future = std::future::Ready<Result<(), &'static str>>;
+        fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+            Poll::Ready(Err("overloaded"))
+        }
+        fn call(&mut self, _: ()) -> Self::Future {
+            std::future::ready(Ok(()))
+        }
+    }
+    let b = fuse(0, 10 * S, 5 * S);
+    let mut svc = BreakerLayer::new(b.clone()).layer(NeverReady);
+    let e = svc.ready().await.expect_err("not ready");
+    assert_eq!(e.into_inner(), Some("overloaded"));
+    assert_eq!(b.state(), State::Closed, "readiness is not a call outcome");
 }

@@ -404,7 +404,7 @@ fn run(params: Params, recovery: Option<(u64, u32)>, ops: Vec<Op>) -> Result<(),
                 }
                 Op::Report(..) | Op::Drop(_) => {}
                 Op::Melt => {
-                    b.melt();
+                    b.record_failure();
                     let mp = MPermit {
                         id: 0,
                         generation: m.generation,

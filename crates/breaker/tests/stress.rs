@@ -15,7 +15,7 @@ fn half_open() -> Breaker {
         .half_open_probes(PROBES)
         .probe_timeout(Duration::from_secs(3600));
     let b = Breaker::new("stress", cfg).expect("config");
-    b.melt();
+    b.record_failure();
     std::thread::sleep(Duration::from_millis(5));
     b
 }

@@ -209,8 +209,8 @@ impl BreakerGate {
 impl StoreGate for BreakerGate {
     fn allow(&self) -> bool {
         // The engine reports every call's outcome through `on_success` and
-        // `on_failure`, without a permit, so admission is fuse's `ask`.
-        self.breaker.ask().is_ok()
+        // `on_failure`, without a permit, so admission is `would_allow` (fuse's `ask`).
+        self.breaker.would_allow().is_ok()
     }
 
     fn on_success(&self) {

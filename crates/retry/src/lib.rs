@@ -48,6 +48,63 @@
 //! # });
 //! ```
 //!
+//! ## A tower stack: retry, breaker, timeout
+//!
+//! [`RetryLayer`] and keel-breaker's `BreakerLayer` are ordinary tower
+//! layers with named futures, so they stack in a `ServiceBuilder` with
+//! tower's own. Outermost first: retry around the breaker around a
+//! per-attempt timeout. The breaker sees every attempt (a timeout is a
+//! failure); a call the breaker rejects is not retried, since retrying
+//! into an open breaker is the storm it exists to stop.
+//!
+//! ```
+//! # tokio::runtime::Builder::new_current_thread().enable_time().start_paused(true).build().unwrap().block_on(async {
+//! use keel_breaker::{Breaker, BreakerLayer, CallError, Config};
+//! use keel_retry::{Backoff, Decision, RetryError, RetryLayer, RetryPolicy};
+//! use std::sync::{Arc, atomic::{AtomicU32, Ordering}};
+//! use std::time::Duration;
+//! use tower::{BoxError, Service, ServiceBuilder, ServiceExt};
+//!
+//! let calls = Arc::new(AtomicU32::new(0));
+//! let c = calls.clone();
+//! // The first attempt hangs, the second answers.
+//! let upstream = tower::service_fn(move |id: u32| {
+//!     let n = c.fetch_add(1, Ordering::SeqCst);
+//!     async move {
+//!         if n == 0 {
+//!             std::future::pending::<()>().await;
+//!         }
+//!         Ok::<_, BoxError>(format!("item {id}"))
+//!     }
+//! });
+//! let breaker = Breaker::new("inventory", Config::fuse(4, Duration::from_secs(10), Duration::from_secs(30)))?;
+//! let mut svc = ServiceBuilder::new()
+//!     .layer(RetryLayer::new(
+//!         RetryPolicy::default()
+//!             .max_attempts(3)
+//!             .backoff(Backoff::constant(Duration::from_millis(50))),
+//!         |id: &u32| Some(*id), // reads are safe to send again
+//!         |r: Result<&String, &CallError<BoxError>>| match r {
+//!             Err(CallError::Inner(_)) => Decision::Retry, // timeouts, transport errors
+//!             Err(CallError::Rejected(_)) | Ok(_) => Decision::Done,
+//!         },
+//!     ))
+//!     .layer(BreakerLayer::new(breaker.clone()))
+//!     .timeout(Duration::from_millis(200))
+//!     .service(upstream);
+//!
+//! let start = tokio::time::Instant::now();
+//! let item = svc.ready().await.unwrap().call(7).await.unwrap();
+//! assert_eq!(item, "item 7");
+//! assert_eq!(start.elapsed(), Duration::from_millis(250), "one timeout, one backoff");
+//! assert_eq!(breaker.snapshot().counters.failures, 1, "the timeout counted");
+//! assert_eq!(calls.load(Ordering::SeqCst), 2);
+//! // The error type keeps every layer's meaning, down to the inner error.
+//! let _: Option<RetryError<CallError<BoxError>>> = None;
+//! # Ok::<(), keel_breaker::ConfigError>(())
+//! # }).unwrap();
+//! ```
+//!
 //! ## Why jitter (the herd)
 //!
 //! `cargo run --release -p keel-retry --example herd` simulates N clients
@@ -70,7 +127,9 @@
 //! gRPC and Envoy have budgets and hints, the SRE book per-client ratios,
 //! Polly and resilience4j a breaker beside retries; here they are one
 //! policy ([`RetryPolicy`]) that the async builder ([`retry`]) and the
-//! tower layer share.
+//! tower layer share. The tower layer adds a [`Policy`] (like
+//! `tower::retry::Policy`): which requests may be sent again and what a
+//! result calls for, as a pair of closures or a named type.
 
 mod backoff;
 mod budget;
@@ -81,5 +140,5 @@ mod retry;
 pub use backoff::{Backoff, BackoffIter, Jitter, SplitMix64};
 pub use budget::{Budget, RatioBudget, TokenBucket};
 pub use hint::{HintError, parse_http_date, parse_rate_limit_reset, parse_retry_after};
-pub use layer::{RetryFuture, RetryLayer, RetryService};
+pub use layer::{Policy, RetryErrors, RetryFuture, RetryLayer, RetryService};
 pub use retry::{BreakerMode, Decision, Retry, RetryError, RetryPolicy, StopReason, retry};

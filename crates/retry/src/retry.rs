@@ -1,7 +1,7 @@
 //! The retry engine and its async builder. One loop, read top to bottom:
 //! gate, attempt, classify, report, then every reason to stop, then sleep.
 
-use crate::{Backoff, Budget, Jitter};
+use crate::{Backoff, BackoffIter, Budget, Jitter};
 use keel_breaker::{Breaker, Outcome, Rejected};
 use std::future::Future;
 use std::sync::Arc;
@@ -120,18 +120,14 @@ pub enum RetryError<E> {
     /// The breaker rejected the first attempt ([`BreakerMode::AllAttempts`]).
     #[error(transparent)]
     Rejected(Rejected),
-    /// Internal safety net of the tower layer: a retry found no copy of
-    /// the request to send. The layer copies before deciding to retry, so
-    /// this is not expected in practice.
-    #[error("the request could not be copied for retry {attempts}")]
-    NotReplayable {
-        /// Attempts made.
-        attempts: u32,
-    },
+    /// The inner service failed `poll_ready` before any attempt was made
+    /// (tower layer only); its error, unchanged.
+    #[error("the service is not ready: {0}")]
+    NotReady(E),
 }
 
 impl<E> RetryError<E> {
-    /// Attempts made (0 when rejected before the first).
+    /// Attempts made (0 when rejected or not ready before the first).
     ///
     /// ```
     /// use keel_retry::RetryError;
@@ -140,10 +136,10 @@ impl<E> RetryError<E> {
     /// ```
     pub fn attempts(&self) -> u32 {
         match self {
-            RetryError::Failed { attempts, .. }
-            | RetryError::DeadlineExceeded { attempts, .. }
-            | RetryError::NotReplayable { attempts } => *attempts,
-            RetryError::Rejected(_) => 0,
+            RetryError::Failed { attempts, .. } | RetryError::DeadlineExceeded { attempts, .. } => {
+                *attempts
+            }
+            RetryError::Rejected(_) | RetryError::NotReady(_) => 0,
         }
     }
 
@@ -156,9 +152,9 @@ impl<E> RetryError<E> {
     /// ```
     pub fn into_inner(self) -> Option<E> {
         match self {
-            RetryError::Failed { error, .. } => Some(error),
+            RetryError::Failed { error, .. } | RetryError::NotReady(error) => Some(error),
             RetryError::DeadlineExceeded { last, .. } => last,
-            RetryError::Rejected(_) | RetryError::NotReplayable { .. } => None,
+            RetryError::Rejected(_) => None,
         }
     }
 }
@@ -319,7 +315,7 @@ impl RetryPolicy {
         Op: FnMut(u32) -> Fut,
         Fut: Future<Output = Result<T, E>>,
     {
-        self.execute(op, |r: &Result<T, E>| {
+        self.execute(op, |r: Result<&T, &E>| {
             if r.is_ok() {
                 Decision::Done
             } else {
@@ -329,9 +325,10 @@ impl RetryPolicy {
         .await
     }
 
-    /// The engine: runs `op`, asks `classify` what each result calls for.
-    /// A result classified for retry that is `Ok` (such as an HTTP 503
-    /// response) is returned as `Ok` when retrying stops.
+    /// The engine: runs `op`, asks `classify` what each result calls for
+    /// (`Ok(&value)` or `Err(&error)` in, the classifier shape keel-breaker
+    /// shares). A result classified for retry that is `Ok` (such as an HTTP
+    /// 503 response) is returned as `Ok` when retrying stops.
     ///
     /// ```
     /// # tokio::runtime::Builder::new_current_thread().enable_time().start_paused(true).build().unwrap().block_on(async {
@@ -353,110 +350,143 @@ impl RetryPolicy {
     where
         Op: FnMut(u32) -> Fut,
         Fut: Future<Output = Result<T, E>>,
-        Cl: FnMut(&Result<T, E>) -> Decision,
+        Cl: FnMut(Result<&T, &E>) -> Decision,
     {
-        // A deadline too far to represent is no deadline at all.
-        let deadline = self.deadline.and_then(|d| Instant::now().checked_add(d));
-        let mut delays = self.backoff.iter();
+        let mut run = Run::start(self);
         let mut previous: Option<Result<T, E>> = None;
-        let mut attempt: u32 = 0;
         loop {
-            attempt += 1;
-
-            // Gate: the breaker, for every attempt or only for retries.
-            let gate = match &self.breaker {
-                Some((b, BreakerMode::AllAttempts)) => Some(b),
-                Some((b, BreakerMode::RetriesOnly)) if attempt > 1 => Some(b),
-                _ => None,
+            let permit = match self.gate(run.attempt) {
+                Ok(permit) => permit,
+                Err(rejected) => return run.rejected(rejected, previous),
             };
-            let permit = match gate.map(Breaker::allow_owned) {
-                None => None,
-                Some(Ok(p)) => Some(p),
-                Some(Err(rejected)) => {
-                    return match previous {
-                        None => Err(RetryError::Rejected(rejected)),
-                        Some(prev) => finish(prev, attempt - 1, StopReason::BreakerOpen),
-                    };
-                }
-            };
-            if attempt == 1
-                && let Some(b) = &self.budget
-            {
-                b.on_request();
-            }
-
-            // Attempt, bounded by the deadline.
-            let result = match deadline {
-                None => op(attempt).await,
-                Some(at) => match tokio::time::timeout_at(at, op(attempt)).await {
+            let result = match run.deadline {
+                None => op(run.attempt).await,
+                Some(at) => match tokio::time::timeout_at(at, op(run.attempt)).await {
                     Ok(r) => r,
-                    Err(_) => {
-                        self.report(permit, attempt, Outcome::Failure);
-                        return Err(RetryError::DeadlineExceeded {
-                            attempts: attempt,
-                            last: previous.and_then(Result::err),
-                        });
-                    }
+                    Err(_) => return Err(self.deadline_passed(permit, run.attempt, previous)),
                 },
             };
-
-            // Classify and report to the breaker and the budget.
-            let decision = classify(&result);
-            let outcome = match (&result, decision) {
-                (Ok(_), Decision::Done) => Outcome::Success,
-                (_, Decision::RetryAfter(d)) => Outcome::FailureRetryAfter(d),
-                _ => Outcome::Failure,
-            };
-            self.report(permit, attempt, outcome);
-            // As in gRPC throttling, only failures worth retrying cost the
-            // budget; a final error (say, a bad request) says nothing about
-            // the dependency's health.
-            if let Some(b) = &self.budget {
-                if decision.is_retry() {
-                    b.on_outcome(false);
-                } else if outcome == Outcome::Success {
-                    b.on_outcome(true);
+            let decision = classify(result.as_ref());
+            match self.after(&mut run, result.is_ok(), decision, permit, true) {
+                Err(reason) => return finish(result, run.attempt, reason),
+                Ok(delay) => {
+                    tokio::time::sleep(delay).await;
+                    previous = Some(result);
+                    run.attempt += 1;
                 }
             }
-
-            // Every reason to stop, cheapest first; the budget last because
-            // asking it spends it.
-            let hint = match decision {
-                Decision::Done => return finish(result, attempt, StopReason::NotRetryable),
-                Decision::Retry => None,
-                Decision::RetryAfter(d) => Some(d),
-            };
-            if attempt >= self.max_attempts {
-                return finish(result, attempt, StopReason::MaxAttempts);
-            }
-            let backoff = delays.next().unwrap_or(Duration::ZERO);
-            let delay = match hint {
-                Some(h) if h > self.max_hint => {
-                    return finish(result, attempt, StopReason::HintTooLong);
-                }
-                Some(h) => h,
-                None => backoff,
-            };
-            if let Some(at) = deadline
-                && Instant::now()
-                    .checked_add(delay)
-                    .is_none_or(|end| end >= at)
-            {
-                return finish(result, attempt, StopReason::Deadline);
-            }
-            if let Some((b, _)) = &self.breaker
-                && b.ask().is_err()
-            {
-                return finish(result, attempt, StopReason::BreakerOpen);
-            }
-            if let Some(b) = &self.budget
-                && !b.try_retry()
-            {
-                return finish(result, attempt, StopReason::Budget);
-            }
-            tokio::time::sleep(delay).await;
-            previous = Some(result);
         }
+    }
+
+    /// Gate for attempt `attempt`: the breaker, for every attempt or only
+    /// for retries; a first attempt that passes counts as a request for
+    /// the budget.
+    pub(crate) fn gate(
+        &self,
+        attempt: u32,
+    ) -> Result<Option<keel_breaker::Permit<'static>>, Rejected> {
+        let gate = match &self.breaker {
+            Some((b, BreakerMode::AllAttempts)) => Some(b),
+            Some((b, BreakerMode::RetriesOnly)) if attempt > 1 => Some(b),
+            _ => None,
+        };
+        let permit = gate.map(Breaker::allow_owned).transpose()?;
+        if attempt == 1
+            && let Some(b) = &self.budget
+        {
+            b.on_request();
+        }
+        Ok(permit)
+    }
+
+    /// The attempt in flight outlived the deadline: it counts as a failure.
+    pub(crate) fn deadline_passed<T, E>(
+        &self,
+        permit: Option<keel_breaker::Permit<'static>>,
+        attempt: u32,
+        previous: Option<Result<T, E>>,
+    ) -> RetryError<E> {
+        self.report(permit, attempt, Outcome::Failure);
+        RetryError::DeadlineExceeded {
+            attempts: attempt,
+            last: previous.and_then(Result::err),
+        }
+    }
+
+    /// After an attempt: report its outcome to the breaker and the budget,
+    /// then either the delay before the next attempt or why there is none.
+    /// A result that calls for a retry is reported as the failure it is even
+    /// when the request cannot be sent again (`replayable` false); it is
+    /// then final.
+    pub(crate) fn after(
+        &self,
+        run: &mut Run,
+        ok: bool,
+        decision: Decision,
+        permit: Option<keel_breaker::Permit<'static>>,
+        replayable: bool,
+    ) -> Result<Duration, StopReason> {
+        let attempt = run.attempt;
+        let outcome = match (ok, decision) {
+            (true, Decision::Done) => Outcome::Success,
+            (_, Decision::RetryAfter(d)) => Outcome::FailureRetryAfter(d),
+            _ => Outcome::Failure,
+        };
+        self.report(permit, attempt, outcome);
+        // As in gRPC throttling, only failures worth retrying cost the
+        // budget; a final error (say, a bad request) says nothing about
+        // the dependency's health.
+        if let Some(b) = &self.budget {
+            if decision.is_retry() {
+                b.on_outcome(false);
+            } else if outcome == Outcome::Success {
+                b.on_outcome(true);
+            }
+        }
+
+        // Every reason to stop, cheapest first; the budget last because
+        // asking it spends it.
+        let hint = match decision {
+            Decision::Done => return Err(StopReason::NotRetryable),
+            Decision::Retry => None,
+            Decision::RetryAfter(d) => Some(d),
+        };
+        if !replayable {
+            return Err(StopReason::NotRetryable);
+        }
+        if attempt >= self.max_attempts {
+            return Err(StopReason::MaxAttempts);
+        }
+        // The delays are drawn only once a retry is due: a call that
+        // succeeds at once never seeds a jitter generator.
+        let backoff = run
+            .delays
+            .get_or_insert_with(|| self.backoff.iter())
+            .next()
+            .unwrap_or(Duration::ZERO);
+        let delay = match hint {
+            Some(h) if h > self.max_hint => return Err(StopReason::HintTooLong),
+            Some(h) => h,
+            None => backoff,
+        };
+        if let Some(at) = run.deadline
+            && Instant::now()
+                .checked_add(delay)
+                .is_none_or(|end| end >= at)
+        {
+            return Err(StopReason::Deadline);
+        }
+        if let Some((b, _)) = &self.breaker
+            && b.would_allow().is_err()
+        {
+            return Err(StopReason::BreakerOpen);
+        }
+        if let Some(b) = &self.budget
+            && !b.try_retry()
+        {
+            return Err(StopReason::Budget);
+        }
+        Ok(delay)
     }
 
     fn report(
@@ -473,7 +503,42 @@ impl RetryPolicy {
     }
 }
 
-fn finish<T, E>(
+/// The per-call state of the engine, shared by [`RetryPolicy::execute`]
+/// and the tower layer's future.
+#[derive(Debug)]
+pub(crate) struct Run {
+    /// The attempt being made, from 1.
+    pub(crate) attempt: u32,
+    /// The deadline over the whole call, if any.
+    pub(crate) deadline: Option<Instant>,
+    delays: Option<BackoffIter>,
+}
+
+impl Run {
+    pub(crate) fn start(policy: &RetryPolicy) -> Self {
+        Run {
+            attempt: 1,
+            // A deadline too far to represent is no deadline at all.
+            deadline: policy.deadline.and_then(|d| Instant::now().checked_add(d)),
+            delays: None,
+        }
+    }
+
+    /// The breaker refused this attempt: the first attempt's refusal is the
+    /// error, a retry's ends with the previous result.
+    pub(crate) fn rejected<T, E>(
+        &self,
+        rejected: Rejected,
+        previous: Option<Result<T, E>>,
+    ) -> Result<T, RetryError<E>> {
+        match previous {
+            None => Err(RetryError::Rejected(rejected)),
+            Some(prev) => finish(prev, self.attempt - 1, StopReason::BreakerOpen),
+        }
+    }
+}
+
+pub(crate) fn finish<T, E>(
     result: Result<T, E>,
     attempts: u32,
     reason: StopReason,
@@ -661,7 +726,7 @@ where
             hint,
         } = self;
         policy
-            .execute(op, |r: &Result<T, E>| match r {
+            .execute(op, |r: Result<&T, &E>| match r {
                 Ok(_) => Decision::Done,
                 Err(e) if when.as_ref().is_some_and(|w| !w(e)) => Decision::Done,
                 Err(e) => match hint.as_ref().and_then(|h| h(e)) {

@@ -186,7 +186,7 @@ async fn a_spent_budget_stops_retries_across_callers() {
 #[tokio::test(start_paused = true)]
 async fn breaker_all_attempts_rejects_before_calling() {
     let b = Breaker::new("all", Config::fuse(0, S, 60 * S)).expect("config");
-    b.melt();
+    b.record_failure();
     let calls = AtomicU32::new(0);
     let r = retry(|_| {
         calls.fetch_add(1, SeqCst);
@@ -406,4 +406,244 @@ async fn only_retryable_failures_cost_budget_tokens() {
         .run()
         .await;
     assert_eq!(budget.tokens(), 8.5);
+}
+
+/// A named policy: idempotent methods are retried on 503 and on errors.
+#[derive(Clone, Debug)]
+struct Idempotent503;
+
+impl<E> Policy<Req, u16, E> for Idempotent503 {
+    fn clone_request(&self, req: &Req) -> Option<Req> {
+        matches!(req.method, "GET" | "PUT" | "DELETE").then(|| req.clone())
+    }
+    fn classify(&self, result: Result<&u16, &E>) -> Decision {
+        match result {
+            Ok(503) | Err(_) => Decision::Retry,
+            Ok(_) => Decision::Done,
+        }
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn tower_layer_with_a_named_policy_can_be_stored_and_sleeps_the_backoff() {
+    use tower::{Layer, Service, ServiceExt};
+    let calls = Arc::new(AtomicU32::new(0));
+    let c = calls.clone();
+    let upstream = tower::service_fn(move |_r: Req| {
+        let n = c.fetch_add(1, SeqCst);
+        async move { Ok::<u16, ()>(if n < 2 { 503 } else { 200 }) }
+    });
+    // The field's type is spelled out: no closure types in it.
+    struct Client<S> {
+        svc: RetryService<S, Idempotent503>,
+    }
+    let config = RetryPolicy::default()
+        .max_attempts(5)
+        .backoff(Backoff::exponential(100 * MS));
+    let mut client = Client {
+        svc: RetryLayer::with_policy(config, Idempotent503).layer(upstream),
+    };
+    let start = Instant::now();
+    let got = client
+        .svc
+        .ready()
+        .await
+        .expect("ready")
+        .call(Req { method: "PUT" })
+        .await;
+    assert_eq!(got.expect("retried to success"), 200);
+    assert_eq!(calls.load(SeqCst), 3);
+    assert_eq!(start.elapsed(), 300 * MS, "100 + 200 ms of backoff");
+}
+
+#[tokio::test(start_paused = true)]
+async fn tower_layer_deadline_covers_a_hung_attempt_and_reports_it_to_the_breaker() {
+    use tower::{Layer, Service, ServiceExt};
+    let calls = Arc::new(AtomicU32::new(0));
+    let c = calls.clone();
+    // The first attempt fails fast, the second hangs forever.
+    let upstream = tower::service_fn(move |_r: Req| {
+        let n = c.fetch_add(1, SeqCst);
+        async move {
+            if n == 0 {
+                Err("reset")
+            } else {
+                std::future::pending::<Result<u16, &str>>().await
+            }
+        }
+    });
+    let b = Breaker::new("hung", Config::fuse(5, 60 * S, S)).expect("config");
+    let config = RetryPolicy::default()
+        .max_attempts(5)
+        .backoff(constant(100 * MS))
+        .deadline(2 * S)
+        .breaker(b.clone(), BreakerMode::AllAttempts);
+    let mut svc = RetryLayer::with_policy(config, Idempotent503).layer(upstream);
+    let start = Instant::now();
+    let got = svc
+        .ready()
+        .await
+        .expect("ready")
+        .call(Req { method: "GET" })
+        .await;
+    match got {
+        Err(RetryError::DeadlineExceeded {
+            attempts: 2,
+            last: Some("reset"),
+        }) => {}
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(
+        start.elapsed(),
+        2 * S,
+        "the deadline spans attempts and sleeps"
+    );
+    assert_eq!(calls.load(SeqCst), 2);
+    assert_eq!(
+        b.snapshot().counters.failures,
+        2,
+        "the reset and the hung attempt"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn tower_layer_with_an_open_breaker_rejects_without_calling() {
+    use tower::{Layer, Service, ServiceExt};
+    let calls = Arc::new(AtomicU32::new(0));
+    let c = calls.clone();
+    let upstream = tower::service_fn(move |_r: Req| {
+        c.fetch_add(1, SeqCst);
+        async { Ok::<u16, ()>(200) }
+    });
+    let b = Breaker::new("open", Config::fuse(0, S, 10 * S)).expect("config");
+    b.record_failure();
+    let config = RetryPolicy::default().breaker(b, BreakerMode::AllAttempts);
+    let mut svc = RetryLayer::with_policy(config, Idempotent503).layer(upstream);
+    let got = svc
+        .ready()
+        .await
+        .expect("ready")
+        .call(Req { method: "GET" })
+        .await;
+    assert!(matches!(got, Err(RetryError::Rejected(_))), "{got:?}");
+    assert_eq!(calls.load(SeqCst), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn tower_layer_passes_a_readiness_error_through_as_not_ready() {
+    use std::task::{Context, Poll};
+    use tower::{Layer, ServiceExt};
+    #[derive(Clone, Debug)]
+    struct Overloaded;
+    impl tower::Service<Req> for Overloaded {
+        type Response = u16;
+        type Error = &'static str;
+        type Future = std::future::Ready<Result<u16, &'static str>>;
+        fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+            Poll::Ready(Err("overloaded"))
+        }
+        fn call(&mut self, _: Req) -> Self::Future {
+            std::future::ready(Ok(200))
+        }
+    }
+    let mut svc = RetryLayer::with_policy(RetryPolicy::default(), Idempotent503).layer(Overloaded);
+    match svc.ready().await {
+        Err(RetryError::NotReady("overloaded")) => {}
+        other => panic!("{other:?}"),
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn tower_layer_default_policy_retries_errors_of_cloneable_requests() {
+    use tower::{Layer, Service, ServiceExt};
+    let calls = Arc::new(AtomicU32::new(0));
+    let c = calls.clone();
+    let upstream = tower::service_fn(move |x: u8| {
+        let n = c.fetch_add(1, SeqCst);
+        async move { if n < 2 { Err("reset") } else { Ok(x) } }
+    });
+    let config = RetryPolicy::default().backoff(constant(MS));
+    let mut svc: RetryService<_> = RetryLayer::with_policy(config, RetryErrors).layer(upstream);
+    let got = svc.ready().await.expect("ready").call(9).await;
+    assert_eq!(got.expect("third attempt"), 9);
+    assert_eq!(calls.load(SeqCst), 3);
+}
+
+#[tokio::test(start_paused = true)]
+async fn tower_layer_reports_a_failed_unsafe_request_to_the_breaker_without_retrying_it() {
+    use tower::{Layer, Service, ServiceExt};
+    let calls = Arc::new(AtomicU32::new(0));
+    let c = calls.clone();
+    let upstream = tower::service_fn(move |_r: Req| {
+        c.fetch_add(1, SeqCst);
+        async { Ok::<u16, ()>(503) }
+    });
+    // fuse(0, ..): the first failure trips it.
+    let b = Breaker::new("unsafe", Config::fuse(0, 10 * S, 10 * S)).expect("config");
+    let config = RetryPolicy::default()
+        .max_attempts(5)
+        .breaker(b.clone(), BreakerMode::AllAttempts);
+    let mut svc = RetryLayer::with_policy(config, Idempotent503).layer(upstream);
+    let got = svc
+        .ready()
+        .await
+        .expect("ready")
+        .call(Req { method: "POST" })
+        .await;
+    assert_eq!(got.expect("the 503 itself"), 503);
+    assert_eq!(calls.load(SeqCst), 1, "a POST is never sent twice");
+    assert_eq!(
+        b.snapshot().counters.failures,
+        1,
+        "but its 503 is a failure"
+    );
+    assert_eq!(b.state(), State::Open);
+}
+
+#[tokio::test(start_paused = true)]
+async fn tower_layer_classifies_a_retry_whose_service_cannot_get_ready_and_retries_again() {
+    use std::sync::Mutex;
+    use std::task::{Context, Poll};
+    use tower::{Layer, Service, ServiceExt};
+    /// Readiness answers and call results are scripted, shared by clones.
+    #[derive(Clone)]
+    struct Scripted {
+        ready: Arc<Mutex<Vec<Result<(), &'static str>>>>,
+        results: Arc<Mutex<Vec<Result<u16, &'static str>>>>,
+    }
+    impl Service<Req> for Scripted {
+        type Response = u16;
+        type Error = &'static str;
+        type Future = std::future::Ready<Result<u16, &'static str>>;
+        fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+            Poll::Ready(self.ready.lock().expect("lock").remove(0))
+        }
+        fn call(&mut self, _: Req) -> Self::Future {
+            std::future::ready(self.results.lock().expect("lock").remove(0))
+        }
+    }
+    let inner = Scripted {
+        // The caller's readiness, the first retry's (busy), the second's.
+        ready: Arc::new(Mutex::new(vec![Ok(()), Err("busy"), Ok(())])),
+        results: Arc::new(Mutex::new(vec![Err("reset"), Ok(200)])),
+    };
+    let results = inner.results.clone();
+    let config = RetryPolicy::default()
+        .max_attempts(3)
+        .backoff(constant(10 * MS));
+    let mut svc = RetryLayer::with_policy(config, Idempotent503).layer(inner);
+    let start = Instant::now();
+    let got = svc
+        .ready()
+        .await
+        .expect("ready")
+        .call(Req { method: "GET" })
+        .await;
+    assert_eq!(got.expect("third attempt answers"), 200);
+    assert!(results.lock().expect("lock").is_empty(), "two calls made");
+    assert_eq!(
+        start.elapsed(),
+        20 * MS,
+        "two backoffs: after the reset and after busy"
+    );
 }
