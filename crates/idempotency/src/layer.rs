@@ -6,8 +6,10 @@
 //! inner service, replays or refuses. Executed responses are buffered so
 //! they can be recorded; an error from the inner service, or a response
 //! body that fails mid-way, locks the key as "outcome unknown" (the
-//! operation may have run). Requests the engine does not cover stream
-//! through untouched.
+//! operation may have run). A response carrying
+//! [`NotExecuted`](crate::engine::NotExecuted) releases the key instead:
+//! the handler says the operation never ran, so the retry runs it.
+//! Requests the engine does not cover stream through untouched.
 //!
 //! ```
 //! use std::convert::Infallible;
@@ -26,6 +28,7 @@
 //! });
 //! let mut svc = IdempotencyLayer::new(engine).layer(handler);
 //! let request = || http::Request::post("/orders")
+//!     .header("authorization", "Bearer alice")
 //!     .header("idempotency-key", "k1")
 //!     .body(Full::new(Bytes::from("{}")))
 //!     .unwrap();
@@ -46,7 +49,7 @@ use http_body_util::{BodyExt, Either, Full, LengthLimitError, Limited};
 use tower_layer::Layer;
 use tower_service::Service;
 
-use crate::engine::{Begin, Engine, RequestHead};
+use crate::engine::{Begin, Engine, NotExecuted, RequestHead};
 use crate::problem::{Problem, ProblemKind};
 use crate::store::BoxFuture;
 
@@ -172,6 +175,13 @@ where
                     let response = guard
                         .hold(inner.call(Request::from_parts(parts, buffered(bytes))))
                         .await?;
+                    if response.extensions().get::<NotExecuted>().is_some() {
+                        // The handler says the operation never ran: free
+                        // the key so the client's retry runs it. The
+                        // response streams through; it is not recorded.
+                        let _ = guard.release().await;
+                        return Ok(response.map(Either::Left));
+                    }
                     let (rparts, rbody) = response.into_parts();
                     // Keep only Send values across the awaits below.
                     let collected = guard.hold(rbody.collect()).await.ok().map(|c| c.to_bytes());

@@ -93,6 +93,7 @@ fn engine(dir: &std::path::Path) -> Engine {
 
 fn request() -> http::Request<()> {
     http::Request::post("/payments")
+        .header("authorization", "Bearer alice")
         .header("idempotency-key", "crash-1")
         .header("x-request-id", "req-before-crash")
         .body(())

@@ -77,6 +77,7 @@ const CHILD_DIR: &str = "KEEL_IDEM_LEASE_CRASH_DIR";
 
 fn request() -> http::Request<()> {
     http::Request::post("/payments")
+        .header("authorization", "Bearer alice")
         .header("idempotency-key", "held-at-crash")
         .header("x-request-id", "req-held")
         .body(())
@@ -85,7 +86,7 @@ fn request() -> http::Request<()> {
 
 fn lookup() -> KeyLookup<'static> {
     KeyLookup {
-        tenant: None,
+        tenant: Some(b"Bearer alice"),
         method: &http::Method::POST,
         path: "/payments",
         key: "held-at-crash",

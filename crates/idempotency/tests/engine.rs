@@ -12,8 +12,8 @@ use common::{post, problem_type};
 use http::{HeaderMap, Request, Response, StatusCode};
 use keel_idempotency::codec::Record;
 use keel_idempotency::engine::{
-    Begin, Completion, Engine, InFlight, KeyLookup, LapsedLease, PassReason, Policy, ServerErrors,
-    StoreDown, Tenant,
+    Begin, Completion, Engine, InFlight, KeyLookup, LapsedLease, MissingTenant, NotExecuted,
+    PassReason, Policy, RequestHead, ServerErrors, StoreDown, Tenant,
 };
 use keel_idempotency::fingerprint::FingerprintConfig;
 use keel_idempotency::gate::{AlwaysAllow, ConsecutiveFailures};
@@ -158,10 +158,12 @@ async fn key_validation() {
     assert_eq!(rejected(&e, &req, b"").await.status(), 400);
     // Quoted and bare forms name the same key.
     let quoted = Request::post("/x")
+        .header("authorization", "Bearer t")
         .header("idempotency-key", "\"k-1\"")
         .body(())
         .expect("req");
     let bare = Request::post("/x")
+        .header("authorization", "Bearer t")
         .header("idempotency-key", "k-1")
         .body(())
         .expect("req");
@@ -197,6 +199,7 @@ async fn methods_required_and_optional() {
         );
     }
     let patch = Request::patch("/x")
+        .header("authorization", "Bearer t")
         .header("idempotency-key", "k")
         .body(())
         .expect("req");
@@ -258,6 +261,7 @@ async fn selected_headers_join_the_fingerprint() {
     );
     let req = |ct: &str| {
         Request::post("/x")
+            .header("authorization", "Bearer t")
             .header("idempotency-key", "h")
             .header("content-type", ct)
             .body(())
@@ -389,6 +393,99 @@ async fn tenant_from_a_function_or_header() {
         .await
         .expect("stored");
     drop(execute(&by_header, &req("b"), b"").await);
+}
+
+#[tokio::test]
+async fn a_keyed_request_without_a_tenant_is_refused_unless_anonymous_is_chosen() {
+    let anonymous = |key: &str| {
+        Request::post("/orders")
+            .header("cookie", format!("session={key}"))
+            .header("idempotency-key", "same")
+            .body(())
+            .expect("req")
+    };
+    // Default: the tenant is Authorization; without it, a clear 400 and
+    // nothing claimed (two cookie-authenticated callers never share).
+    let e = engine(Policy::default());
+    let r = rejected(&e, &anonymous("alice"), b"{}").await;
+    assert_eq!(r.status(), 400);
+    assert_eq!(
+        problem_type(&r),
+        "urn:keel:problem:idempotency-tenant-missing"
+    );
+    let r = rejected(&e, &anonymous("bob"), b"{}").await;
+    assert_eq!(r.status(), 400);
+    // Without a key nothing is shared, so the request passes as before.
+    let no_key = Request::post("/orders").body(()).expect("req");
+    assert!(matches!(
+        e.begin(&no_key, b"").await,
+        Begin::PassThrough(PassReason::NoKey)
+    ));
+
+    // A function that finds no user refuses the same way.
+    let by_user = engine(
+        Policy::default().tenant(Tenant::function(|head: &RequestHead<'_>| {
+            head.extensions.get::<String>().cloned()
+        })),
+    );
+    let r = rejected(&by_user, &anonymous("alice"), b"{}").await;
+    assert_eq!(
+        problem_type(&r),
+        "urn:keel:problem:idempotency-tenant-missing"
+    );
+
+    // Opted in: one shared anonymous tenant, as documented.
+    let shared = engine(Policy::default().missing_tenant(MissingTenant::Anonymous));
+    execute(&shared, &anonymous("alice"), b"{}")
+        .await
+        .complete(&respond(201, "alice's"))
+        .await
+        .expect("stored");
+    assert_eq!(
+        replayed(&shared, &anonymous("bob"), b"{}").await.body(),
+        "alice's"
+    );
+
+    // A single-principal service has no tenant to miss.
+    let single = engine(Policy::default().tenant(Tenant::Single));
+    drop(execute(&single, &anonymous("alice"), b"{}").await);
+}
+
+#[tokio::test]
+async fn the_tenant_function_reads_what_middleware_put_in_the_extensions() {
+    #[derive(Clone)]
+    struct User(&'static str);
+    let e = engine(
+        Policy::default().tenant(Tenant::function(|head: &RequestHead<'_>| {
+            head.extensions.get::<User>().map(|u| u.0.to_owned())
+        })),
+    );
+    let as_user = |user: &'static str| {
+        Request::post("/orders")
+            .extension(User(user))
+            .header("idempotency-key", "k")
+            .body(())
+            .expect("req")
+    };
+    execute(&e, &as_user("alice"), b"{}")
+        .await
+        .complete(&respond(201, "for alice"))
+        .await
+        .expect("stored");
+    // Bob, same key and body: his own execution, not alice's replay.
+    execute(&e, &as_user("bob"), b"{}")
+        .await
+        .complete(&respond(201, "for bob"))
+        .await
+        .expect("stored");
+    assert_eq!(
+        replayed(&e, &as_user("alice"), b"{}").await.body(),
+        "for alice"
+    );
+    assert_eq!(replayed(&e, &as_user("bob"), b"{}").await.body(), "for bob");
+    // The head built from request parts carries the extensions too.
+    let (parts, ()) = as_user("alice").into_parts();
+    assert!(matches!(e.begin(&parts, b"{}").await, Begin::Replay(_)));
 }
 
 // ---- limits ----
@@ -530,6 +627,68 @@ async fn server_errors_are_final_unless_the_route_releases_them() {
         .await
         .expect("stored");
     assert_eq!(replayed(&e, &post("400"), b"").await.status(), 400);
+}
+
+#[tokio::test]
+async fn a_response_marked_not_executed_releases_the_key_whatever_its_status() {
+    let e = engine(Policy::default());
+    let mut refused = respond(502, "upstream refused");
+    refused.extensions_mut().insert(NotExecuted);
+    let mut guard = execute(&e, &post("ne"), b"").await;
+    // The handler was invoked: only its own word releases the key.
+    guard.mark_started();
+    assert_eq!(
+        guard.complete(&refused).await.expect("released"),
+        Completion::Released
+    );
+    execute(&e, &post("ne"), b"")
+        .await
+        .complete(&respond(201, "charged"))
+        .await
+        .expect("stored");
+    assert_eq!(replayed(&e, &post("ne"), b"").await.body(), "charged");
+    // The same 502 without the mark is stored: it may have run.
+    execute(&e, &post("ne2"), b"")
+        .await
+        .complete(&respond(502, "upstream refused"))
+        .await
+        .expect("stored");
+    assert_eq!(replayed(&e, &post("ne2"), b"").await.status(), 502);
+}
+
+#[tokio::test]
+async fn a_route_may_name_statuses_that_release() {
+    let e = engine(Policy::default().release_statuses([StatusCode::SERVICE_UNAVAILABLE]));
+    let done = execute(&e, &post("r503"), b"")
+        .await
+        .complete(&respond(503, "breaker open"))
+        .await;
+    assert_eq!(done.expect("released"), Completion::Released);
+    drop(execute(&e, &post("r503"), b"").await);
+    // Other 5xx are still stored on this route.
+    execute(&e, &post("r500"), b"")
+        .await
+        .complete(&respond(500, "boom"))
+        .await
+        .expect("stored");
+    assert_eq!(replayed(&e, &post("r500"), b"").await.status(), 500);
+    // The unbuffered path follows the same list.
+    let guard = execute(&e, &post("u503"), b"").await;
+    assert_eq!(
+        guard
+            .complete_unbuffered(StatusCode::SERVICE_UNAVAILABLE, 10)
+            .await
+            .expect("released"),
+        Completion::Released
+    );
+    // And another route's engine, without the list, stores its 503.
+    let other = engine(Policy::default());
+    execute(&other, &post("r503"), b"")
+        .await
+        .complete(&respond(503, "down"))
+        .await
+        .expect("stored");
+    assert_eq!(replayed(&other, &post("r503"), b"").await.status(), 503);
 }
 
 #[tokio::test]

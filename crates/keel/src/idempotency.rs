@@ -28,8 +28,8 @@ use http::header::{self, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
 use http_body::Body;
 use keel_idempotency::engine::{
-    Begin, Engine, Guard, LapsedLease, PassReason, Policy, RequestHead, ServerErrors, StoreDown,
-    Tenant,
+    Begin, Engine, Guard, LapsedLease, MissingTenant, PassReason, Policy, RequestHead,
+    ServerErrors, StoreDown, Tenant,
 };
 
 use crate::body::{BodyTooLarge, ProxyBody};
@@ -74,6 +74,11 @@ pub fn policy(config: &IdempotencyConfig, request_timeout: Duration, route: &str
         .required(config.required)
         .ttl(config.ttl.0)
         .tenant(tenant)
+        // The gateway's documented rule: requests without `tenant_header`
+        // share one anonymous tenant (its routes front services that
+        // authenticate, or need no caller scoping); chosen explicitly,
+        // since the library refuses such requests by default.
+        .missing_tenant(MissingTenant::Anonymous)
         .max_body(size(config.max_body.0))
         .max_response(size(config.max_response.0))
         .store_down(if config.fail_open {
@@ -842,6 +847,7 @@ mod tests {
         );
         let keyed = |key: &str| {
             Request::post("/orders")
+                .header("authorization", "Bearer alice")
                 .header("idempotency-key", key)
                 .body(())
                 .expect("request")
