@@ -56,7 +56,7 @@ fn engine_benches(c: &mut Criterion) {
     // again, so every iteration is a full new request on a bounded map.
     let new_engine = Engine::new(
         Arc::new(MemoryStore::new()),
-        Policy::default().ttl(Duration::ZERO),
+        Policy::default().with_ttl(Duration::ZERO),
     );
     let requests: Vec<_> = (0..65_536)
         .map(|i| request(&format!("key-{i:08}")))
@@ -98,7 +98,7 @@ fn engine_benches(c: &mut Criterion) {
             j = (j + 1) % keys.len();
             let Ok(Claim::Acquired { token }) = now(store.claim(
                 &keys[j],
-                Fingerprint([1; 32]),
+                Fingerprint::from_bytes([1; 32]),
                 Lease::freeing(Duration::from_secs(30)),
             )) else {
                 panic!("free");
@@ -111,7 +111,7 @@ fn engine_benches(c: &mut Criterion) {
     let dir = tempfile::tempdir().expect("tempdir");
     let embedded = Engine::new(
         Arc::new(keel_idempotency::embedded::EmbeddedStore::open_dir(dir.path()).expect("open")),
-        Policy::default().ttl(Duration::ZERO),
+        Policy::default().with_ttl(Duration::ZERO),
     );
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()

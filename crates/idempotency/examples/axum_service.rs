@@ -51,8 +51,8 @@ fn app() -> Router {
     let engine = Engine::new(
         Arc::new(MemoryStore::new()),
         Policy::default()
-            .required(true)
-            .lease_for_timeout(Duration::from_secs(10)),
+            .with_required(true)
+            .with_lease_for_timeout(Duration::from_secs(10)),
     );
     Router::new()
         .route("/orders", post(create_order))

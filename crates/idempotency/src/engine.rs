@@ -158,7 +158,7 @@ impl Tenant {
     /// // it sees the user (the layer added last runs first).
     /// let engine = keel_idempotency::engine::Engine::new(
     ///     std::sync::Arc::new(keel_idempotency::memory::MemoryStore::new()),
-    ///     Policy::default().tenant(by_user),
+    ///     Policy::default().with_tenant(by_user),
     /// );
     /// let app: axum::Router = axum::Router::new()
     ///     .route("/orders", axum::routing::post(|| async { "created" }))
@@ -277,10 +277,10 @@ pub enum StoreDown {
 /// use std::time::Duration;
 ///
 /// let policy = Policy::default()
-///     .required(true)
-///     .lease_for_timeout(Duration::from_secs(10))
-///     .in_flight(InFlight::Wait(Duration::from_secs(5)));
-/// assert_eq!(policy.get_lease(), Duration::from_secs(11)); // timeout + 10 %, at least 1 s
+///     .with_required(true)
+///     .with_lease_for_timeout(Duration::from_secs(10))
+///     .with_in_flight(InFlight::Wait(Duration::from_secs(5)));
+/// assert_eq!(policy.lease(), Duration::from_secs(11)); // timeout + 10 %, at least 1 s
 /// ```
 #[derive(Clone, Debug)]
 pub struct Policy {
@@ -353,7 +353,7 @@ impl Default for Policy {
 }
 
 macro_rules! setter {
-    ($(#[$doc:meta])* $name:ident: $ty:ty, $example:literal) => {
+    ($(#[$doc:meta])* $setter:ident => $name:ident: $ty:ty, $example:literal) => {
         $(#[$doc])*
         ///
         /// ```
@@ -361,7 +361,7 @@ macro_rules! setter {
         /// # use std::time::Duration;
         #[doc = $example]
         /// ```
-        pub fn $name(mut self, value: $ty) -> Self {
+        pub fn $setter(mut self, value: $ty) -> Self {
             self.$name = value;
             self
         }
@@ -371,74 +371,74 @@ macro_rules! setter {
 impl Policy {
     setter!(
         /// The key header's name (default `Idempotency-Key`).
-        header: HeaderName,
-        "let p = Policy::default().header(http::HeaderName::from_static(\"x-idempotency-key\"));"
+        with_header => header: HeaderName,
+        "let p = Policy::default().with_header(http::HeaderName::from_static(\"x-idempotency-key\"));"
     );
     setter!(
         /// Whether a covered request without a key is refused with 400
         /// (`true`) or passed through untouched (`false`, default).
-        required: bool,
-        "let p = Policy::default().required(true);"
+        with_required => required: bool,
+        "let p = Policy::default().with_required(true);"
     );
     setter!(
         /// The longest key accepted (default 255 characters).
-        max_key_len: usize,
-        "let p = Policy::default().max_key_len(64);"
+        with_max_key_len => max_key_len: usize,
+        "let p = Policy::default().with_max_key_len(64);"
     );
     setter!(
         /// How long a completed result is kept and replayed (default 24 h).
-        ttl: Duration,
-        "let p = Policy::default().ttl(Duration::from_secs(3600));"
+        with_ttl => ttl: Duration,
+        "let p = Policy::default().with_ttl(Duration::from_secs(3600));"
     );
     setter!(
         /// How long a claim holds before another request may take the key
-        /// over (default 35 s). Prefer [`Policy::lease_for_timeout`].
-        lease: Duration,
-        "let p = Policy::default().lease(Duration::from_secs(5));"
+        /// over (default 35 s). Prefer [`Policy::with_lease_for_timeout`].
+        with_lease => lease: Duration,
+        "let p = Policy::default().with_lease(Duration::from_secs(5));"
     );
     setter!(
         /// Where the tenant comes from (default: a digest of
         /// `Authorization`).
-        tenant: Tenant,
-        "let p = Policy::default().tenant(Tenant::Header(http::HeaderName::from_static(\"x-api-key\")));"
+        with_tenant => tenant: Tenant,
+        "let p = Policy::default().with_tenant(Tenant::Header(http::HeaderName::from_static(\"x-api-key\")));"
     );
     setter!(
         /// What a keyed request without a tenant gets (default: 400,
         /// [`MissingTenant::Reject`]).
-        missing_tenant: MissingTenant,
-        "let p = Policy::default().missing_tenant(MissingTenant::Anonymous);"
+        with_missing_tenant => missing_tenant: MissingTenant,
+        "let p = Policy::default().with_missing_tenant(MissingTenant::Anonymous);"
     );
     setter!(
         /// What goes into the fingerprint.
-        fingerprint: FingerprintConfig,
-        "let p = Policy::default().fingerprint(keel_idempotency::fingerprint::FingerprintConfig::default().canonical_json(true));"
+        with_fingerprint => fingerprint: FingerprintConfig,
+        "let p = Policy::default().with_fingerprint(keel_idempotency::fingerprint::FingerprintConfig::default().canonical_json(true));"
     );
     setter!(
         /// What an in-flight duplicate gets (default: 409).
-        in_flight: InFlight,
-        "let p = Policy::default().in_flight(InFlight::Wait(Duration::from_secs(2)));"
+        with_in_flight => in_flight: InFlight,
+        "let p = Policy::default().with_in_flight(InFlight::Wait(Duration::from_secs(2)));"
     );
     setter!(
         /// What a 5xx response does to the key (default: stored).
-        server_errors: ServerErrors,
-        "let p = Policy::default().server_errors(ServerErrors::Release);"
+        with_server_errors => server_errors: ServerErrors,
+        "let p = Policy::default().with_server_errors(ServerErrors::Release);"
     );
     setter!(
         /// What happens when the store is unreachable (default: 503).
-        store_down: StoreDown,
-        "let p = Policy::default().store_down(StoreDown::FailOpen);"
+        with_store_down => store_down: StoreDown,
+        "let p = Policy::default().with_store_down(StoreDown::FailOpen);"
     );
     setter!(
         /// The `Retry-After` of the 503 sent when the store is down
         /// (default 2 s).
-        store_retry_after: Duration,
-        "let p = Policy::default().store_retry_after(Duration::from_secs(5));"
+        with_store_retry_after => store_retry_after: Duration,
+        "let p = Policy::default().with_store_retry_after(Duration::from_secs(5));"
     );
     setter!(
         /// What a lapsed lease makes of its key (default: locked as
         /// "outcome unknown").
-        lapsed_lease: LapsedLease,
-        "let p = Policy::default().lapsed_lease(LapsedLease::Rerun);"
+        with_lapsed_lease => lapsed_lease: LapsedLease,
+        "let p = Policy::default().with_lapsed_lease(LapsedLease::Rerun);"
     );
     setter!(
         /// How long a failed write of an outcome (a stored response, an
@@ -446,43 +446,43 @@ impl Policy {
         /// jittered backoff, while the store is unreachable (default 10 s).
         /// The claim is renewed meanwhile; if the write still fails, the
         /// claim lapses and, with [`LapsedLease::Lock`], locks the key.
-        record_retry: Duration,
-        "let p = Policy::default().record_retry(Duration::from_secs(3));"
+        with_record_retry => record_retry: Duration,
+        "let p = Policy::default().with_record_retry(Duration::from_secs(3));"
     );
     setter!(
         /// The largest request body on a covered request (default 1 MiB);
         /// larger ones get 413.
-        max_body: usize,
-        "let p = Policy::default().max_body(64 << 10);"
+        with_max_body => max_body: usize,
+        "let p = Policy::default().with_max_body(64 << 10);"
     );
     setter!(
         /// The largest response body kept for replay (default 1 MiB). A
         /// larger response is still delivered; the key keeps a record that
         /// says so and retries get a 409 problem.
-        max_response: usize,
-        "let p = Policy::default().max_response(256 << 10);"
+        with_max_response => max_response: usize,
+        "let p = Policy::default().with_max_response(256 << 10);"
     );
     setter!(
         /// The request id header recorded and echoed as
         /// `Original-Request-Id` (default `x-request-id`).
-        request_id_header: HeaderName,
-        "let p = Policy::default().request_id_header(http::HeaderName::from_static(\"x-correlation-id\"));"
+        with_request_id_header => request_id_header: HeaderName,
+        "let p = Policy::default().with_request_id_header(http::HeaderName::from_static(\"x-correlation-id\"));"
     );
     setter!(
         /// A prefix for store keys, so that several engines (or test runs)
         /// can share one store without meeting (default `idem`). Printable
         /// ASCII, at most 64 characters; anything else is replaced.
-        namespace: String,
-        "let p = Policy::default().namespace(\"orders-api\".to_string());"
+        with_namespace => namespace: String,
+        "let p = Policy::default().with_namespace(\"orders-api\".to_string());"
     );
 
     /// The methods covered (default POST and PATCH); others pass through.
     ///
     /// ```
     /// # use keel_idempotency::engine::Policy;
-    /// let p = Policy::default().methods([http::Method::POST, http::Method::PUT]);
+    /// let p = Policy::default().with_methods([http::Method::POST, http::Method::PUT]);
     /// ```
-    pub fn methods(mut self, methods: impl IntoIterator<Item = Method>) -> Self {
+    pub fn with_methods(mut self, methods: impl IntoIterator<Item = Method>) -> Self {
         self.methods = methods.into_iter().collect();
         self
     }
@@ -500,25 +500,25 @@ impl Policy {
     /// # use keel_idempotency::engine::Policy;
     /// use http::StatusCode;
     /// // This route answers 503 only when its breaker refused the call.
-    /// let p = Policy::default().release_statuses([StatusCode::SERVICE_UNAVAILABLE]);
+    /// let p = Policy::default().with_release_statuses([StatusCode::SERVICE_UNAVAILABLE]);
     /// assert!(p.releases(StatusCode::SERVICE_UNAVAILABLE));
     /// assert!(p.releases(StatusCode::TOO_MANY_REQUESTS));
     /// assert!(!p.releases(StatusCode::BAD_GATEWAY));
     /// ```
-    pub fn release_statuses(mut self, statuses: impl IntoIterator<Item = StatusCode>) -> Self {
+    pub fn with_release_statuses(mut self, statuses: impl IntoIterator<Item = StatusCode>) -> Self {
         self.release_statuses = statuses.into_iter().collect();
         self
     }
 
     /// Whether a response with `status` releases the claim on this route:
     /// 408, 409, 425 and 429 always, 5xx where [`ServerErrors::Release`],
-    /// and the [`release_statuses`](Self::release_statuses).
+    /// and the [`release_statuses`](Self::with_release_statuses).
     ///
     /// ```
     /// # use keel_idempotency::engine::{Policy, ServerErrors};
     /// use http::StatusCode;
     /// assert!(!Policy::default().releases(StatusCode::BAD_GATEWAY));
-    /// assert!(Policy::default().server_errors(ServerErrors::Release).releases(StatusCode::BAD_GATEWAY));
+    /// assert!(Policy::default().with_server_errors(ServerErrors::Release).releases(StatusCode::BAD_GATEWAY));
     /// ```
     pub fn releases(&self, status: StatusCode) -> bool {
         matches!(status.as_u16(), 408 | 409 | 425 | 429)
@@ -533,9 +533,9 @@ impl Policy {
     /// ```
     /// # use keel_idempotency::engine::Policy;
     /// # use std::time::Duration;
-    /// assert_eq!(Policy::default().lease_for_timeout(Duration::from_secs(2)).get_lease(), Duration::from_secs(3));
+    /// assert_eq!(Policy::default().with_lease_for_timeout(Duration::from_secs(2)).lease(), Duration::from_secs(3));
     /// ```
-    pub fn lease_for_timeout(mut self, timeout: Duration) -> Self {
+    pub fn with_lease_for_timeout(mut self, timeout: Duration) -> Self {
         let margin = (timeout / 10).clamp(Duration::from_secs(1), Duration::from_secs(30));
         self.lease = timeout + margin;
         self
@@ -546,10 +546,10 @@ impl Policy {
     ///
     /// ```
     /// # use keel_idempotency::engine::Policy;
-    /// let p = Policy::default().replay_header(http::HeaderName::from_static("x-order-id"));
+    /// let p = Policy::default().with_replay_header(http::HeaderName::from_static("x-order-id"));
     /// assert!(p.replay_headers().iter().any(|h| h == "x-order-id"));
     /// ```
-    pub fn replay_header(mut self, name: HeaderName) -> Self {
+    pub fn with_replay_header(mut self, name: HeaderName) -> Self {
         if !self.replay_headers.contains(&name) {
             self.replay_headers.push(name);
         }
@@ -560,10 +560,10 @@ impl Policy {
     ///
     /// ```
     /// # use keel_idempotency::engine::Policy;
-    /// let p = Policy::default().replay_headers_only([http::header::CONTENT_TYPE]);
+    /// let p = Policy::default().with_replay_headers_only([http::header::CONTENT_TYPE]);
     /// assert_eq!(p.replay_headers().len(), 1);
     /// ```
-    pub fn replay_headers_only(mut self, names: impl IntoIterator<Item = HeaderName>) -> Self {
+    pub fn with_replay_headers_only(mut self, names: impl IntoIterator<Item = HeaderName>) -> Self {
         self.replay_headers = names.into_iter().collect();
         self
     }
@@ -582,9 +582,9 @@ impl Policy {
     ///
     /// ```
     /// # use keel_idempotency::engine::Policy;
-    /// assert_eq!(Policy::default().get_lease().as_secs(), 35);
+    /// assert_eq!(Policy::default().lease().as_secs(), 35);
     /// ```
-    pub fn get_lease(&self) -> Duration {
+    pub fn lease(&self) -> Duration {
         self.lease
     }
 
@@ -595,7 +595,7 @@ impl Policy {
     /// # use keel_idempotency::engine::Policy;
     /// use keel_idempotency::store::Lapse;
     /// let lease = Policy::default().store_lease();
-    /// assert_eq!(lease.lapse, Lapse::Lock(Policy::default().get_ttl()));
+    /// assert_eq!(lease.lapse, Lapse::Lock(Policy::default().ttl()));
     /// ```
     pub fn store_lease(&self) -> Lease {
         match self.lapsed_lease {
@@ -608,9 +608,9 @@ impl Policy {
     ///
     /// ```
     /// # use keel_idempotency::engine::Policy;
-    /// assert_eq!(Policy::default().get_ttl().as_secs(), 86_400);
+    /// assert_eq!(Policy::default().ttl().as_secs(), 86_400);
     /// ```
-    pub fn get_ttl(&self) -> Duration {
+    pub fn ttl(&self) -> Duration {
         self.ttl
     }
 
@@ -618,9 +618,9 @@ impl Policy {
     ///
     /// ```
     /// # use keel_idempotency::engine::Policy;
-    /// assert_eq!(Policy::default().get_max_body(), 1 << 20);
+    /// assert_eq!(Policy::default().max_body(), 1 << 20);
     /// ```
-    pub fn get_max_body(&self) -> usize {
+    pub fn max_body(&self) -> usize {
         self.max_body
     }
 }
@@ -763,14 +763,14 @@ impl KeyStatus {
                 token, lease_left, ..
             }) => {
                 out.state = "in_flight";
-                out.token = Some(token.0);
+                out.token = Some(token.get());
                 out.expires_in = Some(lease_left);
             }
             Some(KeyState::Abandoned {
                 token, expires_in, ..
             }) => {
                 out.state = "abandoned";
-                out.token = Some(token.0);
+                out.token = Some(token.get());
                 out.expires_in = Some(expires_in);
             }
             Some(KeyState::Completed {
@@ -872,7 +872,7 @@ impl Engine {
     /// ```
     /// use keel_idempotency::{engine::{Engine, Policy}, memory::MemoryStore};
     /// let engine = Engine::new(std::sync::Arc::new(MemoryStore::new()), Policy::default());
-    /// assert_eq!(engine.policy().get_max_body(), 1 << 20);
+    /// assert_eq!(engine.policy().max_body(), 1 << 20);
     /// ```
     pub fn policy(&self) -> &Policy {
         &self.inner.policy
@@ -880,7 +880,7 @@ impl Engine {
 
     /// True if the engine may act on this request (its method is covered),
     /// so the caller must buffer the body (up to
-    /// [`Policy::get_max_body`] + 1 bytes) before [`Engine::begin`].
+    /// [`Policy::max_body`] + 1 bytes) before [`Engine::begin`].
     ///
     /// ```
     /// use keel_idempotency::{engine::{Engine, Policy}, memory::MemoryStore};
@@ -916,7 +916,7 @@ impl Engine {
     /// ```
     /// use keel_idempotency::{engine::{Begin, Engine, Policy}, memory::MemoryStore};
     /// # tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap().block_on(async {
-    /// let engine = Engine::new(std::sync::Arc::new(MemoryStore::new()), Policy::default().required(true));
+    /// let engine = Engine::new(std::sync::Arc::new(MemoryStore::new()), Policy::default().with_required(true));
     /// let req = http::Request::post("/pay").body(()).unwrap();
     /// let Begin::Reject(problem) = engine.begin(&req, b"").await else { panic!() };
     /// assert_eq!(problem.status(), 400);
@@ -1433,7 +1433,7 @@ impl Guard {
     /// # tokio::runtime::Builder::new_current_thread().enable_time().start_paused(true).build().unwrap().block_on(async {
     /// let engine = Engine::new(
     ///     std::sync::Arc::new(MemoryStore::new()),
-    ///     Policy::default().lease(Duration::from_secs(3)),
+    ///     Policy::default().with_lease(Duration::from_secs(3)),
     /// );
     /// let req = http::Request::post("/x").header("authorization", "Bearer alice").header("idempotency-key", "k").body(()).unwrap();
     /// let Begin::Execute(guard) = engine.begin(&req, b"").await else { panic!() };
@@ -1465,7 +1465,7 @@ impl Guard {
     /// # tokio::runtime::Builder::new_current_thread().enable_time().start_paused(true).build().unwrap().block_on(async {
     /// let engine = Engine::new(
     ///     std::sync::Arc::new(MemoryStore::new()),
-    ///     Policy::default().lease(Duration::from_secs(3)),
+    ///     Policy::default().with_lease(Duration::from_secs(3)),
     /// );
     /// let req = http::Request::post("/x").header("authorization", "Bearer alice").header("idempotency-key", "k").body(()).unwrap();
     /// let Begin::Execute(mut guard) = engine.begin(&req, b"").await else { panic!() };

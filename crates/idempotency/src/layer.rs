@@ -7,7 +7,7 @@
 //! they can be recorded; an error from the inner service, or a response
 //! body that fails mid-way, locks the key as "outcome unknown" (the
 //! operation may have run). A response carrying
-//! [`NotExecuted`](crate::engine::NotExecuted) releases the key instead:
+//! [`NotExecuted`] releases the key instead:
 //! the handler says the operation never ran, so the retry runs it.
 //! Requests the engine does not cover stream through untouched.
 //!
@@ -139,7 +139,7 @@ where
                 return Ok(response.map(Either::Left));
             }
             let (parts, body) = req.into_parts();
-            let max = engine.policy().get_max_body();
+            let max = engine.policy().max_body();
             let bytes = match Limited::new(body, max).collect().await {
                 Ok(collected) => collected.to_bytes(),
                 Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => {

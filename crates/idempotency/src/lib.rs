@@ -40,15 +40,19 @@
 //! - [`consumer`]: [`consumer::process_once`] for message consumers, on the
 //!   same stores;
 //! - stores behind one trait ([`store::Store`]), all passing
-//!   [`conformance`]: [`memory`] (sharded, bounded),
+//!   `conformance` (the suite every store must pass, for implementers'
+//!   tests; cargo feature `conformance`): [`memory`] (sharded, bounded),
 //!   `embedded` (durable on local disk, an append-only log), `redis` and `postgres`.
+//!
+//! The main types are re-exported at the crate root
+//! (`keel_idempotency::{Engine, Policy, IdempotencyLayer, MemoryStore, ...}`);
+//! the modules hold the rest and the details.
 //!
 //! # Example
 //!
 //! ```
 //! use std::sync::Arc;
-//! use keel_idempotency::engine::{Begin, Engine, Policy};
-//! use keel_idempotency::memory::MemoryStore;
+//! use keel_idempotency::{Begin, Engine, MemoryStore, Policy};
 //!
 //! # tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap().block_on(async {
 //! let engine = Engine::new(Arc::new(MemoryStore::new()), Policy::default());
@@ -72,6 +76,7 @@
 //! ```
 
 pub mod codec;
+#[cfg(feature = "conformance")]
 pub mod conformance;
 pub mod consumer;
 pub mod engine;
@@ -92,3 +97,30 @@ pub mod redis;
 
 #[cfg(feature = "postgres")]
 pub mod postgres;
+
+pub use consumer::{Consumer, ProcessError, Processed, process_once};
+pub use engine::{
+    Begin, Completion, Engine, Guard, InFlight, KeyLookup, KeyStatus, LapsedLease, MissingTenant,
+    NotExecuted, PassReason, Policy, RequestHead, ServerErrors, StoreDown, Tenant, TenantFn,
+};
+pub use fingerprint::FingerprintConfig;
+pub use gate::{AlwaysAllow, ConsecutiveFailures, StoreGate};
+pub use key::KeyError;
+pub use layer::{Idempotency, IdempotencyLayer};
+pub use memory::{MemoryConfig, MemoryStore};
+pub use problem::{Problem, ProblemKind};
+pub use store::{
+    Claim, FencingToken, Fingerprint, KeyState, Lapse, Lease, Store, StoreError, StoreKey,
+};
+
+#[cfg(feature = "breaker")]
+pub use gate::BreakerGate;
+
+#[cfg(feature = "embedded")]
+pub use embedded::{EmbeddedConfig, EmbeddedStore};
+
+#[cfg(feature = "redis")]
+pub use redis::{RedisOptions, RedisStore};
+
+#[cfg(feature = "postgres")]
+pub use postgres::{PostgresOptions, PostgresStore};

@@ -104,7 +104,7 @@ async fn axum_router_runs_once_and_replays() {
 #[tokio::test]
 async fn axum_body_limit_is_413() {
     let runs = Arc::new(AtomicUsize::new(0));
-    let app = router(engine(Policy::default().max_body(4)), runs.clone());
+    let app = router(engine(Policy::default().with_max_body(4)), runs.clone());
     let r = app
         .oneshot(post_req("k", "12345"))
         .await
@@ -164,7 +164,7 @@ async fn a_handler_slower_than_the_lease_still_runs_once() {
             }),
         )
         .layer(IdempotencyLayer::new(engine(
-            Policy::default().lease(std::time::Duration::from_secs(3)),
+            Policy::default().with_lease(std::time::Duration::from_secs(3)),
         )));
     let first = tokio::spawn(app.clone().oneshot(post_req("slow", "{}")));
     tokio::time::sleep(std::time::Duration::from_secs(20)).await;

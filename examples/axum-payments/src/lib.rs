@@ -188,7 +188,7 @@ async fn create_payment(State(outbound): State<Outbound>, request: Request) -> R
 pub fn app(sessions: Sessions, outbound: Outbound) -> Router {
     let engine = Engine::new(
         Arc::new(MemoryStore::new()),
-        Policy::default().required(true).tenant(tenant()),
+        Policy::default().with_required(true).with_tenant(tenant()),
     );
     Router::new()
         .route("/payments", post(create_payment))
