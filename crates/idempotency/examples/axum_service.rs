@@ -22,9 +22,7 @@ use axum::Router;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::post;
-use keel_idempotency::engine::{Engine, Policy};
-use keel_idempotency::layer::IdempotencyLayer;
-use keel_idempotency::memory::MemoryStore;
+use keel_idempotency::{Engine, IdempotencyLayer, MemoryStore, Policy};
 
 #[derive(Clone, Default)]
 struct Orders {

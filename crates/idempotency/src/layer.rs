@@ -16,9 +16,7 @@
 //! use std::sync::Arc;
 //! use bytes::Bytes;
 //! use http_body_util::{BodyExt, Full};
-//! use keel_idempotency::engine::{Engine, Policy};
-//! use keel_idempotency::layer::IdempotencyLayer;
-//! use keel_idempotency::memory::MemoryStore;
+//! use keel_idempotency::{Engine, IdempotencyLayer, MemoryStore, Policy};
 //! use tower::{Layer, Service, ServiceExt};
 //!
 //! # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {

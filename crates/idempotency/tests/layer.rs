@@ -231,3 +231,30 @@ async fn a_handler_that_did_not_run_releases_the_key_and_the_retry_runs() {
     assert_eq!(text(again).await, "charged");
     assert_eq!(calls.load(Ordering::SeqCst), 2);
 }
+
+#[tokio::test]
+async fn cookie_authenticated_callers_never_share_a_key_under_the_default_tenant() {
+    // The default tenant is the Authorization header; a service that
+    // authenticates with cookies and keeps that default gets a 400 for
+    // every keyed request, never one caller's response replayed to another.
+    let runs = Arc::new(AtomicUsize::new(0));
+    let app = router(engine(Policy::default()), runs.clone());
+    let as_cookie = |session: &str| {
+        http::Request::post("/orders")
+            .header("cookie", format!("session={session}"))
+            .header("idempotency-key", "same")
+            .body(Body::from("{}"))
+            .expect("request")
+    };
+    for session in ["alice", "bob"] {
+        let r = app
+            .clone()
+            .oneshot(as_cookie(session))
+            .await
+            .expect("infallible");
+        assert_eq!(r.status(), 400);
+        assert!(!r.headers().contains_key("idempotent-replayed"));
+        assert!(text(r).await.contains("idempotency-tenant-missing"));
+    }
+    assert_eq!(runs.load(Ordering::SeqCst), 0);
+}

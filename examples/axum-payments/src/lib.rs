@@ -34,9 +34,9 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
-use keel_idempotency::engine::{Engine, NotExecuted, Policy, RequestHead, Tenant};
-use keel_idempotency::layer::IdempotencyLayer;
-use keel_idempotency::memory::MemoryStore;
+use keel_idempotency::{
+    Engine, IdempotencyLayer, MemoryStore, NotExecuted, Policy, RequestHead, Tenant,
+};
 
 use crate::outbound::{Charge, Outbound};
 
@@ -127,7 +127,7 @@ pub async fn authenticate(
 ///
 /// ```
 /// use keel_example_axum_payments::{tenant, CurrentUser};
-/// use keel_idempotency::engine::{RequestHead, Tenant};
+/// use keel_idempotency::{RequestHead, Tenant};
 /// let Tenant::Function(read) = tenant() else { unreachable!() };
 /// let request = axum::http::Request::post("/payments").extension(CurrentUser("bob".into())).body(()).unwrap();
 /// assert_eq!(read(&RequestHead::from(&request)).as_deref(), Some("bob"));
