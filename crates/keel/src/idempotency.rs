@@ -33,7 +33,9 @@ use keel_idempotency::engine::{
 };
 
 use crate::body::{BodyTooLarge, ProxyBody};
-use crate::config::{IdempotencyConfig, LapsedLeasePolicy, RouteConfig, ServerErrorsPolicy};
+use crate::config::{
+    IdempotencyConfig, LapsedLeasePolicy, MissingTenantPolicy, RouteConfig, ServerErrorsPolicy,
+};
 use crate::metrics::{IdempotencyMetrics, Metrics};
 use crate::problem::{Problem, ProblemKind};
 use crate::proxy::{
@@ -74,11 +76,13 @@ pub fn policy(config: &IdempotencyConfig, request_timeout: Duration, route: &str
         .with_required(config.required)
         .with_ttl(config.ttl.0)
         .with_tenant(tenant)
-        // The gateway's documented rule: requests without `tenant_header`
-        // share one anonymous tenant (its routes front services that
-        // authenticate, or need no caller scoping); chosen explicitly,
-        // since the library refuses such requests by default.
-        .with_missing_tenant(MissingTenant::Anonymous)
+        // The gateway's documented default: requests without
+        // `tenant_header` share one anonymous tenant, unless the route
+        // says `missing_tenant = "reject"` (the library's own default).
+        .with_missing_tenant(match config.missing_tenant {
+            MissingTenantPolicy::Anonymous => MissingTenant::Anonymous,
+            MissingTenantPolicy::Reject => MissingTenant::Reject,
+        })
         .with_max_body(size(config.max_body.0))
         .with_max_response(size(config.max_response.0))
         .with_store_down(if config.fail_open {
@@ -924,6 +928,42 @@ mod tests {
         assert_eq!(idem.server_errors, ServerErrorsPolicy::Release);
         let p = policy(idem, Duration::from_secs(10), "r");
         assert_eq!(p.lease(), Duration::from_secs(3));
+    }
+
+    #[tokio::test]
+    async fn a_route_chooses_what_a_request_without_its_tenant_header_gets() {
+        let anonymous = http::Request::post("/orders")
+            .header("idempotency-key", "k")
+            .body(())
+            .expect("request");
+        let engine_for = |text: &str| {
+            let r = route(text);
+            Engine::new(
+                Arc::new(keel_idempotency::memory::MemoryStore::new()),
+                policy(
+                    r.idempotency.as_ref().expect("idem"),
+                    Duration::from_secs(10),
+                    "r",
+                ),
+            )
+        };
+        // Default: one shared anonymous tenant, as documented.
+        let Begin::Execute(guard) = engine_for("").begin(&anonymous, b"{}").await else {
+            panic!("an anonymous request runs by default");
+        };
+        guard.release().await.expect("release");
+        // `reject`: 400, nothing claimed.
+        let Begin::Reject(problem) = engine_for("missing_tenant = \"reject\"\n")
+            .begin(&anonymous, b"{}")
+            .await
+        else {
+            panic!("refused when the route says reject");
+        };
+        assert_eq!(problem.status(), StatusCode::BAD_REQUEST);
+        assert_eq!(
+            problem.extensions().get::<ProblemKindLib>(),
+            Some(&ProblemKindLib::TenantMissing)
+        );
     }
 
     #[test]
