@@ -1,7 +1,9 @@
 //! Engine overhead per request on the memory store: a new request (parse,
 //! tenant scope, fingerprint, claim, complete) and a replay (parse,
 //! fingerprint, claim, decode, build the response), beside the bare store
-//! pair for reference. Also a new request on the embedded store.
+//! pair for reference. Also a new request on the embedded store, and a
+//! replay through the tower layer (buffering the request body, the engine,
+//! the replayed response) in front of a `service_fn`.
 //!
 //! Run: `cargo bench -p keel-idempotency --bench engine`
 
@@ -84,6 +86,33 @@ fn engine_benches(c: &mut Criterion) {
             let Begin::Replay(r) = now(replay_engine.begin(&replayed, BODY)) else {
                 panic!("replay");
             };
+            r
+        })
+    });
+
+    // One call through the tower layer, answered from the store.
+    let handler = tower::service_fn(|_req: http::Request<_>| async {
+        Ok::<_, std::convert::Infallible>(http::Response::new(http_body_util::Full::new(
+            Bytes::from_static(b"created"),
+        )))
+    });
+    let mut layered = tower::Layer::layer(
+        &keel_idempotency::IdempotencyLayer::new(Engine::new(
+            Arc::new(MemoryStore::new()),
+            Policy::default(),
+        )),
+        handler,
+    );
+    let layer_request = || {
+        let (parts, ()) = request("layer-key").into_parts();
+        http::Request::from_parts(parts, http_body_util::Full::new(Bytes::from_static(BODY)))
+    };
+    let first = now(tower::Service::call(&mut layered, layer_request())).expect("infallible");
+    assert!(!first.headers().contains_key("idempotent-replayed"));
+    g.bench_function("layer/replay", |b| {
+        b.iter(|| {
+            let r = now(tower::Service::call(&mut layered, layer_request())).expect("infallible");
+            assert!(r.headers().contains_key("idempotent-replayed"));
             r
         })
     });
