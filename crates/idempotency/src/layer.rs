@@ -38,6 +38,47 @@
 //! # });
 //! ```
 
+//!
+//! # In a `ServiceBuilder` stack
+//!
+//! Put the idempotency layer outside the layers that can fail the call
+//! (timeouts, retries, breakers): it must see their outcome. A timeout
+//! inside it surfaces as the inner service's error, which locks the key as
+//! "outcome unknown" (the handler may have run), never frees it:
+//!
+//! ```
+//! use std::convert::Infallible;
+//! use std::sync::Arc;
+//! use std::time::Duration;
+//! use bytes::Bytes;
+//! use http_body_util::Full;
+//! use keel_idempotency::{Engine, IdempotencyLayer, MemoryStore, Policy};
+//! use tower::{ServiceBuilder, ServiceExt};
+//!
+//! # tokio::runtime::Builder::new_current_thread().enable_all().start_paused(true).build().unwrap().block_on(async {
+//! let engine = Engine::new(Arc::new(MemoryStore::new()), Policy::default());
+//! let slow = tower::service_fn(|_req: http::Request<_>| async {
+//!     tokio::time::sleep(Duration::from_secs(60)).await;
+//!     Ok::<_, Infallible>(http::Response::new(Full::new(Bytes::from("charged"))))
+//! });
+//! let svc = ServiceBuilder::new()
+//!     .layer(IdempotencyLayer::new(engine))
+//!     .timeout(Duration::from_secs(5))
+//!     .service(slow);
+//! let request = || http::Request::post("/charges")
+//!     .header("authorization", "Bearer alice")
+//!     .header("idempotency-key", "c-1")
+//!     .body(Full::new(Bytes::from("{}")))
+//!     .unwrap();
+//! // The call times out: the handler may have run.
+//! assert!(svc.clone().oneshot(request()).await.is_err());
+//! tokio::task::yield_now().await; // the key is locked on a spawned task
+//! // Its retry is told so, and does not run the handler again.
+//! let retry = svc.oneshot(request()).await.unwrap();
+//! assert_eq!(retry.status(), 409);
+//! # });
+//! ```
+
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
@@ -61,6 +102,16 @@ pub type LayerRequestBody<B> = Either<B, Full<Bytes>>;
 /// The response body the layer returns: the inner service's own, or a
 /// buffered, replayed or problem body.
 pub type LayerResponseBody<B> = Either<B, Full<Bytes>>;
+
+/// The future [`Idempotency`] returns (boxed: the store's operations are
+/// boxed futures already, so one more allocation per keyed call is small
+/// beside them), named so a stack holding it can be written down.
+///
+/// ```
+/// use keel_idempotency::layer::IdempotencyFuture;
+/// fn _named(_: IdempotencyFuture<http_body_util::Full<bytes::Bytes>, std::convert::Infallible>) {}
+/// ```
+pub type IdempotencyFuture<B, E> = BoxFuture<'static, Result<Response<LayerResponseBody<B>>, E>>;
 
 /// Wraps a service with [`Idempotency`].
 #[derive(Clone, Debug)]
@@ -120,7 +171,7 @@ where
 {
     type Response = Response<LayerResponseBody<ResB>>;
     type Error = S::Error;
-    type Future = BoxFuture<'static, Result<Self::Response, S::Error>>;
+    type Future = IdempotencyFuture<ResB, S::Error>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
         self.inner.poll_ready(cx)
