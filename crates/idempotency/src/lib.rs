@@ -9,8 +9,12 @@
 //!
 //! 1. The [engine](engine::Engine) parses the key (Structured Field string
 //!    `"abc"` or bare `abc`), scopes it to the tenant (a digest of the
-//!    `Authorization` header by default), the method and the path, and
-//!    hashes all that into a [`store::StoreKey`]. It fingerprints the request
+//!    `Authorization` header by default, or any function of the request
+//!    head and extensions: [`Tenant`]), the method and the path, and
+//!    hashes all that into a [`store::StoreKey`]. A keyed request without a
+//!    tenant is refused (400) unless the route admits anonymous callers
+//!    ([`MissingTenant`]): two callers never share a key by accident. It
+//!    fingerprints the request
 //!    (BLAKE3 of method, path, query, body, chosen headers; optionally
 //!    canonical JSON).
 //! 2. It **claims** the key in one atomic store operation, with a lease and
@@ -20,7 +24,9 @@
 //! 3. When the operation finishes, the [`engine::Guard`] records the
 //!    response (status, allow-listed headers, body, original request id)
 //!    for the TTL, or releases the claim for "not processed" answers (408,
-//!    409, 425, 429), or locks the key as "outcome unknown" when the result
+//!    409, 425, 429, the route's own list, or a response carrying
+//!    [`NotExecuted`]: a released key only ever means the work did not
+//!    run), or locks the key as "outcome unknown" when the result
 //!    was lost. A holder whose lease expired is fenced off: its late
 //!    completion cannot overwrite the newer claim's record.
 //! 4. Retries get the stored response with `Idempotent-Replayed: true` and
