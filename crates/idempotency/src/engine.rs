@@ -101,7 +101,7 @@ pub type TenantFn = Arc<dyn Fn(&RequestHead<'_>) -> Option<String> + Send + Sync
 #[derive(Clone)]
 pub enum Tenant {
     /// A digest of this header's value (default: `Authorization`). A
-    /// request without it has no tenant.
+    /// request without it, or with an empty value, has no tenant.
     Header(HeaderName),
     /// A caller-supplied function of the request head, extensions
     /// included: an account id an authentication middleware put in the
@@ -975,7 +975,13 @@ impl Engine {
         }
         // Shape errors (key, body, upgrade) come first; then who is asking.
         let tenant = match &policy.tenant {
-            Tenant::Header(name) => head.headers.get(name).map(|v| v.as_bytes().to_vec()),
+            // An empty value names nobody: callers sending `Authorization: `
+            // must not share one key space.
+            Tenant::Header(name) => head
+                .headers
+                .get(name)
+                .filter(|v| !v.as_bytes().trim_ascii().is_empty())
+                .map(|v| v.as_bytes().to_vec()),
             Tenant::Function(f) => f(&head).map(String::into_bytes),
             Tenant::Single => None,
         };

@@ -416,6 +416,16 @@ async fn a_keyed_request_without_a_tenant_is_refused_unless_anonymous_is_chosen(
     );
     let r = rejected(&e, &anonymous("bob"), b"{}").await;
     assert_eq!(r.status(), 400);
+    // An empty Authorization names nobody either.
+    let empty = Request::post("/orders")
+        .header("authorization", " ")
+        .header("idempotency-key", "same")
+        .body(())
+        .expect("req");
+    assert_eq!(
+        problem_type(&rejected(&e, &empty, b"{}").await),
+        "urn:keel:problem:idempotency-tenant-missing"
+    );
     // Without a key nothing is shared, so the request passes as before.
     let no_key = Request::post("/orders").body(()).expect("req");
     assert!(matches!(
