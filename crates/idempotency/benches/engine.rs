@@ -1,7 +1,9 @@
 //! Engine overhead per request on the memory store: a new request (parse,
 //! tenant scope, fingerprint, claim, complete) and a replay (parse,
 //! fingerprint, claim, decode, build the response), beside the bare store
-//! pair for reference. Also a new request on the embedded store.
+//! pair for reference. Also a new request on the embedded store, and a
+//! replay through the tower layer (buffering the request body, the engine,
+//! the replayed response) in front of a `service_fn`.
 //!
 //! Run: `cargo bench -p keel-idempotency --bench engine`
 
@@ -56,7 +58,7 @@ fn engine_benches(c: &mut Criterion) {
     // again, so every iteration is a full new request on a bounded map.
     let new_engine = Engine::new(
         Arc::new(MemoryStore::new()),
-        Policy::default().ttl(Duration::ZERO),
+        Policy::default().with_ttl(Duration::ZERO),
     );
     let requests: Vec<_> = (0..65_536)
         .map(|i| request(&format!("key-{i:08}")))
@@ -88,6 +90,33 @@ fn engine_benches(c: &mut Criterion) {
         })
     });
 
+    // One call through the tower layer, answered from the store.
+    let handler = tower::service_fn(|_req: http::Request<_>| async {
+        Ok::<_, std::convert::Infallible>(http::Response::new(http_body_util::Full::new(
+            Bytes::from_static(b"created"),
+        )))
+    });
+    let mut layered = tower::Layer::layer(
+        &keel_idempotency::IdempotencyLayer::new(Engine::new(
+            Arc::new(MemoryStore::new()),
+            Policy::default(),
+        )),
+        handler,
+    );
+    let layer_request = || {
+        let (parts, ()) = request("layer-key").into_parts();
+        http::Request::from_parts(parts, http_body_util::Full::new(Bytes::from_static(BODY)))
+    };
+    let first = now(tower::Service::call(&mut layered, layer_request())).expect("infallible");
+    assert!(!first.headers().contains_key("idempotent-replayed"));
+    g.bench_function("layer/replay", |b| {
+        b.iter(|| {
+            let r = now(tower::Service::call(&mut layered, layer_request())).expect("infallible");
+            assert!(r.headers().contains_key("idempotent-replayed"));
+            r
+        })
+    });
+
     let store = MemoryStore::new();
     let keys: Vec<_> = (0..65_536)
         .map(|i| StoreKey::new(format!("idem:{i:064x}")).expect("valid"))
@@ -98,7 +127,7 @@ fn engine_benches(c: &mut Criterion) {
             j = (j + 1) % keys.len();
             let Ok(Claim::Acquired { token }) = now(store.claim(
                 &keys[j],
-                Fingerprint([1; 32]),
+                Fingerprint::from_bytes([1; 32]),
                 Lease::freeing(Duration::from_secs(30)),
             )) else {
                 panic!("free");
@@ -111,7 +140,7 @@ fn engine_benches(c: &mut Criterion) {
     let dir = tempfile::tempdir().expect("tempdir");
     let embedded = Engine::new(
         Arc::new(keel_idempotency::embedded::EmbeddedStore::open_dir(dir.path()).expect("open")),
-        Policy::default().ttl(Duration::ZERO),
+        Policy::default().with_ttl(Duration::ZERO),
     );
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()

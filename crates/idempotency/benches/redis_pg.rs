@@ -55,7 +55,11 @@ fn unique(tag: &str) -> String {
 async fn pair<S: Store + ?Sized>(store: &S, prefix: &str, n: u64) {
     let key = StoreKey::new(format!("{prefix}:{n}")).expect("key");
     match store
-        .claim(&key, Fingerprint([5; 32]), Lease::freeing(LEASE))
+        .claim(
+            &key,
+            Fingerprint::from_bytes([5; 32]),
+            Lease::freeing(LEASE),
+        )
         .await
     {
         Ok(Claim::Acquired { token }) => store
@@ -118,7 +122,11 @@ impl<S: Store + Clone> PairOp for Replay<S> {
     async fn run(&self, _: u64) {
         match self
             .0
-            .claim(&self.1, Fingerprint([5; 32]), Lease::freeing(LEASE))
+            .claim(
+                &self.1,
+                Fingerprint::from_bytes([5; 32]),
+                Lease::freeing(LEASE),
+            )
             .await
         {
             Ok(Claim::Completed { .. }) => {}
@@ -132,7 +140,11 @@ fn replay_of<S: Store + Clone>(rt: &Runtime, store: &S, key: &str) -> Replay<S> 
     let key = StoreKey::new(key).expect("key");
     rt.block_on(async {
         match store
-            .claim(&key, Fingerprint([5; 32]), Lease::freeing(LEASE))
+            .claim(
+                &key,
+                Fingerprint::from_bytes([5; 32]),
+                Lease::freeing(LEASE),
+            )
             .await
         {
             Ok(Claim::Acquired { token }) => store

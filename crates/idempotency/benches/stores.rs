@@ -17,7 +17,7 @@ use keel_idempotency::store::{
     Claim, FencingToken, Fingerprint, Lease, Store, StoreError, StoreKey,
 };
 
-const FP: Fingerprint = Fingerprint([3; 32]);
+const FP: Fingerprint = Fingerprint::from_bytes([3; 32]);
 const LEASE: Duration = Duration::from_secs(30);
 /// Records complete with a zero TTL, so the next use of the same key finds
 /// an expired record and claims again: the map stays the size of the key
@@ -68,7 +68,8 @@ impl MutexMap {
                 },
             };
         }
-        let token = FencingToken(self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1);
+        let token =
+            FencingToken::new(self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1);
         map.insert(key.clone(), (token, None, now + LEASE));
         Claim::Acquired { token }
     }

@@ -2,10 +2,14 @@
 //!
 //! ```text
 //! cargo run -p keel-idempotency --example axum_service            # listens on 127.0.0.1:3000
-//! curl -si -X POST localhost:3000/orders -H 'Idempotency-Key: o-1' -d '{"sku":"A1"}'
-//! curl -si -X POST localhost:3000/orders -H 'Idempotency-Key: o-1' -d '{"sku":"A1"}'   # replay
-//! curl -si -X POST localhost:3000/orders -H 'Idempotency-Key: o-1' -d '{"sku":"B2"}'   # 422
+//! curl -si -X POST localhost:3000/orders -H 'Authorization: Bearer alice' -H 'Idempotency-Key: o-1' -d '{"sku":"A1"}'
+//! curl -si -X POST localhost:3000/orders -H 'Authorization: Bearer alice' -H 'Idempotency-Key: o-1' -d '{"sku":"A1"}'   # replay
+//! curl -si -X POST localhost:3000/orders -H 'Authorization: Bearer alice' -H 'Idempotency-Key: o-1' -d '{"sku":"B2"}'   # 422
+//! curl -si -X POST localhost:3000/orders -H 'Idempotency-Key: o-1' -d '{"sku":"A1"}'   # 400: no caller to scope the key to
 //! ```
+//!
+//! Keys are scoped to the caller (the `Authorization` value, by default),
+//! so a keyed request without one is refused.
 //!
 //! With `--self-test` it serves on an ephemeral port, sends those requests
 //! itself and exits, which is handy to see the whole flow in one command.
@@ -18,9 +22,7 @@ use axum::Router;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::post;
-use keel_idempotency::engine::{Engine, Policy};
-use keel_idempotency::layer::IdempotencyLayer;
-use keel_idempotency::memory::MemoryStore;
+use keel_idempotency::{Engine, IdempotencyLayer, MemoryStore, Policy};
 
 #[derive(Clone, Default)]
 struct Orders {
@@ -47,8 +49,8 @@ fn app() -> Router {
     let engine = Engine::new(
         Arc::new(MemoryStore::new()),
         Policy::default()
-            .required(true)
-            .lease_for_timeout(Duration::from_secs(10)),
+            .with_required(true)
+            .with_lease_for_timeout(Duration::from_secs(10)),
     );
     Router::new()
         .route("/orders", post(create_order))
@@ -91,7 +93,7 @@ async fn raw_post(addr: std::net::SocketAddr, key: &str, body: &str) -> std::io:
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut stream = tokio::net::TcpStream::connect(addr).await?;
     let request = format!(
-        "POST /orders HTTP/1.1\r\nhost: {addr}\r\nidempotency-key: {key}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        "POST /orders HTTP/1.1\r\nhost: {addr}\r\nauthorization: Bearer alice\r\nidempotency-key: {key}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
         body.len()
     );
     stream.write_all(request.as_bytes()).await?;

@@ -117,7 +117,7 @@ fn key(prefix: &str, name: &str) -> StoreKey {
 }
 
 fn fp(n: u8) -> Fingerprint {
-    Fingerprint([n; 32])
+    Fingerprint::from_bytes([n; 32])
 }
 
 fn locking(hold: Duration) -> Lease {
@@ -185,7 +185,7 @@ async fn wrong_token_is_fenced<S: Store + ?Sized>(store: &S, p: &str) {
     let case = "wrong_token_is_fenced";
     let k = key(p, case);
     let token = acquire(store, &k, LONG_LEASE, case).await;
-    let wrong = FencingToken(token.0.wrapping_add(1000));
+    let wrong = FencingToken::new(token.get().wrapping_add(1000));
     assert!(
         matches!(
             store.complete(&k, wrong, b"x", TTL).await,
@@ -590,7 +590,7 @@ async fn renewal_is_fenced<S: Store + ?Sized>(store: &S, p: &str) {
     let case = "renewal_is_fenced";
     let k = key(p, case);
     let token = acquire(store, &k, LONG_LEASE, case).await;
-    let foreign = FencingToken(token.0.wrapping_add(1000));
+    let foreign = FencingToken::new(token.get().wrapping_add(1000));
     assert!(
         matches!(
             store.renew(&k, foreign, locking(LONG_LEASE)).await,

@@ -208,7 +208,7 @@ where
     F: Future<Output = Result<T, E>>,
 {
     // Events carry no request to compare; every claim uses one fingerprint.
-    let fp = Fingerprint([0; 32]);
+    let fp = Fingerprint::from_bytes([0; 32]);
     let token = match store.claim(key, fp, Lease::freeing(lease)).await? {
         Claim::Acquired { token } => token,
         Claim::Completed { .. } => return Ok(Processed::Duplicate),

@@ -147,14 +147,14 @@
 //! let dir = tempfile::tempdir().unwrap();
 //! let store = EmbeddedStore::open_dir(dir.path()).unwrap();
 //! let key = StoreKey::new("k").unwrap();
-//! let Claim::Acquired { token } = store.claim(&key, Fingerprint([0; 32]), Lease::freeing(Duration::from_secs(5))).await.unwrap()
+//! let Claim::Acquired { token } = store.claim(&key, Fingerprint::from_bytes([0; 32]), Lease::freeing(Duration::from_secs(5))).await.unwrap()
 //! else { panic!() };
 //! store.complete(&key, token, b"done", Duration::from_secs(60)).await.unwrap();
 //! drop(store);
 //!
 //! // Reopened (as after a restart), the record is still there.
 //! let store = EmbeddedStore::open_dir(dir.path()).unwrap();
-//! let Claim::Completed { payload, .. } = store.claim(&key, Fingerprint([0; 32]), Lease::freeing(Duration::from_secs(5))).await.unwrap()
+//! let Claim::Completed { payload, .. } = store.claim(&key, Fingerprint::from_bytes([0; 32]), Lease::freeing(Duration::from_secs(5))).await.unwrap()
 //! else { panic!() };
 //! assert_eq!(payload, b"done");
 //! # });
@@ -412,7 +412,7 @@ struct Entry {
 impl Entry {
     /// The claim `token` holds on this key right now.
     fn held_by(&self, token: FencingToken, now: u64) -> bool {
-        !self.completed && !self.completing && self.token == token.0 && self.lease_ms > now
+        !self.completed && !self.completing && self.token == token.get() && self.lease_ms > now
     }
 
     fn bury(&self) {
@@ -843,10 +843,10 @@ impl EmbeddedStore {
     /// store.inject_faults(FaultPoint::Write, 1, FaultError::Os(28)); // ENOSPC
     /// let key = StoreKey::new("k").unwrap();
     /// let lease = Lease::freeing(Duration::from_secs(5));
-    /// let refused = store.claim(&key, Fingerprint([0; 32]), lease).await;
+    /// let refused = store.claim(&key, Fingerprint::from_bytes([0; 32]), lease).await;
     /// assert!(matches!(refused, Err(StoreError::Full(_))));
     /// assert_eq!(store.faults_left(FaultPoint::Write), 0);
-    /// assert!(store.claim(&key, Fingerprint([0; 32]), lease).await.is_ok());
+    /// assert!(store.claim(&key, Fingerprint::from_bytes([0; 32]), lease).await.is_ok());
     /// # });
     /// ```
     #[doc(hidden)]
@@ -885,10 +885,10 @@ impl EmbeddedStore {
     /// let store = EmbeddedStore::open_dir(dir.path()).unwrap();
     /// let key = StoreKey::new("k").unwrap();
     /// let lease = Lease::locking(Duration::from_secs(30), Duration::from_secs(3600));
-    /// store.claim(&key, Fingerprint([1; 32]), lease).await.unwrap();
+    /// store.claim(&key, Fingerprint::from_bytes([1; 32]), lease).await.unwrap();
     /// store.advance_clock(Duration::from_secs(31));
     /// assert!(matches!(
-    ///     store.claim(&key, Fingerprint([1; 32]), lease).await.unwrap(),
+    ///     store.claim(&key, Fingerprint::from_bytes([1; 32]), lease).await.unwrap(),
     ///     Claim::Abandoned { .. }
     /// ));
     /// # });
@@ -1026,7 +1026,7 @@ impl Store for EmbeddedStore {
                         self.inner.wait(rx).await?;
                     }
                     Ok(Claim::Acquired {
-                        token: FencingToken(token),
+                        token: FencingToken::new(token),
                     })
                 }
             }
@@ -1049,7 +1049,7 @@ impl Store for EmbeddedStore {
                 };
                 let lease_ms = add_ms(now, lease.hold);
                 let expires_ms = add_ms(now, lease.record_life());
-                let record = claim_record(k, token.0, lease_ms, expires_ms, e.fingerprint);
+                let record = claim_record(k, token.get(), lease_ms, expires_ms, e.fingerprint);
                 // Written before the renewal returns, so a full disk is
                 // reported, but not synced: losing it in a crash only
                 // shortens the lease of a holder that died in the crash.
@@ -1082,13 +1082,13 @@ impl Store for EmbeddedStore {
                 } else if e.lease_ms > now {
                     Seen::State(KeyState::Held {
                         fingerprint: e.fingerprint,
-                        token: FencingToken(e.token),
+                        token: FencingToken::new(e.token),
                         lease_left: ms(e.lease_ms - now),
                     })
                 } else {
                     Seen::State(KeyState::Abandoned {
                         fingerprint: e.fingerprint,
-                        token: FencingToken(e.token),
+                        token: FencingToken::new(e.token),
                         expires_in: ms(e.expires_ms - now),
                     })
                 }
@@ -1169,7 +1169,7 @@ impl Store for EmbeddedStore {
                 };
                 let meta = Meta {
                     kind: Kind::Completed,
-                    token: token.0,
+                    token: token.get(),
                     lease_ms: 0,
                     expires_ms: add_ms(now, ttl),
                     fingerprint: e.fingerprint,
@@ -1207,7 +1207,7 @@ impl Store for EmbeddedStore {
                 };
                 let meta = Meta {
                     kind: Kind::Released,
-                    token: token.0,
+                    token: token.get(),
                     lease_ms: 0,
                     expires_ms: 0,
                     fingerprint: old.fingerprint,
@@ -1789,7 +1789,7 @@ mod tests {
         match store
             .claim(
                 k,
-                Fingerprint([1; 32]),
+                Fingerprint::from_bytes([1; 32]),
                 Lease::freeing(Duration::from_secs(60)),
             )
             .await
@@ -1817,7 +1817,7 @@ mod tests {
             let failed = store
                 .claim(
                     &b,
-                    Fingerprint([1; 32]),
+                    Fingerprint::from_bytes([1; 32]),
                     Lease::freeing(Duration::from_secs(60)),
                 )
                 .await;
@@ -1865,7 +1865,7 @@ mod tests {
             match store
                 .claim(
                     k,
-                    Fingerprint([1; 32]),
+                    Fingerprint::from_bytes([1; 32]),
                     Lease::freeing(Duration::from_secs(60)),
                 )
                 .await
@@ -1890,7 +1890,7 @@ mod tests {
                 token,
                 lease_ms: 0,
                 expires_ms,
-                fingerprint: Fingerprint([1; 32]),
+                fingerprint: Fingerprint::from_bytes([1; 32]),
             };
             log::v1::encode(&mut bytes, &meta, key, payload);
         }
@@ -1932,7 +1932,7 @@ mod tests {
             assert_eq!(store.stats().segments, 3);
             assert_eq!(header_magic(&log::segment_path(dir.path(), 3)), b"KEELIDX2");
             assert!(matches!(
-                store.claim(&done, Fingerprint([1; 32]), Lease::freeing(Duration::from_secs(5))).await,
+                store.claim(&done, Fingerprint::from_bytes([1; 32]), Lease::freeing(Duration::from_secs(5))).await,
                 Ok(Claim::Completed { payload, .. }) if payload == b"v1 result"
             ));
             assert!(matches!(store.inspect(&gone).await, Ok(None)));
@@ -1940,7 +1940,7 @@ mod tests {
                 assert!(matches!(
                     store.inspect(k).await,
                     Ok(Some(KeyState::Held { token: t, lease_left, .. }))
-                        if t.0 == token && lease_left <= Duration::from_secs(60)
+                        if t.get() == token && lease_left <= Duration::from_secs(60)
                 ));
             }
             // Compaction rewrites the old segments' live records in the
@@ -1958,15 +1958,12 @@ mod tests {
         ));
         assert!(matches!(
             store.inspect(&held).await,
-            Ok(Some(KeyState::Held {
-                token: FencingToken(2),
-                ..
-            }))
+            Ok(Some(KeyState::Held { token, .. })) if token == FencingToken::new(2)
         ));
         // A version 1 claim's lapse frees its key, as that version meant.
         store.advance_clock(Duration::from_secs(61));
         for k in [&held, &late] {
-            assert!(acquire(&store, k).await > FencingToken(4));
+            assert!(acquire(&store, k).await > FencingToken::new(4));
         }
     }
 
@@ -2014,7 +2011,7 @@ mod tests {
             store
                 .claim(
                     &k,
-                    Fingerprint([1; 32]),
+                    Fingerprint::from_bytes([1; 32]),
                     Lease::freeing(Duration::from_secs(60))
                 )
                 .await,
@@ -2027,7 +2024,7 @@ mod tests {
         drop(store);
         let store = EmbeddedStore::open_dir(dir.path()).expect("reopen");
         assert!(matches!(
-            store.claim(&k, Fingerprint([1; 32]), Lease::freeing(Duration::from_secs(60))).await,
+            store.claim(&k, Fingerprint::from_bytes([1; 32]), Lease::freeing(Duration::from_secs(60))).await,
             Ok(Claim::Completed { payload, .. }) if payload == b"done"
         ));
     }

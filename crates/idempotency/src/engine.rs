@@ -13,6 +13,7 @@
 //! # tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap().block_on(async {
 //! let engine = Engine::new(Arc::new(MemoryStore::new()), Policy::default());
 //! let request = Request::post("/orders")
+//!     .header("authorization", "Bearer alice")
 //!     .header("idempotency-key", "order-1")
 //!     .header("x-request-id", "req-1")
 //!     .body(())
@@ -94,17 +95,82 @@ pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 /// A caller-supplied tenant extractor; see [`Tenant::Function`].
 pub type TenantFn = Arc<dyn Fn(&RequestHead<'_>) -> Option<String> + Send + Sync>;
 
-/// How the tenant part of the lookup key is found.
+/// How the tenant part of the lookup key is found. Two requests share a
+/// key only if their tenants are equal, so the tenant must identify the
+/// caller: a missing tenant is refused by default ([`MissingTenant`]).
 #[derive(Clone)]
 pub enum Tenant {
-    /// A digest of this header's value (default: `Authorization`). Requests
-    /// without it share one anonymous tenant.
+    /// A digest of this header's value (default: `Authorization`). A
+    /// request without it, or with an empty value, has no tenant.
     Header(HeaderName),
-    /// A caller-supplied function (an account id from a verified token, for
-    /// instance). `None` means the anonymous tenant.
+    /// A caller-supplied function of the request head, extensions
+    /// included: an account id an authentication middleware put in the
+    /// request's extensions, or one read from a verified token. `None`
+    /// means the request has no tenant. Build it with [`Tenant::function`].
     Function(TenantFn),
     /// No tenant: for services where every client is the same principal.
     Single,
+}
+
+impl Tenant {
+    /// A [`Tenant::Function`] from a closure.
+    ///
+    /// The usual axum pattern: an authentication middleware puts the
+    /// current user into the request's extensions, and the tenant is read
+    /// from there (the idempotency layer must then sit inside, that is
+    /// after, the authentication layer):
+    ///
+    /// ```
+    /// use keel_idempotency::engine::{Policy, RequestHead, Tenant};
+    ///
+    /// /// What the authentication middleware inserts.
+    /// #[derive(Clone)]
+    /// struct CurrentUser(String);
+    ///
+    /// async fn authenticate(
+    ///     mut request: axum::extract::Request,
+    ///     next: axum::middleware::Next,
+    /// ) -> axum::response::Response {
+    ///     // Verify the session cookie here; this sketch trusts its value.
+    ///     let user = request
+    ///         .headers()
+    ///         .get("cookie")
+    ///         .and_then(|c| c.to_str().ok())
+    ///         .and_then(|c| c.strip_prefix("session="))
+    ///         .map(|s| CurrentUser(s.to_owned()));
+    ///     if let Some(user) = user {
+    ///         request.extensions_mut().insert(user);
+    ///     }
+    ///     next.run(request).await
+    /// }
+    ///
+    /// let by_user = Tenant::function(|head: &RequestHead<'_>| {
+    ///     head.extensions.get::<CurrentUser>().map(|user| user.0.clone())
+    /// });
+    /// let Tenant::Function(read) = &by_user else { unreachable!() };
+    /// let alice = http::Request::post("/orders")
+    ///     .extension(CurrentUser("alice".into()))
+    ///     .body(())
+    ///     .unwrap();
+    /// assert_eq!(read(&RequestHead::from(&alice)).as_deref(), Some("alice"));
+    ///
+    /// // The idempotency layer sits inside the authentication layer, so
+    /// // it sees the user (the layer added last runs first).
+    /// let engine = keel_idempotency::engine::Engine::new(
+    ///     std::sync::Arc::new(keel_idempotency::memory::MemoryStore::new()),
+    ///     Policy::default().with_tenant(by_user),
+    /// );
+    /// let app: axum::Router = axum::Router::new()
+    ///     .route("/orders", axum::routing::post(|| async { "created" }))
+    ///     .layer(keel_idempotency::layer::IdempotencyLayer::new(engine))
+    ///     .layer(axum::middleware::from_fn(authenticate));
+    /// ```
+    pub fn function<F>(f: F) -> Self
+    where
+        F: Fn(&RequestHead<'_>) -> Option<String> + Send + Sync + 'static,
+    {
+        Self::Function(Arc::new(f))
+    }
 }
 
 impl std::fmt::Debug for Tenant {
@@ -117,6 +183,23 @@ impl std::fmt::Debug for Tenant {
     }
 }
 
+/// What a keyed request without a tenant (its [`Tenant`] source is absent:
+/// no `Authorization` header, no user in the extensions) gets.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum MissingTenant {
+    /// Refuse it with a 400 problem, `urn:keel:problem:idempotency-tenant-missing`
+    /// (default). Without a tenant the engine cannot tell two callers
+    /// apart, and one caller could be handed another's stored response.
+    #[default]
+    Reject,
+    /// Admit it under one shared anonymous tenant: every request without a
+    /// tenant shares one key space, so two callers sending the same key
+    /// and body get one execution and the second receives the first's
+    /// response. Only for routes where that is harmless (the callers are
+    /// the same principal, or the responses carry nothing private).
+    Anonymous,
+}
+
 /// What to do with a duplicate that arrives while the first is running.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum InFlight {
@@ -126,6 +209,32 @@ pub enum InFlight {
     /// response (or 409 if it is still running).
     Wait(Duration),
 }
+
+/// A response extension by which the operation says "I did not run":
+/// the layer (and [`Guard::complete`]) then releases the claim instead of
+/// storing the response, and the client's retry with the same key runs.
+///
+/// Exactly once holds only if a released key means the work did not run.
+/// Attach it only when nothing happened: the handler's circuit breaker
+/// refused the outbound call, a validation failed before any write, the
+/// request never left. Never attach it after a call that may have reached
+/// the other side (a timeout, a dropped connection): that is "outcome
+/// unknown", and a retry would run the operation twice.
+///
+/// ```
+/// use http::StatusCode;
+/// use keel_idempotency::engine::NotExecuted;
+///
+/// // In a handler whose outbound call was refused before it was sent:
+/// let mut response = http::Response::new("payment provider unavailable; retry later");
+/// *response.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+/// response.extensions_mut().insert(NotExecuted);
+/// ```
+///
+/// With axum, return it beside the response: `(StatusCode::BAD_GATEWAY,
+/// axum::Extension(NotExecuted), "...")`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct NotExecuted;
 
 /// What a 5xx response means for the key.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -168,10 +277,10 @@ pub enum StoreDown {
 /// use std::time::Duration;
 ///
 /// let policy = Policy::default()
-///     .required(true)
-///     .lease_for_timeout(Duration::from_secs(10))
-///     .in_flight(InFlight::Wait(Duration::from_secs(5)));
-/// assert_eq!(policy.get_lease(), Duration::from_secs(11)); // timeout + 10 %, at least 1 s
+///     .with_required(true)
+///     .with_lease_for_timeout(Duration::from_secs(10))
+///     .with_in_flight(InFlight::Wait(Duration::from_secs(5)));
+/// assert_eq!(policy.lease(), Duration::from_secs(11)); // timeout + 10 %, at least 1 s
 /// ```
 #[derive(Clone, Debug)]
 pub struct Policy {
@@ -182,9 +291,11 @@ pub struct Policy {
     ttl: Duration,
     lease: Duration,
     tenant: Tenant,
+    missing_tenant: MissingTenant,
     fingerprint: FingerprintConfig,
     in_flight: InFlight,
     server_errors: ServerErrors,
+    release_statuses: Vec<StatusCode>,
     store_down: StoreDown,
     store_retry_after: Duration,
     lapsed_lease: LapsedLease,
@@ -199,7 +310,8 @@ pub struct Policy {
 impl Default for Policy {
     /// POST and PATCH, key optional, 255-character keys, 24 h TTL, 35 s
     /// lease (a 30 s timeout plus margin) that locks the key when it lapses,
-    /// outcome writes retried for up to 10 s, tenant from `Authorization`,
+    /// outcome writes retried for up to 10 s, tenant from `Authorization`
+    /// (keyed requests without it refused),
     /// 409 on in-flight duplicates, 5xx stored, fail-closed, 1 MiB request
     /// and response limits.
     fn default() -> Self {
@@ -211,9 +323,11 @@ impl Default for Policy {
             ttl: Duration::from_secs(24 * 3600),
             lease: Duration::from_secs(35),
             tenant: Tenant::Header(http::header::AUTHORIZATION),
+            missing_tenant: MissingTenant::Reject,
             fingerprint: FingerprintConfig::default(),
             in_flight: InFlight::Reject,
             server_errors: ServerErrors::Store,
+            release_statuses: Vec::new(),
             store_down: StoreDown::FailClosed,
             store_retry_after: Duration::from_secs(2),
             lapsed_lease: LapsedLease::Lock,
@@ -239,7 +353,7 @@ impl Default for Policy {
 }
 
 macro_rules! setter {
-    ($(#[$doc:meta])* $name:ident: $ty:ty, $example:literal) => {
+    ($(#[$doc:meta])* $setter:ident => $name:ident: $ty:ty, $example:literal) => {
         $(#[$doc])*
         ///
         /// ```
@@ -247,7 +361,7 @@ macro_rules! setter {
         /// # use std::time::Duration;
         #[doc = $example]
         /// ```
-        pub fn $name(mut self, value: $ty) -> Self {
+        pub fn $setter(mut self, value: $ty) -> Self {
             self.$name = value;
             self
         }
@@ -257,68 +371,74 @@ macro_rules! setter {
 impl Policy {
     setter!(
         /// The key header's name (default `Idempotency-Key`).
-        header: HeaderName,
-        "let p = Policy::default().header(http::HeaderName::from_static(\"x-idempotency-key\"));"
+        with_header => header: HeaderName,
+        "let p = Policy::default().with_header(http::HeaderName::from_static(\"x-idempotency-key\"));"
     );
     setter!(
         /// Whether a covered request without a key is refused with 400
         /// (`true`) or passed through untouched (`false`, default).
-        required: bool,
-        "let p = Policy::default().required(true);"
+        with_required => required: bool,
+        "let p = Policy::default().with_required(true);"
     );
     setter!(
         /// The longest key accepted (default 255 characters).
-        max_key_len: usize,
-        "let p = Policy::default().max_key_len(64);"
+        with_max_key_len => max_key_len: usize,
+        "let p = Policy::default().with_max_key_len(64);"
     );
     setter!(
         /// How long a completed result is kept and replayed (default 24 h).
-        ttl: Duration,
-        "let p = Policy::default().ttl(Duration::from_secs(3600));"
+        with_ttl => ttl: Duration,
+        "let p = Policy::default().with_ttl(Duration::from_secs(3600));"
     );
     setter!(
         /// How long a claim holds before another request may take the key
-        /// over (default 35 s). Prefer [`Policy::lease_for_timeout`].
-        lease: Duration,
-        "let p = Policy::default().lease(Duration::from_secs(5));"
+        /// over (default 35 s). Prefer [`Policy::with_lease_for_timeout`].
+        with_lease => lease: Duration,
+        "let p = Policy::default().with_lease(Duration::from_secs(5));"
     );
     setter!(
         /// Where the tenant comes from (default: a digest of
         /// `Authorization`).
-        tenant: Tenant,
-        "let p = Policy::default().tenant(Tenant::Header(http::HeaderName::from_static(\"x-api-key\")));"
+        with_tenant => tenant: Tenant,
+        "let p = Policy::default().with_tenant(Tenant::Header(http::HeaderName::from_static(\"x-api-key\")));"
+    );
+    setter!(
+        /// What a keyed request without a tenant gets (default: 400,
+        /// [`MissingTenant::Reject`]).
+        with_missing_tenant => missing_tenant: MissingTenant,
+        "let p = Policy::default().with_missing_tenant(MissingTenant::Anonymous);"
     );
     setter!(
         /// What goes into the fingerprint.
-        fingerprint: FingerprintConfig,
-        "let p = Policy::default().fingerprint(keel_idempotency::fingerprint::FingerprintConfig::default().canonical_json(true));"
+        with_fingerprint => fingerprint: FingerprintConfig,
+        "let p = Policy::default().with_fingerprint(keel_idempotency::fingerprint::FingerprintConfig::default().canonical_json(true));"
     );
     setter!(
         /// What an in-flight duplicate gets (default: 409).
-        in_flight: InFlight,
-        "let p = Policy::default().in_flight(InFlight::Wait(Duration::from_secs(2)));"
+        with_in_flight => in_flight: InFlight,
+        "let p = Policy::default().with_in_flight(InFlight::Wait(Duration::from_secs(2)));"
     );
     setter!(
         /// What a 5xx response does to the key (default: stored).
-        server_errors: ServerErrors,
-        "let p = Policy::default().server_errors(ServerErrors::Release);"
+        with_server_errors => server_errors: ServerErrors,
+        "let p = Policy::default().with_server_errors(ServerErrors::Release);"
     );
     setter!(
         /// What happens when the store is unreachable (default: 503).
-        store_down: StoreDown,
-        "let p = Policy::default().store_down(StoreDown::FailOpen);"
+        with_store_down => store_down: StoreDown,
+        "let p = Policy::default().with_store_down(StoreDown::FailOpen);"
     );
     setter!(
         /// The `Retry-After` of the 503 sent when the store is down
         /// (default 2 s).
-        store_retry_after: Duration,
-        "let p = Policy::default().store_retry_after(Duration::from_secs(5));"
+        with_store_retry_after => store_retry_after: Duration,
+        "let p = Policy::default().with_store_retry_after(Duration::from_secs(5));"
     );
     setter!(
         /// What a lapsed lease makes of its key (default: locked as
         /// "outcome unknown").
-        lapsed_lease: LapsedLease,
-        "let p = Policy::default().lapsed_lease(LapsedLease::Rerun);"
+        with_lapsed_lease => lapsed_lease: LapsedLease,
+        "let p = Policy::default().with_lapsed_lease(LapsedLease::Rerun);"
     );
     setter!(
         /// How long a failed write of an outcome (a stored response, an
@@ -326,45 +446,84 @@ impl Policy {
         /// jittered backoff, while the store is unreachable (default 10 s).
         /// The claim is renewed meanwhile; if the write still fails, the
         /// claim lapses and, with [`LapsedLease::Lock`], locks the key.
-        record_retry: Duration,
-        "let p = Policy::default().record_retry(Duration::from_secs(3));"
+        with_record_retry => record_retry: Duration,
+        "let p = Policy::default().with_record_retry(Duration::from_secs(3));"
     );
     setter!(
         /// The largest request body on a covered request (default 1 MiB);
         /// larger ones get 413.
-        max_body: usize,
-        "let p = Policy::default().max_body(64 << 10);"
+        with_max_body => max_body: usize,
+        "let p = Policy::default().with_max_body(64 << 10);"
     );
     setter!(
         /// The largest response body kept for replay (default 1 MiB). A
         /// larger response is still delivered; the key keeps a record that
         /// says so and retries get a 409 problem.
-        max_response: usize,
-        "let p = Policy::default().max_response(256 << 10);"
+        with_max_response => max_response: usize,
+        "let p = Policy::default().with_max_response(256 << 10);"
     );
     setter!(
         /// The request id header recorded and echoed as
         /// `Original-Request-Id` (default `x-request-id`).
-        request_id_header: HeaderName,
-        "let p = Policy::default().request_id_header(http::HeaderName::from_static(\"x-correlation-id\"));"
+        with_request_id_header => request_id_header: HeaderName,
+        "let p = Policy::default().with_request_id_header(http::HeaderName::from_static(\"x-correlation-id\"));"
     );
     setter!(
         /// A prefix for store keys, so that several engines (or test runs)
         /// can share one store without meeting (default `idem`). Printable
         /// ASCII, at most 64 characters; anything else is replaced.
-        namespace: String,
-        "let p = Policy::default().namespace(\"orders-api\".to_string());"
+        with_namespace => namespace: String,
+        "let p = Policy::default().with_namespace(\"orders-api\".to_string());"
     );
 
     /// The methods covered (default POST and PATCH); others pass through.
     ///
     /// ```
     /// # use keel_idempotency::engine::Policy;
-    /// let p = Policy::default().methods([http::Method::POST, http::Method::PUT]);
+    /// let p = Policy::default().with_methods([http::Method::POST, http::Method::PUT]);
     /// ```
-    pub fn methods(mut self, methods: impl IntoIterator<Item = Method>) -> Self {
+    pub fn with_methods(mut self, methods: impl IntoIterator<Item = Method>) -> Self {
         self.methods = methods.into_iter().collect();
         self
+    }
+
+    /// Statuses that, on this route, mean "not executed": a response with
+    /// one releases the claim (like 408, 409, 425 and 429 always do)
+    /// instead of being stored, so a retry runs. Name a status here only
+    /// if every response with it on this route is sent before the
+    /// operation had any effect (a released key must only ever mean the
+    /// work did not run); otherwise attach [`NotExecuted`] to the
+    /// responses that qualify. A policy is per route: give each route its
+    /// own engine (axum's `route_layer`) for different lists.
+    ///
+    /// ```
+    /// # use keel_idempotency::engine::Policy;
+    /// use http::StatusCode;
+    /// // This route answers 503 only when its breaker refused the call.
+    /// let p = Policy::default().with_release_statuses([StatusCode::SERVICE_UNAVAILABLE]);
+    /// assert!(p.releases(StatusCode::SERVICE_UNAVAILABLE));
+    /// assert!(p.releases(StatusCode::TOO_MANY_REQUESTS));
+    /// assert!(!p.releases(StatusCode::BAD_GATEWAY));
+    /// ```
+    pub fn with_release_statuses(mut self, statuses: impl IntoIterator<Item = StatusCode>) -> Self {
+        self.release_statuses = statuses.into_iter().collect();
+        self
+    }
+
+    /// Whether a response with `status` releases the claim on this route:
+    /// 408, 409, 425 and 429 always, 5xx where [`ServerErrors::Release`],
+    /// and the [`release_statuses`](Self::with_release_statuses).
+    ///
+    /// ```
+    /// # use keel_idempotency::engine::{Policy, ServerErrors};
+    /// use http::StatusCode;
+    /// assert!(!Policy::default().releases(StatusCode::BAD_GATEWAY));
+    /// assert!(Policy::default().with_server_errors(ServerErrors::Release).releases(StatusCode::BAD_GATEWAY));
+    /// ```
+    pub fn releases(&self, status: StatusCode) -> bool {
+        matches!(status.as_u16(), 408 | 409 | 425 | 429)
+            || (status.is_server_error() && self.server_errors == ServerErrors::Release)
+            || self.release_statuses.contains(&status)
     }
 
     /// Sets the lease to the route's timeout plus a margin (a tenth of the
@@ -374,9 +533,9 @@ impl Policy {
     /// ```
     /// # use keel_idempotency::engine::Policy;
     /// # use std::time::Duration;
-    /// assert_eq!(Policy::default().lease_for_timeout(Duration::from_secs(2)).get_lease(), Duration::from_secs(3));
+    /// assert_eq!(Policy::default().with_lease_for_timeout(Duration::from_secs(2)).lease(), Duration::from_secs(3));
     /// ```
-    pub fn lease_for_timeout(mut self, timeout: Duration) -> Self {
+    pub fn with_lease_for_timeout(mut self, timeout: Duration) -> Self {
         let margin = (timeout / 10).clamp(Duration::from_secs(1), Duration::from_secs(30));
         self.lease = timeout + margin;
         self
@@ -387,10 +546,10 @@ impl Policy {
     ///
     /// ```
     /// # use keel_idempotency::engine::Policy;
-    /// let p = Policy::default().replay_header(http::HeaderName::from_static("x-order-id"));
+    /// let p = Policy::default().with_replay_header(http::HeaderName::from_static("x-order-id"));
     /// assert!(p.replay_headers().iter().any(|h| h == "x-order-id"));
     /// ```
-    pub fn replay_header(mut self, name: HeaderName) -> Self {
+    pub fn with_replay_header(mut self, name: HeaderName) -> Self {
         if !self.replay_headers.contains(&name) {
             self.replay_headers.push(name);
         }
@@ -401,10 +560,10 @@ impl Policy {
     ///
     /// ```
     /// # use keel_idempotency::engine::Policy;
-    /// let p = Policy::default().replay_headers_only([http::header::CONTENT_TYPE]);
+    /// let p = Policy::default().with_replay_headers_only([http::header::CONTENT_TYPE]);
     /// assert_eq!(p.replay_headers().len(), 1);
     /// ```
-    pub fn replay_headers_only(mut self, names: impl IntoIterator<Item = HeaderName>) -> Self {
+    pub fn with_replay_headers_only(mut self, names: impl IntoIterator<Item = HeaderName>) -> Self {
         self.replay_headers = names.into_iter().collect();
         self
     }
@@ -423,9 +582,9 @@ impl Policy {
     ///
     /// ```
     /// # use keel_idempotency::engine::Policy;
-    /// assert_eq!(Policy::default().get_lease().as_secs(), 35);
+    /// assert_eq!(Policy::default().lease().as_secs(), 35);
     /// ```
-    pub fn get_lease(&self) -> Duration {
+    pub fn lease(&self) -> Duration {
         self.lease
     }
 
@@ -436,7 +595,7 @@ impl Policy {
     /// # use keel_idempotency::engine::Policy;
     /// use keel_idempotency::store::Lapse;
     /// let lease = Policy::default().store_lease();
-    /// assert_eq!(lease.lapse, Lapse::Lock(Policy::default().get_ttl()));
+    /// assert_eq!(lease.lapse, Lapse::Lock(Policy::default().ttl()));
     /// ```
     pub fn store_lease(&self) -> Lease {
         match self.lapsed_lease {
@@ -449,9 +608,9 @@ impl Policy {
     ///
     /// ```
     /// # use keel_idempotency::engine::Policy;
-    /// assert_eq!(Policy::default().get_ttl().as_secs(), 86_400);
+    /// assert_eq!(Policy::default().ttl().as_secs(), 86_400);
     /// ```
-    pub fn get_ttl(&self) -> Duration {
+    pub fn ttl(&self) -> Duration {
         self.ttl
     }
 
@@ -459,24 +618,26 @@ impl Policy {
     ///
     /// ```
     /// # use keel_idempotency::engine::Policy;
-    /// assert_eq!(Policy::default().get_max_body(), 1 << 20);
+    /// assert_eq!(Policy::default().max_body(), 1 << 20);
     /// ```
-    pub fn get_max_body(&self) -> usize {
+    pub fn max_body(&self) -> usize {
         self.max_body
     }
 }
 
-/// The parts of a request the engine reads. Built from an
-/// [`http::Request`] or [`http::request::Parts`] (by reference) with
-/// `into()`.
+/// The parts of a request the engine (and a [`Tenant::Function`]) reads:
+/// the whole head, extensions included. Built from an [`http::Request`]
+/// or [`http::request::Parts`] (by reference) with `into()`.
 ///
 /// ```
 /// use keel_idempotency::engine::RequestHead;
-/// let req = http::Request::post("/a?b=1").body(()).unwrap();
+/// let req = http::Request::post("/a?b=1").extension(7u32).body(()).unwrap();
 /// let head = RequestHead::from(&req);
 /// assert_eq!(head.uri.path(), "/a");
+/// assert_eq!(head.extensions.get::<u32>(), Some(&7));
 /// ```
 #[derive(Clone, Copy, Debug)]
+#[non_exhaustive]
 pub struct RequestHead<'a> {
     /// The method.
     pub method: &'a Method,
@@ -484,6 +645,8 @@ pub struct RequestHead<'a> {
     pub uri: &'a Uri,
     /// The headers.
     pub headers: &'a HeaderMap,
+    /// The extensions (what middleware inserted: the authenticated user).
+    pub extensions: &'a http::Extensions,
 }
 
 impl<'a, B> From<&'a Request<B>> for RequestHead<'a> {
@@ -492,6 +655,7 @@ impl<'a, B> From<&'a Request<B>> for RequestHead<'a> {
             method: r.method(),
             uri: r.uri(),
             headers: r.headers(),
+            extensions: r.extensions(),
         }
     }
 }
@@ -502,6 +666,7 @@ impl<'a> From<&'a http::request::Parts> for RequestHead<'a> {
             method: &p.method,
             uri: &p.uri,
             headers: &p.headers,
+            extensions: &p.extensions,
         }
     }
 }
@@ -536,9 +701,9 @@ pub enum Begin {
 pub enum Completion {
     /// Stored for replay.
     Stored,
-    /// The status means "not processed" (408, 409, 425, 429), or a 5xx on
-    /// a route that releases them: the claim was released and a retry will
-    /// run again.
+    /// The response said the operation did not run ([`NotExecuted`], or a
+    /// status the policy [releases](Policy::releases)): the claim was
+    /// released and a retry will run again.
     Released,
     /// The body was over the limit: a record saying so was stored.
     TooLarge,
@@ -598,14 +763,14 @@ impl KeyStatus {
                 token, lease_left, ..
             }) => {
                 out.state = "in_flight";
-                out.token = Some(token.0);
+                out.token = Some(token.get());
                 out.expires_in = Some(lease_left);
             }
             Some(KeyState::Abandoned {
                 token, expires_in, ..
             }) => {
                 out.state = "abandoned";
-                out.token = Some(token.0);
+                out.token = Some(token.get());
                 out.expires_in = Some(expires_in);
             }
             Some(KeyState::Completed {
@@ -707,7 +872,7 @@ impl Engine {
     /// ```
     /// use keel_idempotency::{engine::{Engine, Policy}, memory::MemoryStore};
     /// let engine = Engine::new(std::sync::Arc::new(MemoryStore::new()), Policy::default());
-    /// assert_eq!(engine.policy().get_max_body(), 1 << 20);
+    /// assert_eq!(engine.policy().max_body(), 1 << 20);
     /// ```
     pub fn policy(&self) -> &Policy {
         &self.inner.policy
@@ -715,7 +880,7 @@ impl Engine {
 
     /// True if the engine may act on this request (its method is covered),
     /// so the caller must buffer the body (up to
-    /// [`Policy::get_max_body`] + 1 bytes) before [`Engine::begin`].
+    /// [`Policy::max_body`] + 1 bytes) before [`Engine::begin`].
     ///
     /// ```
     /// use keel_idempotency::{engine::{Engine, Policy}, memory::MemoryStore};
@@ -751,7 +916,7 @@ impl Engine {
     /// ```
     /// use keel_idempotency::{engine::{Begin, Engine, Policy}, memory::MemoryStore};
     /// # tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap().block_on(async {
-    /// let engine = Engine::new(std::sync::Arc::new(MemoryStore::new()), Policy::default().required(true));
+    /// let engine = Engine::new(std::sync::Arc::new(MemoryStore::new()), Policy::default().with_required(true));
     /// let req = http::Request::post("/pay").body(()).unwrap();
     /// let Begin::Reject(problem) = engine.begin(&req, b"").await else { panic!() };
     /// assert_eq!(problem.status(), 400);
@@ -808,7 +973,37 @@ impl Engine {
                 ),
             ));
         }
-        let key = self.store_key(&head, &client_key);
+        // Shape errors (key, body, upgrade) come first; then who is asking.
+        let tenant = match &policy.tenant {
+            // An empty value names nobody: callers sending `Authorization: `
+            // must not share one key space.
+            Tenant::Header(name) => head
+                .headers
+                .get(name)
+                .filter(|v| !v.as_bytes().trim_ascii().is_empty())
+                .map(|v| v.as_bytes().to_vec()),
+            Tenant::Function(f) => f(&head).map(String::into_bytes),
+            Tenant::Single => None,
+        };
+        if tenant.is_none()
+            && !matches!(policy.tenant, Tenant::Single)
+            && policy.missing_tenant == MissingTenant::Reject
+        {
+            let source = match &policy.tenant {
+                Tenant::Header(name) => format!("an {name} header"),
+                _ => "an authenticated caller".to_owned(),
+            };
+            return reject(Problem::new(
+                ProblemKind::TenantMissing,
+                format!(
+                    "{} {} with an {} needs {source}: idempotency keys are scoped to the caller, and this request names none",
+                    head.method,
+                    head.uri.path(),
+                    policy.header
+                ),
+            ));
+        }
+        let key = self.key_of(tenant.as_deref(), head.method, head.uri.path(), &client_key);
         let fingerprint = policy
             .fingerprint
             .digest(head.method, head.uri, head.headers, body);
@@ -818,18 +1013,6 @@ impl Engine {
             .and_then(|v| v.to_str().ok())
             .map(str::to_owned);
         self.claim_loop(key, fingerprint, request_id).await
-    }
-
-    /// The store key: namespace, then a digest of tenant, method, path and
-    /// client key. Hashing keeps it short and printable whatever the inputs,
-    /// and the length prefixes keep `("a:b", "c")` apart from `("a", "b:c")`.
-    fn store_key(&self, head: &RequestHead<'_>, client_key: &str) -> StoreKey {
-        let tenant = match &self.inner.policy.tenant {
-            Tenant::Header(name) => head.headers.get(name).map(|v| v.as_bytes().to_vec()),
-            Tenant::Function(f) => f(head).map(String::into_bytes),
-            Tenant::Single => None,
-        };
-        self.key_of(tenant.as_deref(), head.method, head.uri.path(), client_key)
     }
 
     /// The store key of (tenant, method, path, client key): the namespace,
@@ -884,12 +1067,12 @@ impl Engine {
     /// use keel_idempotency::memory::MemoryStore;
     /// # tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap().block_on(async {
     /// let engine = Engine::new(std::sync::Arc::new(MemoryStore::new()), Policy::default());
-    /// let req = http::Request::post("/pay").header("idempotency-key", "k1").body(()).unwrap();
+    /// let req = http::Request::post("/pay").header("authorization", "Bearer alice").header("idempotency-key", "k1").body(()).unwrap();
     /// let Begin::Execute(mut guard) = engine.begin(&req, b"{}").await else { panic!() };
     /// guard.mark_started();
     /// guard.outcome_unknown().await.unwrap();
     ///
-    /// let lookup = KeyLookup { tenant: None, method: &http::Method::POST, path: "/pay", key: "k1" };
+    /// let lookup = KeyLookup { tenant: Some(b"Bearer alice"), method: &http::Method::POST, path: "/pay", key: "k1" };
     /// assert_eq!(engine.key_status(&lookup).await.unwrap().state, "outcome_unknown");
     /// assert!(engine.remove_key(&lookup).await.unwrap());
     /// assert!(matches!(engine.begin(&req, b"{}").await, Begin::Execute(_)));
@@ -1174,7 +1357,7 @@ impl Guard {
     /// # use keel_idempotency::{engine::*, memory::MemoryStore};
     /// # tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap().block_on(async {
     /// # let engine = Engine::new(std::sync::Arc::new(MemoryStore::new()), Policy::default());
-    /// # let req = http::Request::post("/x").header("idempotency-key", "k").body(()).unwrap();
+    /// # let req = http::Request::post("/x").header("authorization", "Bearer alice").header("idempotency-key", "k").body(()).unwrap();
     /// let Begin::Execute(mut guard) = engine.begin(&req, b"").await else { panic!() };
     /// guard.mark_started();
     /// assert!(guard.is_started());
@@ -1193,7 +1376,7 @@ impl Guard {
     /// # use keel_idempotency::{engine::*, memory::MemoryStore};
     /// # tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap().block_on(async {
     /// # let engine = Engine::new(std::sync::Arc::new(MemoryStore::new()), Policy::default());
-    /// # let req = http::Request::post("/x").header("idempotency-key", "k").body(()).unwrap();
+    /// # let req = http::Request::post("/x").header("authorization", "Bearer alice").header("idempotency-key", "k").body(()).unwrap();
     /// let Begin::Execute(guard) = engine.begin(&req, b"").await else { panic!() };
     /// assert!(!guard.is_started());
     /// guard.release().await.unwrap();
@@ -1209,7 +1392,7 @@ impl Guard {
     /// # use keel_idempotency::{engine::*, memory::MemoryStore};
     /// # tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap().block_on(async {
     /// # let engine = Engine::new(std::sync::Arc::new(MemoryStore::new()), Policy::default());
-    /// # let req = http::Request::post("/x").header("idempotency-key", "k").body(()).unwrap();
+    /// # let req = http::Request::post("/x").header("authorization", "Bearer alice").header("idempotency-key", "k").body(()).unwrap();
     /// let Begin::Execute(guard) = engine.begin(&req, b"").await else { panic!() };
     /// assert!(guard.token().is_some());
     /// guard.release().await.unwrap();
@@ -1230,7 +1413,7 @@ impl Guard {
     /// # use keel_idempotency::{engine::*, memory::MemoryStore};
     /// # tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap().block_on(async {
     /// # let engine = Engine::new(std::sync::Arc::new(MemoryStore::new()), Policy::default());
-    /// # let req = http::Request::post("/x").header("idempotency-key", "k").body(()).unwrap();
+    /// # let req = http::Request::post("/x").header("authorization", "Bearer alice").header("idempotency-key", "k").body(()).unwrap();
     /// let Begin::Execute(guard) = engine.begin(&req, b"").await else { panic!() };
     /// guard.renew().await.unwrap();
     /// guard.release().await.unwrap();
@@ -1256,9 +1439,9 @@ impl Guard {
     /// # tokio::runtime::Builder::new_current_thread().enable_time().start_paused(true).build().unwrap().block_on(async {
     /// let engine = Engine::new(
     ///     std::sync::Arc::new(MemoryStore::new()),
-    ///     Policy::default().lease(Duration::from_secs(3)),
+    ///     Policy::default().with_lease(Duration::from_secs(3)),
     /// );
-    /// let req = http::Request::post("/x").header("idempotency-key", "k").body(()).unwrap();
+    /// let req = http::Request::post("/x").header("authorization", "Bearer alice").header("idempotency-key", "k").body(()).unwrap();
     /// let Begin::Execute(guard) = engine.begin(&req, b"").await else { panic!() };
     /// let now = tokio::time::Instant::now();
     /// assert!(guard.lease_covers(now + Duration::from_secs(2)));
@@ -1288,9 +1471,9 @@ impl Guard {
     /// # tokio::runtime::Builder::new_current_thread().enable_time().start_paused(true).build().unwrap().block_on(async {
     /// let engine = Engine::new(
     ///     std::sync::Arc::new(MemoryStore::new()),
-    ///     Policy::default().lease(Duration::from_secs(3)),
+    ///     Policy::default().with_lease(Duration::from_secs(3)),
     /// );
-    /// let req = http::Request::post("/x").header("idempotency-key", "k").body(()).unwrap();
+    /// let req = http::Request::post("/x").header("authorization", "Bearer alice").header("idempotency-key", "k").body(()).unwrap();
     /// let Begin::Execute(mut guard) = engine.begin(&req, b"").await else { panic!() };
     /// guard.mark_started();
     /// // Work that takes ten leases: the key stays held, not abandoned.
@@ -1311,10 +1494,11 @@ impl Guard {
     }
 
     /// Finishes with the operation's response, applying the outcome
-    /// policy: 408, 409, 425 and 429 (and 5xx on routes that release them)
-    /// release the claim; a body over the limit stores a "too large"
-    /// record; anything else is stored for replay with its allow-listed
-    /// headers.
+    /// policy: a response carrying [`NotExecuted`], and the statuses the
+    /// policy [releases](Policy::releases) (408, 409, 425, 429, 5xx on
+    /// routes that release them, the route's own list), release the claim;
+    /// a body over the limit stores a "too large" record; anything else is
+    /// stored for replay with its allow-listed headers.
     ///
     /// Deliver the response to the client whatever this returns. An error
     /// means the result could not be recorded: [`StoreError::Fenced`] if
@@ -1326,16 +1510,24 @@ impl Guard {
     /// # use keel_idempotency::{engine::*, memory::MemoryStore};
     /// # tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap().block_on(async {
     /// # let engine = Engine::new(std::sync::Arc::new(MemoryStore::new()), Policy::default());
-    /// # let req = http::Request::post("/x").header("idempotency-key", "k").body(()).unwrap();
+    /// # let req = http::Request::post("/x").header("authorization", "Bearer alice").header("idempotency-key", "k").body(()).unwrap();
     /// let Begin::Execute(guard) = engine.begin(&req, b"").await else { panic!() };
     /// let busy = http::Response::builder().status(429).body("slow down").unwrap();
     /// assert_eq!(guard.complete(&busy).await.unwrap(), Completion::Released);
+    ///
+    /// // A handler that says it never ran releases the key whatever its status.
+    /// let Begin::Execute(guard) = engine.begin(&req, b"").await else { panic!() };
+    /// let refused = http::Response::builder().status(502).extension(NotExecuted).body("").unwrap();
+    /// assert_eq!(guard.complete(&refused).await.unwrap(), Completion::Released);
     /// # });
     /// ```
     pub async fn complete<B: AsRef<[u8]>>(
         self,
         response: &Response<B>,
     ) -> Result<Completion, StoreError> {
+        if response.extensions().get::<NotExecuted>().is_some() {
+            return self.release().await.map(|()| Completion::Released);
+        }
         self.complete_parts(
             response.status(),
             response.headers(),
@@ -1344,13 +1536,15 @@ impl Guard {
         .await
     }
 
-    /// [`Guard::complete`] from the response's pieces.
+    /// [`Guard::complete`] from the response's pieces (a caller holding
+    /// the extensions checks [`NotExecuted`] itself and calls
+    /// [`Guard::release`]).
     ///
     /// ```
     /// # use keel_idempotency::{engine::*, memory::MemoryStore};
     /// # tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap().block_on(async {
     /// # let engine = Engine::new(std::sync::Arc::new(MemoryStore::new()), Policy::default());
-    /// # let req = http::Request::post("/x").header("idempotency-key", "k").body(()).unwrap();
+    /// # let req = http::Request::post("/x").header("authorization", "Bearer alice").header("idempotency-key", "k").body(()).unwrap();
     /// let Begin::Execute(guard) = engine.begin(&req, b"").await else { panic!() };
     /// let done = guard.complete_parts(http::StatusCode::OK, &http::HeaderMap::new(), b"ok").await;
     /// assert_eq!(done.unwrap(), Completion::Stored);
@@ -1366,10 +1560,7 @@ impl Guard {
             return Err(StoreError::Fenced);
         };
         let policy = &s.inner.policy;
-        let not_processed = matches!(status.as_u16(), 408 | 409 | 425 | 429);
-        let release = not_processed
-            || (status.is_server_error() && policy.server_errors == ServerErrors::Release);
-        if release {
+        if policy.releases(status) {
             return s.release().await.map(|()| Completion::Released);
         }
         if body.len() > policy.max_response {
@@ -1421,7 +1612,7 @@ impl Guard {
     /// # use keel_idempotency::{engine::*, memory::MemoryStore};
     /// # tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap().block_on(async {
     /// # let engine = Engine::new(std::sync::Arc::new(MemoryStore::new()), Policy::default());
-    /// # let req = http::Request::post("/x").header("idempotency-key", "k").body(()).unwrap();
+    /// # let req = http::Request::post("/x").header("authorization", "Bearer alice").header("idempotency-key", "k").body(()).unwrap();
     /// let Begin::Execute(guard) = engine.begin(&req, b"").await else { panic!() };
     /// assert_eq!(guard.complete_unbuffered(http::StatusCode::OK, 5 << 20).await.unwrap(), Completion::TooLarge);
     /// # });
@@ -1434,10 +1625,7 @@ impl Guard {
         let Some(s) = self.state.take() else {
             return Err(StoreError::Fenced);
         };
-        let policy = &s.inner.policy;
-        let release = matches!(status.as_u16(), 408 | 409 | 425 | 429)
-            || (status.is_server_error() && policy.server_errors == ServerErrors::Release);
-        if release {
+        if s.inner.policy.releases(status) {
             return s.release().await.map(|()| Completion::Released);
         }
         let record = Record::TooLarge {
@@ -1455,7 +1643,7 @@ impl Guard {
     /// # use keel_idempotency::{engine::*, memory::MemoryStore};
     /// # tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap().block_on(async {
     /// # let engine = Engine::new(std::sync::Arc::new(MemoryStore::new()), Policy::default());
-    /// # let req = http::Request::post("/x").header("idempotency-key", "k").body(()).unwrap();
+    /// # let req = http::Request::post("/x").header("authorization", "Bearer alice").header("idempotency-key", "k").body(()).unwrap();
     /// let Begin::Execute(guard) = engine.begin(&req, b"").await else { panic!() };
     /// guard.release().await.unwrap();
     /// assert!(matches!(engine.begin(&req, b"").await, Begin::Execute(_)));
@@ -1475,7 +1663,7 @@ impl Guard {
     /// # use keel_idempotency::{engine::*, memory::MemoryStore};
     /// # tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap().block_on(async {
     /// # let engine = Engine::new(std::sync::Arc::new(MemoryStore::new()), Policy::default());
-    /// # let req = http::Request::post("/x").header("idempotency-key", "k").body(()).unwrap();
+    /// # let req = http::Request::post("/x").header("authorization", "Bearer alice").header("idempotency-key", "k").body(()).unwrap();
     /// let Begin::Execute(guard) = engine.begin(&req, b"").await else { panic!() };
     /// guard.outcome_unknown().await.unwrap();
     /// let Begin::Reject(p) = engine.begin(&req, b"").await else { panic!() };

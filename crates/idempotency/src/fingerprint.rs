@@ -128,7 +128,7 @@ impl FingerprintConfig {
                 field(&mut h, body);
             }
         }
-        Fingerprint(*h.finalize().as_bytes())
+        Fingerprint::from_bytes(*h.finalize().as_bytes())
     }
 }
 

@@ -6,17 +6,17 @@
 //! inner service, replays or refuses. Executed responses are buffered so
 //! they can be recorded; an error from the inner service, or a response
 //! body that fails mid-way, locks the key as "outcome unknown" (the
-//! operation may have run). Requests the engine does not cover stream
-//! through untouched.
+//! operation may have run). A response carrying
+//! [`NotExecuted`] releases the key instead:
+//! the handler says the operation never ran, so the retry runs it.
+//! Requests the engine does not cover stream through untouched.
 //!
 //! ```
 //! use std::convert::Infallible;
 //! use std::sync::Arc;
 //! use bytes::Bytes;
 //! use http_body_util::{BodyExt, Full};
-//! use keel_idempotency::engine::{Engine, Policy};
-//! use keel_idempotency::layer::IdempotencyLayer;
-//! use keel_idempotency::memory::MemoryStore;
+//! use keel_idempotency::{Engine, IdempotencyLayer, MemoryStore, Policy};
 //! use tower::{Layer, Service, ServiceExt};
 //!
 //! # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
@@ -26,6 +26,7 @@
 //! });
 //! let mut svc = IdempotencyLayer::new(engine).layer(handler);
 //! let request = || http::Request::post("/orders")
+//!     .header("authorization", "Bearer alice")
 //!     .header("idempotency-key", "k1")
 //!     .body(Full::new(Bytes::from("{}")))
 //!     .unwrap();
@@ -34,6 +35,47 @@
 //! let again = svc.ready().await.unwrap().call(request()).await.unwrap();
 //! assert_eq!(again.headers()["idempotent-replayed"], "true");
 //! assert_eq!(again.into_body().collect().await.unwrap().to_bytes(), "created");
+//! # });
+//! ```
+
+//!
+//! # In a `ServiceBuilder` stack
+//!
+//! Put the idempotency layer outside the layers that can fail the call
+//! (timeouts, retries, breakers): it must see their outcome. A timeout
+//! inside it surfaces as the inner service's error, which locks the key as
+//! "outcome unknown" (the handler may have run), never frees it:
+//!
+//! ```
+//! use std::convert::Infallible;
+//! use std::sync::Arc;
+//! use std::time::Duration;
+//! use bytes::Bytes;
+//! use http_body_util::Full;
+//! use keel_idempotency::{Engine, IdempotencyLayer, MemoryStore, Policy};
+//! use tower::{ServiceBuilder, ServiceExt};
+//!
+//! # tokio::runtime::Builder::new_current_thread().enable_all().start_paused(true).build().unwrap().block_on(async {
+//! let engine = Engine::new(Arc::new(MemoryStore::new()), Policy::default());
+//! let slow = tower::service_fn(|_req: http::Request<_>| async {
+//!     tokio::time::sleep(Duration::from_secs(60)).await;
+//!     Ok::<_, Infallible>(http::Response::new(Full::new(Bytes::from("charged"))))
+//! });
+//! let svc = ServiceBuilder::new()
+//!     .layer(IdempotencyLayer::new(engine))
+//!     .timeout(Duration::from_secs(5))
+//!     .service(slow);
+//! let request = || http::Request::post("/charges")
+//!     .header("authorization", "Bearer alice")
+//!     .header("idempotency-key", "c-1")
+//!     .body(Full::new(Bytes::from("{}")))
+//!     .unwrap();
+//! // The call times out: the handler may have run.
+//! assert!(svc.clone().oneshot(request()).await.is_err());
+//! tokio::task::yield_now().await; // the key is locked on a spawned task
+//! // Its retry is told so, and does not run the handler again.
+//! let retry = svc.oneshot(request()).await.unwrap();
+//! assert_eq!(retry.status(), 409);
 //! # });
 //! ```
 
@@ -46,7 +88,7 @@ use http_body_util::{BodyExt, Either, Full, LengthLimitError, Limited};
 use tower_layer::Layer;
 use tower_service::Service;
 
-use crate::engine::{Begin, Engine, RequestHead};
+use crate::engine::{Begin, Engine, NotExecuted, RequestHead};
 use crate::problem::{Problem, ProblemKind};
 use crate::store::BoxFuture;
 
@@ -60,6 +102,16 @@ pub type LayerRequestBody<B> = Either<B, Full<Bytes>>;
 /// The response body the layer returns: the inner service's own, or a
 /// buffered, replayed or problem body.
 pub type LayerResponseBody<B> = Either<B, Full<Bytes>>;
+
+/// The future [`Idempotency`] returns (boxed: the store's operations are
+/// boxed futures already, so one more allocation per keyed call is small
+/// beside them), named so a stack holding it can be written down.
+///
+/// ```
+/// use keel_idempotency::layer::IdempotencyFuture;
+/// fn _named(_: IdempotencyFuture<http_body_util::Full<bytes::Bytes>, std::convert::Infallible>) {}
+/// ```
+pub type IdempotencyFuture<B, E> = BoxFuture<'static, Result<Response<LayerResponseBody<B>>, E>>;
 
 /// Wraps a service with [`Idempotency`].
 #[derive(Clone, Debug)]
@@ -119,7 +171,7 @@ where
 {
     type Response = Response<LayerResponseBody<ResB>>;
     type Error = S::Error;
-    type Future = BoxFuture<'static, Result<Self::Response, S::Error>>;
+    type Future = IdempotencyFuture<ResB, S::Error>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
         self.inner.poll_ready(cx)
@@ -136,7 +188,7 @@ where
                 return Ok(response.map(Either::Left));
             }
             let (parts, body) = req.into_parts();
-            let max = engine.policy().get_max_body();
+            let max = engine.policy().max_body();
             let bytes = match Limited::new(body, max).collect().await {
                 Ok(collected) => collected.to_bytes(),
                 Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => {
@@ -172,6 +224,13 @@ where
                     let response = guard
                         .hold(inner.call(Request::from_parts(parts, buffered(bytes))))
                         .await?;
+                    if response.extensions().get::<NotExecuted>().is_some() {
+                        // The handler says the operation never ran: free
+                        // the key so the client's retry runs it. The
+                        // response streams through; it is not recorded.
+                        let _ = guard.release().await;
+                        return Ok(response.map(Either::Left));
+                    }
                     let (rparts, rbody) = response.into_parts();
                     // Keep only Send values across the awaits below.
                     let collected = guard.hold(rbody.collect()).await.ok().map(|c| c.to_bytes());

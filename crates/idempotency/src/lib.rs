@@ -9,8 +9,12 @@
 //!
 //! 1. The [engine](engine::Engine) parses the key (Structured Field string
 //!    `"abc"` or bare `abc`), scopes it to the tenant (a digest of the
-//!    `Authorization` header by default), the method and the path, and
-//!    hashes all that into a [`store::StoreKey`]. It fingerprints the request
+//!    `Authorization` header by default, or any function of the request
+//!    head and extensions: [`Tenant`]), the method and the path, and
+//!    hashes all that into a [`store::StoreKey`]. A keyed request without a
+//!    tenant is refused (400) unless the route admits anonymous callers
+//!    ([`MissingTenant`]): two callers never share a key by accident. It
+//!    fingerprints the request
 //!    (BLAKE3 of method, path, query, body, chosen headers; optionally
 //!    canonical JSON).
 //! 2. It **claims** the key in one atomic store operation, with a lease and
@@ -20,7 +24,9 @@
 //! 3. When the operation finishes, the [`engine::Guard`] records the
 //!    response (status, allow-listed headers, body, original request id)
 //!    for the TTL, or releases the claim for "not processed" answers (408,
-//!    409, 425, 429), or locks the key as "outcome unknown" when the result
+//!    409, 425, 429, the route's own list, or a response carrying
+//!    [`NotExecuted`]: a released key only ever means the work did not
+//!    run), or locks the key as "outcome unknown" when the result
 //!    was lost. A holder whose lease expired is fenced off: its late
 //!    completion cannot overwrite the newer claim's record.
 //! 4. Retries get the stored response with `Idempotent-Replayed: true` and
@@ -40,15 +46,19 @@
 //! - [`consumer`]: [`consumer::process_once`] for message consumers, on the
 //!   same stores;
 //! - stores behind one trait ([`store::Store`]), all passing
-//!   [`conformance`]: [`memory`] (sharded, bounded),
+//!   `conformance` (the suite every store must pass, for implementers'
+//!   tests; cargo feature `conformance`): [`memory`] (sharded, bounded),
 //!   `embedded` (durable on local disk, an append-only log), `redis` and `postgres`.
+//!
+//! The main types are re-exported at the crate root
+//! (`keel_idempotency::{Engine, Policy, IdempotencyLayer, MemoryStore, ...}`);
+//! the modules hold the rest and the details.
 //!
 //! # Example
 //!
 //! ```
 //! use std::sync::Arc;
-//! use keel_idempotency::engine::{Begin, Engine, Policy};
-//! use keel_idempotency::memory::MemoryStore;
+//! use keel_idempotency::{Begin, Engine, MemoryStore, Policy};
 //!
 //! # tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap().block_on(async {
 //! let engine = Engine::new(Arc::new(MemoryStore::new()), Policy::default());
@@ -72,6 +82,7 @@
 //! ```
 
 pub mod codec;
+#[cfg(feature = "conformance")]
 pub mod conformance;
 pub mod consumer;
 pub mod engine;
@@ -92,3 +103,30 @@ pub mod redis;
 
 #[cfg(feature = "postgres")]
 pub mod postgres;
+
+pub use consumer::{Consumer, ProcessError, Processed, process_once};
+pub use engine::{
+    Begin, Completion, Engine, Guard, InFlight, KeyLookup, KeyStatus, LapsedLease, MissingTenant,
+    NotExecuted, PassReason, Policy, RequestHead, ServerErrors, StoreDown, Tenant, TenantFn,
+};
+pub use fingerprint::FingerprintConfig;
+pub use gate::{AlwaysAllow, ConsecutiveFailures, StoreGate};
+pub use key::KeyError;
+pub use layer::{Idempotency, IdempotencyLayer};
+pub use memory::{MemoryConfig, MemoryStore};
+pub use problem::{Problem, ProblemKind};
+pub use store::{
+    Claim, FencingToken, Fingerprint, KeyState, Lapse, Lease, Store, StoreError, StoreKey,
+};
+
+#[cfg(feature = "breaker")]
+pub use gate::BreakerGate;
+
+#[cfg(feature = "embedded")]
+pub use embedded::{EmbeddedConfig, EmbeddedStore};
+
+#[cfg(feature = "redis")]
+pub use redis::{RedisOptions, RedisStore};
+
+#[cfg(feature = "postgres")]
+pub use postgres::{PostgresOptions, PostgresStore};

@@ -26,7 +26,7 @@
 //! # tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap().block_on(async {
 //! let store = MemoryStore::new();
 //! let key = StoreKey::new("tenant:POST:/orders:k1").unwrap();
-//! let fp = Fingerprint([1; 32]);
+//! let fp = Fingerprint::from_bytes([1; 32]);
 //! let Claim::Acquired { token } = store.claim(&key, fp, Lease::freeing(Duration::from_secs(30))).await.unwrap()
 //! else { panic!("a fresh key is free") };
 //! store.complete(&key, token, b"response", Duration::from_secs(3600)).await.unwrap();
@@ -498,7 +498,7 @@ impl MemoryStore {
             // Expired: take the slot over in place (no key copy, no
             // rehash); the claim needs no more room than the old entry.
             shard.last_token += 1;
-            let token = FencingToken(shard.last_token);
+            let token = FencingToken::new(shard.last_token);
             let freed = payload_len(e);
             shard.bytes -= freed;
             self.tenants.uncharge(key, freed);
@@ -524,7 +524,7 @@ impl MemoryStore {
             ));
         }
         shard.last_token += 1;
-        let token = FencingToken(shard.last_token);
+        let token = FencingToken::new(shard.last_token);
         shard.bytes += cost;
         self.tenants.charge(key, cost);
         shard.map.insert(
@@ -757,7 +757,7 @@ mod tests {
     }
 
     async fn put(store: &MemoryStore, k: &StoreKey, payload: &[u8]) -> Result<(), StoreError> {
-        let fp = Fingerprint([1; 32]);
+        let fp = Fingerprint::from_bytes([1; 32]);
         let Claim::Acquired { token } = store.claim(k, fp, Lease::freeing(LONG)).await? else {
             panic!("fresh key {k}");
         };
@@ -788,14 +788,22 @@ mod tests {
             put(&store, &key(i, 0), b"r").await.expect("room");
         }
         let refused = store
-            .claim(&key(1000, 0), Fingerprint([1; 32]), Lease::freeing(LONG))
+            .claim(
+                &key(1000, 0),
+                Fingerprint::from_bytes([1; 32]),
+                Lease::freeing(LONG),
+            )
             .await;
         assert!(matches!(refused, Err(StoreError::Full(_))), "{refused:?}");
         for i in 0..64 {
             assert!(
                 matches!(
                     store
-                        .claim(&key(i, 0), Fingerprint([1; 32]), Lease::freeing(LONG))
+                        .claim(
+                            &key(i, 0),
+                            Fingerprint::from_bytes([1; 32]),
+                            Lease::freeing(LONG)
+                        )
                         .await,
                     Ok(Claim::Completed { .. })
                 ),
@@ -839,13 +847,21 @@ mod tests {
         // not go on running requests whose results cannot be kept.
         assert!(matches!(
             store
-                .claim(&key(9000, 2), Fingerprint([1; 32]), Lease::freeing(LONG))
+                .claim(
+                    &key(9000, 2),
+                    Fingerprint::from_bytes([1; 32]),
+                    Lease::freeing(LONG)
+                )
                 .await,
             Err(StoreError::Full(_))
         ));
         assert!(matches!(
             store
-                .claim(&key(0, 1), Fingerprint([1; 32]), Lease::freeing(LONG))
+                .claim(
+                    &key(0, 1),
+                    Fingerprint::from_bytes([1; 32]),
+                    Lease::freeing(LONG)
+                )
                 .await,
             Ok(Claim::Completed { .. })
         ));
@@ -886,7 +902,13 @@ mod tests {
             Err(StoreError::Full(_))
         ));
         let fresh_key = key(99, 3);
-        let fresh = || store.claim(&fresh_key, Fingerprint([1; 32]), Lease::freeing(LONG));
+        let fresh = || {
+            store.claim(
+                &fresh_key,
+                Fingerprint::from_bytes([1; 32]),
+                Lease::freeing(LONG),
+            )
+        };
         assert!(matches!(fresh().await, Err(StoreError::Full(_))));
         // Another tenant is not affected.
         put(&store, &key(0, 4), &record)
@@ -909,7 +931,13 @@ mod tests {
             Err(StoreError::Full(_))
         ));
         let fresh_key = key(99, 0);
-        let fresh = || store.claim(&fresh_key, Fingerprint([1; 32]), Lease::freeing(LONG));
+        let fresh = || {
+            store.claim(
+                &fresh_key,
+                Fingerprint::from_bytes([1; 32]),
+                Lease::freeing(LONG),
+            )
+        };
         assert!(matches!(fresh().await, Err(StoreError::Full(_))));
         assert!(store.remove(&key(0, 0)).await.expect("remove"));
         assert!(matches!(fresh().await, Ok(Claim::Acquired { .. })));
@@ -920,7 +948,7 @@ mod tests {
         let store = MemoryStore::with_config(MemoryConfig::default().shards(1).max_bytes(400));
         let k = key(1, 0);
         let Claim::Acquired { token } = store
-            .claim(&k, Fingerprint([1; 32]), Lease::freeing(LONG))
+            .claim(&k, Fingerprint::from_bytes([1; 32]), Lease::freeing(LONG))
             .await
             .expect("room for a claim")
         else {

@@ -235,7 +235,7 @@
 //! let store = PostgresStore::connect(&url, PostgresOptions::default().table(&table)?)?;
 //! let sweeper = store.spawn_sweeper(Duration::from_secs(60));
 //! let key = StoreKey::new("tenant1:POST:/orders:abc").unwrap();
-//! let fp = Fingerprint([1; 32]);
+//! let fp = Fingerprint::from_bytes([1; 32]);
 //! let Claim::Acquired { token } = store.claim(&key, fp, Lease::freeing(Duration::from_secs(30))).await? else {
 //!     panic!("a fresh key is free");
 //! };
@@ -884,7 +884,12 @@ impl PostgresStore {
             .run(&self.inner.sql.claim, async |c, s| {
                 c.query_one(
                     s,
-                    &[&key.as_str(), &&fingerprint.0[..], &lease_ms, &lock_ms],
+                    &[
+                        &key.as_str(),
+                        &&fingerprint.as_bytes()[..],
+                        &lease_ms,
+                        &lock_ms,
+                    ],
                 )
                 .await
             })
@@ -899,7 +904,7 @@ impl PostgresStore {
         lease: Lease,
     ) -> Result<(), StoreError> {
         // A token beyond i64 was never issued by the sequence.
-        let Ok(token) = i64::try_from(token.0) else {
+        let Ok(token) = i64::try_from(token.get()) else {
             return Err(StoreError::Fenced);
         };
         let (lease_ms, lock_ms) = lease_millis(lease);
@@ -950,7 +955,7 @@ impl PostgresStore {
         ttl: Duration,
     ) -> Result<(), StoreError> {
         // A token beyond i64 was never issued by the sequence.
-        let Ok(token) = i64::try_from(token.0) else {
+        let Ok(token) = i64::try_from(token.get()) else {
             return Err(StoreError::Fenced);
         };
         let ttl_ms = millis(ttl);
@@ -968,7 +973,7 @@ impl PostgresStore {
     }
 
     async fn release_impl(&self, key: &StoreKey, token: FencingToken) -> Result<(), StoreError> {
-        let Ok(token) = i64::try_from(token.0) else {
+        let Ok(token) = i64::try_from(token.get()) else {
             return Err(StoreError::Fenced);
         };
         let n = self
@@ -1106,7 +1111,7 @@ fn fingerprint_at(row: &tokio_postgres::Row, i: usize) -> Result<Fingerprint, St
     row.try_get::<_, Option<Vec<u8>>>(i)
         .map_err(corrupt)?
         .and_then(|fp| <[u8; 32]>::try_from(fp.as_slice()).ok())
-        .map(Fingerprint)
+        .map(Fingerprint::from_bytes)
         .ok_or_else(|| StoreError::Corrupt("postgres: a fingerprint that is not 32 bytes".into()))
 }
 
@@ -1125,7 +1130,7 @@ fn token_at(row: &tokio_postgres::Row, i: usize) -> Result<FencingToken, StoreEr
     row.try_get::<_, Option<i64>>(i)
         .map_err(corrupt)?
         .and_then(|t| u64::try_from(t).ok())
-        .map(FencingToken)
+        .map(FencingToken::new)
         .ok_or_else(|| StoreError::Corrupt("postgres: no valid token".into()))
 }
 

@@ -50,6 +50,11 @@ pub enum ProblemKind {
     /// 400: a keyed request asked to upgrade the connection; a tunnel is no
     /// result that can be recorded or replayed.
     UpgradeRefused,
+    /// 400: a keyed request carried no tenant (the policy's tenant source,
+    /// by default `Authorization`, was absent) and the route does not
+    /// admit anonymous callers; see
+    /// [`MissingTenant`](crate::engine::MissingTenant).
+    TenantMissing,
 }
 
 impl ProblemKind {
@@ -71,6 +76,7 @@ impl ProblemKind {
             Self::ResponseNotStored => "urn:keel:problem:idempotency-response-not-stored",
             Self::StoreFull => "urn:keel:problem:idempotency-store-full",
             Self::UpgradeRefused => "urn:keel:problem:idempotency-upgrade-refused",
+            Self::TenantMissing => "urn:keel:problem:idempotency-tenant-missing",
         }
     }
 
@@ -82,7 +88,9 @@ impl ProblemKind {
     /// ```
     pub fn status(self) -> StatusCode {
         match self {
-            Self::KeyMissing | Self::KeyInvalid | Self::UpgradeRefused => StatusCode::BAD_REQUEST,
+            Self::KeyMissing | Self::KeyInvalid | Self::UpgradeRefused | Self::TenantMissing => {
+                StatusCode::BAD_REQUEST
+            }
             Self::FingerprintMismatch => StatusCode::UNPROCESSABLE_ENTITY,
             Self::InFlight | Self::OutcomeUnknown | Self::ResponseNotStored => StatusCode::CONFLICT,
             Self::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
@@ -108,6 +116,7 @@ impl ProblemKind {
             Self::ResponseNotStored => "Earlier response was not stored",
             Self::StoreFull => "Idempotency store full",
             Self::UpgradeRefused => "Idempotent requests cannot upgrade the connection",
+            Self::TenantMissing => "Idempotent request without a caller identity",
         }
     }
 }
@@ -292,6 +301,7 @@ mod tests {
             ProblemKind::ResponseNotStored,
             ProblemKind::StoreFull,
             ProblemKind::UpgradeRefused,
+            ProblemKind::TenantMissing,
         ] {
             let mut p = Problem::new(kind, "detail \"quoted\"").retry_after(Duration::from_secs(2));
             p.original_request_id = Some("first".into());

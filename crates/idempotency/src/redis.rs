@@ -56,7 +56,7 @@
 //! // Held for 10 s at a time; if the holder vanishes, the key stays locked
 //! // for a day rather than let a retry charge the card twice.
 //! let lease = Lease::locking(Duration::from_secs(10), Duration::from_secs(86_400));
-//! let Claim::Acquired { token } = store.claim(&key, Fingerprint([1; 32]), lease).await? else {
+//! let Claim::Acquired { token } = store.claim(&key, Fingerprint::from_bytes([1; 32]), lease).await? else {
 //!     panic!("a fresh key is free");
 //! };
 //! store.renew(&key, token, lease).await?; // still working: 10 s more
@@ -64,7 +64,7 @@
 //! // An operator who reconciled the key by hand frees it; a later claim
 //! // gets a higher token, so the old holder stays fenced.
 //! assert!(store.remove(&key).await?);
-//! let Claim::Acquired { token: next } = store.claim(&key, Fingerprint([1; 32]), lease).await? else {
+//! let Claim::Acquired { token: next } = store.claim(&key, Fingerprint::from_bytes([1; 32]), lease).await? else {
 //!     panic!("removed keys are free");
 //! };
 //! assert!(next > token);
@@ -177,7 +177,7 @@
 //! # let prefix = keel_idempotency::conformance::unique_prefix();
 //! let store = RedisStore::connect(&url, RedisOptions::default().prefix(&prefix)).await?;
 //! let key = StoreKey::new("tenant1:POST:/orders:abc").unwrap();
-//! let fp = Fingerprint([1; 32]);
+//! let fp = Fingerprint::from_bytes([1; 32]);
 //! let Claim::Acquired { token } = store.claim(&key, fp, Lease::freeing(Duration::from_secs(30))).await? else {
 //!     panic!("a fresh key is free");
 //! };
@@ -904,7 +904,7 @@ impl RedisStore {
         let mut inv = self.inner.scripts.claim.prepare_invoke();
         inv.key(&rec)
             .key(&fence)
-            .arg(&fingerprint.0[..])
+            .arg(&fingerprint.as_bytes()[..])
             .arg(terms.hold_ms)
             .arg(terms.mode)
             .arg(terms.lock_ms)
@@ -924,7 +924,7 @@ impl RedisStore {
         let mut inv = self.inner.scripts.renew.prepare_invoke();
         inv.key(&rec)
             .key(&fence)
-            .arg(token.0.to_string())
+            .arg(token.get().to_string())
             .arg(terms.hold_ms)
             .arg(terms.mode)
             .arg(terms.lock_ms)
@@ -944,7 +944,7 @@ impl RedisStore {
         let mut inv = self.inner.scripts.complete.prepare_invoke();
         inv.key(&rec)
             .key(&fence)
-            .arg(token.0.to_string())
+            .arg(token.get().to_string())
             .arg(payload)
             .arg(millis(ttl))
             .arg(self.inner.fence_grace_ms);
@@ -954,7 +954,7 @@ impl RedisStore {
     async fn release_impl(&self, key: &StoreKey, token: FencingToken) -> Result<(), StoreError> {
         let rec = self.record_key(key);
         let mut inv = self.inner.scripts.release.prepare_invoke();
-        inv.key(&rec).arg(token.0.to_string());
+        inv.key(&rec).arg(token.get().to_string());
         decode_done(self.eval(inv).await?)
     }
 
@@ -1125,7 +1125,7 @@ fn decode_claim(value: Value) -> Result<Claim, StoreError> {
         (Some(Value::Int(1)), Some(token), None, None) => {
             let token = as_u64(&token).ok_or_else(|| corrupt("claim token", &token))?;
             Ok(Claim::Acquired {
-                token: FencingToken(token),
+                token: FencingToken::new(token),
             })
         }
         (Some(Value::Int(2)), Some(Value::BulkString(record)), Some(Value::Int(ms)), None) => {
@@ -1209,7 +1209,7 @@ fn record_fingerprint(record: &[u8]) -> Result<Fingerprint, StoreError> {
     record
         .get(1..RECORD_HEADER)
         .and_then(|fp| <[u8; 32]>::try_from(fp).ok())
-        .map(Fingerprint)
+        .map(Fingerprint::from_bytes)
         .ok_or_else(|| StoreError::Corrupt("redis: record shorter than its header".to_owned()))
 }
 
@@ -1234,7 +1234,7 @@ fn record_token(record: &[u8]) -> Result<FencingToken, StoreError> {
     };
     tail.and_then(|t| std::str::from_utf8(t).ok())
         .and_then(|t| t.parse().ok())
-        .map(FencingToken)
+        .map(FencingToken::new)
         .ok_or_else(|| StoreError::Corrupt("redis: claim record without a token".to_owned()))
 }
 
@@ -1352,7 +1352,7 @@ mod tests {
             decode_claim(Value::Array(vec![Value::Int(3), Value::BulkString(record)]))
                 .expect("valid"),
             Claim::Completed {
-                fingerprint: Fingerprint([7; 32]),
+                fingerprint: Fingerprint::from_bytes([7; 32]),
                 payload: b"body".to_vec()
             }
         );
@@ -1377,11 +1377,11 @@ mod tests {
     fn claim_records_give_their_token_whatever_the_fingerprint_bytes() {
         // A fingerprint full of ':' must not be taken for the separator.
         let h = claim_bytes(b':', b"L1700000000000:42");
-        assert_eq!(record_token(&h).expect("token"), FencingToken(42));
+        assert_eq!(record_token(&h).expect("token"), FencingToken::new(42));
         let mut f = vec![b'f'];
         f.extend([b':'; 32]);
         f.extend(b"17");
-        assert_eq!(record_token(&f).expect("token"), FencingToken(17));
+        assert_eq!(record_token(&f).expect("token"), FencingToken::new(17));
         for bad in [
             claim_bytes(1, b"L1700000000000:"),
             claim_bytes(1, b""),
@@ -1405,7 +1405,7 @@ mod tests {
             ]))
             .expect("abandoned"),
             Claim::Abandoned {
-                fingerprint: Fingerprint([3; 32])
+                fingerprint: Fingerprint::from_bytes([3; 32])
             }
         );
         assert_eq!(decode_inspect(Value::Int(0)).expect("free"), None);
@@ -1417,8 +1417,8 @@ mod tests {
             ]))
             .expect("held"),
             Some(KeyState::Held {
-                fingerprint: Fingerprint([3; 32]),
-                token: FencingToken(5),
+                fingerprint: Fingerprint::from_bytes([3; 32]),
+                token: FencingToken::new(5),
                 lease_left: Duration::from_millis(250)
             })
         );
@@ -1430,8 +1430,8 @@ mod tests {
             ]))
             .expect("abandoned"),
             Some(KeyState::Abandoned {
-                fingerprint: Fingerprint([3; 32]),
-                token: FencingToken(5),
+                fingerprint: Fingerprint::from_bytes([3; 32]),
+                token: FencingToken::new(5),
                 expires_in: Duration::from_millis(1)
             })
         );
@@ -1446,7 +1446,7 @@ mod tests {
             ]))
             .expect("completed"),
             Some(KeyState::Completed {
-                fingerprint: Fingerprint([4; 32]),
+                fingerprint: Fingerprint::from_bytes([4; 32]),
                 payload: b"body".to_vec(),
                 expires_in: Duration::from_secs(9)
             })

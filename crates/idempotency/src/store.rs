@@ -14,7 +14,8 @@
 //! - [`Store::inspect`] and [`Store::remove`]: an operator's view of a key,
 //!   and the release of a key locked after a lapse.
 //!
-//! Every store must pass [`crate::conformance`].
+//! Every store must pass the `conformance` suite (cargo feature
+//! `conformance`).
 //!
 //! # Key states
 //!
@@ -142,15 +143,41 @@ impl std::fmt::Display for StoreKey {
 /// ```
 /// use keel_idempotency::store::Fingerprint;
 ///
-/// let fp = Fingerprint([7; 32]);
+/// let fp = Fingerprint::from_bytes([7; 32]);
+/// assert_eq!(fp.as_bytes(), &[7; 32]);
 /// assert_eq!(fp.to_hex().len(), 64);
 /// assert_eq!(Fingerprint::from_hex(&fp.to_hex()), Some(fp));
 /// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct Fingerprint(pub [u8; 32]);
+pub struct Fingerprint([u8; 32]);
 
 impl Fingerprint {
+    /// The fingerprint with these 32 bytes (a store reading one back).
+    ///
+    /// ```
+    /// # use keel_idempotency::store::Fingerprint;
+    /// assert_eq!(Fingerprint::from_bytes([1; 32]), Fingerprint::from([1; 32]));
+    /// ```
+    pub const fn from_bytes(bytes: [u8; 32]) -> Self {
+        Self(bytes)
+    }
+
+    /// The 32 bytes (what a store writes).
+    ///
+    /// ```
+    /// # use keel_idempotency::store::Fingerprint;
+    /// assert_eq!(Fingerprint::from_bytes([2; 32]).as_bytes()[0], 2);
+    /// ```
+    pub const fn as_bytes(&self) -> &[u8; 32] {
+        &self.0
+    }
+
     /// Lower-case hex, 64 characters.
+    ///
+    /// ```
+    /// # use keel_idempotency::store::Fingerprint;
+    /// assert!(Fingerprint::from_bytes([0xab; 32]).to_hex().starts_with("abab"));
+    /// ```
     pub fn to_hex(&self) -> String {
         use std::fmt::Write;
         self.0.iter().fold(String::with_capacity(64), |mut s, b| {
@@ -160,6 +187,11 @@ impl Fingerprint {
     }
 
     /// Parses 64 hex characters, as written by [`Fingerprint::to_hex`].
+    ///
+    /// ```
+    /// # use keel_idempotency::store::Fingerprint;
+    /// assert_eq!(Fingerprint::from_hex("zz"), None);
+    /// ```
     pub fn from_hex(hex: &str) -> Option<Self> {
         if hex.len() != 64 || !hex.is_ascii() {
             return None;
@@ -172,14 +204,43 @@ impl Fingerprint {
     }
 }
 
+impl From<[u8; 32]> for Fingerprint {
+    fn from(bytes: [u8; 32]) -> Self {
+        Self(bytes)
+    }
+}
+
 /// Identifies one claim of a key; strictly increasing per key.
 ///
 /// ```
 /// use keel_idempotency::store::FencingToken;
-/// assert!(FencingToken(2) > FencingToken(1));
+/// assert!(FencingToken::new(2) > FencingToken::new(1));
+/// assert_eq!(FencingToken::new(7).get(), 7);
 /// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct FencingToken(pub u64);
+pub struct FencingToken(u64);
+
+impl FencingToken {
+    /// The token numbered `n` (a store issuing or reading one back).
+    ///
+    /// ```
+    /// # use keel_idempotency::store::FencingToken;
+    /// assert_eq!(FencingToken::new(3).get(), 3);
+    /// ```
+    pub const fn new(n: u64) -> Self {
+        Self(n)
+    }
+
+    /// Its number.
+    ///
+    /// ```
+    /// # use keel_idempotency::store::FencingToken;
+    /// assert_eq!(FencingToken::new(9).get(), 9);
+    /// ```
+    pub const fn get(self) -> u64 {
+        self.0
+    }
+}
 
 /// The terms of a claim: how long it holds without renewal, and what its
 /// lapse means.
@@ -352,7 +413,7 @@ pub enum StoreError {
 /// A place to keep claims and results.
 ///
 /// Implementations: [`crate::memory`], [`crate::embedded`], [`crate::redis`]
-/// and [`crate::postgres`]; each passes [`crate::conformance`].
+/// and [`crate::postgres`]; each passes the `conformance` suite.
 pub trait Store: Send + Sync + 'static {
     /// Atomically claims `key` under `lease` with `fingerprint`, or reports
     /// the live claim, stored result or abandoned claim already there.

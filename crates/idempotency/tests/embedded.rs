@@ -44,7 +44,7 @@ async fn two_handles_on_one_file_are_one_store() {
 async fn tokens_keep_increasing_across_reopen_and_purge_removes_expired() {
     let dir = tempfile::tempdir().expect("tempdir");
     let key = StoreKey::new("k").expect("valid");
-    let fp = Fingerprint([1; 32]);
+    let fp = Fingerprint::from_bytes([1; 32]);
     let first = {
         let store = EmbeddedStore::open_dir(dir.path()).expect("open");
         let Claim::Acquired { token } = store
@@ -93,6 +93,7 @@ fn engine(dir: &std::path::Path) -> Engine {
 
 fn request() -> http::Request<()> {
     http::Request::post("/payments")
+        .header("authorization", "Bearer alice")
         .header("idempotency-key", "crash-1")
         .header("x-request-id", "req-before-crash")
         .body(())
@@ -158,7 +159,7 @@ fn log_files(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
 
 async fn acquire(store: &EmbeddedStore, key: &StoreKey, lease: Duration) -> FencingToken {
     match store
-        .claim(key, Fingerprint([1; 32]), Lease::freeing(lease))
+        .claim(key, Fingerprint::from_bytes([1; 32]), Lease::freeing(lease))
         .await
     {
         Ok(Claim::Acquired { token }) => token,
@@ -170,7 +171,7 @@ async fn assert_replays(store: &EmbeddedStore, key: &StoreKey, payload: &[u8]) {
     match store
         .claim(
             key,
-            Fingerprint([1; 32]),
+            Fingerprint::from_bytes([1; 32]),
             Lease::freeing(Duration::from_secs(60)),
         )
         .await
@@ -184,7 +185,7 @@ async fn assert_replays(store: &EmbeddedStore, key: &StoreKey, payload: &[u8]) {
 async fn compaction_reclaims_dead_segments_and_keeps_live_records() {
     let dir = tempfile::tempdir().expect("tempdir");
     let keep = StoreKey::new("keep").expect("valid");
-    let mut last = FencingToken(0);
+    let mut last = FencingToken::new(0);
     {
         let store = EmbeddedStore::open_dir_with(dir.path(), small_segments()).expect("open");
         let t = acquire(&store, &keep, Duration::from_secs(60)).await;
@@ -283,7 +284,7 @@ async fn a_torn_append_is_cut_off_and_earlier_records_survive() {
             store
                 .claim(
                     &b,
-                    Fingerprint([1; 32]),
+                    Fingerprint::from_bytes([1; 32]),
                     Lease::freeing(Duration::from_secs(60))
                 )
                 .await,
@@ -393,8 +394,8 @@ async fn model_run(ops: Vec<Op>) {
         .collect();
     let mut store = open();
     let mut model: std::collections::HashMap<usize, Model> = Default::default();
-    let mut last_token = FencingToken(0);
-    let fp = Fingerprint([9; 32]);
+    let mut last_token = FencingToken::new(0);
+    let fp = Fingerprint::from_bytes([9; 32]);
     let lease = |step: usize| {
         if step.is_multiple_of(2) {
             Lease::locking(Duration::from_secs(600), Duration::from_secs(600))
@@ -444,7 +445,7 @@ async fn model_run(ops: Vec<Op>) {
             }
             Op::CompleteStale(k) => {
                 let stale = match model.get(&k) {
-                    Some(Model::InFlight(t)) => FencingToken(t.0 - 1),
+                    Some(Model::InFlight(t)) => FencingToken::new(t.get() - 1),
                     _ => last_token,
                 };
                 assert!(

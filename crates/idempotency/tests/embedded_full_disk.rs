@@ -28,7 +28,7 @@ fn key(k: &str) -> StoreKey {
 }
 
 fn fp() -> Fingerprint {
-    Fingerprint([1; 32])
+    Fingerprint::from_bytes([1; 32])
 }
 
 fn lease() -> Lease {

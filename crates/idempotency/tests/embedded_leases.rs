@@ -28,7 +28,7 @@ fn key(k: &str) -> StoreKey {
 }
 
 fn fp(n: u8) -> Fingerprint {
-    Fingerprint([n; 32])
+    Fingerprint::from_bytes([n; 32])
 }
 
 fn locking() -> Lease {
@@ -77,6 +77,7 @@ const CHILD_DIR: &str = "KEEL_IDEM_LEASE_CRASH_DIR";
 
 fn request() -> http::Request<()> {
     http::Request::post("/payments")
+        .header("authorization", "Bearer alice")
         .header("idempotency-key", "held-at-crash")
         .header("x-request-id", "req-held")
         .body(())
@@ -85,7 +86,7 @@ fn request() -> http::Request<()> {
 
 fn lookup() -> KeyLookup<'static> {
     KeyLookup {
-        tenant: None,
+        tenant: Some(b"Bearer alice"),
         method: &http::Method::POST,
         path: "/payments",
         key: "held-at-crash",
@@ -108,7 +109,7 @@ async fn lease_holder_child() {
     guard.mark_started();
     let held = guard.token().expect("a held claim");
     let free = acquire(&store, &key("free-at-crash"), freeing()).await;
-    println!("HELD {} {}", held.0, free.0);
+    println!("HELD {} {}", held.get(), free.get());
     tokio::time::sleep(Duration::from_secs(600)).await;
     drop(guard);
 }
@@ -124,21 +125,27 @@ async fn a_claim_held_at_kill_9_locks_its_key_after_restart() {
         .split_whitespace()
         .map(|t| t.parse().expect("a token"))
         .collect();
-    let (held, free) = (FencingToken(tokens[0]), FencingToken(tokens[1]));
+    let (held, free) = (FencingToken::new(tokens[0]), FencingToken::new(tokens[1]));
 
     let store = EmbeddedStore::open_dir(dir.path()).expect("reopen");
     let policy = Policy::default();
     let engine = Engine::new(Arc::new(store.clone()), policy.clone());
     // Read back as it was: held by the dead request, until its lease ends.
     let status = engine.key_status(&lookup()).await.expect("status");
-    assert_eq!((status.state, status.token), ("in_flight", Some(held.0)));
+    assert_eq!(
+        (status.state, status.token),
+        ("in_flight", Some(held.get()))
+    );
     assert_eq!(held_token(&store, &key("free-at-crash")).await, free);
 
-    store.advance_clock(policy.get_lease() + SECOND);
+    store.advance_clock(policy.lease() + SECOND);
     // The lease lapsed with no outcome recorded: the request may have run,
     // so the key is locked, not run again.
     let status = engine.key_status(&lookup()).await.expect("status");
-    assert_eq!((status.state, status.token), ("abandoned", Some(held.0)));
+    assert_eq!(
+        (status.state, status.token),
+        ("abandoned", Some(held.get()))
+    );
     let Begin::Reject(r) = engine.begin(&request(), b"amount=5").await else {
         panic!("a retry after the restart must not execute");
     };
@@ -277,7 +284,7 @@ fn small_segments() -> EmbeddedConfig {
 /// Claims and releases `n` keys: dead records enough to make compaction
 /// move what is live.
 async fn churn(store: &EmbeddedStore, n: usize) -> FencingToken {
-    let mut last = FencingToken(0);
+    let mut last = FencingToken::new(0);
     for i in 0..n {
         let k = key(&format!("churn-{i}"));
         last = acquire(store, &k, freeing()).await;

@@ -12,8 +12,8 @@ use common::{post, problem_type};
 use http::{HeaderMap, Request, Response, StatusCode};
 use keel_idempotency::codec::Record;
 use keel_idempotency::engine::{
-    Begin, Completion, Engine, InFlight, KeyLookup, LapsedLease, PassReason, Policy, ServerErrors,
-    StoreDown, Tenant,
+    Begin, Completion, Engine, InFlight, KeyLookup, LapsedLease, MissingTenant, NotExecuted,
+    PassReason, Policy, RequestHead, ServerErrors, StoreDown, Tenant,
 };
 use keel_idempotency::fingerprint::FingerprintConfig;
 use keel_idempotency::gate::{AlwaysAllow, ConsecutiveFailures};
@@ -122,7 +122,7 @@ mod embedded {
 
 #[tokio::test]
 async fn key_validation() {
-    let e = engine(Policy::default().max_key_len(10));
+    let e = engine(Policy::default().with_max_key_len(10));
     for (value, why) in [
         ("", "empty"),
         ("\"\"", "empty string"),
@@ -158,10 +158,12 @@ async fn key_validation() {
     assert_eq!(rejected(&e, &req, b"").await.status(), 400);
     // Quoted and bare forms name the same key.
     let quoted = Request::post("/x")
+        .header("authorization", "Bearer t")
         .header("idempotency-key", "\"k-1\"")
         .body(())
         .expect("req");
     let bare = Request::post("/x")
+        .header("authorization", "Bearer t")
         .header("idempotency-key", "k-1")
         .body(())
         .expect("req");
@@ -197,6 +199,7 @@ async fn methods_required_and_optional() {
         );
     }
     let patch = Request::patch("/x")
+        .header("authorization", "Bearer t")
         .header("idempotency-key", "k")
         .body(())
         .expect("req");
@@ -204,8 +207,8 @@ async fn methods_required_and_optional() {
 
     let required = engine(
         Policy::default()
-            .required(true)
-            .methods([http::Method::PUT]),
+            .with_required(true)
+            .with_methods([http::Method::PUT]),
     );
     let put = Request::put("/x").body(()).expect("req");
     let r = rejected(&required, &put, b"").await;
@@ -252,12 +255,13 @@ async fn same_key_different_request_is_422() {
 
 #[tokio::test]
 async fn selected_headers_join_the_fingerprint() {
-    let e = engine(
-        Policy::default()
-            .fingerprint(FingerprintConfig::default().include_header(http::header::CONTENT_TYPE)),
-    );
+    let e =
+        engine(Policy::default().with_fingerprint(
+            FingerprintConfig::default().include_header(http::header::CONTENT_TYPE),
+        ));
     let req = |ct: &str| {
         Request::post("/x")
+            .header("authorization", "Bearer t")
             .header("idempotency-key", "h")
             .header("content-type", ct)
             .body(())
@@ -279,8 +283,9 @@ async fn selected_headers_join_the_fingerprint() {
 async fn canonical_json_matches_reserialised_bodies() {
     let first = br#"{"amount": 100, "currency": "EUR", "meta": {"b": 2, "a": 1}}"#;
     let reordered = br#"{"meta":{"a":1,"b":2},"currency":"EUR","amount":100}"#;
-    let canonical =
-        engine(Policy::default().fingerprint(FingerprintConfig::default().canonical_json(true)));
+    let canonical = engine(
+        Policy::default().with_fingerprint(FingerprintConfig::default().canonical_json(true)),
+    );
     execute(&canonical, &post("j"), first)
         .await
         .complete(&respond(201, "paid"))
@@ -346,7 +351,7 @@ proptest! {
 
 #[tokio::test]
 async fn tenant_from_a_function_or_header() {
-    let by_account = Policy::default().tenant(Tenant::Function(Arc::new(|head| {
+    let by_account = Policy::default().with_tenant(Tenant::Function(Arc::new(|head| {
         head.headers
             .get("x-account")
             .and_then(|v| v.to_str().ok())
@@ -374,7 +379,7 @@ async fn tenant_from_a_function_or_header() {
     drop(execute(&e, &req("acct-2", "token-1"), b"").await);
 
     let by_header = engine(
-        Policy::default().tenant(Tenant::Header(http::HeaderName::from_static("x-api-key"))),
+        Policy::default().with_tenant(Tenant::Header(http::HeaderName::from_static("x-api-key"))),
     );
     let req = |key: &str| {
         Request::post("/x")
@@ -391,11 +396,112 @@ async fn tenant_from_a_function_or_header() {
     drop(execute(&by_header, &req("b"), b"").await);
 }
 
+#[tokio::test]
+async fn a_keyed_request_without_a_tenant_is_refused_unless_anonymous_is_chosen() {
+    let anonymous = |key: &str| {
+        Request::post("/orders")
+            .header("cookie", format!("session={key}"))
+            .header("idempotency-key", "same")
+            .body(())
+            .expect("req")
+    };
+    // Default: the tenant is Authorization; without it, a clear 400 and
+    // nothing claimed (two cookie-authenticated callers never share).
+    let e = engine(Policy::default());
+    let r = rejected(&e, &anonymous("alice"), b"{}").await;
+    assert_eq!(r.status(), 400);
+    assert_eq!(
+        problem_type(&r),
+        "urn:keel:problem:idempotency-tenant-missing"
+    );
+    let r = rejected(&e, &anonymous("bob"), b"{}").await;
+    assert_eq!(r.status(), 400);
+    // An empty Authorization names nobody either.
+    let empty = Request::post("/orders")
+        .header("authorization", " ")
+        .header("idempotency-key", "same")
+        .body(())
+        .expect("req");
+    assert_eq!(
+        problem_type(&rejected(&e, &empty, b"{}").await),
+        "urn:keel:problem:idempotency-tenant-missing"
+    );
+    // Without a key nothing is shared, so the request passes as before.
+    let no_key = Request::post("/orders").body(()).expect("req");
+    assert!(matches!(
+        e.begin(&no_key, b"").await,
+        Begin::PassThrough(PassReason::NoKey)
+    ));
+
+    // A function that finds no user refuses the same way.
+    let by_user = engine(Policy::default().with_tenant(Tenant::function(
+        |head: &RequestHead<'_>| head.extensions.get::<String>().cloned(),
+    )));
+    let r = rejected(&by_user, &anonymous("alice"), b"{}").await;
+    assert_eq!(
+        problem_type(&r),
+        "urn:keel:problem:idempotency-tenant-missing"
+    );
+
+    // Opted in: one shared anonymous tenant, as documented.
+    let shared = engine(Policy::default().with_missing_tenant(MissingTenant::Anonymous));
+    execute(&shared, &anonymous("alice"), b"{}")
+        .await
+        .complete(&respond(201, "alice's"))
+        .await
+        .expect("stored");
+    assert_eq!(
+        replayed(&shared, &anonymous("bob"), b"{}").await.body(),
+        "alice's"
+    );
+
+    // A single-principal service has no tenant to miss.
+    let single = engine(Policy::default().with_tenant(Tenant::Single));
+    drop(execute(&single, &anonymous("alice"), b"{}").await);
+}
+
+#[tokio::test]
+async fn the_tenant_function_reads_what_middleware_put_in_the_extensions() {
+    #[derive(Clone)]
+    struct User(&'static str);
+    let e = engine(
+        Policy::default().with_tenant(Tenant::function(|head: &RequestHead<'_>| {
+            head.extensions.get::<User>().map(|u| u.0.to_owned())
+        })),
+    );
+    let as_user = |user: &'static str| {
+        Request::post("/orders")
+            .extension(User(user))
+            .header("idempotency-key", "k")
+            .body(())
+            .expect("req")
+    };
+    execute(&e, &as_user("alice"), b"{}")
+        .await
+        .complete(&respond(201, "for alice"))
+        .await
+        .expect("stored");
+    // Bob, same key and body: his own execution, not alice's replay.
+    execute(&e, &as_user("bob"), b"{}")
+        .await
+        .complete(&respond(201, "for bob"))
+        .await
+        .expect("stored");
+    assert_eq!(
+        replayed(&e, &as_user("alice"), b"{}").await.body(),
+        "for alice"
+    );
+    assert_eq!(replayed(&e, &as_user("bob"), b"{}").await.body(), "for bob");
+    // The head built from request parts carries the extensions too.
+    let (parts, ()) = as_user("alice").into_parts();
+    assert!(matches!(e.begin(&parts, b"{}").await, Begin::Replay(_)));
+}
+
 // ---- limits ----
 
 #[tokio::test]
 async fn body_over_limit_is_413() {
-    let e = engine(Policy::default().max_body(8));
+    let e = engine(Policy::default().with_max_body(8));
     let r = rejected(&e, &post("big"), b"123456789").await;
     assert_eq!(r.status(), 413);
     assert_eq!(
@@ -407,7 +513,7 @@ async fn body_over_limit_is_413() {
 
 #[tokio::test]
 async fn response_too_large_keeps_a_record_not_a_rerun() {
-    let e = engine(Policy::default().max_response(4));
+    let e = engine(Policy::default().with_max_response(4));
     let guard = execute(&e, &post("huge"), b"").await;
     assert_eq!(
         guard
@@ -436,7 +542,8 @@ async fn response_too_large_keeps_a_record_not_a_rerun() {
 
 #[tokio::test]
 async fn replay_headers_and_set_cookie() {
-    let e = engine(Policy::default().replay_header(http::HeaderName::from_static("x-order-id")));
+    let e =
+        engine(Policy::default().with_replay_header(http::HeaderName::from_static("x-order-id")));
     let response = Response::builder()
         .status(201)
         .header("content-type", "application/json")
@@ -465,7 +572,7 @@ async fn replay_headers_and_set_cookie() {
     );
     assert!(!r.headers().contains_key("x-internal"));
 
-    let cookies = engine(Policy::default().replay_header(http::header::SET_COOKIE));
+    let cookies = engine(Policy::default().with_replay_header(http::header::SET_COOKIE));
     let response = Response::builder()
         .header("set-cookie", "a=1")
         .header("set-cookie", "b=2")
@@ -516,7 +623,7 @@ async fn server_errors_are_final_unless_the_route_releases_them() {
     assert_eq!(r.status(), 500);
     assert_eq!(r.body(), "boom");
 
-    let e = engine(Policy::default().server_errors(ServerErrors::Release));
+    let e = engine(Policy::default().with_server_errors(ServerErrors::Release));
     let done = execute(&e, &post("503"), b"")
         .await
         .complete(&respond(503, "down"))
@@ -530,6 +637,68 @@ async fn server_errors_are_final_unless_the_route_releases_them() {
         .await
         .expect("stored");
     assert_eq!(replayed(&e, &post("400"), b"").await.status(), 400);
+}
+
+#[tokio::test]
+async fn a_response_marked_not_executed_releases_the_key_whatever_its_status() {
+    let e = engine(Policy::default());
+    let mut refused = respond(502, "upstream refused");
+    refused.extensions_mut().insert(NotExecuted);
+    let mut guard = execute(&e, &post("ne"), b"").await;
+    // The handler was invoked: only its own word releases the key.
+    guard.mark_started();
+    assert_eq!(
+        guard.complete(&refused).await.expect("released"),
+        Completion::Released
+    );
+    execute(&e, &post("ne"), b"")
+        .await
+        .complete(&respond(201, "charged"))
+        .await
+        .expect("stored");
+    assert_eq!(replayed(&e, &post("ne"), b"").await.body(), "charged");
+    // The same 502 without the mark is stored: it may have run.
+    execute(&e, &post("ne2"), b"")
+        .await
+        .complete(&respond(502, "upstream refused"))
+        .await
+        .expect("stored");
+    assert_eq!(replayed(&e, &post("ne2"), b"").await.status(), 502);
+}
+
+#[tokio::test]
+async fn a_route_may_name_statuses_that_release() {
+    let e = engine(Policy::default().with_release_statuses([StatusCode::SERVICE_UNAVAILABLE]));
+    let done = execute(&e, &post("r503"), b"")
+        .await
+        .complete(&respond(503, "breaker open"))
+        .await;
+    assert_eq!(done.expect("released"), Completion::Released);
+    drop(execute(&e, &post("r503"), b"").await);
+    // Other 5xx are still stored on this route.
+    execute(&e, &post("r500"), b"")
+        .await
+        .complete(&respond(500, "boom"))
+        .await
+        .expect("stored");
+    assert_eq!(replayed(&e, &post("r500"), b"").await.status(), 500);
+    // The unbuffered path follows the same list.
+    let guard = execute(&e, &post("u503"), b"").await;
+    assert_eq!(
+        guard
+            .complete_unbuffered(StatusCode::SERVICE_UNAVAILABLE, 10)
+            .await
+            .expect("released"),
+        Completion::Released
+    );
+    // And another route's engine, without the list, stores its 503.
+    let other = engine(Policy::default());
+    execute(&other, &post("r503"), b"")
+        .await
+        .complete(&respond(503, "down"))
+        .await
+        .expect("stored");
+    assert_eq!(replayed(&other, &post("r503"), b"").await.status(), 503);
 }
 
 #[tokio::test]
@@ -595,7 +764,7 @@ async fn dropped_guard_releases_if_not_started_else_locks_unknown() {
 
 #[tokio::test(start_paused = true)]
 async fn wait_mode_gives_up_after_its_bound() {
-    let e = engine(Policy::default().in_flight(InFlight::Wait(Duration::from_secs(2))));
+    let e = engine(Policy::default().with_in_flight(InFlight::Wait(Duration::from_secs(2))));
     let _held = execute(&e, &post("w"), b"").await;
     let started = tokio::time::Instant::now();
     let r = rejected(&e, &post("w"), b"").await;
@@ -609,7 +778,7 @@ async fn wait_mode_gives_up_after_its_bound() {
 
 #[tokio::test(start_paused = true)]
 async fn wait_mode_replays_when_the_first_finishes() {
-    let e = engine(Policy::default().in_flight(InFlight::Wait(Duration::from_secs(10))));
+    let e = engine(Policy::default().with_in_flight(InFlight::Wait(Duration::from_secs(10))));
     let guard = execute(&e, &post("w2"), b"").await;
     let e2 = e.clone();
     let waiter = tokio::spawn(async move { e2.begin(&post("w2"), b"").await });
@@ -746,7 +915,7 @@ async fn store_down_fails_open_per_route() {
     let e = Engine::with_gate(
         store,
         Arc::new(AlwaysAllow),
-        Policy::default().store_down(StoreDown::FailOpen),
+        Policy::default().with_store_down(StoreDown::FailOpen),
     );
     assert!(matches!(
         e.begin(&post("k"), b"").await,
@@ -827,7 +996,7 @@ async fn unreadable_record_is_refused_not_rerun_even_failing_open() {
     for store_error in [false, true] {
         let e = Engine::new(
             Arc::new(GarbageStore { store_error }),
-            Policy::default().store_down(StoreDown::FailOpen),
+            Policy::default().with_store_down(StoreDown::FailOpen),
         );
         let r = rejected(&e, &post("k"), b"").await;
         assert_eq!(r.status(), 503, "store_error={store_error}");
@@ -995,7 +1164,7 @@ fn lookup(key: &str) -> KeyLookup<'_> {
 #[tokio::test(start_paused = true)]
 async fn a_slow_request_keeps_its_key_held_past_the_lease() {
     let store = Faulty::over(MemoryStore::new());
-    let e = faulty_engine(&store, Policy::default().lease(Duration::from_secs(3)));
+    let e = faulty_engine(&store, Policy::default().with_lease(Duration::from_secs(3)));
     let mut guard = execute(&e, &post("slow"), b"").await;
     guard.mark_started();
     // The response takes ten leases (a body streamed slowly); a duplicate
@@ -1026,7 +1195,7 @@ async fn a_slow_request_keeps_its_key_held_past_the_lease() {
 #[tokio::test(start_paused = true)]
 async fn a_new_request_costs_two_store_calls_and_a_replay_one() {
     let store = Faulty::over(MemoryStore::new());
-    let e = faulty_engine(&store, Policy::default().lease(Duration::from_secs(3)));
+    let e = faulty_engine(&store, Policy::default().with_lease(Duration::from_secs(3)));
     let calls = |s: &Faulty| {
         s.claims.load(Ordering::SeqCst)
             + s.renews.load(Ordering::SeqCst)
@@ -1046,7 +1215,7 @@ async fn a_new_request_costs_two_store_calls_and_a_replay_one() {
 #[tokio::test(start_paused = true)]
 async fn a_request_within_a_third_of_the_lease_costs_no_renewal() {
     let store = Faulty::over(MemoryStore::new());
-    let e = faulty_engine(&store, Policy::default().lease(Duration::from_secs(3)));
+    let e = faulty_engine(&store, Policy::default().with_lease(Duration::from_secs(3)));
     let mut guard = execute(&e, &post("quick"), b"").await;
     guard.mark_started();
     guard
@@ -1059,7 +1228,7 @@ async fn a_request_within_a_third_of_the_lease_costs_no_renewal() {
 #[tokio::test(start_paused = true)]
 async fn renewal_rides_out_a_store_blip_shorter_than_the_lease() {
     let store = Faulty::over(MemoryStore::new());
-    let e = faulty_engine(&store, Policy::default().lease(Duration::from_secs(3)));
+    let e = faulty_engine(&store, Policy::default().with_lease(Duration::from_secs(3)));
     let mut guard = execute(&e, &post("blip"), b"").await;
     guard.mark_started();
     let blip = async {
@@ -1085,8 +1254,8 @@ async fn a_store_outage_past_the_lease_locks_the_key_never_frees_it() {
     let e = faulty_engine(
         &store,
         Policy::default()
-            .lease(Duration::from_secs(3))
-            .record_retry(Duration::from_secs(2)),
+            .with_lease(Duration::from_secs(3))
+            .with_record_retry(Duration::from_secs(2)),
     );
     let mut guard = execute(&e, &post("outage"), b"").await;
     guard.mark_started();
@@ -1131,7 +1300,7 @@ async fn an_outcome_write_is_retried_until_the_store_answers() {
 
 #[tokio::test(start_paused = true)]
 async fn a_vanished_holder_locks_the_key_until_an_operator_releases_it() {
-    let e = engine(Policy::default().lease(Duration::from_secs(3)));
+    let e = engine(Policy::default().with_lease(Duration::from_secs(3)));
     let mut guard = execute(&e, &post("crash"), b"").await;
     guard.mark_started();
     // The process dies with the request at the upstream: no drop handler,
@@ -1165,8 +1334,8 @@ async fn a_vanished_holder_locks_the_key_until_an_operator_releases_it() {
 async fn an_abandoned_lock_ends_with_the_ttl() {
     let e = engine(
         Policy::default()
-            .lease(Duration::from_secs(3))
-            .ttl(Duration::from_secs(60)),
+            .with_lease(Duration::from_secs(3))
+            .with_ttl(Duration::from_secs(60)),
     );
     let mut guard = execute(&e, &post("ttl"), b"").await;
     guard.mark_started();
@@ -1182,8 +1351,8 @@ async fn an_abandoned_lock_ends_with_the_ttl() {
 async fn a_rerun_route_frees_a_vanished_holders_key() {
     let e = engine(
         Policy::default()
-            .lease(Duration::from_secs(3))
-            .lapsed_lease(LapsedLease::Rerun),
+            .with_lease(Duration::from_secs(3))
+            .with_lapsed_lease(LapsedLease::Rerun),
     );
     let mut guard = execute(&e, &post("rerun"), b"").await;
     guard.mark_started();

@@ -144,7 +144,7 @@ struct Run {
 impl Run {
     fn token(&self, key: usize, who: Who) -> FencingToken {
         let issued = &self.issued[key];
-        FencingToken(match who {
+        FencingToken::new(match who {
             Who::Latest => issued.last().copied().unwrap_or(u64::MAX - 1),
             Who::Previous => issued
                 .len()
@@ -170,20 +170,20 @@ impl Run {
                 let (terms, life) = lease(hold_ms, lock);
                 let got = self
                     .store
-                    .claim(&self.keys[key], Fingerprint([fp; 32]), terms)
+                    .claim(&self.keys[key], Fingerprint::from_bytes([fp; 32]), terms)
                     .await
                     .expect("the memory store answers");
                 match (self.models[key].at(now), got) {
                     (Model::Free, Claim::Acquired { token }) => {
                         assert!(
-                            self.issued[key].iter().all(|&t| t < token.0),
+                            self.issued[key].iter().all(|&t| t < token.get()),
                             "token {token:?} must exceed every earlier one {:?}",
                             self.issued[key]
                         );
-                        self.issued[key].push(token.0);
+                        self.issued[key].push(token.get());
                         self.models[key] = Model::Claimed {
                             fp,
-                            token: token.0,
+                            token: token.get(),
                             lease_until: now + hold_ms,
                             gone_at: now + life,
                         };
@@ -199,11 +199,11 @@ impl Run {
                             retry_after,
                         },
                     ) if lease_until > now => {
-                        assert_eq!(fingerprint, Fingerprint([theirs; 32]));
+                        assert_eq!(fingerprint, Fingerprint::from_bytes([theirs; 32]));
                         assert_eq!(retry_after, Duration::from_millis(lease_until - now));
                     }
                     (Model::Claimed { fp: theirs, .. }, Claim::Abandoned { fingerprint }) => {
-                        assert_eq!(fingerprint, Fingerprint([theirs; 32]));
+                        assert_eq!(fingerprint, Fingerprint::from_bytes([theirs; 32]));
                     }
                     (
                         Model::Completed {
@@ -216,7 +216,7 @@ impl Run {
                             payload,
                         },
                     ) => {
-                        assert_eq!(fingerprint, Fingerprint([theirs; 32]));
+                        assert_eq!(fingerprint, Fingerprint::from_bytes([theirs; 32]));
                         assert_eq!(payload, want);
                     }
                     (model, got) => panic!("claim at {now} ms: model {model:?}, store {got:?}"),
@@ -231,7 +231,7 @@ impl Run {
                 let token = self.token(key, who);
                 let (terms, life) = lease(hold_ms, lock);
                 let got = self.store.renew(&self.keys[key], token, terms).await;
-                if self.models[key].holder(now) == Some(token.0) {
+                if self.models[key].holder(now) == Some(token.get()) {
                     got.expect("the live holder renews");
                     if let Model::Claimed {
                         lease_until,
@@ -252,7 +252,7 @@ impl Run {
             }
             Op::Complete { key, who, ttl_ms } => {
                 let token = self.token(key, who);
-                let payload = format!("result of {}", token.0).into_bytes();
+                let payload = format!("result of {}", token.get()).into_bytes();
                 let got = self
                     .store
                     .complete(
@@ -262,7 +262,7 @@ impl Run {
                         Duration::from_millis(ttl_ms),
                     )
                     .await;
-                if self.models[key].holder(now) == Some(token.0) {
+                if self.models[key].holder(now) == Some(token.get()) {
                     got.expect("the live holder completes");
                     let Model::Claimed { fp, .. } = self.models[key] else {
                         unreachable!("a holder means a claim");
@@ -282,7 +282,7 @@ impl Run {
             Op::Release { key, who } => {
                 let token = self.token(key, who);
                 let got = self.store.release(&self.keys[key], token).await;
-                if self.models[key].holder(now) == Some(token.0) {
+                if self.models[key].holder(now) == Some(token.get()) {
                     got.expect("the live holder releases");
                     self.models[key] = Model::Free;
                 } else {
@@ -321,14 +321,14 @@ impl Run {
                     ) => {
                         let want = if lease_until > now {
                             KeyState::Held {
-                                fingerprint: Fingerprint([fp; 32]),
-                                token: FencingToken(token),
+                                fingerprint: Fingerprint::from_bytes([fp; 32]),
+                                token: FencingToken::new(token),
                                 lease_left: Duration::from_millis(lease_until - now),
                             }
                         } else {
                             KeyState::Abandoned {
-                                fingerprint: Fingerprint([fp; 32]),
-                                token: FencingToken(token),
+                                fingerprint: Fingerprint::from_bytes([fp; 32]),
+                                token: FencingToken::new(token),
                                 expires_in: Duration::from_millis(gone_at - now),
                             }
                         };
@@ -344,7 +344,7 @@ impl Run {
                     ) => assert_eq!(
                         state,
                         KeyState::Completed {
-                            fingerprint: Fingerprint([fp; 32]),
+                            fingerprint: Fingerprint::from_bytes([fp; 32]),
                             payload,
                             expires_in: Duration::from_millis(gone_at - now),
                         }

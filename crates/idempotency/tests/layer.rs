@@ -39,6 +39,7 @@ fn router(engine: Engine, runs: Arc<AtomicUsize>) -> Router {
 
 fn post_req(key: &str, body: &'static str) -> http::Request<Body> {
     http::Request::post("/orders")
+        .header("authorization", "Bearer alice")
         .header("idempotency-key", key)
         .header("x-request-id", "r-1")
         .body(Body::from(body))
@@ -103,7 +104,7 @@ async fn axum_router_runs_once_and_replays() {
 #[tokio::test]
 async fn axum_body_limit_is_413() {
     let runs = Arc::new(AtomicUsize::new(0));
-    let app = router(engine(Policy::default().max_body(4)), runs.clone());
+    let app = router(engine(Policy::default().with_max_body(4)), runs.clone());
     let r = app
         .oneshot(post_req("k", "12345"))
         .await
@@ -128,6 +129,7 @@ async fn service_error_locks_the_key_as_outcome_unknown() {
     let svc = IdempotencyLayer::new(e).layer(failing);
     let req = || {
         http::Request::post("/pay")
+            .header("authorization", "Bearer alice")
             .header("idempotency-key", "p")
             .body(Full::new(Bytes::from_static(b"x")))
             .expect("request")
@@ -162,7 +164,7 @@ async fn a_handler_slower_than_the_lease_still_runs_once() {
             }),
         )
         .layer(IdempotencyLayer::new(engine(
-            Policy::default().lease(std::time::Duration::from_secs(3)),
+            Policy::default().with_lease(std::time::Duration::from_secs(3)),
         )));
     let first = tokio::spawn(app.clone().oneshot(post_req("slow", "{}")));
     tokio::time::sleep(std::time::Duration::from_secs(20)).await;
@@ -180,4 +182,79 @@ async fn a_handler_slower_than_the_lease_still_runs_once() {
         .expect("infallible");
     assert_eq!(retry.headers()["idempotent-replayed"], "true");
     assert_eq!(runs.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn a_handler_that_did_not_run_releases_the_key_and_the_retry_runs() {
+    use keel_idempotency::engine::NotExecuted;
+    let calls = Arc::new(AtomicUsize::new(0));
+    let counter = calls.clone();
+    let app = Router::new()
+        .route(
+            "/orders",
+            post(move || {
+                let calls = counter.clone();
+                async move {
+                    // The first call's outbound request is refused (its
+                    // breaker is open): nothing happened, and it says so.
+                    if calls.fetch_add(1, Ordering::SeqCst) == 0 {
+                        return axum::response::IntoResponse::into_response((
+                            axum::http::StatusCode::BAD_GATEWAY,
+                            axum::Extension(NotExecuted),
+                            "payment provider unavailable",
+                        ));
+                    }
+                    axum::response::IntoResponse::into_response((
+                        axum::http::StatusCode::CREATED,
+                        "charged",
+                    ))
+                }
+            }),
+        )
+        .layer(IdempotencyLayer::new(engine(Policy::default())));
+    let first = app
+        .clone()
+        .oneshot(post_req("ne", "{}"))
+        .await
+        .expect("infallible");
+    assert_eq!(first.status(), 502);
+    assert!(!first.headers().contains_key("idempotent-replayed"));
+    let retry = app
+        .clone()
+        .oneshot(post_req("ne", "{}"))
+        .await
+        .expect("infallible");
+    assert_eq!(retry.status(), 201, "the released key runs again");
+    assert_eq!(text(retry).await, "charged");
+    let again = app.oneshot(post_req("ne", "{}")).await.expect("infallible");
+    assert_eq!(again.headers()["idempotent-replayed"], "true");
+    assert_eq!(text(again).await, "charged");
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test]
+async fn cookie_authenticated_callers_never_share_a_key_under_the_default_tenant() {
+    // The default tenant is the Authorization header; a service that
+    // authenticates with cookies and keeps that default gets a 400 for
+    // every keyed request, never one caller's response replayed to another.
+    let runs = Arc::new(AtomicUsize::new(0));
+    let app = router(engine(Policy::default()), runs.clone());
+    let as_cookie = |session: &str| {
+        http::Request::post("/orders")
+            .header("cookie", format!("session={session}"))
+            .header("idempotency-key", "same")
+            .body(Body::from("{}"))
+            .expect("request")
+    };
+    for session in ["alice", "bob"] {
+        let r = app
+            .clone()
+            .oneshot(as_cookie(session))
+            .await
+            .expect("infallible");
+        assert_eq!(r.status(), 400);
+        assert!(!r.headers().contains_key("idempotent-replayed"));
+        assert!(text(r).await.contains("idempotency-tenant-missing"));
+    }
+    assert_eq!(runs.load(Ordering::SeqCst), 0);
 }

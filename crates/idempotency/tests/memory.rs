@@ -25,7 +25,7 @@ fn key(i: usize) -> StoreKey {
     StoreKey::new(format!("k{i}")).expect("valid")
 }
 
-const FP: Fingerprint = Fingerprint([1; 32]);
+const FP: Fingerprint = Fingerprint::from_bytes([1; 32]);
 const LONG: Duration = Duration::from_secs(600);
 
 #[tokio::test(start_paused = true)]

@@ -73,7 +73,7 @@ fn key(s: &str) -> StoreKey {
 
 async fn acquire(store: &PostgresStore, k: &StoreKey, lease: Duration) -> FencingToken {
     match store
-        .claim(k, Fingerprint([1; 32]), Lease::freeing(lease))
+        .claim(k, Fingerprint::from_bytes([1; 32]), Lease::freeing(lease))
         .await
     {
         Ok(Claim::Acquired { token }) => token,
@@ -129,7 +129,7 @@ async fn schema_creation_is_safe_when_many_processes_start_at_once() {
             store
                 .claim(
                     &key("first-use"),
-                    Fingerprint([1; 32]),
+                    Fingerprint::from_bytes([1; 32]),
                     Lease::freeing(LONG),
                 )
                 .await
@@ -276,7 +276,11 @@ async fn the_sweeper_deletes_expired_rows_and_keeps_live_ones() {
     assert_eq!(remaining, 1, "only the live record stays");
     assert!(matches!(
         store
-            .claim(&live, Fingerprint([1; 32]), Lease::freeing(LONG))
+            .claim(
+                &live,
+                Fingerprint::from_bytes([1; 32]),
+                Lease::freeing(LONG)
+            )
             .await,
         Ok(Claim::Completed { .. })
     ));
@@ -286,7 +290,7 @@ async fn the_sweeper_deletes_expired_rows_and_keeps_live_ones() {
 async fn claim_until_ok(store: &PostgresStore, k: &StoreKey) -> Claim {
     for _ in 0..100 {
         match store
-            .claim(k, Fingerprint([1; 32]), Lease::freeing(LONG))
+            .claim(k, Fingerprint::from_bytes([1; 32]), Lease::freeing(LONG))
             .await
         {
             Ok(c) => return c,
@@ -330,7 +334,11 @@ async fn a_dead_or_hung_server_is_unavailable_fast_and_the_store_recovers() {
         for op in 0..3 {
             let got = tokio::time::timeout(
                 guard,
-                store.claim(&during, Fingerprint([1; 32]), Lease::freeing(LONG)),
+                store.claim(
+                    &during,
+                    Fingerprint::from_bytes([1; 32]),
+                    Lease::freeing(LONG),
+                ),
             )
             .await
             .unwrap_or_else(|_| panic!("claim hung while the server was {what}"));
@@ -382,7 +390,11 @@ async fn a_dead_or_hung_server_is_unavailable_fast_and_the_store_recovers() {
     .expect("store");
     let got = tokio::time::timeout(
         guard,
-        nowhere.claim(&during, Fingerprint([1; 32]), Lease::freeing(LONG)),
+        nowhere.claim(
+            &during,
+            Fingerprint::from_bytes([1; 32]),
+            Lease::freeing(LONG),
+        ),
     )
     .await
     .expect("no hang");
@@ -401,7 +413,7 @@ async fn new_request_is_two_round_trips_and_replay_is_one() {
     // statements are prepared: we count the steady state.
     let store = PostgresStore::connect(&proxied(&url, &proxy), options(&table).pool_size(1))
         .expect("store");
-    let fp = Fingerprint([3; 32]);
+    let fp = Fingerprint::from_bytes([3; 32]);
     let warm = key("warm-up");
     let t = acquire(&store, &warm, LONG).await;
     store.complete(&warm, t, b"x", LONG).await.expect("warm-up");
@@ -480,13 +492,21 @@ async fn replays_and_in_flight_duplicates_are_pure_reads() {
     for _ in 0..5 {
         assert!(matches!(
             store
-                .claim(&done, Fingerprint([1; 32]), Lease::freeing(LONG))
+                .claim(
+                    &done,
+                    Fingerprint::from_bytes([1; 32]),
+                    Lease::freeing(LONG)
+                )
                 .await,
             Ok(Claim::Completed { .. })
         ));
         assert!(matches!(
             store
-                .claim(&held, Fingerprint([1; 32]), Lease::freeing(LONG))
+                .claim(
+                    &held,
+                    Fingerprint::from_bytes([1; 32]),
+                    Lease::freeing(LONG)
+                )
                 .await,
             Ok(Claim::InFlight { .. })
         ));
@@ -634,7 +654,7 @@ impl OldProcess {
 }
 
 fn token_of(t: Option<i64>) -> FencingToken {
-    FencingToken(u64::try_from(t.expect("a token")).expect("positive token"))
+    FencingToken::new(u64::try_from(t.expect("a token")).expect("positive token"))
 }
 
 /// A deployment of the previous version: its table, rows its processes
@@ -690,7 +710,7 @@ async fn an_old_schema_table_is_migrated_in_place_and_its_rows_still_work() {
         .get(0);
     assert_eq!(columns, 2, "both lease columns were added");
     let store = &stores[0];
-    let fp = Fingerprint([1; 32]);
+    let fp = Fingerprint::from_bytes([1; 32]);
     let lock = Lease::locking(LONG, LONG);
 
     // The old live claim: in flight, its lease ending at its expiry, and
@@ -841,7 +861,7 @@ async fn an_upgrade_blocked_by_a_long_transaction_gives_up_and_retries() {
     match store
         .claim(
             &key("meanwhile"),
-            Fingerprint([1; 32]),
+            Fingerprint::from_bytes([1; 32]),
             Lease::freeing(LONG),
         )
         .await
@@ -862,7 +882,7 @@ async fn abandoned_rows_survive_sweeps_until_their_lock_ends() {
     };
     let table = unique_table();
     let store = PostgresStore::connect(&url, options(&table)).expect("store");
-    let fp = Fingerprint([1; 32]);
+    let fp = Fingerprint::from_bytes([1; 32]);
     let k = key("abandoned");
     let lease = Lease::locking(Duration::from_millis(200), Duration::from_millis(1200));
     let Ok(Claim::Acquired { token: first }) = store.claim(&k, fp, lease).await else {

@@ -78,7 +78,11 @@ fn passes_the_conformance_suite_on_a_three_primary_cluster_and_spreads_keys() {
         for i in 0..30 {
             let k = key(&format!("after-flush-{i}"));
             let got = store
-                .claim(&k, Fingerprint([1; 32]), Lease::locking(LONG, LONG))
+                .claim(
+                    &k,
+                    Fingerprint::from_bytes([1; 32]),
+                    Lease::locking(LONG, LONG),
+                )
                 .await;
             assert!(matches!(got, Ok(Claim::Acquired { .. })), "{k}: {got:?}");
             assert!(matches!(
@@ -130,7 +134,11 @@ fn a_claim_survives_its_slot_moving_to_another_primary_and_a_dead_primary_is_una
     let rec = store.record_key(&k);
     let fence = format!("{rec}:fence");
     let Claim::Acquired { token } = rt
-        .block_on(store.claim(&k, Fingerprint([4; 32]), Lease::locking(LONG, LONG)))
+        .block_on(store.claim(
+            &k,
+            Fingerprint::from_bytes([4; 32]),
+            Lease::locking(LONG, LONG),
+        ))
         .expect("claim")
     else {
         panic!("fresh key");
@@ -168,7 +176,7 @@ fn a_claim_survives_its_slot_moving_to_another_primary_and_a_dead_primary_is_una
                 fingerprint,
                 token: t,
                 ..
-            }) => assert_eq!((fingerprint, t), (Fingerprint([4; 32]), token)),
+            }) => assert_eq!((fingerprint, t), (Fingerprint::from_bytes([4; 32]), token)),
             other => panic!("expected Held, got {other:?}"),
         }
         store
@@ -180,7 +188,7 @@ fn a_claim_survives_its_slot_moving_to_another_primary_and_a_dead_primary_is_una
             .await
             .expect("complete after the move");
         match store
-            .claim(&k, Fingerprint([4; 32]), Lease::freeing(LONG))
+            .claim(&k, Fingerprint::from_bytes([4; 32]), Lease::freeing(LONG))
             .await
         {
             Ok(Claim::Completed { payload, .. }) => assert_eq!(payload, b"moved"),
@@ -207,7 +215,11 @@ fn a_claim_survives_its_slot_moving_to_another_primary_and_a_dead_primary_is_una
         for s in [&store, &quick] {
             let got = tokio::time::timeout(
                 Duration::from_secs(10),
-                s.claim(&dead_key, Fingerprint([1; 32]), Lease::freeing(LONG)),
+                s.claim(
+                    &dead_key,
+                    Fingerprint::from_bytes([1; 32]),
+                    Lease::freeing(LONG),
+                ),
             )
             .await
             .expect("a dead primary must not hang the store");
@@ -228,7 +240,11 @@ fn a_cluster_with_no_node_answering_is_unavailable() {
         let lazy = RedisStore::lazy_cluster(["redis://127.0.0.1:1/"], opts()).expect("lazy");
         let got = tokio::time::timeout(
             Duration::from_secs(5),
-            lazy.claim(&key("x"), Fingerprint([1; 32]), Lease::freeing(LONG)),
+            lazy.claim(
+                &key("x"),
+                Fingerprint::from_bytes([1; 32]),
+                Lease::freeing(LONG),
+            ),
         )
         .await
         .expect("no hang");

@@ -39,7 +39,7 @@ fn a_redis_at_maxmemory_is_full_for_new_claims_and_still_replays_results() {
         )
         .await
         .expect("connect");
-        let fp = Fingerprint([1; 32]);
+        let fp = Fingerprint::from_bytes([1; 32]);
         let (done, held, fresh) = (key("done"), key("held"), key("fresh"));
         let Claim::Acquired { token } = store
             .claim(&done, fp, Lease::locking(LONG, LONG))

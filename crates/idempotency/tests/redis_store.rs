@@ -75,7 +75,7 @@ fn key(s: &str) -> StoreKey {
 
 async fn acquire(store: &RedisStore, k: &StoreKey, lease: Duration) -> FencingToken {
     match store
-        .claim(k, Fingerprint([1; 32]), Lease::freeing(lease))
+        .claim(k, Fingerprint::from_bytes([1; 32]), Lease::freeing(lease))
         .await
     {
         Ok(Claim::Acquired { token }) => token,
@@ -253,7 +253,11 @@ async fn prefixes_isolate_stores_and_foreign_data_is_corrupt() {
         .await
         .expect("set");
     let got = s1
-        .claim(&foreign, Fingerprint([1; 32]), Lease::freeing(LONG))
+        .claim(
+            &foreign,
+            Fingerprint::from_bytes([1; 32]),
+            Lease::freeing(LONG),
+        )
         .await;
     assert!(matches!(got, Err(StoreError::Corrupt(_))), "{got:?}");
 
@@ -271,7 +275,7 @@ async fn prefixes_isolate_stores_and_foreign_data_is_corrupt() {
 async fn claim_until_ok(store: &RedisStore, k: &StoreKey) -> Claim {
     for _ in 0..100 {
         match store
-            .claim(k, Fingerprint([1; 32]), Lease::freeing(LONG))
+            .claim(k, Fingerprint::from_bytes([1; 32]), Lease::freeing(LONG))
             .await
         {
             Ok(c) => return c,
@@ -310,7 +314,11 @@ async fn a_dead_or_hung_server_is_unavailable_fast_and_the_store_recovers() {
     for (mode, what) in [(Mode::Down, "down"), (Mode::Blackhole, "hung")] {
         proxy.set(mode);
         for op in 0..3 {
-            let claim = store.claim(&during, Fingerprint([1; 32]), Lease::freeing(LONG));
+            let claim = store.claim(
+                &during,
+                Fingerprint::from_bytes([1; 32]),
+                Lease::freeing(LONG),
+            );
             let got = tokio::time::timeout(guard, claim)
                 .await
                 .unwrap_or_else(|_| panic!("claim hung while the server was {what}"));
@@ -370,7 +378,11 @@ async fn a_dead_or_hung_server_is_unavailable_fast_and_the_store_recovers() {
     .expect("lazy");
     let got = tokio::time::timeout(
         guard,
-        nowhere.claim(&key("x"), Fingerprint([1; 32]), Lease::freeing(LONG)),
+        nowhere.claim(
+            &key("x"),
+            Fingerprint::from_bytes([1; 32]),
+            Lease::freeing(LONG),
+        ),
     )
     .await
     .expect("no hang");
@@ -460,7 +472,7 @@ async fn new_request_is_two_round_trips_and_replay_is_one() {
     };
     const N: usize = 20;
     let keys: Vec<StoreKey> = (0..N).map(|i| key(&format!("rt-{i}"))).collect();
-    let fp = Fingerprint([3; 32]);
+    let fp = Fingerprint::from_bytes([3; 32]);
 
     let mut monitor = Monitor::start(&url).await;
     for k in &keys {
@@ -610,7 +622,11 @@ async fn records_carry_the_lease_deadline_on_the_server_clock_and_live_for_the_r
     let rec = store.record_key(&k);
     let before = server_ms(&mut conn).await;
     let Claim::Acquired { token } = store
-        .claim(&k, Fingerprint([5; 32]), Lease::locking(hold, lock))
+        .claim(
+            &k,
+            Fingerprint::from_bytes([5; 32]),
+            Lease::locking(hold, lock),
+        )
         .await
         .expect("claim")
     else {
@@ -618,7 +634,7 @@ async fn records_carry_the_lease_deadline_on_the_server_clock_and_live_for_the_r
     };
     let after = server_ms(&mut conn).await;
     let (_, fp, mode, deadline, t) = claim_record(&get_bytes(&mut conn, &rec).await);
-    assert_eq!((fp, mode, t), ([5; 32], b'L', token.0));
+    assert_eq!((fp, mode, t), ([5; 32], b'L', token.get()));
     assert!(
         (before + 20_000..=after + 20_000).contains(&deadline),
         "deadline {deadline} is the server's now + hold ({before}..{after})"
@@ -638,7 +654,7 @@ async fn records_carry_the_lease_deadline_on_the_server_clock_and_live_for_the_r
         .await
         .expect("renew");
     let (_, fp, mode, renewed, t) = claim_record(&get_bytes(&mut conn, &rec).await);
-    assert_eq!((fp, mode, t), ([5; 32], b'F', token.0));
+    assert_eq!((fp, mode, t), ([5; 32], b'F', token.get()));
     assert!(renewed >= deadline + 20_000 - 1, "{renewed} vs {deadline}");
     let record_pttl = pttl(&mut conn, &rec).await;
     assert!(
@@ -651,7 +667,7 @@ async fn records_carry_the_lease_deadline_on_the_server_clock_and_live_for_the_r
             token: t,
             lease_left,
         }) => {
-            assert_eq!((fingerprint, t), (Fingerprint([5; 32]), token));
+            assert_eq!((fingerprint, t), (Fingerprint::from_bytes([5; 32]), token));
             assert!(lease_left > Duration::from_secs(30) && lease_left <= Duration::from_secs(40));
         }
         other => panic!("expected Held, got {other:?}"),
@@ -669,7 +685,7 @@ async fn records_carry_the_lease_deadline_on_the_server_clock_and_live_for_the_r
         .await
         .expect("renew");
     let restored = get_bytes(&mut conn, &fence).await;
-    assert_eq!(restored, token.0.to_string().into_bytes());
+    assert_eq!(restored, token.get().to_string().into_bytes());
     assert!(pttl(&mut conn, &fence).await > pttl(&mut conn, &rec).await);
     cleanup(&url, &prefix).await;
 }
@@ -690,7 +706,11 @@ async fn an_abandoned_key_stays_locked_until_removed_and_the_old_holder_stays_fe
     let k = key("abandoned");
     let short = Duration::from_millis(100);
     let Claim::Acquired { token } = a
-        .claim(&k, Fingerprint([1; 32]), Lease::locking(short, LONG))
+        .claim(
+            &k,
+            Fingerprint::from_bytes([1; 32]),
+            Lease::locking(short, LONG),
+        )
         .await
         .expect("claim")
     else {
@@ -710,11 +730,11 @@ async fn an_abandoned_key_stays_locked_until_removed_and_the_old_holder_stays_fe
     // The other instance sees the abandoned claim, whatever its own lease.
     for lease in [Lease::freeing(LONG), Lease::locking(LONG, LONG)] {
         assert_eq!(
-            b.claim(&k, Fingerprint([2; 32]), lease)
+            b.claim(&k, Fingerprint::from_bytes([2; 32]), lease)
                 .await
                 .expect("claim"),
             Claim::Abandoned {
-                fingerprint: Fingerprint([1; 32])
+                fingerprint: Fingerprint::from_bytes([1; 32])
             }
         );
     }
@@ -724,7 +744,7 @@ async fn an_abandoned_key_stays_locked_until_removed_and_the_old_holder_stays_fe
             token: t,
             expires_in,
         }) => {
-            assert_eq!((fingerprint, t), (Fingerprint([1; 32]), token));
+            assert_eq!((fingerprint, t), (Fingerprint::from_bytes([1; 32]), token));
             assert!(expires_in > Duration::from_secs(50) && expires_in <= LONG);
         }
         other => panic!("expected Abandoned, got {other:?}"),
@@ -784,18 +804,22 @@ async fn claims_written_by_the_previous_layout_are_held_freeing_claims() {
             .await
             .expect("set");
     };
-    let old = FencingToken(1_234_567);
+    let old = FencingToken::new(1_234_567);
     let k = key("legacy");
     write_legacy(&mut conn, &k).await;
     match store
-        .claim(&k, Fingerprint([1; 32]), Lease::locking(LONG, LONG))
+        .claim(
+            &k,
+            Fingerprint::from_bytes([1; 32]),
+            Lease::locking(LONG, LONG),
+        )
         .await
     {
         Ok(Claim::InFlight {
             fingerprint,
             retry_after,
         }) => {
-            assert_eq!(fingerprint, Fingerprint([9; 32]));
+            assert_eq!(fingerprint, Fingerprint::from_bytes([9; 32]));
             assert!(retry_after > Duration::from_secs(50) && retry_after <= LONG);
         }
         other => panic!("expected InFlight, got {other:?}"),
@@ -805,7 +829,7 @@ async fn claims_written_by_the_previous_layout_are_held_freeing_claims() {
         Ok(Some(KeyState::Held { token, .. })) if token == old
     ));
     assert!(matches!(
-        store.complete(&k, FencingToken(7), b"x", LONG).await,
+        store.complete(&k, FencingToken::new(7), b"x", LONG).await,
         Err(StoreError::Fenced)
     ));
     // Its holder, upgraded, renews and completes it.
@@ -818,8 +842,8 @@ async fn claims_written_by_the_previous_layout_are_held_freeing_claims() {
         .await
         .expect("complete a legacy claim");
     assert!(matches!(
-        store.claim(&k, Fingerprint([1; 32]), Lease::freeing(LONG)).await,
-        Ok(Claim::Completed { fingerprint, payload }) if fingerprint == Fingerprint([9; 32]) && payload == b"done"
+        store.claim(&k, Fingerprint::from_bytes([1; 32]), Lease::freeing(LONG)).await,
+        Ok(Claim::Completed { fingerprint, payload }) if fingerprint == Fingerprint::from_bytes([9; 32]) && payload == b"done"
     ));
     // Released and removed likewise.
     let r = key("legacy-release");
@@ -860,11 +884,17 @@ async fn foreign_records_are_corrupt_to_inspect_and_an_operator_can_remove_them(
         let got = store.inspect(&k).await;
         assert!(matches!(got, Err(StoreError::Corrupt(_))), "{got:?}");
         let got = store
-            .claim(&k, Fingerprint([1; 32]), Lease::locking(LONG, LONG))
+            .claim(
+                &k,
+                Fingerprint::from_bytes([1; 32]),
+                Lease::locking(LONG, LONG),
+            )
             .await;
         assert!(matches!(got, Err(StoreError::Corrupt(_))), "{got:?}");
         assert!(matches!(
-            store.renew(&k, FencingToken(1), Lease::freeing(LONG)).await,
+            store
+                .renew(&k, FencingToken::new(1), Lease::freeing(LONG))
+                .await,
             Err(StoreError::Fenced)
         ));
         assert!(store.remove(&k).await.expect("remove foreign data"));

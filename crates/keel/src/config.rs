@@ -264,6 +264,10 @@ pub struct IdempotencyConfig {
     /// Header whose (hashed) value scopes the key.
     #[serde(default = "defaults::tenant_header")]
     pub tenant_header: Spanned<String>,
+    /// What a keyed request without `tenant_header` gets: `anonymous`
+    /// (default: such requests share one tenant) or `reject` (400).
+    #[serde(default)]
+    pub missing_tenant: MissingTenantPolicy,
     /// When the store is unreachable, forward without idempotency instead
     /// of answering 503 (fail-open). Default false (fail-closed).
     #[serde(default)]
@@ -286,6 +290,21 @@ pub struct IdempotencyConfig {
     /// lost the store) makes of its key: `lock` (default) or `rerun`.
     #[serde(default)]
     pub lapsed_lease: LapsedLeasePolicy,
+}
+
+/// `routes.idempotency.missing_tenant`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum MissingTenantPolicy {
+    /// Requests without `tenant_header` share one anonymous tenant: two
+    /// such callers with the same key and request get one execution
+    /// (default; for upstreams whose callers all send the header, or may
+    /// share keys).
+    #[default]
+    Anonymous,
+    /// A keyed request without `tenant_header` gets 400
+    /// `idempotency-tenant-missing` and nothing is claimed or forwarded.
+    Reject,
 }
 
 /// `routes.idempotency.lapsed_lease`.

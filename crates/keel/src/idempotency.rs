@@ -28,12 +28,14 @@ use http::header::{self, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
 use http_body::Body;
 use keel_idempotency::engine::{
-    Begin, Engine, Guard, LapsedLease, PassReason, Policy, RequestHead, ServerErrors, StoreDown,
-    Tenant,
+    Begin, Engine, Guard, LapsedLease, MissingTenant, PassReason, Policy, RequestHead,
+    ServerErrors, StoreDown, Tenant,
 };
 
 use crate::body::{BodyTooLarge, ProxyBody};
-use crate::config::{IdempotencyConfig, LapsedLeasePolicy, RouteConfig, ServerErrorsPolicy};
+use crate::config::{
+    IdempotencyConfig, LapsedLeasePolicy, MissingTenantPolicy, RouteConfig, ServerErrorsPolicy,
+};
 use crate::metrics::{IdempotencyMetrics, Metrics};
 use crate::problem::{Problem, ProblemKind};
 use crate::proxy::{
@@ -70,32 +72,39 @@ pub fn policy(config: &IdempotencyConfig, request_timeout: Duration, route: &str
         .map_or(Tenant::Header(header::AUTHORIZATION), Tenant::Header);
     let size = |s: u64| usize::try_from(s).unwrap_or(usize::MAX);
     let mut policy = Policy::default()
-        .methods(methods)
-        .required(config.required)
-        .ttl(config.ttl.0)
-        .tenant(tenant)
-        .max_body(size(config.max_body.0))
-        .max_response(size(config.max_response.0))
-        .store_down(if config.fail_open {
+        .with_methods(methods)
+        .with_required(config.required)
+        .with_ttl(config.ttl.0)
+        .with_tenant(tenant)
+        // The gateway's documented default: requests without
+        // `tenant_header` share one anonymous tenant, unless the route
+        // says `missing_tenant = "reject"` (the library's own default).
+        .with_missing_tenant(match config.missing_tenant {
+            MissingTenantPolicy::Anonymous => MissingTenant::Anonymous,
+            MissingTenantPolicy::Reject => MissingTenant::Reject,
+        })
+        .with_max_body(size(config.max_body.0))
+        .with_max_response(size(config.max_response.0))
+        .with_store_down(if config.fail_open {
             StoreDown::FailOpen
         } else {
             StoreDown::FailClosed
         })
-        .server_errors(match config.server_errors {
+        .with_server_errors(match config.server_errors {
             ServerErrorsPolicy::Store => ServerErrors::Store,
             ServerErrorsPolicy::Release => ServerErrors::Release,
         })
-        .lapsed_lease(match config.lapsed_lease {
+        .with_lapsed_lease(match config.lapsed_lease {
             LapsedLeasePolicy::Lock => LapsedLease::Lock,
             LapsedLeasePolicy::Rerun => LapsedLease::Rerun,
         })
-        .store_retry_after(Duration::from_secs(1))
+        .with_store_retry_after(Duration::from_secs(1))
         // Routes are scoped apart by path already; the route name keeps
         // two routes over the same paths (different hosts) apart too.
-        .namespace(format!("keel:{route}"));
+        .with_namespace(format!("keel:{route}"));
     policy = match &config.lease {
-        Some(lease) => policy.lease(lease.0),
-        None => policy.lease_for_timeout(request_timeout),
+        Some(lease) => policy.with_lease(lease.0),
+        None => policy.with_lease_for_timeout(request_timeout),
     };
     policy
 }
@@ -392,7 +401,7 @@ impl IdempotencyFilter {
         body: ProxyBody,
     ) -> FilterDecision {
         // One byte past the limit is enough for the engine to refuse.
-        let limit = self.engine.policy().get_max_body().saturating_add(1);
+        let limit = self.engine.policy().max_body().saturating_add(1);
         let mut hold = BudgetHold {
             budget: &self.budget,
             held: 0,
@@ -842,6 +851,7 @@ mod tests {
         );
         let keyed = |key: &str| {
             Request::post("/orders")
+                .header("authorization", "Bearer alice")
                 .header("idempotency-key", key)
                 .body(())
                 .expect("request")
@@ -909,15 +919,51 @@ mod tests {
             Duration::from_secs(10),
             "r",
         );
-        assert_eq!(p.get_ttl(), Duration::from_secs(3600));
-        assert_eq!(p.get_max_body(), 2048);
+        assert_eq!(p.ttl(), Duration::from_secs(3600));
+        assert_eq!(p.max_body(), 2048);
         // Lease follows the upstream timeout unless set.
-        assert_eq!(p.get_lease(), Duration::from_secs(11));
+        assert_eq!(p.lease(), Duration::from_secs(11));
         let r = route("lease = \"3s\"\nserver_errors = \"release\"\nfail_open = true\n");
         let idem = r.idempotency.as_ref().expect("idem");
         assert_eq!(idem.server_errors, ServerErrorsPolicy::Release);
         let p = policy(idem, Duration::from_secs(10), "r");
-        assert_eq!(p.get_lease(), Duration::from_secs(3));
+        assert_eq!(p.lease(), Duration::from_secs(3));
+    }
+
+    #[tokio::test]
+    async fn a_route_chooses_what_a_request_without_its_tenant_header_gets() {
+        let anonymous = http::Request::post("/orders")
+            .header("idempotency-key", "k")
+            .body(())
+            .expect("request");
+        let engine_for = |text: &str| {
+            let r = route(text);
+            Engine::new(
+                Arc::new(keel_idempotency::memory::MemoryStore::new()),
+                policy(
+                    r.idempotency.as_ref().expect("idem"),
+                    Duration::from_secs(10),
+                    "r",
+                ),
+            )
+        };
+        // Default: one shared anonymous tenant, as documented.
+        let Begin::Execute(guard) = engine_for("").begin(&anonymous, b"{}").await else {
+            panic!("an anonymous request runs by default");
+        };
+        guard.release().await.expect("release");
+        // `reject`: 400, nothing claimed.
+        let Begin::Reject(problem) = engine_for("missing_tenant = \"reject\"\n")
+            .begin(&anonymous, b"{}")
+            .await
+        else {
+            panic!("refused when the route says reject");
+        };
+        assert_eq!(problem.status(), StatusCode::BAD_REQUEST);
+        assert_eq!(
+            problem.extensions().get::<ProblemKindLib>(),
+            Some(&ProblemKindLib::TenantMissing)
+        );
     }
 
     #[test]

@@ -358,7 +358,7 @@ async fn probe(store: &Arc<dyn Store>, key: &StoreKey, timeout: Duration) -> Res
         match store
             .claim(
                 key,
-                Fingerprint([0; 32]),
+                Fingerprint::from_bytes([0; 32]),
                 Lease::freeing(Duration::from_secs(5)),
             )
             .await
@@ -462,7 +462,7 @@ mod tests {
                 .store
                 .claim(
                     &key,
-                    Fingerprint([1; 32]),
+                    Fingerprint::from_bytes([1; 32]),
                     Lease::freeing(Duration::from_secs(1))
                 )
                 .await,
@@ -489,7 +489,7 @@ mod tests {
                 .store
                 .claim(
                     &key,
-                    Fingerprint([1; 32]),
+                    Fingerprint::from_bytes([1; 32]),
                     Lease::freeing(Duration::from_secs(1))
                 )
                 .await,

@@ -163,7 +163,7 @@ fn encode_as(buf: &mut Vec<u8>, version: Version, meta: &Meta, key: &str, payloa
     if version != Version::V1 {
         buf.extend_from_slice(&meta.lease_ms.to_le_bytes());
     }
-    buf.extend_from_slice(&meta.fingerprint.0);
+    buf.extend_from_slice(meta.fingerprint.as_bytes());
     buf.extend_from_slice(key.as_bytes());
     buf.extend_from_slice(payload);
     let sum = checksum(&buf[start..]);
@@ -229,7 +229,7 @@ fn decode_with(buf: &[u8], version: Version, verify: bool) -> Decoded<'_> {
             token,
             lease_ms,
             expires_ms,
-            fingerprint: Fingerprint(fp),
+            fingerprint: Fingerprint::from_bytes(fp),
         },
         key,
         payload: &buf[header + key_len..body],
@@ -384,7 +384,7 @@ mod tests {
             token: 7,
             lease_ms: if kind == Kind::InFlight { 42 } else { 0 },
             expires_ms: 99,
-            fingerprint: Fingerprint([3; 32]),
+            fingerprint: Fingerprint::from_bytes([3; 32]),
         }
     }
 
@@ -434,7 +434,7 @@ mod tests {
                 (kind, 7, lease, 99)
             );
             assert_eq!((r.key, r.payload, r.len), ("k", &b"p"[..], buf.len()));
-            assert_eq!(r.meta.fingerprint, Fingerprint([3; 32]));
+            assert_eq!(r.meta.fingerprint, Fingerprint::from_bytes([3; 32]));
         }
         // Removal records did not exist in version 1.
         let mut buf = Vec::new();

@@ -32,7 +32,7 @@ pub fn post(key: &str) -> http::Request<()> {
 }
 
 fn policy() -> Policy {
-    Policy::default().namespace(unique_prefix())
+    Policy::default().with_namespace(unique_prefix())
 }
 
 /// 64 concurrent requests with one key on a multi-thread runtime: the
@@ -42,7 +42,7 @@ fn policy() -> Policy {
 pub async fn exactly_once_64_concurrent(store: Arc<dyn Store>, wait: bool) {
     let mut p = policy();
     if wait {
-        p = p.in_flight(InFlight::Wait(Duration::from_secs(20)));
+        p = p.with_in_flight(InFlight::Wait(Duration::from_secs(20)));
     }
     let engine = Engine::new(store, p);
     let executions = Arc::new(AtomicUsize::new(0));
@@ -164,7 +164,10 @@ pub async fn cross_instance_200_keys(a: Arc<dyn Store>, b: Arc<dyn Store>) {
 /// cannot overwrite the newer result. Waits on tokio's clock, so it runs
 /// instantly under paused time.
 pub async fn lease_expiry_fences_stale_holder(store: Arc<dyn Store>) {
-    let locking = Engine::new(store.clone(), policy().lease(Duration::from_millis(300)));
+    let locking = Engine::new(
+        store.clone(),
+        policy().with_lease(Duration::from_millis(300)),
+    );
     let Begin::Execute(mut vanished) = locking.begin(&post("lapse-lock"), b"x").await else {
         panic!("fresh key must execute");
     };
@@ -198,8 +201,8 @@ pub async fn lease_expiry_fences_stale_holder(store: Arc<dyn Store>) {
     let engine = Engine::new(
         store,
         policy()
-            .lease(Duration::from_millis(300))
-            .lapsed_lease(LapsedLease::Rerun),
+            .with_lease(Duration::from_millis(300))
+            .with_lapsed_lease(LapsedLease::Rerun),
     );
     let Begin::Execute(mut stale) = engine.begin(&post("lease"), b"x").await else {
         panic!("fresh key must execute");
