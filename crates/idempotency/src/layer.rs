@@ -78,6 +78,86 @@
 //! assert_eq!(retry.status(), 409);
 //! # });
 //! ```
+//!
+//! The whole stack, outermost first: idempotency, retry, keel-breaker's
+//! breaker, a per-attempt timeout. The retry resends only what surely
+//! never reached the operation (here a refused connection); a timeout may
+//! have run it, so it is not retried but surfaced, and the key is locked.
+//! The idempotency layer hands the inner layers the buffered body, which
+//! makes the request cheap to copy for a retry:
+//!
+//! ```
+//! use std::sync::Arc;
+//! use std::sync::atomic::{AtomicU32, Ordering};
+//! use std::time::Duration;
+//! use bytes::Bytes;
+//! use http_body_util::{Either, Full};
+//! use keel_breaker::{Breaker, BreakerLayer, CallError, Config};
+//! use keel_idempotency::{Engine, IdempotencyLayer, MemoryStore, Policy};
+//! use keel_retry::{Backoff, Decision, RetryLayer, RetryPolicy};
+//! use tower::{BoxError, ServiceBuilder, ServiceExt};
+//!
+//! #[derive(Debug)]
+//! struct Refused; // the connection was refused: nothing was sent
+//! impl std::fmt::Display for Refused {
+//!     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+//!         f.write_str("connection refused")
+//!     }
+//! }
+//! impl std::error::Error for Refused {}
+//!
+//! type Body = Either<Full<Bytes>, Full<Bytes>>;
+//!
+//! # tokio::runtime::Builder::new_current_thread().enable_all().start_paused(true).build().unwrap().block_on(async {
+//! let calls = Arc::new(AtomicU32::new(0));
+//! let counted = calls.clone();
+//! // Refuses the first attempt, then charges.
+//! let charge = tower::service_fn(move |_req: http::Request<Body>| {
+//!     let n = counted.fetch_add(1, Ordering::SeqCst);
+//!     async move {
+//!         if n == 0 {
+//!             return Err(BoxError::from(Refused));
+//!         }
+//!         Ok(http::Response::new(Full::new(Bytes::from("charged"))))
+//!     }
+//! });
+//! let breaker = Breaker::new("payments", Config::default()).unwrap();
+//! let svc = ServiceBuilder::new()
+//!     .layer(IdempotencyLayer::new(Engine::new(Arc::new(MemoryStore::new()), Policy::default())))
+//!     .layer(RetryLayer::new(
+//!         RetryPolicy::default()
+//!             .max_attempts(3)
+//!             .backoff(Backoff::constant(Duration::from_millis(20))),
+//!         // A copy to resend: the body is the layer's buffered one.
+//!         |req: &http::Request<Body>| {
+//!             let mut copy = http::Request::new(req.body().clone());
+//!             *copy.method_mut() = req.method().clone();
+//!             *copy.uri_mut() = req.uri().clone();
+//!             *copy.headers_mut() = req.headers().clone();
+//!             Some(copy)
+//!         },
+//!         |r: Result<&http::Response<Full<Bytes>>, &CallError<BoxError>>| match r {
+//!             Err(CallError::Inner(e)) if e.is::<Refused>() => Decision::Retry,
+//!             _ => Decision::Done, // a timeout may have charged: never resend
+//!         },
+//!     ))
+//!     .layer(BreakerLayer::new(breaker))
+//!     .timeout(Duration::from_secs(5))
+//!     .service(charge);
+//! let request = || http::Request::post("/charges")
+//!     .header("authorization", "Bearer alice")
+//!     .header("idempotency-key", "c-2")
+//!     .body(Full::new(Bytes::from("{}")))
+//!     .unwrap();
+//! let first = svc.clone().oneshot(request()).await.unwrap();
+//! assert_eq!(first.status(), 200);
+//! assert_eq!(calls.load(Ordering::SeqCst), 2, "refused once, then charged");
+//! // The client's own retry is a replay: the charge ran once.
+//! let again = svc.oneshot(request()).await.unwrap();
+//! assert_eq!(again.headers()["idempotent-replayed"], "true");
+//! assert_eq!(calls.load(Ordering::SeqCst), 2);
+//! # });
+//! ```
 
 use std::task::{Context, Poll};
 
