@@ -544,17 +544,18 @@ async fn postgres_going_away_and_back_is_reconnected_without_a_restart() {
     drop_table(&url, &prefix).await;
 }
 
-#[tokio::test]
-async fn a_request_lost_after_it_was_sent_locks_the_key_as_outcome_unknown() {
-    let upstream = TestUpstream::start().await;
+/// keel on the memory store in front of `upstream` (its
+/// `request_timeout` given), one idempotent route `api` over every path
+/// with the given `lease`; ready.
+async fn keel_with_lease(upstream: SocketAddr, request_timeout: &str, lease: &str) -> Keel {
     let config = format!(
         r#"
 [store]
 kind = "memory"
 
 [upstreams.app]
-endpoints = ["http://{}"]
-request_timeout = "200ms"
+endpoints = ["http://{upstream}"]
+request_timeout = "{request_timeout}"
 
 [[routes]]
 name = "api"
@@ -563,12 +564,18 @@ upstream = "app"
 
 [routes.idempotency]
 enabled = true
-lease = "5s"
-"#,
-        upstream.addr
+lease = "{lease}"
+"#
     );
     let keel = Keel::start("", &config).await;
     wait_ready(keel.admin, StatusCode::OK).await;
+    keel
+}
+
+#[tokio::test]
+async fn a_request_lost_after_it_was_sent_locks_the_key_as_outcome_unknown() {
+    let upstream = TestUpstream::start().await;
+    let keel = keel_with_lease(upstream.addr, "200ms", "5s").await;
     let (status, _, _) = post_keyed(keel.listen, "/slow/1000", Some("k-lost"), None, "{}").await;
     assert_eq!(status, StatusCode::GATEWAY_TIMEOUT);
     // The upstream may have run it: never again for this key.
@@ -588,28 +595,7 @@ lease = "5s"
 #[tokio::test]
 async fn a_lease_shorter_than_the_upstream_phase_is_renewed_while_it_runs() {
     let upstream = TestUpstream::start().await;
-    let config = format!(
-        r#"
-[store]
-kind = "memory"
-
-[upstreams.app]
-endpoints = ["http://{}"]
-request_timeout = "10s"
-
-[[routes]]
-name = "api"
-path_prefix = "/"
-upstream = "app"
-
-[routes.idempotency]
-enabled = true
-lease = "1s"
-"#,
-        upstream.addr
-    );
-    let keel = Keel::start("", &config).await;
-    wait_ready(keel.admin, StatusCode::OK).await;
+    let keel = keel_with_lease(upstream.addr, "10s", "1s").await;
     let listen = keel.listen;
     let first = tokio::spawn(async move {
         post_keyed(listen, "/slow/3000", Some("k-renewed"), None, "{}").await
