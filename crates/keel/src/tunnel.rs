@@ -823,6 +823,17 @@ mod tests {
     }
 
     impl Drained {
+        /// The upstream sends `fragment` (a message's first), the client
+        /// gets it, then the drain asks the tunnel to close.
+        async fn first_fragment_then_close(&mut self, fragment: &[u8]) {
+            self.upstream.write_all(fragment).await.expect("write");
+            assert_eq!(
+                read_exactly(&mut self.client, fragment.len()).await,
+                fragment
+            );
+            self.close();
+        }
+
         fn close(&self) {
             let asked = self.registry.close(
                 self.id,
@@ -849,9 +860,7 @@ mod tests {
     async fn the_close_frame_waits_for_the_message_end_and_both_sides_end_with_fin() {
         let (stream, first, message_end) = fragmented();
         let mut t = drained(Duration::from_secs(1), 1 << 20).await;
-        t.upstream.write_all(&stream[..first]).await.expect("write");
-        assert_eq!(read_exactly(&mut t.client, first).await, stream[..first]);
-        t.close();
+        t.first_fragment_then_close(&stream[..first]).await;
         // The rest of the message (and the ping inside it) still goes to
         // the client; the next message does not; then the close frame.
         t.upstream.write_all(&stream[first..]).await.expect("write");
@@ -895,9 +904,7 @@ mod tests {
     async fn a_message_that_outlasts_the_grace_is_closed_at_a_frame_boundary() {
         let (stream, first, _) = fragmented();
         let mut t = drained(Duration::from_secs(1), 1 << 20).await;
-        t.upstream.write_all(&stream[..first]).await.expect("write");
-        assert_eq!(read_exactly(&mut t.client, first).await, stream[..first]);
-        t.close();
+        t.first_fragment_then_close(&stream[..first]).await;
         // The upstream stalls inside the message: after the grace, the close
         // frame goes at the frame boundary, and it is counted.
         let close = close_frame(1012, "keel drain; reconnect_after_ms=7");
@@ -916,9 +923,7 @@ mod tests {
     async fn a_message_past_the_byte_limit_is_closed_at_a_frame_boundary() {
         let (stream, first, _) = fragmented();
         let mut t = drained(Duration::from_secs(60), 100).await;
-        t.upstream.write_all(&stream[..first]).await.expect("write");
-        assert_eq!(read_exactly(&mut t.client, first).await, stream[..first]);
-        t.close();
+        t.first_fragment_then_close(&stream[..first]).await;
         // More than 100 bytes of the message go by: the close frame follows
         // the frame the limit was crossed in, well before the grace.
         t.upstream.write_all(&stream[first..]).await.expect("write");
