@@ -25,9 +25,11 @@ use crate::proxy::UpstreamFailure;
 use crate::upstream::{Endpoint, Unavailable, Upstream};
 
 /// A request extension that marks a request as safe to repeat whatever its
-/// method. The idempotency filter sets it on a POST or PATCH it holds a key
-/// claim for, so the gateway may retry it on another endpoint:
-/// `request.extensions_mut().insert(RetrySafe)`.
+/// method, for a request filter that knows the upstream treats repeats as
+/// one: `request.extensions_mut().insert(RetrySafe)`. The idempotency
+/// filter does not set it: its key keeps the gateway's clients from
+/// running a POST twice, but a POST resent after it may have reached one
+/// endpoint could run again on another.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RetrySafe;
 
