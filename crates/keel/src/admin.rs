@@ -214,7 +214,7 @@ fn status(state: &AdminState) -> serde_json::Value {
                 .collect();
             serde_json::json!({
                 "name": u.name,
-                "load_balancing": format!("{:?}", u.balancing),
+                "load_balancing": u.balancing.as_str(),
                 "endpoints": endpoints,
                 "breaker": crate::resilience::breakers::upstream_status(&u.resilience),
             })

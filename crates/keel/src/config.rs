@@ -184,6 +184,17 @@ pub enum LoadBalancing {
     RoundRobin,
 }
 
+impl LoadBalancing {
+    /// The name as the config spells it (`least_outstanding`,
+    /// `round_robin`), for `/status` and `keel status`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LoadBalancing::LeastOutstanding => "least_outstanding",
+            LoadBalancing::RoundRobin => "round_robin",
+        }
+    }
+}
+
 /// `[upstreams.NAME]`.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -1329,6 +1340,20 @@ impl Config {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn load_balancing_prints_as_the_config_spells_it() {
+        use serde::de::value::{Error, StrDeserializer};
+        for lb in [
+            super::LoadBalancing::LeastOutstanding,
+            super::LoadBalancing::RoundRobin,
+        ] {
+            let parsed: super::LoadBalancing =
+                serde::Deserialize::deserialize(StrDeserializer::<Error>::new(lb.as_str()))
+                    .expect("the config's own spelling");
+            assert_eq!(parsed, lb);
+        }
+    }
+
     use super::*;
 
     const GOOD: &str = r#"

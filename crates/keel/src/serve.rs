@@ -283,7 +283,9 @@ pub async fn start(config: &Config) -> Result<Running, ServeError> {
         .start()
         .await
         .map_err(|e| ServeError::Tree(e.to_string()))?;
-    tracing::info!(%listen, admin = ?admin, "keel is serving");
+    // The admin address only when there is one, as an address (not
+    // `Some(..)`): an absent field is what a log reader expects.
+    tracing::info!(%listen, admin = admin.map(tracing::field::display), "keel is serving");
     Ok(Running {
         listen,
         admin,

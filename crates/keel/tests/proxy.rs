@@ -383,6 +383,8 @@ async fn admin_endpoints_and_status_command() {
     assert_eq!(status, StatusCode::OK);
     let doc: serde_json::Value = serde_json::from_slice(&body).expect("json");
     assert_eq!(doc["upstreams"][0]["name"], "app");
+    // As the config spells it, not as Rust's Debug would.
+    assert_eq!(doc["upstreams"][0]["load_balancing"], "round_robin");
     assert_eq!(doc["routes"][0]["path_prefix"], "/");
 
     let admin = keel.admin.to_string();
