@@ -403,29 +403,14 @@ where
         let mut this = self.project();
         loop {
             // Each turn either waits, ends, or yields an attempt's result.
-            let result = match this.state.as_mut().project() {
+            let polled = match this.state.as_mut().project() {
                 StateProj::Rejected { rejected } => {
                     let rejected = rejected.take();
                     this.state.set(State::Done);
                     let rejected = rejected.expect("RetryFuture polled after completion");
                     return Poll::Ready(Err(RetryError::Rejected(rejected)));
                 }
-                StateProj::Calling { fut } => match fut.poll(cx) {
-                    Poll::Ready(result) => result,
-                    Poll::Pending => {
-                        let Some(at) = this.run.deadline else {
-                            return Poll::Pending;
-                        };
-                        ready!(this.timer.as_mut().poll_until(at, cx));
-                        this.state.set(State::Done);
-                        let attempt = this.run.attempt;
-                        return Poll::Ready(Err(this.config.deadline_passed(
-                            this.permit.take(),
-                            attempt,
-                            this.previous.take(),
-                        )));
-                    }
-                },
+                StateProj::Calling { fut } => fut.poll(cx),
                 StateProj::Readying => {
                     let svc = this.svc.as_mut().expect("a retry has a service");
                     match svc.poll_ready(cx) {
@@ -439,20 +424,8 @@ where
                         }
                         // A retry whose service cannot get ready failed,
                         // and is classified like any failure.
-                        Poll::Ready(Err(e)) => Err(e),
-                        Poll::Pending => {
-                            let Some(at) = this.run.deadline else {
-                                return Poll::Pending;
-                            };
-                            ready!(this.timer.as_mut().poll_until(at, cx));
-                            this.state.set(State::Done);
-                            let attempt = this.run.attempt;
-                            return Poll::Ready(Err(this.config.deadline_passed(
-                                this.permit.take(),
-                                attempt,
-                                this.previous.take(),
-                            )));
-                        }
+                        Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+                        Poll::Pending => Poll::Pending,
                     }
                 }
                 StateProj::Sleeping { until } => {
@@ -471,6 +444,24 @@ where
                     }
                 }
                 StateProj::Done => panic!("RetryFuture polled after completion"),
+            };
+            let result = match polled {
+                Poll::Ready(result) => result,
+                // An attempt, or a retry's wait for its service, still
+                // going: only the whole-call deadline ends it early.
+                Poll::Pending => {
+                    let Some(at) = this.run.deadline else {
+                        return Poll::Pending;
+                    };
+                    ready!(this.timer.as_mut().poll_until(at, cx));
+                    this.state.set(State::Done);
+                    let attempt = this.run.attempt;
+                    return Poll::Ready(Err(this.config.deadline_passed(
+                        this.permit.take(),
+                        attempt,
+                        this.previous.take(),
+                    )));
+                }
             };
             let decision = this.policy.classify(result.as_ref());
             // No copy to send: the result is final, whatever it calls for.
