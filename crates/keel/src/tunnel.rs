@@ -792,6 +792,14 @@ mod tests {
     }
 
     async fn drained(message_wait: Duration, message_limit: u64) -> Drained {
+        drained_tunnel(true, message_wait, message_limit).await
+    }
+
+    async fn drained_tunnel(
+        websocket: bool,
+        message_wait: Duration,
+        message_limit: u64,
+    ) -> Drained {
         let (client, proxy_a) = tests_pair().await;
         let (proxy_b, upstream) = tests_pair().await;
         let registry = keel_drain::Registry::new();
@@ -809,7 +817,7 @@ mod tests {
             proxy_b,
             Bytes::new(),
             Some(registration),
-            true,
+            websocket,
             policy,
         ));
         Drained {
@@ -940,43 +948,26 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn another_upgrade_asked_to_close_gets_fin_both_ways_and_no_reset() {
-        let (mut client, proxy_a) = tests_pair().await;
-        let (proxy_b, mut upstream) = tests_pair().await;
-        let registry = keel_drain::Registry::new();
-        let registration = registry.register(keel_drain::ConnKind::TUNNEL, None);
-        let id = registration.id();
-        let task = tokio::spawn(run(
-            proxy_a,
-            Bytes::new(),
-            proxy_b,
-            Bytes::new(),
-            Some(registration),
-            false,
-            ClosePolicy::default(),
-        ));
-        client.write_all(b"hello").await.expect("write");
-        assert_eq!(read_exactly(&mut upstream, 5).await, b"hello");
-        let request = CloseRequest {
-            force: false,
-            reconnect_after: Duration::ZERO,
-        };
-        assert!(registry.close(id, request));
+        let mut t = drained_tunnel(false, Duration::from_secs(1), 1 << 20).await;
+        t.client.write_all(b"hello").await.expect("write");
+        assert_eq!(read_exactly(&mut t.upstream, 5).await, b"hello");
+        t.close();
         // Both sides read FIN; what the upstream still sends is dropped.
-        upstream.write_all(&[1; 50_000]).await.expect("write");
+        t.upstream.write_all(&[1; 50_000]).await.expect("write");
         let mut rest = Vec::new();
-        client
+        t.client
             .read_to_end(&mut rest)
             .await
             .expect("no reset toward the client");
         let mut up = Vec::new();
-        upstream
+        t.upstream
             .read_to_end(&mut up)
             .await
             .expect("no reset toward the upstream");
         assert!(up.is_empty());
-        assert!(!task.is_finished(), "it waits for both peers' FIN");
-        drop((client, upstream));
-        task.await.expect("join").expect("tunnel");
+        assert!(!t.task.is_finished(), "it waits for both peers' FIN");
+        drop((t.client, t.upstream));
+        t.task.await.expect("join").expect("tunnel");
     }
 
     #[tokio::test(start_paused = true)]
