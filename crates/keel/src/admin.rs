@@ -246,7 +246,7 @@ fn status(state: &AdminState) -> serde_json::Value {
         "draining": *state.draining.borrow(),
         "upstreams": upstreams,
         "routes": routes,
-        // Filled in once the gateway runs under keel-supervisor.
+        // Null only in the moment before the supervision tree has started.
         "supervision": state
             .supervision
             .get()
