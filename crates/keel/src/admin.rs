@@ -17,12 +17,12 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use crate::body::ProxyBody;
 use crate::drain::{DrainControl, EndpointDrainError};
 use crate::listener::ConnectionCount;
-use crate::metrics::Metrics;
 use crate::proxy::Gateway;
 use crate::readiness::Readiness;
+use keel_http::body::ProxyBody;
+use keel_metrics::Metrics;
 
 /// What the admin endpoints report on.
 pub struct AdminState {

@@ -21,8 +21,8 @@ use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 
-use crate::body::ProxyBody;
-use crate::config;
+use keel_config as config;
+use keel_http::body::ProxyBody;
 
 /// The sample API's state.
 #[derive(Default)]

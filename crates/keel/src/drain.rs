@@ -31,10 +31,10 @@ use std::time::Duration;
 use keel_drain::{ConnKind, Drain, DrainPlan, Progress, Registry, Target};
 use tokio::sync::watch;
 
-use crate::config::{DrainConfig, DrainStrategy};
-use crate::metrics::Metrics;
 use crate::proxy::Gateway;
 use crate::readiness::ReadinessHandle;
+use keel_config::{DrainConfig, DrainStrategy};
+use keel_metrics::Metrics;
 
 static REGISTRY: LazyLock<Registry> = LazyLock::new(Registry::new);
 
@@ -440,7 +440,7 @@ fn merged(a: &Drain, b: &Drain) -> watch::Receiver<Progress> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::units::ConfigDuration;
+    use keel_config::units::ConfigDuration;
 
     #[test]
     fn plans_follow_the_strategy() {

@@ -32,21 +32,21 @@ use keel_idempotency::engine::{
     ServerErrors, StoreDown, Tenant,
 };
 
-use crate::body::{BodyTooLarge, ProxyBody};
-use crate::config::{
-    IdempotencyConfig, LapsedLeasePolicy, MissingTenantPolicy, RouteConfig, ServerErrorsPolicy,
-};
-use crate::metrics::{IdempotencyMetrics, Metrics};
-use crate::problem::{Problem, ProblemKind};
 use crate::proxy::{
     BoxFuture, Exchange, FilterDecision, RequestContext, RequestFilter, ResponseFilter,
     UpstreamFailure, UpstreamOutcome,
 };
 use crate::store::SharedStore;
+use keel_config::{
+    IdempotencyConfig, LapsedLeasePolicy, MissingTenantPolicy, RouteConfig, ServerErrorsPolicy,
+};
+use keel_http::body::{BodyTooLarge, ProxyBody};
+use keel_http::problem::{Problem, ProblemKind};
 use keel_idempotency::problem::ProblemKind as ProblemKindLib;
+use keel_metrics::{IdempotencyMetrics, Metrics};
 use prometheus_client::metrics::counter::Counter;
 
-/// Outcome indexes into [`crate::metrics::IDEMPOTENCY_OUTCOMES`].
+/// Outcome indexes into [`keel_metrics::IDEMPOTENCY_OUTCOMES`].
 mod outcome {
     pub const NEW: usize = 0;
     pub const REPLAYED: usize = 1;
@@ -828,7 +828,7 @@ mod tests {
     use super::*;
 
     fn route(text: &str) -> RouteConfig {
-        let config = crate::config::parse(
+        let config = keel_config::parse(
             std::path::Path::new("t.toml"),
             &format!(
                 "[server]\nlisten = \"127.0.0.1:0\"\n[upstreams.a]\nendpoints = [\"http://127.0.0.1:1\"]\n[[routes]]\npath_prefix = \"/\"\nupstream = \"a\"\n[routes.idempotency]\nenabled = true\n{text}"
@@ -968,7 +968,7 @@ mod tests {
 
     #[test]
     fn unknown_policy_values_are_config_errors() {
-        let errors = crate::config::parse(
+        let errors = keel_config::parse(
             std::path::Path::new("t.toml"),
             "[server]\nlisten = \"127.0.0.1:0\"\n[upstreams.a]\nendpoints = [\"http://127.0.0.1:1\"]\n[[routes]]\npath_prefix = \"/\"\nupstream = \"a\"\n[routes.idempotency]\nserver_errors = \"maybe\"\n",
         )

@@ -52,8 +52,8 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use crate::body::{BoxError, ProxyBody};
 use crate::proxy::{Downstream, Gateway};
+use keel_http::body::{BoxError, ProxyBody};
 
 const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 

@@ -6,16 +6,11 @@
 //! servers, `serve` wires them together.
 
 mod admin;
-mod body;
-mod config;
 mod demo;
 mod demo_ws;
 mod drain;
-mod headers;
 mod idempotency;
 mod listener;
-mod metrics;
-mod problem;
 mod proxy;
 mod readiness;
 mod resilience;
@@ -25,7 +20,6 @@ mod store;
 mod supervision;
 mod telemetry;
 mod tunnel;
-mod units;
 mod upstream;
 
 use std::path::PathBuf;
@@ -123,7 +117,7 @@ const EXIT_CONFIG: u8 = 2;
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Check { config } => match config::load(&config) {
+        Command::Check { config } => match keel_config::load(&config) {
             Ok(_) => {
                 println!("{}: ok", config.display());
                 ExitCode::SUCCESS
@@ -131,7 +125,7 @@ fn main() -> ExitCode {
             Err(errors) => report_config_errors(&errors),
         },
         Command::Serve { config } => {
-            let config = match config::load(&config) {
+            let config = match keel_config::load(&config) {
                 Ok(config) => config,
                 Err(errors) => return report_config_errors(&errors),
             };
@@ -205,7 +199,7 @@ fn main() -> ExitCode {
     }
 }
 
-fn report_config_errors(errors: &[config::ConfigError]) -> ExitCode {
+fn report_config_errors(errors: &[keel_config::ConfigError]) -> ExitCode {
     for error in errors {
         eprintln!("{error}");
     }

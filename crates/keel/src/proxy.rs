@@ -40,15 +40,15 @@ use http::uri::PathAndQuery;
 use http::{Request, Response, StatusCode, Uri, Version};
 use hyper::body::Incoming;
 
-use crate::body::{BodyFault, BodyWatch, ProxyBody};
-use crate::headers::{
+use crate::route::{Route, Router};
+use crate::upstream::{Endpoint, InFlight, SendError, Upstream};
+use keel_http::body::{BodyFault, BodyWatch, ProxyBody};
+use keel_http::headers::{
     CodingError, HostError, X_REQUEST_ID, append_forwarded, append_via, check_transfer_encoding,
     head_size, new_request_id, remove_hop_by_hop, wants_upgrade,
 };
-use crate::metrics::RouteMetrics;
-use crate::problem::{Problem, ProblemKind};
-use crate::route::{Route, Router};
-use crate::upstream::{Endpoint, InFlight, SendError, Upstream};
+use keel_http::problem::{Problem, ProblemKind};
+use keel_metrics::RouteMetrics;
 
 /// A boxed future, as filters return.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -466,13 +466,14 @@ fn request_id(request: &Request<Incoming>) -> HeaderValue {
     }
 }
 
-/// The host the client asked for, checked (see [`crate::headers::request_host`]).
+/// The host the client asked for, checked (see [`keel_http::headers::request_host`]).
 /// When it is not the request's `Host` byte for byte (HTTP/2 `:authority`,
 /// an HTTP/1.1 absolute-form target), `Host` is set to it, so the
 /// upstream reads the host the gateway routed on.
 fn request_host(request: &mut Request<Incoming>) -> Result<String, HostError> {
-    let host = crate::headers::request_host(request.version(), request.uri(), request.headers())?
-        .to_owned();
+    let host =
+        keel_http::headers::request_host(request.version(), request.uri(), request.headers())?
+            .to_owned();
     let headers = request.headers_mut();
     if !host.is_empty() && headers.get(header::HOST).is_none_or(|h| h != host.as_str()) {
         // Checked above: a valid host is a valid header value.
@@ -658,9 +659,9 @@ mod tests {
     use tokio::net::{TcpListener, TcpStream};
 
     use super::*;
-    use crate::config;
     use crate::listener::{ConnectionSettings, DataPlane};
-    use crate::metrics::Metrics;
+    use keel_config as config;
+    use keel_metrics::Metrics;
 
     type Outcomes = Arc<Mutex<Vec<(Option<u16>, bool)>>>;
 

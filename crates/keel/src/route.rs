@@ -5,8 +5,8 @@ use std::sync::Arc;
 
 use http::Method;
 
-use crate::metrics::RouteMetrics;
 use crate::proxy::RequestFilter;
+use keel_metrics::RouteMetrics;
 
 /// A route ready to serve.
 pub struct Route {
@@ -92,7 +92,7 @@ fn strip_port(host: &str) -> &str {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::metrics::Metrics;
+    use keel_metrics::Metrics;
 
     #[test]
     fn ports_come_off_hosts_without_panicking() {

@@ -15,14 +15,14 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::admin::AdminState;
-use crate::config::{Config, RouteConfig};
 use crate::drain::DrainControl;
 use crate::listener::{ConnectionCount, ConnectionSettings, DataPlane};
-use crate::metrics::Metrics;
 use crate::proxy::{Gateway, ProxySettings, RequestFilter};
 use crate::readiness::{Readiness, ReadinessHandle};
 use crate::route::{Route, Router};
 use crate::upstream::Upstream;
+use keel_config::{Config, RouteConfig};
+use keel_metrics::Metrics;
 
 /// A fatal start-up or runtime error (exit code 1).
 #[derive(Debug, thiserror::Error)]

@@ -26,8 +26,8 @@ use keel_idempotency::store::{
 use keel_supervisor::{ChildContext, ChildResult, ChildSpec, RestartBackoff};
 use tokio::sync::Notify;
 
-use crate::config::{StoreConfig, StoreKind};
 use crate::readiness::ReadinessHandle;
+use keel_config::{StoreConfig, StoreKind};
 
 /// How often a healthy store is probed.
 const PROBE_EVERY: Duration = Duration::from_secs(1);

@@ -28,9 +28,9 @@ use tokio::sync::{Mutex, watch};
 
 use crate::admin::AdminState;
 use crate::listener::{ConnectionSettings, DataPlane};
-use crate::metrics::Metrics;
 use crate::proxy::Gateway;
 use crate::readiness::ReadinessHandle;
+use keel_metrics::Metrics;
 
 /// Where the admin state finds the tree's probe (set once the tree is built).
 pub type ProbeSlot = Arc<OnceLock<TreeProbe>>;

@@ -3,7 +3,7 @@
 
 use tracing_subscriber::EnvFilter;
 
-use crate::config::{LogConfig, LogFormat};
+use keel_config::{LogConfig, LogFormat};
 
 /// Installs the global subscriber (once per process).
 pub fn init(config: &LogConfig) {

@@ -21,12 +21,12 @@ use hyper::rt::{Read, ReadBufCursor, Write};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
-use crate::body::ProxyBody;
-use crate::config::{LoadBalancing, UpstreamConfig, endpoint_authority};
-use crate::headers::next_random;
-use crate::metrics::{EndpointMetrics, Metrics};
 use crate::resilience::{EndpointGuard, UpstreamResilience};
 use keel_breaker::Permit;
+use keel_config::{LoadBalancing, UpstreamConfig, endpoint_authority};
+use keel_http::headers::next_random;
+use keel_http::{Checkin, ProxyBody};
+use keel_metrics::{EndpointMetrics, Metrics};
 
 /// One endpoint of an upstream, with its own connection pool.
 ///
@@ -46,14 +46,23 @@ pub struct Endpoint {
     /// Its breaker and health (outlier ejection).
     pub guard: EndpointGuard,
     connect_timeout: Duration,
-    idle_timeout: Duration,
-    max_idle_per_shard: usize,
-    shards: Box<[Mutex<Vec<IdleConnection>>]>,
+    /// Idle connections; shared with every response body still streaming
+    /// from this endpoint, which puts its connection back at the end.
+    pool: Arc<IdlePool>,
     /// The URL shared with every tunnel's drain registration, so one
     /// endpoint's tunnels can be drained (no copy per tunnel).
     drain_key: Arc<str>,
     /// Draining (blue/green): no new requests or tunnels.
     draining: AtomicBool,
+}
+
+/// The idle connections of one endpoint: a few mutex-guarded stacks, one
+/// picked per worker thread, so threads do not contend on one lock.
+#[derive(Debug)]
+struct IdlePool {
+    idle_timeout: Duration,
+    max_idle_per_shard: usize,
+    shards: Box<[Mutex<Vec<IdleConnection>>]>,
 }
 
 #[derive(Debug)]
@@ -67,6 +76,66 @@ static NEXT_SHARD: AtomicUsize = AtomicUsize::new(0);
 thread_local! {
     // Each thread sticks to one shard of every pool.
     static SHARD: usize = NEXT_SHARD.fetch_add(1, Ordering::Relaxed);
+}
+
+impl IdlePool {
+    fn own_shard(&self) -> &Mutex<Vec<IdleConnection>> {
+        &self.shards[SHARD.with(|s| *s) % self.shards.len()]
+    }
+
+    /// The most recently used idle connection that is still open: from this
+    /// thread's shard first, then from any other shard not locked right now.
+    fn checkout(&self) -> Option<SendRequest<ProxyBody>> {
+        let own = SHARD.with(|s| *s) % self.shards.len();
+        for i in 0..self.shards.len() {
+            let index = (own + i) % self.shards.len();
+            let mut idle = if i == 0 {
+                self.shards[index]
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+            } else {
+                match self.shards[index].try_lock() {
+                    Ok(idle) => idle,
+                    Err(_) => continue,
+                }
+            };
+            while let Some(entry) = idle.pop() {
+                if !entry.sender.is_closed() && entry.since.elapsed() < self.idle_timeout {
+                    return Some(entry.sender);
+                }
+                // Dropping the sender closes the connection.
+            }
+        }
+        None
+    }
+
+    /// Keeps a connection whose exchange is complete, unless closed or the
+    /// shard is full.
+    fn keep(&self, sender: SendRequest<ProxyBody>) {
+        if sender.is_closed() {
+            return;
+        }
+        let now = Instant::now();
+        let mut idle = self
+            .own_shard()
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        // Expire from the bottom: the oldest idle connections sit there.
+        let expired = idle
+            .iter()
+            .take_while(|e| now.duration_since(e.since) >= self.idle_timeout)
+            .count();
+        idle.drain(..expired);
+        if idle.len() < self.max_idle_per_shard {
+            idle.push(IdleConnection { sender, since: now });
+        }
+    }
+}
+
+impl keel_http::Pool for IdlePool {
+    fn checkin(&self, sender: SendRequest<ProxyBody>) {
+        self.keep(sender);
+    }
 }
 
 /// Why a request could not be exchanged with an endpoint.
@@ -105,9 +174,11 @@ impl Endpoint {
             metrics,
             guard,
             connect_timeout: config.connect_timeout.0,
-            idle_timeout: config.idle_timeout.0,
-            max_idle_per_shard: config.max_idle_per_endpoint.div_ceil(shards).max(1),
-            shards: (0..shards).map(|_| Mutex::new(Vec::new())).collect(),
+            pool: Arc::new(IdlePool {
+                idle_timeout: config.idle_timeout.0,
+                max_idle_per_shard: config.max_idle_per_endpoint.div_ceil(shards).max(1),
+                shards: (0..shards).map(|_| Mutex::new(Vec::new())).collect(),
+            }),
             drain_key: Arc::from(url),
             draining: AtomicBool::new(false),
         }
@@ -127,57 +198,6 @@ impl Endpoint {
     /// The key its tunnels are registered under for draining (its URL).
     pub fn drain_key(&self) -> Arc<str> {
         self.drain_key.clone()
-    }
-
-    fn own_shard(&self) -> &Mutex<Vec<IdleConnection>> {
-        &self.shards[SHARD.with(|s| *s) % self.shards.len()]
-    }
-
-    /// The most recently used idle connection that is still open: from this
-    /// thread's shard first, then from any other shard not locked right now.
-    fn checkout(&self) -> Option<SendRequest<ProxyBody>> {
-        let own = SHARD.with(|s| *s) % self.shards.len();
-        for i in 0..self.shards.len() {
-            let index = (own + i) % self.shards.len();
-            let mut idle = if i == 0 {
-                self.shards[index]
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner)
-            } else {
-                match self.shards[index].try_lock() {
-                    Ok(idle) => idle,
-                    Err(_) => continue,
-                }
-            };
-            while let Some(entry) = idle.pop() {
-                if !entry.sender.is_closed() && entry.since.elapsed() < self.idle_timeout {
-                    return Some(entry.sender);
-                }
-                // Dropping the sender closes the connection.
-            }
-        }
-        None
-    }
-
-    /// Returns a connection whose exchange is complete.
-    fn checkin(&self, sender: SendRequest<ProxyBody>) {
-        if sender.is_closed() {
-            return;
-        }
-        let now = Instant::now();
-        let mut idle = self
-            .own_shard()
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        // Expire from the bottom: the oldest idle connections sit there.
-        let expired = idle
-            .iter()
-            .take_while(|e| now.duration_since(e.since) >= self.idle_timeout)
-            .count();
-        idle.drain(..expired);
-        if idle.len() < self.max_idle_per_shard {
-            idle.push(IdleConnection { sender, since: now });
-        }
     }
 
     async fn connect(&self) -> Result<SendRequest<ProxyBody>, SendError> {
@@ -220,7 +240,7 @@ impl Endpoint {
         // ago; hyper then hands the request back unsent and we try the next
         // one. A fresh connection gets no second chance.
         for _ in 0..4 {
-            let (mut sender, fresh) = match self.checkout() {
+            let (mut sender, fresh) = match self.pool.checkout() {
                 Some(sender) => (sender, false),
                 None => (self.connect().await?, true),
             };
@@ -275,30 +295,13 @@ impl Endpoint {
             return response.map(ProxyBody::stream);
         }
         if http_body::Body::is_end_stream(response.body()) {
-            self.checkin(sender);
+            self.pool.keep(sender);
             return response.map(ProxyBody::stream);
         }
         response.map(|inner| ProxyBody::Pooled {
             inner,
-            checkin: Some(Checkin {
-                endpoint: self,
-                sender,
-            }),
+            checkin: Some(Checkin::new(self.pool.clone(), sender)),
         })
-    }
-}
-
-/// A connection to give back to its pool once the response body has ended.
-#[derive(Debug)]
-pub struct Checkin {
-    endpoint: &'static Endpoint,
-    sender: SendRequest<ProxyBody>,
-}
-
-impl Checkin {
-    /// Returns the connection to the pool.
-    pub fn release(self) {
-        self.endpoint.checkin(self.sender);
     }
 }
 

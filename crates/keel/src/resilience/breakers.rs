@@ -23,12 +23,10 @@ use keel_breaker::{
 use keel_retry::{Backoff, Jitter, RatioBudget};
 use tokio::sync::watch;
 
-use super::{BreakerConfig, HealthCheckConfig, RetryConfig};
-use crate::body::ProxyBody;
-use crate::metrics::{
-    BreakerMetrics, HealthMetrics, Metrics, RetryMetrics, UpstreamFailureMetrics,
-};
 use crate::proxy::Gateway;
+use keel_config::{BreakerConfig, HealthCheckConfig, RetryConfig};
+use keel_http::body::ProxyBody;
+use keel_metrics::{BreakerMetrics, HealthMetrics, Metrics, RetryMetrics, UpstreamFailureMetrics};
 
 /// A set of HTTP statuses, as a bitmap: membership is one shift and mask.
 #[derive(Debug, Clone, Default)]

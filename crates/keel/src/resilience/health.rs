@@ -14,10 +14,10 @@ use http::{Request, header};
 use http_body::Body;
 use tokio::sync::watch;
 
-use super::HealthCheckConfig;
-use crate::body::ProxyBody;
 use crate::proxy::Gateway;
 use crate::upstream::Endpoint;
+use keel_config::HealthCheckConfig;
+use keel_http::body::ProxyBody;
 
 /// The health check of one endpoint.
 #[derive(Debug)]
@@ -150,7 +150,7 @@ impl HealthCheck {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::units::ConfigDuration;
+    use keel_config::units::ConfigDuration;
     use std::time::Duration;
 
     #[test]

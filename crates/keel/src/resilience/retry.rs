@@ -19,10 +19,10 @@ use keel_breaker::Outcome;
 use keel_retry::Budget;
 use tokio::time::Instant;
 
-use crate::body::{BodyFault, BodyWatch, ProxyBody};
-use crate::problem::{Problem, ProblemKind};
 use crate::proxy::UpstreamFailure;
 use crate::upstream::{Endpoint, Unavailable, Upstream};
+use keel_http::body::{BodyFault, BodyWatch, ProxyBody};
+use keel_http::problem::{Problem, ProblemKind};
 
 /// A request extension that marks a request as safe to repeat whatever its
 /// method, for a request filter that knows the upstream treats repeats as

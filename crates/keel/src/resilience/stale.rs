@@ -27,10 +27,10 @@ use http_body::Body;
 use prometheus_client::metrics::counter::Counter;
 use tokio::time::Instant;
 
-use super::StaleConfig;
-use crate::body::ProxyBody;
-use crate::problem::{Problem, ProblemKind};
 use crate::proxy::UpstreamFailure;
+use keel_config::StaleConfig;
+use keel_http::body::ProxyBody;
+use keel_http::problem::{Problem, ProblemKind};
 
 /// The header marking a response served from the stale cache.
 pub const KEEL_STALE: HeaderName = HeaderName::from_static("keel-stale");
@@ -361,7 +361,7 @@ async fn read_body(mut body: ProxyBody) -> Result<Bytes, UpstreamFailure> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::units::{ConfigDuration, ConfigSize};
+    use keel_config::units::{ConfigDuration, ConfigSize};
 
     fn cache(max_bytes: u64) -> StaleCache {
         StaleCache::new(

@@ -3,6 +3,21 @@
 //! to it: syntax and schema errors take the span toml reports, semantic
 //! errors (an unknown upstream, a bad URL) the span of the offending value.
 
+//!
+//! ```
+//! let config = keel_config::parse(
+//!     std::path::Path::new("keel.toml"),
+//!     "[server]\nlisten = \"127.0.0.1:8080\"\n",
+//! )
+//! .expect("a valid config");
+//! assert_eq!(config.server.listen.get_ref(), "127.0.0.1:8080");
+//! ```
+
+pub mod resilience;
+pub mod units;
+
+pub use resilience::{BreakerConfig, HealthCheckConfig, RetryConfig, StaleConfig};
+
 use std::collections::BTreeMap;
 use std::fmt;
 use std::net::SocketAddr;

@@ -2,6 +2,13 @@
 //! are created at start-up, so the request path only increments atomics: no
 //! map lookup and no lock per request. The latency histogram is our own
 //! atomic one for the same reason (prometheus-client's takes a lock).
+//!
+//! Every metric name of the gateway is defined in this one file.
+//!
+//! ```
+//! let metrics = keel_metrics::Metrics::new();
+//! assert!(metrics.encode().contains("keel_"));
+//! ```
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -12,7 +12,7 @@ use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 
-use crate::upstream::Checkin;
+use hyper::client::conn::http1::SendRequest;
 
 /// Boxed error used for bodies, as hyper expects.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -234,7 +234,7 @@ pub enum ProxyBody {
         /// For a downstream request body: where its fate is recorded.
         watch: Watch,
     },
-    /// An upstream response body whose connection returns to the pool at
+    /// An upstream response body whose connection returns to its pool at
     /// the end of the body.
     Pooled {
         /// The upstream's body.
@@ -447,6 +447,33 @@ impl Body for ProxyBody {
                 hint
             }
         }
+    }
+}
+
+/// Where an upstream connection goes back once its response body has been
+/// read to the end: the connection pool of one endpoint. The body knows
+/// only this trait, so the body type needs nothing of the pool.
+pub trait Pool: Send + Sync + std::fmt::Debug {
+    /// Takes back a connection whose exchange is complete.
+    fn checkin(&self, sender: SendRequest<ProxyBody>);
+}
+
+/// A connection to give back to its pool once the response body has ended.
+#[derive(Debug)]
+pub struct Checkin {
+    pool: Arc<dyn Pool>,
+    sender: SendRequest<ProxyBody>,
+}
+
+impl Checkin {
+    /// `sender`, to be returned to `pool`.
+    pub fn new(pool: Arc<dyn Pool>, sender: SendRequest<ProxyBody>) -> Self {
+        Checkin { pool, sender }
+    }
+
+    /// Returns the connection to the pool.
+    pub fn release(self) {
+        self.pool.checkin(self.sender);
     }
 }
 
