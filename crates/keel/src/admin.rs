@@ -27,7 +27,7 @@ use keel_metrics::Metrics;
 /// What the admin endpoints report on.
 pub struct AdminState {
     /// The gateway (routes, upstreams).
-    pub gateway: &'static Gateway,
+    pub gateway: Arc<Gateway>,
     /// Metrics registry.
     pub metrics: Arc<Metrics>,
     /// Readiness conditions.
@@ -132,7 +132,7 @@ fn answer(state: &AdminState, request: &Request<Incoming>) -> Response<ProxyBody
     if request.method() == Method::POST
         && let Some(rest) = request.uri().path().strip_prefix("/breakers/")
     {
-        return crate::resilience::breakers::operator(state.gateway, rest);
+        return crate::breaker_admin::operator(&state.gateway, rest);
     }
     if request.method() != Method::GET {
         return text(
@@ -191,7 +191,7 @@ async fn keys_answer(state: &AdminState, request: &Request<Incoming>) -> Respons
 
 /// The `/status` document.
 fn status(state: &AdminState) -> serde_json::Value {
-    let gateway = state.gateway;
+    let gateway = &state.gateway;
     let upstreams: Vec<_> = gateway
         .upstreams
         .iter()
@@ -205,7 +205,7 @@ fn status(state: &AdminState) -> serde_json::Value {
                         "in_flight": e.outstanding.load(Ordering::Relaxed),
                         "open_connections": e.metrics.open_connections.get(),
                         "connects": e.metrics.connects.get(),
-                        "resilience": crate::resilience::breakers::endpoint_status(
+                        "resilience": crate::breaker_admin::endpoint_status(
                             &e.guard,
                             u.resilience.health_check.is_some(),
                         ),
@@ -216,7 +216,7 @@ fn status(state: &AdminState) -> serde_json::Value {
                 "name": u.name,
                 "load_balancing": u.balancing.as_str(),
                 "endpoints": endpoints,
-                "breaker": crate::resilience::breakers::upstream_status(&u.resilience),
+                "breaker": crate::breaker_admin::upstream_status(&u.resilience),
             })
         })
         .collect();

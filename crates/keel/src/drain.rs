@@ -24,46 +24,16 @@
 //! with the same pacing, so clients reconnect through the gateway to the
 //! remaining endpoints; [`DrainControl::resume_endpoint`] puts it back.
 
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, LazyLock, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use keel_drain::{ConnKind, Drain, DrainPlan, Progress, Registry, Target};
+use keel_drain::{ConnKind, Drain, DrainPlan, Progress, Target};
 use tokio::sync::watch;
 
 use crate::proxy::Gateway;
 use crate::readiness::ReadinessHandle;
 use keel_config::{DrainConfig, DrainStrategy};
 use keel_metrics::Metrics;
-
-static REGISTRY: LazyLock<Registry> = LazyLock::new(Registry::new);
-
-/// Set once the shutdown drain has started, with the hint window in
-/// milliseconds (0: not draining): a tunnel upgraded after that (its
-/// request was in flight) is asked to close as soon as it exists.
-static LATE_WINDOW_MS: AtomicU64 = AtomicU64::new(0);
-
-/// The process's connection registry.
-pub fn registry() -> &'static Registry {
-    &REGISTRY
-}
-
-/// For a tunnel registered after the shutdown drain began: the close
-/// request to send it at once (a hint spread by its id), or `None`.
-pub fn late_close(id: keel_drain::ConnId) -> Option<keel_drain::CloseRequest> {
-    let window = LATE_WINDOW_MS.load(Ordering::Relaxed);
-    (window > 0).then(|| {
-        // SplitMix64 finaliser of the id: spread, no shared RNG state.
-        let mut z = id.get().wrapping_add(0x9e37_79b9_7f4a_7c15);
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^= z >> 31;
-        keel_drain::CloseRequest {
-            force: false,
-            reconnect_after: Duration::from_millis(z % window),
-        }
-    })
-}
 
 /// The tunnel drain plan `[drain]` describes, with `deadline` as its hard
 /// deadline.
@@ -142,7 +112,7 @@ struct Shutdown {
 
 /// The drain state shared by the serve command and the admin API.
 pub struct DrainControl {
-    gateway: &'static Gateway,
+    gateway: Arc<Gateway>,
     metrics: Arc<Metrics>,
     config: DrainConfig,
     requested: watch::Sender<bool>,
@@ -152,7 +122,7 @@ pub struct DrainControl {
 
 impl DrainControl {
     /// A control for `gateway` with the `[drain]` settings.
-    pub fn new(gateway: &'static Gateway, metrics: Arc<Metrics>, config: &DrainConfig) -> Self {
+    pub fn new(gateway: Arc<Gateway>, metrics: Arc<Metrics>, config: &DrainConfig) -> Self {
         let (requested, _) = watch::channel(false);
         DrainControl {
             gateway,
@@ -209,15 +179,12 @@ impl DrainControl {
         // client that reconnects at once is refused, not accepted. Bounded,
         // in case the listener is being restarted.
         let _ = tokio::time::timeout(Duration::from_secs(1), listener.listener_closed()).await;
-        LATE_WINDOW_MS.store(
-            u64::try_from(self.config.reconnect_window.0.as_millis())
-                .unwrap_or(u64::MAX)
-                .max(1),
-            Ordering::Relaxed,
-        );
+        self.gateway
+            .connections
+            .set_late_window(self.config.reconnect_window.0.max(Duration::from_millis(1)));
         let left = self.config.deadline.0.saturating_sub(began.elapsed());
         let tunnels = keel_drain::start(
-            registry(),
+            self.gateway.connections.registry(),
             Target::Kind(ConnKind::TUNNEL),
             plan(&self.config, left),
         );
@@ -228,8 +195,16 @@ impl DrainControl {
             .jitter(false)
             .reconnect_window(Duration::ZERO)
             .deadline(left);
-        let h1 = keel_drain::start(registry(), Target::Kind(ConnKind::HTTP1), http_plan.clone());
-        let h2 = keel_drain::start(registry(), Target::Kind(ConnKind::HTTP2), http_plan);
+        let h1 = keel_drain::start(
+            self.gateway.connections.registry(),
+            Target::Kind(ConnKind::HTTP1),
+            http_plan.clone(),
+        );
+        let h2 = keel_drain::start(
+            self.gateway.connections.registry(),
+            Target::Kind(ConnKind::HTTP2),
+            http_plan,
+        );
         let http = merged(&h1, &h2);
         {
             let mut state = self.shutdown.lock().unwrap_or_else(PoisonError::into_inner);
@@ -256,14 +231,16 @@ impl DrainControl {
         report.abort();
         // Tunnels upgraded after the drain began were asked to close when
         // they appeared; wait for them too, and cut them at the deadline.
-        while !registry().is_empty() && began.elapsed() < self.config.deadline.0 {
+        while !self.gateway.connections.registry().is_empty()
+            && began.elapsed() < self.config.deadline.0
+        {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        if !registry().is_empty() {
+        if !self.gateway.connections.registry().is_empty() {
             let cut = DrainPlan::batches(usize::MAX, Duration::from_secs(1))
                 .jitter(false)
                 .deadline(Duration::ZERO);
-            keel_drain::start(registry(), Target::All, cut)
+            keel_drain::start(self.gateway.connections.registry(), Target::All, cut)
                 .finished()
                 .await;
         }
@@ -298,7 +275,7 @@ impl DrainControl {
         }
         target.set_draining(true);
         let drain = keel_drain::start(
-            registry(),
+            self.gateway.connections.registry(),
             Target::Endpoint(target.drain_key().to_string()),
             plan(&self.config, self.config.deadline.0),
         );
@@ -366,7 +343,7 @@ impl DrainControl {
         &self,
         upstream: &str,
         endpoint: &str,
-    ) -> Result<&'static crate::upstream::Endpoint, EndpointDrainError> {
+    ) -> Result<&keel_upstream::Endpoint, EndpointDrainError> {
         let up = self
             .gateway
             .upstreams
@@ -377,6 +354,7 @@ impl DrainControl {
         up.endpoints
             .iter()
             .find(|e| e.url.trim_end_matches('/') == wanted)
+            .map(|e| &**e)
             .ok_or_else(|| EndpointDrainError::NoEndpoint {
                 upstream: upstream.to_owned(),
                 endpoint: endpoint.to_owned(),
@@ -410,7 +388,7 @@ impl DrainControl {
             .collect();
         serde_json::json!({
             "phase": phase,
-            "connections": registry().len(),
+            "connections": self.gateway.connections.registry().len(),
             "tunnels": tunnels,
             "http": http,
             "endpoints": endpoints,
@@ -479,24 +457,6 @@ mod tests {
             250
         );
         assert_eq!(plan(&config, d).reconnect_window, Duration::from_secs(5));
-    }
-
-    #[test]
-    fn late_tunnels_get_a_spread_hint_only_while_draining() {
-        assert_eq!(late_close(keel_drain::ConnId::new(1)), None);
-        LATE_WINDOW_MS.store(1000, Ordering::Relaxed);
-        let hints: std::collections::BTreeSet<u128> = (0..100)
-            .map(|i| {
-                let close = late_close(keel_drain::ConnId::new(i)).expect("draining");
-                assert!(!close.force);
-                close.reconnect_after.as_millis()
-            })
-            .collect();
-        LATE_WINDOW_MS.store(0, Ordering::Relaxed);
-        assert!(
-            hints.len() > 80 && hints.iter().all(|h| *h < 1000),
-            "{hints:?}"
-        );
     }
 
     #[test]

@@ -34,7 +34,7 @@ use keel_idempotency::engine::{
 
 use crate::proxy::{
     BoxFuture, Exchange, FilterDecision, RequestContext, RequestFilter, ResponseFilter,
-    UpstreamFailure, UpstreamOutcome,
+    UpstreamOutcome,
 };
 use crate::store::SharedStore;
 use keel_config::{
@@ -638,7 +638,7 @@ impl ResponseFilter for Finish {
 
     fn on_response(
         self: Box<Self>,
-        outcome: Result<Response<ProxyBody>, UpstreamFailure>,
+        outcome: Result<Response<ProxyBody>, keel_upstream::UpstreamError>,
     ) -> BoxFuture<'static, Response<ProxyBody>> {
         let Finish {
             guard,
@@ -660,7 +660,7 @@ impl ResponseFilter for Finish {
                     // Never reached the upstream: a retry may run it.
                     log_store_error(guard.release().await.err(), &end.request_id);
                 }
-                failure.problem.into_response(Some(&end.request_id))
+                failure.into_problem().into_response(Some(&end.request_id))
             }),
             Ok(response) => {
                 // Taken apart before the future is made, so the future

@@ -134,7 +134,7 @@ pub struct DataPlane {
     /// Taken out by `run`, so the socket closes (new connections are
     /// refused) as soon as it stops accepting, while open connections drain.
     listener: Option<TcpListener>,
-    gateway: &'static Gateway,
+    gateway: Arc<Gateway>,
     http1: http1::Builder,
     http2: http2::Builder<TokioExecutor>,
     settings: ConnectionSettings,
@@ -145,7 +145,7 @@ impl DataPlane {
     /// Binds `addr`.
     pub async fn bind(
         addr: SocketAddr,
-        gateway: &'static Gateway,
+        gateway: Arc<Gateway>,
         settings: &ConnectionSettings,
     ) -> std::io::Result<Self> {
         let listener = TcpListener::bind(addr).await?;
@@ -256,7 +256,7 @@ impl DataPlane {
             // The first head's deadline counts from the accept.
             Activity::new(Phase::Head(accepted), true, settings)
         });
-        let gateway = self.gateway;
+        let gateway = self.gateway.clone();
         let downstream = Downstream {
             peer,
             proto: "http",
@@ -264,6 +264,7 @@ impl DataPlane {
         let tracker = activity.clone();
         let service = service_fn(move |request| {
             let in_flight = tracker.request_started();
+            let gateway = gateway.clone();
             async move {
                 let response = gateway.handle(request, downstream).await;
                 Ok::<_, Infallible>(response.map(|body| Tracked {
@@ -281,7 +282,7 @@ impl DataPlane {
         } else {
             ConnKind::HTTP1
         };
-        let mut drain = crate::drain::registry().register(kind, None);
+        let mut drain = self.gateway.connections.register(kind, None);
         let mut control = Control {
             activity: &activity,
             shutdown: &mut shutdown,

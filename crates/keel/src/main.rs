@@ -6,6 +6,9 @@
 //! servers, `serve` wires them together.
 
 mod admin;
+mod background;
+mod breaker_admin;
+mod connections;
 mod demo;
 mod demo_ws;
 mod drain;
@@ -13,14 +16,13 @@ mod idempotency;
 mod listener;
 mod proxy;
 mod readiness;
-mod resilience;
 mod route;
 mod serve;
+mod stale;
 mod store;
 mod supervision;
 mod telemetry;
 mod tunnel;
-mod upstream;
 
 use std::path::PathBuf;
 use std::process::ExitCode;

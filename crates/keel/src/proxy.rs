@@ -41,14 +41,14 @@ use http::{Request, Response, StatusCode, Uri, Version};
 use hyper::body::Incoming;
 
 use crate::route::{Route, Router};
-use crate::upstream::{Endpoint, InFlight, SendError, Upstream};
-use keel_http::body::{BodyFault, BodyWatch, ProxyBody};
+use keel_http::body::ProxyBody;
 use keel_http::headers::{
     CodingError, HostError, X_REQUEST_ID, append_forwarded, append_via, check_transfer_encoding,
     head_size, new_request_id, remove_hop_by_hop, wants_upgrade,
 };
 use keel_http::problem::{Problem, ProblemKind};
 use keel_metrics::RouteMetrics;
+use keel_upstream::{Endpoint, Upstream, UpstreamError};
 
 /// A boxed future, as filters return.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -101,18 +101,8 @@ pub trait RequestFilter: Send + Sync + 'static {
     ) -> BoxFuture<'a, FilterDecision>;
 }
 
-/// Why the upstream did not produce a response.
-#[derive(Debug)]
-pub struct UpstreamFailure {
-    /// The problem answered to the client unless the filter decides otherwise.
-    pub problem: Problem,
-    /// False when the request certainly never reached the upstream
-    /// (connection refused), so an idempotency claim can be released.
-    pub sent: bool,
-}
-
 /// What the upstream phase produced: a response, or why there is none.
-pub type UpstreamOutcome = Result<Response<ProxyBody>, UpstreamFailure>;
+pub type UpstreamOutcome = Result<Response<ProxyBody>, UpstreamError>;
 
 /// The upstream phase of one request, borrowed for
 /// [`ResponseFilter::hold`] so that the filter can run beside it without
@@ -142,7 +132,7 @@ pub trait ResponseFilter: Send + 'static {
     /// Makes the response sent downstream.
     fn on_response(
         self: Box<Self>,
-        outcome: Result<Response<ProxyBody>, UpstreamFailure>,
+        outcome: Result<Response<ProxyBody>, UpstreamError>,
     ) -> BoxFuture<'static, Response<ProxyBody>>;
 }
 
@@ -170,6 +160,8 @@ pub struct Gateway {
     pub settings: ProxySettings,
     /// Metrics for requests that matched no route.
     pub unmatched: RouteMetrics,
+    /// Open connections and tunnels, for the drain.
+    pub connections: std::sync::Arc<crate::connections::Connections>,
 }
 
 /// The result of the phases before logging.
@@ -181,7 +173,7 @@ struct Handled<'g> {
 impl Gateway {
     /// Serves one request; never fails: gateway errors become problem+json.
     pub async fn handle(
-        &'static self,
+        &self,
         mut request: Request<Incoming>,
         downstream: Downstream,
     ) -> Response<ProxyBody> {
@@ -240,11 +232,11 @@ impl Gateway {
 
     /// Phases 2 to 7.
     async fn route_and_forward(
-        &'static self,
+        &self,
         mut request: Request<Incoming>,
         request_id: &HeaderValue,
         downstream: Downstream,
-    ) -> Handled<'static> {
+    ) -> Handled<'_> {
         let fail = |route, problem: Problem| Handled {
             route,
             response: problem.into_response(Some(request_id)),
@@ -336,16 +328,15 @@ impl Gateway {
         };
 
         // 5. upstream selection and 6. upstream request, under the breakers,
-        // with retries (resilience::retry::forward picks each attempt's
+        // with retries (keel_upstream::forward picks each attempt's
         // endpoint with Upstream::select_available)
         let upstream = &self.upstreams[route.upstream];
         let stale_key = route.stale.as_ref().and_then(|c| c.key(&request, &host));
         let upgrade = downstream_upgrade.is_some();
         let ends_by = tokio::time::Instant::now() + upstream.request_timeout;
-        let forward =
-            crate::resilience::retry::forward(upstream, request, upgrade, ends_by, |r, e| {
-                self.upstream_request(r, e, &host, downstream, upgrade)
-            });
+        let forward = keel_upstream::forward(upstream, request, upgrade, ends_by, |r, e| {
+            self.upstream_request(r, e, &host, downstream, upgrade)
+        });
         let outcome = if let Some(hook) = on_response.as_ref().filter(|h| h.must_hold(ends_by)) {
             let mut forward = std::pin::pin!(forward);
             hook.hold(forward.as_mut()).await
@@ -364,7 +355,7 @@ impl Gateway {
             Some(hook) => hook.on_response(outcome).await,
             None => match outcome {
                 Ok(response) => response,
-                Err(failure) => failure.problem.into_response(Some(request_id)),
+                Err(failure) => failure.into_problem().into_response(Some(request_id)),
             },
         };
         self.filter_response(&mut response, downstream_upgrade);
@@ -437,6 +428,7 @@ impl Gateway {
                         up,
                         websocket,
                         self.settings.tunnel_close.clone(),
+                        self.connections.clone(),
                     ));
                 }
                 _ => {
@@ -501,148 +493,6 @@ fn check_declared_length(request: &Request<Incoming>, limit: u64) -> Option<Prob
     })
 }
 
-/// Sends the request on the endpoint's pool within `timeout` (what is left
-/// of the upstream's `request_timeout` for this attempt).
-///
-/// Who failed decides what the failure is: the request body's
-/// [`BodyWatch`] (set where the body limit is applied) says whether the client's body broke, was
-/// cut short, or was what the exchange was waiting for when the deadline
-/// passed. Those are the client's failures (400, 408, 413, or
-/// [`ProblemKind::ClientClosed`]); everything else is the upstream's.
-pub(crate) async fn send(
-    upstream: &Upstream,
-    endpoint: &'static Endpoint,
-    mut request: Request<ProxyBody>,
-    timeout: std::time::Duration,
-) -> Result<Response<ProxyBody>, UpstreamFailure> {
-    let _in_flight = InFlight::start(endpoint);
-    let watch = request.body_mut().watch();
-    match tokio::time::timeout(timeout, endpoint.send(request)).await {
-        Ok(Ok(response)) => Ok(response),
-        Ok(Err(error)) => Err(classify(&upstream.name, endpoint, &error, watch.as_ref())),
-        Err(_elapsed) => {
-            if let Some(watch) = &watch {
-                if let Some(fault) = watch.fault() {
-                    return Err(body_failure(fault, watch, true));
-                }
-                if watch.waiting_on_client() {
-                    return Err(body_timeout(upstream, Some(watch)));
-                }
-            }
-            Err(UpstreamFailure {
-                problem: Problem::new(
-                    ProblemKind::UpstreamTimeout,
-                    format!(
-                        "upstream {:?} did not answer within {:?}",
-                        upstream.name, upstream.request_timeout
-                    ),
-                ),
-                sent: true,
-            })
-        }
-    }
-}
-
-/// The failure for a request body that was still coming, too slowly, when
-/// the upstream's `request_timeout` ran out: the client's lateness (408).
-pub(crate) fn body_timeout(upstream: &Upstream, watch: Option<&BodyWatch>) -> UpstreamFailure {
-    let received = watch.map_or(0, BodyWatch::received);
-    tracing::debug!(
-        upstream = upstream.name,
-        received,
-        "request body too slow; not counted against the upstream"
-    );
-    UpstreamFailure {
-        problem: Problem::new(
-            ProblemKind::RequestTimeout,
-            format!(
-                "the request body did not arrive within the {:?} request timeout \
-                 ({received} bytes received)",
-                upstream.request_timeout
-            ),
-        ),
-        sent: true,
-    }
-}
-
-/// The failure for a request body that failed on the client's side.
-pub(crate) fn body_failure(fault: BodyFault, watch: &BodyWatch, sent: bool) -> UpstreamFailure {
-    let problem = match fault {
-        BodyFault::Malformed => Problem::new(
-            ProblemKind::BadRequest,
-            "the request body is malformed (invalid framing) and could not be read",
-        ),
-        BodyFault::Incomplete => Problem::new(
-            ProblemKind::ClientClosed,
-            format!(
-                "the client closed the connection before sending the whole request body \
-                 ({} bytes received)",
-                watch.received()
-            ),
-        ),
-        BodyFault::TooLarge => Problem::new(
-            ProblemKind::BodyTooLarge,
-            format!("request body over the {}-byte limit", watch.limit()),
-        ),
-    };
-    UpstreamFailure { problem, sent }
-}
-
-/// Maps a send error to the problem the client sees: the client's when its
-/// body failed, else the upstream's.
-fn classify(
-    upstream: &str,
-    endpoint: &Endpoint,
-    error: &SendError,
-    watch: Option<&BodyWatch>,
-) -> UpstreamFailure {
-    let (kind, detail, sent) = match error {
-        SendError::Connect(_) => (
-            ProblemKind::UpstreamUnreachable,
-            format!("could not connect to upstream {upstream:?}"),
-            false,
-        ),
-        SendError::ConnectTimeout => (
-            ProblemKind::UpstreamTimeout,
-            format!("timed out connecting to upstream {upstream:?}"),
-            false,
-        ),
-        SendError::Http { error: http, sent } => {
-            // The body hyper was streaming failed: the watch knows how. A
-            // body without a watch (the gateway's own) is judged from the
-            // user-body error hyper wraps it in.
-            let fault = watch.and_then(BodyWatch::fault).or_else(|| {
-                use std::error::Error as _;
-                http.is_user()
-                    .then(|| http.source().map(BodyFault::of))
-                    .flatten()
-            });
-            if let Some(fault) = fault {
-                let fallback = BodyWatch::default();
-                let failure = body_failure(fault, watch.unwrap_or(&fallback), *sent);
-                tracing::debug!(
-                    upstream,
-                    endpoint = endpoint.url,
-                    %error,
-                    kind = ?failure.problem.kind,
-                    "request body failed on the client's side; not counted against the upstream"
-                );
-                return failure;
-            }
-            (
-                ProblemKind::UpstreamBadResponse,
-                format!("upstream {upstream:?} closed the connection or sent an invalid response"),
-                *sent,
-            )
-        }
-    };
-    tracing::warn!(upstream, endpoint = endpoint.url, %error, "upstream request failed");
-    UpstreamFailure {
-        problem: Problem::new(kind, detail),
-        sent,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     //! The filter seam, driven through a real listener: a filter that
@@ -701,7 +551,7 @@ mod tests {
     impl ResponseFilter for Hook {
         fn on_response(
             self: Box<Self>,
-            outcome: Result<Response<ProxyBody>, UpstreamFailure>,
+            outcome: Result<Response<ProxyBody>, UpstreamError>,
         ) -> BoxFuture<'static, Response<ProxyBody>> {
             Box::pin(async move {
                 match outcome {
@@ -720,7 +570,7 @@ mod tests {
                             .lock()
                             .expect("lock")
                             .push((None, failure.sent));
-                        failure.problem.into_response(None)
+                        failure.into_problem().into_response(None)
                     }
                 }
             })
@@ -786,9 +636,7 @@ mod tests {
             }))
         };
         let metrics = Metrics::new();
-        let gateway: &'static Gateway = Box::leak(Box::new(crate::serve::build_gateway(
-            &config, &metrics, &factory,
-        )));
+        let gateway = Arc::new(crate::serve::build_gateway(&config, &metrics, &factory));
         let settings = ConnectionSettings {
             idle_timeout: std::time::Duration::from_secs(5),
             max_header_size: 16 * 1024,

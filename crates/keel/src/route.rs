@@ -27,7 +27,7 @@ pub struct Route {
     /// The request filter (idempotency plugs in here); `None` for plain routes.
     pub filter: Option<Arc<dyn RequestFilter>>,
     /// The stale-fallback cache, on routes with `[routes.stale]`.
-    pub stale: Option<crate::resilience::StaleCache>,
+    pub stale: Option<crate::stale::StaleCache>,
 }
 
 impl std::fmt::Debug for Route {

@@ -20,9 +20,9 @@ use crate::listener::{ConnectionCount, ConnectionSettings, DataPlane};
 use crate::proxy::{Gateway, ProxySettings, RequestFilter};
 use crate::readiness::{Readiness, ReadinessHandle};
 use crate::route::{Route, Router};
-use crate::upstream::Upstream;
 use keel_config::{Config, RouteConfig};
 use keel_metrics::Metrics;
+use keel_upstream::Upstream;
 
 /// A fatal start-up or runtime error (exit code 1).
 #[derive(Debug, thiserror::Error)]
@@ -79,10 +79,11 @@ pub fn build_gateway(config: &Config, metrics: &Metrics, filters: FilterFactory<
                 .clone()
                 .unwrap_or_else(|| r.path_prefix.get_ref().clone());
             let filter = filters(r);
-            let stale =
-                r.stale.as_ref().filter(|s| s.enabled).map(|s| {
-                    crate::resilience::StaleCache::new(s, metrics.resilience().stale(&name))
-                });
+            let stale = r
+                .stale
+                .as_ref()
+                .filter(|s| s.enabled)
+                .map(|s| crate::stale::StaleCache::new(s, metrics.resilience().stale(&name)));
             Route {
                 metrics: metrics.route(&name),
                 name,
@@ -119,6 +120,7 @@ pub fn build_gateway(config: &Config, metrics: &Metrics, filters: FilterFactory<
             },
         },
         unmatched: metrics.route("-"),
+        connections: Arc::default(),
     }
 }
 
@@ -194,8 +196,7 @@ pub async fn start(config: &Config) -> Result<Running, ServeError> {
             .map_or(Duration::from_secs(30), |u| u.request_timeout.0)
     };
     let idempotent = |route: &RouteConfig| filters.as_ref()?.for_route(route, timeout_of(route));
-    let gateway: &'static Gateway =
-        Box::leak(Box::new(build_gateway(config, &metrics, &idempotent)));
+    let gateway = Arc::new(build_gateway(config, &metrics, &idempotent));
     let (shutdown, shutdown_rx) = watch::channel(false);
 
     let server = &config.server;
@@ -207,7 +208,7 @@ pub async fn start(config: &Config) -> Result<Running, ServeError> {
         max_header_size: usize::try_from(server.max_header_size.0).unwrap_or(usize::MAX),
     };
     let addr = config.listen_addr();
-    let data_plane = DataPlane::bind(addr, gateway, &settings)
+    let data_plane = DataPlane::bind(addr, gateway.clone(), &settings)
         .await
         .map_err(|source| ServeError::Bind {
             what: "listen",
@@ -216,7 +217,11 @@ pub async fn start(config: &Config) -> Result<Running, ServeError> {
         })?;
     let listen = data_plane.local_addr().unwrap_or(addr);
     let connections = data_plane.connections();
-    let drain = Arc::new(DrainControl::new(gateway, metrics.clone(), &config.drain));
+    let drain = Arc::new(DrainControl::new(
+        gateway.clone(),
+        metrics.clone(),
+        &config.drain,
+    ));
     // The admin server outlives the listener: `GET /drain` answers until
     // the drain is over.
     let (exit, exit_rx) = watch::channel(false);
@@ -234,7 +239,7 @@ pub async fn start(config: &Config) -> Result<Running, ServeError> {
             })?;
         admin = Some(listener.local_addr().unwrap_or(admin_addr));
         let state = Arc::new(AdminState {
-            gateway,
+            gateway: gateway.clone(),
             metrics: metrics.clone(),
             readiness: readiness.clone(),
             listen,
@@ -253,19 +258,17 @@ pub async fn start(config: &Config) -> Result<Running, ServeError> {
         });
         admin_child = Some((listener, state));
     }
-    // Breaker watchers (metrics) run until shutdown; health checks are
-    // supervised children of the tree below.
-    crate::resilience::start(gateway, &shutdown_rx);
     let root = crate::supervision::tree(
         crate::supervision::Children {
             data_plane,
             listen,
-            gateway,
+            gateway: gateway.clone(),
             settings,
             listeners_ready: listeners_ready.clone(),
             admin: admin_child,
             store: store_child,
-            health: crate::resilience::health_children(gateway),
+            health: crate::background::health_children(&gateway.upstreams),
+            breakers: crate::background::breaker_children(&gateway.upstreams),
             shutdown: shutdown_rx,
             admin_shutdown: exit_rx,
             drain: Some(drain_child(

@@ -5,7 +5,9 @@
 //! ├── listener   the data plane; ready once accepting
 //! ├── admin      /healthz /readyz /metrics /status
 //! ├── store      the idempotency store connector (deferred: never blocks)
-//! └── health     upstream health checks (a slot other features fill)
+//! ├── health     upstream health checks, one child per checked endpoint
+//! ├── breakers   breaker watchers (state metrics), one child per breaker
+//! └── drain      the shutdown sequence: its stop is the whole drain
 //! ```
 //!
 //! Sockets are bound before the tree starts, so a busy port fails
@@ -42,7 +44,7 @@ pub struct Children {
     /// The data-plane address.
     pub listen: SocketAddr,
     /// The gateway the data plane serves.
-    pub gateway: &'static Gateway,
+    pub gateway: Arc<Gateway>,
     /// Connection settings, for a rebind.
     pub settings: ConnectionSettings,
     /// `listeners` readiness.
@@ -53,6 +55,8 @@ pub struct Children {
     pub store: Option<ChildSpec>,
     /// Upstream health checks, one child per checked endpoint.
     pub health: Vec<ChildSpec>,
+    /// Breaker watchers, one child per breaker.
+    pub breakers: Vec<ChildSpec>,
     /// Tells the servers to stop accepting (the drain).
     pub shutdown: watch::Receiver<bool>,
     /// Stops the admin server: later than `shutdown`, so `GET /drain`
@@ -74,6 +78,7 @@ pub fn tree(children: Children, probe: &ProbeSlot) -> Result<Supervisor, BuildEr
         admin,
         store,
         health,
+        breakers,
         shutdown,
         admin_shutdown,
         drain,
@@ -85,6 +90,7 @@ pub fn tree(children: Children, probe: &ProbeSlot) -> Result<Supervisor, BuildEr
         let shutdown = listener_shutdown.clone();
         let ready = listeners_ready.clone();
         let settings = settings.clone();
+        let gateway = gateway.clone();
         async move {
             let bound = data_plane.lock().await.take();
             let plane = match bound {
@@ -137,6 +143,13 @@ pub fn tree(children: Children, probe: &ProbeSlot) -> Result<Supervisor, BuildEr
             checks = checks.child(check);
         }
         builder = builder.child(checks.build()?);
+    }
+    if !breakers.is_empty() {
+        let mut watchers = Supervisor::builder("breakers").intensity(20, Duration::from_secs(60));
+        for watcher in breakers {
+            watchers = watchers.child(watcher);
+        }
+        builder = builder.child(watchers.build()?);
     }
     if let Some(drain) = drain {
         builder = builder.child(drain);

@@ -24,19 +24,22 @@ use std::cell::RefCell;
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll, Waker, ready};
 
 use bytes::Bytes;
 use http::HeaderMap;
 use hyper::upgrade::{OnUpgrade, Upgraded};
 use hyper_util::rt::TokioIo;
-use keel_drain::{CloseRequest, ConnKind, Registration};
+use keel_drain::{CloseRequest, Registration};
 use prometheus_client::metrics::counter::Counter;
 use tokio::io::AsyncWrite;
 use tokio::net::TcpStream;
 use tokio::time::{Duration, Sleep};
 
-use crate::upstream::CountedIo;
+use keel_upstream::CountedIo;
+
+use crate::connections::Connections;
 
 const SCRATCH_SIZE: usize = 16 * 1024;
 
@@ -61,6 +64,7 @@ pub async fn splice(
     upstream: OnUpgrade,
     websocket: bool,
     policy: ClosePolicy,
+    connections: Arc<Connections>,
 ) {
     let (down, up) = match tokio::try_join!(downstream, upstream) {
         Ok(both) => both,
@@ -91,11 +95,9 @@ pub async fn splice(
     let down = (forget_wakers(down.0), down.1);
     // A task of its own, so the long-lived future holds only the tunnel's
     // state, not the (larger) upgrade futures above.
-    let registration = crate::drain::registry().register(ConnKind::TUNNEL, Some(endpoint));
-    if let Some(close) = crate::drain::late_close(registration.id()) {
-        // Upgraded while the gateway drains: leave with the others.
-        crate::drain::registry().close(registration.id(), close);
-    }
+    // Upgraded while the gateway drains: asked at once to leave with the
+    // others.
+    let registration = connections.register_tunnel(Some(endpoint));
     tokio::spawn(async move {
         let _guard = guard;
         let result = run(
@@ -1004,7 +1006,8 @@ mod size_probe {
     async fn an_idle_tunnel_future_stays_small() {
         let (a, b) = super::tests_pair().await;
         let (c, d) = super::tests_pair().await;
-        let reg = crate::drain::registry().register(keel_drain::ConnKind::TUNNEL, None);
+        let connections = crate::connections::Connections::default();
+        let reg = connections.register(keel_drain::ConnKind::TUNNEL, None);
         let f = super::run(
             a,
             bytes::Bytes::new(),

@@ -19,10 +19,11 @@ use keel_breaker::Outcome;
 use keel_retry::Budget;
 use tokio::time::Instant;
 
-use crate::proxy::UpstreamFailure;
-use crate::upstream::{Endpoint, Unavailable, Upstream};
-use keel_http::body::{BodyFault, BodyWatch, ProxyBody};
-use keel_http::problem::{Problem, ProblemKind};
+use keel_http::{BodyFault, BodyWatch, ProxyBody};
+
+use crate::endpoint::{Endpoint, Unavailable, Upstream};
+use crate::error::{ErrorKind, UpstreamError};
+use crate::send::{body_failure, body_timeout, send};
 
 /// A request extension that marks a request as safe to repeat whatever its
 /// method, for a request filter that knows the upstream treats repeats as
@@ -71,7 +72,7 @@ impl Kept {
 async fn keep(
     request: Request<ProxyBody>,
     max_body: u64,
-) -> Result<(Request<ProxyBody>, Option<Kept>), UpstreamFailure> {
+) -> Result<(Request<ProxyBody>, Option<Kept>), UpstreamError> {
     let hint = request.body().size_hint();
     let empty = request.body().is_end_stream() || hint.exact() == Some(0);
     if !empty && hint.exact().is_none_or(|n| n > max_body) {
@@ -96,7 +97,7 @@ async fn keep(
     Ok((Request::from_parts(parts, body), Some(kept)))
 }
 
-async fn collect(mut body: ProxyBody, watch: Option<&BodyWatch>) -> Result<Bytes, UpstreamFailure> {
+async fn collect(mut body: ProxyBody, watch: Option<&BodyWatch>) -> Result<Bytes, UpstreamError> {
     let mut out = bytes::BytesMut::new();
     while let Some(frame) =
         std::future::poll_fn(|cx| std::pin::Pin::new(&mut body).poll_frame(cx)).await
@@ -112,11 +113,7 @@ async fn collect(mut body: ProxyBody, watch: Option<&BodyWatch>) -> Result<Bytes
                     .and_then(BodyWatch::fault)
                     .unwrap_or_else(|| BodyFault::of(error.as_ref()));
                 let fallback = BodyWatch::default();
-                return Err(crate::proxy::body_failure(
-                    fault,
-                    watch.unwrap_or(&fallback),
-                    false,
-                ));
+                return Err(body_failure(fault, watch.unwrap_or(&fallback), false));
             }
         }
     }
@@ -124,11 +121,12 @@ async fn collect(mut body: ProxyBody, watch: Option<&BodyWatch>) -> Result<Bytes
 }
 
 /// The answer when no endpoint can take the request.
-pub fn unavailable(upstream: &Upstream, why: Unavailable) -> UpstreamFailure {
-    let problem = match why {
-        Unavailable::NoEndpoints => Problem::new(
-            ProblemKind::UpstreamUnreachable,
+pub fn unavailable(upstream: &Upstream, why: Unavailable) -> UpstreamError {
+    match why {
+        Unavailable::NoEndpoints => UpstreamError::new(
+            ErrorKind::NoEndpoints,
             "the upstream has no endpoints",
+            false,
         ),
         Unavailable::NoneHealthy => {
             let wait = upstream
@@ -136,27 +134,25 @@ pub fn unavailable(upstream: &Upstream, why: Unavailable) -> UpstreamFailure {
                 .health_check
                 .as_ref()
                 .map_or(Duration::from_secs(1), |h| h.interval.0);
-            Problem::new(
-                ProblemKind::Unavailable,
+            UpstreamError::new(
+                ErrorKind::Unavailable,
                 format!(
                     "no endpoint of upstream {:?} passes its health checks",
                     upstream.name
                 ),
+                false,
             )
-            .retry_after(wait)
+            .with_retry_after(wait)
         }
-        Unavailable::BreakersOpen(wait) => Problem::new(
-            ProblemKind::Unavailable,
+        Unavailable::BreakersOpen(wait) => UpstreamError::new(
+            ErrorKind::Unavailable,
             format!(
                 "the circuit breakers of upstream {:?} are open",
                 upstream.name
             ),
+            false,
         )
-        .retry_after(wait.unwrap_or(Duration::from_secs(1))),
-    };
-    UpstreamFailure {
-        problem,
-        sent: false,
+        .with_retry_after(wait.unwrap_or(Duration::from_secs(1))),
     }
 }
 
@@ -166,12 +162,12 @@ pub fn unavailable(upstream: &Upstream, why: Unavailable) -> UpstreamFailure {
 /// downstream request into the one sent to an endpoint (headers,
 /// origin-form URI); `upgrade` requests are never retried.
 pub async fn forward(
-    upstream: &'static Upstream,
+    upstream: &Upstream,
     mut request: Request<ProxyBody>,
     upgrade: bool,
     deadline: Instant,
     prepare: impl Fn(Request<ProxyBody>, &Endpoint) -> Request<ProxyBody>,
-) -> Result<Response<ProxyBody>, UpstreamFailure> {
+) -> Result<Response<ProxyBody>, UpstreamError> {
     let resilience = &upstream.resilience;
 
     // The upstream-wide breaker: open means no endpoint is even tried.
@@ -197,7 +193,7 @@ pub async fn forward(
             let read =
                 match tokio::time::timeout_at(deadline, keep(request, settings.max_body)).await {
                     Ok(read) => read,
-                    Err(_elapsed) => Err(crate::proxy::body_timeout(upstream, watch.as_ref())),
+                    Err(_elapsed) => Err(body_timeout(upstream, watch.as_ref())),
                 };
             let kept = match read {
                 Ok(kept) => kept,
@@ -230,14 +226,13 @@ pub async fn forward(
         if index < 64 {
             tried |= 1 << index;
         }
-        let endpoint: &'static Endpoint = &upstream.endpoints[index];
+        let endpoint: &Endpoint = &upstream.endpoints[index];
         let request = match kept.as_ref().filter(|_| attempt > 1) {
             Some(kept) => kept.rebuild(),
             None => std::mem::replace(&mut first, Request::new(ProxyBody::Empty)),
         };
         let timeout = deadline.saturating_duration_since(Instant::now());
-        let result =
-            crate::proxy::send(upstream, endpoint, prepare(request, endpoint), timeout).await;
+        let result = send(upstream, endpoint, prepare(request, endpoint), timeout).await;
 
         // What this attempt says about the endpoint, and whether another
         // attempt could do better.
@@ -247,14 +242,11 @@ pub async fn forward(
                 let again = retry.is_some_and(|s| s.statuses.contains(response.status()));
                 (verdict, again)
             }
-            Err(failure) => match failure.problem.kind {
-                // The deadline is spent: no time for another attempt.
-                ProblemKind::UpstreamTimeout => (Outcome::Failure, false),
-                kind if kind.is_upstream_side() => (Outcome::Failure, true),
-                // The client, not the upstream, failed: nothing to learn
-                // about the endpoint, and no point in another attempt.
-                _ => (Outcome::Ignore, false),
-            },
+            // A timeout spends the deadline: no time for another attempt.
+            Err(failure) if failure.is_upstream_side() => (Outcome::Failure, failure.retryable()),
+            // The client, not the upstream, failed: nothing to learn
+            // about the endpoint, and no point in another attempt.
+            Err(_) => (Outcome::Ignore, false),
         };
         if verdict.is_failure() {
             resilience.failures.inc(failure_cause(&result));
@@ -289,9 +281,7 @@ pub async fn forward(
                 permit.record(resilience.outcome_of(response.status(), response.headers()))
             }
             // Refused by the breakers, or the client's failure.
-            Err(failure) if !failure.problem.kind.is_upstream_side() => {
-                permit.record(Outcome::Ignore)
-            }
+            Err(failure) if !failure.is_upstream_side() => permit.record(Outcome::Ignore),
             Err(_) => permit.failure(),
         }
     }
@@ -300,16 +290,10 @@ pub async fn forward(
 
 /// The `keel_upstream_failures_total` cause of an attempt that counted
 /// against the upstream.
-fn failure_cause(result: &Result<Response<ProxyBody>, UpstreamFailure>) -> &'static str {
+fn failure_cause(result: &Result<Response<ProxyBody>, UpstreamError>) -> &'static str {
     match result {
         Ok(_) => "status",
-        Err(failure) => match failure.problem.kind {
-            ProblemKind::UpstreamUnreachable => "connect",
-            // A connect timeout: the request was never sent.
-            ProblemKind::UpstreamTimeout if !failure.sent => "connect",
-            ProblemKind::UpstreamTimeout => "timeout",
-            _ => "bad_response",
-        },
+        Err(failure) => failure.cause(),
     }
 }
 

@@ -8,39 +8,38 @@
 //! Each check is a bound value with a `run(shutdown)` future, so a
 //! supervisor can run it as a child (one per endpoint) and restart it.
 
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use http::{Request, header};
-use http_body::Body;
-use tokio::sync::watch;
+use http_body_util::BodyExt;
 
-use crate::proxy::Gateway;
-use crate::upstream::Endpoint;
+use crate::endpoint::{Endpoint, Upstream};
 use keel_config::HealthCheckConfig;
 use keel_http::body::ProxyBody;
 
 /// The health check of one endpoint.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct HealthCheck {
     /// The upstream's name (for logs).
-    pub upstream: &'static str,
+    pub upstream: Arc<str>,
     /// The endpoint checked.
-    pub endpoint: &'static Endpoint,
+    pub endpoint: Arc<Endpoint>,
     /// Path, interval, timeout, thresholds.
     pub config: HealthCheckConfig,
 }
 
 /// One check per endpoint of every upstream with `health_check` configured.
-pub fn checks(gateway: &'static Gateway) -> Vec<HealthCheck> {
-    gateway
-        .upstreams
-        .iter()
+pub fn checks<'a>(upstreams: impl IntoIterator<Item = &'a Upstream>) -> Vec<HealthCheck> {
+    upstreams
+        .into_iter()
         .flat_map(|upstream| {
             let config = upstream.resilience.health_check.clone();
+            let name: Arc<str> = Arc::from(upstream.name.as_str());
             upstream.endpoints.iter().filter_map(move |endpoint| {
                 Some(HealthCheck {
-                    upstream: upstream.name.as_str(),
-                    endpoint,
+                    upstream: name.clone(),
+                    endpoint: endpoint.clone(),
                     config: config.clone()?,
                 })
             })
@@ -76,21 +75,16 @@ impl Streak {
 }
 
 impl HealthCheck {
-    /// Checks every `interval` until `shutdown` turns true.
-    pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
+    /// Checks every `interval`; its owner stops it by dropping (cancelling)
+    /// the future.
+    pub async fn run(self) {
         let mut ticks = tokio::time::interval(self.config.interval.0);
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut streak = Streak::default();
         let guard = &self.endpoint.guard;
         loop {
-            tokio::select! {
-                _ = ticks.tick() => {}
-                _ = crate::listener::stopped(&mut shutdown) => return,
-            }
-            let passed = tokio::select! {
-                passed = self.check_once() => passed,
-                _ = crate::listener::stopped(&mut shutdown) => return,
-            };
+            ticks.tick().await;
+            let passed = self.check_once().await;
             if passed {
                 guard.checks_passed.fetch_add(1, Ordering::Relaxed);
                 guard.health_metrics.passed.inc();
@@ -103,13 +97,13 @@ impl HealthCheck {
                 guard.health_metrics.healthy.set(i64::from(healthy));
                 if healthy {
                     tracing::info!(
-                        upstream = self.upstream,
+                        upstream = &*self.upstream,
                         endpoint = self.endpoint.url,
                         "health checks pass again: endpoint re-admitted"
                     );
                 } else {
                     tracing::warn!(
-                        upstream = self.upstream,
+                        upstream = &*self.upstream,
                         endpoint = self.endpoint.url,
                         "health checks failing: endpoint ejected"
                     );
@@ -131,12 +125,7 @@ impl HealthCheck {
             let response = self.endpoint.send(request).await.ok()?;
             let ok = response.status().is_success();
             // Read the body so the connection can go back to the pool.
-            let mut body = response.into_body();
-            while let Some(frame) =
-                std::future::poll_fn(|cx| std::pin::Pin::new(&mut body).poll_frame(cx)).await
-            {
-                frame.ok()?;
-            }
+            response.into_body().collect().await.ok()?;
             Some(ok)
         };
         tokio::time::timeout(self.config.timeout.0, exchange)

@@ -21,7 +21,7 @@ use hyper::rt::{Read, ReadBufCursor, Write};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
-use crate::resilience::{EndpointGuard, UpstreamResilience};
+use crate::breakers::{EndpointGuard, UpstreamResilience};
 use keel_breaker::Permit;
 use keel_config::{LoadBalancing, UpstreamConfig, endpoint_authority};
 use keel_http::headers::next_random;
@@ -233,7 +233,7 @@ impl Endpoint {
     /// Sends `request` on a pooled (or new) connection and returns the
     /// response head; the connection returns to the pool when the body ends.
     pub async fn send(
-        &'static self,
+        &self,
         mut request: Request<ProxyBody>,
     ) -> Result<Response<ProxyBody>, SendError> {
         // A pooled connection may have been closed by the upstream a moment
@@ -268,7 +268,7 @@ impl Endpoint {
     }
 
     async fn send_fresh(
-        &'static self,
+        &self,
         mut sender: SendRequest<ProxyBody>,
         request: Request<ProxyBody>,
     ) -> Result<Response<ProxyBody>, SendError> {
@@ -286,7 +286,7 @@ impl Endpoint {
     }
 
     fn pooled(
-        &'static self,
+        &self,
         response: Response<Incoming>,
         sender: SendRequest<ProxyBody>,
     ) -> Response<ProxyBody> {
@@ -310,8 +310,8 @@ impl Endpoint {
 pub struct Upstream {
     /// Name from the config.
     pub name: String,
-    /// Endpoints (at least one).
-    pub endpoints: Vec<Endpoint>,
+    /// Endpoints (at least one), shared with their health checks.
+    pub endpoints: Vec<Arc<Endpoint>>,
     /// Balancing policy.
     pub balancing: LoadBalancing,
     /// Response-head timeout, over all attempts of a request.
@@ -334,13 +334,13 @@ impl Upstream {
                 let authority = endpoint_authority(url).ok()?;
                 let guard =
                     EndpointGuard::new(name, url, config.breaker.as_ref(), i as u64 + 1, metrics);
-                Some(Endpoint::new(
+                Some(Arc::new(Endpoint::new(
                     url,
                     authority,
                     config,
                     metrics.endpoint(name, url),
                     guard,
-                ))
+                )))
             })
             .collect();
         Upstream {
@@ -405,27 +405,6 @@ impl Upstream {
         } else {
             Unavailable::NoneHealthy
         })
-    }
-
-    /// Picks the endpoint for the next request, ignoring breakers and
-    /// health; draining endpoints are skipped (`None` when every endpoint
-    /// is draining).
-    #[allow(
-        dead_code,
-        reason = "the proxy uses select_available; kept for callers that must reach any endpoint"
-    )]
-    pub fn select(&self) -> Option<&Endpoint> {
-        let len = self.endpoints.len();
-        let index = pick(
-            self.balancing,
-            len,
-            &self.next,
-            |i| self.endpoints[i].outstanding.load(Ordering::Relaxed),
-            next_random,
-        )?;
-        (0..len)
-            .map(|k| &self.endpoints[(index + k) % len])
-            .find(|e| !e.is_draining())
     }
 }
 

@@ -14,18 +14,15 @@
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 
-use bytes::Bytes;
-use http::{HeaderMap, Response, StatusCode, header};
+use http::{HeaderMap, StatusCode, header};
 use keel_breaker::{
     Breaker, Config, EventKind, Mode, Outcome, Permit, RatePolicy, Recovery, Rejected, State,
     Window,
 };
 use keel_retry::{Backoff, Jitter, RatioBudget};
-use tokio::sync::watch;
 
-use crate::proxy::Gateway;
+use crate::endpoint::Upstream;
 use keel_config::{BreakerConfig, HealthCheckConfig, RetryConfig};
-use keel_http::body::ProxyBody;
 use keel_metrics::{BreakerMetrics, HealthMetrics, Metrics, RetryMetrics, UpstreamFailureMetrics};
 
 /// A set of HTTP statuses, as a bitmap: membership is one shift and mask.
@@ -285,48 +282,54 @@ pub fn state_code(breaker: &Breaker) -> i64 {
 }
 
 /// Keeps a breaker's metrics current from its events; a background task.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct BreakerWatcher {
+    name: std::sync::Arc<str>,
     breaker: Breaker,
     metrics: BreakerMetrics,
 }
 
 impl BreakerWatcher {
-    /// Runs until `shutdown` turns true.
-    pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
+    /// The upstream the breaker belongs to.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Runs until the breaker is gone; its owner stops it by dropping
+    /// (cancelling) the future.
+    pub async fn run(self) {
         let mut events = self.breaker.subscribe();
         self.metrics.state.set(state_code(&self.breaker));
         loop {
-            tokio::select! {
-                event = events.recv() => match event {
-                    Ok(event) => {
-                        if let EventKind::StateChanged { to, .. } = event.kind {
-                            self.metrics.transition(match to {
-                                State::Closed => "closed",
-                                State::Open => "open",
-                                State::HalfOpen => "half_open",
-                                State::Recovering => "recovering",
-                            });
-                        }
-                        self.metrics.state.set(state_code(&self.breaker));
+            match events.recv().await {
+                Ok(event) => {
+                    if let EventKind::StateChanged { to, .. } = event.kind {
+                        self.metrics.transition(match to {
+                            State::Closed => "closed",
+                            State::Open => "open",
+                            State::HalfOpen => "half_open",
+                            State::Recovering => "recovering",
+                        });
                     }
-                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
-                        self.metrics.state.set(state_code(&self.breaker));
-                    }
-                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
-                },
-                _ = crate::listener::stopped(&mut shutdown) => return,
+                    self.metrics.state.set(state_code(&self.breaker));
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                    self.metrics.state.set(state_code(&self.breaker));
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
             }
         }
     }
 }
 
-/// One watcher per breaker of the gateway.
-pub fn watchers(gateway: &'static Gateway) -> Vec<BreakerWatcher> {
+/// One watcher per breaker of these upstreams.
+pub fn watchers<'a>(upstreams: impl IntoIterator<Item = &'a Upstream>) -> Vec<BreakerWatcher> {
     let mut out = Vec::new();
-    for upstream in &gateway.upstreams {
+    for upstream in upstreams {
+        let name: std::sync::Arc<str> = std::sync::Arc::from(upstream.name.as_str());
         if let Some(breaker) = &upstream.resilience.breaker {
             out.push(BreakerWatcher {
+                name: name.clone(),
                 breaker: breaker.clone(),
                 metrics: upstream.resilience.metrics.clone(),
             });
@@ -334,6 +337,7 @@ pub fn watchers(gateway: &'static Gateway) -> Vec<BreakerWatcher> {
         for endpoint in &upstream.endpoints {
             if let Some(breaker) = &endpoint.guard.breaker {
                 out.push(BreakerWatcher {
+                    name: name.clone(),
                     breaker: breaker.clone(),
                     metrics: endpoint.guard.metrics.clone(),
                 });
@@ -358,7 +362,9 @@ pub enum OperatorAction {
 }
 
 impl OperatorAction {
-    fn parse(text: &str) -> Option<Self> {
+    /// The action named in the admin path (`melt`, `reset`, `disable`,
+    /// `enable`).
+    pub fn parse(text: &str) -> Option<Self> {
         Some(match text {
             "melt" => OperatorAction::Melt,
             "reset" => OperatorAction::Reset,
@@ -386,81 +392,6 @@ pub fn apply(upstream: &UpstreamResilience, endpoints: &[&Breaker], action: Oper
         OperatorAction::Disable => all.for_each(Breaker::disable),
         OperatorAction::Enable => all.for_each(Breaker::enable),
     }
-}
-
-/// Answers `POST /breakers/{upstream}/{action}`; `rest` is `{upstream}/{action}`.
-pub fn operator(gateway: &Gateway, rest: &str) -> Response<ProxyBody> {
-    let json = |status: StatusCode, body: serde_json::Value| {
-        let mut response = Response::new(ProxyBody::full(Bytes::from(format!("{body}\n"))));
-        *response.status_mut() = status;
-        response.headers_mut().insert(
-            header::CONTENT_TYPE,
-            header::HeaderValue::from_static("application/json"),
-        );
-        response
-    };
-    let Some((name, action)) = rest.split_once('/') else {
-        return json(
-            StatusCode::NOT_FOUND,
-            serde_json::json!({"error": "use POST /breakers/{upstream}/{melt|reset|disable|enable}"}),
-        );
-    };
-    let Some(upstream) = gateway.upstreams.iter().find(|u| u.name == name) else {
-        let known: Vec<&str> = gateway.upstreams.iter().map(|u| u.name.as_str()).collect();
-        return json(
-            StatusCode::NOT_FOUND,
-            serde_json::json!({"error": format!("unknown upstream {name:?}"), "upstreams": known}),
-        );
-    };
-    let Some(action) = OperatorAction::parse(action) else {
-        return json(
-            StatusCode::NOT_FOUND,
-            serde_json::json!({"error": format!("unknown action {action:?}; use melt, reset, disable or enable")}),
-        );
-    };
-    if upstream.resilience.breaker.is_none() {
-        return json(
-            StatusCode::CONFLICT,
-            serde_json::json!({"error": format!("breakers are disabled for upstream {name:?} in the config")}),
-        );
-    }
-    let endpoints: Vec<&Breaker> = upstream
-        .endpoints
-        .iter()
-        .filter_map(|e| e.guard.breaker.as_ref())
-        .collect();
-    apply(&upstream.resilience, &endpoints, action);
-    tracing::warn!(upstream = name, ?action, "operator override on breakers");
-    json(StatusCode::OK, upstream_status(&upstream.resilience))
-}
-
-/// A breaker as shown in `/status`.
-pub fn breaker_status(breaker: Option<&Breaker>) -> serde_json::Value {
-    match breaker {
-        None => serde_json::Value::Null,
-        Some(b) => serde_json::to_value(b.snapshot()).unwrap_or(serde_json::Value::Null),
-    }
-}
-
-/// The upstream-wide breaker as shown in `/status`.
-pub fn upstream_status(upstream: &UpstreamResilience) -> serde_json::Value {
-    breaker_status(upstream.breaker.as_ref())
-}
-
-/// An endpoint's breaker and health as shown in `/status`.
-pub fn endpoint_status(guard: &EndpointGuard, checked: bool) -> serde_json::Value {
-    serde_json::json!({
-        "breaker": breaker_status(guard.breaker.as_ref()),
-        "health": if checked {
-            serde_json::json!({
-                "healthy": guard.is_healthy(),
-                "passed": guard.checks_passed.load(Ordering::Relaxed),
-                "failed": guard.checks_failed.load(Ordering::Relaxed),
-            })
-        } else {
-            serde_json::Value::Null
-        },
-    })
 }
 
 #[cfg(test)]

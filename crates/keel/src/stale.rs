@@ -24,13 +24,13 @@ use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
 use http_body::Body;
+use http_body_util::BodyExt;
 use prometheus_client::metrics::counter::Counter;
 use tokio::time::Instant;
 
-use crate::proxy::UpstreamFailure;
 use keel_config::StaleConfig;
 use keel_http::body::ProxyBody;
-use keel_http::problem::{Problem, ProblemKind};
+use keel_upstream::{ErrorKind, UpstreamError};
 
 /// The header marking a response served from the stale cache.
 pub const KEEL_STALE: HeaderName = HeaderName::from_static("keel-stale");
@@ -128,8 +128,8 @@ impl StaleCache {
     pub async fn through(
         &self,
         key: StaleKey,
-        outcome: Result<Response<ProxyBody>, UpstreamFailure>,
-    ) -> Result<Response<ProxyBody>, UpstreamFailure> {
+        outcome: Result<Response<ProxyBody>, UpstreamError>,
+    ) -> Result<Response<ProxyBody>, UpstreamError> {
         match outcome {
             Ok(response) if is_error_status(response.status()) => {
                 Ok(self.lookup(&key).unwrap_or(response))
@@ -149,7 +149,7 @@ impl StaleCache {
             },
             // The client's own failure (a broken or slow body) is its to
             // see: stale content answers only for the upstream.
-            Err(failure) if failure.problem.kind.is_request_side() => Err(failure),
+            Err(failure) if failure.is_client_side() => Err(failure),
             Err(failure) => self.lookup(&key).map(Ok).unwrap_or(Err(failure)),
         }
     }
@@ -339,23 +339,15 @@ fn vary_names(headers: &HeaderMap) -> impl Iterator<Item = String> {
         .filter(|n| !n.is_empty())
 }
 
-async fn read_body(mut body: ProxyBody) -> Result<Bytes, UpstreamFailure> {
-    let mut out = bytes::BytesMut::new();
-    while let Some(frame) =
-        std::future::poll_fn(|cx| std::pin::Pin::new(&mut body).poll_frame(cx)).await
-    {
-        let frame = frame.map_err(|_| UpstreamFailure {
-            problem: Problem::new(
-                ProblemKind::UpstreamBadResponse,
-                "the upstream's response body broke off",
-            ),
-            sent: true,
-        })?;
-        if let Some(data) = frame.data_ref() {
-            out.extend_from_slice(data);
-        }
+async fn read_body(body: ProxyBody) -> Result<Bytes, UpstreamError> {
+    match body.collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(_) => Err(UpstreamError::new(
+            ErrorKind::BadResponse,
+            "the upstream's response body broke off",
+            true,
+        )),
     }
-    Ok(out.freeze())
 }
 
 #[cfg(test)]
@@ -393,11 +385,8 @@ mod tests {
         response.body(ProxyBody::full(body)).expect("response")
     }
 
-    fn failure() -> UpstreamFailure {
-        UpstreamFailure {
-            problem: Problem::new(ProblemKind::UpstreamUnreachable, "down"),
-            sent: false,
-        }
+    fn failure() -> UpstreamError {
+        UpstreamError::new(ErrorKind::Connect, "down", false)
     }
 
     #[test]
