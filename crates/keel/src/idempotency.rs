@@ -32,7 +32,7 @@ use keel_idempotency::engine::{
     ServerErrors, StoreDown, Tenant,
 };
 
-use crate::proxy::{
+use crate::filter::{
     BoxFuture, Exchange, FilterDecision, RequestContext, RequestFilter, ResponseFilter,
     UpstreamOutcome,
 };

@@ -5,6 +5,7 @@
 //! `proxy` holds the life of a request, `listener` and `admin` are the
 //! servers, `serve` wires them together.
 
+mod activity;
 mod admin;
 mod background;
 mod breaker_admin;
@@ -12,6 +13,7 @@ mod connections;
 mod demo;
 mod demo_ws;
 mod drain;
+mod filter;
 mod idempotency;
 mod listener;
 mod proxy;

@@ -30,9 +30,6 @@
 //! [`Gateway::handle`] is the entry point; each phase is a small function
 //! below, in that order.
 
-use std::future::Future;
-use std::net::SocketAddr;
-use std::pin::Pin;
 use std::time::Instant;
 
 use http::header::{self, HeaderValue};
@@ -40,6 +37,7 @@ use http::uri::PathAndQuery;
 use http::{Request, Response, StatusCode, Uri, Version};
 use hyper::body::Incoming;
 
+use crate::filter::{Downstream, FilterDecision, RequestContext};
 use crate::route::{Route, Router};
 use keel_http::body::ProxyBody;
 use keel_http::headers::{
@@ -48,93 +46,7 @@ use keel_http::headers::{
 };
 use keel_http::problem::{Problem, ProblemKind};
 use keel_metrics::RouteMetrics;
-use keel_upstream::{Endpoint, Upstream, UpstreamError};
-
-/// A boxed future, as filters return.
-pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
-
-/// Where a request came from.
-#[derive(Debug, Clone, Copy)]
-pub struct Downstream {
-    /// The client's address.
-    pub peer: SocketAddr,
-    /// `http` (TLS is a later step; this is where `https` will be set).
-    pub proto: &'static str,
-}
-
-/// What a filter knows about the request besides the request itself.
-#[derive(Debug)]
-#[allow(
-    dead_code,
-    reason = "route and downstream are there for filters; the idempotency filter reads only the request id"
-)]
-pub struct RequestContext<'a> {
-    /// The request id (also in the request's headers).
-    pub request_id: &'a HeaderValue,
-    /// The matched route.
-    pub route: &'a Route,
-    /// The client.
-    pub downstream: Downstream,
-}
-
-/// What a request filter decided.
-pub enum FilterDecision {
-    /// Send `request` upstream; `on_response` (if any) sees the outcome and
-    /// makes the final response.
-    Forward {
-        /// The request to send (the filter may have buffered its body).
-        request: Request<ProxyBody>,
-        /// Called with the upstream's answer or failure.
-        on_response: Option<Box<dyn ResponseFilter>>,
-    },
-    /// Answer the client now; nothing goes upstream.
-    Respond(Response<ProxyBody>),
-}
-
-/// A per-route hook before the upstream is chosen.
-pub trait RequestFilter: Send + Sync + 'static {
-    /// Inspects (and may consume) the request.
-    fn on_request<'a>(
-        &'a self,
-        ctx: &'a RequestContext<'a>,
-        request: Request<ProxyBody>,
-    ) -> BoxFuture<'a, FilterDecision>;
-}
-
-/// What the upstream phase produced: a response, or why there is none.
-pub type UpstreamOutcome = Result<Response<ProxyBody>, UpstreamError>;
-
-/// The upstream phase of one request, borrowed for
-/// [`ResponseFilter::hold`] so that the filter can run beside it without
-/// boxing it.
-pub type Exchange<'a> = Pin<&'a mut (dyn Future<Output = UpstreamOutcome> + Send + 'a)>;
-
-/// A hook that sees the upstream's outcome for one request.
-pub trait ResponseFilter: Send + 'static {
-    /// Whether the upstream phase, which ends by `ends_by` (it runs under
-    /// the upstream's `request_timeout`), must run under
-    /// [`hold`](Self::hold); when false it is awaited as it is. The
-    /// idempotency filter needs it only when its claim's lease could run
-    /// out first.
-    fn must_hold(&self, ends_by: tokio::time::Instant) -> bool {
-        let _ = ends_by;
-        false
-    }
-
-    /// Drives the upstream phase (selection, sending, retries, up to the
-    /// response head). The idempotency filter renews its claim's lease
-    /// here, so a slow upstream is not taken for a dead one; the default
-    /// just awaits it.
-    fn hold<'a>(&'a self, exchange: Exchange<'a>) -> BoxFuture<'a, UpstreamOutcome> {
-        Box::pin(exchange)
-    }
-
-    /// Makes the response sent downstream.
-    fn on_response(
-        self: Box<Self>,
-        outcome: Result<Response<ProxyBody>, UpstreamError>,
-    ) -> BoxFuture<'static, Response<ProxyBody>>;
-}
+use keel_upstream::{Endpoint, Upstream};
 
 /// Settings that apply to every request.
 #[derive(Debug, Clone)]
@@ -309,7 +221,7 @@ impl Gateway {
             Some(filter) => {
                 let ctx = RequestContext {
                     request_id,
-                    route,
+                    route: &route.name,
                     downstream,
                 };
                 match filter.on_request(&ctx, request).await {
@@ -509,6 +421,9 @@ mod tests {
     use tokio::net::{TcpListener, TcpStream};
 
     use super::*;
+    use crate::filter::{BoxFuture, RequestFilter, ResponseFilter};
+    use keel_upstream::UpstreamError;
+    use std::net::SocketAddr;
     use crate::listener::{ConnectionSettings, DataPlane};
     use keel_config as config;
     use keel_metrics::Metrics;
@@ -534,7 +449,7 @@ mod tests {
                     let mut response = Response::new(ProxyBody::full("answered by the filter"));
                     response.headers_mut().insert(
                         "x-filter-route",
-                        HeaderValue::from_str(&ctx.route.name).expect("route name"),
+                        HeaderValue::from_str(ctx.route).expect("route name"),
                     );
                     return FilterDecision::Respond(response);
                 }

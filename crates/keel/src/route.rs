@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use http::Method;
 
-use crate::proxy::RequestFilter;
+use crate::filter::RequestFilter;
 use keel_metrics::RouteMetrics;
 
 /// A route ready to serve.

@@ -73,7 +73,7 @@ pub async fn splice(
             return;
         }
     };
-    let down = match down.downcast::<crate::listener::ServerIo>() {
+    let down = match down.downcast::<crate::activity::ServerIo>() {
         Ok(parts) => (parts.io.into_inner().into_tcp(), parts.read_buf),
         Err(other) => {
             tracing::debug!("downstream upgrade is not a plain TCP stream; buffered copy");
