@@ -18,11 +18,11 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::drain::{DrainControl, EndpointDrainError};
-use crate::listener::ConnectionCount;
-use crate::proxy::Gateway;
 use crate::readiness::Readiness;
 use keel_http::body::ProxyBody;
 use keel_metrics::Metrics;
+use keel_proxy::listener::ConnectionCount;
+use keel_proxy::proxy::Gateway;
 
 /// What the admin endpoints report on.
 pub struct AdminState {
@@ -82,7 +82,7 @@ pub async fn run(
                 Ok(slot) => slot,
                 Err(_) => return,
             },
-            _ = crate::listener::stopped(&mut shutdown) => return,
+            _ = keel_proxy::listener::stopped(&mut shutdown) => return,
         };
         let (stream, _) = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -93,7 +93,7 @@ pub async fn run(
                     continue;
                 }
             },
-            _ = crate::listener::stopped(&mut shutdown) => return,
+            _ = keel_proxy::listener::stopped(&mut shutdown) => return,
         };
         let state = state.clone();
         let builder = builder.clone();

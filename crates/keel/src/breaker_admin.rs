@@ -9,7 +9,7 @@ use keel_breaker::Breaker;
 use keel_http::ProxyBody;
 use keel_upstream::breakers::{EndpointGuard, OperatorAction, UpstreamResilience, apply};
 
-use crate::proxy::Gateway;
+use keel_proxy::proxy::Gateway;
 
 /// Answers `POST /breakers/{upstream}/{action}`; `rest` is `{upstream}/{action}`.
 pub fn operator(gateway: &Gateway, rest: &str) -> Response<ProxyBody> {

@@ -30,10 +30,10 @@ use std::time::Duration;
 use keel_drain::{ConnKind, Drain, DrainPlan, Progress, Target};
 use tokio::sync::watch;
 
-use crate::proxy::Gateway;
 use crate::readiness::ReadinessHandle;
 use keel_config::{DrainConfig, DrainStrategy};
 use keel_metrics::Metrics;
+use keel_proxy::proxy::Gateway;
 
 /// The tunnel drain plan `[drain]` describes, with `deadline` as its hard
 /// deadline.
@@ -165,7 +165,7 @@ impl DrainControl {
         &self,
         ready: &ReadinessHandle,
         stop_accepting: &watch::Sender<bool>,
-        listener: &crate::listener::ConnectionCount,
+        listener: &keel_proxy::listener::ConnectionCount,
     ) {
         let began = tokio::time::Instant::now();
         let _ = self.requested.send_replace(true);

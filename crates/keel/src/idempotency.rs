@@ -32,10 +32,6 @@ use keel_idempotency::engine::{
     ServerErrors, StoreDown, Tenant,
 };
 
-use crate::filter::{
-    BoxFuture, Exchange, FilterDecision, RequestContext, RequestFilter, ResponseFilter,
-    UpstreamOutcome,
-};
 use crate::store::SharedStore;
 use keel_config::{
     IdempotencyConfig, LapsedLeasePolicy, MissingTenantPolicy, RouteConfig, ServerErrorsPolicy,
@@ -44,6 +40,10 @@ use keel_http::body::{BodyTooLarge, ProxyBody};
 use keel_http::problem::{Problem, ProblemKind};
 use keel_idempotency::problem::ProblemKind as ProblemKindLib;
 use keel_metrics::{IdempotencyMetrics, Metrics};
+use keel_proxy::filter::{
+    BoxFuture, Exchange, FilterDecision, RequestContext, RequestFilter, ResponseFilter,
+    UpstreamOutcome,
+};
 use prometheus_client::metrics::counter::Counter;
 
 /// Outcome indexes into [`keel_metrics::IDEMPOTENCY_OUTCOMES`].

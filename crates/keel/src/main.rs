@@ -5,26 +5,20 @@
 //! `proxy` holds the life of a request, `listener` and `admin` are the
 //! servers, `serve` wires them together.
 
-mod activity;
 mod admin;
 mod background;
 mod breaker_admin;
-mod connections;
 mod demo;
 mod demo_ws;
 mod drain;
-mod filter;
 mod idempotency;
-mod listener;
-mod proxy;
+#[cfg(test)]
+mod proxy_tests;
 mod readiness;
-mod route;
 mod serve;
-mod stale;
 mod store;
 mod supervision;
 mod telemetry;
-mod tunnel;
 
 use std::path::PathBuf;
 use std::process::ExitCode;

@@ -16,13 +16,13 @@ use tokio::sync::watch;
 
 use crate::admin::AdminState;
 use crate::drain::DrainControl;
-use crate::listener::{ConnectionCount, ConnectionSettings, DataPlane};
-use crate::filter::RequestFilter;
-use crate::proxy::{Gateway, ProxySettings};
 use crate::readiness::{Readiness, ReadinessHandle};
-use crate::route::{Route, Router};
 use keel_config::{Config, RouteConfig};
 use keel_metrics::Metrics;
+use keel_proxy::filter::RequestFilter;
+use keel_proxy::listener::{ConnectionCount, ConnectionSettings, DataPlane};
+use keel_proxy::proxy::{Gateway, ProxySettings};
+use keel_proxy::route::{Route, Router};
 use keel_upstream::Upstream;
 
 /// A fatal start-up or runtime error (exit code 1).
@@ -80,11 +80,10 @@ pub fn build_gateway(config: &Config, metrics: &Metrics, filters: FilterFactory<
                 .clone()
                 .unwrap_or_else(|| r.path_prefix.get_ref().clone());
             let filter = filters(r);
-            let stale = r
-                .stale
-                .as_ref()
-                .filter(|s| s.enabled)
-                .map(|s| crate::stale::StaleCache::new(s, metrics.resilience().stale(&name)));
+            let stale =
+                r.stale.as_ref().filter(|s| s.enabled).map(|s| {
+                    keel_proxy::stale::StaleCache::new(s, metrics.resilience().stale(&name))
+                });
             Route {
                 metrics: metrics.route(&name),
                 name,
@@ -112,7 +111,7 @@ pub fn build_gateway(config: &Config, metrics: &Metrics, filters: FilterFactory<
             max_header_size: usize::try_from(config.server.max_header_size.0).unwrap_or(usize::MAX),
             via: config.server.via,
             access_log: config.log.access_log,
-            tunnel_close: crate::tunnel::ClosePolicy {
+            tunnel_close: keel_proxy::tunnel::ClosePolicy {
                 // The grace the drain plan leaves before its deadline.
                 message_wait: crate::drain::plan(&config.drain, config.drain.deadline.0)
                     .effective_close_grace(),

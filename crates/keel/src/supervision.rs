@@ -29,10 +29,10 @@ use tokio::net::TcpListener;
 use tokio::sync::{Mutex, watch};
 
 use crate::admin::AdminState;
-use crate::listener::{ConnectionSettings, DataPlane};
-use crate::proxy::Gateway;
 use crate::readiness::ReadinessHandle;
 use keel_metrics::Metrics;
+use keel_proxy::listener::{ConnectionSettings, DataPlane};
+use keel_proxy::proxy::Gateway;
 
 /// Where the admin state finds the tree's probe (set once the tree is built).
 pub type ProbeSlot = Arc<OnceLock<TreeProbe>>;

@@ -227,7 +227,12 @@ async fn embedded_store_replays_and_survives_a_restart() {
         .iter()
         .filter_map(|c| c["name"].as_str())
         .collect();
-    assert_eq!(children, ["listener", "admin", "store", "drain"]);
+    // The upstream's breakers are on by default: their watchers are
+    // supervised too.
+    assert_eq!(
+        children,
+        ["listener", "admin", "store", "breakers", "drain"]
+    );
 }
 
 #[tokio::test]

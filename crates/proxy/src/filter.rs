@@ -93,4 +93,3 @@ pub trait ResponseFilter: Send + 'static {
         outcome: Result<Response<ProxyBody>, UpstreamError>,
     ) -> BoxFuture<'static, Response<ProxyBody>>;
 }
-

@@ -36,8 +36,8 @@ use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
@@ -50,10 +50,10 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
+pub use crate::activity::ConnectionSettings;
+use crate::activity::{Activity, Expiry, Phase, ServerStream, Tracked};
 use crate::filter::Downstream;
 use crate::proxy::Gateway;
-use crate::activity::{Activity, Expiry, Phase, ServerStream, Tracked};
-pub use crate::activity::ConnectionSettings;
 
 const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 

@@ -311,4 +311,3 @@ impl AsyncWrite for ServerStream {
         Pin::new(&mut self.get_mut().stream).poll_shutdown(cx)
     }
 }
-

@@ -7,7 +7,7 @@
 //! everything at once is the remainder copied to the heap, and freed as
 //! soon as it is written.
 //!
-//! Every tunnel is registered in the drain registry (`crate::drain`) with
+//! Every tunnel is registered in the drain registry (`Connections`) with
 //! its upstream endpoint. Asked gently to close, a WebSocket tunnel stops
 //! forwarding the upstream's bytes at the end of the message in flight (it
 //! tracks frame headers and fragmentation, a few bytes of state per
