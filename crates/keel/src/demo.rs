@@ -294,8 +294,8 @@ pub async fn run(listen: String, admin: String) -> Result<(), Box<dyn std::error
             .collect::<Vec<_>>()
             .join("\n")
     })?;
-    crate::telemetry::init(&config.log);
-    let running = crate::serve::start(&config).await?;
+    keel_gateway::telemetry::init(&config.log);
+    let running = keel_gateway::serve::start(&config).await?;
     if !running.wait_ready(Duration::from_secs(10)).await {
         eprintln!("keel demo: the embedded store is not ready yet; see /readyz");
     }

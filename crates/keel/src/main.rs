@@ -5,22 +5,12 @@
 //! `proxy` holds the life of a request, `listener` and `admin` are the
 //! servers, `serve` wires them together.
 
-mod admin;
-mod background;
-mod breaker_admin;
 mod demo;
 mod demo_ws;
-mod drain;
-mod idempotency;
-#[cfg(test)]
-mod proxy_tests;
-mod readiness;
-mod serve;
-mod store;
-mod supervision;
-mod telemetry;
 
 use std::path::PathBuf;
+
+use keel_gateway::{admin, drain, serve, telemetry};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};

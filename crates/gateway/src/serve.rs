@@ -315,6 +315,13 @@ impl Running {
         true
     }
 
+    /// Drains and stops the gateway now, as `POST /drain` would: for an
+    /// embedding program (and tests) that decides itself when to stop.
+    pub async fn drain_now(self) -> Result<(), ServeError> {
+        self.drain.request_shutdown();
+        self.wait_and_drain().await
+    }
+
     /// Waits for SIGTERM, SIGINT or `POST /drain`, then runs the shutdown
     /// sequence (`crate::drain`): readiness fails at once, traffic is still
     /// served for `shutdown_delay`, then the listener stops accepting and

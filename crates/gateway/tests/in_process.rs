@@ -1,0 +1,163 @@
+//! The gateway driven in-process through `keel_gateway::start`: real
+//! sockets and a real upstream, no binary. Several gateways run in one
+//! process, which also shows that none of them shares state with another.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use keel_gateway::test_util::{get, send, start_toml, upstream};
+
+fn config(upstream: SocketAddr, extra: &str) -> String {
+    format!(
+        r#"
+[server]
+listen = "127.0.0.1:0"
+admin_listen = "127.0.0.1:0"
+
+[upstreams.app]
+endpoints = ["http://{upstream}"]
+request_timeout = "5s"
+
+[drain]
+shutdown_delay = "0s"
+
+[[routes]]
+name = "api"
+path_prefix = "/api"
+upstream = "app"
+max_body_size = "1KiB"
+{extra}
+"#
+    )
+}
+
+async fn counting_upstream() -> (SocketAddr, Arc<AtomicUsize>) {
+    let hits = Arc::new(AtomicUsize::new(0));
+    let counter = hits.clone();
+    let addr = upstream(move |request| {
+        let n = counter.fetch_add(1, Ordering::SeqCst) + 1;
+        async move {
+            Response::builder()
+                .header("x-hit", n.to_string())
+                .header("x-seen-host", request.headers()["host"].as_bytes())
+                .body(Bytes::from(format!(
+                    "{} {}",
+                    request.method(),
+                    request.uri()
+                )))
+                .expect("response")
+        }
+    })
+    .await;
+    (addr, hits)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_goes_through_and_gets_an_id() {
+    let (up, hits) = counting_upstream().await;
+    let gateway = start_toml(&config(up, "")).await;
+    let (status, headers, body) = get(gateway.listen, "example.test", "/api/x?y=1").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body, "GET /api/x?y=1");
+    assert_eq!(headers["x-seen-host"], "example.test");
+    assert_eq!(headers["x-request-id"].len(), 32);
+    assert_eq!(hits.load(Ordering::SeqCst), 1);
+    gateway.drain_now().await.expect("drained");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gateway_errors_are_problem_json_and_blame_the_right_side() {
+    // An upstream that refuses connections: a port bound and released.
+    let refused = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        l.local_addr().expect("addr")
+    };
+    let gateway = start_toml(&config(refused, "")).await;
+    let (status, headers, body) = get(gateway.listen, "a.test", "/nowhere").await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert_eq!(headers["content-type"], "application/problem+json");
+    let problem: serde_json::Value = serde_json::from_slice(&body).expect("json");
+    assert_eq!(problem["type"], "urn:keel:problem:no-route");
+
+    let (status, _, body) = get(gateway.listen, "a.test", "/api").await;
+    assert_eq!(status, StatusCode::BAD_GATEWAY);
+    let problem: serde_json::Value = serde_json::from_slice(&body).expect("json");
+    assert_eq!(problem["status"], 502);
+
+    // A body over the route's limit is the client's fault: 413, and the
+    // upstream's failure counter does not move.
+    let admin = gateway.admin.expect("admin");
+    let failures = |text: &str| -> f64 {
+        text.lines()
+            .filter(|l| l.starts_with("keel_upstream_failures_total{"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
+    let (_, _, metrics) = get(admin, "admin", "/metrics").await;
+    let before = failures(std::str::from_utf8(&metrics).expect("utf8"));
+    let big = Request::post("/api")
+        .header("host", "a.test")
+        .body(Bytes::from(vec![b'x'; 2048]))
+        .expect("request");
+    let (status, _, _) = send(gateway.listen, big).await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
+    let (_, _, metrics) = get(admin, "admin", "/metrics").await;
+    assert_eq!(
+        failures(std::str::from_utf8(&metrics).expect("utf8")),
+        before
+    );
+    gateway.drain_now().await.expect("drained");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_keyed_post_runs_once_and_is_replayed() {
+    let (up, hits) = counting_upstream().await;
+    let gateway = start_toml(&config(
+        up,
+        "[routes.idempotency]\nenabled = true\n\n[store]\nkind = \"memory\"\n",
+    ))
+    .await;
+    assert!(
+        gateway.wait_ready(std::time::Duration::from_secs(5)).await,
+        "the memory store connects"
+    );
+    let post = || {
+        Request::post("/api/pay")
+            .header("host", "a.test")
+            .header("idempotency-key", "k-1")
+            .body(Bytes::from_static(b"{\"amount\":1}"))
+            .expect("request")
+    };
+    let (first, first_headers, first_body) = send(gateway.listen, post()).await;
+    let (second, second_headers, second_body) = send(gateway.listen, post()).await;
+    assert_eq!(first, StatusCode::OK);
+    assert_eq!(second, StatusCode::OK);
+    assert_eq!(first_body, second_body);
+    assert_eq!(first_headers["x-hit"], "1");
+    assert_eq!(second_headers["idempotent-replayed"], "true");
+    assert_eq!(hits.load(Ordering::SeqCst), 1, "the upstream ran it once");
+    gateway.drain_now().await.expect("drained");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_gateways_in_one_process_keep_to_themselves() {
+    let (up_a, hits_a) = counting_upstream().await;
+    let (up_b, hits_b) = counting_upstream().await;
+    let a = start_toml(&config(up_a, "")).await;
+    let b = start_toml(&config(up_b, "")).await;
+    for _ in 0..3 {
+        assert_eq!(get(a.listen, "a.test", "/api").await.0, StatusCode::OK);
+    }
+    assert_eq!(get(b.listen, "b.test", "/api").await.0, StatusCode::OK);
+    assert_eq!(hits_a.load(Ordering::SeqCst), 3);
+    assert_eq!(hits_b.load(Ordering::SeqCst), 1);
+    // Draining one leaves the other serving: their connection registries
+    // and drain state are their own.
+    a.drain_now().await.expect("a drained");
+    assert_eq!(get(b.listen, "b.test", "/api").await.0, StatusCode::OK);
+    assert_eq!(hits_b.load(Ordering::SeqCst), 2);
+    b.drain_now().await.expect("b drained");
+}
