@@ -1,7 +1,7 @@
 //! The request-head handling the gateway does itself, before and while
 //! forwarding: the transfer-coding check, the `Host`/`:authority` check,
 //! head size, upgrade detection, `X-Forwarded-*`, `Via` and hop-by-hop
-//! removal (`crates/keel/src/headers.rs`, compiled here as it is). Parsing
+//! removal (`keel_http::headers`). Parsing
 //! the bytes off the wire is hyper's, fuzzed upstream; this target starts
 //! from what hyper hands over: a URI and a header map of any valid bytes.
 //!
@@ -24,12 +24,7 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Uri, Version};
 use libfuzzer_sys::fuzz_target;
 
-#[allow(
-    dead_code,
-    reason = "the gateway uses more of the file than this target"
-)]
-#[path = "../../crates/keel/src/headers.rs"]
-mod headers;
+use keel_http::headers;
 
 fuzz_target!(|data: &[u8]| {
     let Some((&flags, rest)) = data.split_first() else {

@@ -6,7 +6,7 @@
 //!
 //! Everything here is a pure function of an `http` head, with no other
 //! dependency on the gateway, so the fuzz target in `fuzz/` compiles this
-//! file as it is (`#[path]`). Keep it that way: no `crate::` paths.
+//! file as a dependency, so keep it free of other keel crates.
 
 use std::cell::RefCell;
 use std::io::Write;
