@@ -14,8 +14,7 @@
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 
-use bytes::Bytes;
-use http::{HeaderMap, Response, StatusCode, header};
+use http::{HeaderMap, StatusCode, header};
 use keel_breaker::{
     Breaker, Config, EventKind, Mode, Outcome, Permit, RatePolicy, Recovery, Rejected, State,
     Window,
@@ -24,7 +23,6 @@ use keel_retry::{Backoff, Jitter, RatioBudget};
 use tokio::sync::watch;
 
 use super::{BreakerConfig, HealthCheckConfig, RetryConfig};
-use crate::body::ProxyBody;
 use crate::metrics::{
     BreakerMetrics, HealthMetrics, Metrics, RetryMetrics, UpstreamFailureMetrics,
 };
@@ -359,18 +357,6 @@ pub enum OperatorAction {
     Enable,
 }
 
-impl OperatorAction {
-    fn parse(text: &str) -> Option<Self> {
-        Some(match text {
-            "melt" => OperatorAction::Melt,
-            "reset" => OperatorAction::Reset,
-            "disable" => OperatorAction::Disable,
-            "enable" => OperatorAction::Enable,
-            _ => return None,
-        })
-    }
-}
-
 /// Applies `action` to the upstream's breakers (melt: the upstream-wide
 /// one; the others: all of them).
 pub fn apply(upstream: &UpstreamResilience, endpoints: &[&Breaker], action: OperatorAction) {
@@ -388,81 +374,6 @@ pub fn apply(upstream: &UpstreamResilience, endpoints: &[&Breaker], action: Oper
         OperatorAction::Disable => all.for_each(Breaker::disable),
         OperatorAction::Enable => all.for_each(Breaker::enable),
     }
-}
-
-/// Answers `POST /breakers/{upstream}/{action}`; `rest` is `{upstream}/{action}`.
-pub fn operator(gateway: &Gateway, rest: &str) -> Response<ProxyBody> {
-    let json = |status: StatusCode, body: serde_json::Value| {
-        let mut response = Response::new(ProxyBody::full(Bytes::from(format!("{body}\n"))));
-        *response.status_mut() = status;
-        response.headers_mut().insert(
-            header::CONTENT_TYPE,
-            header::HeaderValue::from_static("application/json"),
-        );
-        response
-    };
-    let Some((name, action)) = rest.split_once('/') else {
-        return json(
-            StatusCode::NOT_FOUND,
-            serde_json::json!({"error": "use POST /breakers/{upstream}/{melt|reset|disable|enable}"}),
-        );
-    };
-    let Some(upstream) = gateway.upstreams.iter().find(|u| u.name == name) else {
-        let known: Vec<&str> = gateway.upstreams.iter().map(|u| u.name.as_str()).collect();
-        return json(
-            StatusCode::NOT_FOUND,
-            serde_json::json!({"error": format!("unknown upstream {name:?}"), "upstreams": known}),
-        );
-    };
-    let Some(action) = OperatorAction::parse(action) else {
-        return json(
-            StatusCode::NOT_FOUND,
-            serde_json::json!({"error": format!("unknown action {action:?}; use melt, reset, disable or enable")}),
-        );
-    };
-    if upstream.resilience.breaker.is_none() {
-        return json(
-            StatusCode::CONFLICT,
-            serde_json::json!({"error": format!("breakers are disabled for upstream {name:?} in the config")}),
-        );
-    }
-    let endpoints: Vec<&Breaker> = upstream
-        .endpoints
-        .iter()
-        .filter_map(|e| e.guard.breaker.as_ref())
-        .collect();
-    apply(&upstream.resilience, &endpoints, action);
-    tracing::warn!(upstream = name, ?action, "operator override on breakers");
-    json(StatusCode::OK, upstream_status(&upstream.resilience))
-}
-
-/// A breaker as shown in `/status`.
-pub fn breaker_status(breaker: Option<&Breaker>) -> serde_json::Value {
-    match breaker {
-        None => serde_json::Value::Null,
-        Some(b) => serde_json::to_value(b.snapshot()).unwrap_or(serde_json::Value::Null),
-    }
-}
-
-/// The upstream-wide breaker as shown in `/status`.
-pub fn upstream_status(upstream: &UpstreamResilience) -> serde_json::Value {
-    breaker_status(upstream.breaker.as_ref())
-}
-
-/// An endpoint's breaker and health as shown in `/status`.
-pub fn endpoint_status(guard: &EndpointGuard, checked: bool) -> serde_json::Value {
-    serde_json::json!({
-        "breaker": breaker_status(guard.breaker.as_ref()),
-        "health": if checked {
-            serde_json::json!({
-                "healthy": guard.is_healthy(),
-                "passed": guard.checks_passed.load(Ordering::Relaxed),
-                "failed": guard.checks_failed.load(Ordering::Relaxed),
-            })
-        } else {
-            serde_json::Value::Null
-        },
-    })
 }
 
 #[cfg(test)]
