@@ -27,6 +27,7 @@
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
+use keel_admin::{DrainPhase as Phase, DrainProgress, DrainReport, EndpointDrainReport};
 use keel_drain::{ConnKind, Drain, DrainPlan, Progress, Target};
 use tokio::sync::watch;
 
@@ -34,6 +35,9 @@ use crate::readiness::ReadinessHandle;
 use keel_config::{DrainConfig, DrainStrategy};
 use keel_metrics::Metrics;
 use keel_proxy::proxy::Gateway;
+
+/// Why an endpoint drain was refused (the admin API's answer).
+pub use keel_admin::EndpointDrainError;
 
 /// The tunnel drain plan `[drain]` describes, with `deadline` as its hard
 /// deadline.
@@ -61,41 +65,6 @@ fn seed() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos() as u64)
         ^ u64::from(std::process::id()).rotate_left(32)
-}
-
-/// Where the shutdown sequence is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Phase {
-    /// Not draining.
-    Serving,
-    /// Readiness fails; traffic still served.
-    ShutdownDelay,
-    /// Not accepting; connections being closed.
-    Draining,
-    /// Everything closed (or cut): the process is about to exit.
-    Done,
-}
-
-/// Why an endpoint drain was refused.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
-pub enum EndpointDrainError {
-    /// No upstream by that name.
-    #[error("no upstream named {0:?}")]
-    NoUpstream(String),
-    /// The upstream has no such endpoint.
-    #[error("upstream {upstream:?} has no endpoint {endpoint:?}")]
-    NoEndpoint {
-        /// The upstream.
-        upstream: String,
-        /// The URL asked for.
-        endpoint: String,
-    },
-    /// Draining it would leave the upstream with no endpoint in service.
-    #[error(
-        "{0:?} is the last endpoint in service of its upstream; drain another or resume one first"
-    )]
-    LastEndpoint(String),
 }
 
 struct EndpointDrain {
@@ -363,36 +332,51 @@ impl DrainControl {
 
     /// The `GET /drain` document: the shutdown's phase and progress, and
     /// every endpoint drain.
-    pub fn report(&self) -> serde_json::Value {
+    pub fn report(&self) -> DrainReport {
         let (phase, tunnels, http) = {
             let s = self.shutdown.lock().unwrap_or_else(PoisonError::into_inner);
             (
                 s.phase,
-                s.tunnels.as_ref().map(|w| w.borrow().clone()),
-                s.http.as_ref().map(|w| w.borrow().clone()),
+                s.tunnels.as_ref().map(|w| progress(&w.borrow())),
+                s.http.as_ref().map(|w| progress(&w.borrow())),
             )
         };
-        let endpoints: Vec<_> = self
+        let endpoints = self
             .endpoints
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .iter()
-            .map(|d| {
-                serde_json::json!({
-                    "upstream": d.upstream,
-                    "endpoint": d.endpoint,
-                    "draining": self.find(&d.upstream, &d.endpoint).is_ok_and(|e| e.is_draining()),
-                    "progress": d.drain.progress(),
-                })
+            .map(|d| EndpointDrainReport {
+                upstream: d.upstream.clone(),
+                endpoint: d.endpoint.clone(),
+                draining: self
+                    .find(&d.upstream, &d.endpoint)
+                    .is_ok_and(|e| e.is_draining()),
+                progress: progress(&d.drain.progress()),
             })
             .collect();
-        serde_json::json!({
-            "phase": phase,
-            "connections": self.gateway.connections.registry().len(),
-            "tunnels": tunnels,
-            "http": http,
-            "endpoints": endpoints,
-        })
+        DrainReport {
+            phase,
+            connections: self.gateway.connections.registry().len() as u64,
+            tunnels,
+            http,
+            endpoints,
+            started: None,
+        }
+    }
+}
+
+/// A drain's progress as the admin API shows it.
+pub fn progress(p: &Progress) -> DrainProgress {
+    DrainProgress {
+        total: p.total as u64,
+        signalled: p.signalled as u64,
+        closed: p.closed as u64,
+        remaining: p.remaining as u64,
+        forced: p.forced as u64,
+        elapsed_ms: p.elapsed_ms,
+        expected_finish_ms: p.expected_finish_ms,
+        done: p.done,
     }
 }
 
@@ -458,39 +442,6 @@ mod tests {
         );
         assert_eq!(plan(&config, d).reconnect_window, Duration::from_secs(5));
     }
-
-    #[test]
-    fn progress_lines_for_a_terminal_and_for_logs() {
-        let p = serde_json::json!({
-            "total": 1000, "signalled": 600, "closed": 500, "remaining": 500,
-            "forced": 0, "elapsed_ms": 2000, "expected_finish_ms": 4000, "done": false,
-        });
-        let bar = progress_line("draining", &p, Duration::from_secs(3), true);
-        assert!(
-            bar.starts_with(&format!(
-                "[{}{}] 500/1000 closed  250/s  ~2s left",
-                "#".repeat(15),
-                ".".repeat(15)
-            )),
-            "{bar}"
-        );
-        let plain = progress_line("draining", &p, Duration::from_secs(3), false);
-        assert_eq!(plain, "drain: draining closed 500/1000 rate 250/s left ~2s");
-        let done = serde_json::json!({"total": 0, "closed": 0, "remaining": 0, "forced": 0, "elapsed_ms": 0, "expected_finish_ms": 0});
-        assert!(
-            progress_line("done", &done, Duration::ZERO, true)
-                .starts_with(&format!("[{}] 0/0", "#".repeat(30)))
-        );
-        assert_eq!(
-            progress_line(
-                "shutdown_delay",
-                &serde_json::Value::Null,
-                Duration::ZERO,
-                false
-            ),
-            "drain: shutdown_delay"
-        );
-    }
 }
 
 /// What `keel drain` drains.
@@ -513,32 +464,18 @@ pub enum CliTarget {
 /// Errors of `keel drain`.
 #[derive(Debug, thiserror::Error)]
 pub enum CliError {
-    /// The admin API could not be reached.
+    /// The admin API could not be reached, or refused.
     #[error(transparent)]
-    Admin(#[from] crate::admin::StatusError),
-    /// The admin API refused.
-    #[error("{0}")]
-    Refused(String),
+    Admin(#[from] keel_admin::StatusError),
 }
 
 /// `keel drain`: starts a drain on a running gateway and follows its
 /// progress until it is done, with a progress bar when `tty`.
 pub async fn cli(admin: &str, target: CliTarget, tty: bool) -> Result<(), CliError> {
-    use crate::admin::{admin_request, percent_encode};
-    use http::Method;
-    let refused = |status: http::StatusCode, body: &serde_json::Value| {
-        CliError::Refused(format!(
-            "{status}: {}",
-            body["error"].as_str().unwrap_or("refused")
-        ))
-    };
     let mut seen_draining = false;
     let endpoint = match &target {
         CliTarget::Gateway => {
-            let (status, body) = admin_request(admin, Method::POST, "/drain").await?;
-            if status != http::StatusCode::ACCEPTED {
-                return Err(refused(status, &body));
-            }
+            keel_admin::start_drain(admin).await?;
             // From now on, an admin API that stops answering means the
             // gateway finished its drain and exited.
             seen_draining = true;
@@ -549,20 +486,12 @@ pub async fn cli(admin: &str, target: CliTarget, tty: bool) -> Result<(), CliErr
             endpoint,
             resume,
         } => {
-            let action = if *resume { "resume" } else { "drain" };
-            let path = format!(
-                "/upstreams/{}/endpoints/{action}?endpoint={}",
-                percent_encode(upstream),
-                percent_encode(endpoint)
-            );
-            let (status, body) = admin_request(admin, Method::POST, &path).await?;
-            if !status.is_success() {
-                return Err(refused(status, &body));
-            }
             if *resume {
+                keel_admin::resume_endpoint(admin, upstream, endpoint).await?;
                 println!("{upstream} {endpoint}: back in service");
                 return Ok(());
             }
+            keel_admin::drain_endpoint(admin, upstream, endpoint).await?;
             Some((upstream.clone(), endpoint.clone()))
         }
     };
@@ -570,30 +499,26 @@ pub async fn cli(admin: &str, target: CliTarget, tty: bool) -> Result<(), CliErr
     let mut last_line = String::new();
     let mut last_print = std::time::Instant::now() - Duration::from_secs(10);
     loop {
-        let report = match admin_request(admin, Method::GET, "/drain").await {
-            Ok((_, report)) => report,
+        let report = match keel_admin::fetch_drain(admin).await {
+            Ok(report) => report,
             // The gateway exits when its drain is over.
             Err(_) if endpoint.is_none() && seen_draining => break,
             Err(error) => return Err(error.into()),
         };
         let (phase, progress) = match &endpoint {
-            None => (
-                report["phase"].as_str().unwrap_or("?").to_owned(),
-                report["tunnels"].clone(),
-            ),
+            None => (report.phase, report.tunnels),
             Some((upstream, url)) => (
-                "draining".to_owned(),
-                report["endpoints"]
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                    .find(|e| e["upstream"] == upstream.as_str() && e["endpoint"] == url.as_str())
-                    .map(|e| e["progress"].clone())
-                    .unwrap_or_default(),
+                Phase::Draining,
+                report
+                    .endpoints
+                    .iter()
+                    .find(|e| e.upstream == *upstream && e.endpoint == *url)
+                    .map(|e| e.progress),
             ),
         };
-        seen_draining |= phase == "draining" || phase == "done";
-        let line = progress_line(&phase, &progress, started.elapsed(), tty);
+        seen_draining |= matches!(phase, Phase::Draining | Phase::Done);
+        let line =
+            keel_admin::progress_line(phase.as_str(), progress.as_ref(), started.elapsed(), tty);
         if tty {
             eprint!("\r{line}\x1b[K");
         } else if line != last_line && last_print.elapsed() >= Duration::from_secs(1) {
@@ -601,7 +526,7 @@ pub async fn cli(admin: &str, target: CliTarget, tty: bool) -> Result<(), CliErr
             last_print = std::time::Instant::now();
             last_line = line.clone();
         }
-        let done = phase == "done" || progress["done"].as_bool() == Some(true);
+        let done = phase == Phase::Done || progress.is_some_and(|p| p.done);
         if done {
             if tty {
                 eprintln!();
@@ -614,43 +539,4 @@ pub async fn cli(admin: &str, target: CliTarget, tty: bool) -> Result<(), CliErr
     }
     println!("drain done in {:.1}s", started.elapsed().as_secs_f64());
     Ok(())
-}
-
-/// One line of `keel drain` output: a bar on a terminal, words otherwise.
-fn progress_line(phase: &str, p: &serde_json::Value, wall: Duration, tty: bool) -> String {
-    let n = |k: &str| p[k].as_u64().unwrap_or(0);
-    if p.is_null() {
-        return format!("drain: {phase}");
-    }
-    let (total, closed, forced) = (n("total"), n("closed"), n("forced"));
-    let elapsed = n("elapsed_ms").max(1);
-    let rate = closed as f64 * 1000.0 / elapsed as f64;
-    let left_ms = n("expected_finish_ms").saturating_sub(elapsed);
-    let left = if n("remaining") == 0 {
-        "0s".to_owned()
-    } else if rate > 0.0 {
-        format!(
-            "{:.0}s",
-            (left_ms as f64 / 1000.0).max(n("remaining") as f64 / rate)
-        )
-    } else {
-        format!("{:.0}s", left_ms as f64 / 1000.0)
-    };
-    let forced = if forced > 0 {
-        format!("  forced {forced}")
-    } else {
-        String::new()
-    };
-    if tty {
-        const WIDTH: u64 = 30;
-        let filled = (closed * WIDTH).checked_div(total).unwrap_or(WIDTH);
-        format!(
-            "[{}{}] {closed}/{total} closed  {rate:.0}/s  ~{left} left  ({phase}, {:.0}s){forced}",
-            "#".repeat(filled as usize),
-            ".".repeat((WIDTH - filled.min(WIDTH)) as usize),
-            wall.as_secs_f64()
-        )
-    } else {
-        format!("drain: {phase} closed {closed}/{total} rate {rate:.0}/s left ~{left}{forced}")
-    }
 }

@@ -194,93 +194,85 @@ struct AdminRoute {
     engine: Engine,
 }
 
+impl keel_admin::IdempotencyKeys for KeyAdmin {
+    fn lookup<'a>(
+        &'a self,
+        query: &'a keel_admin::KeyQuery,
+        remove: bool,
+    ) -> keel_admin::BoxFuture<'a, Result<keel_admin::KeyAnswer, keel_admin::KeyError>> {
+        Box::pin(self.lookup_key(query, remove))
+    }
+}
+
 impl KeyAdmin {
-    /// Answers one admin request; `query` is the raw query string, decoded
-    /// with `decode`.
-    pub async fn answer(
+    /// What the store holds for the key of `query`; with `remove`, also
+    /// removes its record.
+    async fn lookup_key(
         &self,
-        method: &Method,
-        query: &str,
-        decode: impl Fn(&str) -> String,
-    ) -> (StatusCode, serde_json::Value) {
-        let param = |name: &str| {
-            query
-                .split('&')
-                .filter_map(|pair| pair.split_once('='))
-                .find(|(k, _)| *k == name)
-                .map(|(_, v)| decode(v))
-        };
-        let bad = |detail: String| {
-            (
-                StatusCode::BAD_REQUEST,
-                serde_json::json!({ "error": detail }),
-            )
-        };
-        let (Some(route_name), Some(key)) = (param("route"), param("key")) else {
-            return bad(
-                "give route= (an idempotent route's name) and key= (the client's Idempotency-Key)"
-                    .into(),
-            );
-        };
-        let Some(route) = self.routes.iter().find(|r| r.name == route_name) else {
+        query: &keel_admin::KeyQuery,
+        remove: bool,
+    ) -> Result<keel_admin::KeyAnswer, keel_admin::KeyError> {
+        use keel_admin::KeyError;
+        let Some(route) = self.routes.iter().find(|r| r.name == query.route) else {
             let names: Vec<&str> = self.routes.iter().map(|r| r.name.as_str()).collect();
-            return bad(format!(
-                "no idempotent route named {route_name:?}; idempotent routes: {names:?}"
-            ));
+            return Err(KeyError::BadRequest(format!(
+                "no idempotent route named {:?}; idempotent routes: {names:?}",
+                query.route
+            )));
         };
-        let path = param("path").unwrap_or_else(|| route.path_prefix.clone());
-        let request_method = match param("method").map(|m| Method::from_bytes(m.as_bytes())) {
+        let path = query
+            .path
+            .clone()
+            .unwrap_or_else(|| route.path_prefix.clone());
+        let request_method = match query
+            .method
+            .as_deref()
+            .map(|m| Method::from_bytes(m.as_bytes()))
+        {
             None => Method::POST,
             Some(Ok(m)) => m,
-            Some(Err(_)) => return bad("method= is not an HTTP method".into()),
+            Some(Err(_)) => {
+                return Err(KeyError::BadRequest("method= is not an HTTP method".into()));
+            }
         };
-        let tenant = param("tenant");
         let lookup = keel_idempotency::engine::KeyLookup {
-            tenant: tenant.as_deref().map(str::as_bytes),
+            tenant: query.tenant.as_deref().map(str::as_bytes),
             method: &request_method,
             path: &path,
-            key: &key,
+            key: &query.key,
         };
-        let before = match route.engine.key_status(&lookup).await {
-            Ok(status) => status,
-            Err(e) => {
-                return (
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    serde_json::json!({ "error": e.to_string() }),
-                );
-            }
+        let before = route
+            .engine
+            .key_status(&lookup)
+            .await
+            .map_err(|e| KeyError::Unavailable(e.to_string()))?;
+        let mut answer = keel_admin::KeyAnswer {
+            route: route.name.clone(),
+            method: request_method.as_str().to_owned(),
+            path: path.clone(),
+            key: query.key.clone(),
+            state: before.state.to_owned(),
+            status: before.status,
+            request_id: before.request_id,
+            expires_in_ms: before.expires_in.map(|d| d.as_millis() as u64),
+            token: before.token,
+            removed: None,
         };
-        let mut body = serde_json::json!({
-            "route": route.name,
-            "method": request_method.as_str(),
-            "path": path,
-            "key": key,
-            "state": before.state,
-            "status": before.status,
-            "request_id": before.request_id,
-            "expires_in_ms": before.expires_in.map(|d| d.as_millis() as u64),
-            "token": before.token,
-        });
-        if method == Method::DELETE {
-            match route.engine.remove_key(&lookup).await {
-                Ok(removed) => {
-                    body["removed"] = serde_json::Value::Bool(removed);
-                    tracing::warn!(
-                        route = %route.name,
-                        state = before.state,
-                        removed,
-                        "idempotency key released by an operator"
-                    );
-                }
-                Err(e) => {
-                    return (
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        serde_json::json!({ "error": e.to_string() }),
-                    );
-                }
-            }
+        if remove {
+            let removed = route
+                .engine
+                .remove_key(&lookup)
+                .await
+                .map_err(|e| KeyError::Unavailable(e.to_string()))?;
+            answer.removed = Some(removed);
+            tracing::warn!(
+                route = %route.name,
+                state = before.state,
+                removed,
+                "idempotency key released by an operator"
+            );
         }
-        (StatusCode::OK, body)
+        Ok(answer)
     }
 }
 

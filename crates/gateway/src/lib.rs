@@ -18,9 +18,8 @@
 //! # }
 //! ```
 
-pub mod admin;
+mod admin_backend;
 mod background;
-mod breaker_admin;
 pub mod drain;
 pub mod idempotency;
 pub mod readiness;

@@ -14,7 +14,7 @@ use http::Method;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use crate::admin::AdminState;
+use crate::admin_backend::GatewayAdmin;
 use crate::drain::DrainControl;
 use crate::readiness::{Readiness, ReadinessHandle};
 use keel_config::{Config, RouteConfig};
@@ -238,7 +238,7 @@ pub async fn start(config: &Config) -> Result<Running, ServeError> {
                 source,
             })?;
         admin = Some(listener.local_addr().unwrap_or(admin_addr));
-        let state = Arc::new(AdminState {
+        let backend = Arc::new(GatewayAdmin {
             gateway: gateway.clone(),
             metrics: metrics.clone(),
             readiness: readiness.clone(),
@@ -251,12 +251,16 @@ pub async fn start(config: &Config) -> Result<Running, ServeError> {
             keys: filters
                 .as_ref()
                 .map(|f| f.key_admin(&config.routes, timeout_of)),
-            limits: crate::admin::AdminLimits {
-                header_read_timeout: server.header_read_timeout.get_ref().0,
-                max_connections: *server.admin_max_connections.get_ref(),
-            },
         });
-        admin_child = Some((listener, state));
+        let limits = keel_admin::AdminLimits {
+            header_read_timeout: server.header_read_timeout.get_ref().0,
+            max_connections: *server.admin_max_connections.get_ref(),
+        };
+        admin_child = Some((
+            listener,
+            backend as Arc<dyn keel_admin::AdminBackend>,
+            limits,
+        ));
     }
     let root = crate::supervision::tree(
         crate::supervision::Children {

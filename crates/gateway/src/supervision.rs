@@ -21,6 +21,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
+use keel_admin::{AdminBackend, AdminLimits};
 use keel_supervisor::{
     BuildError, ChildContext, ChildResult, ChildSpec, EventKind, RestartBackoff, Supervisor,
     TreeProbe,
@@ -28,7 +29,6 @@ use keel_supervisor::{
 use tokio::net::TcpListener;
 use tokio::sync::{Mutex, watch};
 
-use crate::admin::AdminState;
 use crate::readiness::ReadinessHandle;
 use keel_metrics::Metrics;
 use keel_proxy::listener::{ConnectionSettings, DataPlane};
@@ -49,8 +49,8 @@ pub struct Children {
     pub settings: ConnectionSettings,
     /// `listeners` readiness.
     pub listeners_ready: ReadinessHandle,
-    /// The bound admin listener and its state.
-    pub admin: Option<(TcpListener, Arc<AdminState>)>,
+    /// The bound admin listener, what it answers from, and its limits.
+    pub admin: Option<(TcpListener, Arc<dyn AdminBackend>, AdminLimits)>,
     /// The store connector, when a route is idempotent.
     pub store: Option<ChildSpec>,
     /// Upstream health checks, one child per checked endpoint.
@@ -109,13 +109,13 @@ pub fn tree(children: Children, probe: &ProbeSlot) -> Result<Supervisor, BuildEr
     let mut builder = Supervisor::builder("keel")
         .intensity(10, Duration::from_secs(60))
         .child(listener);
-    if let Some((listener, state)) = admin {
+    if let Some((listener, backend, limits)) = admin {
         let addr = listener.local_addr().ok();
         let bound = Arc::new(Mutex::new(Some(listener)));
         builder = builder.child(
             ChildSpec::new("admin", move |ctx| {
                 let bound = bound.clone();
-                let state = state.clone();
+                let backend = backend.clone();
                 let shutdown = admin_shutdown.clone();
                 async move {
                     let taken = bound.lock().await.take();
@@ -125,7 +125,8 @@ pub fn tree(children: Children, probe: &ProbeSlot) -> Result<Supervisor, BuildEr
                         (None, None) => return Err("the admin listener has no address".into()),
                     };
                     ctx.ready();
-                    serve_until_cancelled(&ctx, crate::admin::run(listener, state, shutdown)).await
+                    let server = keel_admin::serve(listener, backend, limits, shutdown);
+                    serve_until_cancelled(&ctx, server).await
                 }
             })
             .backoff(RestartBackoff::new(

@@ -2,15 +2,15 @@
 //! circuit breaking, draining) in front of any HTTP service.
 //!
 //! The binary is thin composition: `config` reads and checks the file,
-//! `proxy` holds the life of a request, `listener` and `admin` are the
-//! servers, `serve` wires them together.
+//! `proxy` holds the life of a request, `listener` and keel-admin (over
+//! `admin_backend`) are the servers, `serve` wires them together.
 
 mod demo;
 mod demo_ws;
 
 use std::path::PathBuf;
 
-use keel_gateway::{admin, drain, serve, telemetry};
+use keel_gateway::{drain, serve, telemetry};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
@@ -124,9 +124,9 @@ fn main() -> ExitCode {
             })
         }
         Command::Status { admin } => run_async(1, async move {
-            match admin::fetch_status(&admin).await {
+            match keel_admin::fetch_status(&admin).await {
                 Ok(status) => {
-                    print!("{}", admin::render_status(&status));
+                    print!("{}", keel_admin::render_status(&status));
                     Ok(())
                 }
                 Err(error) => Err(error.into()),
@@ -159,29 +159,25 @@ fn main() -> ExitCode {
             tenant,
             release,
         } => run_async(1, async move {
-            let mut query = format!(
-                "/idempotency/keys?route={}&key={}&method={}",
-                admin::percent_encode(&route),
-                admin::percent_encode(&key),
-                admin::percent_encode(&method)
-            );
-            for (name, value) in [("path", &path), ("tenant", &tenant)] {
-                if let Some(value) = value {
-                    query.push_str(&format!("&{name}={}", admin::percent_encode(value)));
-                }
-            }
-            let verb = if release {
-                http::Method::DELETE
-            } else {
-                http::Method::GET
+            let query = keel_admin::KeyQuery {
+                route,
+                key,
+                path,
+                method: Some(method),
+                tenant,
             };
-            let (status, body) = admin::admin_request(&admin, verb, &query).await?;
-            if !status.is_success() {
-                let why = body["error"].as_str().unwrap_or("unexpected answer");
-                return Err(format!("{status}: {why}").into());
+            match keel_admin::idempotency_key(&admin, &query, release).await {
+                Ok(answer) => {
+                    // Through `Value`, keys sorted as the admin API writes them.
+                    println!("{:#}", serde_json::to_value(&answer)?);
+                    Ok(())
+                }
+                Err(keel_admin::StatusError::Refused { status, error }) => {
+                    let why = error.as_deref().unwrap_or("unexpected answer");
+                    Err(format!("{status}: {why}").into())
+                }
+                Err(error) => Err(error.into()),
             }
-            println!("{body:#}");
-            Ok(())
         }),
         Command::Demo { listen, admin } => run_async(0, demo::run(listen, admin)),
     }

@@ -361,20 +361,6 @@ pub enum OperatorAction {
     Enable,
 }
 
-impl OperatorAction {
-    /// The action named in the admin path (`melt`, `reset`, `disable`,
-    /// `enable`).
-    pub fn parse(text: &str) -> Option<Self> {
-        Some(match text {
-            "melt" => OperatorAction::Melt,
-            "reset" => OperatorAction::Reset,
-            "disable" => OperatorAction::Disable,
-            "enable" => OperatorAction::Enable,
-            _ => return None,
-        })
-    }
-}
-
 /// Applies `action` to the upstream's breakers (melt: the upstream-wide
 /// one; the others: all of them).
 pub fn apply(upstream: &UpstreamResilience, endpoints: &[&Breaker], action: OperatorAction) {
