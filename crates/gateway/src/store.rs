@@ -15,7 +15,7 @@
 //! once), flips readiness and the gate; probing goes on with backoff and
 //! full jitter, so a store that comes back is picked up without a restart.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -252,7 +252,7 @@ impl SharedStore {
         ctx.defer(format!("store: connecting to {where_}"));
         ready.set_not_ready(format!("store: connecting to {where_}"));
         let backoff = RestartBackoff::new(Duration::from_millis(100), Duration::from_secs(2));
-        let mut jitter = Jitter::seeded();
+        let mut jitter = fastrand::Rng::new();
         let mut attempt = 0u32;
         let mut last_purge = tokio::time::Instant::now();
         let health_key = StoreKey::new(format!("keel-health:{}", std::process::id()))
@@ -286,7 +286,7 @@ impl SharedStore {
                     }
                     ready.set_not_ready(reason.clone());
                     ctx.not_ready(reason);
-                    let delay = backoff.delay(attempt, jitter.next());
+                    let delay = backoff.delay(attempt, jitter.f64());
                     attempt = attempt.saturating_add(1);
                     delay
                 }
@@ -409,26 +409,6 @@ fn redact(url: &str) -> String {
             format!("{}{}@{}", &url[..scheme + 3], user, &url[at + 1..])
         }
         _ => url.to_owned(),
-    }
-}
-
-/// A tiny xorshift for backoff jitter, seeded from the clock.
-struct Jitter(u64);
-
-impl Jitter {
-    fn seeded() -> Self {
-        static SALT: AtomicU64 = AtomicU64::new(0x9E37_79B9_7F4A_7C15);
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(1, |d| u64::from(d.subsec_nanos()));
-        Self((nanos ^ SALT.fetch_add(1, Ordering::Relaxed)) | 1)
-    }
-
-    fn next(&mut self) -> f64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        (self.0 >> 11) as f64 / (1u64 << 53) as f64
     }
 }
 

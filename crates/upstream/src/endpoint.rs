@@ -71,11 +71,11 @@ struct IdleConnection {
     since: Instant,
 }
 
-static NEXT_SHARD: AtomicUsize = AtomicUsize::new(0);
-
 thread_local! {
-    // Each thread sticks to one shard of every pool.
-    static SHARD: usize = NEXT_SHARD.fetch_add(1, Ordering::Relaxed);
+    // Each thread sticks to one shard of every pool, picked at random: no
+    // counter shared by the process, and two gateways' threads need no
+    // coordination.
+    static SHARD: usize = fastrand::usize(..);
 }
 
 impl IdlePool {
