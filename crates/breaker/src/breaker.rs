@@ -23,16 +23,6 @@ fn nanos(d: Duration) -> u64 {
     u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
 }
 
-/// splitmix64: a tiny, well-mixed counter-based generator. Seeded per
-/// breaker, advanced with one `fetch_add`, so it is lock-free and
-/// reproducible in single-threaded tests.
-pub(crate) fn splitmix(mut z: u64) -> u64 {
-    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
-}
-
 /// Keeps what outcomes write off the cache lines that `allow` reads, so
 /// recording on one core does not slow asks on another (false sharing).
 #[repr(align(128))]
@@ -79,7 +69,11 @@ pub(crate) struct Inner {
     probe_ok: AtomicU64,
     /// Admission tickets during gradual recovery.
     ticket: AtomicU64,
-    rng: AtomicU64,
+    /// Drawn once from `Config::seed`. The open-duration jitter of
+    /// generation `g` comes from a generator seeded with
+    /// `jitter_seed ^ g`: a function of the seed and the breaker's history,
+    /// so it is reproducible and shares no mutable random state.
+    jitter_seed: u64,
     alarm: AtomicBool,
     fuse: Padded<Option<FuseWindow>>,
     rate: Padded<Option<RateWindow>>,
@@ -293,7 +287,7 @@ impl Breaker {
                 .collect(),
             probe_ok: AtomicU64::new(0),
             ticket: AtomicU64::new(0),
-            rng: AtomicU64::new(cfg.seed),
+            jitter_seed: fastrand::Rng::with_seed(cfg.seed).u64(..),
             alarm: AtomicBool::new(false),
             fuse: Padded(fuse),
             rate: Padded(rate),
@@ -774,10 +768,6 @@ impl Inner {
         }
     }
 
-    fn random(&self) -> u64 {
-        splitmix(self.rng.fetch_add(0x9E37_79B9_7F4A_7C15, Relaxed))
-    }
-
     fn start(&self) -> Option<u64> {
         self.slow_nanos.map(|_| self.now())
     }
@@ -858,7 +848,10 @@ impl Inner {
             let generation = w >> STATE_BITS;
             match State::from_code(w) {
                 State::Closed => {
-                    if reserve && self.fault_ppm > 0 && self.random() % 1_000_000 < self.fault_ppm {
+                    // The calling thread's generator: no random state shared
+                    // between threads on the ask path.
+                    if reserve && self.fault_ppm > 0 && fastrand::u64(..1_000_000) < self.fault_ppm
+                    {
                         self.counters.fault_injected.fetch_add(1, Relaxed);
                         return Err(self.reject(RejectReason::FaultInjected, None));
                     }
@@ -1107,7 +1100,7 @@ impl Inner {
         }
     }
 
-    fn open_duration(&self, trips_before: u32) -> u64 {
+    fn open_duration(&self, trips_before: u32, generation: u64) -> u64 {
         let hint = self.hint.load(Acquire);
         if hint != 0 {
             return hint.min(nanos(self.cfg.max_hint));
@@ -1122,7 +1115,7 @@ impl Inner {
             .min(cap);
         // Full jitter above the base: never shorter than the base, never
         // longer than the cap.
-        base + self.random() % (t - base + 1)
+        fastrand::Rng::with_seed(self.jitter_seed ^ generation).u64(base..=t)
     }
 
     /// Moves from the observed state word to `to`; false when another
@@ -1132,7 +1125,7 @@ impl Inner {
         let generation = (observed >> STATE_BITS) + 1;
         match to {
             State::Open => {
-                let d = self.open_duration(self.consecutive_trips.load(Acquire));
+                let d = self.open_duration(self.consecutive_trips.load(Acquire), generation);
                 self.open_until.store(now.saturating_add(d), Release);
             }
             State::Recovering | State::Closed => {

@@ -242,7 +242,10 @@ pub struct Config {
     pub fault_injection: f64,
     /// The alarm clears only after the breaker stayed closed this long.
     pub alarm_clear_after: Duration,
-    /// Seed for jitter, fault injection and recovery sampling.
+    /// Seed for the open-duration jitter: the same seed and the same
+    /// sequence of transitions give the same open durations. (Fault
+    /// injection draws from the calling thread's generator instead, so
+    /// asks share no random state.)
     pub seed: u64,
 }
 
@@ -396,7 +399,7 @@ impl Config {
         self
     }
 
-    /// Sets the random seed.
+    /// Sets the seed of the open-duration jitter ([`Config::seed`]).
     ///
     /// ```
     /// use keel_breaker::Config;

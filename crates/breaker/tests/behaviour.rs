@@ -204,6 +204,28 @@ async fn open_duration_grows_with_consecutive_trips_within_the_cap() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_seed_makes_the_open_duration_jitter_reproducible() {
+    async fn waits(seed: u64) -> Vec<Duration> {
+        let cfg = Config::fuse(0, S, 10 * S)
+            .open_duration_cap(1000 * S)
+            .half_open_probes(1)
+            .seed(seed);
+        let b = Breaker::new("seeded", cfg).expect("config");
+        fail(&b);
+        let mut waits = vec![b.retry_after().expect("open")];
+        for _ in 0..6 {
+            advance(*waits.last().expect("w")).await;
+            fail(&b);
+            waits.push(b.retry_after().expect("open"));
+        }
+        waits
+    }
+    let first = waits(42).await;
+    assert_eq!(first, waits(42).await);
+    assert_ne!(first, waits(43).await);
+}
+
+#[tokio::test(start_paused = true)]
 async fn retry_after_hint_sets_the_open_duration_bounded_by_max_hint() {
     let mut cfg = Config::fuse(0, S, 10 * S);
     cfg.max_hint = 100 * S;

@@ -246,7 +246,16 @@ impl DrainPlan {
         self
     }
 
-    /// Seeds jitter and hints.
+    /// Seeds jitter and hints: the same seed gives the same schedule.
+    ///
+    /// ```
+    /// use keel_drain::DrainPlan;
+    /// use std::time::Duration;
+    ///
+    /// let plan = |seed| DrainPlan::batches(2, Duration::from_secs(1)).seed(seed);
+    /// assert_eq!(plan(7).schedule(10), plan(7).schedule(10));
+    /// assert_ne!(plan(7).schedule(10), plan(8).schedule(10));
+    /// ```
     pub fn seed(mut self, seed: u64) -> Self {
         self.seed = seed;
         self
@@ -257,14 +266,14 @@ impl DrainPlan {
     pub fn schedule(&self, total: usize) -> Vec<Duration> {
         let size = self.pacing.batch_size(total);
         let interval = self.pacing.interval();
-        let mut rng = SplitMix64(self.seed);
+        let mut rng = fastrand::Rng::with_seed(self.seed);
         let last = self.last_close();
         (0..total)
             .map(|i| {
                 let batch = u32::try_from(i / size).unwrap_or(u32::MAX);
                 let base = interval.saturating_mul(batch);
                 let offset = if self.jitter {
-                    interval.mul_f64(rng.next_f64())
+                    interval.mul_f64(rng.f64())
                 } else {
                     Duration::ZERO
                 };
@@ -433,7 +442,8 @@ async fn run(
 ) {
     let started = Instant::now();
     let deadline = started + plan.deadline;
-    let mut hints = SplitMix64(plan.seed ^ 0x9e37_79b9_7f4a_7c15);
+    // A stream apart from the schedule's jitter, from the same seed.
+    let mut hints = fastrand::Rng::with_seed(plan.seed).fork();
     // Ascending by time; stable so equal times keep registration order.
     let mut order: Vec<usize> = (0..ids.len()).collect();
     order.sort_by_key(|&i| schedule[i]);
@@ -466,7 +476,7 @@ async fn run(
                 let now = Instant::now();
                 while next < order.len() && started + schedule[order[next]] <= now {
                     let i = order[next];
-                    let hint = plan.reconnect_window.mul_f64(hints.next_f64());
+                    let hint = plan.reconnect_window.mul_f64(hints.f64());
                     registry.close(ids[i], CloseRequest { force: false, reconnect_after: hint });
                     signalled[i] = true;
                     signalled_n += 1;
@@ -499,7 +509,7 @@ async fn run(
             *id,
             CloseRequest {
                 force: true,
-                reconnect_after: plan.reconnect_window.mul_f64(hints.next_f64()),
+                reconnect_after: plan.reconnect_window.mul_f64(hints.f64()),
             },
         ) {
             forced += 1;
@@ -520,18 +530,4 @@ async fn run(
         }
     }
     update(signalled_n, forced, true);
-}
-
-/// SplitMix64, for seeded jitter and hints.
-struct SplitMix64(u64);
-
-impl SplitMix64 {
-    fn next_f64(&mut self) -> f64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^= z >> 31;
-        (z >> 11) as f64 / (1u64 << 53) as f64
-    }
 }

@@ -61,10 +61,7 @@ pub fn plan(config: &DrainConfig, deadline: Duration) -> DrainPlan {
 /// A seed that differs between runs (hints and jitter need not be
 /// reproducible in production; tests of the plan live in keel-drain).
 fn seed() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos() as u64)
-        ^ u64::from(std::process::id()).rotate_left(32)
+    fastrand::u64(..)
 }
 
 struct EndpointDrain {

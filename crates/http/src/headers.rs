@@ -14,7 +14,7 @@ use std::net::IpAddr;
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Uri, Version};
-use keel_retry::SplitMix64;
+
 
 /// `x-request-id`.
 pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
@@ -458,16 +458,16 @@ pub fn check_transfer_encoding(version: Version, headers: &HeaderMap) -> Result<
 thread_local! {
     // A per-thread generator: request ids need uniqueness, not secrecy, and
     // a thread-local state keeps id generation off any shared cache line.
-    // Seeded apart per thread (time and a counter, from `from_entropy`)
-    // and per process (its id), so gateways started together differ too.
-    static ID_STATE: RefCell<SplitMix64> = RefCell::new(SplitMix64::new(
-        SplitMix64::from_entropy().next_u64() ^ u64::from(std::process::id()),
+    // Seeded apart per thread (fastrand's thread-local generator) and per
+    // process (its id), so gateways started together differ too.
+    static ID_STATE: RefCell<fastrand::Rng> = RefCell::new(fastrand::Rng::with_seed(
+        fastrand::u64(..) ^ u64::from(std::process::id()),
     ));
 }
 
 /// Next pseudo-random number from this thread's generator.
 pub fn next_random() -> u64 {
-    ID_STATE.with_borrow_mut(SplitMix64::next_u64)
+    ID_STATE.with_borrow_mut(|rng| rng.u64(..))
 }
 
 /// A new request id: 32 lowercase hex digits.

@@ -40,7 +40,7 @@
 use std::future::Future;
 use std::time::Duration;
 
-use keel_retry::{Backoff, BackoffIter, Jitter, SplitMix64};
+use keel_retry::{Backoff, BackoffIter, Jitter};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
@@ -124,7 +124,8 @@ pub struct Reconnect {
     max_attempts: Option<u32>,
     seed: Option<u64>,
     backoff: BackoffIter,
-    rng: SplitMix64,
+    /// Jitter added to a server hint (the backoff has its own stream).
+    rng: fastrand::Rng,
 }
 
 impl Default for Reconnect {
@@ -145,7 +146,7 @@ impl Reconnect {
             max_attempts: None,
             seed: None,
             backoff: Backoff::exponential(Duration::from_millis(500)).iter(),
-            rng: SplitMix64::from_entropy(),
+            rng: fastrand::Rng::new(),
         };
         r.rebuild();
         r
@@ -157,7 +158,8 @@ impl Reconnect {
             .jitter(Jitter::Full);
         if let Some(seed) = self.seed {
             backoff = backoff.seed(seed);
-            self.rng = SplitMix64::new(seed ^ 0x9e37_79b9_7f4a_7c15);
+            // A stream apart from the backoff's, derived from the same seed.
+            self.rng = fastrand::Rng::with_seed(seed).fork();
         }
         self.backoff = backoff.iter();
     }
@@ -264,9 +266,8 @@ impl Reconnect {
             Some(hint) if self.honour_hint => {
                 // The server already spread the hints; a little jitter on
                 // top breaks ties between clients given the same value.
-                let extra = self
-                    .rng
-                    .below(u64::try_from(self.base.as_nanos() / 5).unwrap_or(0).max(1));
+                let spread = u64::try_from(self.base.as_nanos() / 5).unwrap_or(0);
+                let extra = self.rng.u64(..spread.max(1));
                 hint.min(self.max_hint) + Duration::from_nanos(extra)
             }
             _ => self.after_failure(),

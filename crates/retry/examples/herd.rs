@@ -9,7 +9,7 @@
 //! Run: `cargo run --release -p keel-retry --example herd`
 //! (optional args: number of seeds to average over, default 10).
 
-use keel_retry::{Backoff, BackoffIter, Jitter, SplitMix64};
+use keel_retry::{Backoff, BackoffIter, Jitter, fastrand};
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
 use std::time::Duration;
@@ -43,7 +43,7 @@ impl Strategy {
             Strategy::Equal => Jitter::Equal,
             Strategy::Decorrelated => Jitter::Decorrelated,
         };
-        Some(base.jitter(jitter).iter_with(SplitMix64::new(seed)))
+        Some(base.jitter(jitter).iter_seeded(seed))
     }
 }
 
@@ -53,7 +53,7 @@ struct Outcome {
 }
 
 fn simulate(n: u32, strategy: Strategy, seed: u64) -> Outcome {
-    let mut arbiter = SplitMix64::new(seed ^ 0xDEAD_BEEF);
+    let mut arbiter = fastrand::Rng::with_seed(seed ^ 0xDEAD_BEEF);
     let mut clients: Vec<Option<BackoffIter>> = (0..n)
         .map(|i| strategy.backoff(seed.wrapping_mul(1_000_003).wrapping_add(u64::from(i))))
         .collect();
@@ -71,7 +71,7 @@ fn simulate(n: u32, strategy: Strategy, seed: u64) -> Outcome {
             contenders.push(c);
         }
         calls += contenders.len() as u64;
-        let winner = arbiter.below(contenders.len() as u64) as usize;
+        let winner = arbiter.usize(..contenders.len());
         last = slot;
         for (k, c) in contenders.iter().enumerate() {
             if k == winner {

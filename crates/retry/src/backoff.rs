@@ -2,95 +2,7 @@
 //! draws inside `[0, capped]`, so no delay ever exceeds the cap.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
-
-/// A small seedable generator (splitmix64): fast, statistically good for
-/// jitter, and reproducible from its seed.
-///
-/// ```
-/// use keel_retry::SplitMix64;
-/// let mut a = SplitMix64::new(1);
-/// let mut b = SplitMix64::new(1);
-/// assert_eq!(a.next_u64(), b.next_u64());
-/// assert!(a.below(10) < 10);
-/// ```
-#[derive(Debug, Clone)]
-pub struct SplitMix64 {
-    state: u64,
-}
-
-impl SplitMix64 {
-    /// A generator from `seed`.
-    ///
-    /// ```
-    /// let _ = keel_retry::SplitMix64::new(42);
-    /// ```
-    pub fn new(seed: u64) -> Self {
-        Self { state: seed }
-    }
-
-    /// A generator seeded differently on every call (time and a process
-    /// counter), so clients that start together still jitter apart.
-    ///
-    /// ```
-    /// let mut a = keel_retry::SplitMix64::from_entropy();
-    /// let mut b = keel_retry::SplitMix64::from_entropy();
-    /// assert_ne!(a.next_u64(), b.next_u64());
-    /// ```
-    pub fn from_entropy() -> Self {
-        static COUNTER: AtomicU64 = AtomicU64::new(0);
-        let t = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos() as u64)
-            .unwrap_or(0);
-        let c = COUNTER.fetch_add(1, Ordering::Relaxed);
-        let mut g = Self::new(t ^ c.wrapping_mul(0xA24B_AED4_963E_E407));
-        g.next_u64();
-        g
-    }
-
-    /// The next 64 random bits.
-    ///
-    /// ```
-    /// let mut g = keel_retry::SplitMix64::new(0);
-    /// assert_ne!(g.next_u64(), g.next_u64());
-    /// ```
-    pub fn next_u64(&mut self) -> u64 {
-        self.state = self.state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.state;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in `0..n` (0 when `n` is 0), without modulo bias worth
-    /// mentioning (Lemire's multiply-shift).
-    ///
-    /// ```
-    /// let mut g = keel_retry::SplitMix64::new(3);
-    /// assert!((0..1000).all(|_| g.below(7) < 7));
-    /// ```
-    pub fn below(&mut self, n: u64) -> u64 {
-        ((u128::from(self.next_u64()) * u128::from(n)) >> 64) as u64
-    }
-
-    /// Uniform in `lo..=hi` (`lo` when `hi <= lo`).
-    ///
-    /// ```
-    /// let mut g = keel_retry::SplitMix64::new(3);
-    /// assert!((0..1000).map(|_| g.between(5, 9)).all(|x| (5..=9).contains(&x)));
-    /// ```
-    pub fn between(&mut self, lo: u64, hi: u64) -> u64 {
-        if hi <= lo {
-            return lo;
-        }
-        match (hi - lo).checked_add(1) {
-            Some(span) => lo + self.below(span),
-            None => self.next_u64(),
-        }
-    }
-}
 
 /// How a delay is randomised (Marc Brooker's names).
 ///
@@ -304,7 +216,10 @@ impl Backoff {
         self.cap
     }
 
-    /// An endless iterator of delays.
+    /// An endless iterator of delays, seeded by [`seed`](Self::seed) if
+    /// set, otherwise differently on every call (forked from the calling
+    /// thread's generator), so clients that start together still jitter
+    /// apart.
     ///
     /// ```
     /// use keel_retry::Backoff;
@@ -315,31 +230,58 @@ impl Backoff {
     pub fn iter(&self) -> BackoffIter {
         let rng = self
             .seed
-            .map_or_else(SplitMix64::from_entropy, SplitMix64::new);
+            .map_or_else(fastrand::Rng::new, fastrand::Rng::with_seed);
         self.iter_with(rng)
     }
 
-    /// An iterator drawing from the given generator.
+    /// An endless iterator of delays seeded with `seed`, whatever
+    /// [`seed`](Self::seed) says: the same seed gives the same delays
+    /// (simulations, one reproducible stream per client).
     ///
     /// ```
-    /// use keel_retry::{Backoff, Jitter, SplitMix64};
+    /// use keel_retry::{Backoff, Jitter};
     /// use std::time::Duration;
     /// let b = Backoff::exponential(Duration::from_secs(1)).jitter(Jitter::Full);
-    /// let mut it = b.iter_with(SplitMix64::new(5));
+    /// let a: Vec<_> = b.iter_seeded(5).take(5).collect();
+    /// assert_eq!(a, b.iter_seeded(5).take(5).collect::<Vec<_>>());
+    /// assert_eq!(a, b.clone().seed(5).iter().take(5).collect::<Vec<_>>());
+    /// assert!(a[0] <= Duration::from_secs(1));
+    /// ```
+    pub fn iter_seeded(&self, seed: u64) -> BackoffIter {
+        self.iter_with(fastrand::Rng::with_seed(seed))
+    }
+
+    /// An iterator drawing its jitter from `rng` ([`fastrand::Rng`],
+    /// re-exported as [`keel_retry::fastrand`](crate::fastrand) so callers
+    /// name the same version), for callers that already own a generator:
+    /// `rng.fork()` gives each client its own stream.
+    ///
+    /// ```
+    /// use keel_retry::{Backoff, Jitter, fastrand};
+    /// use std::time::Duration;
+    /// let b = Backoff::exponential(Duration::from_secs(1)).jitter(Jitter::Full);
+    /// let mut clients = fastrand::Rng::with_seed(5);
+    /// let mut it = b.iter_with(clients.fork());
     /// assert!(it.next().unwrap() <= Duration::from_secs(1));
     /// ```
-    pub fn iter_with(&self, rng: SplitMix64) -> BackoffIter {
+    pub fn iter_with(&self, rng: fastrand::Rng) -> BackoffIter {
+        BackoffIter {
+            backoff: self.clone(),
+            rng,
+            n: 0,
+            prev: self.floor(),
+        }
+    }
+
+    /// The base delay, capped: the "previous delay" of the first retry and
+    /// decorrelated jitter's floor.
+    fn floor(&self) -> Duration {
         let base = match &self.kind {
             Kind::Constant(d) => *d,
             Kind::Exponential { base, .. } => *base,
             Kind::Custom(f) => f(0, Duration::ZERO),
         };
-        BackoffIter {
-            backoff: self.clone(),
-            rng,
-            n: 0,
-            prev: base.min(self.cap),
-        }
+        base.min(self.cap)
     }
 }
 
@@ -358,7 +300,7 @@ impl Backoff {
 #[derive(Debug, Clone)]
 pub struct BackoffIter {
     backoff: Backoff,
-    rng: SplitMix64,
+    rng: fastrand::Rng,
     n: u32,
     prev: Duration,
 }
@@ -375,9 +317,8 @@ impl BackoffIter {
     /// it.reset();
     /// ```
     pub fn reset(&mut self) {
-        let fresh = self.backoff.iter_with(self.rng.clone());
         self.n = 0;
-        self.prev = fresh.prev;
+        self.prev = self.backoff.floor();
     }
 
     /// The delay before jitter for the current retry: `min(cap, ...)`.
@@ -406,21 +347,16 @@ impl Iterator for BackoffIter {
         let t = self.ceiling();
         let delay = match self.backoff.jitter {
             Jitter::None => t,
-            Jitter::Full => Duration::from_nanos(self.rng.between(0, to_nanos(t))),
+            Jitter::Full => Duration::from_nanos(self.rng.u64(0..=to_nanos(t))),
             Jitter::Equal => {
                 let t = to_nanos(t);
                 let half = t / 2;
-                Duration::from_nanos(half + self.rng.between(0, t - half))
+                Duration::from_nanos(self.rng.u64(half..=t))
             }
             Jitter::Decorrelated => {
-                let base = match &self.backoff.kind {
-                    Kind::Constant(d) => *d,
-                    Kind::Exponential { base, .. } => *base,
-                    Kind::Custom(f) => f(0, Duration::ZERO),
-                };
-                let lo = to_nanos(base.min(cap));
+                let lo = to_nanos(self.backoff.floor());
                 let hi = to_nanos(self.prev).saturating_mul(3).min(to_nanos(cap));
-                Duration::from_nanos(self.rng.between(lo, hi.max(lo)))
+                Duration::from_nanos(self.rng.u64(lo..=hi.max(lo)))
             }
         };
         self.n = self.n.saturating_add(1);

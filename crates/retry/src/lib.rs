@@ -137,8 +137,12 @@ mod hint;
 mod layer;
 mod retry;
 
-pub use backoff::{Backoff, BackoffIter, Jitter, SplitMix64};
+pub use backoff::{Backoff, BackoffIter, Jitter};
 pub use budget::{Budget, RatioBudget, TokenBucket};
+/// The generator behind jitter, re-exported so that callers of
+/// [`Backoff::iter_with`] name the same version: a seedable, dependency-free
+/// generator (wyrand), fine for jitter, not for secrets.
+pub use fastrand;
 pub use hint::{HintError, parse_http_date, parse_rate_limit_reset, parse_retry_after};
 pub use layer::{Policy, RetryErrors, RetryFuture, RetryLayer, RetryService};
 pub use retry::{BreakerMode, Decision, Retry, RetryError, RetryPolicy, StopReason, retry};

@@ -1,7 +1,7 @@
 //! Jitter stays in its range and never exceeds the cap, over many seeded
 //! samples; the distributions have the shape the formulas promise.
 
-use keel_retry::{Backoff, Jitter, SplitMix64};
+use keel_retry::{Backoff, Jitter, fastrand};
 use proptest::prelude::*;
 use std::time::Duration;
 
@@ -108,9 +108,21 @@ fn seeds_make_it_reproducible_and_different_seeds_differ() {
     let a: Vec<_> = b(1).iter().take(10).collect();
     assert_eq!(a, b(1).iter().take(10).collect::<Vec<_>>());
     assert_ne!(a, b(2).iter().take(10).collect::<Vec<_>>());
-    let mut g = SplitMix64::new(99);
-    let mut h = SplitMix64::new(99);
-    assert!((0..100).all(|_| g.next_u64() == h.next_u64()));
+    // The three ways to seed give the same stream.
+    let full = Backoff::exponential(MS).jitter(Jitter::Full);
+    let seeded: Vec<_> = full.iter_seeded(99).take(100).collect();
+    assert_eq!(
+        seeded,
+        full.clone().seed(99).iter().take(100).collect::<Vec<_>>()
+    );
+    assert_eq!(
+        seeded,
+        full.iter_with(fastrand::Rng::with_seed(99))
+            .take(100)
+            .collect::<Vec<_>>()
+    );
+    // An explicit seed wins over the configured one.
+    assert_eq!(seeded, b(1).iter_seeded(99).take(100).collect::<Vec<_>>());
 }
 
 #[test]

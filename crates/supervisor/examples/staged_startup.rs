@@ -166,7 +166,7 @@ async fn answer(stream: TcpStream, probe: &TreeProbe) -> std::io::Result<()> {
 async fn connector(ctx: ChildContext, settings: Settings) -> ChildResult {
     ctx.defer(format!("connecting to redis at {}", settings.redis));
     let mut attempt = 0u32;
-    let mut rng = Jitter::seeded();
+    let mut rng = fastrand::Rng::new();
     loop {
         let mut connected = false;
         match ping_loop(&ctx, &settings, &mut connected).await {
@@ -176,7 +176,7 @@ async fn connector(ctx: ChildContext, settings: Settings) -> ChildResult {
                 if connected {
                     attempt = 0; // it worked for a while: start the backoff over
                 }
-                let delay = settings.backoff.delay(attempt, rng.next());
+                let delay = settings.backoff.delay(attempt, rng.f64());
                 attempt = attempt.saturating_add(1);
                 tokio::select! {
                     _ = ctx.cancelled() => return Ok(()),
@@ -229,25 +229,6 @@ async fn ping(conn: &mut TcpStream) -> std::io::Result<()> {
         Err(std::io::Error::other(format!(
             "unexpected reply to PING: {reply}"
         )))
-    }
-}
-
-/// A tiny xorshift for jitter, seeded from the clock.
-struct Jitter(u64);
-
-impl Jitter {
-    fn seeded() -> Self {
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(1, |d| d.subsec_nanos() as u64 | 1);
-        Self(nanos)
-    }
-
-    fn next(&mut self) -> f64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        (self.0 >> 11) as f64 / (1u64 << 53) as f64
     }
 }
 

@@ -82,7 +82,6 @@ mod app;
 mod context;
 mod event;
 mod node;
-mod rng;
 mod spec;
 mod supervisor;
 

@@ -23,7 +23,6 @@ use tokio_util::sync::CancellationToken;
 use crate::context::ChildContext;
 use crate::event::{self, Event, EventKind, EventSender};
 use crate::node::{ChildState, Escalation, Kind, Node, Snapshot, TreeProbe};
-use crate::rng::SplitMix64;
 use crate::spec::{ChildError, ChildResult, ChildSpec, ExitReason, Restart, Shutdown};
 
 /// How a supervisor reacts when a child exits and must be restarted.
@@ -337,7 +336,8 @@ impl SupervisorBuilder {
         }
         let node = Node::new(self.name, Kind::Supervisor, Some(self.strategy.label()));
         let (commands, command_rx) = mpsc::unbounded_channel();
-        let seed = self.seed.unwrap_or_else(random_seed);
+        // Unseeded: from this thread's generator, so trees differ.
+        let seed = self.seed.unwrap_or_else(|| fastrand::u64(..));
         Ok(Supervisor {
             inner: Arc::new(Inner {
                 node,
@@ -356,13 +356,6 @@ impl SupervisorBuilder {
             }),
         })
     }
-}
-
-fn random_seed() -> u64 {
-    use std::hash::{BuildHasher, Hasher};
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u64(0x6b65_656c);
-    h.finish()
 }
 
 struct Inner {
@@ -833,7 +826,8 @@ struct Run {
     pending: VecDeque<Exit>,
     restarts: VecDeque<Instant>,
     next_key: u64,
-    rng: SplitMix64,
+    /// Restart jitter, seeded by [`SupervisorBuilder::seed`].
+    rng: fastrand::Rng,
 }
 
 async fn run(inner: Arc<Inner>, ctx: ChildContext) -> ChildResult {
@@ -862,7 +856,7 @@ async fn run(inner: Arc<Inner>, ctx: ChildContext) -> ChildResult {
         pending: VecDeque::new(),
         restarts: VecDeque::new(),
         next_key: 0,
-        rng: SplitMix64::new(inner.seed),
+        rng: fastrand::Rng::with_seed(inner.seed),
         inner: inner.clone(),
     };
     for spec in specs {
@@ -1428,7 +1422,7 @@ impl Run {
         if stable {
             slot.attempts = 0;
         }
-        let delay = backoff.delay(slot.attempts, self.rng.next_f64());
+        let delay = backoff.delay(slot.attempts, self.rng.f64());
         slot.attempts = slot.attempts.saturating_add(1);
         delay
     }

@@ -578,13 +578,31 @@ async fn dynamic_supervisor_adds_removes_restarts_and_caps_children() {
 
 #[tokio::test(start_paused = true)]
 async fn backoff_delays_restarts_within_the_cap() {
+    let delays = seeded_restart_delays(42).await;
+    assert!(
+        delays.iter().any(|d| *d > Duration::from_millis(100)),
+        "the ceiling grew: {delays:?}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_seed_makes_restart_jitter_reproducible() {
+    let first = seeded_restart_delays(7).await;
+    assert_eq!(first, seeded_restart_delays(7).await);
+    assert_ne!(first, seeded_restart_delays(8).await);
+}
+
+/// Crashes one child with restart backoff eight times under `seed`; checks
+/// every delay against the ceiling and the time actually waited, and
+/// returns the delays.
+async fn seeded_restart_delays(seed: u64) -> Vec<Duration> {
     let log = Log::default();
     let a = Puppet::new("a", &log);
     let backoff = RestartBackoff::new(Duration::from_millis(100), Duration::from_millis(800))
         .reset_after(Duration::from_secs(60));
     let sup = Supervisor::builder("root")
         .intensity(100, Duration::from_secs(5))
-        .seed(42)
+        .seed(seed)
         .child(a.spec().backoff(backoff))
         .build()
         .expect("spec");
@@ -616,11 +634,8 @@ async fn backoff_delays_restarts_within_the_cap() {
         );
         delays.push(delay);
     }
-    assert!(
-        delays.iter().any(|d| *d > Duration::from_millis(100)),
-        "the ceiling grew: {delays:?}"
-    );
     handle.shutdown().await;
+    delays
 }
 
 #[tokio::test(start_paused = true)]

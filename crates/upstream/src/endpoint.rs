@@ -543,13 +543,8 @@ mod tests {
     use super::*;
 
     fn seeded(seed: u64) -> impl FnMut() -> u64 {
-        let mut state = seed;
-        move || {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state
-        }
+        let mut rng = fastrand::Rng::with_seed(seed);
+        move || rng.u64(..)
     }
 
     #[test]
