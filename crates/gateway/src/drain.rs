@@ -32,7 +32,7 @@ use keel_drain::{ConnKind, Drain, DrainPlan, Progress, Target};
 use tokio::sync::watch;
 
 use crate::readiness::ReadinessHandle;
-use keel_config::{DrainConfig, DrainStrategy};
+use keel_config::{DrainPace, DrainSpec};
 use keel_metrics::Metrics;
 use keel_proxy::proxy::Gateway;
 
@@ -41,20 +41,16 @@ pub use keel_admin::EndpointDrainError;
 
 /// The tunnel drain plan `[drain]` describes, with `deadline` as its hard
 /// deadline.
-pub fn plan(config: &DrainConfig, deadline: Duration) -> DrainPlan {
-    let interval = config.batch_interval.0;
-    let plan = match config.strategy {
-        DrainStrategy::Batch => DrainPlan::batches(
-            usize::try_from(config.batch_size).unwrap_or(usize::MAX),
-            interval,
-        ),
-        DrainStrategy::Percent => DrainPlan::percent(config.percent, interval),
-        DrainStrategy::Gradual => DrainPlan::gradual(config.gradual_over.0),
+pub fn plan(config: &DrainSpec, deadline: Duration) -> DrainPlan {
+    let plan = match config.pace {
+        DrainPace::Batch { size, interval } => DrainPlan::batches(size, interval),
+        DrainPace::Percent { percent, interval } => DrainPlan::percent(percent, interval),
+        DrainPace::Gradual { over } => DrainPlan::gradual(over),
     };
     plan.deadline(deadline)
-        .close_grace(config.close_grace.0)
+        .close_grace(config.close_grace)
         .jitter(config.jitter)
-        .reconnect_window(config.reconnect_window.0)
+        .reconnect_window(config.reconnect_window)
         .seed(seed())
 }
 
@@ -80,7 +76,7 @@ struct Shutdown {
 pub struct DrainControl {
     gateway: Arc<Gateway>,
     metrics: Arc<Metrics>,
-    config: DrainConfig,
+    config: DrainSpec,
     requested: watch::Sender<bool>,
     shutdown: Mutex<Shutdown>,
     endpoints: Mutex<Vec<EndpointDrain>>,
@@ -88,7 +84,7 @@ pub struct DrainControl {
 
 impl DrainControl {
     /// A control for `gateway` with the `[drain]` settings.
-    pub fn new(gateway: Arc<Gateway>, metrics: Arc<Metrics>, config: &DrainConfig) -> Self {
+    pub fn new(gateway: Arc<Gateway>, metrics: Arc<Metrics>, config: &DrainSpec) -> Self {
         let (requested, _) = watch::channel(false);
         DrainControl {
             gateway,
@@ -137,8 +133,8 @@ impl DrainControl {
         let _ = self.requested.send_replace(true);
         ready.set_not_ready("draining");
         self.set_phase(Phase::ShutdownDelay);
-        tracing::info!(delay = ?self.config.shutdown_delay.0, "draining: readiness failed, still serving");
-        tokio::time::sleep(self.config.shutdown_delay.0.min(self.config.deadline.0)).await;
+        tracing::info!(delay = ?self.config.shutdown_delay, "draining: readiness failed, still serving");
+        tokio::time::sleep(self.config.shutdown_delay.min(self.config.deadline)).await;
 
         let _ = stop_accepting.send(true);
         // Close connections only once the listening socket is gone, so a
@@ -147,8 +143,8 @@ impl DrainControl {
         let _ = tokio::time::timeout(Duration::from_secs(1), listener.listener_closed()).await;
         self.gateway
             .connections
-            .set_late_window(self.config.reconnect_window.0.max(Duration::from_millis(1)));
-        let left = self.config.deadline.0.saturating_sub(began.elapsed());
+            .set_late_window(self.config.reconnect_window.max(Duration::from_millis(1)));
+        let left = self.config.deadline.saturating_sub(began.elapsed());
         let tunnels = keel_drain::start(
             self.gateway.connections.registry(),
             Target::Kind(ConnKind::TUNNEL),
@@ -198,7 +194,7 @@ impl DrainControl {
         // Tunnels upgraded after the drain began were asked to close when
         // they appeared; wait for them too, and cut them at the deadline.
         while !self.gateway.connections.registry().is_empty()
-            && began.elapsed() < self.config.deadline.0
+            && began.elapsed() < self.config.deadline
         {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
@@ -243,7 +239,7 @@ impl DrainControl {
         let drain = keel_drain::start(
             self.gateway.connections.registry(),
             Target::Endpoint(target.drain_key().to_string()),
-            plan(&self.config, self.config.deadline.0),
+            plan(&self.config, self.config.deadline),
         );
         let progress = drain.progress();
         let gauges = self.metrics.drain(endpoint);
@@ -399,26 +395,30 @@ fn merged(a: &Drain, b: &Drain) -> watch::Receiver<Progress> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use keel_config::units::ConfigDuration;
 
     #[test]
     fn plans_follow_the_strategy() {
-        let mut config = DrainConfig {
-            batch_size: 3,
-            batch_interval: ConfigDuration(Duration::from_secs(1)),
+        let mut config = DrainSpec {
+            pace: DrainPace::Batch {
+                size: 3,
+                interval: Duration::from_secs(1),
+            },
             jitter: false,
-            ..DrainConfig::default()
+            ..DrainSpec::default()
         };
         let at = |p: DrainPlan| -> Vec<u64> {
             p.schedule(7).iter().map(|d| d.as_millis() as u64).collect()
         };
         let d = Duration::from_secs(60);
         assert_eq!(at(plan(&config, d)), [0, 0, 0, 1000, 1000, 1000, 2000]);
-        config.strategy = DrainStrategy::Percent;
-        config.percent = 50.0;
+        config.pace = DrainPace::Percent {
+            percent: 50.0,
+            interval: Duration::from_secs(1),
+        };
         assert_eq!(at(plan(&config, d)), [0, 0, 0, 0, 1000, 1000, 1000]);
-        config.strategy = DrainStrategy::Gradual;
-        config.gradual_over = ConfigDuration(Duration::from_millis(700));
+        config.pace = DrainPace::Gradual {
+            over: Duration::from_millis(700),
+        };
         assert_eq!(at(plan(&config, d)), [0, 100, 200, 300, 400, 500, 600]);
         // The deadline caps the schedule, less a tenth of it so the last
         // ones still hear their close before the cut.
@@ -430,7 +430,7 @@ mod tests {
         );
         // `close_grace = "0s"`: the schedule runs to the deadline itself
         // (what is left then is cut without a close frame).
-        config.close_grace = ConfigDuration(Duration::ZERO);
+        config.close_grace = Duration::ZERO;
         assert_eq!(
             *at(plan(&config, Duration::from_millis(250)))
                 .last()

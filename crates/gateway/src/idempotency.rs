@@ -34,7 +34,7 @@ use keel_idempotency::engine::{
 
 use crate::store::SharedStore;
 use keel_config::{
-    IdempotencyConfig, LapsedLeasePolicy, MissingTenantPolicy, RouteConfig, ServerErrorsPolicy,
+    IdempotencySpec, LapsedLeasePolicy, MissingTenantPolicy, RouteSpec, ServerErrorsPolicy,
 };
 use keel_http::body::{BodyTooLarge, ProxyBody};
 use keel_http::problem::{Problem, ProblemKind};
@@ -60,22 +60,14 @@ mod outcome {
     pub const LOCKED_UNKNOWN: usize = 9;
 }
 
-/// The engine policy for one route's `[routes.idempotency]`;
-/// `request_timeout` is the route upstream's, used for the default lease.
-pub fn policy(config: &IdempotencyConfig, request_timeout: Duration, route: &str) -> Policy {
-    let methods: Vec<Method> = config
-        .methods
-        .iter()
-        .filter_map(|m| Method::from_bytes(m.get_ref().as_bytes()).ok())
-        .collect();
-    let tenant = http::HeaderName::from_bytes(config.tenant_header.get_ref().as_bytes())
-        .map_or(Tenant::Header(header::AUTHORIZATION), Tenant::Header);
-    let size = |s: u64| usize::try_from(s).unwrap_or(usize::MAX);
+/// The engine policy for one route's idempotency spec; `request_timeout`
+/// is the route upstream's, used for the default lease.
+pub fn policy(config: &IdempotencySpec, request_timeout: Duration, route: &str) -> Policy {
     let mut policy = Policy::default()
-        .with_methods(methods)
+        .with_methods(config.methods.clone())
         .with_required(config.required)
-        .with_ttl(config.ttl.0)
-        .with_tenant(tenant)
+        .with_ttl(config.ttl)
+        .with_tenant(Tenant::Header(config.tenant_header.clone()))
         // The gateway's documented default: requests without
         // `tenant_header` share one anonymous tenant, unless the route
         // says `missing_tenant = "reject"` (the library's own default).
@@ -83,8 +75,8 @@ pub fn policy(config: &IdempotencyConfig, request_timeout: Duration, route: &str
             MissingTenantPolicy::Anonymous => MissingTenant::Anonymous,
             MissingTenantPolicy::Reject => MissingTenant::Reject,
         })
-        .with_max_body(size(config.max_body.0))
-        .with_max_response(size(config.max_response.0))
+        .with_max_body(config.max_body)
+        .with_max_response(config.max_response)
         .with_store_down(if config.fail_open {
             StoreDown::FailOpen
         } else {
@@ -102,8 +94,8 @@ pub fn policy(config: &IdempotencyConfig, request_timeout: Duration, route: &str
         // Routes are scoped apart by path already; the route name keeps
         // two routes over the same paths (different hosts) apart too.
         .with_namespace(format!("keel:{route}"));
-    policy = match &config.lease {
-        Some(lease) => policy.with_lease(lease.0),
+    policy = match config.lease {
+        Some(lease) => policy.with_lease(lease),
         None => policy.with_lease_for_timeout(request_timeout),
     };
     policy
@@ -132,22 +124,21 @@ impl Filters {
     /// admin API; `timeout_of` gives a route's upstream request timeout.
     pub fn key_admin(
         &self,
-        routes: &[RouteConfig],
-        timeout_of: impl Fn(&RouteConfig) -> Duration,
+        routes: &[RouteSpec],
+        timeout_of: impl Fn(&RouteSpec) -> Duration,
     ) -> KeyAdmin {
         let routes = routes
             .iter()
             .filter_map(|route| {
-                let config = route.idempotency.as_ref().filter(|i| i.enabled)?;
-                let name = route_name(route);
+                let config = route.idempotency.as_ref()?;
                 let engine = Engine::with_gate(
                     self.store.store.clone(),
                     self.store.gate.clone(),
-                    policy(config, timeout_of(route), &name),
+                    policy(config, timeout_of(route), &route.name),
                 );
                 Some(AdminRoute {
-                    name,
-                    path_prefix: route.path_prefix.get_ref().clone(),
+                    name: route.name.clone(),
+                    path_prefix: route.path_prefix.clone(),
                     engine,
                 })
             })
@@ -158,21 +149,20 @@ impl Filters {
     /// The filter for `route`, or `None` for a plain route.
     pub fn for_route(
         &self,
-        route: &RouteConfig,
+        route: &RouteSpec,
         request_timeout: Duration,
     ) -> Option<Arc<dyn RequestFilter>> {
-        let config = route.idempotency.as_ref().filter(|i| i.enabled)?;
-        let name = route_name(route);
+        let config = route.idempotency.as_ref()?;
         let engine = Engine::with_gate(
             self.store.store.clone(),
             self.store.gate.clone(),
-            policy(config, request_timeout, &name),
+            policy(config, request_timeout, &route.name),
         );
         Some(Arc::new(IdempotencyFilter {
             engine,
-            metrics: self.metrics.idempotency(&name),
+            metrics: self.metrics.idempotency(&route.name),
             server_errors: config.server_errors,
-            max_response: usize::try_from(config.max_response.0).unwrap_or(usize::MAX),
+            max_response: config.max_response,
             body_timeout: request_timeout,
             budget: self.budget.clone(),
         }))
@@ -274,14 +264,6 @@ impl KeyAdmin {
         }
         Ok(answer)
     }
-}
-
-/// A route's name as metrics and the admin API know it.
-pub fn route_name(route: &RouteConfig) -> String {
-    route
-        .name
-        .clone()
-        .unwrap_or_else(|| route.path_prefix.get_ref().clone())
 }
 
 /// Bytes of keyed request bodies buffered right now, across the process,
@@ -819,15 +801,15 @@ fn log_store_error(error: Option<keel_idempotency::store::StoreError>, request_i
 mod tests {
     use super::*;
 
-    fn route(text: &str) -> RouteConfig {
-        let config = keel_config::parse(
+    fn route(text: &str) -> RouteSpec {
+        let spec = keel_config::parse(
             std::path::Path::new("t.toml"),
             &format!(
                 "[server]\nlisten = \"127.0.0.1:0\"\n[upstreams.a]\nendpoints = [\"http://127.0.0.1:1\"]\n[[routes]]\npath_prefix = \"/\"\nupstream = \"a\"\n[routes.idempotency]\nenabled = true\n{text}"
             ),
         )
         .expect("valid config");
-        config.routes.into_iter().next().expect("route")
+        spec.routes.into_iter().next().expect("route")
     }
 
     /// The futures boxed once per idempotent request (the response

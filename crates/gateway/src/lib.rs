@@ -1,5 +1,6 @@
-//! The `keel` gateway assembled: [`start`] turns a checked config into a
-//! running gateway (data plane, admin API, store, health checks, breaker
+//! The `keel` gateway assembled: [`start`] turns a [`keel_config::Spec`]
+//! (the config, checked and typed once by keel-config) into a running
+//! gateway (data plane, admin API, store, health checks, breaker
 //! watchers and drain, each a child of one supervision tree) and
 //! [`Running::wait_and_drain`] runs it until SIGTERM, SIGINT or
 //! `POST /drain`, then drains it.
@@ -9,9 +10,9 @@
 //!
 //! ```no_run
 //! # async fn example() -> Result<(), Box<dyn std::error::Error>> {
-//! let config = keel_config::load(std::path::Path::new("keel.toml"))
+//! let spec = keel_config::load(std::path::Path::new("keel.toml"))
 //!     .map_err(|errors| format!("{} config errors", errors.len()))?;
-//! let running = keel_gateway::start(&config).await?;
+//! let running = keel_gateway::start(&spec).await?;
 //! println!("serving on {}", running.listen);
 //! running.wait_and_drain().await?;
 //! # Ok(())

@@ -139,7 +139,7 @@ async fn request_and_response_filters_see_the_whole_exchange() {
     );
     let config = config::parse(Path::new("seam.toml"), &text).expect("config");
     let outcomes = Outcomes::default();
-    let factory = |_: &config::RouteConfig| -> Option<Arc<dyn RequestFilter>> {
+    let factory = |_: &config::RouteSpec| -> Option<Arc<dyn RequestFilter>> {
         Some(Arc::new(TestFilter {
             outcomes: outcomes.clone(),
         }))
@@ -151,7 +151,7 @@ async fn request_and_response_filters_see_the_whole_exchange() {
         max_header_size: 16 * 1024,
         ..ConnectionSettings::default()
     };
-    let plane = DataPlane::bind(config.listen_addr(), gateway, &settings)
+    let plane = DataPlane::bind(config.server.listen, gateway, &settings)
         .await
         .expect("bind");
     let addr = plane.local_addr().expect("addr");

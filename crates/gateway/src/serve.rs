@@ -10,14 +10,13 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use http::Method;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::admin_backend::GatewayAdmin;
 use crate::drain::DrainControl;
 use crate::readiness::{Readiness, ReadinessHandle};
-use keel_config::{Config, RouteConfig};
+use keel_config::{RouteSpec, Spec};
 use keel_metrics::Metrics;
 use keel_proxy::filter::RequestFilter;
 use keel_proxy::listener::{ConnectionCount, ConnectionSettings, DataPlane};
@@ -51,71 +50,54 @@ pub enum ServeError {
 
 /// Makes the request filter for a route (`None`: a plain route). `start`
 /// passes a factory that builds the idempotency engine's filter from
-/// `[routes.idempotency]` and the shared store.
-pub type FilterFactory<'a> = &'a dyn Fn(&RouteConfig) -> Option<Arc<dyn RequestFilter>>;
+/// the route's idempotency spec and the shared store.
+pub type FilterFactory<'a> = &'a dyn Fn(&RouteSpec) -> Option<Arc<dyn RequestFilter>>;
 
 /// No filters: every route is a plain proxy route.
 #[allow(
     dead_code,
     reason = "kept for callers that build a gateway without a store"
 )]
-pub fn no_filters(_: &RouteConfig) -> Option<Arc<dyn RequestFilter>> {
+pub fn no_filters(_: &RouteSpec) -> Option<Arc<dyn RequestFilter>> {
     None
 }
 
-/// Builds the gateway's routing table and upstream pools from a validated config.
-pub fn build_gateway(config: &Config, metrics: &Metrics, filters: FilterFactory<'_>) -> Gateway {
-    let names: Vec<&String> = config.upstreams.keys().collect();
-    let upstreams = config
+/// Builds the gateway's routing table and upstream pools from a spec.
+pub fn build_gateway(spec: &Spec, metrics: &Metrics, filters: FilterFactory<'_>) -> Gateway {
+    let upstreams = spec
         .upstreams
         .iter()
-        .map(|(name, upstream)| Upstream::from_config(name, upstream, metrics))
+        .map(|upstream| Upstream::new(upstream, metrics))
         .collect();
-    let routes = config
+    let routes = spec
         .routes
         .iter()
-        .map(|r| {
-            let name = r
-                .name
-                .clone()
-                .unwrap_or_else(|| r.path_prefix.get_ref().clone());
-            let filter = filters(r);
-            let stale =
-                r.stale.as_ref().filter(|s| s.enabled).map(|s| {
-                    keel_proxy::stale::StaleCache::new(s, metrics.resilience().stale(&name))
-                });
-            Route {
-                metrics: metrics.route(&name),
-                name,
-                prefix: r.path_prefix.get_ref().clone(),
-                host: r.host.as_ref().map(|h| h.to_ascii_lowercase()),
-                methods: r.methods.as_ref().map(|ms| {
-                    ms.iter()
-                        .filter_map(|m| Method::from_bytes(m.get_ref().as_bytes()).ok())
-                        .collect()
-                }),
-                upstream: names
-                    .iter()
-                    .position(|n| *n == r.upstream.get_ref())
-                    .unwrap_or(0),
-                max_body_size: r.max_body_size.unwrap_or(config.server.max_body_size).0,
-                filter,
-                stale,
-            }
+        .map(|r| Route {
+            metrics: metrics.route(&r.name),
+            name: r.name.clone(),
+            prefix: r.path_prefix.clone(),
+            host: r.host.clone(),
+            methods: r.methods.clone(),
+            upstream: r.upstream,
+            max_body_size: r.max_body_size,
+            filter: filters(r),
+            stale: r.stale.as_ref().map(|s| {
+                keel_proxy::stale::StaleCache::new(s, metrics.resilience().stale(&r.name))
+            }),
         })
         .collect();
     Gateway {
         router: Router::new(routes),
         upstreams,
         settings: ProxySettings {
-            max_header_size: usize::try_from(config.server.max_header_size.0).unwrap_or(usize::MAX),
-            via: config.server.via,
-            access_log: config.log.access_log,
+            max_header_size: spec.server.max_header_size,
+            via: spec.server.via,
+            access_log: spec.log.access_log,
             tunnel_close: keel_proxy::tunnel::ClosePolicy {
                 // The grace the drain plan leaves before its deadline.
-                message_wait: crate::drain::plan(&config.drain, config.drain.deadline.0)
+                message_wait: crate::drain::plan(&spec.drain, spec.drain.deadline)
                     .effective_close_grace(),
-                message_limit: config.drain.close_message_limit.0,
+                message_limit: spec.drain.close_message_limit,
                 mid_message: metrics.tunnel_closes_mid_message.clone(),
             },
         },
@@ -167,47 +149,35 @@ impl Signals {
 }
 
 /// Binds everything and starts serving; returns once the listeners are up.
-pub async fn start(config: &Config) -> Result<Running, ServeError> {
+pub async fn start(spec: &Spec) -> Result<Running, ServeError> {
     let started = Instant::now();
     let signals = Signals::install()?;
     let metrics = Arc::new(Metrics::new());
     let readiness = Readiness::default();
     let listeners_ready = readiness.register("listeners", "starting");
     // The store is a dependency only when some route is idempotent.
-    let store = config
-        .routes
-        .iter()
-        .any(|r| r.idempotency.as_ref().is_some_and(|i| i.enabled))
-        .then(|| crate::store::SharedStore::new(&config.store));
+    let store = spec
+        .has_idempotent_routes()
+        .then(|| crate::store::SharedStore::new(&spec.store));
     let store_child = store
         .as_ref()
         .map(|s| s.connector(readiness.register("store", "store: starting")));
-    let filters = store.map(|s| {
-        crate::idempotency::Filters::new(
-            s,
-            metrics.clone(),
-            config.server.buffer_budget.get_ref().0,
-        )
-    });
-    let timeout_of = |route: &RouteConfig| {
-        config
-            .upstreams
-            .get(route.upstream.get_ref())
-            .map_or(Duration::from_secs(30), |u| u.request_timeout.0)
-    };
-    let idempotent = |route: &RouteConfig| filters.as_ref()?.for_route(route, timeout_of(route));
-    let gateway = Arc::new(build_gateway(config, &metrics, &idempotent));
+    let filters = store
+        .map(|s| crate::idempotency::Filters::new(s, metrics.clone(), spec.server.buffer_budget));
+    let timeout_of = |route: &RouteSpec| spec.upstream_of(route).request_timeout;
+    let idempotent = |route: &RouteSpec| filters.as_ref()?.for_route(route, timeout_of(route));
+    let gateway = Arc::new(build_gateway(spec, &metrics, &idempotent));
     let (shutdown, shutdown_rx) = watch::channel(false);
 
-    let server = &config.server;
+    let server = &spec.server;
     let settings = ConnectionSettings {
-        idle_timeout: server.idle_timeout.get_ref().0,
-        header_read_timeout: server.header_read_timeout.get_ref().0,
-        http2_keep_alive_interval: server.http2_keep_alive_interval.get_ref().0,
-        http2_keep_alive_timeout: server.http2_keep_alive_timeout.get_ref().0,
-        max_header_size: usize::try_from(server.max_header_size.0).unwrap_or(usize::MAX),
+        idle_timeout: server.idle_timeout,
+        header_read_timeout: server.header_read_timeout,
+        http2_keep_alive_interval: server.http2_keep_alive_interval,
+        http2_keep_alive_timeout: server.http2_keep_alive_timeout,
+        max_header_size: server.max_header_size,
     };
-    let addr = config.listen_addr();
+    let addr = server.listen;
     let data_plane = DataPlane::bind(addr, gateway.clone(), &settings)
         .await
         .map_err(|source| ServeError::Bind {
@@ -220,7 +190,7 @@ pub async fn start(config: &Config) -> Result<Running, ServeError> {
     let drain = Arc::new(DrainControl::new(
         gateway.clone(),
         metrics.clone(),
-        &config.drain,
+        &spec.drain,
     ));
     // The admin server outlives the listener: `GET /drain` answers until
     // the drain is over.
@@ -229,7 +199,7 @@ pub async fn start(config: &Config) -> Result<Running, ServeError> {
     let mut admin = None;
     let mut admin_child = None;
     let probe = crate::supervision::ProbeSlot::default();
-    if let Some(admin_addr) = config.admin_addr() {
+    if let Some(admin_addr) = server.admin_listen {
         let listener = TcpListener::bind(admin_addr)
             .await
             .map_err(|source| ServeError::Bind {
@@ -250,11 +220,11 @@ pub async fn start(config: &Config) -> Result<Running, ServeError> {
             drain: drain.clone(),
             keys: filters
                 .as_ref()
-                .map(|f| f.key_admin(&config.routes, timeout_of)),
+                .map(|f| f.key_admin(&spec.routes, timeout_of)),
         });
         let limits = keel_admin::AdminLimits {
-            header_read_timeout: server.header_read_timeout.get_ref().0,
-            max_connections: *server.admin_max_connections.get_ref(),
+            header_read_timeout: server.header_read_timeout,
+            max_connections: server.admin_max_connections,
         };
         admin_child = Some((
             listener,

@@ -27,7 +27,7 @@ use keel_supervisor::{ChildContext, ChildResult, ChildSpec, RestartBackoff};
 use tokio::sync::Notify;
 
 use crate::readiness::ReadinessHandle;
-use keel_config::{StoreConfig, StoreKind};
+use keel_config::{StoreBackend, StoreSpec};
 
 /// How often a healthy store is probed.
 const PROBE_EVERY: Duration = Duration::from_secs(1);
@@ -172,65 +172,34 @@ pub struct SharedStore {
 }
 
 struct Settings {
-    kind: StoreKind,
     /// Shown in reasons: a path or a URL without its password.
     location: String,
-    path: std::path::PathBuf,
-    url: String,
-    /// Redis Cluster seed nodes; empty for one server.
-    cluster_nodes: Vec<String>,
-    prefix: String,
-    timeout: Duration,
-    durable_claims: bool,
-    memory: keel_idempotency::memory::MemoryConfig,
+    spec: StoreSpec,
 }
 
 impl SharedStore {
-    /// The store described by `[store]`, not connected yet.
-    pub fn new(config: &StoreConfig) -> Self {
-        let kind = *config.kind.get_ref();
-        let url = config
-            .url
-            .as_ref()
-            .map(|u| u.get_ref().clone())
-            .unwrap_or_default();
-        let cluster_nodes: Vec<String> = config
-            .cluster_nodes
-            .iter()
-            .flat_map(|nodes| nodes.get_ref().iter().map(|n| n.get_ref().clone()))
-            .collect();
-        let location = match kind {
-            StoreKind::Memory => "memory".to_owned(),
-            StoreKind::Embedded => format!("embedded at {}", config.embedded_path().display()),
-            StoreKind::Redis if !cluster_nodes.is_empty() => format!(
+    /// The store `spec` describes, not connected yet.
+    pub fn new(spec: &StoreSpec) -> Self {
+        let location = match &spec.backend {
+            StoreBackend::Memory { .. } => "memory".to_owned(),
+            StoreBackend::Embedded { path, .. } => format!("embedded at {}", path.display()),
+            StoreBackend::RedisCluster { nodes, .. } => format!(
                 "redis cluster at {}",
-                cluster_nodes
+                nodes
                     .iter()
                     .map(|n| redact(n))
                     .collect::<Vec<_>>()
                     .join(", ")
             ),
-            StoreKind::Redis => format!("redis at {}", redact(&url)),
-            StoreKind::Postgres => format!("postgres at {}", redact(&url)),
+            StoreBackend::Redis { url, .. } => format!("redis at {}", redact(url)),
+            StoreBackend::Postgres { url, .. } => format!("postgres at {}", redact(url)),
         };
         Self {
             store: Arc::default(),
             gate: Arc::default(),
             settings: Arc::new(Settings {
-                kind,
                 location,
-                path: config.embedded_path(),
-                url,
-                cluster_nodes,
-                prefix: config.prefix.clone(),
-                timeout: config.timeout.0,
-                durable_claims: config.durable_claims(),
-                memory: keel_idempotency::memory::MemoryConfig::default()
-                    .max_bytes(usize::try_from(config.max_bytes.get_ref().0).unwrap_or(usize::MAX))
-                    .max_tenant_bytes(
-                        usize::try_from(config.max_bytes_per_tenant.get_ref().0)
-                            .unwrap_or(usize::MAX),
-                    ),
+                spec: spec.clone(),
             }),
         }
     }
@@ -259,7 +228,7 @@ impl SharedStore {
             .ok_or_else(|| keel_supervisor::ChildError::msg("invalid health key"))?;
         loop {
             let result = match self.open().await {
-                Ok(store) => probe(store, &health_key, self.settings.timeout).await,
+                Ok(store) => probe(store, &health_key, self.settings.spec.timeout).await,
                 Err(e) => Err(e),
             };
             let wait = match result {
@@ -304,13 +273,21 @@ impl SharedStore {
         if let Some(store) = self.store.store.get() {
             return Ok(store);
         }
-        let s = &self.settings;
-        let store: Arc<dyn Store> = match s.kind {
-            StoreKind::Memory => Arc::new(keel_idempotency::memory::MemoryStore::with_config(
-                s.memory.clone(),
+        let timeout = self.settings.spec.timeout;
+        let store: Arc<dyn Store> = match &self.settings.spec.backend {
+            &StoreBackend::Memory {
+                max_bytes,
+                max_bytes_per_tenant,
+            } => Arc::new(keel_idempotency::memory::MemoryStore::with_config(
+                keel_idempotency::memory::MemoryConfig::default()
+                    .max_bytes(max_bytes)
+                    .max_tenant_bytes(max_bytes_per_tenant),
             )),
-            StoreKind::Embedded => {
-                let (path, durable) = (s.path.clone(), s.durable_claims);
+            StoreBackend::Embedded {
+                path,
+                durable_claims,
+            } => {
+                let (path, durable) = (path.clone(), *durable_claims);
                 let opened = tokio::task::spawn_blocking(move || {
                     keel_idempotency::embedded::EmbeddedStore::open_dir(path)
                         .map(|store| store.durable_claims(durable))
@@ -319,27 +296,24 @@ impl SharedStore {
                 .map_err(|e| e.to_string())?;
                 Arc::new(opened.map_err(|e| e.to_string())?)
             }
-            StoreKind::Redis => {
-                use keel_idempotency::redis::{RedisOptions, RedisStore};
-                let options = RedisOptions::default()
-                    .prefix(s.prefix.clone())
-                    .op_timeout(s.timeout)
-                    .connections(2);
-                let store = if s.cluster_nodes.is_empty() {
-                    RedisStore::lazy(&s.url, options)
-                } else {
-                    RedisStore::lazy_cluster(&s.cluster_nodes, options)
-                };
+            StoreBackend::Redis { url, prefix } => {
+                use keel_idempotency::redis::RedisStore;
+                let store = RedisStore::lazy(url, redis_options(prefix, timeout));
                 Arc::new(store.map_err(|e| e.to_string())?)
             }
-            StoreKind::Postgres => {
+            StoreBackend::RedisCluster { nodes, prefix } => {
+                use keel_idempotency::redis::RedisStore;
+                let store = RedisStore::lazy_cluster(nodes, redis_options(prefix, timeout));
+                Arc::new(store.map_err(|e| e.to_string())?)
+            }
+            StoreBackend::Postgres { url, prefix } => {
                 use keel_idempotency::postgres::{PostgresOptions, PostgresStore};
                 let options = PostgresOptions::default()
-                    .table(&postgres_table(&s.prefix))
+                    .table(&postgres_table(prefix))
                     .map_err(|e| e.to_string())?
-                    .op_timeout(s.timeout);
-                let store = PostgresStore::connect(&s.url, options).map_err(|e| e.to_string())?;
-                tokio::time::timeout(s.timeout * 2, store.ensure_schema())
+                    .op_timeout(timeout);
+                let store = PostgresStore::connect(url, options).map_err(|e| e.to_string())?;
+                tokio::time::timeout(timeout * 2, store.ensure_schema())
                     .await
                     .map_err(|_| "timed out creating the table".to_owned())?
                     .map_err(|e| e.to_string())?;
@@ -350,6 +324,14 @@ impl SharedStore {
         let _ = self.store.store.set(store);
         self.store.get().map_err(|e| e.to_string())
     }
+}
+
+/// The options of a Redis store (one server or a cluster).
+fn redis_options(prefix: &str, timeout: Duration) -> keel_idempotency::redis::RedisOptions {
+    keel_idempotency::redis::RedisOptions::default()
+        .prefix(prefix.to_owned())
+        .op_timeout(timeout)
+        .connections(2)
 }
 
 /// One claim and release on the health key, under `timeout`.
@@ -434,8 +416,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn the_slot_is_unavailable_until_connected_and_the_gate_follows_probes() {
-        let config = StoreConfig::default();
-        let shared = SharedStore::new(&config);
+        let shared = SharedStore::new(&StoreSpec::default());
         let key = StoreKey::new("k").expect("key");
         assert!(matches!(
             shared

@@ -3,10 +3,10 @@
 
 use tracing_subscriber::EnvFilter;
 
-use keel_config::{LogConfig, LogFormat};
+use keel_config::{LogFormat, LogSpec};
 
 /// Installs the global subscriber (once per process).
-pub fn init(config: &LogConfig) {
+pub fn init(config: &LogSpec) {
     let filter = EnvFilter::try_from_default_env()
         .or_else(|_| EnvFilter::try_new(&config.level))
         .unwrap_or_else(|_| EnvFilter::new("info"));

@@ -28,7 +28,7 @@ use http_body_util::BodyExt;
 use prometheus_client::metrics::counter::Counter;
 use tokio::time::Instant;
 
-use keel_config::StaleConfig;
+use keel_config::StaleSpec;
 use keel_http::body::ProxyBody;
 use keel_upstream::{ErrorKind, UpstreamError};
 
@@ -83,13 +83,13 @@ pub struct StaleKey {
 
 impl StaleCache {
     /// An empty cache; `served` counts stale answers.
-    pub fn new(config: &StaleConfig, served: Counter) -> Self {
+    pub fn new(config: &StaleSpec, served: Counter) -> Self {
         StaleCache {
             shards: (0..SHARDS).map(|_| Mutex::new(Shard::default())).collect(),
             hasher: std::hash::RandomState::new(),
-            max_age: config.max_age.0,
-            shard_bytes: usize::try_from(config.max_bytes.0 / SHARDS as u64).unwrap_or(usize::MAX),
-            max_entry: config.max_entry_size.0,
+            max_age: config.max_age,
+            shard_bytes: usize::try_from(config.max_bytes / SHARDS as u64).unwrap_or(usize::MAX),
+            max_entry: config.max_entry_size,
             served,
         }
     }
@@ -353,15 +353,13 @@ async fn read_body(body: ProxyBody) -> Result<Bytes, UpstreamError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use keel_config::units::{ConfigDuration, ConfigSize};
 
     fn cache(max_bytes: u64) -> StaleCache {
         StaleCache::new(
-            &StaleConfig {
-                enabled: true,
-                max_age: ConfigDuration(Duration::from_secs(300)),
-                max_bytes: ConfigSize(max_bytes),
-                max_entry_size: ConfigSize(4096),
+            &StaleSpec {
+                max_age: Duration::from_secs(300),
+                max_bytes,
+                max_entry_size: 4096,
             },
             Counter::default(),
         )

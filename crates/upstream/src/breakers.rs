@@ -22,7 +22,7 @@ use keel_breaker::{
 use keel_retry::{Backoff, Jitter, RatioBudget};
 
 use crate::endpoint::Upstream;
-use keel_config::{BreakerConfig, HealthCheckConfig, RetryConfig};
+use keel_config::{BreakerSpec, HealthCheckSpec, RetrySpec};
 use keel_metrics::{BreakerMetrics, HealthMetrics, Metrics, RetryMetrics, UpstreamFailureMetrics};
 
 /// A set of HTTP statuses, as a bitmap: membership is one shift and mask.
@@ -72,12 +72,10 @@ impl EndpointGuard {
     pub fn new(
         upstream: &str,
         url: &str,
-        config: Option<&BreakerConfig>,
+        config: &BreakerSpec,
         seed: u64,
         metrics: &Metrics,
     ) -> Self {
-        let defaults = BreakerConfig::default();
-        let config = config.unwrap_or(&defaults);
         let breaker = config
             .enabled
             .then(|| Breaker::new(format!("{upstream} {url}"), endpoint_config(config, seed)).ok())
@@ -136,48 +134,44 @@ pub struct UpstreamResilience {
     /// Retries (`None`: off).
     pub retry: Option<RetrySettings>,
     /// Active health checks (`None`: off).
-    pub health_check: Option<HealthCheckConfig>,
+    pub health_check: Option<HealthCheckSpec>,
     /// Attempts that counted against the upstream, by cause (never the
     /// client's failures).
     pub failures: UpstreamFailureMetrics,
 }
 
 impl UpstreamResilience {
-    /// Builds it from `[upstreams.NAME.breaker]`, `.retry` and `.health_check`.
+    /// Builds it from the upstream's breaker, retry and health-check specs.
     pub fn new(
         name: &str,
-        breaker: Option<&BreakerConfig>,
-        retry: Option<&RetryConfig>,
-        health_check: Option<&HealthCheckConfig>,
+        config: &BreakerSpec,
+        r: &RetrySpec,
+        health_check: Option<&HealthCheckSpec>,
         metrics: &Metrics,
     ) -> Self {
-        let defaults = BreakerConfig::default();
-        let config = breaker.unwrap_or(&defaults);
         let breaker = config
             .enabled
             .then(|| Breaker::new(name.to_owned(), upstream_config(config)).ok())
             .flatten();
-        let retry_defaults = RetryConfig::default();
-        let r = retry.unwrap_or(&retry_defaults);
         let retry = (r.enabled && r.max_attempts > 1).then(|| RetrySettings {
             max_attempts: r.max_attempts,
             statuses: StatusSet::new(&r.statuses),
-            backoff: Backoff::exponential(r.backoff_base.0)
-                .cap(r.backoff_cap.0)
+            backoff: Backoff::exponential(r.backoff_base)
+                .cap(r.backoff_cap)
                 .jitter(Jitter::Full),
             budget: RatioBudget::new(
                 r.budget_ratio,
                 r.budget_min_per_second,
                 Duration::from_secs(10),
             ),
-            max_body: r.max_body.0,
+            max_body: r.max_body,
             metrics: metrics.resilience().retry(name),
         });
         UpstreamResilience {
             breaker,
             metrics: metrics.resilience().breaker(name, ""),
             failure_statuses: StatusSet::new(&config.failure_statuses),
-            max_retry_after: config.max_retry_after.0,
+            max_retry_after: config.max_retry_after,
             retry,
             health_check: health_check.cloned(),
             failures: metrics.resilience().upstream_failures(name),
@@ -213,16 +207,16 @@ pub fn retry_after(headers: &HeaderMap) -> Option<Duration> {
     keel_retry::parse_retry_after(value, SystemTime::now()).ok()
 }
 
-fn common_config(c: &BreakerConfig, mut config: Config) -> Config {
+fn common_config(c: &BreakerSpec, mut config: Config) -> Config {
     config = config
-        .open_duration(c.open_duration.0)
-        .open_duration_cap(c.max_open_duration.0.max(c.open_duration.0))
+        .open_duration(c.open_duration)
+        .open_duration_cap(c.max_open_duration.max(c.open_duration))
         .half_open_probes(c.half_open_probes.max(1))
-        .probe_timeout(c.probe_timeout.0);
-    config.max_hint = c.max_retry_after.0;
-    if c.gradual_recovery {
+        .probe_timeout(c.probe_timeout);
+    config.max_hint = c.max_retry_after;
+    if let Some(step_duration) = c.recovery_step {
         config = config.recovery(Recovery {
-            step_duration: c.recovery_step.0,
+            step_duration,
             ..Recovery::default()
         });
     }
@@ -230,8 +224,8 @@ fn common_config(c: &BreakerConfig, mut config: Config) -> Config {
 }
 
 /// fuse's count policy (and optionally a rate) for one endpoint.
-fn endpoint_config(c: &BreakerConfig, seed: u64) -> Config {
-    let mut config = Config::fuse(c.failures.saturating_sub(1), c.window.0, c.open_duration.0);
+fn endpoint_config(c: &BreakerSpec, seed: u64) -> Config {
+    let mut config = Config::fuse(c.failures.saturating_sub(1), c.window, c.open_duration);
     config.rate = c.failure_rate.map(|rate| RatePolicy {
         window: Window::Count(100),
         min_calls: c.min_calls,
@@ -242,7 +236,7 @@ fn endpoint_config(c: &BreakerConfig, seed: u64) -> Config {
 }
 
 /// A failure-rate policy over whole requests for the upstream.
-fn upstream_config(c: &BreakerConfig) -> Config {
+fn upstream_config(c: &BreakerSpec) -> Config {
     let config = Config::default().rate(Some(RatePolicy {
         window: Window::Count(100),
         min_calls: c.min_calls,
@@ -396,16 +390,17 @@ mod tests {
     #[test]
     fn the_endpoint_breaker_opens_at_the_configured_failures_and_honours_retry_after() {
         let metrics = Metrics::new();
-        let config = BreakerConfig {
+        let config = BreakerSpec {
             failures: 3,
-            ..BreakerConfig::default()
+            ..BreakerSpec::default()
         };
-        let guard = EndpointGuard::new("app", "http://a", Some(&config), 1, &metrics);
+        let guard = EndpointGuard::new("app", "http://a", &config, 1, &metrics);
         for _ in 0..2 {
             guard.allow().expect("closed").expect("breaker").failure();
         }
         assert!(guard.allow().is_ok(), "two failures are tolerated");
-        let upstream = UpstreamResilience::new("app", Some(&config), None, None, &metrics);
+        let upstream =
+            UpstreamResilience::new("app", &config, &RetrySpec::default(), None, &metrics);
         let mut headers = HeaderMap::new();
         headers.insert(header::RETRY_AFTER, "42".parse().expect("value"));
         let outcome = upstream.outcome_of(StatusCode::SERVICE_UNAVAILABLE, &headers);
@@ -429,8 +424,10 @@ mod tests {
     #[test]
     fn operator_actions_reach_every_breaker() {
         let metrics = Metrics::new();
-        let upstream = UpstreamResilience::new("app", None, None, None, &metrics);
-        let endpoint = EndpointGuard::new("app", "http://a", None, 1, &metrics);
+        let breaker = BreakerSpec::default();
+        let upstream =
+            UpstreamResilience::new("app", &breaker, &RetrySpec::default(), None, &metrics);
+        let endpoint = EndpointGuard::new("app", "http://a", &breaker, 1, &metrics);
         let endpoints = [endpoint.breaker.as_ref().expect("breaker")];
         apply(&upstream, &endpoints, OperatorAction::Melt);
         assert!(upstream.allow().is_err());

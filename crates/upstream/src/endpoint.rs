@@ -23,7 +23,7 @@ use tokio::net::TcpStream;
 
 use crate::breakers::{EndpointGuard, UpstreamResilience};
 use keel_breaker::Permit;
-use keel_config::{LoadBalancing, UpstreamConfig, endpoint_authority};
+use keel_config::{EndpointSpec, LoadBalancing, UpstreamSpec};
 use keel_http::headers::next_random;
 use keel_http::{Checkin, ProxyBody};
 use keel_metrics::{EndpointMetrics, Metrics};
@@ -160,26 +160,25 @@ pub enum SendError {
 
 impl Endpoint {
     fn new(
-        url: &str,
-        authority: Authority,
-        config: &UpstreamConfig,
+        endpoint: &EndpointSpec,
+        config: &UpstreamSpec,
         metrics: EndpointMetrics,
         guard: EndpointGuard,
     ) -> Self {
         let shards = std::thread::available_parallelism().map_or(2, |n| n.get() * 2);
         Endpoint {
-            url: url.to_owned(),
-            authority,
+            url: endpoint.url.clone(),
+            authority: endpoint.authority.clone(),
             outstanding: AtomicUsize::new(0),
             metrics,
             guard,
-            connect_timeout: config.connect_timeout.0,
+            connect_timeout: config.connect_timeout,
             pool: Arc::new(IdlePool {
-                idle_timeout: config.idle_timeout.0,
+                idle_timeout: config.idle_timeout,
                 max_idle_per_shard: config.max_idle_per_endpoint.div_ceil(shards).max(1),
                 shards: (0..shards).map(|_| Mutex::new(Vec::new())).collect(),
             }),
-            drain_key: Arc::from(url),
+            drain_key: Arc::from(endpoint.url.as_str()),
             draining: AtomicBool::new(false),
         }
     }
@@ -322,37 +321,34 @@ pub struct Upstream {
 }
 
 impl Upstream {
-    /// Builds the upstream and its pools from config.
-    pub fn from_config(name: &str, config: &UpstreamConfig, metrics: &Metrics) -> Self {
-        let endpoints = config
+    /// Builds the upstream and its pools from its spec.
+    pub fn new(spec: &UpstreamSpec, metrics: &Metrics) -> Self {
+        let name = spec.name.as_str();
+        let endpoints = spec
             .endpoints
-            .get_ref()
             .iter()
-            .enumerate()
-            .filter_map(|(i, url)| {
-                let url = url.get_ref();
-                let authority = endpoint_authority(url).ok()?;
-                let guard =
-                    EndpointGuard::new(name, url, config.breaker.as_ref(), i as u64 + 1, metrics);
-                Some(Arc::new(Endpoint::new(
-                    url,
-                    authority,
-                    config,
+            .zip(1u64..)
+            .map(|(endpoint, seed)| {
+                let url = endpoint.url.as_str();
+                let guard = EndpointGuard::new(name, url, &spec.breaker, seed, metrics);
+                Arc::new(Endpoint::new(
+                    endpoint,
+                    spec,
                     metrics.endpoint(name, url),
                     guard,
-                )))
+                ))
             })
             .collect();
         Upstream {
             name: name.to_owned(),
             endpoints,
-            balancing: config.load_balancing,
-            request_timeout: config.request_timeout.0,
+            balancing: spec.load_balancing,
+            request_timeout: spec.request_timeout,
             resilience: UpstreamResilience::new(
                 name,
-                config.breaker.as_ref(),
-                config.retry.as_ref(),
-                config.health_check.as_ref(),
+                &spec.breaker,
+                &spec.retry,
+                spec.health_check.as_ref(),
                 metrics,
             ),
             next: AtomicUsize::new(0),

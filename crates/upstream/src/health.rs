@@ -15,7 +15,7 @@ use http::{Request, header};
 use http_body_util::BodyExt;
 
 use crate::endpoint::{Endpoint, Upstream};
-use keel_config::HealthCheckConfig;
+use keel_config::HealthCheckSpec;
 use keel_http::body::ProxyBody;
 
 /// The health check of one endpoint.
@@ -26,7 +26,7 @@ pub struct HealthCheck {
     /// The endpoint checked.
     pub endpoint: Arc<Endpoint>,
     /// Path, interval, timeout, thresholds.
-    pub config: HealthCheckConfig,
+    pub config: HealthCheckSpec,
 }
 
 /// One check per endpoint of every upstream with `health_check` configured.
@@ -60,7 +60,7 @@ impl Streak {
         &mut self,
         passed: bool,
         healthy: bool,
-        config: &HealthCheckConfig,
+        config: &HealthCheckSpec,
     ) -> Option<bool> {
         if passed {
             self.passes = self.passes.saturating_add(1);
@@ -78,7 +78,7 @@ impl HealthCheck {
     /// Checks every `interval`; its owner stops it by dropping (cancelling)
     /// the future.
     pub async fn run(self) {
-        let mut ticks = tokio::time::interval(self.config.interval.0);
+        let mut ticks = tokio::time::interval(self.config.interval);
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut streak = Streak::default();
         let guard = &self.endpoint.guard;
@@ -128,7 +128,7 @@ impl HealthCheck {
             response.into_body().collect().await.ok()?;
             Some(ok)
         };
-        tokio::time::timeout(self.config.timeout.0, exchange)
+        tokio::time::timeout(self.config.timeout, exchange)
             .await
             .ok()
             .flatten()
@@ -139,15 +139,14 @@ impl HealthCheck {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use keel_config::units::ConfigDuration;
     use std::time::Duration;
 
     #[test]
     fn thresholds_eject_and_readmit() {
-        let config = HealthCheckConfig {
+        let config = HealthCheckSpec {
             path: "/healthz".into(),
-            interval: ConfigDuration(Duration::from_secs(1)),
-            timeout: ConfigDuration(Duration::from_secs(1)),
+            interval: Duration::from_secs(1),
+            timeout: Duration::from_secs(1),
             healthy_threshold: 2,
             unhealthy_threshold: 3,
         };

@@ -9,13 +9,13 @@
 //! the proxy turns one into the client's answer.
 //!
 //! ```no_run
-//! # async fn example(config: &keel_config::UpstreamConfig) {
+//! # async fn example(spec: &keel_config::UpstreamSpec) {
 //! use http::Request;
 //! use keel_http::ProxyBody;
 //! use keel_upstream::Upstream;
 //!
 //! let metrics = keel_metrics::Metrics::new();
-//! let upstream = Upstream::from_config("api", config, &metrics);
+//! let upstream = Upstream::new(spec, &metrics);
 //! let deadline = tokio::time::Instant::now() + upstream.request_timeout;
 //! let request = Request::get("/").body(ProxyBody::Empty).expect("request");
 //! match keel_upstream::forward(&upstream, request, false, deadline, |r, _| r).await {

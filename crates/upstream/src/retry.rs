@@ -133,7 +133,7 @@ pub fn unavailable(upstream: &Upstream, why: Unavailable) -> UpstreamError {
                 .resilience
                 .health_check
                 .as_ref()
-                .map_or(Duration::from_secs(1), |h| h.interval.0);
+                .map_or(Duration::from_secs(1), |h| h.interval);
             UpstreamError::new(
                 ErrorKind::Unavailable,
                 format!(
