@@ -287,3 +287,432 @@ impl Default for StoreSpec {
         store_spec(&StoreConfig::default())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::net::SocketAddr;
+    use std::path::{Path, PathBuf};
+    use std::time::Duration;
+
+    use http::{HeaderName, Method};
+
+    use crate::spec::*;
+
+    fn spec(text: &str) -> Spec {
+        match crate::parse(Path::new("k.toml"), text) {
+            Ok(spec) => spec,
+            Err(errors) => panic!("{errors:?}"),
+        }
+    }
+
+    fn addr(text: &str) -> SocketAddr {
+        text.parse().expect("an address")
+    }
+
+    const FULL: &str = r#"
+[server]
+listen = "0.0.0.0:8080"
+admin_listen = "127.0.0.1:9901"
+idle_timeout = "90s"
+header_read_timeout = "3s"
+http2_keep_alive_interval = "20s"
+http2_keep_alive_timeout = "5s"
+admin_max_connections = 8
+max_header_size = "32KiB"
+max_body_size = "2MiB"
+via = true
+workers = 4
+buffer_budget = "64MiB"
+
+[store]
+kind = "redis"
+cluster_nodes = ["redis://a:7000/", "redis://b:7001/"]
+prefix = "tenant1"
+timeout = "500ms"
+
+[upstreams.zeta]
+endpoints = ["http://127.0.0.1:3001"]
+
+[upstreams.alpha]
+endpoints = ["http://127.0.0.1:3000", "http://localhost:3002/"]
+load_balancing = "round_robin"
+connect_timeout = "250ms"
+request_timeout = "5s"
+idle_timeout = "30s"
+max_idle_per_endpoint = 16
+
+[upstreams.alpha.breaker]
+failures = 7
+window = "20s"
+failure_rate = 0.25
+gradual_recovery = false
+failure_statuses = [500, 503]
+max_retry_after = "1m"
+
+[upstreams.alpha.retry]
+max_attempts = 2
+statuses = [503]
+backoff_base = "10ms"
+backoff_cap = "100ms"
+max_body = "8KiB"
+
+[upstreams.alpha.health_check]
+path = "/ready"
+interval = "2s"
+timeout = "500ms"
+healthy_threshold = 1
+unhealthy_threshold = 4
+
+[[routes]]
+name = "payments"
+path_prefix = "/pay"
+host = "API.Example.com"
+methods = ["POST", "GET"]
+upstream = "zeta"
+max_body_size = "1MiB"
+
+[routes.idempotency]
+enabled = true
+required = true
+methods = ["POST", "PUT"]
+ttl = "1h"
+tenant_header = "X-Tenant"
+missing_tenant = "reject"
+fail_open = true
+lease = "45s"
+max_body = "512KiB"
+max_response = "2MiB"
+server_errors = "release"
+lapsed_lease = "rerun"
+
+[[routes]]
+path_prefix = "/"
+upstream = "alpha"
+
+[routes.stale]
+max_age = "2m"
+max_bytes = "1MiB"
+max_entry_size = "64KiB"
+
+[drain]
+shutdown_delay = "2s"
+deadline = "40s"
+strategy = "percent"
+percent = 10.0
+batch_interval = "3s"
+jitter = false
+reconnect_window = "0s"
+close_grace = "2s"
+close_message_limit = "1MiB"
+
+[log]
+level = "keel=debug,info"
+format = "json"
+access_log = false
+"#;
+
+    #[test]
+    fn a_full_config_converts_to_typed_values() {
+        let spec = spec(FULL);
+        assert_eq!(
+            spec.server,
+            ServerSpec {
+                listen: addr("0.0.0.0:8080"),
+                admin_listen: Some(addr("127.0.0.1:9901")),
+                idle_timeout: Duration::from_secs(90),
+                header_read_timeout: Duration::from_secs(3),
+                http2_keep_alive_interval: Duration::from_secs(20),
+                http2_keep_alive_timeout: Duration::from_secs(5),
+                admin_max_connections: 8,
+                max_header_size: 32 * 1024,
+                max_body_size: 2 << 20,
+                via: true,
+                workers: 4,
+                buffer_budget: 64 << 20,
+            }
+        );
+        assert_eq!(
+            spec.store,
+            StoreSpec {
+                backend: StoreBackend::RedisCluster {
+                    nodes: vec!["redis://a:7000/".into(), "redis://b:7001/".into()],
+                    prefix: "tenant1".into(),
+                },
+                timeout: Duration::from_millis(500),
+            }
+        );
+
+        // Upstreams by name; routes point at them by index.
+        let names: Vec<&str> = spec.upstreams.iter().map(|u| u.name.as_str()).collect();
+        assert_eq!(names, ["alpha", "zeta"]);
+        assert_eq!(spec.routes[0].upstream, 1);
+        assert_eq!(spec.routes[1].upstream, 0);
+        assert_eq!(spec.upstream_of(&spec.routes[0]).name, "zeta");
+
+        let alpha = &spec.upstreams[0];
+        assert_eq!(
+            alpha.endpoints,
+            [
+                EndpointSpec {
+                    url: "http://127.0.0.1:3000".into(),
+                    authority: "127.0.0.1:3000".parse().expect("authority"),
+                },
+                EndpointSpec {
+                    url: "http://localhost:3002/".into(),
+                    authority: "localhost:3002".parse().expect("authority"),
+                },
+            ]
+        );
+        assert_eq!(alpha.load_balancing, LoadBalancing::RoundRobin);
+        assert_eq!(alpha.connect_timeout, Duration::from_millis(250));
+        assert_eq!(alpha.request_timeout, Duration::from_secs(5));
+        assert_eq!(alpha.idle_timeout, Duration::from_secs(30));
+        assert_eq!(alpha.max_idle_per_endpoint, 16);
+        assert_eq!(
+            alpha.breaker,
+            BreakerSpec {
+                failures: 7,
+                window: Duration::from_secs(20),
+                failure_rate: Some(0.25),
+                recovery_step: None,
+                failure_statuses: vec![500, 503],
+                max_retry_after: Duration::from_secs(60),
+                ..BreakerSpec::default()
+            }
+        );
+        assert_eq!(
+            alpha.retry,
+            RetrySpec {
+                max_attempts: 2,
+                statuses: vec![503],
+                backoff_base: Duration::from_millis(10),
+                backoff_cap: Duration::from_millis(100),
+                max_body: 8 * 1024,
+                ..RetrySpec::default()
+            }
+        );
+        assert_eq!(
+            alpha.health_check,
+            Some(HealthCheckSpec {
+                path: "/ready".into(),
+                interval: Duration::from_secs(2),
+                timeout: Duration::from_millis(500),
+                healthy_threshold: 1,
+                unhealthy_threshold: 4,
+            })
+        );
+        assert_eq!(spec.upstreams[1].health_check, None);
+
+        let pay = &spec.routes[0];
+        assert_eq!(pay.name, "payments");
+        assert_eq!(pay.path_prefix, "/pay");
+        assert_eq!(pay.host.as_deref(), Some("api.example.com"));
+        assert_eq!(pay.methods, Some(vec![Method::POST, Method::GET]));
+        assert_eq!(pay.max_body_size, 1 << 20);
+        assert_eq!(pay.stale, None);
+        assert_eq!(
+            pay.idempotency,
+            Some(IdempotencySpec {
+                required: true,
+                methods: vec![Method::POST, Method::PUT],
+                ttl: Duration::from_secs(3600),
+                tenant_header: HeaderName::from_static("x-tenant"),
+                missing_tenant: MissingTenantPolicy::Reject,
+                fail_open: true,
+                lease: Some(Duration::from_secs(45)),
+                max_body: 512 * 1024,
+                max_response: 2 << 20,
+                server_errors: ServerErrorsPolicy::Release,
+                lapsed_lease: LapsedLeasePolicy::Rerun,
+            })
+        );
+        let root = &spec.routes[1];
+        assert_eq!(root.name, "/", "a route is named by its prefix by default");
+        assert_eq!(root.host, None);
+        assert_eq!(root.methods, None);
+        assert_eq!(root.max_body_size, 2 << 20, "server.max_body_size");
+        assert_eq!(root.idempotency, None);
+        assert_eq!(
+            root.stale,
+            Some(StaleSpec {
+                max_age: Duration::from_secs(120),
+                max_bytes: 1 << 20,
+                max_entry_size: 64 * 1024,
+            })
+        );
+        assert!(spec.has_idempotent_routes());
+
+        assert_eq!(
+            spec.drain,
+            DrainSpec {
+                shutdown_delay: Duration::from_secs(2),
+                deadline: Duration::from_secs(40),
+                pace: DrainPace::Percent {
+                    percent: 10.0,
+                    interval: Duration::from_secs(3),
+                },
+                jitter: false,
+                reconnect_window: Duration::ZERO,
+                close_grace: Duration::from_secs(2),
+                close_message_limit: 1 << 20,
+            }
+        );
+        assert_eq!(
+            spec.log,
+            LogSpec {
+                level: "keel=debug,info".into(),
+                format: LogFormat::Json,
+                access_log: false,
+            }
+        );
+    }
+
+    const MINIMAL: &str = "[server]\nlisten = \"[::1]:0\"\n\
+        [upstreams.app]\nendpoints = [\"http://10.0.0.1:80\"]\n\
+        [[routes]]\npath_prefix = \"/api\"\nupstream = \"app\"\n";
+
+    #[test]
+    fn absent_keys_arrive_as_their_defaults() {
+        let spec = spec(MINIMAL);
+        assert_eq!(spec.server.listen, addr("[::1]:0"));
+        assert_eq!(spec.server.admin_listen, None);
+        assert_eq!(spec.server.max_header_size, 16 * 1024);
+        assert_eq!(spec.server.max_body_size, 10 << 20);
+        assert_eq!(spec.server.buffer_budget, 256 << 20);
+        assert_eq!(spec.server.workers, 0);
+        assert_eq!(spec.store, StoreSpec::default());
+        assert_eq!(
+            spec.store.backend,
+            StoreBackend::Memory {
+                max_bytes: 256 << 20,
+                max_bytes_per_tenant: 64 << 20,
+            }
+        );
+        assert_eq!(spec.store.timeout, Duration::from_secs(2));
+
+        let app = &spec.upstreams[0];
+        assert_eq!(app.load_balancing, LoadBalancing::LeastOutstanding);
+        assert_eq!(app.connect_timeout, Duration::from_secs(2));
+        assert_eq!(app.request_timeout, Duration::from_secs(30));
+        assert_eq!(app.max_idle_per_endpoint, 256);
+        assert!(app.breaker.enabled && app.retry.enabled);
+        assert_eq!(app.breaker, BreakerSpec::default());
+        assert_eq!(app.breaker.failures, 5);
+        assert_eq!(app.breaker.recovery_step, Some(Duration::from_secs(5)));
+        assert_eq!(app.breaker.failure_statuses, [502, 503, 504]);
+        assert_eq!(app.retry, RetrySpec::default());
+        assert_eq!(app.retry.max_attempts, 3);
+        assert_eq!(app.retry.max_body, 64 * 1024);
+        assert_eq!(app.health_check, None);
+
+        let route = &spec.routes[0];
+        assert_eq!((route.name.as_str(), route.upstream), ("/api", 0));
+        assert_eq!(route.max_body_size, 10 << 20);
+        assert!(!spec.has_idempotent_routes());
+
+        assert_eq!(spec.drain, DrainSpec::default());
+        assert_eq!(
+            spec.drain.pace,
+            DrainPace::Batch {
+                size: 10_000,
+                interval: Duration::from_secs(2),
+            }
+        );
+        assert_eq!(spec.drain.deadline, Duration::from_secs(30));
+        assert_eq!(spec.log.level, "info");
+        assert_eq!(spec.log.format, LogFormat::Text);
+        assert!(spec.log.access_log);
+    }
+
+    #[test]
+    fn tables_switched_off_arrive_as_none() {
+        let text = format!(
+            "{MINIMAL}[routes.idempotency]\nenabled = false\nmethods = [\"PUT\"]\n\
+             [routes.stale]\nenabled = false\n"
+        );
+        let route = &spec(&text).routes[0];
+        assert_eq!(route.idempotency, None);
+        assert_eq!(route.stale, None);
+        // Breakers and retries off keep their settings, marked off.
+        let text = MINIMAL.replace(
+            "[[routes]]",
+            "[upstreams.app.breaker]\nenabled = false\n[upstreams.app.retry]\nenabled = false\n[[routes]]",
+        );
+        let app = &spec(&text).upstreams[0];
+        assert!(!app.breaker.enabled);
+        assert_eq!(app.breaker.failure_statuses, [502, 503, 504]);
+        assert!(!app.retry.enabled);
+    }
+
+    #[test]
+    fn each_store_kind_carries_its_own_settings() {
+        let store = |table: &str| spec(&format!("{MINIMAL}[store]\n{table}")).store.backend;
+        assert_eq!(
+            store("kind = \"embedded\"\n"),
+            StoreBackend::Embedded {
+                path: PathBuf::from("keel-data"),
+                durable_claims: true,
+            }
+        );
+        assert_eq!(
+            store("kind = \"embedded\"\npath = \"/var/keel\"\ndurable_claims = false\n"),
+            StoreBackend::Embedded {
+                path: PathBuf::from("/var/keel"),
+                durable_claims: false,
+            }
+        );
+        assert_eq!(
+            store("kind = \"memory\"\nmax_bytes = \"1MiB\"\nmax_bytes_per_tenant = \"64KiB\"\n"),
+            StoreBackend::Memory {
+                max_bytes: 1 << 20,
+                max_bytes_per_tenant: 64 * 1024,
+            }
+        );
+        assert_eq!(
+            store("kind = \"redis\"\nurl = \"redis://127.0.0.1:6379/\"\n"),
+            StoreBackend::Redis {
+                url: "redis://127.0.0.1:6379/".into(),
+                prefix: "keel".into(),
+            }
+        );
+        assert_eq!(
+            store("kind = \"postgres\"\nurl = \"postgres://u@h/db\"\nprefix = \"k2\"\n"),
+            StoreBackend::Postgres {
+                url: "postgres://u@h/db".into(),
+                prefix: "k2".into(),
+            }
+        );
+    }
+
+    #[test]
+    fn drain_strategies_carry_the_keys_they_read() {
+        let pace = |table: &str| spec(&format!("{MINIMAL}[drain]\n{table}")).drain.pace;
+        assert_eq!(
+            pace("batch_size = 3\nbatch_interval = \"1s\"\n"),
+            DrainPace::Batch {
+                size: 3,
+                interval: Duration::from_secs(1),
+            }
+        );
+        assert_eq!(
+            pace("strategy = \"gradual\"\ngradual_over = \"7s\"\n"),
+            DrainPace::Gradual {
+                over: Duration::from_secs(7),
+            }
+        );
+    }
+
+    #[test]
+    fn the_examples_convert() {
+        for text in [
+            include_str!("../../../examples/keel-embedded.toml"),
+            include_str!("../../../examples/keel-redis.toml"),
+            include_str!("../../../examples/keel-postgres.toml"),
+        ] {
+            let spec = spec(text);
+            for route in &spec.routes {
+                assert!(route.upstream < spec.upstreams.len());
+            }
+        }
+    }
+}
