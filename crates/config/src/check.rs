@@ -1,7 +1,8 @@
 //! The checks `keel check` runs on a parsed [`Config`], each error at the
 //! `FILE:LINE:COL` of the value it is about. Checks that parse a value
 //! (an address, an endpoint URL, a method, a header name, a route's
-//! upstream) hand the parsed value on in [`Checked`], so the conversion to
+//! upstream, what a store kind needs) hand the parsed value on in
+//! [`Checked`], so the conversion to
 //! a [`crate::Spec`] has nothing left that could fail.
 
 use std::net::SocketAddr;
@@ -14,7 +15,7 @@ use toml::Spanned;
 use toml::de::{DeTable, DeValue};
 
 use crate::schema::{Config, DrainConfig, StoreConfig, StoreKind};
-use crate::spec::EndpointSpec;
+use crate::spec::{EndpointSpec, StoreBackend};
 use crate::{ConfigError, line_col};
 
 /// What the checks parsed, for the conversion; only built when every
@@ -24,6 +25,8 @@ pub(crate) struct Checked {
     pub listen: SocketAddr,
     /// `server.admin_listen`.
     pub admin_listen: Option<SocketAddr>,
+    /// `[store]`: the store kind with its settings.
+    pub store: StoreBackend,
     /// Each upstream's endpoints, in `config.upstreams` order.
     pub endpoints: Vec<Vec<EndpointSpec>>,
     /// What each route (in file order) names, parsed.
@@ -308,7 +311,7 @@ fn redis_prefix_ok(prefix: &str) -> bool {
 /// parsed when all of it parsed (`None` only when an error was recorded).
 pub(crate) fn validate(config: &Config, c: &mut Checker<'_>) -> Option<Checked> {
     let addrs = validate_server(config, c);
-    validate_store(&config.store, c);
+    let store = validate_store(&config.store, c);
     let endpoints = validate_upstreams(config, c);
     let routes = validate_routes(config, c);
     validate_drain(&config.drain, c);
@@ -325,6 +328,7 @@ pub(crate) fn validate(config: &Config, c: &mut Checker<'_>) -> Option<Checked> 
     Some(Checked {
         listen,
         admin_listen,
+        store: store?,
         endpoints: endpoints?,
         routes: routes?,
     })
@@ -431,7 +435,9 @@ fn validate_server(
     Some((listen?, admin_listen))
 }
 
-fn validate_store(store: &StoreConfig, c: &mut Checker<'_>) {
+/// Checks `[store]`; returns the store it describes, with the settings its
+/// kind takes, when it has what that kind needs.
+fn validate_store(store: &StoreConfig, c: &mut Checker<'_>) -> Option<StoreBackend> {
     let kind = *store.kind.get_ref();
     if let Some(durable) = &store.durable_claims
         && kind != StoreKind::Embedded
@@ -569,6 +575,37 @@ fn validate_store(store: &StoreConfig, c: &mut Checker<'_>) {
             }
         }
     }
+    let url = store.url.as_ref().map(|u| u.get_ref().clone());
+    let prefix = store.prefix.clone();
+    match kind {
+        StoreKind::Memory => Some(StoreBackend::Memory {
+            max_bytes: saturating_usize(store.max_bytes.get_ref().0),
+            max_bytes_per_tenant: saturating_usize(store.max_bytes_per_tenant.get_ref().0),
+        }),
+        StoreKind::Embedded => Some(StoreBackend::Embedded {
+            path: store.embedded_path(),
+            durable_claims: store.durable_claims(),
+        }),
+        // Nodes and a URL together, or neither, were reported above.
+        StoreKind::Redis => match &store.cluster_nodes {
+            Some(nodes) => Some(StoreBackend::RedisCluster {
+                nodes: nodes
+                    .get_ref()
+                    .iter()
+                    .map(|n| n.get_ref().clone())
+                    .collect(),
+                prefix,
+            }),
+            None => Some(StoreBackend::Redis { url: url?, prefix }),
+        },
+        // A missing URL was reported above.
+        StoreKind::Postgres => Some(StoreBackend::Postgres { url: url?, prefix }),
+    }
+}
+
+/// A byte count as a `usize`, saturating (the same on 64-bit targets).
+pub(crate) fn saturating_usize(bytes: u64) -> usize {
+    usize::try_from(bytes).unwrap_or(usize::MAX)
 }
 
 /// Checks every `[upstreams.NAME]`; returns their endpoints, parsed, when

@@ -1,14 +1,13 @@
 //! From the checked schema to the [`Spec`]: defaults filled in, units
 //! unwrapped, each store kind with its own fields, routes pointing at
 //! their upstream by index. Nothing here can fail: whatever could (an
-//! address, a URL, a method, a header name, an upstream's name) was
-//! parsed by the checks and arrives in [`Checked`].
+//! address, a URL, a method, a header name, an upstream's name, what a
+//! store kind needs) was parsed by the checks and arrives in [`Checked`].
 
-use crate::check::{Checked, CheckedRoute};
+use crate::check::{Checked, CheckedRoute, saturating_usize};
 use crate::schema::{
     BreakerConfig, Config, DrainConfig, DrainStrategy, HealthCheckConfig, IdempotencyConfig,
-    LogConfig, RetryConfig, RouteConfig, ServerConfig, StaleConfig, StoreConfig, StoreKind,
-    UpstreamConfig,
+    LogConfig, RetryConfig, RouteConfig, ServerConfig, StaleConfig, StoreConfig, UpstreamConfig,
 };
 use crate::spec::{
     BreakerSpec, DrainPace, DrainSpec, EndpointSpec, HealthCheckSpec, IdempotencySpec, LogSpec,
@@ -20,6 +19,7 @@ pub(crate) fn spec(config: Config, checked: Checked) -> Spec {
     let Checked {
         listen,
         admin_listen,
+        store,
         endpoints,
         routes,
     } = checked;
@@ -37,17 +37,15 @@ pub(crate) fn spec(config: Config, checked: Checked) -> Spec {
         .collect();
     Spec {
         server: server_spec(&config.server, listen, admin_listen),
-        store: store_spec(&config.store),
+        store: StoreSpec {
+            backend: store,
+            timeout: config.store.timeout.0,
+        },
         upstreams,
         routes,
         drain: drain_spec(&config.drain),
         log: log_spec(config.log),
     }
-}
-
-/// A size as a `usize`, saturating (the same on 64-bit targets).
-fn size(bytes: u64) -> usize {
-    usize::try_from(bytes).unwrap_or(usize::MAX)
 }
 
 fn server_spec(
@@ -63,54 +61,11 @@ fn server_spec(
         http2_keep_alive_interval: server.http2_keep_alive_interval.get_ref().0,
         http2_keep_alive_timeout: server.http2_keep_alive_timeout.get_ref().0,
         admin_max_connections: *server.admin_max_connections.get_ref(),
-        max_header_size: size(server.max_header_size.0),
+        max_header_size: saturating_usize(server.max_header_size.0),
         max_body_size: server.max_body_size.0,
         via: server.via,
         workers: server.workers,
         buffer_budget: server.buffer_budget.get_ref().0,
-    }
-}
-
-fn store_spec(store: &StoreConfig) -> StoreSpec {
-    let url = || {
-        store
-            .url
-            .as_ref()
-            .map(|u| u.get_ref().clone())
-            .unwrap_or_default()
-    };
-    let backend = match *store.kind.get_ref() {
-        StoreKind::Memory => StoreBackend::Memory {
-            max_bytes: size(store.max_bytes.get_ref().0),
-            max_bytes_per_tenant: size(store.max_bytes_per_tenant.get_ref().0),
-        },
-        StoreKind::Embedded => StoreBackend::Embedded {
-            path: store.embedded_path(),
-            durable_claims: store.durable_claims(),
-        },
-        // The checks make sure a Redis store has `url` or nodes, not both.
-        StoreKind::Redis => match &store.cluster_nodes {
-            Some(nodes) => StoreBackend::RedisCluster {
-                nodes: nodes
-                    .get_ref()
-                    .iter()
-                    .map(|n| n.get_ref().clone())
-                    .collect(),
-                prefix: store.prefix.clone(),
-            },
-            None => StoreBackend::Redis {
-                url: url(),
-                prefix: store.prefix.clone(),
-            },
-        },
-        StoreKind::Postgres => StoreBackend::Postgres {
-            url: url(),
-            prefix: store.prefix.clone(),
-        },
-    };
-    StoreSpec {
-        backend,
-        timeout: store.timeout.0,
     }
 }
 
@@ -212,8 +167,8 @@ fn idempotency_spec(
         missing_tenant: idem.missing_tenant,
         fail_open: idem.fail_open,
         lease: idem.lease.map(|l| l.0),
-        max_body: size(idem.max_body.0),
-        max_response: size(idem.max_response.0),
+        max_body: saturating_usize(idem.max_body.0),
+        max_response: saturating_usize(idem.max_response.0),
         server_errors: idem.server_errors,
         lapsed_lease: idem.lapsed_lease,
     }
@@ -230,7 +185,7 @@ fn stale_spec(s: &StaleConfig) -> StaleSpec {
 fn drain_spec(d: &DrainConfig) -> DrainSpec {
     let pace = match d.strategy {
         DrainStrategy::Batch => DrainPace::Batch {
-            size: size(d.batch_size),
+            size: saturating_usize(d.batch_size),
             interval: d.batch_interval.0,
         },
         DrainStrategy::Percent => DrainPace::Percent {
@@ -284,7 +239,14 @@ impl Default for DrainSpec {
 /// The defaults an absent `[store]` stands for: the memory store.
 impl Default for StoreSpec {
     fn default() -> Self {
-        store_spec(&StoreConfig::default())
+        let store = StoreConfig::default();
+        StoreSpec {
+            backend: StoreBackend::Memory {
+                max_bytes: saturating_usize(store.max_bytes.get_ref().0),
+                max_bytes_per_tenant: saturating_usize(store.max_bytes_per_tenant.get_ref().0),
+            },
+            timeout: store.timeout.0,
+        }
     }
 }
 
