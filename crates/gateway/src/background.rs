@@ -7,7 +7,7 @@ use std::collections::HashMap;
 
 use keel_supervisor::{ChildSpec, Shutdown};
 use keel_upstream::Upstream;
-use keel_upstream::breakers::{self, BreakerWatcher};
+use keel_upstream::breakers::BreakerWatcher;
 use keel_upstream::health::{self, HealthCheck};
 
 /// The active health checks, one child per checked endpoint (named
@@ -40,8 +40,9 @@ pub fn health_children<'a>(upstreams: impl IntoIterator<Item = &'a Upstream>) ->
 /// counters current), one child per breaker, for the tree's `breakers`
 /// supervisor.
 pub fn breaker_children<'a>(upstreams: impl IntoIterator<Item = &'a Upstream>) -> Vec<ChildSpec> {
-    breakers::watchers(upstreams)
+    upstreams
         .into_iter()
+        .flat_map(Upstream::breaker_watchers)
         .enumerate()
         .map(|(i, watcher)| {
             let name = format!("{}-{i}", watcher.name());
