@@ -4,59 +4,61 @@
 //! supervisor.
 
 use std::collections::HashMap;
+use std::future::Future;
+use std::sync::Arc;
 
 use keel_supervisor::{ChildSpec, Shutdown};
 use keel_upstream::Upstream;
-use keel_upstream::breakers::{self, BreakerWatcher};
-use keel_upstream::health::{self, HealthCheck};
+use keel_upstream::health;
 
 /// The active health checks, one child per checked endpoint (named
 /// `UPSTREAM-N`), for the tree's `health` supervisor.
 pub fn health_children<'a>(upstreams: impl IntoIterator<Item = &'a Upstream>) -> Vec<ChildSpec> {
-    let mut seen: HashMap<std::sync::Arc<str>, usize> = HashMap::new();
+    let mut seen: HashMap<Arc<str>, usize> = HashMap::new();
     health::checks(upstreams)
         .into_iter()
         .map(|check| {
             let n = seen.entry(check.upstream.clone()).or_default();
             let name = format!("{}-{n}", check.upstream);
             *n += 1;
-            ChildSpec::new(name, move |ctx| {
-                let check: HealthCheck = check.clone();
-                async move {
-                    ctx.ready();
-                    tokio::select! {
-                        () = check.run() => {}
-                        () = ctx.cancelled() => {}
-                    }
-                    Ok(())
-                }
-            })
-            .shutdown(Shutdown::Brutal)
+            task_child(name, move || check.clone().run())
         })
         .collect()
 }
 
 /// The breaker watchers (they keep `keel_breaker_state` and the transition
-/// counters current), one child per breaker, for the tree's `breakers`
-/// supervisor.
+/// counters current), one child per breaker (named `UPSTREAM-N`, numbered
+/// across the gateway), for the tree's `breakers` supervisor.
 pub fn breaker_children<'a>(upstreams: impl IntoIterator<Item = &'a Upstream>) -> Vec<ChildSpec> {
-    breakers::watchers(upstreams)
+    upstreams
         .into_iter()
+        .flat_map(Upstream::breaker_watchers)
         .enumerate()
         .map(|(i, watcher)| {
             let name = format!("{}-{i}", watcher.name());
-            ChildSpec::new(name, move |ctx| {
-                let watcher: BreakerWatcher = watcher.clone();
-                async move {
-                    ctx.ready();
-                    tokio::select! {
-                        () = watcher.run() => {}
-                        () = ctx.cancelled() => {}
-                    }
-                    Ok(())
-                }
-            })
-            .shutdown(Shutdown::Brutal)
+            task_child(name, move || watcher.clone().run())
         })
         .collect()
+}
+
+/// A child that runs the task `make` gives until the tree cancels it. The
+/// tasks hold no state worth a graceful stop, so the tree stops them at
+/// once (`Shutdown::Brutal`).
+fn task_child<F, T>(name: String, make: F) -> ChildSpec
+where
+    F: Fn() -> T + Send + Sync + 'static,
+    T: Future<Output = ()> + Send + 'static,
+{
+    ChildSpec::new(name, move |ctx| {
+        let task = make();
+        async move {
+            ctx.ready();
+            tokio::select! {
+                () = task => {}
+                () = ctx.cancelled() => {}
+            }
+            Ok(())
+        }
+    })
+    .shutdown(Shutdown::Brutal)
 }

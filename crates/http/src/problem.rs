@@ -3,7 +3,6 @@
 
 use std::time::Duration;
 
-use bytes::Bytes;
 use http::{HeaderValue, Response, StatusCode, header};
 
 use crate::body::ProxyBody;
@@ -168,30 +167,20 @@ impl Problem {
     /// the header. The kind rides along as a response extension, so the
     /// logging phase can tell who failed.
     pub fn into_response(self, request_id: Option<&HeaderValue>) -> Response<ProxyBody> {
-        let status = self.kind.status();
-        let mut body = serde_json::json!({
-            "type": self.kind.type_uri(),
-            "title": self.kind.title(),
-            "status": status.as_u16(),
-            "detail": self.detail,
-        });
-        if let Some(id) = request_id.and_then(|v| v.to_str().ok()) {
-            body["request_id"] = serde_json::Value::from(id);
+        let response = keel_problem::Problem {
+            type_uri: self.kind.type_uri(),
+            title: self.kind.title(),
+            status: self.kind.status(),
+            detail: &self.detail,
+            request_id: request_id.and_then(|v| v.to_str().ok()),
+            original_request_id: None,
+            retry_after: self.retry_after,
         }
-        let bytes = Bytes::from(body.to_string());
-        let mut response = Response::new(ProxyBody::full(bytes));
-        *response.status_mut() = status;
+        .to_response();
+        let mut response = response.map(ProxyBody::full);
         response.extensions_mut().insert(self.kind);
         let headers = response.headers_mut();
-        headers.insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/problem+json"),
-        );
         headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-        if let Some(after) = self.retry_after {
-            let secs = after.as_secs() + u64::from(after.subsec_nanos() > 0);
-            headers.insert(header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
-        }
         if let Some(id) = request_id {
             headers.insert(crate::headers::X_REQUEST_ID, id.clone());
         }

@@ -19,7 +19,7 @@ use bytes::Bytes;
 use http::{HeaderValue, Response, StatusCode, header};
 
 /// The content type of every problem answer.
-pub const CONTENT_TYPE: &str = "application/problem+json";
+pub use keel_problem::CONTENT_TYPE;
 
 /// Each kind of refusal the engine makes; its [`type_uri`](Self::type_uri)
 /// never changes, so clients can branch on it.
@@ -191,36 +191,27 @@ impl Problem {
     /// assert_eq!(r.extensions().get(), Some(&ProblemKind::BodyTooLarge));
     /// ```
     pub fn to_response(&self) -> Response<Bytes> {
-        let mut body = serde_json::json!({
-            "type": self.kind.type_uri(),
-            "title": self.kind.title(),
-            "status": self.kind.status().as_u16(),
-            "detail": self.detail,
-        });
-        if let Some(id) = &self.original_request_id {
-            body["original_request_id"] = serde_json::Value::String(id.clone());
+        let mut response = keel_problem::Problem {
+            type_uri: self.kind.type_uri(),
+            title: self.kind.title(),
+            status: self.kind.status(),
+            detail: &self.detail,
+            request_id: self.request_id.as_deref(),
+            original_request_id: self.original_request_id.as_deref(),
+            retry_after: self.retry_after,
         }
-        if let Some(id) = &self.request_id {
-            body["request_id"] = serde_json::Value::String(id.clone());
-        }
-        let mut response = Response::new(Bytes::from(body.to_string()));
-        *response.status_mut() = self.kind.status();
+        .to_response();
         // The kind rides along, so a caller (metrics) can tell refusals of
         // one status apart without reading the body.
         response.extensions_mut().insert(self.kind);
-        let headers = response.headers_mut();
-        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(CONTENT_TYPE));
-        if let Some(after) = self.retry_after {
-            // Round up and never say 0: "retry now" invites a hot loop.
-            let secs = after.as_secs() + u64::from(after.subsec_nanos() > 0);
-            headers.insert(header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
-        }
         if let Some(id) = self
             .original_request_id
             .as_deref()
             .and_then(|v| HeaderValue::from_str(v).ok())
         {
-            headers.insert(crate::engine::ORIGINAL_REQUEST_ID, id);
+            response
+                .headers_mut()
+                .insert(crate::engine::ORIGINAL_REQUEST_ID, id);
         }
         response
     }

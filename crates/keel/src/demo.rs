@@ -42,21 +42,15 @@ fn json(status: StatusCode, body: String) -> Response<ProxyBody> {
     response
 }
 
+/// The request body, up to 1 MiB (the sample API's limit; a larger or
+/// broken body reads as empty).
 async fn read_body(body: Incoming) -> Bytes {
-    use http_body::Body;
-    let mut body = body;
-    let mut out = Vec::new();
-    while let Some(Ok(frame)) =
-        std::future::poll_fn(|cx| std::pin::Pin::new(&mut body).poll_frame(cx)).await
-    {
-        if let Some(data) = frame.data_ref() {
-            out.extend_from_slice(data);
-            if out.len() > 1 << 20 {
-                break;
-            }
-        }
-    }
-    Bytes::from(out)
+    use http_body_util::{BodyExt, Limited};
+    Limited::new(body, 1 << 20)
+        .collect()
+        .await
+        .map(|collected| collected.to_bytes())
+        .unwrap_or_default()
 }
 
 impl SampleApi {

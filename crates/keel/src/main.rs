@@ -1,16 +1,19 @@
 //! `keel`: a reverse proxy that puts Keel's guarantees (idempotency keys,
 //! circuit breaking, draining) in front of any HTTP service.
 //!
-//! The binary is thin composition: `config` reads and checks the file,
-//! `proxy` holds the life of a request, `listener` and keel-admin (over
-//! `admin_backend`) are the servers, `serve` wires them together.
+//! The binary is the command line only: parsing, exit codes, and one module
+//! per command. The gateway itself is `keel-gateway` (and the crates it is
+//! built from, `docs/ARCHITECTURE.md`); the admin client is `keel-admin`.
 
+mod check;
 mod demo;
 mod demo_ws;
+mod drain;
+mod idempotency;
+mod serve;
+mod status;
 
 use std::path::PathBuf;
-
-use keel_gateway::{drain, serve, telemetry};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
@@ -105,51 +108,26 @@ const EXIT_CONFIG: u8 = 2;
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Check { config } => match keel_config::load(&config) {
-            Ok(_) => {
-                println!("{}: ok", config.display());
-                ExitCode::SUCCESS
-            }
-            Err(errors) => report_config_errors(&errors),
-        },
-        Command::Serve { config } => {
-            let config = match keel_config::load(&config) {
-                Ok(config) => config,
-                Err(errors) => return report_config_errors(&errors),
-            };
-            telemetry::init(&config.log);
-            run_async(config.server.workers, async move {
-                serve::start(&config).await?.wait_and_drain().await?;
-                Ok(())
-            })
-        }
-        Command::Status { admin } => run_async(1, async move {
-            match keel_admin::fetch_status(&admin).await {
-                Ok(status) => {
-                    print!("{}", keel_admin::render_status(&status));
-                    Ok(())
-                }
-                Err(error) => Err(error.into()),
-            }
-        }),
+        Command::Check { config } => check::run(&config),
+        Command::Serve { config } => serve::run(&config),
+        Command::Status { admin } => run_async(1, status::run(admin)),
         Command::Drain {
             admin,
             upstream,
             endpoint,
             resume,
-        } => run_async(1, async move {
+        } => {
             let target = match (upstream, endpoint) {
-                (Some(upstream), Some(endpoint)) => drain::CliTarget::Endpoint {
+                (Some(upstream), Some(endpoint)) => drain::Target::Endpoint {
                     upstream,
                     endpoint,
                     resume,
                 },
-                _ => drain::CliTarget::Gateway,
+                _ => drain::Target::Gateway,
             };
             let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
-            drain::cli(&admin, target, tty).await?;
-            Ok(())
-        }),
+            run_async(1, async move { Ok(drain::run(&admin, target, tty).await?) })
+        }
         Command::Idempotency {
             admin,
             route,
@@ -158,7 +136,7 @@ fn main() -> ExitCode {
             method,
             tenant,
             release,
-        } => run_async(1, async move {
+        } => {
             let query = keel_admin::KeyQuery {
                 route,
                 key,
@@ -166,23 +144,13 @@ fn main() -> ExitCode {
                 method: Some(method),
                 tenant,
             };
-            match keel_admin::idempotency_key(&admin, &query, release).await {
-                Ok(answer) => {
-                    // Through `Value`, keys sorted as the admin API writes them.
-                    println!("{:#}", serde_json::to_value(&answer)?);
-                    Ok(())
-                }
-                Err(keel_admin::StatusError::Refused { status, error }) => {
-                    let why = error.as_deref().unwrap_or("unexpected answer");
-                    Err(format!("{status}: {why}").into())
-                }
-                Err(error) => Err(error.into()),
-            }
-        }),
+            run_async(1, idempotency::run(admin, query, release))
+        }
         Command::Demo { listen, admin } => run_async(0, demo::run(listen, admin)),
     }
 }
 
+/// Prints each config error (`FILE:LINE:COL: message`); exit code 2.
 fn report_config_errors(errors: &[keel_config::ConfigError]) -> ExitCode {
     for error in errors {
         eprintln!("{error}");

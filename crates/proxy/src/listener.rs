@@ -169,7 +169,7 @@ impl DataPlane {
         loop {
             let accepted = tokio::select! {
                 accepted = listener.accept() => accepted,
-                _ = crate::listener::stopped(&mut stop) => break,
+                _ = stopped(&mut stop) => break,
             };
             match accepted {
                 Ok((stream, peer)) => {
@@ -382,7 +382,7 @@ async fn forced(drain: &mut Registration) {
 }
 
 /// Resolves once the shutdown flag is true (or its sender is gone).
-pub async fn stopped(shutdown: &mut watch::Receiver<bool>) {
+async fn stopped(shutdown: &mut watch::Receiver<bool>) {
     let _ = shutdown.wait_for(|stop| *stop).await;
 }
 

@@ -21,7 +21,6 @@ use keel_breaker::{
 };
 use keel_retry::{Backoff, Jitter, RatioBudget};
 
-use crate::endpoint::Upstream;
 use keel_config::{BreakerSpec, HealthCheckSpec, RetrySpec};
 use keel_metrics::{BreakerMetrics, HealthMetrics, Metrics, RetryMetrics, UpstreamFailureMetrics};
 
@@ -284,6 +283,15 @@ pub struct BreakerWatcher {
 }
 
 impl BreakerWatcher {
+    /// A watcher of `breaker` (of upstream `name`) keeping `metrics`.
+    pub fn new(name: std::sync::Arc<str>, breaker: Breaker, metrics: BreakerMetrics) -> Self {
+        BreakerWatcher {
+            name,
+            breaker,
+            metrics,
+        }
+    }
+
     /// The upstream the breaker belongs to.
     pub fn name(&self) -> &str {
         &self.name
@@ -314,31 +322,6 @@ impl BreakerWatcher {
             }
         }
     }
-}
-
-/// One watcher per breaker of these upstreams.
-pub fn watchers<'a>(upstreams: impl IntoIterator<Item = &'a Upstream>) -> Vec<BreakerWatcher> {
-    let mut out = Vec::new();
-    for upstream in upstreams {
-        let name: std::sync::Arc<str> = std::sync::Arc::from(upstream.name.as_str());
-        if let Some(breaker) = &upstream.resilience.breaker {
-            out.push(BreakerWatcher {
-                name: name.clone(),
-                breaker: breaker.clone(),
-                metrics: upstream.resilience.metrics.clone(),
-            });
-        }
-        for endpoint in &upstream.endpoints {
-            if let Some(breaker) = &endpoint.guard.breaker {
-                out.push(BreakerWatcher {
-                    name: name.clone(),
-                    breaker: breaker.clone(),
-                    metrics: endpoint.guard.metrics.clone(),
-                });
-            }
-        }
-    }
-    out
 }
 
 /// The operator actions of `POST /breakers/{upstream}/{action}`.

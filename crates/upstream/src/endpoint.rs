@@ -21,7 +21,7 @@ use hyper::rt::{Read, ReadBufCursor, Write};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
-use crate::breakers::{EndpointGuard, UpstreamResilience};
+use crate::breakers::{BreakerWatcher, EndpointGuard, UpstreamResilience};
 use keel_breaker::Permit;
 use keel_config::{EndpointSpec, LoadBalancing, UpstreamSpec};
 use keel_http::headers::next_random;
@@ -353,6 +353,25 @@ impl Upstream {
             ),
             next: AtomicUsize::new(0),
         }
+    }
+
+    /// One watcher per breaker of this upstream (its own, then each
+    /// endpoint's), to run as background tasks.
+    pub fn breaker_watchers(&self) -> Vec<BreakerWatcher> {
+        let name: Arc<str> = Arc::from(self.name.as_str());
+        let own =
+            self.resilience.breaker.iter().map(|b| {
+                BreakerWatcher::new(name.clone(), b.clone(), self.resilience.metrics.clone())
+            });
+        let endpoints = self.endpoints.iter().filter_map(|e| {
+            let breaker = e.guard.breaker.as_ref()?;
+            Some(BreakerWatcher::new(
+                name.clone(),
+                breaker.clone(),
+                e.guard.metrics.clone(),
+            ))
+        });
+        own.chain(endpoints).collect()
     }
 
     /// Picks an endpoint that takes traffic: the balancer's choice when it

@@ -15,6 +15,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{Method, Request, Response};
 use http_body::Body;
+use http_body_util::BodyExt;
 use keel_breaker::Outcome;
 use keel_retry::Budget;
 use tokio::time::Instant;
@@ -97,27 +98,17 @@ async fn keep(
     Ok((Request::from_parts(parts, body), Some(kept)))
 }
 
-async fn collect(mut body: ProxyBody, watch: Option<&BodyWatch>) -> Result<Bytes, UpstreamError> {
-    let mut out = bytes::BytesMut::new();
-    while let Some(frame) =
-        std::future::poll_fn(|cx| std::pin::Pin::new(&mut body).poll_frame(cx)).await
-    {
-        match frame {
-            Ok(frame) => {
-                if let Some(data) = frame.data_ref() {
-                    out.extend_from_slice(data);
-                }
-            }
-            Err(error) => {
-                let fault = watch
-                    .and_then(BodyWatch::fault)
-                    .unwrap_or_else(|| BodyFault::of(error.as_ref()));
-                let fallback = BodyWatch::default();
-                return Err(body_failure(fault, watch.unwrap_or(&fallback), false));
-            }
+async fn collect(body: ProxyBody, watch: Option<&BodyWatch>) -> Result<Bytes, UpstreamError> {
+    match body.collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(error) => {
+            let fault = watch
+                .and_then(BodyWatch::fault)
+                .unwrap_or_else(|| BodyFault::of(error.as_ref()));
+            let fallback = BodyWatch::default();
+            Err(body_failure(fault, watch.unwrap_or(&fallback), false))
         }
     }
-    Ok(out.freeze())
 }
 
 /// The answer when no endpoint can take the request.
