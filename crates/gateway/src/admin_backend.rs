@@ -20,13 +20,13 @@ use crate::drain::DrainControl;
 use crate::readiness::Readiness;
 use keel_metrics::Metrics;
 use keel_proxy::ConnectionCount;
-use keel_proxy::Gateway;
+use keel_proxy::Proxy;
 use keel_upstream::breakers::{EndpointGuard, OperatorAction};
 
 /// What the admin API reports on.
 pub struct GatewayAdmin {
     /// The gateway (routes, upstreams).
-    pub gateway: Arc<Gateway>,
+    pub gateway: Arc<Proxy>,
     /// Metrics registry.
     pub metrics: Arc<Metrics>,
     /// Readiness conditions.

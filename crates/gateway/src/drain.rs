@@ -34,7 +34,7 @@ use tokio::sync::watch;
 use crate::readiness::ReadinessHandle;
 use keel_config::{DrainPace, DrainSpec};
 use keel_metrics::Metrics;
-use keel_proxy::proxy::Gateway;
+use keel_proxy::proxy::Proxy;
 
 /// Why an endpoint drain was refused (the admin API's answer).
 pub use keel_admin::EndpointDrainError;
@@ -74,7 +74,7 @@ struct Shutdown {
 
 /// The drain state shared by the serve command and the admin API.
 pub struct DrainControl {
-    gateway: Arc<Gateway>,
+    gateway: Arc<Proxy>,
     metrics: Arc<Metrics>,
     config: DrainSpec,
     requested: watch::Sender<bool>,
@@ -84,7 +84,7 @@ pub struct DrainControl {
 
 impl DrainControl {
     /// A control for `gateway` with the `[drain]` settings.
-    pub fn new(gateway: Arc<Gateway>, metrics: Arc<Metrics>, config: &DrainSpec) -> Self {
+    pub fn new(gateway: Arc<Proxy>, metrics: Arc<Metrics>, config: &DrainSpec) -> Self {
         let (requested, _) = watch::channel(false);
         DrainControl {
             gateway,

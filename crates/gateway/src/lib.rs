@@ -34,4 +34,4 @@ pub mod test_util;
 #[cfg(test)]
 mod proxy_tests;
 
-pub use serve::{Running, ServeError, build_gateway, start};
+pub use serve::{Running, ServeError, build_proxy, start};

@@ -145,7 +145,7 @@ async fn request_and_response_filters_see_the_whole_exchange() {
         }))
     };
     let metrics = Metrics::new();
-    let gateway = Arc::new(crate::serve::build_gateway(&config, &metrics, &factory));
+    let gateway = Arc::new(crate::serve::build_proxy(&config, &metrics, &factory));
     let settings = ConnectionSettings {
         idle_timeout: std::time::Duration::from_secs(5),
         max_header_size: 16 * 1024,

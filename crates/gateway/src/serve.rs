@@ -20,7 +20,7 @@ use keel_config::{RouteSpec, Spec};
 use keel_metrics::Metrics;
 use keel_proxy::filter::RequestFilter;
 use keel_proxy::listener::{ConnectionCount, ConnectionSettings, DataPlane};
-use keel_proxy::proxy::{Gateway, ProxySettings};
+use keel_proxy::proxy::{Proxy, ProxySettings};
 use keel_proxy::route::{Route, Router};
 use keel_upstream::Upstream;
 
@@ -63,7 +63,7 @@ pub fn no_filters(_: &RouteSpec) -> Option<Arc<dyn RequestFilter>> {
 }
 
 /// Builds the gateway's routing table and upstream pools from a spec.
-pub fn build_gateway(spec: &Spec, metrics: &Metrics, filters: FilterFactory<'_>) -> Gateway {
+pub fn build_proxy(spec: &Spec, metrics: &Metrics, filters: FilterFactory<'_>) -> Proxy {
     let upstreams = spec
         .upstreams
         .iter()
@@ -86,7 +86,7 @@ pub fn build_gateway(spec: &Spec, metrics: &Metrics, filters: FilterFactory<'_>)
             }),
         })
         .collect();
-    Gateway {
+    Proxy {
         router: Router::new(routes),
         upstreams,
         settings: ProxySettings {
@@ -166,7 +166,7 @@ pub async fn start(spec: &Spec) -> Result<Running, ServeError> {
         .map(|s| crate::idempotency::Filters::new(s, metrics.clone(), spec.server.buffer_budget));
     let timeout_of = |route: &RouteSpec| spec.upstream_of(route).request_timeout;
     let idempotent = |route: &RouteSpec| filters.as_ref()?.for_route(route, timeout_of(route));
-    let gateway = Arc::new(build_gateway(spec, &metrics, &idempotent));
+    let gateway = Arc::new(build_proxy(spec, &metrics, &idempotent));
     let (shutdown, shutdown_rx) = watch::channel(false);
 
     let server = &spec.server;

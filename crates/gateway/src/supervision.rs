@@ -32,7 +32,7 @@ use tokio::sync::{Mutex, watch};
 use crate::readiness::ReadinessHandle;
 use keel_metrics::Metrics;
 use keel_proxy::listener::{ConnectionSettings, DataPlane};
-use keel_proxy::proxy::Gateway;
+use keel_proxy::proxy::Proxy;
 
 /// Where the admin state finds the tree's probe (set once the tree is built).
 pub type ProbeSlot = Arc<OnceLock<TreeProbe>>;
@@ -44,7 +44,7 @@ pub struct Children {
     /// The data-plane address.
     pub listen: SocketAddr,
     /// The gateway the data plane serves.
-    pub gateway: Arc<Gateway>,
+    pub gateway: Arc<Proxy>,
     /// Connection settings, for a rebind.
     pub settings: ConnectionSettings,
     /// `listeners` readiness.

@@ -1,6 +1,6 @@
 //! The data plane of the `keel` gateway: the listener that accepts and
 //! watches downstream connections, the life of one request top to bottom
-//! ([`Gateway::handle`]: checks on the head, the route, the route's filter,
+//! ([`Proxy::handle`]: checks on the head, the route, the route's filter,
 //! the upstream phase from `keel-upstream`, the stale cache, the response
 //! headers, a protocol upgrade spliced into a tunnel, logging), and the
 //! drain registry every connection and tunnel is in.
@@ -11,7 +11,7 @@
 //! `listener` (a connection).
 //!
 //! ```no_run
-//! # async fn example(gateway: std::sync::Arc<keel_proxy::Gateway>) -> std::io::Result<()> {
+//! # async fn example(gateway: std::sync::Arc<keel_proxy::Proxy>) -> std::io::Result<()> {
 //! use keel_proxy::{ConnectionSettings, DataPlane};
 //!
 //! let plane = DataPlane::bind("127.0.0.1:8080".parse().unwrap(), gateway, &ConnectionSettings::default()).await?;
@@ -37,7 +37,7 @@ pub use filter::{
     UpstreamOutcome,
 };
 pub use listener::{ConnectionCount, DataPlane};
-pub use proxy::{Gateway, ProxySettings};
+pub use proxy::{Proxy, ProxySettings};
 pub use route::{Route, Router};
 pub use stale::StaleCache;
 pub use tunnel::ClosePolicy;

@@ -53,7 +53,7 @@ use tokio::time::Instant;
 pub use crate::activity::ConnectionSettings;
 use crate::activity::{Activity, Expiry, Phase, ServerStream, Tracked};
 use crate::filter::Downstream;
-use crate::proxy::Gateway;
+use crate::proxy::Proxy;
 
 const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
@@ -102,7 +102,7 @@ pub struct DataPlane {
     /// Taken out by `run`, so the socket closes (new connections are
     /// refused) as soon as it stops accepting, while open connections drain.
     listener: Option<TcpListener>,
-    gateway: Arc<Gateway>,
+    gateway: Arc<Proxy>,
     http1: http1::Builder,
     http2: http2::Builder<TokioExecutor>,
     settings: ConnectionSettings,
@@ -113,7 +113,7 @@ impl DataPlane {
     /// Binds `addr`.
     pub async fn bind(
         addr: SocketAddr,
-        gateway: Arc<Gateway>,
+        gateway: Arc<Proxy>,
         settings: &ConnectionSettings,
     ) -> std::io::Result<Self> {
         let listener = TcpListener::bind(addr).await?;

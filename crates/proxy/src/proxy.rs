@@ -27,7 +27,7 @@
 //!    short or too slow request body: 400, 499, 408, never counted against
 //!    the upstream) or the upstream (502, 504).
 //!
-//! [`Gateway::handle`] is the entry point; each phase is a small function
+//! [`Proxy::handle`] is the entry point; each phase is a small function
 //! below, in that order.
 
 use std::time::Instant;
@@ -63,7 +63,7 @@ pub struct ProxySettings {
 
 /// The gateway: routes, upstreams and settings, shared by all connections.
 #[derive(Debug)]
-pub struct Gateway {
+pub struct Proxy {
     /// Routing table.
     pub router: Router,
     /// Upstreams, indexed by `Route::upstream`.
@@ -82,7 +82,7 @@ struct Handled<'g> {
     response: Response<ProxyBody>,
 }
 
-impl Gateway {
+impl Proxy {
     /// Serves one request; never fails: gateway errors become problem+json.
     pub async fn handle(
         &self,
