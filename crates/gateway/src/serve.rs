@@ -1,10 +1,12 @@
-//! `keel serve`: builds the gateway from a config, starts the listeners and
-//! the admin server, and drains on SIGTERM/SIGINT.
+//! The gateway assembled: [`build_proxy`] turns a spec into the request
+//! handler, [`start`] binds the listeners, builds the supervision tree and
+//! starts it, and [`Running`] waits for SIGTERM, SIGINT or `POST /drain`
+//! and drains.
 //!
-//! Start-up is staged the way the supervision tree will run it: each
-//! component is a bound value plus a `run` future that ends on the shared
-//! shutdown signal (a future child of keel-supervisor), and readiness is a
-//! set of conditions each component flips for itself.
+//! Sockets are bound before the tree starts, so a busy port fails at once;
+//! each component is then a child of the tree (a bound value plus a future
+//! it runs), and readiness is a set of conditions each component flips for
+//! itself.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -54,10 +56,6 @@ pub enum ServeError {
 pub type FilterFactory<'a> = &'a dyn Fn(&RouteSpec) -> Option<Arc<dyn RequestFilter>>;
 
 /// No filters: every route is a plain proxy route.
-#[allow(
-    dead_code,
-    reason = "kept for callers that build a gateway without a store"
-)]
 pub fn no_filters(_: &RouteSpec) -> Option<Arc<dyn RequestFilter>> {
     None
 }
