@@ -14,7 +14,9 @@ use http::{HeaderName, Method};
 use toml::Spanned;
 use toml::de::{DeTable, DeValue};
 
-use crate::schema::{Config, DrainConfig, StoreConfig, StoreKind};
+use crate::schema::{
+    BreakerConfig, Config, DrainConfig, HealthCheckConfig, RetryConfig, StoreConfig, StoreKind,
+};
 use crate::spec::{EndpointSpec, StoreBackend};
 use crate::{ConfigError, line_col};
 
@@ -643,7 +645,7 @@ fn validate_upstreams(config: &Config, c: &mut Checker<'_>) -> Option<Vec<Vec<En
             all.push(endpoints);
             all
         });
-        for (key, message) in crate::resilience::validate_upstream(
+        for (key, message) in validate_upstream(
             name,
             upstream.breaker.as_ref(),
             upstream.health_check.as_ref(),
@@ -835,6 +837,138 @@ fn validate_drain(drain: &DrainConfig, c: &mut Checker<'_>) {
         "write the length of a gradual drain, such as \"20s\"",
     );
 }
+/// Checks the resilience keys of one upstream. Each error comes with the
+/// path of its key within `[upstreams.NAME]` (such as `["breaker",
+/// "failures"]`), so `keel check` can point at it; messages name the key.
+fn validate_upstream(
+    name: &str,
+    breaker: Option<&BreakerConfig>,
+    health: Option<&HealthCheckConfig>,
+    retry: Option<&RetryConfig>,
+) -> Vec<(&'static [&'static str], String)> {
+    let mut errors: Vec<(&'static [&'static str], String)> = Vec::new();
+    let mut above_zero = |key: &'static [&'static str], value: Duration| {
+        if value.is_zero() {
+            errors.push((
+                key,
+                format!("upstreams.{name}.{} must be above zero", key.join(".")),
+            ));
+        }
+    };
+    if let Some(b) = breaker {
+        above_zero(&["breaker", "window"], b.window.0);
+        above_zero(&["breaker", "open_duration"], b.open_duration.0);
+        above_zero(&["breaker", "probe_timeout"], b.probe_timeout.0);
+        if b.gradual_recovery {
+            above_zero(&["breaker", "recovery_step"], b.recovery_step.0);
+        }
+    }
+    if let Some(h) = health {
+        above_zero(&["health_check", "interval"], h.interval.0);
+        above_zero(&["health_check", "timeout"], h.timeout.0);
+    }
+    if let Some(b) = breaker {
+        if b.failures == 0 {
+            errors.push((
+                &["breaker", "failures"],
+                format!("upstreams.{name}.breaker.failures must be at least 1"),
+            ));
+        }
+        if b.half_open_probes == 0 {
+            errors.push((
+                &["breaker", "half_open_probes"],
+                format!("upstreams.{name}.breaker.half_open_probes must be at least 1"),
+            ));
+        }
+        let rate_ok = |r: f64| r > 0.0 && r <= 1.0;
+        if b.failure_rate.is_some_and(|r| !rate_ok(r)) {
+            errors.push((
+                &["breaker", "failure_rate"],
+                format!(
+                    "upstreams.{name}.breaker.failure_rate is a share: above 0 and at most 1 (0.5 is half the calls)"
+                ),
+            ));
+        }
+        if !rate_ok(b.upstream_failure_rate) {
+            errors.push((
+                &["breaker", "upstream_failure_rate"],
+                format!(
+                    "upstreams.{name}.breaker.upstream_failure_rate is a share: above 0 and at most 1 (0.5 is half the requests)"
+                ),
+            ));
+        }
+        if let Some(bad) = b
+            .failure_statuses
+            .iter()
+            .find(|s| !(100..=599).contains(*s))
+        {
+            errors.push((
+                &["breaker", "failure_statuses"],
+                format!(
+                    "upstreams.{name}.breaker.failure_statuses: {bad} is not an HTTP status (100 to 599)"
+                ),
+            ));
+        }
+    }
+    if let Some(h) = health {
+        let path_ok = h.path.starts_with('/')
+            && h.path.parse::<http::uri::PathAndQuery>().is_ok()
+            && http::Request::get(h.path.as_str()).body(()).is_ok();
+        if !path_ok {
+            errors.push((
+                &["health_check", "path"],
+                format!(
+                    "upstreams.{name}.health_check.path {:?} must be a request path starting with \"/\", such as \"/healthz\"",
+                    h.path
+                ),
+            ));
+        }
+        if h.healthy_threshold == 0 {
+            errors.push((
+                &["health_check", "healthy_threshold"],
+                format!("upstreams.{name}.health_check.healthy_threshold must be at least 1"),
+            ));
+        }
+        if h.unhealthy_threshold == 0 {
+            errors.push((
+                &["health_check", "unhealthy_threshold"],
+                format!("upstreams.{name}.health_check.unhealthy_threshold must be at least 1"),
+            ));
+        }
+    }
+    if let Some(r) = retry {
+        if r.max_attempts == 0 {
+            errors.push((
+                &["retry", "max_attempts"],
+                format!(
+                    "upstreams.{name}.retry.max_attempts must be at least 1 (1 means no retries)"
+                ),
+            ));
+        }
+        if !(0.0..=10.0).contains(&r.budget_ratio) {
+            errors.push((
+                &["retry", "budget_ratio"],
+                format!("upstreams.{name}.retry.budget_ratio must be between 0 and 10"),
+            ));
+        }
+        if r.backoff_cap.0 < r.backoff_base.0 {
+            errors.push((
+                &["retry", "backoff_cap"],
+                format!("upstreams.{name}.retry.backoff_cap must not be below backoff_base"),
+            ));
+        }
+        if let Some(bad) = r.statuses.iter().find(|s| !(100..=599).contains(*s)) {
+            errors.push((
+                &["retry", "statuses"],
+                format!(
+                    "upstreams.{name}.retry.statuses: {bad} is not an HTTP status (100 to 599)"
+                ),
+            ));
+        }
+    }
+    errors
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

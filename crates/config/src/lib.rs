@@ -31,7 +31,6 @@
 
 mod check;
 mod convert;
-mod resilience;
 pub mod schema;
 mod spec;
 pub mod units;
