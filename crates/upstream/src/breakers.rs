@@ -77,7 +77,12 @@ impl EndpointGuard {
     ) -> Self {
         let breaker = config
             .enabled
-            .then(|| Breaker::new(format!("{upstream} {url}"), endpoint_config(config, seed)).ok())
+            .then(|| {
+                built(Breaker::new(
+                    format!("{upstream} {url}"),
+                    endpoint_config(config, seed),
+                ))
+            })
             .flatten();
         EndpointGuard {
             breaker,
@@ -150,7 +155,7 @@ impl UpstreamResilience {
     ) -> Self {
         let breaker = config
             .enabled
-            .then(|| Breaker::new(name.to_owned(), upstream_config(config)).ok())
+            .then(|| built(Breaker::new(name.to_owned(), upstream_config(config))))
             .flatten();
         let retry = (r.enabled && r.max_attempts > 1).then(|| RetrySettings {
             max_attempts: r.max_attempts,
@@ -271,6 +276,19 @@ pub fn state_code(breaker: &Breaker) -> i64 {
             State::HalfOpen => 2,
             State::Recovering => 3,
         },
+    }
+}
+
+/// The breaker, or `None` with an error logged. keel-config checks every
+/// setting keel-breaker validates, so a refusal here is a bug to report,
+/// not a state to run in silently.
+fn built<E: std::fmt::Display>(breaker: Result<Breaker, E>) -> Option<Breaker> {
+    match breaker {
+        Ok(breaker) => Some(breaker),
+        Err(error) => {
+            tracing::error!(%error, "breaker settings refused; running without this breaker");
+            None
+        }
     }
 }
 
