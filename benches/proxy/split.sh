@@ -243,14 +243,19 @@ cg_run() {
 per_request() { awk -v a="$1" -v b="$2" -v n="$3" 'BEGIN {printf "%.0f", (b - a) / n}'; }
 
 # exclusive IR_FILE: "Ir<TAB>function" per function (exclusive Ir, all
-# functions, no source annotation).
+# functions, no source annotation). callgrind_annotate names a
+# file:function pair (code inlined from another file counts under that
+# file) and the object; both differ between the two builds' paths, so
+# only the function name is kept and its lines are summed.
 exclusive() {
     callgrind_annotate --inclusive=no --threshold=100 --auto=no "$1" 2>/dev/null \
         | awk '/^ *[0-9,]+ .*[^ ]/ && $0 !~ /PROGRAM TOTALS/ {
             line = $0; sub(/^ +/, "", line)
             ir = line; sub(/ .*/, "", ir); gsub(/,/, "", ir)
             fn = line; sub(/^[0-9,]+ +(\([^)]*\) +)?/, "", fn)
-            print ir "\t" fn }'
+            sub(/^[^:]*:/, "", fn); sub(/ \[[^]]*\]$/, "", fn)
+            sum[fn] += ir }
+            END {for (fn in sum) print sum[fn] "\t" fn}'
 }
 # per_function_diff NAME_N NAME_2N TITLE: RESULTS/diff-TITLE.txt, the
 # exclusive Ir per request of each function at base and new and the
@@ -279,7 +284,26 @@ per_function_diff() {
         >"$WORK/diff.tsv"
     {
         echo "# $title: exclusive Ir per request by function, (Ir(2N) - Ir(N)) / N, N = $N"
-        echo "# new - base | base | new | function (base $BASE_SHORT, new $NEW_DESC)"
+        echo "# base $BASE_SHORT, new $NEW_DESC; differences under 0.5 Ir left out"
+        echo "#"
+        echo "# by group (new - base, base, new); keel's functions changed crate and"
+        echo "# module names, so compare them by group and by reading the list below:"
+        awk -F'\t' '{
+            f = $4
+            if (f ~ /keel/) g = "keel crates"
+            else if (f ~ /^(_int_|malloc|free|cfree|realloc|calloc|__libc_|__memcpy|__memmove|__memset|__memcmp|memcpy|unlink_chunk|tcache)/) g = "libc malloc/free/memcpy"
+            else if (f ~ /tokio/) g = "tokio"
+            else if (f ~ /hyper/) g = "hyper"
+            else if (f ~ /http/) g = "http"
+            else g = "other"
+            d[g] += $1; b[g] += $2; n[g] += $3; t += $1
+        }
+        END {
+            for (g in d) printf "#   %+9.1f  %9.1f  %9.1f  %s\n", d[g], b[g], n[g], g
+            printf "#   %+9.1f  (total of the listed differences)\n", t
+        }' "$WORK/diff.tsv"
+        echo "#"
+        echo "# new - base | base | new | function"
         cat "$WORK/diff.tsv"
     } >"$RESULTS/diff-$title.txt"
 }
