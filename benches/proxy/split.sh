@@ -30,11 +30,19 @@
 # clients, wrk and the backend on CPU 1. Callgrind outputs, wrk outputs and
 # logs are kept in RESULTS.
 #
+# LTO=thin (or fat) builds both revisions' keel with that link-time
+# optimisation (CARGO_PROFILE_RELEASE_LTO), in their own target dirs
+# (/tmp/keel-bench-target-<sha>-lto-<LTO> and
+# /tmp/keel-bench-target-new-lto-<LTO>, or BASE_TARGET / NEW_TARGET): it
+# shows what is left of a difference once inlining crosses crate
+# boundaries, as it did inside the one gateway crate.
+#
 # Usage: bash benches/proxy/split.sh
 # Knobs: BASE=d122397  N=3000 (requests per callgrind step)  ROUNDS=6
 #        DURATION=10 (seconds per wrk run)  CONNECTIONS=50  CLIENT_CONNS=4
 #        CI_WAIT=2400 (seconds, 0: do not wait)  SKIP_BUILD=1
-#        SKIP_CALLGRIND=1  RESULTS=/tmp/keel-split-bench
+#        SKIP_CALLGRIND=1  LTO=  BASE_TARGET=  NEW_TARGET=
+#        RESULTS=/tmp/keel-split-bench
 # Loopback only; every loop below is bounded.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -75,9 +83,23 @@ ensure_wrk
 BASE_SHA=$(git rev-parse --verify "$BASE^{commit}")
 BASE_SHORT=${BASE_SHA:0:7}
 BASE_TREE=/tmp/keel-bench-base-$BASE_SHORT
-BASE_TARGET=/tmp/keel-bench-target-$BASE_SHORT
 NEW_DESC=$(git describe --always --dirty --abbrev=7)
-NEW_TARGET=${CARGO_TARGET_DIR:-target}
+BACKEND_TARGET=${CARGO_TARGET_DIR:-target}
+LTO=${LTO:-}
+if [ -n "$LTO" ]; then
+    BASE_TARGET=${BASE_TARGET:-/tmp/keel-bench-target-$BASE_SHORT-lto-$LTO}
+    NEW_TARGET=${NEW_TARGET:-/tmp/keel-bench-target-new-lto-$LTO}
+else
+    BASE_TARGET=${BASE_TARGET:-/tmp/keel-bench-target-$BASE_SHORT}
+    NEW_TARGET=${NEW_TARGET:-$BACKEND_TARGET}
+fi
+keel_build() { # keel_build TARGET_DIR: the gateway binary, with LTO if asked
+    if [ -n "$LTO" ]; then
+        CARGO_PROFILE_RELEASE_LTO=$LTO CARGO_TARGET_DIR="$1" cargo build --release -q -p keel --bin keel
+    else
+        CARGO_TARGET_DIR="$1" cargo build --release -q -p keel --bin keel
+    fi
+}
 if [ ! -e "$BASE_TREE/.git" ]; then
     log "git worktree for the base $BASE_SHORT at $BASE_TREE"
     git worktree add -f --detach "$BASE_TREE" "$BASE_SHA" >/dev/null
@@ -86,16 +108,16 @@ if [ "$(git -C "$BASE_TREE" rev-parse HEAD)" != "$BASE_SHA" ]; then
     echo "error: $BASE_TREE is not at $BASE_SHA; remove it and run again" >&2; exit 1
 fi
 if [ -z "${SKIP_BUILD:-}" ]; then
-    log "building keel at the base $BASE_SHORT (release, target $BASE_TARGET)"
-    (cd "$BASE_TREE" && CARGO_TARGET_DIR="$BASE_TARGET" cargo build --release -q -p keel --bin keel)
-    log "building keel at the working tree $NEW_DESC and the backend (release)"
+    log "building keel at the base $BASE_SHORT (release${LTO:+, lto = $LTO}, target $BASE_TARGET)"
+    (cd "$BASE_TREE" && keel_build "$BASE_TARGET")
+    log "building keel at the working tree $NEW_DESC (release${LTO:+, lto = $LTO}, target $NEW_TARGET) and the backend"
     # Built separately: an example build enables dev-dependency features
     # (tokio test-util) that must not reach the measured gateway binary.
-    cargo build --release -q -p keel --bin keel
-    cargo build --release -q -p keel --example bench_backend
+    keel_build "$NEW_TARGET"
+    CARGO_TARGET_DIR="$BACKEND_TARGET" cargo build --release -q -p keel --example bench_backend
 fi
 declare -A KEEL_BIN=([base]="$BASE_TARGET/release/keel" [new]="$NEW_TARGET/release/keel")
-BACKEND_BIN=$NEW_TARGET/release/examples/bench_backend
+BACKEND_BIN=$BACKEND_TARGET/release/examples/bench_backend
 for f in "${KEEL_BIN[@]}" "$BACKEND_BIN"; do
     [ -x "$f" ] || { echo "error: $f is missing (run without SKIP_BUILD)" >&2; exit 1; }
 done
@@ -254,6 +276,7 @@ exclusive() {
             ir = line; sub(/ .*/, "", ir); gsub(/,/, "", ir)
             fn = line; sub(/^[0-9,]+ +(\([^)]*\) +)?/, "", fn)
             sub(/^[^:]*:/, "", fn); sub(/ \[[^]]*\]$/, "", fn)
+            if (fn ~ /^0x[0-9a-f]+$/) fn = "(code without a symbol)"
             sum[fn] += ir }
             END {for (fn in sum) print sum[fn] "\t" fn}'
 }
@@ -409,7 +432,7 @@ done
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN {if (a !~ /^[0-9.]+$/ || b !~ /^[0-9.]+$/ || b == 0) print "-"; else printf "%.3f", a / b}'; }
 cat <<TABLE
 
-| measure | base $BASE_SHORT | new $NEW_DESC | new / base |
+| measure | base $BASE_SHORT${LTO:+ (lto = $LTO)} | new $NEW_DESC${LTO:+ (lto = $LTO)} | new / base |
 | --- | ---: | ---: | ---: |
 TABLE
 if [ -z "${SKIP_CALLGRIND:-}" ]; then
