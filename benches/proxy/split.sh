@@ -335,7 +335,8 @@ per_function_diff() {
 # slow paths (_int_malloc, _int_free, malloc_consolidate, unlink_chunk).
 # Those depend on the heap's state, which depends on how requests from
 # the client's connections interleave, and move the per-request figure by
-# up to ~1 % from one run to the next; the rest repeats within ~0.2 %.
+# up to ~1 % from one run to the next; the rest repeats within ~0.2 % for
+# GETs and new-key POSTs (~0.9 % for replays).
 steady() {
     awk -F'\t' -v n="$N" 'FNR == 1 {f++}
         $2 !~ /^(_int_malloc|_int_free|malloc_consolidate|unlink_chunk)/ {t += (f == 1 ? -$1 : $1)}
