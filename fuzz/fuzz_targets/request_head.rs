@@ -98,7 +98,12 @@ fuzz_target!(|data: &[u8]| {
     } else {
         IpAddr::from([0x2001, 0xdb8, 0, 0, 0, 0, 0, u16::from(flags)])
     };
-    headers::append_forwarded(&mut headers, client, "http", host.as_deref().ok());
+    headers::append_forwarded(
+        &mut headers,
+        &headers::ForwardedFor::new(client),
+        "http",
+        host.as_deref().ok(),
+    );
     headers::append_via(&mut headers, version);
     assert!(headers.contains_key("x-forwarded-for"));
     assert!(headers.contains_key(header::VIA));

@@ -118,23 +118,51 @@ fn append_list(
     }
 }
 
+/// A client's address as `X-Forwarded-For` writes it: formatted once per
+/// connection, then shared by every request on it (a clone is a reference
+/// count, not a copy).
+///
+/// ```
+/// use keel_http::headers::ForwardedFor;
+///
+/// let client = ForwardedFor::new("10.1.2.3".parse().unwrap());
+/// assert_eq!(client.value(), "10.1.2.3");
+/// ```
+#[derive(Debug, Clone)]
+pub struct ForwardedFor(HeaderValue);
+
+impl ForwardedFor {
+    /// The address `client`, formatted.
+    pub fn new(client: IpAddr) -> Self {
+        // Written on the stack first: at most 45 bytes (an IPv4-mapped
+        // IPv6 address).
+        let mut buf = [0u8; 48];
+        let mut cursor = std::io::Cursor::new(&mut buf[..]);
+        let _ = write!(cursor, "{client}");
+        let n = usize::try_from(cursor.position()).unwrap_or(0);
+        let bytes = bytes::Bytes::copy_from_slice(&buf[..n]);
+        // An address is digits, dots, colons and hex: always a valid value.
+        let value = HeaderValue::from_maybe_shared(bytes)
+            .unwrap_or_else(|_| HeaderValue::from_static("unknown"));
+        ForwardedFor(value)
+    }
+
+    /// The formatted address.
+    pub fn value(&self) -> &HeaderValue {
+        &self.0
+    }
+}
+
 /// Appends this hop to `X-Forwarded-For`, `-Proto` and `-Host`.
 pub fn append_forwarded(
     headers: &mut HeaderMap,
-    client: IpAddr,
+    client: &ForwardedFor,
     proto: &'static str,
     host: Option<&str>,
 ) {
-    // The address is written on the stack: at most 45 bytes (an
-    // IPv4-mapped IPv6 address).
-    let mut ip = [0u8; 48];
-    let ip = {
-        let mut cursor = std::io::Cursor::new(&mut ip[..]);
-        let _ = write!(cursor, "{client}");
-        let n = usize::try_from(cursor.position()).unwrap_or(0);
-        &ip[..n]
-    };
-    append_list(headers, X_FORWARDED_FOR, ip, || None);
+    append_list(headers, X_FORWARDED_FOR, client.0.as_bytes(), || {
+        Some(client.0.clone())
+    });
     append_list(headers, X_FORWARDED_PROTO, proto.as_bytes(), || {
         Some(HeaderValue::from_static(proto))
     });
@@ -523,7 +551,7 @@ mod tests {
         h.insert(header::HOST, HeaderValue::from_static("api.test:8080"));
         append_forwarded(
             &mut h,
-            "2001:db8::1".parse().expect("ip"),
+            &ForwardedFor::new("2001:db8::1".parse().expect("ip")),
             "http",
             Some("api.test:8080"),
         );
@@ -533,7 +561,7 @@ mod tests {
         // A host other than the Host header's (HTTP/2 :authority) is copied.
         append_forwarded(
             &mut h,
-            "255.255.255.255".parse().expect("ip"),
+            &ForwardedFor::new("255.255.255.255".parse().expect("ip")),
             "http",
             Some("other.test"),
         );
@@ -545,7 +573,12 @@ mod tests {
             X_FORWARDED_FOR,
             HeaderValue::from_bytes(b"caf\xe9").expect("obs-text"),
         );
-        append_forwarded(&mut h, "10.1.2.3".parse().expect("ip"), "http", None);
+        append_forwarded(
+            &mut h,
+            &ForwardedFor::new("10.1.2.3".parse().expect("ip")),
+            "http",
+            None,
+        );
         assert_eq!(h[X_FORWARDED_FOR].as_bytes(), b"caf\xe9, 10.1.2.3");
         assert!(!h.contains_key(X_FORWARDED_HOST));
     }
@@ -556,7 +589,7 @@ mod tests {
         h.insert(X_FORWARDED_FOR, HeaderValue::from_static("10.0.0.1"));
         append_forwarded(
             &mut h,
-            "127.0.0.1".parse().expect("ip"),
+            &ForwardedFor::new("127.0.0.1".parse().expect("ip")),
             "http",
             Some("a.test"),
         );
@@ -818,7 +851,7 @@ mod tests {
             // In the order the gateway applies them to the upstream request.
             remove_hop_by_hop(&mut headers, ip[5] % 2 == 0);
             proptest::prop_assert!(!headers.contains_key(header::TRANSFER_ENCODING));
-            append_forwarded(&mut headers, client, "http", host.as_deref().ok());
+            append_forwarded(&mut headers, &ForwardedFor::new(client), "http", host.as_deref().ok());
             append_via(&mut headers, version);
             proptest::prop_assert!(headers.contains_key(X_FORWARDED_FOR));
         }

@@ -10,18 +10,21 @@ use std::pin::Pin;
 use http::header::HeaderValue;
 use http::{Request, Response};
 use keel_http::ProxyBody;
+use keel_http::headers::ForwardedFor;
 use keel_upstream::UpstreamError;
 
 /// A boxed future, as filters return.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
-/// Where a request came from.
-#[derive(Debug, Clone, Copy)]
+/// Where a request came from: made once per connection.
+#[derive(Debug, Clone)]
 pub struct Downstream {
     /// The client's address.
     pub peer: SocketAddr,
     /// The scheme the client used (`http`).
     pub proto: &'static str,
+    /// The client's address as `X-Forwarded-For` writes it.
+    pub forwarded_for: ForwardedFor,
 }
 
 /// What a filter knows about the request besides the request itself.
@@ -32,7 +35,7 @@ pub struct RequestContext<'a> {
     /// The matched route's name.
     pub route: &'a str,
     /// The client.
-    pub downstream: Downstream,
+    pub downstream: &'a Downstream,
 }
 
 /// What a request filter decided.

@@ -54,6 +54,7 @@ pub use crate::activity::ConnectionSettings;
 use crate::activity::{Activity, Expiry, Phase, ServerStream, Tracked};
 use crate::filter::Downstream;
 use crate::proxy::Proxy;
+use keel_http::headers::ForwardedFor;
 
 const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
@@ -228,13 +229,15 @@ impl DataPlane {
         let downstream = Downstream {
             peer,
             proto: "http",
+            forwarded_for: ForwardedFor::new(peer.ip()),
         };
         let tracker = activity.clone();
         let service = service_fn(move |request| {
             let in_flight = tracker.request_started();
             let gateway = gateway.clone();
+            let downstream = downstream.clone();
             async move {
-                let response = gateway.handle(request, downstream).await;
+                let response = gateway.handle(request, &downstream).await;
                 Ok::<_, Infallible>(response.map(|body| Tracked {
                     body,
                     in_flight: Some(in_flight),

@@ -87,7 +87,7 @@ impl Proxy {
     pub async fn handle(
         &self,
         mut request: Request<Incoming>,
-        downstream: Downstream,
+        downstream: &Downstream,
     ) -> Response<ProxyBody> {
         let started = Instant::now();
         let method = request.method().clone();
@@ -147,7 +147,7 @@ impl Proxy {
         &self,
         mut request: Request<Incoming>,
         request_id: &HeaderValue,
-        downstream: Downstream,
+        downstream: &Downstream,
     ) -> Handled<'_> {
         let fail = |route, problem: Problem| Handled {
             route,
@@ -283,7 +283,7 @@ impl Proxy {
         request: Request<ProxyBody>,
         endpoint: &Endpoint,
         host: &str,
-        downstream: Downstream,
+        downstream: &Downstream,
         upgrade: bool,
     ) -> Request<ProxyBody> {
         let (mut parts, body) = request.into_parts();
@@ -310,7 +310,12 @@ impl Proxy {
                 headers.insert(header::HOST, value);
             }
         }
-        append_forwarded(headers, downstream.peer.ip(), downstream.proto, Some(host));
+        append_forwarded(
+            headers,
+            &downstream.forwarded_for,
+            downstream.proto,
+            Some(host),
+        );
         if self.settings.via {
             append_via(headers, downstream_version);
         }
