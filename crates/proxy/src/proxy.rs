@@ -185,17 +185,19 @@ impl Proxy {
             }
             return handled;
         }
-        let host = match request_host(&mut request) {
+        let host_value = match request_host(&mut request) {
             Ok(host) => host,
             Err(error) => {
                 return fail(None, Problem::new(ProblemKind::BadRequest, error.detail()));
             }
         };
+        // Checked: a valid host is printable ASCII.
+        let host = host_value.to_str().unwrap_or_default();
 
         // 3. route match
-        let Some(route) =
-            self.router
-                .find(Some(host.as_str()), request.method(), request.uri().path())
+        let Some(route) = self
+            .router
+            .find(Some(host), request.method(), request.uri().path())
         else {
             return fail(
                 None,
@@ -243,11 +245,11 @@ impl Proxy {
         // with retries (keel_upstream::forward picks each attempt's
         // endpoint with Upstream::select_available)
         let upstream = &self.upstreams[route.upstream];
-        let stale_key = route.stale.as_ref().and_then(|c| c.key(&request, &host));
+        let stale_key = route.stale.as_ref().and_then(|c| c.key(&request, host));
         let upgrade = downstream_upgrade.is_some();
         let ends_by = tokio::time::Instant::now() + upstream.request_timeout;
         let forward = keel_upstream::forward(upstream, request, upgrade, ends_by, |r, e| {
-            self.upstream_request(r, e, &host, downstream, upgrade)
+            self.upstream_request(r, e, host, downstream, upgrade)
         });
         let outcome = if let Some(hook) = on_response.as_ref().filter(|h| h.must_hold(ends_by)) {
             let mut forward = std::pin::pin!(forward);
@@ -378,19 +380,25 @@ fn request_id(request: &Request<Incoming>) -> HeaderValue {
 /// The host the client asked for, checked (see [`keel_http::headers::request_host`]).
 /// When it is not the request's `Host` byte for byte (HTTP/2 `:authority`,
 /// an HTTP/1.1 absolute-form target), `Host` is set to it, so the
-/// upstream reads the host the gateway routed on.
-fn request_host(request: &mut Request<Incoming>) -> Result<String, HostError> {
-    let host =
-        keel_http::headers::request_host(request.version(), request.uri(), request.headers())?
-            .to_owned();
-    let headers = request.headers_mut();
-    if !host.is_empty() && headers.get(header::HOST).is_none_or(|h| h != host.as_str()) {
-        // Checked above: a valid host is a valid header value.
-        if let Ok(value) = HeaderValue::from_str(&host) {
-            headers.insert(header::HOST, value);
+/// upstream reads the host the gateway routed on. Usually it is the `Host`
+/// header itself, returned shared (a reference count), not copied.
+fn request_host(request: &mut Request<Incoming>) -> Result<HeaderValue, HostError> {
+    let (value, same) = {
+        let host =
+            keel_http::headers::request_host(request.version(), request.uri(), request.headers())?;
+        match request.headers().get(header::HOST) {
+            Some(value) if value.as_bytes() == host.as_bytes() => (value.clone(), true),
+            // Checked above: a valid host is a valid header value.
+            _ => (
+                HeaderValue::from_str(host).unwrap_or_else(|_| HeaderValue::from_static("")),
+                false,
+            ),
         }
+    };
+    if !same && !value.is_empty() {
+        request.headers_mut().insert(header::HOST, value.clone());
     }
-    Ok(host)
+    Ok(value)
 }
 
 /// 413 early when `Content-Length` already says the body is too large.
