@@ -24,7 +24,8 @@
 #     function (callgrind_annotate --inclusive=no on the N and 2N outputs,
 #     difference / N), largest first, in RESULTS/functions-PROXY-KIND.txt
 #     (nginx and HAProxy from Debian are stripped: their lists show
-#     addresses and libc only).
+#     addresses and libc only), summed by origin (keel, hyper, http,
+#     tokio, glibc) in RESULTS/groups-PROXY-KIND.txt.
 #
 # Request kinds: GET / ; POST / with a 1 KiB JSON body; and, keel only
 # (nginx and HAProxy have no such feature), the same POST to an
@@ -344,6 +345,22 @@ functions() {
         $2 !~ /^(_int_malloc|_int_free|malloc_consolidate|unlink_chunk)/ {t += (f == 1 ? -$1 : $1)}
         END {printf "%.0f", t / n}' "$WORK/fn-1.tsv" "$WORK/fn-2.tsv")
 }
+# groups FUNCTIONS_FILE OUT: the per-request Ir of a functions list summed
+# by where the code comes from (by name: keel's crates, hyper, http and
+# httparse, tokio, glibc malloc/free and mem*, the rest).
+groups() {
+    awk -F'\t' '{
+        f = $2
+        if (f ~ /keel/) g = "keel crates"
+        else if (f ~ /^(_int_|malloc|free|cfree|realloc|calloc|__libc_|__memcpy|__memmove|__memset|__memcmp|memcpy|memmove|unlink_chunk|tcache)/) g = "glibc malloc/free/mem*"
+        else if (f ~ /hyper/) g = "hyper"
+        else if (f ~ /tokio/) g = "tokio"
+        else if (f ~ /http|httparse/) g = "http, httparse"
+        else g = "other"
+        s[g] += $1; t += $1
+    }
+    END {for (g in s) printf "%.0f\t%.1f %%\t%s\n", s[g], 100 * s[g] / t, g}' "$1" | sort -t$'\t' -k1,1 -g -r >"$2"
+}
 # syscalls NAME_N NAME_2N OUT: calls per request of each syscall.
 syscalls() {
     awk -v n="$N" 'FNR == 1 {f++}
@@ -367,6 +384,7 @@ for proxy in $PROXIES; do
         IR[$proxy-$kind]=$(per_request "$one" "$two" "$N")
         functions "cg-$proxy-$kind-$N" "cg-$proxy-$kind-$((2 * N))" "$RESULTS/functions-$proxy-$kind.txt"
         STEADY[$proxy-$kind]=$IR_STEADY
+        groups "$RESULTS/functions-$proxy-$kind.txt" "$RESULTS/groups-$proxy-$kind.txt"
         SYS[$proxy-$kind]=-
         if [ -z "${SKIP_STRACE:-}" ]; then
             log "$proxy $kind: strace -f -c, the same two runs"
