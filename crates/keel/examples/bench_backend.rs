@@ -1,6 +1,10 @@
 //! The fast backend for `benches/proxy/run.sh`: a single-threaded hyper
 //! server answering `GET /` with a small body, and holding WebSocket
-//! upgrades on `/ws` open until the client closes.
+//! upgrades on `/ws` open until the client closes. A request body is read
+//! to its end before the answer: hyper closes a connection whose body was
+//! left unread and has not all arrived yet, so a proxy that writes a
+//! request's head and body in two sends would otherwise pay for upstream
+//! reconnects that depend on timing.
 //!
 //! Usage: `bench_backend 127.0.0.1:18081`
 
@@ -8,7 +12,7 @@ use std::convert::Infallible;
 
 use bytes::Bytes;
 use http::{Request, Response, StatusCode, header};
-use http_body_util::Full;
+use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
@@ -39,6 +43,7 @@ async fn handle(mut request: Request<Incoming>) -> Result<Response<Full<Bytes>>,
             .body(Full::new(Bytes::new()));
         return Ok(response.unwrap_or_default());
     }
+    let _ = request.into_body().collect().await;
     let mut response = Response::new(Full::new(Bytes::from_static(b"hello from the backend\n")));
     response.headers_mut().insert(
         header::CONTENT_TYPE,
