@@ -161,3 +161,58 @@ async fn two_gateways_in_one_process_keep_to_themselves() {
     assert_eq!(hits_b.load(Ordering::SeqCst), 2);
     b.drain_now().await.expect("b drained");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drain_lets_the_request_in_flight_finish() {
+    let (slow, started) = {
+        let started = Arc::new(tokio::sync::Notify::new());
+        let notify = started.clone();
+        let addr = upstream(move |_request| {
+            let notify = notify.clone();
+            async move {
+                notify.notify_one();
+                tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+                Response::new(Bytes::from_static(b"done"))
+            }
+        })
+        .await;
+        (addr, started)
+    };
+    let gateway = start_toml(&config(slow, "")).await;
+    let listen = gateway.listen;
+    let in_flight = tokio::spawn(async move { get(listen, "a.test", "/api").await });
+    // Drain only once the upstream has the request.
+    started.notified().await;
+    gateway.drain_now().await.expect("drained");
+    let (status, headers, body) = in_flight.await.expect("the request task");
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body, "done");
+    // HTTP/1.1: told to close after this response, not cut.
+    assert_eq!(headers["connection"], "close");
+    // The listener is gone: a new connection is refused.
+    assert!(tokio::net::TcpStream::connect(listen).await.is_err());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_status_shows_every_task_in_the_supervision_tree() {
+    let (up, _) = counting_upstream().await;
+    let gateway = start_toml(&config(
+        up,
+        "\n[upstreams.app.health_check]\npath = \"/healthz\"\ninterval = \"1s\"\n",
+    ))
+    .await;
+    let (status, _, body) = get(gateway.admin.expect("admin"), "admin", "/status").await;
+    assert_eq!(status, StatusCode::OK);
+    let status: serde_json::Value = serde_json::from_slice(&body).expect("json");
+    let children: Vec<&str> = status["supervision"]["children"]
+        .as_array()
+        .expect("tree")
+        .iter()
+        .filter_map(|c| c["name"].as_str())
+        .collect();
+    assert_eq!(
+        children,
+        ["listener", "admin", "health", "breakers", "drain"]
+    );
+    gateway.drain_now().await.expect("drained");
+}
