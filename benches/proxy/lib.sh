@@ -57,3 +57,24 @@ LUA
 
 # cpu_ticks PID: user + system clock ticks the process has used.
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+
+# stop PID TRIES [TARGET]: SIGTERM to TARGET (default PID), then up to
+# TRIES x 0.1 s for PID to exit (keel drains first, valgrind writes its
+# output, strace its summary once its tracee is gone); SIGKILL and fail
+# past that.
+stop() {
+    local state
+    kill -TERM "${3:-$1}" 2>/dev/null || true
+    for _ in $(seq 1 "$2"); do
+        state=$(awk '{print $3}' "/proc/$1/stat" 2>/dev/null || echo gone)
+        if [ "$state" = Z ] || [ "$state" = gone ]; then
+            wait "$1" 2>/dev/null || true
+            return 0
+        fi
+        sleep 0.1
+    done
+    kill -KILL "$1" 2>/dev/null || true
+    wait "$1" 2>/dev/null || true
+    echo "error: pid $1 did not stop on SIGTERM" >&2
+    return 1
+}

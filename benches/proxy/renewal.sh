@@ -105,43 +105,8 @@ write_keyed_lua "$WORK/keyed.lua"
 # fresh claim) and replay:K (keys 0..K-1 again), spread over CONNS
 # keep-alive connections. Every answer must be 200, a replay marked by
 # Idempotent-Replayed and a new key not; anything else fails the run.
-cat > "$WORK/client.py" <<'PY'
-import http.client, sys, threading
-addr, path, prefix, conns = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
-host, port = addr.rsplit(":", 1)
-body = b'{"amount":100,"currency":"EUR"}'
-connections = [http.client.HTTPConnection(host, int(port), timeout=300) for _ in range(conns)]
-bad = []
-def run(conn, keys, replay):
-    for k in keys:
-        conn.request("POST", path, body, {"Content-Type": "application/json",
-                                          "Idempotency-Key": f"{prefix}-{k}"})
-        r = conn.getresponse()
-        r.read()
-        replayed = r.getheader("idempotent-replayed") == "true"
-        if r.status != 200 or replayed != replay:
-            bad.append((k, r.status, replayed))
-created = 0
-for phase in sys.argv[5:]:
-    kind, count = phase.split(":")
-    count = int(count)
-    if count == 0:
-        continue
-    keys = range(created, created + count) if kind == "new" else range(count)
-    threads = [threading.Thread(target=run, args=(c, keys[i::conns], kind == "replay"))
-               for i, c in enumerate(connections)]
-    for t in threads: t.start()
-    for t in threads: t.join()
-    if kind == "new":
-        created += count
-for c in connections:
-    c.close()
-if bad:
-    print(f"client: {len(bad)} unexpected answers, first {bad[:5]}", file=sys.stderr)
-    sys.exit(1)
-PY
 client() { # client PREFIX PHASE... (pinned next to the backend)
-    taskset -c 1 python3 "$WORK/client.py" "$KEEL" /on "$1" "$CLIENT_CONNS" "${@:2}"
+    taskset -c 1 python3 benches/proxy/client.py "$KEEL" /on "$1" "$CLIENT_CONNS" "${@:2}"
 }
 
 write_config() { # write_config FILE STORE_TOML
@@ -172,24 +137,6 @@ TOML
 write_config "$WORK/memory.toml" '[store]
 kind = "memory"'
 
-# stop PID TRIES: SIGTERM, then up to TRIES x 0.1 s for it to exit (keel
-# drains first); SIGKILL and fail past that.
-stop() {
-    local state
-    kill -TERM "$1" 2>/dev/null || true
-    for _ in $(seq 1 "$2"); do
-        state=$(awk '{print $3}' "/proc/$1/stat" 2>/dev/null || echo gone)
-        if [ "$state" = Z ] || [ "$state" = gone ]; then
-            wait "$1" 2>/dev/null || true
-            return 0
-        fi
-        sleep 0.1
-    done
-    kill -KILL "$1" 2>/dev/null || true
-    wait "$1" 2>/dev/null || true
-    echo "error: pid $1 did not stop on SIGTERM" >&2
-    return 1
-}
 
 # --- 1. callgrind ----------------------------------------------------------
 # cg_run REV NEW REPLAY: sets CG_IR to the total Ir of one keel process

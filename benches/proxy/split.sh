@@ -134,50 +134,8 @@ wait_port "$BACKEND"
 # (keys 0..K-1 again), spread over CONNS keep-alive connections. Every
 # answer must be 200 with the backend's body; a replay must be marked by
 # Idempotent-Replayed and a new key not; anything else fails the run.
-cat > "$WORK/client.py" <<'PY'
-import http.client, sys, threading
-addr, prefix, conns = sys.argv[1], sys.argv[2], int(sys.argv[3])
-host, port = addr.rsplit(":", 1)
-body = b'{"amount":100,"currency":"EUR"}'
-expected = b"hello from the backend\n"
-connections = [http.client.HTTPConnection(host, int(port), timeout=300) for _ in range(conns)]
-bad = []
-def run(conn, kind, keys):
-    for k in keys:
-        if kind == "get":
-            conn.request("GET", "/")
-        else:
-            conn.request("POST", "/on", body, {"Content-Type": "application/json",
-                                               "Idempotency-Key": f"{prefix}-{k}"})
-        r = conn.getresponse()
-        got = r.read()
-        replayed = r.getheader("idempotent-replayed") == "true"
-        if r.status != 200 or got != expected or replayed != (kind == "replay"):
-            bad.append((kind, k, r.status, replayed))
-created = 0
-for phase in sys.argv[4:]:
-    kind, count = phase.split(":")
-    count = int(count)
-    if count == 0:
-        continue
-    if kind == "new":
-        keys = range(created, created + count)
-    else:
-        keys = range(count)
-    threads = [threading.Thread(target=run, args=(c, kind, keys[i::conns]))
-               for i, c in enumerate(connections)]
-    for t in threads: t.start()
-    for t in threads: t.join()
-    if kind == "new":
-        created += count
-for c in connections:
-    c.close()
-if bad:
-    print(f"client: {len(bad)} unexpected answers, first {bad[:5]}", file=sys.stderr)
-    sys.exit(1)
-PY
 client() { # client PREFIX PHASE... (pinned next to the backend)
-    taskset -c 1 python3 "$WORK/client.py" "$KEEL" "$1" "$CLIENT_CONNS" "${@:2}"
+    taskset -c 1 python3 benches/proxy/client.py "$KEEL" /on "$1" "$CLIENT_CONNS" "${@:2}"
 }
 
 # run.sh's config (plain GET) and renewal.sh's (an idempotent route, memory
@@ -224,24 +182,6 @@ level = "warn"
 access_log = false
 TOML
 
-# stop PID TRIES: SIGTERM, then up to TRIES x 0.1 s for it to exit (keel
-# drains first); SIGKILL and fail past that.
-stop() {
-    local state
-    kill -TERM "$1" 2>/dev/null || true
-    for _ in $(seq 1 "$2"); do
-        state=$(awk '{print $3}' "/proc/$1/stat" 2>/dev/null || echo gone)
-        if [ "$state" = Z ] || [ "$state" = gone ]; then
-            wait "$1" 2>/dev/null || true
-            return 0
-        fi
-        sleep 0.1
-    done
-    kill -KILL "$1" 2>/dev/null || true
-    wait "$1" 2>/dev/null || true
-    echo "error: pid $1 did not stop on SIGTERM" >&2
-    return 1
-}
 
 # --- 1. callgrind ----------------------------------------------------------------
 # cg_run REV CONFIG NAME PHASE...: sets CG_IR to the total Ir of one keel
