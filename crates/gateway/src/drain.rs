@@ -225,13 +225,7 @@ impl DrainControl {
         upstream: &str,
         endpoint: &str,
     ) -> Result<Progress, EndpointDrainError> {
-        let target = self.find(upstream, endpoint)?;
-        let up = self
-            .gateway
-            .upstreams
-            .iter()
-            .find(|u| u.name == upstream)
-            .ok_or_else(|| EndpointDrainError::NoUpstream(upstream.to_owned()))?;
+        let (up, target) = self.find(upstream, endpoint)?;
         if !target.is_draining() && up.endpoints.iter().filter(|e| !e.is_draining()).count() <= 1 {
             return Err(EndpointDrainError::LastEndpoint(endpoint.to_owned()));
         }
@@ -274,7 +268,7 @@ impl DrainControl {
         upstream: &str,
         endpoint: &str,
     ) -> Result<bool, EndpointDrainError> {
-        let target = self.find(upstream, endpoint)?;
+        let (_, target) = self.find(upstream, endpoint)?;
         drop(self.stop_endpoint_drain(upstream, endpoint));
         tracing::info!(upstream, endpoint, "endpoint back in service");
         Ok(target.set_draining(false))
@@ -301,11 +295,13 @@ impl DrainControl {
         drains
     }
 
+    /// The upstream named `upstream` and its endpoint `endpoint` (URL, a
+    /// trailing `/` ignored).
     fn find(
         &self,
         upstream: &str,
         endpoint: &str,
-    ) -> Result<&keel_upstream::Endpoint, EndpointDrainError> {
+    ) -> Result<(&keel_upstream::Upstream, &keel_upstream::Endpoint), EndpointDrainError> {
         let up = self
             .gateway
             .upstreams
@@ -316,7 +312,7 @@ impl DrainControl {
         up.endpoints
             .iter()
             .find(|e| e.url.trim_end_matches('/') == wanted)
-            .map(|e| &**e)
+            .map(|e| (up, &**e))
             .ok_or_else(|| EndpointDrainError::NoEndpoint {
                 upstream: upstream.to_owned(),
                 endpoint: endpoint.to_owned(),
@@ -344,7 +340,7 @@ impl DrainControl {
                 endpoint: d.endpoint.clone(),
                 draining: self
                     .find(&d.upstream, &d.endpoint)
-                    .is_ok_and(|e| e.is_draining()),
+                    .is_ok_and(|(_, e)| e.is_draining()),
                 progress: progress(&d.drain.progress()),
             })
             .collect();
