@@ -27,6 +27,7 @@ use bytes::{Bytes, BytesMut};
 use http::header::{self, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
 use http_body::Body;
+use http_body_util::BodyExt;
 use keel_idempotency::engine::{
     Begin, Engine, Guard, LapsedLease, MissingTenant, PassReason, Policy, RequestHead,
     ServerErrors, StoreDown, Tenant,
@@ -519,9 +520,7 @@ async fn read_up_to(
     hold: &mut BudgetHold<'_>,
 ) -> Result<Bytes, ReadError> {
     let mut buf = Collected::default();
-    while let Some(frame) =
-        std::future::poll_fn(|cx| std::pin::Pin::new(&mut body).poll_frame(cx)).await
-    {
+    while let Some(frame) = body.frame().await {
         match frame {
             Ok(frame) => {
                 if let Ok(data) = frame.into_data() {
