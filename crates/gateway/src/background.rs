@@ -1,5 +1,6 @@
 //! The gateway's background tasks as supervised children: one active health
-//! check per checked endpoint, one metrics watcher per breaker. Each runs
+//! check per checked endpoint, one metrics watcher per breaker, and the
+//! sweeper of the endpoints' idle connection pools. Each runs
 //! until the tree cancels it; a task that dies is restarted by its
 //! supervisor.
 
@@ -8,8 +9,11 @@ use std::future::Future;
 use std::sync::Arc;
 
 use keel_supervisor::{ChildSpec, Shutdown};
-use keel_upstream::Upstream;
 use keel_upstream::health;
+use keel_upstream::{Endpoint, Upstream};
+
+/// How often idle upstream connections are looked over.
+const SWEEP_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// The active health checks, one child per checked endpoint (named
 /// `UPSTREAM-N`), for the tree's `health` supervisor.
@@ -39,6 +43,39 @@ pub fn breaker_children<'a>(upstreams: impl IntoIterator<Item = &'a Upstream>) -
             task_child(name, move || watcher.clone().run())
         })
         .collect()
+}
+
+/// The child (named `pools`) that, every second, closes the idle upstream
+/// connections that expired or that their upstream closed. An idle
+/// connection has no task of its own watching it (requests drive their
+/// connections), so without this one the upstream's FIN would leave it
+/// half-closed, holding a socket, until a request or a check-in on its
+/// shard came by.
+pub fn pool_sweeper<'a>(upstreams: impl IntoIterator<Item = &'a Upstream>) -> ChildSpec {
+    let endpoints: Arc<[Arc<Endpoint>]> = upstreams
+        .into_iter()
+        .flat_map(|upstream| upstream.endpoints.iter().cloned())
+        .collect();
+    task_child("pools".to_owned(), move || {
+        let endpoints = endpoints.clone();
+        async move {
+            let mut every = tokio::time::interval(SWEEP_EVERY);
+            every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                every.tick().await;
+                for endpoint in endpoints.iter() {
+                    let closed = endpoint.sweep_idle();
+                    if closed > 0 {
+                        tracing::debug!(
+                            endpoint = endpoint.url,
+                            closed,
+                            "idle upstream connections closed"
+                        );
+                    }
+                }
+            }
+        }
+    })
 }
 
 /// A child that runs the task `make` gives until the tree cancels it. The

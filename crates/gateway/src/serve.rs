@@ -241,6 +241,7 @@ pub async fn start(spec: &Spec) -> Result<Running, ServeError> {
             store: store_child,
             health: crate::background::health_children(&gateway.upstreams),
             breakers: crate::background::breaker_children(&gateway.upstreams),
+            pools: crate::background::pool_sweeper(&gateway.upstreams),
             shutdown: shutdown_rx,
             admin_shutdown: exit_rx,
             drain: Some(drain_child(

@@ -7,6 +7,8 @@
 //! ├── store      the idempotency store connector (deferred: never blocks)
 //! ├── health     upstream health checks, one child per checked endpoint
 //! ├── breakers   breaker watchers (state metrics), one child per breaker
+//! ├── pools      closes idle upstream connections that expired or that
+//! │              their upstream closed, every second
 //! └── drain      the shutdown sequence: its stop is the whole drain
 //! ```
 //!
@@ -57,6 +59,8 @@ pub struct Children {
     pub health: Vec<ChildSpec>,
     /// Breaker watchers, one child per breaker.
     pub breakers: Vec<ChildSpec>,
+    /// The idle-pool sweeper.
+    pub pools: ChildSpec,
     /// Tells the servers to stop accepting (the drain).
     pub shutdown: watch::Receiver<bool>,
     /// Stops the admin server: later than `shutdown`, so `GET /drain`
@@ -79,6 +83,7 @@ pub fn tree(children: Children, probe: &ProbeSlot) -> Result<Supervisor, BuildEr
         store,
         health,
         breakers,
+        pools,
         shutdown,
         admin_shutdown,
         drain,
@@ -152,6 +157,7 @@ pub fn tree(children: Children, probe: &ProbeSlot) -> Result<Supervisor, BuildEr
         }
         builder = builder.child(watchers.build()?);
     }
+    builder = builder.child(pools);
     if let Some(drain) = drain {
         builder = builder.child(drain);
     }

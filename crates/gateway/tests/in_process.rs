@@ -212,7 +212,81 @@ async fn the_status_shows_every_task_in_the_supervision_tree() {
         .collect();
     assert_eq!(
         children,
-        ["listener", "admin", "health", "breakers", "drain"]
+        ["listener", "admin", "health", "breakers", "pools", "drain"]
     );
+    gateway.drain_now().await.expect("drained");
+}
+
+/// The `keel_upstream_open_connections` gauge summed over endpoints.
+async fn open_upstream_connections(admin: SocketAddr) -> f64 {
+    let (_, _, metrics) = get(admin, "admin", "/metrics").await;
+    std::str::from_utf8(&metrics)
+        .expect("utf8")
+        .lines()
+        .filter(|l| l.starts_with("keel_upstream_open_connections{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_the_upstream_closes_while_idle_are_swept_and_never_fail_a_post() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // An upstream that answers one request per connection and then closes
+    // it without saying so (as a server whose keep-alive timeout is short
+    // does), counting the connections it accepted.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let up = listener.local_addr().expect("addr");
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let count = accepted.clone();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let n = count.fetch_add(1, Ordering::SeqCst) + 1;
+            tokio::spawn(async move {
+                let mut seen = Vec::new();
+                let mut buf = [0u8; 4096];
+                // The head, then the 4-byte body the test sends.
+                while !seen.windows(4).any(|w| w == b"\r\n\r\n") || !seen.ends_with(b"ping") {
+                    match stream.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(k) => seen.extend_from_slice(&buf[..k]),
+                    }
+                }
+                let body = format!("connection {n}");
+                let answer = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = stream.write_all(answer.as_bytes()).await;
+                // Closed here, while the gateway keeps it as idle.
+            });
+        }
+    });
+    let gateway = start_toml(&config(up, "")).await;
+    let admin = gateway.admin.expect("admin");
+    let post = || {
+        Request::post("/api/pay")
+            .header("host", "a.test")
+            .body(Bytes::from_static(b"ping"))
+            .expect("request")
+    };
+    let (status, _, body) = send(gateway.listen, post()).await;
+    assert_eq!((status, &body[..]), (StatusCode::OK, &b"connection 1"[..]));
+    // The sweeper closes the half-closed idle connection within a second
+    // or so; wait for that event (bounded), not for a fixed time.
+    let mut swept = false;
+    for _ in 0..100 {
+        if open_upstream_connections(admin).await == 0.0 {
+            swept = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(swept, "the closed idle connection was not swept");
+    // A POST, which is never retried, goes out on a new connection.
+    let (status, _, body) = send(gateway.listen, post()).await;
+    assert_eq!((status, &body[..]), (StatusCode::OK, &b"connection 2"[..]));
+    assert_eq!(accepted.load(Ordering::SeqCst), 2);
     gateway.drain_now().await.expect("drained");
 }

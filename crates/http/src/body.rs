@@ -12,8 +12,6 @@ use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 
-use hyper::client::conn::http1::SendRequest;
-
 /// Boxed error used for bodies, as hyper expects.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -234,14 +232,9 @@ pub enum ProxyBody {
         /// For a downstream request body: where its fate is recorded.
         watch: Watch,
     },
-    /// An upstream response body whose connection returns to its pool at
-    /// the end of the body.
-    Pooled {
-        /// The upstream's body.
-        inner: Incoming,
-        /// The connection, until the body has ended.
-        checkin: Option<Checkin>,
-    },
+    /// An upstream response body, read from its connection, which returns
+    /// to its pool at the end of the body.
+    Upstream(keel_h1::ResponseBody),
     /// Bytes already read from `rest`, then the remainder of `rest`: a
     /// response the idempotency filter began to buffer and then streamed.
     Prefixed {
@@ -386,31 +379,7 @@ impl Body for ProxyBody {
                     Poll::Pending
                 }
             },
-            ProxyBody::Pooled { inner, checkin } => {
-                let polled = Pin::new(&mut *inner).poll_frame(cx);
-                match polled {
-                    Poll::Ready(None) => {
-                        if let Some(c) = checkin.take() {
-                            c.release();
-                        }
-                        Poll::Ready(None)
-                    }
-                    Poll::Ready(Some(Ok(frame))) => {
-                        if inner.is_end_stream()
-                            && let Some(c) = checkin.take()
-                        {
-                            c.release();
-                        }
-                        Poll::Ready(Some(Ok(frame)))
-                    }
-                    Poll::Ready(Some(Err(e))) => {
-                        // A broken body: the connection is not reusable.
-                        checkin.take();
-                        Poll::Ready(Some(Err(Box::new(e))))
-                    }
-                    Poll::Pending => Poll::Pending,
-                }
-            }
+            ProxyBody::Upstream(inner) => Pin::new(inner).poll_frame(cx),
             ProxyBody::Prefixed { prefix, rest } => match prefix.take() {
                 Some(bytes) => Poll::Ready(Some(Ok(Frame::data(bytes)))),
                 None => Pin::new(rest.as_mut()).poll_frame(cx),
@@ -422,9 +391,8 @@ impl Body for ProxyBody {
         match self {
             ProxyBody::Empty => true,
             ProxyBody::Full(bytes) => bytes.is_none(),
-            ProxyBody::Stream { inner, .. } | ProxyBody::Pooled { inner, .. } => {
-                inner.is_end_stream()
-            }
+            ProxyBody::Stream { inner, .. } => inner.is_end_stream(),
+            ProxyBody::Upstream(inner) => inner.is_end_stream(),
             ProxyBody::Prefixed { prefix, rest } => prefix.is_none() && rest.is_end_stream(),
         }
     }
@@ -435,7 +403,8 @@ impl Body for ProxyBody {
             ProxyBody::Full(bytes) => {
                 SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64))
             }
-            ProxyBody::Stream { inner, .. } | ProxyBody::Pooled { inner, .. } => inner.size_hint(),
+            ProxyBody::Stream { inner, .. } => inner.size_hint(),
+            ProxyBody::Upstream(inner) => inner.size_hint(),
             ProxyBody::Prefixed { prefix, rest } => {
                 let extra = prefix.as_ref().map_or(0, |b| b.len() as u64);
                 let inner = rest.size_hint();
@@ -447,33 +416,6 @@ impl Body for ProxyBody {
                 hint
             }
         }
-    }
-}
-
-/// Where an upstream connection goes back once its response body has been
-/// read to the end: the connection pool of one endpoint. The body knows
-/// only this trait, so the body type needs nothing of the pool.
-pub trait Pool: Send + Sync + std::fmt::Debug {
-    /// Takes back a connection whose exchange is complete.
-    fn checkin(&self, sender: SendRequest<ProxyBody>);
-}
-
-/// A connection to give back to its pool once the response body has ended.
-#[derive(Debug)]
-pub struct Checkin {
-    pool: Arc<dyn Pool>,
-    sender: SendRequest<ProxyBody>,
-}
-
-impl Checkin {
-    /// `sender`, to be returned to `pool`.
-    pub fn new(pool: Arc<dyn Pool>, sender: SendRequest<ProxyBody>) -> Self {
-        Checkin { pool, sender }
-    }
-
-    /// Returns the connection to the pool.
-    pub fn release(self) {
-        self.pool.checkin(self.sender);
     }
 }
 

@@ -2,8 +2,9 @@
 //! through it, the proxy header rules, and its own errors as
 //! `application/problem+json`.
 //!
-//! Every other gateway crate builds on these; this crate depends on none of
-//! them (the crate map is in `docs/ARCHITECTURE.md`).
+//! Every other gateway crate builds on these; of them, this crate depends
+//! only on `keel-h1`, whose upstream response body is one kind of
+//! [`ProxyBody`] (the crate map is in `docs/ARCHITECTURE.md`).
 //!
 //! ```
 //! use keel_http::{Problem, ProblemKind, ProxyBody};
@@ -17,5 +18,5 @@ pub mod body;
 pub mod headers;
 pub mod problem;
 
-pub use body::{BodyFault, BodyTooLarge, BodyWatch, BoxError, Checkin, Pool, ProxyBody};
+pub use body::{BodyFault, BodyTooLarge, BodyWatch, BoxError, ProxyBody};
 pub use problem::{Problem, ProblemKind};

@@ -231,7 +231,7 @@ async fn embedded_store_replays_and_survives_a_restart() {
     // supervised too.
     assert_eq!(
         children,
-        ["listener", "admin", "store", "breakers", "drain"]
+        ["listener", "admin", "store", "breakers", "pools", "drain"]
     );
 }
 

@@ -339,7 +339,8 @@ impl Proxy {
         if switching {
             let upstream_upgrade = response
                 .extensions_mut()
-                .remove::<hyper::upgrade::OnUpgrade>();
+                .remove::<keel_h1::OnUpgrade>()
+                .and_then(|upgrade| upgrade.take());
             match (downstream_upgrade, upstream_upgrade) {
                 (Some(down), Some(up)) => {
                     tokio::spawn(crate::tunnel::splice(

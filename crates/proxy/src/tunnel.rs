@@ -34,10 +34,11 @@ use hyper_util::rt::TokioIo;
 use keel_drain::{CloseRequest, Registration};
 use prometheus_client::metrics::counter::Counter;
 use tokio::io::AsyncWrite;
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::time::{Duration, Sleep};
 
-use keel_upstream::CountedIo;
+use keel_upstream::ConnectionGuard;
 
 use crate::connections::Connections;
 
@@ -57,38 +58,38 @@ pub fn is_websocket(headers: &HeaderMap) -> bool {
         .is_some_and(|v| v.trim().eq_ignore_ascii_case("websocket"))
 }
 
-/// Waits for both sides to finish upgrading, then copies bytes both ways
-/// until both sides have closed.
+/// Waits for the client's side to finish upgrading, then copies bytes
+/// both ways between it and the upstream's upgraded connection until both
+/// sides have closed.
 pub async fn splice(
     downstream: OnUpgrade,
-    upstream: OnUpgrade,
+    upstream: keel_h1::Upgraded,
     websocket: bool,
     policy: ClosePolicy,
     connections: Arc<Connections>,
 ) {
-    let (down, up) = match tokio::try_join!(downstream, upstream) {
-        Ok(both) => both,
+    let down = match downstream.await {
+        Ok(down) => down,
         Err(error) => {
             tracing::debug!(%error, "upgrade failed");
             return;
         }
     };
+    let keel_h1::Upgraded {
+        stream: up_stream,
+        pending: up_pending,
+        attached,
+    } = upstream;
+    let Ok(guard) = attached.downcast::<ConnectionGuard>() else {
+        tracing::warn!("upstream connection without its guard; closing the tunnel");
+        return;
+    };
+    let endpoint = guard.endpoint_key();
     let down = match down.downcast::<crate::activity::ServerIo>() {
         Ok(parts) => (parts.io.into_inner().into_tcp(), parts.read_buf),
         Err(other) => {
             tracing::debug!("downstream upgrade is not a plain TCP stream; buffered copy");
-            return fallback(other, up).await;
-        }
-    };
-    let (up_stream, up_pending, guard, endpoint) = match up.downcast::<CountedIo>() {
-        Ok(parts) => {
-            let endpoint = parts.io.endpoint_key();
-            let (stream, guard) = parts.io.into_parts();
-            (stream, parts.read_buf, guard, endpoint)
-        }
-        Err(_) => {
-            tracing::warn!("upstream upgrade is not a TCP stream; closing the tunnel");
-            return;
+            return fallback(other, up_stream, up_pending, guard).await;
         }
     };
     let up_stream = forget_wakers(up_stream);
@@ -652,12 +653,21 @@ fn frame_header(h: &[u8]) -> Option<(usize, u64, u8)> {
     Some((total, payload, b0 & 0x0f))
 }
 
-/// For upgraded connections that are not plain TCP (none today): a
+/// For a client connection that is not plain TCP (none today): a
 /// buffered copy, correct but without the idle-memory property.
-async fn fallback(down: Upgraded, up: Upgraded) {
+async fn fallback(
+    down: Upgraded,
+    mut up: TcpStream,
+    up_pending: Bytes,
+    guard: Box<ConnectionGuard>,
+) {
+    let _guard = guard;
     let mut down = TokioIo::new(down);
-    let mut up = TokioIo::new(up);
-    if let Err(error) = tokio::io::copy_bidirectional(&mut down, &mut up).await {
+    let copied = async {
+        down.write_all(&up_pending).await?;
+        tokio::io::copy_bidirectional(&mut down, &mut up).await
+    };
+    if let Err(error) = copied.await {
         tracing::debug!(%error, "tunnel closed with an error");
     }
 }

@@ -1,31 +1,27 @@
 //! Upstreams: endpoints, their connection pools, and load balancing.
 //!
-//! Every endpoint owns its own pool (sharded stacks of idle hyper HTTP/1.1
-//! connections), so pool state is per endpoint and per thread, not global. Balancing reads per-endpoint atomics:
+//! Every endpoint owns its own pool (sharded stacks of idle HTTP/1.1
+//! connections, `keel_h1::Connection`), so pool state is per endpoint and
+//! per thread, not global. Balancing reads per-endpoint atomics:
 //! round robin bumps one counter per upstream; least-outstanding compares
 //! the in-flight counts of two endpoints picked at random (power of two
 //! choices), which needs no shared state beyond those counters.
 
-use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Mutex, PoisonError};
-use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use http::uri::Authority;
-use http::{Request, Response, StatusCode};
-use hyper::body::Incoming;
-use hyper::client::conn::http1::{self, SendRequest};
-use hyper::rt::{Read, ReadBufCursor, Write};
-use hyper_util::rt::TokioIo;
+use http::{Request, Response};
+use keel_h1::{Connection, Pool};
 use tokio::net::TcpStream;
 
 use crate::breakers::{BreakerWatcher, EndpointGuard, UpstreamResilience};
 use keel_breaker::Permit;
 use keel_config::{EndpointSpec, LoadBalancing, UpstreamSpec};
+use keel_http::ProxyBody;
 use keel_http::headers::next_random;
-use keel_http::{Checkin, ProxyBody};
 use keel_metrics::{EndpointMetrics, Metrics};
 
 /// One endpoint of an upstream, with its own connection pool.
@@ -46,9 +42,11 @@ pub struct Endpoint {
     /// Its breaker and health (outlier ejection).
     pub guard: EndpointGuard,
     connect_timeout: Duration,
-    /// Idle connections; shared with every response body still streaming
-    /// from this endpoint, which puts its connection back at the end.
+    /// Idle connections.
     pool: Arc<IdlePool>,
+    /// The same pool, as every response body still streaming from this
+    /// endpoint holds it, to put its connection back at the end.
+    returns: Arc<dyn Pool>,
     /// The URL shared with every tunnel's drain registration, so one
     /// endpoint's tunnels can be drained (no copy per tunnel).
     drain_key: Arc<str>,
@@ -67,7 +65,7 @@ struct IdlePool {
 
 #[derive(Debug)]
 struct IdleConnection {
-    sender: SendRequest<ProxyBody>,
+    connection: Box<Connection>,
     since: Instant,
 }
 
@@ -85,7 +83,7 @@ impl IdlePool {
 
     /// The most recently used idle connection that is still open: from this
     /// thread's shard first, then from any other shard not locked right now.
-    fn checkout(&self) -> Option<SendRequest<ProxyBody>> {
+    fn checkout(&self) -> Option<Box<Connection>> {
         let own = SHARD.with(|s| *s) % self.shards.len();
         for i in 0..self.shards.len() {
             let index = (own + i) % self.shards.len();
@@ -99,22 +97,41 @@ impl IdlePool {
                     Err(_) => continue,
                 }
             };
-            while let Some(entry) = idle.pop() {
-                if !entry.sender.is_closed() && entry.since.elapsed() < self.idle_timeout {
-                    return Some(entry.sender);
+            while let Some(mut entry) = idle.pop() {
+                if entry.since.elapsed() < self.idle_timeout && entry.connection.is_reusable() {
+                    return Some(entry.connection);
                 }
-                // Dropping the sender closes the connection.
+                // Dropping it closes the connection.
             }
         }
         None
     }
 
-    /// Keeps a connection whose exchange is complete, unless closed or the
-    /// shard is full.
-    fn keep(&self, sender: SendRequest<ProxyBody>) {
-        if sender.is_closed() {
-            return;
+    /// Closes the idle connections that expired or that the upstream
+    /// closed (or sent something on unasked), in the shards not locked
+    /// right now; how many.
+    fn sweep(&self) -> usize {
+        let now = Instant::now();
+        let mut closed = 0;
+        for shard in &self.shards {
+            let Ok(mut idle) = shard.try_lock() else {
+                continue;
+            };
+            let before = idle.len();
+            idle.retain_mut(|entry| {
+                now.duration_since(entry.since) < self.idle_timeout
+                    && entry.connection.is_reusable()
+            });
+            closed += before - idle.len();
         }
+        closed
+    }
+}
+
+impl Pool for IdlePool {
+    /// Keeps a connection whose exchange is complete, unless the shard is
+    /// full.
+    fn checkin(&self, connection: Box<Connection>) {
         let now = Instant::now();
         let mut idle = self
             .own_shard()
@@ -127,14 +144,11 @@ impl IdlePool {
             .count();
         idle.drain(..expired);
         if idle.len() < self.max_idle_per_shard {
-            idle.push(IdleConnection { sender, since: now });
+            idle.push(IdleConnection {
+                connection,
+                since: now,
+            });
         }
-    }
-}
-
-impl keel_http::Pool for IdlePool {
-    fn checkin(&self, sender: SendRequest<ProxyBody>) {
-        self.keep(sender);
     }
 }
 
@@ -147,12 +161,12 @@ pub enum SendError {
     /// Connecting took longer than `connect_timeout`: the request was not sent.
     #[error("connect timed out")]
     ConnectTimeout,
-    /// The HTTP exchange failed; `sent` is false when hyper gave the
-    /// request back unsent.
+    /// The HTTP exchange failed; `sent` is false when not a byte of the
+    /// request reached the connection.
     #[error("{error}")]
-    Http {
-        /// hyper's error.
-        error: hyper::Error,
+    Exchange {
+        /// What failed.
+        error: keel_h1::Error,
         /// Whether the upstream may have seen the request.
         sent: bool,
     },
@@ -166,6 +180,11 @@ impl Endpoint {
         guard: EndpointGuard,
     ) -> Self {
         let shards = std::thread::available_parallelism().map_or(2, |n| n.get() * 2);
+        let pool = Arc::new(IdlePool {
+            idle_timeout: config.idle_timeout,
+            max_idle_per_shard: config.max_idle_per_endpoint.div_ceil(shards).max(1),
+            shards: (0..shards).map(|_| Mutex::new(Vec::new())).collect(),
+        });
         Endpoint {
             url: endpoint.url.clone(),
             authority: endpoint.authority.clone(),
@@ -173,11 +192,8 @@ impl Endpoint {
             metrics,
             guard,
             connect_timeout: config.connect_timeout,
-            pool: Arc::new(IdlePool {
-                idle_timeout: config.idle_timeout,
-                max_idle_per_shard: config.max_idle_per_endpoint.div_ceil(shards).max(1),
-                shards: (0..shards).map(|_| Mutex::new(Vec::new())).collect(),
-            }),
+            returns: pool.clone(),
+            pool,
             drain_key: Arc::from(endpoint.url.as_str()),
             draining: AtomicBool::new(false),
         }
@@ -199,7 +215,15 @@ impl Endpoint {
         self.drain_key.clone()
     }
 
-    async fn connect(&self) -> Result<SendRequest<ProxyBody>, SendError> {
+    /// Closes idle connections that expired or that the upstream closed;
+    /// how many. The gateway calls it now and then, so a connection the
+    /// upstream closed while idle does not linger half-closed until the
+    /// next request finds it.
+    pub fn sweep_idle(&self) -> usize {
+        self.pool.sweep()
+    }
+
+    async fn connect(&self) -> Result<Box<Connection>, SendError> {
         let stream = tokio::time::timeout(
             self.connect_timeout,
             TcpStream::connect(self.authority.as_str()),
@@ -210,23 +234,11 @@ impl Endpoint {
         let _ = stream.set_nodelay(true);
         self.metrics.connects.inc();
         self.metrics.open_connections.inc();
-        let io = CountedIo {
-            io: TokioIo::new(stream),
-            guard: ConnectionGuard {
-                metrics: self.metrics.clone(),
-            },
+        let guard = ConnectionGuard {
+            metrics: self.metrics.clone(),
             endpoint: self.drain_key.clone(),
         };
-        let (sender, connection) = http1::Builder::new()
-            .handshake(io)
-            .await
-            .map_err(|error| SendError::Http { error, sent: false })?;
-        tokio::spawn(async move {
-            if let Err(error) = connection.with_upgrades().await {
-                tracing::debug!(%error, "upstream connection ended with an error");
-            }
-        });
-        Ok(sender)
+        Ok(Connection::new(stream, Box::new(guard)))
     }
 
     /// Sends `request` on a pooled (or new) connection and returns the
@@ -236,71 +248,47 @@ impl Endpoint {
         mut request: Request<ProxyBody>,
     ) -> Result<Response<ProxyBody>, SendError> {
         // A pooled connection may have been closed by the upstream a moment
-        // ago; hyper then hands the request back unsent and we try the next
-        // one. A fresh connection gets no second chance.
+        // ago, unseen when it was checked out; a request of which not a
+        // byte was written then goes to the next one. A fresh connection
+        // gets no second chance.
         for _ in 0..4 {
-            let (mut sender, fresh) = match self.pool.checkout() {
-                Some(sender) => (sender, false),
+            let (connection, fresh) = match self.pool.checkout() {
+                Some(connection) => (connection, false),
                 None => (self.connect().await?, true),
             };
-            if let Err(error) = sender.ready().await {
-                if fresh {
-                    return Err(SendError::Http { error, sent: false });
-                }
-                continue;
-            }
-            match sender.try_send_request(request).await {
-                Ok(response) => return Ok(self.pooled(response, sender)),
-                Err(mut failed) => match failed.take_message() {
-                    Some(unsent) if !fresh => request = unsent,
+            match connection.send(request, &self.returns).await {
+                Ok(response) => return Ok(response.map(ProxyBody::Upstream)),
+                Err(failure) => match failure.unsent {
+                    Some(unsent) if !fresh => request = unsent_request(unsent),
                     unsent => {
-                        return Err(SendError::Http {
+                        return Err(SendError::Exchange {
                             sent: unsent.is_none(),
-                            error: failed.into_error(),
+                            error: failure.error,
                         });
                     }
                 },
             }
         }
-        let sender = self.connect().await?;
-        self.send_fresh(sender, request).await
-    }
-
-    async fn send_fresh(
-        &self,
-        mut sender: SendRequest<ProxyBody>,
-        request: Request<ProxyBody>,
-    ) -> Result<Response<ProxyBody>, SendError> {
-        sender
-            .ready()
-            .await
-            .map_err(|error| SendError::Http { error, sent: false })?;
-        match sender.try_send_request(request).await {
-            Ok(response) => Ok(self.pooled(response, sender)),
-            Err(mut failed) => Err(SendError::Http {
-                sent: failed.take_message().is_none(),
-                error: failed.into_error(),
+        let connection = self.connect().await?;
+        match connection.send(request, &self.returns).await {
+            Ok(response) => Ok(response.map(ProxyBody::Upstream)),
+            Err(failure) => Err(SendError::Exchange {
+                sent: failure.unsent.is_none(),
+                error: failure.error,
             }),
         }
     }
+}
 
-    fn pooled(
-        &self,
-        response: Response<Incoming>,
-        sender: SendRequest<ProxyBody>,
-    ) -> Response<ProxyBody> {
-        if response.status() == StatusCode::SWITCHING_PROTOCOLS {
-            // The connection becomes a tunnel; it never returns to the pool.
-            return response.map(ProxyBody::stream);
-        }
-        if http_body::Body::is_end_stream(response.body()) {
-            self.pool.keep(sender);
-            return response.map(ProxyBody::stream);
-        }
-        response.map(|inner| ProxyBody::Pooled {
-            inner,
-            checkin: Some(Checkin::new(self.pool.clone(), sender)),
-        })
+/// A request that was not sent, whole again: the body's first frame, if
+/// it was read, goes first.
+fn unsent_request(unsent: keel_h1::Unsent<ProxyBody>) -> Request<ProxyBody> {
+    match unsent.prefix {
+        None => unsent.request,
+        Some(prefix) => unsent.request.map(|rest| ProxyBody::Prefixed {
+            prefix: Some(prefix),
+            rest: Box::new(rest),
+        }),
     }
 }
 
@@ -481,75 +469,23 @@ impl Drop for InFlight<'_> {
 }
 
 /// Decrements the open-connection gauge when the connection goes away,
-/// including after it became a tunnel.
+/// including after it became a tunnel; knows its endpoint's drain key.
 #[derive(Debug)]
 pub struct ConnectionGuard {
     metrics: EndpointMetrics,
+    endpoint: Arc<str>,
+}
+
+impl ConnectionGuard {
+    /// The endpoint's drain key, for a tunnel's registration.
+    pub fn endpoint_key(&self) -> Arc<str> {
+        self.endpoint.clone()
+    }
 }
 
 impl Drop for ConnectionGuard {
     fn drop(&mut self) {
         self.metrics.open_connections.dec();
-    }
-}
-
-/// An upstream connection with its gauge guard.
-#[derive(Debug)]
-pub struct CountedIo {
-    io: TokioIo<TcpStream>,
-    guard: ConnectionGuard,
-    endpoint: Arc<str>,
-}
-
-impl CountedIo {
-    /// The endpoint's drain key, for the tunnel's registration.
-    pub fn endpoint_key(&self) -> Arc<str> {
-        self.endpoint.clone()
-    }
-
-    /// The raw socket and the guard, for tunnels.
-    pub fn into_parts(self) -> (TcpStream, ConnectionGuard) {
-        (self.io.into_inner(), self.guard)
-    }
-}
-
-impl Read for CountedIo {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: ReadBufCursor<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.io).poll_read(cx, buf)
-    }
-}
-
-impl Write for CountedIo {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write(cx, buf)
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.io).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.io).poll_shutdown(cx)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.io.is_write_vectored()
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[std::io::IoSlice<'_>],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
     }
 }
 

@@ -32,9 +32,7 @@ pub mod health;
 mod retry;
 mod send;
 
-pub use endpoint::{
-    ConnectionGuard, CountedIo, Endpoint, InFlight, SendError, Unavailable, Upstream,
-};
+pub use endpoint::{ConnectionGuard, Endpoint, InFlight, SendError, Unavailable, Upstream};
 pub use error::{ClientFault, ErrorKind, UpstreamError};
 pub use retry::{RetrySafe, forward, is_retry_safe, unavailable};
 pub use send::{body_failure, body_timeout, send};

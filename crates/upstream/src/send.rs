@@ -102,15 +102,16 @@ fn classify(
             format!("timed out connecting to upstream {upstream:?}"),
             false,
         ),
-        SendError::Http { error: http, sent } => {
-            // The body hyper was streaming failed: the watch knows how. A
-            // body without a watch (the gateway's own) is judged from the
-            // user-body error hyper wraps it in.
-            let fault = watch.and_then(BodyWatch::fault).or_else(|| {
-                use std::error::Error as _;
-                http.is_user()
-                    .then(|| http.source().map(BodyFault::of))
-                    .flatten()
+        SendError::Exchange {
+            error: exchange,
+            sent,
+        } => {
+            // The request body being streamed failed: the watch knows how. A
+            // body without a watch (the gateway's own) is judged from its
+            // error.
+            let fault = watch.and_then(BodyWatch::fault).or_else(|| match exchange {
+                keel_h1::Error::Body(body) => Some(BodyFault::of(body.as_ref())),
+                _ => None,
             });
             if let Some(fault) = fault {
                 let fallback = BodyWatch::default();

@@ -1,0 +1,291 @@
+//! The response head: parsed with `httparse` from the connection's read
+//! buffer into `http` types that share the buffer's bytes, and the body
+//! framing it declares (RFC 9112 section 6.3).
+
+use bytes::BytesMut;
+use http::header::{CONNECTION, CONTENT_LENGTH, TRANSFER_ENCODING};
+use http::{HeaderMap, HeaderName, HeaderValue, StatusCode, Version};
+
+use crate::error::Error;
+
+/// The most response headers accepted (as hyper's client).
+pub const MAX_HEADERS: usize = 100;
+
+/// The largest response head accepted, in bytes (nginx's default buffer
+/// for it is 4 or 8 KiB; a head over this is an upstream's bug).
+pub const MAX_HEAD_SIZE: usize = 64 * 1024;
+
+/// A parsed response head.
+#[derive(Debug)]
+pub(crate) struct Head {
+    pub(crate) status: StatusCode,
+    pub(crate) version: Version,
+    pub(crate) headers: HeaderMap,
+}
+
+/// How the response body is delimited.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum BodyFraming {
+    /// No body (HEAD, 204, 304).
+    Empty,
+    /// `Content-Length`.
+    Length(u64),
+    /// `Transfer-Encoding` ending in `chunked`.
+    Chunked,
+    /// Until the upstream closes the connection.
+    UntilClose,
+}
+
+/// Parses a complete head from the front of `read` and removes it from
+/// there; `None` while the head is incomplete.
+pub(crate) fn parse_head(read: &mut BytesMut) -> Result<Option<Head>, Error> {
+    let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut response = httparse::Response::new(&mut slots);
+    let base = read.as_ptr() as usize;
+    let len = match response.parse(read) {
+        Ok(httparse::Status::Complete(len)) => len,
+        Ok(httparse::Status::Partial) if read.len() > MAX_HEAD_SIZE => {
+            return Err(Error::Invalid("response head over 64 KiB"));
+        }
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(httparse::Error::TooManyHeaders) => {
+            return Err(Error::Invalid("more than 100 response headers"));
+        }
+        Err(_) => return Err(Error::Invalid("malformed response head")),
+    };
+    if len > MAX_HEAD_SIZE {
+        return Err(Error::Invalid("response head over 64 KiB"));
+    }
+    let status = response
+        .code
+        .and_then(|code| StatusCode::from_u16(code).ok())
+        .ok_or(Error::Invalid("malformed status code"))?;
+    let version = match response.version {
+        Some(0) => Version::HTTP_10,
+        _ => Version::HTTP_11,
+    };
+    // Where each name and value sits in the buffer, so that the values can
+    // share the buffer's bytes once it is split off (no copy per value).
+    let count = response.headers.len();
+    let mut spans = [(0usize, 0usize, 0usize, 0usize); MAX_HEADERS];
+    for (span, header) in spans.iter_mut().zip(response.headers.iter()) {
+        let name = header.name.as_ptr() as usize - base;
+        let value = header.value.as_ptr() as usize - base;
+        *span = (
+            name,
+            name + header.name.len(),
+            value,
+            value + header.value.len(),
+        );
+    }
+    let head = read.split_to(len).freeze();
+    let mut headers = HeaderMap::with_capacity(count);
+    for &(name_start, name_end, value_start, value_end) in &spans[..count] {
+        let name = HeaderName::from_bytes(&head[name_start..name_end])
+            .map_err(|_| Error::Invalid("malformed header name"))?;
+        let value = HeaderValue::from_maybe_shared(head.slice(value_start..value_end))
+            .map_err(|_| Error::Invalid("malformed header value"))?;
+        headers.append(name, value);
+    }
+    Ok(Some(Head {
+        status,
+        version,
+        headers,
+    }))
+}
+
+impl Head {
+    /// Whether the connection can carry another exchange after this one
+    /// (persistence, RFC 9112 section 9.3).
+    pub(crate) fn keep_alive(&self) -> bool {
+        let mut close = false;
+        let mut keep_alive = false;
+        for value in self.headers.get_all(CONNECTION) {
+            for token in value.as_bytes().split(|b| *b == b',') {
+                let token = token.trim_ascii();
+                close |= token.eq_ignore_ascii_case(b"close");
+                keep_alive |= token.eq_ignore_ascii_case(b"keep-alive");
+            }
+        }
+        !close && (self.version == Version::HTTP_11 || keep_alive)
+    }
+
+    /// The body's framing, and whether the connection stays reusable after
+    /// it. A response framed by both `Transfer-Encoding` and
+    /// `Content-Length` is read as chunked, loses its `Content-Length`
+    /// (a recipient must not pass both on) and closes its connection.
+    pub(crate) fn framing(&mut self, request_was_head: bool) -> Result<(BodyFraming, bool), Error> {
+        let keep_alive = self.keep_alive();
+        let status = self.status.as_u16();
+        if request_was_head || status == 204 || status == 304 || (100..200).contains(&status) {
+            return Ok((BodyFraming::Empty, keep_alive));
+        }
+        if self.headers.contains_key(TRANSFER_ENCODING) {
+            if self.version == Version::HTTP_10 {
+                return Err(Error::Invalid("Transfer-Encoding in an HTTP/1.0 response"));
+            }
+            let chunked = self
+                .headers
+                .get_all(TRANSFER_ENCODING)
+                .iter()
+                .next_back()
+                .and_then(|value| value.as_bytes().rsplit(|b| *b == b',').next())
+                .is_some_and(|last| last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
+            let both = self.headers.remove(CONTENT_LENGTH).is_some();
+            return Ok(if chunked {
+                (BodyFraming::Chunked, keep_alive && !both)
+            } else {
+                (BodyFraming::UntilClose, false)
+            });
+        }
+        if self.headers.contains_key(CONTENT_LENGTH) {
+            let length = content_length(&self.headers)?;
+            return Ok((BodyFraming::Length(length), keep_alive));
+        }
+        Ok((BodyFraming::UntilClose, false))
+    }
+}
+
+/// The one length all `Content-Length` values agree on (a list of equal
+/// values is allowed, RFC 9110 section 8.6); anything else is an error.
+fn content_length(headers: &HeaderMap) -> Result<u64, Error> {
+    let mut length = None;
+    for value in headers.get_all(CONTENT_LENGTH) {
+        for part in value.as_bytes().split(|b| *b == b',') {
+            let part = part.trim_ascii();
+            if part.is_empty() || part.len() > 19 || !part.iter().all(u8::is_ascii_digit) {
+                return Err(Error::Invalid("malformed Content-Length"));
+            }
+            let n = part
+                .iter()
+                .fold(0u64, |n, digit| n * 10 + u64::from(digit - b'0'));
+            match length {
+                Some(seen) if seen != n => {
+                    return Err(Error::Invalid("conflicting Content-Length values"));
+                }
+                _ => length = Some(n),
+            }
+        }
+    }
+    length.ok_or(Error::Invalid("malformed Content-Length"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Option<Head>, Error> {
+        parse_head(&mut BytesMut::from(text))
+    }
+
+    fn framing(text: &str, head_request: bool) -> Result<(BodyFraming, bool), Error> {
+        parse(text)?.expect("complete").framing(head_request)
+    }
+
+    #[test]
+    fn a_head_is_parsed_and_split_off() {
+        let mut read =
+            BytesMut::from("HTTP/1.1 200 OK\r\nX-A: 1\r\nx-a: 2\r\nContent-Length: 3\r\n\r\nabc");
+        let head = parse_head(&mut read).expect("valid").expect("complete");
+        assert_eq!(head.status, StatusCode::OK);
+        assert_eq!(head.version, Version::HTTP_11);
+        let values: Vec<_> = head.headers.get_all("x-a").iter().collect();
+        assert_eq!(values, ["1", "2"]);
+        assert_eq!(&read[..], b"abc", "the body stays in the buffer");
+        assert!(
+            parse("HTTP/1.1 200 OK\r\nX-A: 1\r\n")
+                .expect("valid")
+                .is_none()
+        );
+    }
+
+    #[test]
+    fn malformed_heads_are_errors() {
+        for bad in [
+            "HTTP/1.1 2000 OK\r\n\r\n",
+            "HTTP/2 200 OK\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nX A: 1\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nX-A : 1\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nX-A: 1\r\n folded\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nX-A: a\0b\r\n\r\n",
+            "garbage\r\n\r\n",
+        ] {
+            assert!(parse(bad).is_err(), "{bad:?}");
+        }
+        let many = format!("HTTP/1.1 200 OK\r\n{}\r\n", "a: b\r\n".repeat(101));
+        assert!(matches!(parse(&many), Err(Error::Invalid(_))));
+        let huge = format!("HTTP/1.1 200 OK\r\na: {}", "b".repeat(MAX_HEAD_SIZE));
+        assert!(
+            matches!(parse(&huge), Err(Error::Invalid(_))),
+            "an endless head is cut off"
+        );
+    }
+
+    #[test]
+    fn framing_follows_rfc_9112() {
+        use BodyFraming::*;
+        let ok = |t| framing(t, false).expect("valid");
+        assert_eq!(
+            ok("HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n"),
+            (Length(5), true)
+        );
+        assert_eq!(
+            ok("HTTP/1.1 200 OK\r\nContent-Length: 5, 5\r\n\r\n"),
+            (Length(5), true)
+        );
+        assert_eq!(
+            ok("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"),
+            (Chunked, true)
+        );
+        assert_eq!(
+            ok("HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, Chunked\r\n\r\n"),
+            (Chunked, true)
+        );
+        assert_eq!(
+            ok("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked, gzip\r\n\r\n"),
+            (UntilClose, false)
+        );
+        assert_eq!(ok("HTTP/1.1 200 OK\r\n\r\n"), (UntilClose, false));
+        assert_eq!(
+            ok("HTTP/1.1 204 No Content\r\nContent-Length: 9\r\n\r\n"),
+            (Empty, true)
+        );
+        assert_eq!(ok("HTTP/1.1 304 Not Modified\r\n\r\n"), (Empty, true));
+        assert_eq!(
+            framing("HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\n", true).expect("ok"),
+            (Empty, true)
+        );
+        assert_eq!(
+            ok("HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 1\r\n\r\n"),
+            (Length(1), false)
+        );
+        assert_eq!(
+            ok("HTTP/1.0 200 OK\r\nContent-Length: 1\r\n\r\n"),
+            (Length(1), false)
+        );
+        assert_eq!(
+            ok("HTTP/1.0 200 OK\r\nConnection: Keep-Alive\r\nContent-Length: 1\r\n\r\n"),
+            (Length(1), true)
+        );
+
+        // Both: chunked wins, Content-Length goes, the connection closes after.
+        let mut head =
+            parse("HTTP/1.1 200 OK\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n")
+                .expect("valid")
+                .expect("complete");
+        assert_eq!(head.framing(false).expect("valid"), (Chunked, false));
+        assert!(!head.headers.contains_key(CONTENT_LENGTH));
+
+        for bad in [
+            "HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nContent-Length: 5, 6\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nContent-Length: +5\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nContent-Length: 0x5\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nContent-Length: \r\n\r\n",
+            "HTTP/1.1 200 OK\r\nContent-Length: 99999999999999999999\r\n\r\n",
+            "HTTP/1.0 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n",
+        ] {
+            assert!(framing(bad, false).is_err(), "{bad:?}");
+        }
+    }
+}
