@@ -290,3 +290,27 @@ async fn connections_the_upstream_closes_while_idle_are_swept_and_never_fail_a_p
     assert_eq!(accepted.load(Ordering::SeqCst), 2);
     gateway.drain_now().await.expect("drained");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_without_any_host_reaches_the_upstream_with_the_endpoints() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (up, hits) = counting_upstream().await;
+    let gateway = start_toml(&config(up, "")).await;
+    let mut client = tokio::net::TcpStream::connect(gateway.listen)
+        .await
+        .expect("connect");
+    client
+        .write_all(b"GET /api/old HTTP/1.0\r\n\r\n")
+        .await
+        .expect("write");
+    let mut answer = Vec::new();
+    client.read_to_end(&mut answer).await.expect("read");
+    let answer = String::from_utf8_lossy(&answer).to_lowercase();
+    assert!(answer.starts_with("http/1.0 200"), "{answer}");
+    assert!(
+        answer.contains(&format!("x-seen-host: {up}\r\n")),
+        "the endpoint's authority as Host: {answer}"
+    );
+    assert_eq!(hits.load(Ordering::SeqCst), 1);
+    gateway.drain_now().await.expect("drained");
+}

@@ -9,7 +9,8 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll, Waker, ready};
 
 use bytes::{Bytes, BytesMut};
-use http::{Method, Request, Response};
+use http::request::Parts;
+use http::{Method, Response};
 use http_body::Body;
 use tokio::io::AsyncWrite;
 use tokio::net::TcpStream;
@@ -17,7 +18,7 @@ use tokio::net::TcpStream;
 use crate::body::ResponseBody;
 use crate::error::{BoxError, Error};
 use crate::request::{Framing, encode_head};
-use crate::response::{BodyFraming, Head, parse_head};
+use crate::response::{BodyFraming, Head, Span, parse_head};
 
 /// What a read asks the buffer to have room for.
 const READ_SIZE: usize = 16 * 1024;
@@ -39,6 +40,8 @@ pub struct Connection {
     stream: TcpStream,
     pub(crate) read: BytesMut,
     write: Vec<u8>,
+    /// Scratch space for parsing response heads.
+    spans: Vec<Span>,
     attached: Box<dyn Any + Send + Sync>,
 }
 
@@ -51,22 +54,44 @@ impl std::fmt::Debug for Connection {
     }
 }
 
-/// A failed exchange: why, and the request when none of it was sent (it
+/// A failed exchange: why, whether the upstream may have seen the
+/// request, and the request's body when none of it was sent (the request
 /// can go out on another connection as it is).
 #[derive(Debug)]
 pub struct Failure<B> {
     /// Why the exchange failed.
     pub error: Error,
-    /// The request, when not a byte of it reached the connection.
+    /// Whether any byte of the request reached the connection.
+    pub sent: bool,
+    /// The body, when the request can be sent elsewhere: not a byte of it
+    /// was written, and the body did not fail.
     pub unsent: Option<Unsent<B>>,
 }
 
-/// A request that was not sent: its head and body, and the body's first
-/// frame when it had already been read (send it before the rest).
+impl<B> Failure<B> {
+    fn before_sending(error: Error) -> Self {
+        Failure {
+            error,
+            sent: false,
+            unsent: None,
+        }
+    }
+
+    fn after_sending(error: Error) -> Self {
+        Failure {
+            error,
+            sent: true,
+            unsent: None,
+        }
+    }
+}
+
+/// The body of a request that was not sent, and the body's first frame
+/// when it had already been read (send it before the rest).
 #[derive(Debug)]
 pub struct Unsent<B> {
-    /// The request; its body without `prefix`.
-    pub request: Request<B>,
+    /// The body, without `prefix`.
+    pub body: B,
     /// The first bytes of the body, already read from it.
     pub prefix: Option<Bytes>,
 }
@@ -126,6 +151,7 @@ impl Connection {
             stream,
             read: BytesMut::new(),
             write: Vec::new(),
+            spans: Vec::new(),
             attached,
         })
     }
@@ -154,7 +180,8 @@ impl Connection {
         }
     }
 
-    /// Sends `request` and reads the response head.
+    /// Sends a request (`head` and `body`) and reads the response head.
+    /// The head is only read, so a caller can send it again elsewhere.
     ///
     /// The head is written first, with the body's first frame when it is
     /// ready; the rest of the body follows as it comes, while an answer
@@ -170,22 +197,21 @@ impl Connection {
     /// else chunked).
     pub async fn send<B>(
         mut self: Box<Self>,
-        request: Request<B>,
+        head: &Parts,
+        mut body: B,
         pool: &Arc<dyn Pool>,
     ) -> Result<Response<ResponseBody>, Failure<B>>
     where
         B: Body<Data = Bytes> + Unpin,
         B::Error: Into<BoxError>,
     {
-        let head_request = request.method() == Method::HEAD;
-        let mut request = request;
-        let body = request.body();
+        let head_request = head.method == Method::HEAD;
         let mut sending = Sending {
             written: 0,
             any_written: false,
             framing: Framing::of(
-                request.method(),
-                request.headers(),
+                &head.method,
+                &head.headers,
                 body.is_end_stream(),
                 body.size_hint().exact(),
             ),
@@ -194,16 +220,16 @@ impl Connection {
         self.write.clear();
         encode_head(
             &mut self.write,
-            request.method(),
-            request.uri(),
-            request.headers(),
+            &head.method,
+            &head.uri,
+            &head.headers,
             sending.framing,
         );
         // The body's first frame, when ready, goes out with the head: one
         // write for a small request.
         let mut prefix = None;
         if !sending.body_done {
-            let first = poll_fn(|cx| match Pin::new(request.body_mut()).poll_frame(cx) {
+            let first = poll_fn(|cx| match Pin::new(&mut body).poll_frame(cx) {
                 Poll::Pending => Poll::Ready(Ok(None)),
                 Poll::Ready(Some(Ok(frame))) => Poll::Ready(Ok(Some(frame.into_data().ok()))),
                 Poll::Ready(None) => Poll::Ready(Ok(Some(None))),
@@ -214,61 +240,46 @@ impl Connection {
                 Ok(None) => {}
                 Ok(Some(Some(data))) => {
                     if let Err(error) = sending.framing.encode(&data, &mut self.write) {
-                        return Err(Failure {
-                            error,
-                            unsent: None,
-                        });
+                        return Err(Failure::before_sending(error));
                     }
                     prefix = Some(data);
                 }
                 Ok(Some(None)) => sending.body_done = true,
-                Err(error) => {
-                    return Err(Failure {
-                        error: Error::Body(error.into()),
-                        unsent: None,
-                    });
-                }
+                Err(error) => return Err(Failure::before_sending(Error::Body(error.into()))),
             }
-            if sending.body_done
-                && let Err(error) = sending.framing.finish(&mut self.write)
-            {
-                return Err(Failure {
-                    error,
-                    unsent: None,
-                });
-            }
-        } else if let Err(error) = sending.framing.finish(&mut self.write) {
-            return Err(Failure {
-                error,
-                unsent: None,
-            });
+        }
+        if sending.body_done
+            && let Err(error) = sending.framing.finish(&mut self.write)
+        {
+            return Err(Failure::before_sending(error));
         }
 
-        let sent = poll_fn(|cx| self.poll_send(cx, request.body_mut(), &mut sending)).await;
+        let sent = poll_fn(|cx| self.poll_send(cx, &mut body, &mut sending)).await;
         let answered = match sent {
             Ok(Sent::Complete) => None,
             Ok(Sent::Answered(head)) => Some(head),
             Err(error) => {
-                let unsent = (!sending.any_written).then(|| Unsent { request, prefix });
-                return Err(Failure { error, unsent });
+                let sent = sending.any_written;
+                // A body that failed cannot be sent again.
+                let whole = !sent && !matches!(error, Error::Body(_));
+                let unsent = whole.then(|| Unsent { body, prefix });
+                return Err(Failure {
+                    error,
+                    sent,
+                    unsent,
+                });
             }
         };
         // The request body is done with (or abandoned): the client's side
         // of the exchange is over.
-        drop(request);
+        drop(body);
         let early = answered.is_some();
         let head = match answered {
             Some(head) => head,
-            None => self.read_head().await.map_err(|error| Failure {
-                error,
-                unsent: None,
-            })?,
+            None => self.read_head().await.map_err(Failure::after_sending)?,
         };
         self.respond(head, head_request, early, pool)
-            .map_err(|error| Failure {
-                error,
-                unsent: None,
-            })
+            .map_err(Failure::after_sending)
     }
 
     /// The response for `head`, with the body that follows it.
@@ -342,7 +353,7 @@ impl Connection {
     /// The first final head in the read buffer, dropping interim ones.
     fn final_head(&mut self) -> Result<Option<Head>, Error> {
         while !self.read.is_empty() {
-            let Some(head) = parse_head(&mut self.read)? else {
+            let Some(head) = parse_head(&mut self.read, &mut self.spans)? else {
                 return Ok(None);
             };
             if !head.status.is_informational()

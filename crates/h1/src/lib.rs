@@ -29,10 +29,11 @@
 //! let pool: Arc<dyn Pool> = Arc::new(One::default());
 //! let stream = tokio::net::TcpStream::connect("127.0.0.1:8080").await?;
 //! let connection = Connection::new(stream, Box::new(()));
-//! let request = http::Request::get("/")
+//! let (head, body) = http::Request::get("/")
 //!     .header(http::header::HOST, "127.0.0.1:8080")
-//!     .body(Empty::<bytes::Bytes>::new())?;
-//! let response = connection.send(request, &pool).await.map_err(|f| f.error)?;
+//!     .body(Empty::<bytes::Bytes>::new())?
+//!     .into_parts();
+//! let response = connection.send(&head, body, &pool).await.map_err(|f| f.error)?;
 //! let body = response.into_body().collect().await?.to_bytes();
 //! println!("{} bytes; the connection is back in the pool", body.len());
 //! # Ok(())

@@ -2,6 +2,8 @@
 //! buffer into `http` types that share the buffer's bytes, and the body
 //! framing it declares (RFC 9112 section 6.3).
 
+use std::mem::MaybeUninit;
+
 use bytes::BytesMut;
 use http::header::{CONNECTION, CONTENT_LENGTH, TRANSFER_ENCODING};
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode, Version};
@@ -36,13 +38,33 @@ pub(crate) enum BodyFraming {
     UntilClose,
 }
 
+/// Where one header's name and value sit in the read buffer: name start,
+/// name end, value start, value end.
+pub(crate) type Span = [u32; 4];
+
+/// Room left in a response's header map for what the gateway adds on the
+/// way back (a request id, `Via`), so adding them does not regrow it.
+const ROOM_FOR_OWN_HEADERS: usize = 4;
+
 /// Parses a complete head from the front of `read` and removes it from
-/// there; `None` while the head is incomplete.
-pub(crate) fn parse_head(read: &mut BytesMut) -> Result<Option<Head>, Error> {
-    let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut response = httparse::Response::new(&mut slots);
+/// there; `None` while the head is incomplete. `spans` is scratch space
+/// kept by the connection (cleared here), so that parsing writes and
+/// allocates nothing per response beyond the header map.
+pub(crate) fn parse_head(
+    read: &mut BytesMut,
+    spans: &mut Vec<Span>,
+) -> Result<Option<Head>, Error> {
+    // Uninitialised slots: a response has a handful of headers, and
+    // initialising all of them would cost more than parsing them.
+    let mut slots = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+    let mut response = httparse::Response::new(&mut []);
     let base = read.as_ptr() as usize;
-    let len = match response.parse(read) {
+    let parsed = httparse::ParserConfig::default().parse_response_with_uninit_headers(
+        &mut response,
+        read,
+        &mut slots,
+    );
+    let len = match parsed {
         Ok(httparse::Status::Complete(len)) => len,
         Ok(httparse::Status::Partial) if read.len() > MAX_HEAD_SIZE => {
             return Err(Error::Invalid("response head over 64 KiB"));
@@ -66,25 +88,26 @@ pub(crate) fn parse_head(read: &mut BytesMut) -> Result<Option<Head>, Error> {
     };
     // Where each name and value sits in the buffer, so that the values can
     // share the buffer's bytes once it is split off (no copy per value).
-    let count = response.headers.len();
-    let mut spans = [(0usize, 0usize, 0usize, 0usize); MAX_HEADERS];
-    for (span, header) in spans.iter_mut().zip(response.headers.iter()) {
-        let name = header.name.as_ptr() as usize - base;
-        let value = header.value.as_ptr() as usize - base;
-        *span = (
+    // Offsets fit in u32: the head is at most 64 KiB.
+    spans.clear();
+    spans.extend(response.headers.iter().map(|header| {
+        let name = (header.name.as_ptr() as usize - base) as u32;
+        let value = (header.value.as_ptr() as usize - base) as u32;
+        [
             name,
-            name + header.name.len(),
+            name + header.name.len() as u32,
             value,
-            value + header.value.len(),
-        );
-    }
+            value + header.value.len() as u32,
+        ]
+    }));
     let head = read.split_to(len).freeze();
-    let mut headers = HeaderMap::with_capacity(count);
-    for &(name_start, name_end, value_start, value_end) in &spans[..count] {
-        let name = HeaderName::from_bytes(&head[name_start..name_end])
+    let mut headers = HeaderMap::with_capacity(spans.len() + ROOM_FOR_OWN_HEADERS);
+    for &[name_start, name_end, value_start, value_end] in spans.iter() {
+        let name = HeaderName::from_bytes(&head[name_start as usize..name_end as usize])
             .map_err(|_| Error::Invalid("malformed header name"))?;
-        let value = HeaderValue::from_maybe_shared(head.slice(value_start..value_end))
-            .map_err(|_| Error::Invalid("malformed header value"))?;
+        let value =
+            HeaderValue::from_maybe_shared(head.slice(value_start as usize..value_end as usize))
+                .map_err(|_| Error::Invalid("malformed header value"))?;
         headers.append(name, value);
     }
     Ok(Some(Head {
@@ -175,7 +198,7 @@ mod tests {
     use super::*;
 
     fn parse(text: &str) -> Result<Option<Head>, Error> {
-        parse_head(&mut BytesMut::from(text))
+        parse_head(&mut BytesMut::from(text), &mut Vec::new())
     }
 
     fn framing(text: &str, head_request: bool) -> Result<(BodyFraming, bool), Error> {
@@ -186,7 +209,9 @@ mod tests {
     fn a_head_is_parsed_and_split_off() {
         let mut read =
             BytesMut::from("HTTP/1.1 200 OK\r\nX-A: 1\r\nx-a: 2\r\nContent-Length: 3\r\n\r\nabc");
-        let head = parse_head(&mut read).expect("valid").expect("complete");
+        let head = parse_head(&mut read, &mut Vec::new())
+            .expect("valid")
+            .expect("complete");
         assert_eq!(head.status, StatusCode::OK);
         assert_eq!(head.version, Version::HTTP_11);
         let values: Vec<_> = head.headers.get_all("x-a").iter().collect();

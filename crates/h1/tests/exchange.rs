@@ -87,6 +87,21 @@ async fn read_exact(server: &mut TcpStream, n: usize) -> Vec<u8> {
     body
 }
 
+/// Sends `request` on `connection` (its head by reference, as the gateway
+/// keeps it for another attempt).
+async fn send<B>(
+    connection: Box<Connection>,
+    request: Request<B>,
+    pool: &Arc<dyn Pool>,
+) -> Result<http::Response<keel_h1::ResponseBody>, keel_h1::Failure<B>>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<keel_h1::BoxError>,
+{
+    let (head, body) = request.into_parts();
+    connection.send(&head, body, pool).await
+}
+
 fn get(path: &str) -> Request<Empty<Bytes>> {
     Request::get(path)
         .header("host", "upstream")
@@ -111,7 +126,7 @@ async fn a_response_read_with_its_head_frees_the_connection_at_once() {
             .expect("write");
         (first, second)
     });
-    let response = connection.send(get("/a?b=c"), &pool).await.expect("first");
+    let response = send(connection, get("/a?b=c"), &pool).await.expect("first");
     assert_eq!(response.status(), StatusCode::OK);
     assert_eq!(response.headers()["x-a"], "1");
     assert_eq!(kept.len(), 1, "back in the pool before the body is read");
@@ -126,7 +141,7 @@ async fn a_response_read_with_its_head_frees_the_connection_at_once() {
     );
 
     let again = kept.take().expect("pooled");
-    let response = again.send(get("/next"), &pool).await.expect("second");
+    let response = send(again, get("/next"), &pool).await.expect("second");
     assert_eq!(response.status(), StatusCode::NOT_FOUND);
     assert_eq!(
         response
@@ -160,7 +175,7 @@ async fn a_chunked_response_streams_and_returns_the_connection_at_its_end() {
             .expect("write");
         server
     });
-    let response = connection.send(get("/"), &pool).await.expect("response");
+    let response = send(connection, get("/"), &pool).await.expect("response");
     let mut body = response.into_body();
     let first = body
         .frame()
@@ -202,7 +217,7 @@ async fn interim_responses_are_skipped_and_bodies_are_framed_by_length() {
         .header("content-length", "999")
         .body(Full::new(Bytes::from_static(b"hello world")))
         .expect("request");
-    let response = connection.send(request, &pool).await.expect("response");
+    let response = send(connection, request, &pool).await.expect("response");
     assert_eq!(response.status(), StatusCode::CREATED);
     let (head, body) = upstream.await.expect("upstream");
     assert_eq!(
@@ -251,7 +266,7 @@ async fn an_early_answer_ends_an_unfinished_upload_and_the_connection() {
         .header("host", "upstream")
         .body(Endless(Some(Bytes::from_static(b"first"))))
         .expect("request");
-    let response = connection.send(request, &pool).await.expect("an answer");
+    let response = send(connection, request, &pool).await.expect("an answer");
     assert_eq!(response.status(), StatusCode::PAYLOAD_TOO_LARGE);
     assert_eq!(
         response
@@ -285,14 +300,19 @@ async fn malformed_answers_are_errors_and_never_pooled() {
         let (connection, server) = pair().await;
         let (kept, pool) = pool();
         let upstream = answer_once(server, answer);
-        let failure = connection.send(get("/"), &pool).await.expect_err("invalid");
+        let failure = send(connection, get("/"), &pool)
+            .await
+            .expect_err("invalid");
         assert!(
             matches!(failure.error, Error::Invalid(_)),
             "{:?}: {}",
             String::from_utf8_lossy(answer),
             failure.error
         );
-        assert!(failure.unsent.is_none(), "the request was sent");
+        assert!(
+            failure.sent && failure.unsent.is_none(),
+            "the request was sent"
+        );
         assert_eq!(kept.len(), 0);
         drop(upstream.await.expect("upstream"));
     }
@@ -317,7 +337,7 @@ async fn bodies_cut_short_or_badly_chunked_fail_as_frames() {
         let (connection, server) = pair().await;
         let (kept, pool) = pool();
         let upstream = answer_once(server, answer);
-        let response = connection.send(get("/"), &pool).await.expect("a head");
+        let response = send(connection, get("/"), &pool).await.expect("a head");
         // Closed after the answer: the body is cut where it is.
         drop(upstream.await.expect("upstream"));
         let error = response
@@ -339,7 +359,7 @@ async fn a_body_until_close_ends_at_the_fin_and_closes() {
     let (connection, server) = pair().await;
     let (kept, pool) = pool();
     let upstream = answer_once(server, b"HTTP/1.1 200 OK\r\n\r\nall of it");
-    let response = connection.send(get("/"), &pool).await.expect("head");
+    let response = send(connection, get("/"), &pool).await.expect("head");
     drop(upstream.await.expect("upstream"));
     let body = response
         .into_body()
@@ -360,10 +380,13 @@ async fn the_upstream_closing_before_answering_is_an_error_of_a_sent_request() {
         let (_, server) = answer_once(server, b"").await.expect("upstream");
         drop(server);
     });
-    let failure = connection.send(get("/"), &pool).await.expect_err("closed");
+    let failure = send(connection, get("/"), &pool).await.expect_err("closed");
     upstream.await.expect("upstream");
     assert!(matches!(failure.error, Error::Closed), "{}", failure.error);
-    assert!(failure.unsent.is_none(), "it was written: maybe seen");
+    assert!(
+        failure.sent && failure.unsent.is_none(),
+        "it was written: maybe seen"
+    );
 }
 
 #[tokio::test]
@@ -401,7 +424,7 @@ async fn an_upgrade_hands_over_the_socket_and_the_bytes_read_after_the_head() {
         .header("upgrade", "websocket")
         .body(Empty::<Bytes>::new())
         .expect("request");
-    let mut response = connection.send(request, &pool).await.expect("101");
+    let mut response = send(connection, request, &pool).await.expect("101");
     assert_eq!(response.status(), StatusCode::SWITCHING_PROTOCOLS);
     let upgrade = response
         .extensions_mut()
@@ -421,4 +444,39 @@ async fn an_upgrade_hands_over_the_socket_and_the_bytes_read_after_the_head() {
     let (head, mut server) = upstream.await.expect("upstream");
     assert!(head.contains("upgrade: websocket\r\n"), "{head}");
     assert_eq!(read_exact(&mut server, 4).await, b"ping");
+}
+
+/// A request body that fails at once, as a client's broken upload does.
+#[derive(Debug)]
+struct Broken;
+
+impl Body for Broken {
+    type Data = Bytes;
+    type Error = std::io::Error;
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
+        Poll::Ready(Some(Err(std::io::ErrorKind::UnexpectedEof.into())))
+    }
+}
+
+#[tokio::test]
+async fn a_body_that_fails_before_anything_is_written_sends_nothing() {
+    let (connection, mut server) = pair().await;
+    let (_kept, pool) = pool();
+    let request = Request::post("/")
+        .header("host", "upstream")
+        .body(Broken)
+        .expect("request");
+    let failure = send(connection, request, &pool).await.expect_err("broken");
+    assert!(matches!(failure.error, Error::Body(_)), "{}", failure.error);
+    assert!(!failure.sent, "not a byte went out");
+    assert!(
+        failure.unsent.is_none(),
+        "a failed body cannot go out again"
+    );
+    let mut seen = Vec::new();
+    server.read_to_end(&mut seen).await.expect("read");
+    assert!(seen.is_empty(), "{seen:?}");
 }

@@ -33,6 +33,7 @@
 use std::time::Instant;
 
 use http::header::{self, HeaderValue};
+use http::request::Parts;
 use http::uri::PathAndQuery;
 use http::{Request, Response, StatusCode, Uri, Version};
 use hyper::body::Incoming;
@@ -46,7 +47,7 @@ use keel_http::headers::{
 };
 use keel_http::problem::{Problem, ProblemKind};
 use keel_metrics::RouteMetrics;
-use keel_upstream::{Endpoint, Upstream};
+use keel_upstream::Upstream;
 
 /// Settings that apply to every request.
 #[derive(Debug, Clone)]
@@ -248,8 +249,8 @@ impl Proxy {
         let stale_key = route.stale.as_ref().and_then(|c| c.key(&request, host));
         let upgrade = downstream_upgrade.is_some();
         let ends_by = tokio::time::Instant::now() + upstream.request_timeout;
-        let forward = keel_upstream::forward(upstream, request, upgrade, ends_by, |r, e| {
-            self.upstream_request(r, e, host, downstream, upgrade)
+        let forward = keel_upstream::forward(upstream, request, upgrade, ends_by, |head| {
+            self.upstream_head(head, host, downstream, upgrade);
         });
         let outcome = if let Some(hook) = on_response.as_ref().filter(|h| h.must_hold(ends_by)) {
             let mut forward = std::pin::pin!(forward);
@@ -279,39 +280,24 @@ impl Proxy {
         }
     }
 
-    /// Turns the downstream request into the one sent to `endpoint`.
-    fn upstream_request(
-        &self,
-        request: Request<ProxyBody>,
-        endpoint: &Endpoint,
-        host: &str,
-        downstream: &Downstream,
-        upgrade: bool,
-    ) -> Request<ProxyBody> {
-        let (mut parts, body) = request.into_parts();
-        let path = parts
-            .uri
-            .path_and_query()
-            .cloned()
-            .unwrap_or_else(|| PathAndQuery::from_static("/"));
+    /// Turns the downstream request's head into the one sent upstream.
+    fn upstream_head(&self, parts: &mut Parts, host: &str, downstream: &Downstream, upgrade: bool) {
         // origin-form on the upstream connection
-        parts.uri = Uri::from(path);
+        if parts.uri.scheme().is_some() || parts.uri.authority().is_some() {
+            let path = parts
+                .uri
+                .path_and_query()
+                .cloned()
+                .unwrap_or_else(|| PathAndQuery::from_static("/"));
+            parts.uri = Uri::from(path);
+        }
         let downstream_version = parts.version;
         parts.version = Version::HTTP_11;
         let headers = &mut parts.headers;
         remove_hop_by_hop(headers, upgrade);
         // Host is preserved: HTTP/2 clients send :authority instead, which
-        // becomes Host for the HTTP/1.1 upstream.
-        if !headers.contains_key(header::HOST) {
-            let host = if host.is_empty() {
-                endpoint.authority.as_str()
-            } else {
-                host
-            };
-            if let Ok(value) = HeaderValue::from_str(host) {
-                headers.insert(header::HOST, value);
-            }
-        }
+        // became Host for the HTTP/1.1 upstream (`request_host`). A request
+        // with no host at all gets the endpoint's (keel_upstream::forward).
         append_forwarded(
             headers,
             &downstream.forwarded_for,
@@ -321,7 +307,6 @@ impl Proxy {
         if self.settings.via {
             append_via(headers, downstream_version);
         }
-        Request::from_parts(parts, body)
     }
 
     /// Response headers and upgrades.

@@ -12,8 +12,9 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
+use http::request::Parts;
 use http::uri::Authority;
-use http::{Request, Response};
+use http::{HeaderValue, Response};
 use keel_h1::{Connection, Pool};
 use tokio::net::TcpStream;
 
@@ -35,6 +36,8 @@ pub struct Endpoint {
     pub url: String,
     /// `host:port` requests are sent to.
     pub authority: Authority,
+    /// `authority` as a `Host` header, for requests that came without one.
+    host: HeaderValue,
     /// Requests sent and not yet answered.
     pub outstanding: AtomicUsize,
     /// Its metrics.
@@ -188,6 +191,8 @@ impl Endpoint {
         Endpoint {
             url: endpoint.url.clone(),
             authority: endpoint.authority.clone(),
+            host: HeaderValue::from_str(endpoint.authority.as_str())
+                .unwrap_or_else(|_| HeaderValue::from_static("")),
             outstanding: AtomicUsize::new(0),
             metrics,
             guard,
@@ -197,6 +202,11 @@ impl Endpoint {
             drain_key: Arc::from(endpoint.url.as_str()),
             draining: AtomicBool::new(false),
         }
+    }
+
+    /// The endpoint's authority as a `Host` header value.
+    pub fn host_header(&self) -> &HeaderValue {
+        &self.host
     }
 
     /// True while the endpoint is drained: it gets no new requests.
@@ -241,11 +251,13 @@ impl Endpoint {
         Ok(Connection::new(stream, Box::new(guard)))
     }
 
-    /// Sends `request` on a pooled (or new) connection and returns the
-    /// response head; the connection returns to the pool when the body ends.
+    /// Sends the request (`head`, `body`) on a pooled (or new) connection
+    /// and returns the response head; the connection returns to the pool
+    /// when the body ends.
     pub async fn send(
         &self,
-        mut request: Request<ProxyBody>,
+        head: &Parts,
+        mut body: ProxyBody,
     ) -> Result<Response<ProxyBody>, SendError> {
         // A pooled connection may have been closed by the upstream a moment
         // ago, unseen when it was checked out; a request of which not a
@@ -256,13 +268,13 @@ impl Endpoint {
                 Some(connection) => (connection, false),
                 None => (self.connect().await?, true),
             };
-            match connection.send(request, &self.returns).await {
+            match connection.send(head, body, &self.returns).await {
                 Ok(response) => return Ok(response.map(ProxyBody::Upstream)),
                 Err(failure) => match failure.unsent {
-                    Some(unsent) if !fresh => request = unsent_request(unsent),
-                    unsent => {
+                    Some(unsent) if !fresh => body = unsent_body(unsent),
+                    _ => {
                         return Err(SendError::Exchange {
-                            sent: unsent.is_none(),
+                            sent: failure.sent,
                             error: failure.error,
                         });
                     }
@@ -270,25 +282,25 @@ impl Endpoint {
             }
         }
         let connection = self.connect().await?;
-        match connection.send(request, &self.returns).await {
+        match connection.send(head, body, &self.returns).await {
             Ok(response) => Ok(response.map(ProxyBody::Upstream)),
             Err(failure) => Err(SendError::Exchange {
-                sent: failure.unsent.is_none(),
+                sent: failure.sent,
                 error: failure.error,
             }),
         }
     }
 }
 
-/// A request that was not sent, whole again: the body's first frame, if
-/// it was read, goes first.
-fn unsent_request(unsent: keel_h1::Unsent<ProxyBody>) -> Request<ProxyBody> {
+/// The body of a request that was not sent, whole again: its first frame,
+/// if it was read, goes first.
+fn unsent_body(unsent: keel_h1::Unsent<ProxyBody>) -> ProxyBody {
     match unsent.prefix {
-        None => unsent.request,
-        Some(prefix) => unsent.request.map(|rest| ProxyBody::Prefixed {
+        None => unsent.body,
+        Some(prefix) => ProxyBody::Prefixed {
             prefix: Some(prefix),
-            rest: Box::new(rest),
-        }),
+            rest: Box::new(unsent.body),
+        },
     }
 }
 

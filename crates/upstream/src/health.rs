@@ -122,7 +122,8 @@ impl HealthCheck {
             return false;
         };
         let exchange = async {
-            let response = self.endpoint.send(request).await.ok()?;
+            let (head, body) = request.into_parts();
+            let response = self.endpoint.send(&head, body).await.ok()?;
             let ok = response.status().is_success();
             // Read the body so the connection can go back to the pool.
             response.into_body().collect().await.ok()?;

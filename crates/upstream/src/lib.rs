@@ -18,7 +18,7 @@
 //! let upstream = Upstream::new(spec, &metrics);
 //! let deadline = tokio::time::Instant::now() + upstream.request_timeout;
 //! let request = Request::get("/").body(ProxyBody::Empty).expect("request");
-//! match keel_upstream::forward(&upstream, request, false, deadline, |r, _| r).await {
+//! match keel_upstream::forward(&upstream, request, false, deadline, |_head| {}).await {
 //!     Ok(response) => println!("{}", response.status()),
 //!     Err(error) => println!("{error} (sent: {})", error.sent),
 //! }

@@ -13,7 +13,8 @@
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{Method, Request, Response};
+use http::request::Parts;
+use http::{Method, Request, Response, header};
 use http_body::Body;
 use http_body_util::BodyExt;
 use keel_breaker::Outcome;
@@ -44,58 +45,32 @@ pub fn is_retry_safe<B>(request: &Request<B>) -> bool {
     ) || request.extensions().get::<RetrySafe>().is_some()
 }
 
-/// A request kept so it can be sent again: head and small body.
-struct Kept {
-    method: Method,
-    uri: http::Uri,
-    version: http::Version,
-    headers: http::HeaderMap,
-    body: Option<Bytes>,
-}
+/// A request body kept so the request can be sent again: the whole small
+/// body, read once (`None`: no body). The head needs no copy: attempts
+/// send the same head by reference.
+struct Kept(Option<Bytes>);
 
 impl Kept {
-    fn rebuild(&self) -> Request<ProxyBody> {
-        let mut request = Request::new(match &self.body {
-            Some(bytes) => ProxyBody::full(bytes.clone()),
-            None => ProxyBody::Empty,
-        });
-        *request.method_mut() = self.method.clone();
-        *request.uri_mut() = self.uri.clone();
-        *request.version_mut() = self.version;
-        *request.headers_mut() = self.headers.clone();
-        request
+    fn body(&self) -> ProxyBody {
+        self.0.clone().map_or(ProxyBody::Empty, ProxyBody::full)
     }
 }
 
-/// Keeps the request for retries when it is safe and its body is small;
-/// a kept body is read in full first (bounded by `max_body`; the caller
-/// bounds the time). Reading it fails only on the client's side.
-async fn keep(
-    request: Request<ProxyBody>,
-    max_body: u64,
-) -> Result<(Request<ProxyBody>, Option<Kept>), UpstreamError> {
-    let hint = request.body().size_hint();
-    let empty = request.body().is_end_stream() || hint.exact() == Some(0);
-    if !empty && hint.exact().is_none_or(|n| n > max_body) {
-        return Ok((request, None));
+/// Keeps the body for retries when it is small; a kept body is read in
+/// full first (bounded by `max_body`; the caller bounds the time). Reading
+/// it fails only on the client's side.
+async fn keep(body: ProxyBody, max_body: u64) -> Result<(ProxyBody, Option<Kept>), UpstreamError> {
+    let hint = body.size_hint();
+    if body.is_end_stream() || hint.exact() == Some(0) {
+        return Ok((ProxyBody::Empty, Some(Kept(None))));
     }
-    let (parts, body) = request.into_parts();
-    let bytes = if empty {
-        None
-    } else {
-        let mut body = body;
-        let watch = body.watch();
-        Some(collect(body, watch.as_ref()).await?)
-    };
-    let kept = Kept {
-        method: parts.method.clone(),
-        uri: parts.uri.clone(),
-        version: parts.version,
-        headers: parts.headers.clone(),
-        body: bytes.clone(),
-    };
-    let body = bytes.map_or(ProxyBody::Empty, ProxyBody::full);
-    Ok((Request::from_parts(parts, body), Some(kept)))
+    if hint.exact().is_none_or(|n| n > max_body) {
+        return Ok((body, None));
+    }
+    let mut body = body;
+    let watch = body.watch();
+    let bytes = collect(body, watch.as_ref()).await?;
+    Ok((ProxyBody::full(bytes.clone()), Some(Kept(Some(bytes)))))
 }
 
 async fn collect(body: ProxyBody, watch: Option<&BodyWatch>) -> Result<Bytes, UpstreamError> {
@@ -150,14 +125,16 @@ pub fn unavailable(upstream: &Upstream, why: Unavailable) -> UpstreamError {
 /// Sends `request` to `upstream` under its breakers, retrying when safe,
 /// and ends by `deadline` (the upstream's `request_timeout` from the
 /// start; every wait below is bounded by it). `prepare` turns the
-/// downstream request into the one sent to an endpoint (headers,
-/// origin-form URI); `upgrade` requests are never retried.
+/// downstream request's head into the one sent upstream (headers,
+/// origin-form URI), once: every attempt sends that head, by reference.
+/// A head without `Host` (an HTTP/1.0 client's) gets the endpoint's
+/// authority. `upgrade` requests are never retried.
 pub async fn forward(
     upstream: &Upstream,
-    mut request: Request<ProxyBody>,
+    request: Request<ProxyBody>,
     upgrade: bool,
     deadline: Instant,
-    prepare: impl Fn(Request<ProxyBody>, &Endpoint) -> Request<ProxyBody>,
+    prepare: impl FnOnce(&mut Parts),
 ) -> Result<Response<ProxyBody>, UpstreamError> {
     let resilience = &upstream.resilience;
 
@@ -176,16 +153,17 @@ pub async fn forward(
         .retry
         .as_ref()
         .filter(|_| !upgrade && is_retry_safe(&request));
+    let (mut head, mut body) = request.into_parts();
     let (mut first, kept) = match retry {
         Some(settings) => {
             // Reading a kept body waits on the client alone: running out of
             // time here is the client's lateness (408), never the upstream's.
-            let watch = request.body_mut().watch();
-            let read =
-                match tokio::time::timeout_at(deadline, keep(request, settings.max_body)).await {
-                    Ok(read) => read,
-                    Err(_elapsed) => Err(body_timeout(upstream, watch.as_ref())),
-                };
+            let watch = body.watch();
+            let read = match tokio::time::timeout_at(deadline, keep(body, settings.max_body)).await
+            {
+                Ok(read) => read,
+                Err(_elapsed) => Err(body_timeout(upstream, watch.as_ref())),
+            };
             let kept = match read {
                 Ok(kept) => kept,
                 Err(client_failure) => {
@@ -199,8 +177,10 @@ pub async fn forward(
             settings.budget.on_request();
             kept
         }
-        None => (request, None),
+        None => (body, None),
     };
+    prepare(&mut head);
+    let host_from_endpoint = !head.headers.contains_key(header::HOST);
     let max_attempts = match (&kept, retry) {
         (Some(_), Some(settings)) => settings.max_attempts,
         _ => 1,
@@ -218,12 +198,16 @@ pub async fn forward(
             tried |= 1 << index;
         }
         let endpoint: &Endpoint = &upstream.endpoints[index];
-        let request = match kept.as_ref().filter(|_| attempt > 1) {
-            Some(kept) => kept.rebuild(),
-            None => std::mem::replace(&mut first, Request::new(ProxyBody::Empty)),
+        if host_from_endpoint {
+            head.headers
+                .insert(header::HOST, endpoint.host_header().clone());
+        }
+        let body = match kept.as_ref().filter(|_| attempt > 1) {
+            Some(kept) => kept.body(),
+            None => std::mem::replace(&mut first, ProxyBody::Empty),
         };
         let timeout = deadline.saturating_duration_since(Instant::now());
-        let result = send(upstream, endpoint, prepare(request, endpoint), timeout).await;
+        let result = send(upstream, endpoint, &head, body, timeout).await;
 
         // What this attempt says about the endpoint, and whether another
         // attempt could do better.
@@ -308,29 +292,16 @@ mod tests {
 
     #[tokio::test]
     async fn small_bodies_are_kept_and_large_or_unsized_ones_are_not() {
-        let request = Request::put("/x")
-            .header("x-a", "1")
-            .body(ProxyBody::full("hello"))
-            .expect("request");
-        let (request, kept) = keep(request, 16).await.expect("kept");
+        let (body, kept) = keep(ProxyBody::full("hello"), 16).await.expect("kept");
         let kept = kept.expect("small body kept");
-        let again = kept.rebuild();
-        assert_eq!(again.method(), Method::PUT);
-        assert_eq!(again.headers()["x-a"], "1");
-        assert_eq!(
-            collect(again.into_body(), None).await.expect("body"),
-            "hello"
-        );
-        assert_eq!(
-            collect(request.into_body(), None).await.expect("body"),
-            "hello"
-        );
+        assert_eq!(collect(kept.body(), None).await.expect("body"), "hello");
+        assert_eq!(collect(kept.body(), None).await.expect("body"), "hello");
+        assert_eq!(collect(body, None).await.expect("body"), "hello");
 
-        let big = Request::put("/x")
-            .body(ProxyBody::full(vec![0u8; 17]))
-            .expect("request");
+        let big = ProxyBody::full(vec![0u8; 17]);
         assert!(keep(big, 16).await.expect("ok").1.is_none());
-        let empty = Request::get("/x").body(ProxyBody::Empty).expect("request");
-        assert!(keep(empty, 0).await.expect("ok").1.is_some());
+        let (body, kept) = keep(ProxyBody::Empty, 0).await.expect("ok");
+        assert!(body.is_end_stream());
+        assert!(kept.expect("an empty body is kept").body().is_end_stream());
     }
 }

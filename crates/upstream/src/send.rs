@@ -1,14 +1,16 @@
 //! One attempt: a request sent on an endpoint's pool under a deadline,
 //! and the typed error when it fails, blamed on whoever failed.
 
-use http::{Request, Response};
+use http::Response;
+use http::request::Parts;
 use keel_http::{BodyFault, BodyWatch, ProxyBody};
 
 use crate::endpoint::{Endpoint, InFlight, SendError, Upstream};
 use crate::error::{ClientFault, ErrorKind, UpstreamError};
 
-/// Sends the request on the endpoint's pool within `timeout` (what is left
-/// of the upstream's `request_timeout` for this attempt).
+/// Sends the request (`head`, `body`) on the endpoint's pool within
+/// `timeout` (what is left of the upstream's `request_timeout` for this
+/// attempt).
 ///
 /// Who failed decides what the failure is: the request body's
 /// [`BodyWatch`] (set where the body limit is applied) says whether the client's body broke, was
@@ -18,12 +20,13 @@ use crate::error::{ClientFault, ErrorKind, UpstreamError};
 pub async fn send(
     upstream: &Upstream,
     endpoint: &Endpoint,
-    mut request: Request<ProxyBody>,
+    head: &Parts,
+    mut body: ProxyBody,
     timeout: std::time::Duration,
 ) -> Result<Response<ProxyBody>, UpstreamError> {
     let _in_flight = InFlight::start(endpoint);
-    let watch = request.body_mut().watch();
-    match tokio::time::timeout(timeout, endpoint.send(request)).await {
+    let watch = body.watch();
+    match tokio::time::timeout(timeout, endpoint.send(head, body)).await {
         Ok(Ok(response)) => Ok(response),
         Ok(Err(error)) => Err(classify(&upstream.name, endpoint, &error, watch.as_ref())),
         Err(_elapsed) => {
