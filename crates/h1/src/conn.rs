@@ -445,16 +445,16 @@ impl Connection {
 
     /// Reads what the socket has into the read buffer: the count, 0 at
     /// the end of the stream.
+    ///
+    /// Through tokio's `AsyncRead`, which takes a read that did not fill
+    /// the buffer as the socket drained and forgets its readiness: the
+    /// next [`is_reusable`](Self::is_reusable) then knows without a
+    /// syscall that nothing came since (a `try_read` would leave the
+    /// readiness set, and the check would cost a `recvfrom` per request).
     pub(crate) fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
-        loop {
-            if self.read.capacity() - self.read.len() < MIN_ROOM {
-                self.read.reserve(READ_SIZE);
-            }
-            ready!(self.stream.poll_read_ready(cx))?;
-            match self.stream.try_read_buf(&mut self.read) {
-                Err(error) if error.kind() == io::ErrorKind::WouldBlock => {}
-                done => return Poll::Ready(done),
-            }
+        if self.read.capacity() - self.read.len() < MIN_ROOM {
+            self.read.reserve(READ_SIZE);
         }
+        tokio_util::io::poll_read_buf(Pin::new(&mut self.stream), cx, &mut self.read)
     }
 }

@@ -23,6 +23,49 @@ pub(crate) struct Head {
     pub(crate) status: StatusCode,
     pub(crate) version: Version,
     pub(crate) headers: HeaderMap,
+    /// What the framing headers said, noted while the map was built (no
+    /// lookups in it afterwards).
+    said: Said,
+}
+
+/// The framing and persistence headers of a response, as seen in one
+/// pass over its headers.
+#[derive(Debug, Default)]
+struct Said {
+    /// `Content-Length`: `Some(Ok(n))` when all values agree on n.
+    content_length: Option<Result<u64, Error>>,
+    /// `Transfer-Encoding` is present.
+    transfer_encoding: bool,
+    /// The last coding of the last `Transfer-Encoding` is `chunked`.
+    chunked_last: bool,
+    /// `Connection: close`.
+    close: bool,
+    /// `Connection: keep-alive`.
+    keep_alive: bool,
+}
+
+impl Said {
+    fn note(&mut self, name: &HeaderName, value: &[u8]) {
+        if name == CONTENT_LENGTH {
+            self.content_length = Some(match self.content_length.take() {
+                None => content_length(value, None),
+                Some(Ok(seen)) => content_length(value, Some(seen)),
+                Some(Err(error)) => Err(error),
+            });
+        } else if name == TRANSFER_ENCODING {
+            self.transfer_encoding = true;
+            self.chunked_last = value
+                .rsplit(|b| *b == b',')
+                .next()
+                .is_some_and(|last| last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
+        } else if name == CONNECTION {
+            for token in value.split(|b| *b == b',') {
+                let token = token.trim_ascii();
+                self.close |= token.eq_ignore_ascii_case(b"close");
+                self.keep_alive |= token.eq_ignore_ascii_case(b"keep-alive");
+            }
+        }
+    }
 }
 
 /// How the response body is delimited.
@@ -102,18 +145,21 @@ pub(crate) fn parse_head(
     }));
     let head = read.split_to(len).freeze();
     let mut headers = HeaderMap::with_capacity(spans.len() + ROOM_FOR_OWN_HEADERS);
+    let mut said = Said::default();
     for &[name_start, name_end, value_start, value_end] in spans.iter() {
         let name = HeaderName::from_bytes(&head[name_start as usize..name_end as usize])
             .map_err(|_| Error::Invalid("malformed header name"))?;
         let value =
             HeaderValue::from_maybe_shared(head.slice(value_start as usize..value_end as usize))
                 .map_err(|_| Error::Invalid("malformed header value"))?;
+        said.note(&name, value.as_bytes());
         headers.append(name, value);
     }
     Ok(Some(Head {
         status,
         version,
         headers,
+        said,
     }))
 }
 
@@ -121,16 +167,7 @@ impl Head {
     /// Whether the connection can carry another exchange after this one
     /// (persistence, RFC 9112 section 9.3).
     pub(crate) fn keep_alive(&self) -> bool {
-        let mut close = false;
-        let mut keep_alive = false;
-        for value in self.headers.get_all(CONNECTION) {
-            for token in value.as_bytes().split(|b| *b == b',') {
-                let token = token.trim_ascii();
-                close |= token.eq_ignore_ascii_case(b"close");
-                keep_alive |= token.eq_ignore_ascii_case(b"keep-alive");
-            }
-        }
-        !close && (self.version == Version::HTTP_11 || keep_alive)
+        !self.said.close && (self.version == Version::HTTP_11 || self.said.keep_alive)
     }
 
     /// The body's framing, and whether the connection stays reusable after
@@ -143,54 +180,47 @@ impl Head {
         if request_was_head || status == 204 || status == 304 || (100..200).contains(&status) {
             return Ok((BodyFraming::Empty, keep_alive));
         }
-        if self.headers.contains_key(TRANSFER_ENCODING) {
+        if self.said.transfer_encoding {
             if self.version == Version::HTTP_10 {
                 return Err(Error::Invalid("Transfer-Encoding in an HTTP/1.0 response"));
             }
-            let chunked = self
-                .headers
-                .get_all(TRANSFER_ENCODING)
-                .iter()
-                .next_back()
-                .and_then(|value| value.as_bytes().rsplit(|b| *b == b',').next())
-                .is_some_and(|last| last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
-            let both = self.headers.remove(CONTENT_LENGTH).is_some();
-            return Ok(if chunked {
+            let both = self.said.content_length.is_some();
+            if both {
+                self.headers.remove(CONTENT_LENGTH);
+            }
+            return Ok(if self.said.chunked_last {
                 (BodyFraming::Chunked, keep_alive && !both)
             } else {
                 (BodyFraming::UntilClose, false)
             });
         }
-        if self.headers.contains_key(CONTENT_LENGTH) {
-            let length = content_length(&self.headers)?;
-            return Ok((BodyFraming::Length(length), keep_alive));
+        match self.said.content_length.take() {
+            Some(length) => Ok((BodyFraming::Length(length?), keep_alive)),
+            None => Ok((BodyFraming::UntilClose, false)),
         }
-        Ok((BodyFraming::UntilClose, false))
     }
 }
 
-/// The one length all `Content-Length` values agree on (a list of equal
-/// values is allowed, RFC 9110 section 8.6); anything else is an error.
-fn content_length(headers: &HeaderMap) -> Result<u64, Error> {
-    let mut length = None;
-    for value in headers.get_all(CONTENT_LENGTH) {
-        for part in value.as_bytes().split(|b| *b == b',') {
-            let part = part.trim_ascii();
-            if part.is_empty() || part.len() > 19 || !part.iter().all(u8::is_ascii_digit) {
-                return Err(Error::Invalid("malformed Content-Length"));
+/// The length one `Content-Length` value gives, which must agree with the
+/// one `seen` before (a list of equal values is allowed, RFC 9110 section
+/// 8.6); anything else is an error.
+fn content_length(value: &[u8], mut seen: Option<u64>) -> Result<u64, Error> {
+    for part in value.split(|b| *b == b',') {
+        let part = part.trim_ascii();
+        if part.is_empty() || part.len() > 19 || !part.iter().all(u8::is_ascii_digit) {
+            return Err(Error::Invalid("malformed Content-Length"));
+        }
+        let n = part
+            .iter()
+            .fold(0u64, |n, digit| n * 10 + u64::from(digit - b'0'));
+        match seen {
+            Some(before) if before != n => {
+                return Err(Error::Invalid("conflicting Content-Length values"));
             }
-            let n = part
-                .iter()
-                .fold(0u64, |n, digit| n * 10 + u64::from(digit - b'0'));
-            match length {
-                Some(seen) if seen != n => {
-                    return Err(Error::Invalid("conflicting Content-Length values"));
-                }
-                _ => length = Some(n),
-            }
+            _ => seen = Some(n),
         }
     }
-    length.ok_or(Error::Invalid("malformed Content-Length"))
+    seen.ok_or(Error::Invalid("malformed Content-Length"))
 }
 
 #[cfg(test)]

@@ -60,17 +60,20 @@ impl Kept {
 /// full first (bounded by `max_body`; the caller bounds the time). Reading
 /// it fails only on the client's side.
 async fn keep(body: ProxyBody, max_body: u64) -> Result<(ProxyBody, Option<Kept>), UpstreamError> {
-    let hint = body.size_hint();
-    if body.is_end_stream() || hint.exact() == Some(0) {
+    if is_empty(&body) {
         return Ok((ProxyBody::Empty, Some(Kept(None))));
     }
-    if hint.exact().is_none_or(|n| n > max_body) {
+    if body.size_hint().exact().is_none_or(|n| n > max_body) {
         return Ok((body, None));
     }
     let mut body = body;
     let watch = body.watch();
     let bytes = collect(body, watch.as_ref()).await?;
     Ok((ProxyBody::full(bytes.clone()), Some(Kept(Some(bytes)))))
+}
+
+fn is_empty(body: &ProxyBody) -> bool {
+    body.is_end_stream() || body.size_hint().exact() == Some(0)
 }
 
 async fn collect(body: ProxyBody, watch: Option<&BodyWatch>) -> Result<Bytes, UpstreamError> {
@@ -156,13 +159,18 @@ pub async fn forward(
     let (mut head, mut body) = request.into_parts();
     let (mut first, kept) = match retry {
         Some(settings) => {
-            // Reading a kept body waits on the client alone: running out of
-            // time here is the client's lateness (408), never the upstream's.
-            let watch = body.watch();
-            let read = match tokio::time::timeout_at(deadline, keep(body, settings.max_body)).await
-            {
-                Ok(read) => read,
-                Err(_elapsed) => Err(body_timeout(upstream, watch.as_ref())),
+            let read = if is_empty(&body) {
+                // Most retry-safe requests (GETs): nothing to read or watch.
+                Ok((ProxyBody::Empty, Some(Kept(None))))
+            } else {
+                // Reading a kept body waits on the client alone: running out
+                // of time here is the client's lateness (408), never the
+                // upstream's.
+                let watch = body.watch();
+                match tokio::time::timeout_at(deadline, keep(body, settings.max_body)).await {
+                    Ok(read) => read,
+                    Err(_elapsed) => Err(body_timeout(upstream, watch.as_ref())),
+                }
             };
             let kept = match read {
                 Ok(kept) => kept,
@@ -206,8 +214,7 @@ pub async fn forward(
             Some(kept) => kept.body(),
             None => std::mem::replace(&mut first, ProxyBody::Empty),
         };
-        let timeout = deadline.saturating_duration_since(Instant::now());
-        let result = send(upstream, endpoint, &head, body, timeout).await;
+        let result = send(upstream, endpoint, &head, body, deadline).await;
 
         // What this attempt says about the endpoint, and whether another
         // attempt could do better.

@@ -8,9 +8,9 @@ use keel_http::{BodyFault, BodyWatch, ProxyBody};
 use crate::endpoint::{Endpoint, InFlight, SendError, Upstream};
 use crate::error::{ClientFault, ErrorKind, UpstreamError};
 
-/// Sends the request (`head`, `body`) on the endpoint's pool within
-/// `timeout` (what is left of the upstream's `request_timeout` for this
-/// attempt).
+/// Sends the request (`head`, `body`) on the endpoint's pool by
+/// `deadline` (the end of the upstream's `request_timeout` for the
+/// request).
 ///
 /// Who failed decides what the failure is: the request body's
 /// [`BodyWatch`] (set where the body limit is applied) says whether the client's body broke, was
@@ -22,11 +22,11 @@ pub async fn send(
     endpoint: &Endpoint,
     head: &Parts,
     mut body: ProxyBody,
-    timeout: std::time::Duration,
+    deadline: tokio::time::Instant,
 ) -> Result<Response<ProxyBody>, UpstreamError> {
     let _in_flight = InFlight::start(endpoint);
     let watch = body.watch();
-    match tokio::time::timeout(timeout, endpoint.send(head, body)).await {
+    match tokio::time::timeout_at(deadline, endpoint.send(head, body)).await {
         Ok(Ok(response)) => Ok(response),
         Ok(Err(error)) => Err(classify(&upstream.name, endpoint, &error, watch.as_ref())),
         Err(_elapsed) => {
