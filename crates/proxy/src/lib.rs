@@ -24,6 +24,7 @@
 mod activity;
 pub mod connections;
 pub mod filter;
+mod gate;
 pub mod listener;
 pub mod proxy;
 pub mod route;

@@ -53,6 +53,7 @@ use tokio::time::Instant;
 pub use crate::activity::ConnectionSettings;
 use crate::activity::{Activity, Expiry, Phase, ServerStream, Tracked};
 use crate::filter::Downstream;
+use crate::gate::Gates;
 use crate::proxy::Proxy;
 use keel_http::headers::ForwardedFor;
 
@@ -303,21 +304,35 @@ impl Control<'_> {
     ) where
         C: Future<Output = Result<(), hyper::Error>>,
     {
+        // The watchers are polled only when one of them was woken, not on
+        // every wake-up of the connection's I/O (see `gate`).
+        let gates = Gates::new();
         let mut closing = false;
         loop {
+            let shutdown = &mut *self.shutdown;
+            let drain = &mut *self.drain;
+            let activity = self.activity;
+            let watched = gates.gate(async move {
+                tokio::select! {
+                    biased;
+                    forced = drain_step(shutdown, drain, closing) => Watched::Drain { forced },
+                    expiry = activity.expired() => Watched::Expiry(expiry),
+                }
+            });
             let event = tokio::select! {
+                biased;
                 result = connection.as_mut() => {
                     log_end(result);
                     return;
                 }
-                forced = drain_step(self.shutdown, self.drain, closing) => {
-                    if forced {
+                watched = watched => match watched {
+                    Watched::Drain { forced: true } => {
                         tracing::debug!("connection cut at the drain deadline");
                         return;
                     }
-                    None
-                }
-                expiry = self.activity.expired() => Some(expiry),
+                    Watched::Drain { forced: false } => None,
+                    Watched::Expiry(expiry) => Some(expiry),
+                },
             };
             match (event, self.goaway_grace) {
                 // Asked to close (listener stop or drain).
@@ -354,6 +369,14 @@ impl Control<'_> {
 /// Until the connection is closing: resolves (false) once the listener
 /// stops or the drain asks it to close. Then: resolves (true) once the
 /// drain forces it closed.
+/// What woke a connection's watchers.
+enum Watched {
+    /// The drain: asked to close, or (`forced`) cut now.
+    Drain { forced: bool },
+    /// The watchdog.
+    Expiry(Expiry),
+}
+
 async fn drain_step(
     shutdown: &mut watch::Receiver<bool>,
     drain: &mut Registration,
