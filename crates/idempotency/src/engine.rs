@@ -1004,15 +1004,20 @@ impl Engine {
             ));
         }
         let key = self.key_of(tenant.as_deref(), head.method, head.uri.path(), &client_key);
-        let fingerprint = policy
-            .fingerprint
-            .digest(head.method, head.uri, head.headers, body);
+        let print = Print {
+            current: policy
+                .fingerprint
+                .digest(head.method, head.uri, head.headers, body),
+            config: &policy.fingerprint,
+            head,
+            body,
+        };
         let request_id = head
             .headers
             .get(&policy.request_id_header)
             .and_then(|v| v.to_str().ok())
             .map(str::to_owned);
-        self.claim_loop(key, fingerprint, request_id).await
+        self.claim_loop(key, &print, request_id).await
     }
 
     /// The store key of (tenant, method, path, client key): the namespace,
@@ -1114,7 +1119,7 @@ impl Engine {
     async fn claim_loop(
         &self,
         key: StoreKey,
-        fingerprint: Fingerprint,
+        print: &Print<'_>,
         request_id: Option<String>,
     ) -> Begin {
         let inner = &self.inner;
@@ -1134,7 +1139,7 @@ impl Engine {
             let asked = tokio::time::Instant::now();
             let claim = inner
                 .store
-                .claim(&key, fingerprint, policy.store_lease())
+                .claim(&key, print.current, policy.store_lease())
                 .await;
             match claim {
                 Err(StoreError::Unavailable(why)) => {
@@ -1157,7 +1162,7 @@ impl Engine {
                     fingerprint: theirs,
                 }) => {
                     inner.gate.on_success();
-                    if theirs != fingerprint {
+                    if !print.matches(theirs) {
                         return mismatch();
                     }
                     return reject(Problem::new(
@@ -1187,7 +1192,7 @@ impl Engine {
                     retry_after,
                 }) => {
                     inner.gate.on_success();
-                    if theirs != fingerprint {
+                    if !print.matches(theirs) {
                         return mismatch();
                     }
                     let now = tokio::time::Instant::now();
@@ -1218,7 +1223,7 @@ impl Engine {
                     payload,
                 }) => {
                     inner.gate.on_success();
-                    if theirs != fingerprint {
+                    if !print.matches(theirs) {
                         return mismatch();
                     }
                     return match Record::decode(&payload) {
@@ -1241,6 +1246,29 @@ impl Engine {
                 .retry_after(self.inner.policy.store_retry_after),
             ),
         }
+    }
+}
+
+/// One request's fingerprint, with what it takes to compare it with a
+/// stored fingerprint of the older kind (BLAKE3), should one turn up.
+struct Print<'r> {
+    current: Fingerprint,
+    config: &'r FingerprintConfig,
+    head: RequestHead<'r>,
+    body: &'r [u8],
+}
+
+impl Print<'_> {
+    /// Whether `stored` is this request's fingerprint, of either kind.
+    fn matches(&self, stored: Fingerprint) -> bool {
+        self.config.matches(
+            stored,
+            self.current,
+            self.head.method,
+            self.head.uri,
+            self.head.headers,
+            self.body,
+        )
     }
 }
 

@@ -138,7 +138,8 @@ impl std::fmt::Display for StoreKey {
 /// A digest of the request (method, path, query, body and chosen headers).
 ///
 /// Stored with the claim and the result so that a key reused for a different
-/// request is caught (422).
+/// request is caught (422). Always 32 bytes in a store; what they hold is
+/// told by [`Fingerprint::kind`] (see [`crate::fingerprint`]).
 ///
 /// ```
 /// use keel_idempotency::store::Fingerprint;
@@ -151,7 +152,53 @@ impl std::fmt::Display for StoreKey {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Fingerprint([u8; 32]);
 
+/// How a [`Fingerprint`] was computed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum FingerprintKind {
+    /// XXH3-128 (16 bytes) followed by [`Fingerprint::XXH3_TAG`]: what
+    /// the engine computes.
+    Xxh3,
+    /// Any other 32 bytes: a BLAKE3 digest, as earlier versions of Keel
+    /// stored (or bytes a caller chose, such as a consumer's constant).
+    Blake3,
+}
+
 impl Fingerprint {
+    /// The last 16 bytes of an XXH3 fingerprint. A BLAKE3 digest ends with
+    /// them only by a 2^-128 chance.
+    pub const XXH3_TAG: [u8; 16] = *b"keel-fp:xxh3-128";
+
+    /// The fingerprint of an XXH3-128 digest: its 16 bytes (big endian)
+    /// and [`Fingerprint::XXH3_TAG`].
+    ///
+    /// ```
+    /// # use keel_idempotency::store::{Fingerprint, FingerprintKind};
+    /// let fp = Fingerprint::from_xxh3(7);
+    /// assert_eq!(fp.kind(), FingerprintKind::Xxh3);
+    /// assert_eq!(fp.as_bytes()[15], 7);
+    /// assert_eq!(Fingerprint::from_bytes([7; 32]).kind(), FingerprintKind::Blake3);
+    /// ```
+    pub const fn from_xxh3(digest: u128) -> Self {
+        let mut bytes = [0u8; 32];
+        let d = digest.to_be_bytes();
+        let mut i = 0;
+        while i < 16 {
+            bytes[i] = d[i];
+            bytes[16 + i] = Self::XXH3_TAG[i];
+            i += 1;
+        }
+        Self(bytes)
+    }
+
+    /// How the fingerprint was computed, told by its last 16 bytes.
+    pub fn kind(&self) -> FingerprintKind {
+        if self.0[16..] == Self::XXH3_TAG {
+            FingerprintKind::Xxh3
+        } else {
+            FingerprintKind::Blake3
+        }
+    }
+
     /// The fingerprint with these 32 bytes (a store reading one back).
     ///
     /// ```
