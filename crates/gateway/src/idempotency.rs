@@ -373,7 +373,7 @@ impl IdempotencyFilter {
         &self,
         request_id: HeaderValue,
         parts: http::request::Parts,
-        body: ProxyBody,
+        mut body: ProxyBody,
     ) -> FilterDecision {
         // One byte past the limit is enough for the engine to refuse.
         let limit = self.engine.policy().max_body().saturating_add(1);
@@ -381,7 +381,9 @@ impl IdempotencyFilter {
             budget: &self.budget,
             held: 0,
         };
-        let read = within(self.body_timeout, read_up_to(body, limit, &mut hold));
+        // The body is read in place: moved into the reading future, it
+        // would take room twice in this one, which is boxed per request.
+        let read = within(self.body_timeout, read_up_to(&mut body, limit, &mut hold));
         let body = match read.await {
             None => {
                 self.metrics.inc(outcome::REJECTED);
@@ -476,19 +478,19 @@ impl IdempotencyFilter {
 /// `work`'s output, or `None` if it takes longer than `limit`. Like
 /// `tokio::time::timeout`, but the timer is made only if the work has to
 /// wait: a keyed body that has already arrived (the usual case) costs none.
+/// The timer is boxed when made: held inline, it would more than double
+/// this future, and with it the per-request future `decide` boxes.
 async fn within<F: std::future::Future>(limit: Duration, work: F) -> Option<F::Output> {
     let mut work = std::pin::pin!(work);
-    let mut timer = std::pin::pin!(None::<tokio::time::Sleep>);
+    let mut timer: Option<Pin<Box<tokio::time::Sleep>>> = None;
     std::future::poll_fn(|cx| {
         if let std::task::Poll::Ready(out) = work.as_mut().poll(cx) {
             return std::task::Poll::Ready(Some(out));
         }
-        if timer.is_none() {
-            timer.set(Some(tokio::time::sleep(limit)));
-        }
-        match timer.as_mut().as_pin_mut().map(|t| t.poll(cx)) {
-            Some(std::task::Poll::Ready(())) => std::task::Poll::Ready(None),
-            _ => std::task::Poll::Pending,
+        let timer = timer.get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
+        match timer.as_mut().poll(cx) {
+            std::task::Poll::Ready(()) => std::task::Poll::Ready(None),
+            std::task::Poll::Pending => std::task::Poll::Pending,
         }
     })
     .await
@@ -515,7 +517,7 @@ enum ReadError {
 /// Reads `body` whole, failing past `limit` bytes (or the route's limit),
 /// taking each chunk's bytes from the process's buffer budget.
 async fn read_up_to(
-    mut body: ProxyBody,
+    body: &mut ProxyBody,
     limit: usize,
     hold: &mut BudgetHold<'_>,
 ) -> Result<Bytes, ReadError> {
@@ -719,8 +721,9 @@ async fn store_response(
     if parts.status == StatusCode::SWITCHING_PROTOCOLS {
         // Keyed upgrade requests are refused before they are sent, so this
         // is an upstream that switched protocols unasked: the request ran,
-        // and a tunnel is no result to replay.
-        end.lost(guard).await;
+        // and a tunnel is no result to replay. (Boxed, as below: a rare
+        // path's future stays out of this one's state.)
+        Box::pin(end.lost(guard)).await;
         return Response::from_parts(parts, body);
     }
     let declared = parts
@@ -776,7 +779,7 @@ async fn store_response(
         Read::Broken(error) => {
             // The upstream ran the request and broke mid-body: the result
             // is lost.
-            end.lost(guard).await;
+            Box::pin(end.lost(guard)).await;
             Problem::new(
                 ProblemKind::UpstreamBadResponse,
                 format!("the upstream's response body broke off: {error}"),
@@ -811,8 +814,8 @@ mod tests {
         spec.routes.into_iter().next().expect("route")
     }
 
-    /// The futures boxed once per idempotent request (the response
-    /// filter's, the engine's claim and completion) stay within glibc's
+    /// The futures boxed once per idempotent request (the request and
+    /// response filters', the engine's claim and completion) stay within glibc's
     /// per-thread cache sizes (1,032 bytes): above them each allocation
     /// takes the slow path and, with a store growing beside it, sweeps the
     /// fast bins (`malloc_consolidate`) every time.
@@ -858,10 +861,24 @@ mod tests {
         );
         let parts = keyed("k3");
         let begin = engine.begin(&parts, b"{}");
+        let idempotency = IdempotencyFilter {
+            engine: engine.clone(),
+            metrics: keel_metrics::Metrics::new().idempotency("r"),
+            server_errors: ServerErrorsPolicy::Store,
+            max_response: 1024,
+            body_timeout: Duration::from_secs(1),
+            budget: Arc::new(BufferBudget::new(1 << 20)),
+        };
+        let decide = idempotency.decide(
+            HeaderValue::from_static("id"),
+            keyed("k4"),
+            ProxyBody::full(Bytes::new()),
+        );
         for (what, size) in [
             ("store_response", std::mem::size_of_val(&filter)),
             ("Guard::complete_parts", complete_size),
             ("Engine::begin", std::mem::size_of_val(&begin)),
+            ("IdempotencyFilter::decide", std::mem::size_of_val(&decide)),
         ] {
             assert!(
                 size <= 1024,

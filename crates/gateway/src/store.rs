@@ -61,6 +61,28 @@ impl Store for StoreSlot {
         }
     }
 
+    fn claim_now(
+        &self,
+        key: &StoreKey,
+        fingerprint: Fingerprint,
+        lease: Lease,
+    ) -> Option<Result<Claim, StoreError>> {
+        self.get().ok()?.claim_now(key, fingerprint, lease)
+    }
+
+    fn complete_now(
+        &self,
+        key: &StoreKey,
+        token: FencingToken,
+        payload: Vec<u8>,
+        ttl: Duration,
+    ) -> Result<Result<(), StoreError>, Vec<u8>> {
+        match self.get() {
+            Ok(store) => store.complete_now(key, token, payload, ttl),
+            Err(_) => Err(payload),
+        }
+    }
+
     fn renew<'a>(
         &'a self,
         key: &'a StoreKey,

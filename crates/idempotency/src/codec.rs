@@ -84,22 +84,19 @@ impl Record {
     /// assert_eq!(&bytes[..2], b"KI");
     /// ```
     pub fn encode(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(self.encoded_len_hint());
+        if let Record::Response(r) = self {
+            return encode_response(
+                r.status,
+                r.request_id.as_deref(),
+                r.headers.iter().map(|(n, v)| (n.as_str(), v.as_slice())),
+                &r.body,
+            );
+        }
+        let mut out = Vec::with_capacity(64);
         out.extend_from_slice(MAGIC);
         out.push(VERSION);
         match self {
-            Record::Response(r) => {
-                out.push(KIND_RESPONSE);
-                out.extend_from_slice(&r.status.to_be_bytes());
-                put_opt(&mut out, r.request_id.as_deref());
-                let n = u16::try_from(r.headers.len()).unwrap_or(u16::MAX);
-                out.extend_from_slice(&n.to_be_bytes());
-                for (name, value) in r.headers.iter().take(usize::from(n)) {
-                    put(&mut out, name.as_bytes());
-                    put(&mut out, value);
-                }
-                put(&mut out, &r.body);
-            }
+            Record::Response(_) => unreachable!("encoded above"),
             Record::OutcomeUnknown { request_id } => {
                 out.push(KIND_UNKNOWN);
                 put_opt(&mut out, request_id.as_deref());
@@ -116,19 +113,6 @@ impl Record {
             }
         }
         out
-    }
-
-    fn encoded_len_hint(&self) -> usize {
-        match self {
-            Record::Response(r) => {
-                64 + r.body.len()
-                    + r.headers
-                        .iter()
-                        .map(|(n, v)| n.len() + v.len() + 8)
-                        .sum::<usize>()
-            }
-            _ => 64,
-        }
     }
 
     /// Decodes a payload written by [`Record::encode`].
@@ -180,6 +164,63 @@ impl Record {
         }
         Ok(record)
     }
+}
+
+/// The encoding of `Record::Response` with these fields, written straight
+/// from borrowed parts (the engine's response, its kept headers): the same
+/// bytes as [`Record::encode`], without an owned copy of each header and of
+/// the body first. At most `u16::MAX` headers are kept.
+///
+/// ```
+/// use keel_idempotency::codec::{encode_response, Record, StoredResponse};
+/// let bytes = encode_response(200, Some("r1"), [("etag", b"\"x\"".as_slice())].into_iter(), b"ok");
+/// let record = Record::Response(StoredResponse {
+///     status: 200,
+///     request_id: Some("r1".into()),
+///     headers: vec![("etag".into(), b"\"x\"".to_vec())],
+///     body: b"ok".to_vec(),
+/// });
+/// assert_eq!(bytes, record.encode());
+/// ```
+pub fn encode_response<'h>(
+    status: u16,
+    request_id: Option<&str>,
+    headers: impl Iterator<Item = (&'h str, &'h [u8])> + Clone,
+    body: &[u8],
+) -> Vec<u8> {
+    // The exact length, so a store that keeps the buffer (the memory
+    // store) has nothing to trim.
+    let fields = |bytes: usize| 4 + bytes.min(u32::MAX as usize);
+    let len = 2
+        + 1
+        + 1
+        + 2
+        + fields(request_id.map_or(0, str::len))
+        + 2
+        + headers
+            .clone()
+            .take(usize::from(u16::MAX))
+            .map(|(name, value)| fields(name.len()) + fields(value.len()))
+            .sum::<usize>()
+        + fields(body.len());
+    let mut out = Vec::with_capacity(len);
+    out.extend_from_slice(MAGIC);
+    out.push(VERSION);
+    out.push(KIND_RESPONSE);
+    out.extend_from_slice(&status.to_be_bytes());
+    put_opt(&mut out, request_id);
+    // The count is written once the headers are.
+    let count_at = out.len();
+    out.extend_from_slice(&[0, 0]);
+    let mut n: u16 = 0;
+    for (name, value) in headers.take(usize::from(u16::MAX)) {
+        put(&mut out, name.as_bytes());
+        put(&mut out, value);
+        n += 1;
+    }
+    out[count_at..count_at + 2].copy_from_slice(&n.to_be_bytes());
+    put(&mut out, body);
+    out
 }
 
 fn put(out: &mut Vec<u8>, bytes: &[u8]) {

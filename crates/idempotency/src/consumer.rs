@@ -190,10 +190,7 @@ fn event_key(namespace: &str, event_id: &str) -> StoreKey {
         .take(64)
         .collect();
     let digest = blake3::hash(event_id.as_bytes());
-    let hex = digest.to_hex();
-    StoreKey::new(format!("{ns}:{}", hex.as_str()))
-        .or_else(|| StoreKey::new(hex.as_str()))
-        .expect("a hex digest is a valid store key")
+    StoreKey::from_digest(&ns, digest.as_bytes())
 }
 
 async fn run<S, T, E, F>(

@@ -74,10 +74,10 @@ use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, Uri};
 use keel_retry::{Backoff, Jitter};
 
-use crate::codec::{Record, StoredResponse};
+use crate::codec::{self, Record};
 use crate::fingerprint::FingerprintConfig;
 use crate::gate::{ConsecutiveFailures, StoreGate};
-use crate::key::parse_key;
+use crate::key::parse_key_cow;
 use crate::problem::{Problem, ProblemKind};
 use crate::store::{
     Claim, FencingToken, Fingerprint, KeyState, Lease, Store, StoreError, StoreKey,
@@ -949,7 +949,7 @@ impl Engine {
             }
             return Begin::PassThrough(PassReason::NoKey);
         };
-        let client_key = match parse_key(value.as_bytes(), policy.max_key_len) {
+        let client_key = match parse_key_cow(value.as_bytes(), policy.max_key_len) {
             Ok(k) => k,
             Err(e) => return reject(Problem::new(ProblemKind::KeyInvalid, e.to_string())),
         };
@@ -974,15 +974,15 @@ impl Engine {
             ));
         }
         // Shape errors (key, body, upgrade) come first; then who is asking.
-        let tenant = match &policy.tenant {
+        let tenant: Option<std::borrow::Cow<'_, [u8]>> = match &policy.tenant {
             // An empty value names nobody: callers sending `Authorization: `
             // must not share one key space.
             Tenant::Header(name) => head
                 .headers
                 .get(name)
                 .filter(|v| !v.as_bytes().trim_ascii().is_empty())
-                .map(|v| v.as_bytes().to_vec()),
-            Tenant::Function(f) => f(&head).map(String::into_bytes),
+                .map(|v| v.as_bytes().into()),
+            Tenant::Function(f) => f(&head).map(|t| t.into_bytes().into()),
             Tenant::Single => None,
         };
         if tenant.is_none()
@@ -1004,15 +1004,23 @@ impl Engine {
             ));
         }
         let key = self.key_of(tenant.as_deref(), head.method, head.uri.path(), &client_key);
-        let fingerprint = policy
-            .fingerprint
-            .digest(head.method, head.uri, head.headers, body);
+        let print = Print {
+            current: policy
+                .fingerprint
+                .digest(head.method, head.uri, head.headers, body),
+            config: &policy.fingerprint,
+            head,
+            body,
+        };
+        // Kept as the header value (a shared buffer, no copy); only values
+        // that are text, so `RequestId::as_str` never fails.
         let request_id = head
             .headers
             .get(&policy.request_id_header)
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_owned);
-        self.claim_loop(key, fingerprint, request_id).await
+            .filter(|v| v.to_str().is_ok())
+            .cloned()
+            .map(RequestId);
+        self.claim_loop(key, &print, request_id).await
     }
 
     /// The store key of (tenant, method, path, client key): the namespace,
@@ -1027,33 +1035,24 @@ impl Engine {
         path: &str,
         client_key: &str,
     ) -> StoreKey {
-        let mut h = blake3::Hasher::new();
-        for part in [
-            b"keel-idempotency-key-v1".as_slice(),
-            tenant.unwrap_or(b""),
-            method.as_str().as_bytes(),
-            path.as_bytes(),
-            client_key.as_bytes(),
-        ] {
-            h.update(&(part.len() as u64).to_be_bytes());
-            h.update(part);
-        }
-        h.update(&[u8::from(tenant.is_some())]);
-        let digest = h.finalize();
-        let hex = digest.to_hex();
+        let digest = scope_digest(
+            [
+                b"keel-idempotency-key-v1".as_slice(),
+                tenant.unwrap_or(b""),
+                method.as_str().as_bytes(),
+                path.as_bytes(),
+                client_key.as_bytes(),
+            ],
+            u8::from(tenant.is_some()),
+        );
         // Namespace is at most 64 printable characters and the digest 64 hex
-        // digits, so this is always a valid key.
-        let key = StoreKey::new(format!("{}:{}", self.inner.namespace, hex.as_str()))
-            .or_else(|| StoreKey::new(hex.as_str()))
-            .expect("a hex digest is a valid store key");
-        let tenant_digest = tenant.map_or(0, |t| {
-            let d = blake3::hash(t);
-            let mut word = [0u8; 8];
-            word.copy_from_slice(&d.as_bytes()[..8]);
-            // 0 means "no tenant"; a tenant whose digest starts with zeros
-            // is charged as 1.
-            u64::from_le_bytes(word).max(1)
-        });
+        // digits, so this is always a valid key. The text stays BLAKE3's:
+        // durable stores hold records under it.
+        let key = StoreKey::from_digest(&self.inner.namespace, digest.as_bytes());
+        // The tenant's digest only picks a memory store's accounting bucket
+        // in this process (no store keeps it), so a fast hash will do.
+        // 0 means "no tenant"; a tenant whose digest is 0 is charged as 1.
+        let tenant_digest = tenant.map_or(0, |t| xxhash_rust::xxh3::xxh3_64(t).max(1));
         key.with_tenant(tenant_digest)
     }
 
@@ -1114,8 +1113,8 @@ impl Engine {
     async fn claim_loop(
         &self,
         key: StoreKey,
-        fingerprint: Fingerprint,
-        request_id: Option<String>,
+        print: &Print<'_>,
+        request_id: Option<RequestId>,
     ) -> Begin {
         let inner = &self.inner;
         let policy = &inner.policy;
@@ -1132,10 +1131,11 @@ impl Engine {
             // than this, never earlier, so a deadline counted from here is
             // safe (see `Guard::lease_covers`).
             let asked = tokio::time::Instant::now();
-            let claim = inner
-                .store
-                .claim(&key, fingerprint, policy.store_lease())
-                .await;
+            let lease = policy.store_lease();
+            let claim = match inner.store.claim_now(&key, print.current, lease) {
+                Some(claim) => claim,
+                None => inner.store.claim(&key, print.current, lease).await,
+            };
             match claim {
                 Err(StoreError::Unavailable(why)) => {
                     inner.gate.on_failure();
@@ -1157,7 +1157,7 @@ impl Engine {
                     fingerprint: theirs,
                 }) => {
                     inner.gate.on_success();
-                    if theirs != fingerprint {
+                    if !print.matches(theirs) {
                         return mismatch();
                     }
                     return reject(Problem::new(
@@ -1187,7 +1187,7 @@ impl Engine {
                     retry_after,
                 }) => {
                     inner.gate.on_success();
-                    if theirs != fingerprint {
+                    if !print.matches(theirs) {
                         return mismatch();
                     }
                     let now = tokio::time::Instant::now();
@@ -1218,7 +1218,7 @@ impl Engine {
                     payload,
                 }) => {
                     inner.gate.on_success();
-                    if theirs != fingerprint {
+                    if !print.matches(theirs) {
                         return mismatch();
                     }
                     return match Record::decode(&payload) {
@@ -1241,6 +1241,105 @@ impl Engine {
                 .retry_after(self.inner.policy.store_retry_after),
             ),
         }
+    }
+}
+
+/// The response record of `status`, `body` and the response's headers
+/// named in `replay` (the allow-list): in the list's order, each name's
+/// values in the response's order.
+///
+/// A response usually has a handful of headers, so they are walked once,
+/// each name compared with the list (cheap for standard names), and the
+/// kept ones gathered on the stack and ordered by the list: one lookup per
+/// allowed name would hash every one of them. A response with many
+/// headers is looked up name by name instead.
+fn encode_kept(
+    status: u16,
+    request_id: Option<&str>,
+    replay: &[HeaderName],
+    headers: &HeaderMap,
+    body: &[u8],
+) -> Vec<u8> {
+    const WALK_UP_TO: usize = 12;
+    const ON_STACK: usize = 16;
+    // `len` counts values: every kept one fits.
+    const _: () = assert!(WALK_UP_TO <= ON_STACK);
+    if headers.len() <= WALK_UP_TO {
+        let mut kept: [(usize, &str, &[u8]); ON_STACK] = [(0, "", &[]); ON_STACK];
+        let mut n = 0;
+        for (name, value) in headers {
+            if let Some(rank) = replay.iter().position(|r| r == name) {
+                kept[n] = (rank, replay[rank].as_str(), value.as_bytes());
+                n += 1;
+            }
+        }
+        let kept = &mut kept[..n];
+        // Stable: one name's values keep the response's order.
+        kept.sort_by_key(|&(rank, ..)| rank);
+        let kept = kept.iter().map(|&(_, name, value)| (name, value));
+        return codec::encode_response(status, request_id, kept, body);
+    }
+    let kept: Vec<_> = replay
+        .iter()
+        .flat_map(|name| {
+            headers
+                .get_all(name)
+                .iter()
+                .map(move |v| (name.as_str(), v.as_bytes()))
+        })
+        .collect();
+    codec::encode_response(status, request_id, kept.into_iter(), body)
+}
+
+/// BLAKE3 of `parts`, each after its length (8 bytes, big endian), then
+/// the byte `last`: the digest in every store key, which must never change
+/// (durable stores hold records under it). Short inputs (all usual ones)
+/// are laid out on the stack and hashed in one call, which costs BLAKE3 far
+/// less than a dozen small updates; longer ones are streamed. Both give the
+/// same digest.
+fn scope_digest(parts: [&[u8]; 5], last: u8) -> blake3::Hash {
+    const ROOM: usize = 512;
+    let len = parts.iter().map(|p| 8 + p.len()).sum::<usize>() + 1;
+    if len > ROOM {
+        let mut h = blake3::Hasher::new();
+        for part in parts {
+            h.update(&(part.len() as u64).to_be_bytes());
+            h.update(part);
+        }
+        h.update(&[last]);
+        return h.finalize();
+    }
+    let mut buf = [0u8; ROOM];
+    let mut at = 0;
+    for part in parts {
+        buf[at..at + 8].copy_from_slice(&(part.len() as u64).to_be_bytes());
+        buf[at + 8..at + 8 + part.len()].copy_from_slice(part);
+        at += 8 + part.len();
+    }
+    buf[at] = last;
+    blake3::hash(&buf[..len])
+}
+
+/// One request's fingerprint, with what it takes to compare it with a
+/// stored fingerprint of the older kind (BLAKE3), should one turn up.
+struct Print<'r> {
+    current: Fingerprint,
+    config: &'r FingerprintConfig,
+    head: RequestHead<'r>,
+    body: &'r [u8],
+}
+
+impl Print<'_> {
+    /// Whether `stored` is this request's fingerprint, of either kind.
+    fn matches(&self, stored: Fingerprint) -> bool {
+        self.config.matches(
+            stored,
+            self.current,
+            self.head.method,
+            self.head.uri,
+            self.head.headers,
+            self.body,
+        )
     }
 }
 
@@ -1315,11 +1414,20 @@ fn replay(record: Record) -> Begin {
     }
 }
 
+/// The request id header's value, known to be text.
+struct RequestId(HeaderValue);
+
+impl RequestId {
+    fn as_str(&self) -> &str {
+        self.0.to_str().unwrap_or_default()
+    }
+}
+
 struct GuardState {
     inner: Arc<Inner>,
     key: StoreKey,
     token: FencingToken,
-    request_id: Option<String>,
+    request_id: Option<RequestId>,
     started: bool,
     /// When the claim's lease ends at the earliest, by this process's
     /// clock (renewals only move it later).
@@ -1566,28 +1674,21 @@ impl Guard {
         if body.len() > policy.max_response {
             let record = Record::TooLarge {
                 status: status.as_u16(),
-                request_id: s.request_id.clone(),
+                request_id: s.request_id(),
                 body_len: body.len() as u64,
             };
             return s.store(&record).await.map(|()| Completion::TooLarge);
         }
-        let kept = policy
-            .replay_headers
-            .iter()
-            .flat_map(|name| {
-                headers
-                    .get_all(name)
-                    .iter()
-                    .map(move |v| (name.as_str().to_owned(), v.as_bytes().to_vec()))
-            })
-            .collect();
-        let record = Record::Response(StoredResponse {
-            status: status.as_u16(),
-            request_id: s.request_id.clone(),
-            headers: kept,
-            body: body.to_vec(),
-        });
-        match s.store(&record).await {
+        // Encoded straight from the response: no owned copy of the kept
+        // headers and the body before the payload.
+        let payload = encode_kept(
+            status.as_u16(),
+            s.request_id_str(),
+            &policy.replay_headers,
+            headers,
+            body,
+        );
+        match s.store_payload(payload).await {
             Ok(()) => Ok(Completion::Stored),
             Err(StoreError::Full(_)) => {
                 // No room for the response: record that the operation ran
@@ -1595,7 +1696,7 @@ impl Guard {
                 // gets a 409 instead of running it again.
                 let ran = Record::TooLarge {
                     status: status.as_u16(),
-                    request_id: s.request_id.clone(),
+                    request_id: s.request_id(),
                     body_len: body.len() as u64,
                 };
                 s.store(&ran).await.map(|()| Completion::TooLarge)
@@ -1630,7 +1731,7 @@ impl Guard {
         }
         let record = Record::TooLarge {
             status: status.as_u16(),
-            request_id: s.request_id.clone(),
+            request_id: s.request_id(),
             body_len,
         };
         s.store(&record).await.map(|()| Completion::TooLarge)
@@ -1679,6 +1780,14 @@ impl Guard {
 }
 
 impl GuardState {
+    fn request_id_str(&self) -> Option<&str> {
+        self.request_id.as_ref().map(RequestId::as_str)
+    }
+
+    fn request_id(&self) -> Option<String> {
+        self.request_id_str().map(str::to_owned)
+    }
+
     fn lease(&self) -> Lease {
         self.inner.policy.store_lease()
     }
@@ -1747,14 +1856,23 @@ impl GuardState {
     }
 
     async fn store(&self, record: &Record) -> Result<(), StoreError> {
-        let payload = record.encode();
+        self.store_payload(record.encode()).await
+    }
+
+    async fn store_payload(&self, payload: Vec<u8>) -> Result<(), StoreError> {
         let ttl = self.inner.policy.ttl;
-        self.persist(|| {
-            self.inner
-                .store
-                .complete(&self.key, self.token, &payload, ttl)
-        })
-        .await
+        let store = &self.inner.store;
+        let payload = match store.complete_now(&self.key, self.token, payload, ttl) {
+            // A store that answers at once has no connection to lose: its
+            // answer is final, with nothing to retry.
+            Ok(done) => {
+                self.report(&done);
+                return done;
+            }
+            Err(payload) => payload,
+        };
+        self.persist(|| store.complete(&self.key, self.token, &payload, ttl))
+            .await
     }
 
     async fn release(&self) -> Result<(), StoreError> {
@@ -1764,7 +1882,7 @@ impl GuardState {
 
     async fn outcome_unknown(&self) -> Result<(), StoreError> {
         self.store(&Record::OutcomeUnknown {
-            request_id: self.request_id.clone(),
+            request_id: self.request_id(),
         })
         .await
     }
@@ -1778,11 +1896,25 @@ impl GuardState {
     where
         F: Fn() -> crate::store::BoxFuture<'s, Result<(), StoreError>>,
     {
-        let mut result = write().await;
+        let result = write().await;
         self.report(&result);
         if !matches!(result, Err(StoreError::Unavailable(_))) {
             return result;
         }
+        // Boxed: retries are rare, and their timer and backoff would
+        // otherwise make every completion's future larger.
+        Box::pin(self.retry_write(result, write)).await
+    }
+
+    /// The retries of [`GuardState::persist`], after the first `result`.
+    async fn retry_write<'s, F>(
+        &'s self,
+        mut result: Result<(), StoreError>,
+        write: F,
+    ) -> Result<(), StoreError>
+    where
+        F: Fn() -> crate::store::BoxFuture<'s, Result<(), StoreError>>,
+    {
         let deadline = tokio::time::Instant::now() + self.inner.policy.record_retry;
         let mut delays = Backoff::exponential(Duration::from_millis(50))
             .cap(Duration::from_secs(1))
@@ -1826,5 +1958,98 @@ impl Drop for Guard {
                 };
             });
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The store key's digest as every earlier version computed it: a
+    /// record stored then must be found under the same key now.
+    fn streamed(parts: [&[u8]; 5], last: u8) -> blake3::Hash {
+        let mut h = blake3::Hasher::new();
+        for part in parts {
+            h.update(&(part.len() as u64).to_be_bytes());
+            h.update(part);
+        }
+        h.update(&[last]);
+        h.finalize()
+    }
+
+    #[test]
+    fn kept_headers_follow_the_allow_list_walked_or_looked_up() {
+        // Each allowed name's values in the response's order, the names in
+        // the list's order, whatever order the response has them in.
+        let replay = Policy::default().replay_headers().to_vec();
+        for extra in [0, 20] {
+            let mut headers = HeaderMap::new();
+            headers.append("etag", HeaderValue::from_static("\"1\""));
+            headers.append("set-cookie", HeaderValue::from_static("s=1"));
+            headers.append("content-type", HeaderValue::from_static("text/plain"));
+            headers.append("cache-control", HeaderValue::from_static("no-store"));
+            headers.append("cache-control", HeaderValue::from_static("private"));
+            for i in 0..extra {
+                headers.append(
+                    HeaderName::from_bytes(format!("x-{i}").as_bytes()).expect("name"),
+                    HeaderValue::from_static("v"),
+                );
+            }
+            let record = Record::decode(&encode_kept(201, Some("r"), &replay, &headers, b"ok"))
+                .expect("decodes");
+            let Record::Response(stored) = record else {
+                panic!("a response record")
+            };
+            let kept: Vec<_> = stored
+                .headers
+                .iter()
+                .map(|(n, v)| (n.as_str(), v.as_slice()))
+                .collect();
+            assert_eq!(
+                kept,
+                [
+                    ("content-type", b"text/plain".as_slice()),
+                    ("etag", b"\"1\""),
+                    ("cache-control", b"no-store"),
+                    ("cache-control", b"private"),
+                ],
+                "{extra} more headers"
+            );
+            assert_eq!(
+                (stored.status, stored.body.as_slice()),
+                (201, b"ok".as_slice())
+            );
+        }
+    }
+
+    #[test]
+    fn store_key_digests_are_unchanged_whatever_the_input_length() {
+        let long_path = "/p".repeat(400);
+        for (tenant, path, key, last) in [
+            (b"Bearer alice".as_slice(), "/orders", "8e03978e-40d5", 1),
+            (b"".as_slice(), "/", "k", 0),
+            (b"Bearer bob".as_slice(), long_path.as_str(), "k", 1),
+            (&[7u8; 300][..], "/orders", &"x".repeat(255), 1),
+        ] {
+            let parts = [
+                b"keel-idempotency-key-v1".as_slice(),
+                tenant,
+                b"POST".as_slice(),
+                path.as_bytes(),
+                key.as_bytes(),
+            ];
+            assert_eq!(scope_digest(parts, last), streamed(parts, last));
+        }
+        // Pinned: the key of one request, as earlier versions wrote it.
+        let parts = [
+            b"keel-idempotency-key-v1".as_slice(),
+            b"Bearer alice",
+            b"POST",
+            b"/orders",
+            b"order-1",
+        ];
+        let pinned = "496e598fe0e6227424f47bff200f143ea69deb44c39d383d1d189e3d44159881";
+        assert_eq!(streamed(parts, 1).to_hex().as_str(), pinned);
+        assert_eq!(scope_digest(parts, 1).to_hex().as_str(), pinned);
     }
 }

@@ -48,6 +48,16 @@ pub enum KeyError {
 /// assert_eq!(parse_key(br#""a \"b\"""#, 255).unwrap(), r#"a "b""#);
 /// ```
 pub fn parse_key(value: &[u8], max_len: usize) -> Result<String, KeyError> {
+    parse_key_cow(value, max_len).map(std::borrow::Cow::into_owned)
+}
+
+/// [`parse_key`] without a copy of a bare key (the usual form): the engine
+/// only hashes the key.
+pub(crate) fn parse_key_cow(
+    value: &[u8],
+    max_len: usize,
+) -> Result<std::borrow::Cow<'_, str>, KeyError> {
+    use std::borrow::Cow;
     let value = value.trim_ascii();
     if value.is_empty() {
         return Err(KeyError::Empty);
@@ -75,13 +85,13 @@ pub fn parse_key(value: &[u8], max_len: usize) -> Result<String, KeyError> {
         if !closed || bytes.next().is_some() {
             return Err(KeyError::BadString);
         }
-        out
+        Cow::Owned(out)
     } else {
         if !value.iter().all(|&b| b.is_ascii_graphic() && b != b'"') {
             return Err(KeyError::NotPrintableAscii);
         }
         // All bytes are ASCII, so this cannot fail.
-        String::from_utf8_lossy(value).into_owned()
+        Cow::Borrowed(std::str::from_utf8(value).map_err(|_| KeyError::NotPrintableAscii)?)
     };
     if key.is_empty() {
         return Err(KeyError::Empty);

@@ -15,8 +15,9 @@
 //!    tenant is refused (400) unless the route admits anonymous callers
 //!    ([`MissingTenant`]): two callers never share a key by accident. It
 //!    fingerprints the request
-//!    (BLAKE3 of method, path, query, body, chosen headers; optionally
-//!    canonical JSON).
+//!    (XXH3-128 of method, path, query, body, chosen headers; optionally
+//!    canonical JSON; see [`fingerprint`] for why that is enough, and how
+//!    the BLAKE3 fingerprints of records written before still compare).
 //! 2. It **claims** the key in one atomic store operation, with a lease and
 //!    a [fencing token](store::FencingToken). The first request wins and
 //!    executes; a duplicate gets 409 with `Retry-After` (or waits and gets
@@ -116,7 +117,8 @@ pub use layer::{Idempotency, IdempotencyLayer};
 pub use memory::{MemoryConfig, MemoryStore};
 pub use problem::{Problem, ProblemKind};
 pub use store::{
-    Claim, FencingToken, Fingerprint, KeyState, Lapse, Lease, Store, StoreError, StoreKey,
+    Claim, FencingToken, Fingerprint, FingerprintKind, KeyState, Lapse, Lease, Store, StoreError,
+    StoreKey,
 };
 
 #[cfg(feature = "breaker")]

@@ -37,8 +37,9 @@
 //! # });
 //! ```
 
-use std::collections::HashMap;
 use std::hash::{BuildHasher, RandomState};
+
+use hashbrown::HashTable;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
@@ -216,9 +217,24 @@ impl Entry {
     }
 }
 
+/// One map slot: the key, its hash (kept for the table's rehashing) and
+/// the entry.
+struct Slot {
+    key: StoreKey,
+    hash: u64,
+    entry: Entry,
+}
+
+/// A key with its hash under the store's secret seeds, computed once per
+/// operation: it picks the shard and finds the slot.
+struct Located<'k> {
+    key: &'k StoreKey,
+    hash: u64,
+}
+
 #[derive(Default)]
 struct Shard {
-    map: HashMap<StoreKey, Entry>,
+    map: HashTable<Slot>,
     bytes: usize,
     /// Tokens come from one counter per shard: it only grows, so the tokens
     /// of any key (which always lives in the same shard) strictly increase,
@@ -231,15 +247,38 @@ struct Shard {
 }
 
 impl Shard {
-    fn remove(&mut self, key: &StoreKey, tenants: &Tenants) -> bool {
-        match self.map.remove(key) {
-            Some(old) => {
-                let cost = Entry::cost(key, payload_len(&old));
+    fn get(&self, at: &Located<'_>) -> Option<&Entry> {
+        self.map
+            .find(at.hash, |slot| slot.key == *at.key)
+            .map(|slot| &slot.entry)
+    }
+
+    fn get_mut(&mut self, at: &Located<'_>) -> Option<&mut Entry> {
+        self.map
+            .find_mut(at.hash, |slot| slot.key == *at.key)
+            .map(|slot| &mut slot.entry)
+    }
+
+    /// Adds an entry for a key the shard does not hold.
+    fn insert(&mut self, at: &Located<'_>, entry: Entry) {
+        let slot = Slot {
+            key: at.key.clone(),
+            hash: at.hash,
+            entry,
+        };
+        self.map.insert_unique(at.hash, slot, |slot| slot.hash);
+    }
+
+    fn remove(&mut self, at: &Located<'_>, tenants: &Tenants) -> bool {
+        match self.map.find_entry(at.hash, |slot| slot.key == *at.key) {
+            Ok(found) => {
+                let (old, _) = found.remove();
+                let cost = Entry::cost(at.key, payload_len(&old.entry));
                 self.bytes -= cost;
-                tenants.uncharge(key, cost);
+                tenants.uncharge(at.key, cost);
                 true
             }
-            None => false,
+            Err(_) => false,
         }
     }
 
@@ -273,12 +312,12 @@ impl Shard {
     fn purge(&mut self, now: Instant, tenants: &Tenants) -> u64 {
         let before = self.map.len();
         let mut freed = 0;
-        self.map.retain(|k, e| {
-            let keep = e.expires > now;
+        self.map.retain(|slot| {
+            let keep = slot.entry.expires > now;
             if !keep {
-                let cost = Entry::cost(k, payload_len(e));
+                let cost = Entry::cost(&slot.key, payload_len(&slot.entry));
                 freed += cost;
-                tenants.uncharge(k, cost);
+                tenants.uncharge(&slot.key, cost);
             }
             keep
         });
@@ -386,7 +425,10 @@ struct Padded(Mutex<Shard>);
 pub struct MemoryStore {
     shards: Box<[Padded]>,
     mask: usize,
-    seed: u64,
+    /// SipHash-1-3 under random keys, for keys whose text a caller chose.
+    hasher: RandomState,
+    /// Random keys of the folded-multiply hash of digest keys.
+    seeds: [u64; 4],
     shard_entries: usize,
     shard_bytes: usize,
     tenants: Tenants,
@@ -430,7 +472,8 @@ impl MemoryStore {
         Self {
             shards: (0..n).map(|_| Padded::default()).collect(),
             mask: n - 1,
-            seed: RandomState::new().hash_one(0x6b65_656cu64),
+            hasher: RandomState::new(),
+            seeds: std::array::from_fn(|i| RandomState::new().hash_one(i)),
             shard_entries: config.max_entries.div_ceil(n),
             shard_bytes: config.max_bytes.div_ceil(n),
             tenants: Tenants::new(config.max_tenant_bytes),
@@ -465,21 +508,46 @@ impl MemoryStore {
         self.shards.iter().map(|s| lock(&s.0).bytes).sum()
     }
 
-    fn shard(&self, key: &StoreKey) -> MutexGuard<'_, Shard> {
-        lock(&self.shards[shard_hash(key.as_str().as_bytes(), self.seed) as usize & self.mask].0)
+    /// `key` with its hash, computed once per operation.
+    ///
+    /// Keys are hashed under random keys, so no one outside can aim keys at
+    /// one slot of the map (a flood of colliding keys would make every
+    /// operation on the shard walk them all). A key whose text a caller
+    /// chose ([`StoreKey::new`]: it may come straight from a client) gets
+    /// SipHash-1-3 under std's random keys, as a `HashMap` would. A key the
+    /// engine made ends with a BLAKE3 digest of the client's key and its
+    /// scope: a client cannot choose those bits without a BLAKE3 preimage
+    /// search, nor see how the secret seeds mix them, so a folded multiply
+    /// of half the digest (128 bits) with four random seeds spreads them as
+    /// well, at a tenth of SipHash's cost over the whole key.
+    fn locate<'k>(&self, key: &'k StoreKey) -> Located<'k> {
+        let hash = match key.digest_tail() {
+            Some(tail) => digest_hash(tail, &self.seeds),
+            None => self.hasher.hash_one(key.as_str()),
+        };
+        Located { key, hash }
     }
 
-    /// The synchronous core of [`Store::claim`].
-    fn claim_now(
+    /// The shard of a located key, locked. It reads the hash's bits 32 and
+    /// up (a shard's map reads the low bits and the top 7).
+    fn shard(&self, at: &Located<'_>) -> MutexGuard<'_, Shard> {
+        lock(&self.shards[(at.hash >> 32) as usize & self.mask].0)
+    }
+
+    /// The synchronous core of [`Store::claim`] (and all of [`Store::claim_now`]).
+    fn claim_sync(
         &self,
         key: &StoreKey,
         fingerprint: Fingerprint,
         lease: Lease,
     ) -> Result<Claim, StoreError> {
         let now = Instant::now();
-        let mut guard = self.shard(key);
+        let at = self.locate(key);
+        let mut guard = self.shard(&at);
         let shard = &mut *guard;
-        if let Some(e) = shard.map.get_mut(key) {
+        // The map alone is borrowed, so the counters stay writable.
+        if let Some(slot) = shard.map.find_mut(at.hash, |slot| slot.key == *at.key) {
+            let e = &mut slot.entry;
             if e.expires > now {
                 return Ok(match &e.state {
                     State::Claimed { lease_until, .. } if *lease_until > now => Claim::InFlight {
@@ -527,8 +595,8 @@ impl MemoryStore {
         let token = FencingToken::new(shard.last_token);
         shard.bytes += cost;
         self.tenants.charge(key, cost);
-        shard.map.insert(
-            key.clone(),
+        shard.insert(
+            &at,
             Entry {
                 fingerprint,
                 expires: now + lease.record_life(),
@@ -548,8 +616,9 @@ impl MemoryStore {
         lease: Lease,
     ) -> Result<(), StoreError> {
         let now = Instant::now();
-        let mut shard = self.shard(key);
-        match shard.map.get_mut(key) {
+        let at = self.locate(key);
+        let mut shard = self.shard(&at);
+        match shard.get_mut(&at) {
             Some(e) if e.held_by(token, now) => {
                 e.expires = now + lease.record_life();
                 e.state = State::Claimed {
@@ -562,20 +631,22 @@ impl MemoryStore {
         }
     }
 
-    fn complete_now(
+    /// `payload` borrowed (copied in) or owned (kept as it is).
+    fn complete_sync<P: AsRef<[u8]> + Into<Box<[u8]>>>(
         &self,
         key: &StoreKey,
         token: FencingToken,
-        payload: &[u8],
+        payload: P,
         ttl: Duration,
     ) -> Result<(), StoreError> {
         let now = Instant::now();
-        let mut guard = self.shard(key);
+        let at = self.locate(key);
+        let mut guard = self.shard(&at);
         let shard = &mut *guard;
         // The claim's own slot is reused: only the payload needs room. Room
         // is checked before the one lookup of the key (a purge may drop
         // it, and then the caller is fenced, as it should be).
-        let extra = payload.len();
+        let extra = payload.as_ref().len();
         if extra > SMALL_RECORD {
             if !self.tenants.has_room(key, extra) {
                 self.tenants.saturate(key);
@@ -593,7 +664,7 @@ impl MemoryStore {
                 }
             }
         }
-        let Some(e) = shard.map.get_mut(key).filter(|e| e.held_by(token, now)) else {
+        let Some(e) = shard.get_mut(&at).filter(|e| e.held_by(token, now)) else {
             return Err(StoreError::Fenced);
         };
         e.expires = now + ttl;
@@ -607,18 +678,20 @@ impl MemoryStore {
 
     fn release_now(&self, key: &StoreKey, token: FencingToken) -> Result<(), StoreError> {
         let now = Instant::now();
-        let mut shard = self.shard(key);
-        if !shard.map.get(key).is_some_and(|e| e.held_by(token, now)) {
+        let at = self.locate(key);
+        let mut shard = self.shard(&at);
+        if !shard.get(&at).is_some_and(|e| e.held_by(token, now)) {
             return Err(StoreError::Fenced);
         }
-        shard.remove(key, &self.tenants);
+        shard.remove(&at, &self.tenants);
         Ok(())
     }
 
     fn inspect_now(&self, key: &StoreKey) -> Option<KeyState> {
         let now = Instant::now();
-        let shard = self.shard(key);
-        let e = shard.map.get(key).filter(|e| e.expires > now)?;
+        let at = self.locate(key);
+        let shard = self.shard(&at);
+        let e = shard.get(&at).filter(|e| e.expires > now)?;
         Some(match &e.state {
             State::Claimed { token, lease_until } if *lease_until > now => KeyState::Held {
                 fingerprint: e.fingerprint,
@@ -640,9 +713,10 @@ impl MemoryStore {
 
     fn remove_now(&self, key: &StoreKey) -> bool {
         let now = Instant::now();
-        let mut shard = self.shard(key);
-        let live = shard.map.get(key).is_some_and(|e| e.expires > now);
-        shard.remove(key, &self.tenants) && live
+        let at = self.locate(key);
+        let mut shard = self.shard(&at);
+        let live = shard.get(&at).is_some_and(|e| e.expires > now);
+        shard.remove(&at, &self.tenants) && live
     }
 
     fn purge_now(&self) -> u64 {
@@ -654,24 +728,22 @@ impl MemoryStore {
     }
 }
 
-/// A cheap multiplicative hash for picking the shard, so each operation
-/// runs the map's keyed (DoS-resistant) hash only once. Keys crafted to land
-/// in one shard can only make that shard busier, never break the map, whose
-/// own hasher is randomly keyed.
-fn shard_hash(bytes: &[u8], seed: u64) -> u64 {
-    const K: u64 = 0x9e37_79b9_7f4a_7c15;
-    let mut h = seed;
-    let mut chunks = bytes.chunks_exact(8);
-    for c in &mut chunks {
+/// The hash of a digest key's last 32 hex digits (128 bits of its
+/// digest): two folded multiplies (the 128-bit product's halves xored), each
+/// of two words under two of the store's random seeds. See
+/// [`MemoryStore::locate`] for why this is enough for digests, and only
+/// for them.
+fn digest_hash(tail: &[u8; 32], seeds: &[u64; 4]) -> u64 {
+    let word = |i: usize| {
         let mut w = [0u8; 8];
-        w.copy_from_slice(c);
-        h = (h.rotate_left(5) ^ u64::from_le_bytes(w)).wrapping_mul(K);
-    }
-    for &b in chunks.remainder() {
-        h = (h.rotate_left(5) ^ u64::from(b)).wrapping_mul(K);
-    }
-    // Fold the well-mixed high bits down to where the mask reads.
-    h ^ (h >> 32)
+        w.copy_from_slice(&tail[8 * i..8 * i + 8]);
+        u64::from_le_bytes(w)
+    };
+    let fold = |a: u64, b: u64| {
+        let p = u128::from(a) * u128::from(b);
+        (p as u64) ^ ((p >> 64) as u64)
+    };
+    fold(word(0) ^ seeds[0], word(1) ^ seeds[1]) ^ fold(word(2) ^ seeds[2], word(3) ^ seeds[3])
 }
 
 /// Locks a shard, recovering from poisoning: every critical section leaves
@@ -687,8 +759,27 @@ impl Store for MemoryStore {
         fingerprint: Fingerprint,
         lease: Lease,
     ) -> BoxFuture<'a, Result<Claim, StoreError>> {
-        let r = self.claim_now(key, fingerprint, lease);
+        let r = self.claim_sync(key, fingerprint, lease);
         Box::pin(std::future::ready(r))
+    }
+
+    fn claim_now(
+        &self,
+        key: &StoreKey,
+        fingerprint: Fingerprint,
+        lease: Lease,
+    ) -> Option<Result<Claim, StoreError>> {
+        Some(self.claim_sync(key, fingerprint, lease))
+    }
+
+    fn complete_now(
+        &self,
+        key: &StoreKey,
+        token: FencingToken,
+        payload: Vec<u8>,
+        ttl: Duration,
+    ) -> Result<Result<(), StoreError>, Vec<u8>> {
+        Ok(self.complete_sync(key, token, payload, ttl))
     }
 
     fn renew<'a>(
@@ -721,7 +812,7 @@ impl Store for MemoryStore {
         payload: &'a [u8],
         ttl: Duration,
     ) -> BoxFuture<'a, Result<(), StoreError>> {
-        let r = self.complete_now(key, token, payload, ttl);
+        let r = self.complete_sync(key, token, payload, ttl);
         Box::pin(std::future::ready(r))
     }
 
@@ -773,7 +864,7 @@ mod tests {
                 let sum: usize = shard
                     .map
                     .iter()
-                    .map(|(k, e)| Entry::cost(k, payload_len(e)))
+                    .map(|slot| Entry::cost(&slot.key, payload_len(&slot.entry)))
                     .sum();
                 assert_eq!(shard.bytes, sum, "a shard's byte count matches its entries");
                 sum

@@ -54,7 +54,12 @@ pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 /// client's key, then hashes it, so a store sees a short printable-ASCII
 /// string (at most [`StoreKey::MAX_LEN`] bytes) it can use as is. Beside
 /// the string it carries a digest of the tenant, so a store that bounds its
-/// capacity (the memory store) can give each tenant a share of its own.
+/// capacity (the memory store) can give each tenant a share of its own, and
+/// whether the string ends with such a digest (the keys the engine and
+/// [`crate::consumer`] make do; [`StoreKey::new`]'s keys do not), so the
+/// memory store may hash those cheaply. Like the tenant, that mark is part
+/// of the key's identity (`==`) but not of its text: stores that index
+/// keys by text (all but the memory store) see one record either way.
 ///
 /// ```
 /// use keel_idempotency::store::StoreKey;
@@ -68,8 +73,13 @@ pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 /// ```
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub struct StoreKey {
-    key: String,
+    /// Shared, so a store that keeps the key (the memory store's map)
+    /// takes it without a copy.
+    key: std::sync::Arc<str>,
     tenant: u64,
+    /// The text ends with 64 hex digits of a digest the engine computed
+    /// (not text a caller chose).
+    digest: bool,
 }
 
 /// Hashes the key string alone: the engine's keys already digest the
@@ -92,7 +102,51 @@ impl StoreKey {
         let ok = !key.is_empty()
             && key.len() <= Self::MAX_LEN
             && key.bytes().all(|b| b.is_ascii_graphic());
-        ok.then_some(Self { key, tenant: 0 })
+        ok.then(|| Self {
+            key: key.into(),
+            tenant: 0,
+            digest: false,
+        })
+    }
+
+    /// The key `namespace:` and the 64 lower-case hex digits of `digest`
+    /// (a digest the caller computed from the key's parts), or the digits
+    /// alone if that is too long; the memory store may then hash it
+    /// cheaply. `namespace` must be printable ASCII (the engine and the
+    /// consumer keep theirs so).
+    pub(crate) fn from_digest(namespace: &str, digest: &[u8; 32]) -> Self {
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        debug_assert!(namespace.bytes().all(|b| b.is_ascii_graphic()));
+        // Laid out on the stack, so the key's one allocation is its own.
+        let mut buf = [0u8; Self::MAX_LEN];
+        let start = if namespace.len() + 1 + 64 <= Self::MAX_LEN {
+            buf[..namespace.len()].copy_from_slice(namespace.as_bytes());
+            buf[namespace.len()] = b':';
+            namespace.len() + 1
+        } else {
+            0
+        };
+        for (pair, byte) in buf[start..start + 64].chunks_exact_mut(2).zip(digest) {
+            pair[0] = HEX[usize::from(byte >> 4)];
+            pair[1] = HEX[usize::from(byte & 0xf)];
+        }
+        let text = std::str::from_utf8(&buf[..start + 64]).expect("printable ASCII");
+        Self {
+            key: text.into(),
+            tenant: 0,
+            digest: true,
+        }
+    }
+
+    /// The 32 hex digits that end a key made by
+    /// [`from_digest`](Self::from_digest) (half of its digest: 128 bits),
+    /// or `None` for a key whose text a caller chose.
+    pub(crate) fn digest_tail(&self) -> Option<&[u8; 32]> {
+        if !self.digest {
+            return None;
+        }
+        let bytes = self.key.as_bytes();
+        bytes[bytes.len() - 32..].try_into().ok()
     }
 
     /// The same key, charged to `tenant` (a digest of the tenant; 0 for
@@ -138,7 +192,8 @@ impl std::fmt::Display for StoreKey {
 /// A digest of the request (method, path, query, body and chosen headers).
 ///
 /// Stored with the claim and the result so that a key reused for a different
-/// request is caught (422).
+/// request is caught (422). Always 32 bytes in a store; what they hold is
+/// told by [`Fingerprint::kind`] (see [`crate::fingerprint`]).
 ///
 /// ```
 /// use keel_idempotency::store::Fingerprint;
@@ -151,7 +206,53 @@ impl std::fmt::Display for StoreKey {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Fingerprint([u8; 32]);
 
+/// How a [`Fingerprint`] was computed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum FingerprintKind {
+    /// XXH3-128 (16 bytes) followed by [`Fingerprint::XXH3_TAG`]: what
+    /// the engine computes.
+    Xxh3,
+    /// Any other 32 bytes: a BLAKE3 digest, as earlier versions of Keel
+    /// stored (or bytes a caller chose, such as a consumer's constant).
+    Blake3,
+}
+
 impl Fingerprint {
+    /// The last 16 bytes of an XXH3 fingerprint. A BLAKE3 digest ends with
+    /// them only by a 2^-128 chance.
+    pub const XXH3_TAG: [u8; 16] = *b"keel-fp:xxh3-128";
+
+    /// The fingerprint of an XXH3-128 digest: its 16 bytes (big endian)
+    /// and [`Fingerprint::XXH3_TAG`].
+    ///
+    /// ```
+    /// # use keel_idempotency::store::{Fingerprint, FingerprintKind};
+    /// let fp = Fingerprint::from_xxh3(7);
+    /// assert_eq!(fp.kind(), FingerprintKind::Xxh3);
+    /// assert_eq!(fp.as_bytes()[15], 7);
+    /// assert_eq!(Fingerprint::from_bytes([7; 32]).kind(), FingerprintKind::Blake3);
+    /// ```
+    pub const fn from_xxh3(digest: u128) -> Self {
+        let mut bytes = [0u8; 32];
+        let d = digest.to_be_bytes();
+        let mut i = 0;
+        while i < 16 {
+            bytes[i] = d[i];
+            bytes[16 + i] = Self::XXH3_TAG[i];
+            i += 1;
+        }
+        Self(bytes)
+    }
+
+    /// How the fingerprint was computed, told by its last 16 bytes.
+    pub fn kind(&self) -> FingerprintKind {
+        if self.0[16..] == Self::XXH3_TAG {
+            FingerprintKind::Xxh3
+        } else {
+            FingerprintKind::Blake3
+        }
+    }
+
     /// The fingerprint with these 32 bytes (a store reading one back).
     ///
     /// ```
@@ -424,6 +525,36 @@ pub trait Store: Send + Sync + 'static {
         lease: Lease,
     ) -> BoxFuture<'a, Result<Claim, StoreError>>;
 
+    /// [`Store::claim`] done at once, for a store whose operations never
+    /// wait (the memory store); `None`, the default, means "call `claim`".
+    /// The engine asks this first: it saves boxing a future per request.
+    fn claim_now(
+        &self,
+        key: &StoreKey,
+        fingerprint: Fingerprint,
+        lease: Lease,
+    ) -> Option<Result<Claim, StoreError>> {
+        let _ = (key, fingerprint, lease);
+        None
+    }
+
+    /// [`Store::complete`] done at once, as [`Store::claim_now`], with the
+    /// payload handed over: a store that keeps the bytes (the memory store)
+    /// takes them without a copy. `Err(payload)`, the default, hands the
+    /// payload back: call `complete`. An answer given at once is final:
+    /// the engine does not retry it (only a store that answers at once,
+    /// with no connection to lose, should implement this).
+    fn complete_now(
+        &self,
+        key: &StoreKey,
+        token: FencingToken,
+        payload: Vec<u8>,
+        ttl: Duration,
+    ) -> Result<Result<(), StoreError>, Vec<u8>> {
+        let _ = (key, token, ttl);
+        Err(payload)
+    }
+
     /// Extends the live claim held by `token` to `lease.hold` from now (and
     /// its record's life to [`Lease::record_life`] from now). Fails with
     /// [`StoreError::Fenced`] unless `key` is claimed by exactly `token`
@@ -487,6 +618,25 @@ impl<S: Store + ?Sized> Store for std::sync::Arc<S> {
         lease: Lease,
     ) -> BoxFuture<'a, Result<Claim, StoreError>> {
         (**self).claim(key, fingerprint, lease)
+    }
+
+    fn claim_now(
+        &self,
+        key: &StoreKey,
+        fingerprint: Fingerprint,
+        lease: Lease,
+    ) -> Option<Result<Claim, StoreError>> {
+        (**self).claim_now(key, fingerprint, lease)
+    }
+
+    fn complete_now(
+        &self,
+        key: &StoreKey,
+        token: FencingToken,
+        payload: Vec<u8>,
+        ttl: Duration,
+    ) -> Result<Result<(), StoreError>, Vec<u8>> {
+        (**self).complete_now(key, token, payload, ttl)
     }
 
     fn renew<'a>(

@@ -310,6 +310,148 @@ async fn canonical_json_matches_reserialised_bodies() {
     assert_eq!(rejected(&raw, &post("j"), reordered).await.status(), 422);
 }
 
+/// A store as an earlier version of Keel wrote to it: every claim carries
+/// the request's BLAKE3 fingerprint (`old`) in place of the engine's.
+struct WrittenBefore {
+    inner: Arc<dyn Store>,
+    old: Fingerprint,
+}
+
+impl Store for WrittenBefore {
+    fn claim<'a>(
+        &'a self,
+        key: &'a StoreKey,
+        _: Fingerprint,
+        lease: Lease,
+    ) -> BoxFuture<'a, Result<Claim, StoreError>> {
+        self.inner.claim(key, self.old, lease)
+    }
+    fn renew<'a>(
+        &'a self,
+        key: &'a StoreKey,
+        token: FencingToken,
+        lease: Lease,
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        self.inner.renew(key, token, lease)
+    }
+    fn inspect<'a>(
+        &'a self,
+        key: &'a StoreKey,
+    ) -> BoxFuture<'a, Result<Option<KeyState>, StoreError>> {
+        self.inner.inspect(key)
+    }
+    fn remove<'a>(&'a self, key: &'a StoreKey) -> BoxFuture<'a, Result<bool, StoreError>> {
+        self.inner.remove(key)
+    }
+    fn complete<'a>(
+        &'a self,
+        key: &'a StoreKey,
+        token: FencingToken,
+        payload: &'a [u8],
+        ttl: Duration,
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        self.inner.complete(key, token, payload, ttl)
+    }
+    fn release<'a>(
+        &'a self,
+        key: &'a StoreKey,
+        token: FencingToken,
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        self.inner.release(key, token)
+    }
+    fn name(&self) -> &'static str {
+        "written-before"
+    }
+}
+
+/// Records written with the BLAKE3 fingerprints of earlier versions, read
+/// back by this one over the same (durable) store: the same request is
+/// replayed (or sees its claim in flight), a different one is still a
+/// mismatch.
+async fn blake3_records_still_compare(store: Arc<dyn Store>) {
+    let body = br#"{"sku":"A1","qty":2}"#;
+    let req = post("upgrade");
+    let config = FingerprintConfig::default();
+    let (head, ()) = req.clone().into_parts();
+    let old = config.digest_blake3(&head.method, &head.uri, &head.headers, body);
+    assert_eq!(old.kind(), keel_idempotency::FingerprintKind::Blake3);
+    let new = config.digest(&head.method, &head.uri, &head.headers, body);
+    assert_eq!(new.kind(), keel_idempotency::FingerprintKind::Xxh3);
+    assert_ne!(old, new);
+
+    let policy = Policy::default().with_namespace("upgrade".into());
+    let before = Engine::new(
+        Arc::new(WrittenBefore {
+            inner: store.clone(),
+            old,
+        }),
+        policy.clone(),
+    );
+    execute(&before, &req, body)
+        .await
+        .complete(&respond(201, "created before the upgrade"))
+        .await
+        .expect("stored");
+    let held = execute(&before, &post("upgrade-held"), body).await;
+
+    let after = Engine::new(store, policy);
+    let replay = replayed(&after, &req, body).await;
+    assert_eq!(replay.status(), 201);
+    assert_eq!(replay.body(), "created before the upgrade");
+    let other = rejected(&after, &req, br#"{"sku":"A1","qty":3}"#).await;
+    assert_eq!(other.status(), 422);
+    assert_eq!(
+        problem_type(&other),
+        "urn:keel:problem:idempotency-key-reused"
+    );
+    // A claim an earlier version holds: the same request waits its turn
+    // (409), a different one is a mismatch (422).
+    let in_flight = rejected(&after, &post("upgrade-held"), body).await;
+    assert_eq!(in_flight.status(), 409);
+    assert_eq!(
+        rejected(&after, &post("upgrade-held"), b"other")
+            .await
+            .status(),
+        422
+    );
+    drop(held);
+}
+
+#[tokio::test]
+async fn blake3_fingerprints_of_earlier_versions_still_match_memory() {
+    blake3_records_still_compare(memory()).await;
+}
+
+#[cfg(feature = "embedded")]
+#[tokio::test]
+async fn blake3_fingerprints_of_earlier_versions_still_match_embedded_after_reopen() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = keel_idempotency::embedded::EmbeddedStore::open_dir(dir.path()).expect("open");
+    let body = b"paid";
+    let req = post("reopen");
+    let (head, ()) = req.clone().into_parts();
+    let old =
+        FingerprintConfig::default().digest_blake3(&head.method, &head.uri, &head.headers, body);
+    let before = Engine::new(
+        Arc::new(WrittenBefore {
+            inner: Arc::new(store),
+            old,
+        }),
+        Policy::default(),
+    );
+    execute(&before, &req, body)
+        .await
+        .complete(&respond(200, "ok"))
+        .await
+        .expect("stored");
+    drop(before);
+    // The upgraded process opens the same log.
+    let reopened = keel_idempotency::embedded::EmbeddedStore::open_dir(dir.path()).expect("reopen");
+    let after = Engine::new(Arc::new(reopened), Policy::default());
+    assert_eq!(replayed(&after, &req, body).await.body(), "ok");
+    assert_eq!(rejected(&after, &req, b"paid twice").await.status(), 422);
+}
+
 // ---- tenants ----
 
 fn tenant_request(auth: &str, key: &str) -> Request<()> {
