@@ -314,3 +314,37 @@ async fn a_request_without_any_host_reaches_the_upstream_with_the_endpoints() {
     assert_eq!(hits.load(Ordering::SeqCst), 1);
     gateway.drain_now().await.expect("drained");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_first_hop_writes_one_line_of_each_forwarded_header() {
+    // The upstream answers with every X-Forwarded-* line it received.
+    let up = upstream(|request| async move {
+        let mut seen = Vec::new();
+        for name in ["x-forwarded-for", "x-forwarded-proto", "x-forwarded-host"] {
+            for value in request.headers().get_all(name) {
+                seen.push(format!("{name}={}", value.to_str().expect("ascii")));
+            }
+        }
+        Response::new(Bytes::from(seen.join("|")))
+    })
+    .await;
+    let gateway = start_toml(&config(up, "")).await;
+    let (status, _, body) = get(gateway.listen, "shop.test:8443", "/api/x").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        body,
+        "x-forwarded-for=127.0.0.1|x-forwarded-proto=http|x-forwarded-host=shop.test:8443"
+    );
+    // With a hop before: its values come first, in one line each.
+    let request = Request::get("/api/x")
+        .header("host", "shop.test")
+        .header("x-forwarded-proto", "https")
+        .body(Bytes::new())
+        .expect("request");
+    let (_, _, body) = send(gateway.listen, request).await;
+    assert_eq!(
+        body,
+        "x-forwarded-for=127.0.0.1|x-forwarded-proto=https, http|x-forwarded-host=shop.test"
+    );
+    gateway.drain_now().await.expect("drained");
+}

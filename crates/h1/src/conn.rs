@@ -17,7 +17,7 @@ use tokio::net::TcpStream;
 
 use crate::body::ResponseBody;
 use crate::error::{BoxError, Error};
-use crate::request::{Framing, encode_head};
+use crate::request::{ExtraLines, Framing, encode_head};
 use crate::response::{BodyFraming, Head, Span, parse_head};
 
 /// What a read asks the buffer to have room for.
@@ -180,8 +180,9 @@ impl Connection {
         }
     }
 
-    /// Sends a request (`head` and `body`) and reads the response head.
-    /// The head is only read, so a caller can send it again elsewhere.
+    /// Sends a request (`head`, the `extra` header lines, and `body`) and
+    /// reads the response head. The head is only read, so a caller can
+    /// send it again elsewhere.
     ///
     /// The head is written first, with the body's first frame when it is
     /// ready; the rest of the body follows as it comes, while an answer
@@ -198,6 +199,7 @@ impl Connection {
     pub async fn send<B>(
         mut self: Box<Self>,
         head: &Parts,
+        extra: &ExtraLines<'_>,
         mut body: B,
         pool: &Arc<dyn Pool>,
     ) -> Result<Response<ResponseBody>, Failure<B>>
@@ -223,6 +225,7 @@ impl Connection {
             &head.method,
             &head.uri,
             &head.headers,
+            extra,
             sending.framing,
         );
         // The body's first frame, when ready, goes out with the head: one

@@ -33,7 +33,11 @@
 //!     .header(http::header::HOST, "127.0.0.1:8080")
 //!     .body(Empty::<bytes::Bytes>::new())?
 //!     .into_parts();
-//! let response = connection.send(&head, body, &pool).await.map_err(|f| f.error)?;
+//! let extra = keel_h1::ExtraLines::new();
+//! let response = connection
+//!     .send(&head, &extra, body, &pool)
+//!     .await
+//!     .map_err(|f| f.error)?;
 //! let body = response.into_body().collect().await?.to_bytes();
 //! println!("{} bytes; the connection is back in the pool", body.len());
 //! # Ok(())
@@ -49,4 +53,5 @@ mod response;
 pub use body::ResponseBody;
 pub use conn::{Connection, Failure, OnUpgrade, Pool, Unsent, Upgraded};
 pub use error::{BoxError, Error};
+pub use request::ExtraLines;
 pub use response::{MAX_HEAD_SIZE, MAX_HEADERS};

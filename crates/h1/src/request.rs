@@ -6,6 +6,50 @@ use http::{HeaderMap, Method, Uri};
 
 use crate::error::Error;
 
+/// Header lines a caller appends to a request head as they are: values it
+/// formatted once (per connection, say), so they never pass through a
+/// header map on every request. The parts are written one after the other
+/// and together must form complete `name: value\r\n` lines of valid
+/// names and values; the caller vouches for that.
+///
+/// ```
+/// let mut extra = keel_h1::ExtraLines::new();
+/// assert!(extra.push(b"x-forwarded-proto: http\r\n"));
+/// assert_eq!(extra.parts().count(), 1);
+/// ```
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ExtraLines<'a> {
+    parts: [&'a [u8]; 6],
+    len: usize,
+}
+
+impl<'a> ExtraLines<'a> {
+    /// No lines.
+    pub const fn new() -> Self {
+        ExtraLines {
+            parts: [&[]; 6],
+            len: 0,
+        }
+    }
+
+    /// Adds a part; false (and nothing added) when six are there already.
+    pub fn push(&mut self, part: &'a [u8]) -> bool {
+        match self.parts.get_mut(self.len) {
+            Some(slot) => {
+                *slot = part;
+                self.len += 1;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// The parts, in order.
+    pub fn parts(&self) -> impl Iterator<Item = &'a [u8]> + '_ {
+        self.parts[..self.len].iter().copied()
+    }
+}
+
 /// How the request body is delimited on the wire.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Framing {
@@ -87,8 +131,8 @@ impl Framing {
 }
 
 /// Appends the request head: request line in origin form, the headers as
-/// they are (names lower case, as `http` keeps them), then the framing
-/// header the body needs. `Content-Length` and `Transfer-Encoding` from
+/// they are (names lower case, as `http` keeps them), the `extra` lines,
+/// then the framing header the body needs. `Content-Length` and `Transfer-Encoding` from
 /// `headers` are left out: the framing written is the one the body is sent
 /// with, so the two can never disagree.
 pub(crate) fn encode_head(
@@ -96,6 +140,7 @@ pub(crate) fn encode_head(
     method: &Method,
     uri: &Uri,
     headers: &HeaderMap,
+    extra: &ExtraLines<'_>,
     framing: Framing,
 ) {
     out.extend_from_slice(method.as_str().as_bytes());
@@ -115,6 +160,9 @@ pub(crate) fn encode_head(
         out.extend_from_slice(b": ");
         out.extend_from_slice(value.as_bytes());
         out.extend_from_slice(b"\r\n");
+    }
+    for part in extra.parts() {
+        out.extend_from_slice(part);
     }
     match framing {
         Framing::None => {}
@@ -169,8 +217,20 @@ mod tests {
                 HeaderValue::from_str(value).expect("value"),
             );
         }
+        let mut extra = ExtraLines::new();
+        if method == Method::PATCH {
+            assert!(extra.push(b"x-extra: "));
+            assert!(extra.push(b"1\r\n"));
+        }
         let mut out = Vec::new();
-        encode_head(&mut out, &method, &uri.parse().expect("uri"), &map, framing);
+        encode_head(
+            &mut out,
+            &method,
+            &uri.parse().expect("uri"),
+            &map,
+            &extra,
+            framing,
+        );
         String::from_utf8(out).expect("ascii")
     }
 
@@ -204,6 +264,16 @@ mod tests {
             head(Method::OPTIONS, "*", &[], Framing::None),
             "OPTIONS * HTTP/1.1\r\n\r\n"
         );
+    }
+
+    #[test]
+    fn extra_lines_hold_six_parts() {
+        let mut extra = ExtraLines::new();
+        for _ in 0..6 {
+            assert!(extra.push(b"a"));
+        }
+        assert!(!extra.push(b"b"), "full");
+        assert_eq!(extra.parts().count(), 6);
     }
 
     #[test]

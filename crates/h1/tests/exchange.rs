@@ -99,7 +99,9 @@ where
     B::Error: Into<keel_h1::BoxError>,
 {
     let (head, body) = request.into_parts();
-    connection.send(&head, body, pool).await
+    connection
+        .send(&head, &keel_h1::ExtraLines::new(), body, pool)
+        .await
 }
 
 fn get(path: &str) -> Request<Empty<Bytes>> {

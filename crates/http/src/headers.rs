@@ -120,37 +120,75 @@ fn append_list(
 
 /// A client's address as `X-Forwarded-For` writes it: formatted once per
 /// connection, then shared by every request on it (a clone is a reference
-/// count, not a copy).
+/// count, not a copy). It also holds the first hop's forwarded header lines
+/// as bytes ([`first_hop_lines`](Self::first_hop_lines)), for a request
+/// that carries no `X-Forwarded-*` of its own: those are written as they
+/// are, never through the request's header map.
 ///
 /// ```
 /// use keel_http::headers::ForwardedFor;
 ///
 /// let client = ForwardedFor::new("10.1.2.3".parse().unwrap());
 /// assert_eq!(client.value(), "10.1.2.3");
+/// assert_eq!(
+///     client.first_hop_lines(),
+///     b"x-forwarded-for: 10.1.2.3\r\nx-forwarded-proto: http\r\nx-forwarded-host: "
+/// );
 /// ```
 #[derive(Debug, Clone)]
-pub struct ForwardedFor(HeaderValue);
+pub struct ForwardedFor {
+    value: HeaderValue,
+    lines: bytes::Bytes,
+}
 
 impl ForwardedFor {
-    /// The address `client`, formatted.
+    /// The address `client`, formatted, for a client that speaks `http`.
     pub fn new(client: IpAddr) -> Self {
-        // Written on the stack first: at most 45 bytes (an IPv4-mapped
-        // IPv6 address).
+        Self::with_proto(client, "http")
+    }
+
+    /// The address `client`, formatted, for a client that used `proto`
+    /// (`http` or `https`).
+    pub fn with_proto(client: IpAddr, proto: &'static str) -> Self {
+        const FOR: &[u8] = b"x-forwarded-for: ";
+        // The address is written on the stack first: at most 45 bytes (an
+        // IPv4-mapped IPv6 address).
         let mut buf = [0u8; 48];
         let mut cursor = std::io::Cursor::new(&mut buf[..]);
         let _ = write!(cursor, "{client}");
         let n = usize::try_from(cursor.position()).unwrap_or(0);
-        let bytes = bytes::Bytes::copy_from_slice(&buf[..n]);
+        let mut lines = Vec::with_capacity(96);
+        lines.extend_from_slice(FOR);
+        lines.extend_from_slice(&buf[..n]);
+        lines.extend_from_slice(b"\r\nx-forwarded-proto: ");
+        lines.extend_from_slice(proto.as_bytes());
+        lines.extend_from_slice(b"\r\nx-forwarded-host: ");
+        let lines = bytes::Bytes::from(lines);
         // An address is digits, dots, colons and hex: always a valid value.
-        let value = HeaderValue::from_maybe_shared(bytes)
+        let value = HeaderValue::from_maybe_shared(lines.slice(FOR.len()..FOR.len() + n))
             .unwrap_or_else(|_| HeaderValue::from_static("unknown"));
-        ForwardedFor(value)
+        ForwardedFor { value, lines }
     }
 
     /// The formatted address.
     pub fn value(&self) -> &HeaderValue {
-        &self.0
+        &self.value
     }
+
+    /// `X-Forwarded-For` and `-Proto` as complete header lines, then the
+    /// start of `X-Forwarded-Host`: the host and a CRLF complete it.
+    pub fn first_hop_lines(&self) -> &[u8] {
+        &self.lines
+    }
+}
+
+/// True when the request carries any `X-Forwarded-*` header of its own (a
+/// hop before this one): this hop's values are then appended to them.
+/// One pass over the names, no hashing.
+pub fn has_forwarded(headers: &HeaderMap) -> bool {
+    headers.keys().any(|name| {
+        name == X_FORWARDED_FOR || name == X_FORWARDED_PROTO || name == X_FORWARDED_HOST
+    })
 }
 
 /// Appends this hop to `X-Forwarded-For`, `-Proto` and `-Host`.
@@ -160,8 +198,8 @@ pub fn append_forwarded(
     proto: &'static str,
     host: Option<&str>,
 ) {
-    append_list(headers, X_FORWARDED_FOR, client.0.as_bytes(), || {
-        Some(client.0.clone())
+    append_list(headers, X_FORWARDED_FOR, client.value.as_bytes(), || {
+        Some(client.value.clone())
     });
     append_list(headers, X_FORWARDED_PROTO, proto.as_bytes(), || {
         Some(HeaderValue::from_static(proto))

@@ -230,7 +230,7 @@ impl DataPlane {
         let downstream = Downstream {
             peer,
             proto: "http",
-            forwarded_for: ForwardedFor::new(peer.ip()),
+            forwarded_for: ForwardedFor::with_proto(peer.ip(), "http"),
         };
         let tracker = activity.clone();
         let service = service_fn(move |request| {

@@ -40,10 +40,11 @@ use hyper::body::Incoming;
 
 use crate::filter::{Downstream, FilterDecision, RequestContext};
 use crate::route::{Route, Router};
+use keel_h1::ExtraLines;
 use keel_http::body::ProxyBody;
 use keel_http::headers::{
     CodingError, HostError, X_REQUEST_ID, append_forwarded, append_via, check_transfer_encoding,
-    head_size, new_request_id, remove_hop_by_hop, wants_upgrade,
+    has_forwarded, head_size, new_request_id, remove_hop_by_hop, wants_upgrade,
 };
 use keel_http::problem::{Problem, ProblemKind};
 use keel_metrics::RouteMetrics;
@@ -250,7 +251,7 @@ impl Proxy {
         let upgrade = downstream_upgrade.is_some();
         let ends_by = tokio::time::Instant::now() + upstream.request_timeout;
         let forward = keel_upstream::forward(upstream, request, upgrade, ends_by, |head| {
-            self.upstream_head(head, host, downstream, upgrade);
+            self.upstream_head(head, host, downstream, upgrade)
         });
         let outcome = if let Some(hook) = on_response.as_ref().filter(|h| h.must_hold(ends_by)) {
             let mut forward = std::pin::pin!(forward);
@@ -280,8 +281,15 @@ impl Proxy {
         }
     }
 
-    /// Turns the downstream request's head into the one sent upstream.
-    fn upstream_head(&self, parts: &mut Parts, host: &str, downstream: &Downstream, upgrade: bool) {
+    /// Turns the downstream request's head into the one sent upstream, and
+    /// gives this hop's header lines that are written as they are.
+    fn upstream_head<'a>(
+        &self,
+        parts: &mut Parts,
+        host: &'a str,
+        downstream: &'a Downstream,
+        upgrade: bool,
+    ) -> ExtraLines<'a> {
         // origin-form on the upstream connection
         if parts.uri.scheme().is_some() || parts.uri.authority().is_some() {
             let path = parts
@@ -298,15 +306,26 @@ impl Proxy {
         // Host is preserved: HTTP/2 clients send :authority instead, which
         // became Host for the HTTP/1.1 upstream (`request_host`). A request
         // with no host at all gets the endpoint's (keel_upstream::forward).
-        append_forwarded(
-            headers,
-            &downstream.forwarded_for,
-            downstream.proto,
-            Some(host),
-        );
+        let mut extra = ExtraLines::new();
+        if has_forwarded(headers) {
+            // A hop before this one: ours are appended to its values.
+            append_forwarded(
+                headers,
+                &downstream.forwarded_for,
+                downstream.proto,
+                Some(host),
+            );
+        } else {
+            // The first hop, the usual case: lines formatted once per
+            // connection, and the host, written as they are.
+            extra.push(downstream.forwarded_for.first_hop_lines());
+            extra.push(host.as_bytes());
+            extra.push(b"\r\n");
+        }
         if self.settings.via {
             append_via(headers, downstream_version);
         }
+        extra
     }
 
     /// Response headers and upgrades.

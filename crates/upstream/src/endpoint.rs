@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use http::request::Parts;
 use http::uri::Authority;
 use http::{HeaderValue, Response};
-use keel_h1::{Connection, Pool};
+use keel_h1::{Connection, ExtraLines, Pool};
 use tokio::net::TcpStream;
 
 use crate::breakers::{BreakerWatcher, EndpointGuard, UpstreamResilience};
@@ -251,12 +251,13 @@ impl Endpoint {
         Ok(Connection::new(stream, Box::new(guard)))
     }
 
-    /// Sends the request (`head`, `body`) on a pooled (or new) connection
-    /// and returns the response head; the connection returns to the pool
-    /// when the body ends.
+    /// Sends the request (`head`, `extra` header lines, `body`) on a
+    /// pooled (or new) connection and returns the response head; the
+    /// connection returns to the pool when the body ends.
     pub async fn send(
         &self,
         head: &Parts,
+        extra: &ExtraLines<'_>,
         mut body: ProxyBody,
     ) -> Result<Response<ProxyBody>, SendError> {
         // A pooled connection may have been closed by the upstream a moment
@@ -268,7 +269,7 @@ impl Endpoint {
                 Some(connection) => (connection, false),
                 None => (self.connect().await?, true),
             };
-            match connection.send(head, body, &self.returns).await {
+            match connection.send(head, extra, body, &self.returns).await {
                 Ok(response) => return Ok(response.map(ProxyBody::Upstream)),
                 Err(failure) => match failure.unsent {
                     Some(unsent) if !fresh => body = unsent_body(unsent),
@@ -282,7 +283,7 @@ impl Endpoint {
             }
         }
         let connection = self.connect().await?;
-        match connection.send(head, body, &self.returns).await {
+        match connection.send(head, extra, body, &self.returns).await {
             Ok(response) => Ok(response.map(ProxyBody::Upstream)),
             Err(failure) => Err(SendError::Exchange {
                 sent: failure.sent,

@@ -123,7 +123,8 @@ impl HealthCheck {
         };
         let exchange = async {
             let (head, body) = request.into_parts();
-            let response = self.endpoint.send(&head, body).await.ok()?;
+            let extra = keel_h1::ExtraLines::new();
+            let response = self.endpoint.send(&head, &extra, body).await.ok()?;
             let ok = response.status().is_success();
             // Read the body so the connection can go back to the pool.
             response.into_body().collect().await.ok()?;

@@ -18,7 +18,8 @@
 //! let upstream = Upstream::new(spec, &metrics);
 //! let deadline = tokio::time::Instant::now() + upstream.request_timeout;
 //! let request = Request::get("/").body(ProxyBody::Empty).expect("request");
-//! match keel_upstream::forward(&upstream, request, false, deadline, |_head| {}).await {
+//! let no_extra_lines = |_: &mut http::request::Parts| keel_h1::ExtraLines::new();
+//! match keel_upstream::forward(&upstream, request, false, deadline, no_extra_lines).await {
 //!     Ok(response) => println!("{}", response.status()),
 //!     Err(error) => println!("{error} (sent: {})", error.sent),
 //! }

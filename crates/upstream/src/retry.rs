@@ -21,6 +21,7 @@ use keel_breaker::Outcome;
 use keel_retry::Budget;
 use tokio::time::Instant;
 
+use keel_h1::ExtraLines;
 use keel_http::{BodyFault, BodyWatch, ProxyBody};
 
 use crate::endpoint::{Endpoint, Unavailable, Upstream};
@@ -129,15 +130,16 @@ pub fn unavailable(upstream: &Upstream, why: Unavailable) -> UpstreamError {
 /// and ends by `deadline` (the upstream's `request_timeout` from the
 /// start; every wait below is bounded by it). `prepare` turns the
 /// downstream request's head into the one sent upstream (headers,
-/// origin-form URI), once: every attempt sends that head, by reference.
+/// origin-form URI), once, and gives the header lines to append to it as
+/// they are: every attempt sends that head, by reference.
 /// A head without `Host` (an HTTP/1.0 client's) gets the endpoint's
 /// authority. `upgrade` requests are never retried.
-pub async fn forward(
+pub async fn forward<'x>(
     upstream: &Upstream,
     request: Request<ProxyBody>,
     upgrade: bool,
     deadline: Instant,
-    prepare: impl FnOnce(&mut Parts),
+    prepare: impl FnOnce(&mut Parts) -> ExtraLines<'x>,
 ) -> Result<Response<ProxyBody>, UpstreamError> {
     let resilience = &upstream.resilience;
 
@@ -187,7 +189,7 @@ pub async fn forward(
         }
         None => (body, None),
     };
-    prepare(&mut head);
+    let extra = prepare(&mut head);
     let host_from_endpoint = !head.headers.contains_key(header::HOST);
     let max_attempts = match (&kept, retry) {
         (Some(_), Some(settings)) => settings.max_attempts,
@@ -214,7 +216,7 @@ pub async fn forward(
             Some(kept) => kept.body(),
             None => std::mem::replace(&mut first, ProxyBody::Empty),
         };
-        let result = send(upstream, endpoint, &head, body, deadline).await;
+        let result = send(upstream, endpoint, &head, &extra, body, deadline).await;
 
         // What this attempt says about the endpoint, and whether another
         // attempt could do better.

@@ -8,7 +8,8 @@ use keel_http::{BodyFault, BodyWatch, ProxyBody};
 use crate::endpoint::{Endpoint, InFlight, SendError, Upstream};
 use crate::error::{ClientFault, ErrorKind, UpstreamError};
 
-/// Sends the request (`head`, `body`) on the endpoint's pool by
+/// Sends the request (`head`, `extra` header lines, `body`) on the
+/// endpoint's pool by
 /// `deadline` (the end of the upstream's `request_timeout` for the
 /// request).
 ///
@@ -21,12 +22,13 @@ pub async fn send(
     upstream: &Upstream,
     endpoint: &Endpoint,
     head: &Parts,
+    extra: &keel_h1::ExtraLines<'_>,
     mut body: ProxyBody,
     deadline: tokio::time::Instant,
 ) -> Result<Response<ProxyBody>, UpstreamError> {
     let _in_flight = InFlight::start(endpoint);
     let watch = body.watch();
-    match tokio::time::timeout_at(deadline, endpoint.send(head, body)).await {
+    match tokio::time::timeout_at(deadline, endpoint.send(head, extra, body)).await {
         Ok(Ok(response)) => Ok(response),
         Ok(Err(error)) => Err(classify(&upstream.name, endpoint, &error, watch.as_ref())),
         Err(_elapsed) => {
