@@ -10,7 +10,7 @@ use http::{HeaderMap, HeaderName, HeaderValue, StatusCode, Version};
 
 use crate::error::Error;
 
-/// The most response headers accepted (as hyper's client).
+/// The most response headers accepted (hyper's limit too).
 pub const MAX_HEADERS: usize = 100;
 
 /// The largest response head accepted, in bytes (nginx's default buffer

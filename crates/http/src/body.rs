@@ -86,7 +86,7 @@ impl BodyFault {
 }
 
 /// What became of a downstream request body, shared between the body
-/// (which records it as it is read, wherever it is read: by hyper's client
+/// (which records it as it is read, wherever it is read: by the upstream client (keel-h1)
 /// streaming it upstream, by the retry loop or a filter buffering it) and
 /// the code that classifies a failed exchange. It tells who failed: a body
 /// that broke or was cut short is the client's fault, and so is a deadline
@@ -97,7 +97,7 @@ impl BodyFault {
 pub struct BodyWatch(Arc<WatchState>);
 
 /// How soon after the client's last bytes the reader is taken to be still
-/// waiting on the client: a reader (hyper's client) that was waiting, got
+/// waiting on the client: a reader (the upstream client) that was waiting, got
 /// bytes and has not asked again yet is between two reads, not blocked by
 /// the upstream, unless that lasts longer than this.
 const BETWEEN_READS: Duration = Duration::from_millis(100);
@@ -156,7 +156,7 @@ impl BodyWatch {
     /// True while the body is neither complete nor failed and its reader
     /// is waiting for the client's next bytes: a deadline passing now is
     /// the client's lateness, not the upstream's. A reader that is not
-    /// asking for more (hyper's client holding bytes the upstream does not
+    /// asking for more (the upstream client holding bytes the upstream does not
     /// take) waits on the upstream instead; one that was waiting, just got
     /// bytes and is about to ask again still counts as waiting on the
     /// client.
