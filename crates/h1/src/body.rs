@@ -426,6 +426,18 @@ mod tests {
     }
 
     proptest::proptest! {
+        /// Whatever bytes an upstream sends as a chunked body, decoding
+        /// ends in data, an end, a wait for more or an error: never a
+        /// panic.
+        #[test]
+        fn any_bytes_decode_without_panic(
+            wire in proptest::collection::vec(proptest::num::u8::ANY, 0..512),
+            step in 1usize..64,
+        ) {
+            let _ = decode_all(Decoder::Chunked(Chunked::Size, 0), &wire, step);
+            let _ = decode_all(Decoder::Length(wire.len() as u64 / 2), &wire, step);
+        }
+
         /// Any body, chunked any way and read in any pieces, comes out whole.
         #[test]
         fn chunked_round_trip(body in proptest::collection::vec(proptest::num::u8::ANY, 0..600),

@@ -276,6 +276,40 @@ mod tests {
         );
     }
 
+    proptest::proptest! {
+        /// Whatever an upstream sends, parsing its head and reading its
+        /// framing end in a head, a wait for more, or an error: never a
+        /// panic, and a complete head always leaves the rest in the buffer.
+        #[test]
+        fn any_bytes_parse_without_panic(
+            bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..512),
+            head_request in proptest::bool::ANY,
+        ) {
+            let mut read = BytesMut::from(&bytes[..]);
+            if let Ok(Some(mut head)) = parse_head(&mut read, &mut Vec::new()) {
+                proptest::prop_assert!(read.len() < bytes.len());
+                let _ = head.framing(head_request);
+            }
+        }
+
+        /// Heads made of valid pieces parse, whatever their headers.
+        #[test]
+        fn valid_heads_parse(
+            status in 200u16..600,
+            headers in proptest::collection::vec(("[a-z][a-z0-9-]{0,12}", "[ -~]{0,20}"), 0..20),
+        ) {
+            let mut text = format!("HTTP/1.1 {status} X\r\n");
+            for (name, value) in &headers {
+                text.push_str(&format!("{name}: {value}\r\n"));
+            }
+            text.push_str("\r\n");
+            let head = parse_head(&mut BytesMut::from(text.as_str()), &mut Vec::new());
+            let head = head.expect("valid").expect("complete");
+            proptest::prop_assert_eq!(head.status.as_u16(), status);
+            proptest::prop_assert_eq!(head.headers.len(), headers.len());
+        }
+    }
+
     #[test]
     fn framing_follows_rfc_9112() {
         use BodyFraming::*;
