@@ -33,8 +33,7 @@ use hyper::upgrade::{OnUpgrade, Upgraded};
 use hyper_util::rt::TokioIo;
 use keel_drain::{CloseRequest, Registration};
 use prometheus_client::metrics::counter::Counter;
-use tokio::io::AsyncWrite;
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::{Duration, Sleep};
 
@@ -117,11 +116,12 @@ pub async fn splice(
     });
 }
 
-/// Replaces the wakers the HTTP connection tasks left in the socket's
-/// read and write slots with no-op ones. The tunnel takes over a write
-/// slot only when a write could not finish at once, so without this the
-/// finished connection task (a few KiB) would stay allocated, through its
-/// waker, for as long as the tunnel is idle.
+/// Replaces the wakers the HTTP tasks left in the socket's read and write
+/// slots (the client connection's task; on the upstream side, the task of
+/// the request that drove the exchange) with no-op ones. The tunnel takes
+/// over a write slot only when a write could not finish at once, so
+/// without this the finished task (a few KiB) would stay allocated,
+/// through its waker, for as long as the tunnel is idle.
 fn forget_wakers(stream: TcpStream) -> TcpStream {
     let mut cx = Context::from_waker(Waker::noop());
     let _ = stream.poll_read_ready(&mut cx);
