@@ -217,6 +217,42 @@ async fn the_status_shows_every_task_in_the_supervision_tree() {
     gateway.drain_now().await.expect("drained");
 }
 
+/// An upstream on raw sockets: on each connection it reads one request
+/// (its head, then until the bytes end with `body`), writes `answer(n)`
+/// for the n-th connection and closes. Returns its address and the count
+/// of connections accepted.
+async fn raw_upstream(
+    body: &'static [u8],
+    answer: impl Fn(usize) -> Vec<u8> + Send + Sync + 'static,
+) -> (SocketAddr, Arc<AtomicUsize>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let count = accepted.clone();
+    let answer = Arc::new(answer);
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let n = count.fetch_add(1, Ordering::SeqCst) + 1;
+            let answer = answer.clone();
+            tokio::spawn(async move {
+                let mut seen = Vec::new();
+                let mut buf = [0u8; 4096];
+                while !seen.windows(4).any(|w| w == b"\r\n\r\n") || !seen.ends_with(body) {
+                    match stream.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(k) => seen.extend_from_slice(&buf[..k]),
+                    }
+                }
+                let _ = stream.write_all(&answer(n)).await;
+            });
+        }
+    });
+    (addr, accepted)
+}
+
 /// The `keel_upstream_open_connections` gauge summed over endpoints.
 async fn open_upstream_connections(admin: SocketAddr) -> f64 {
     let (_, _, metrics) = get(admin, "admin", "/metrics").await;
@@ -230,39 +266,18 @@ async fn open_upstream_connections(admin: SocketAddr) -> f64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_the_upstream_closes_while_idle_are_swept_and_never_fail_a_post() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     // An upstream that answers one request per connection and then closes
     // it without saying so (as a server whose keep-alive timeout is short
     // does), counting the connections it accepted.
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let up = listener.local_addr().expect("addr");
-    let accepted = Arc::new(AtomicUsize::new(0));
-    let count = accepted.clone();
-    tokio::spawn(async move {
-        while let Ok((mut stream, _)) = listener.accept().await {
-            let n = count.fetch_add(1, Ordering::SeqCst) + 1;
-            tokio::spawn(async move {
-                let mut seen = Vec::new();
-                let mut buf = [0u8; 4096];
-                // The head, then the 4-byte body the test sends.
-                while !seen.windows(4).any(|w| w == b"\r\n\r\n") || !seen.ends_with(b"ping") {
-                    match stream.read(&mut buf).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(k) => seen.extend_from_slice(&buf[..k]),
-                    }
-                }
-                let body = format!("connection {n}");
-                let answer = format!(
-                    "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{body}",
-                    body.len()
-                );
-                let _ = stream.write_all(answer.as_bytes()).await;
-                // Closed here, while the gateway keeps it as idle.
-            });
-        }
-    });
+    let (up, accepted) = raw_upstream(b"ping", |n| {
+        let body = format!("connection {n}");
+        format!(
+            "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .into_bytes()
+    })
+    .await;
     let gateway = start_toml(&config(up, "")).await;
     let admin = gateway.admin.expect("admin");
     let post = || {
@@ -346,5 +361,32 @@ async fn the_first_hop_writes_one_line_of_each_forwarded_header() {
         body,
         "x-forwarded-for=127.0.0.1|x-forwarded-proto=https, http|x-forwarded-host=shop.test"
     );
+    gateway.drain_now().await.expect("drained");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_that_answers_malformed_http_gets_the_blame_and_a_502() {
+    // Answers with two Content-Lengths that disagree (a response a proxy
+    // must not guess at).
+    let (up, _) = raw_upstream(b"", |_| {
+        b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\ncontent-length: 3\r\n\r\nabc".to_vec()
+    })
+    .await;
+    let gateway = start_toml(&config(up, "")).await;
+    let admin = gateway.admin.expect("admin");
+    let (status, headers, body) = get(gateway.listen, "a.test", "/api/x").await;
+    assert_eq!(status, StatusCode::BAD_GATEWAY);
+    assert_eq!(headers["content-type"], "application/problem+json");
+    let problem: serde_json::Value = serde_json::from_slice(&body).expect("json");
+    assert_eq!(problem["type"], "urn:keel:problem:upstream-bad-response");
+    let (_, _, metrics) = get(admin, "admin", "/metrics").await;
+    let text = std::str::from_utf8(&metrics).expect("utf8");
+    let bad: f64 = text
+        .lines()
+        .filter(|l| l.starts_with("keel_upstream_failures_total{") && l.contains("bad_response"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    // The GET is retried (retry-safe), each attempt blamed on the upstream.
+    assert!(bad >= 1.0, "{text}");
     gateway.drain_now().await.expect("drained");
 }
