@@ -26,6 +26,10 @@ const READ_SIZE: usize = 16 * 1024;
 const MIN_ROOM: usize = 2 * 1024;
 /// A request body is written out once this much of it is queued.
 const FLUSH_AT: usize = 64 * 1024;
+/// The most write buffer a connection keeps between requests: a large
+/// upload's buffer is let go, so an idle pooled connection holds no more
+/// than a request head needs.
+const WRITE_KEEP: usize = 8 * 1024;
 
 /// Where a connection goes back once an exchange on it is complete.
 pub trait Pool: Send + Sync + std::fmt::Debug {
@@ -276,6 +280,9 @@ impl Connection {
         // The request body is done with (or abandoned): the client's side
         // of the exchange is over.
         drop(body);
+        if self.write.capacity() > WRITE_KEEP {
+            self.write = Vec::new();
+        }
         let early = answered.is_some();
         let head = match answered {
             Some(head) => head,
