@@ -160,11 +160,6 @@ impl Connection {
         })
     }
 
-    /// What the owner attached.
-    pub fn attached(&self) -> &(dyn Any + Send + Sync) {
-        &*self.attached
-    }
-
     /// Whether an idle connection can carry a request: the upstream has
     /// neither closed it nor sent anything unasked. Asks the runtime's
     /// readiness, so a connection with nothing to read costs no syscall.

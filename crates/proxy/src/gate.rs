@@ -36,7 +36,7 @@ impl Wake for Gate {
 }
 
 /// One gate per connection, shared by the futures it gates in turn.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub(crate) struct Gates {
     gate: Arc<Gate>,
     waker: Waker,

@@ -227,10 +227,11 @@ impl DataPlane {
             Activity::new(Phase::Head(accepted), true, settings)
         });
         let gateway = self.gateway.clone();
+        let proto = "http";
         let downstream = Downstream {
             peer,
-            proto: "http",
-            forwarded_for: ForwardedFor::with_proto(peer.ip(), "http"),
+            proto,
+            forwarded_for: ForwardedFor::with_proto(peer.ip(), proto),
         };
         let tracker = activity.clone();
         let service = service_fn(move |request| {

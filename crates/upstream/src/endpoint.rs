@@ -262,17 +262,27 @@ impl Endpoint {
     ) -> Result<Response<ProxyBody>, SendError> {
         // A pooled connection may have been closed by the upstream a moment
         // ago, unseen when it was checked out; a request of which not a
-        // byte was written then goes to the next one. A fresh connection
-        // gets no second chance.
-        for _ in 0..4 {
-            let (connection, fresh) = match self.pool.checkout() {
+        // byte was written then goes to the next one, up to four times,
+        // then on a new connection. A fresh connection gets no second
+        // chance.
+        let mut stale = 0;
+        loop {
+            let pooled = if stale < 4 {
+                self.pool.checkout()
+            } else {
+                None
+            };
+            let (connection, fresh) = match pooled {
                 Some(connection) => (connection, false),
                 None => (self.connect().await?, true),
             };
             match connection.send(head, extra, body, &self.returns).await {
                 Ok(response) => return Ok(response.map(ProxyBody::Upstream)),
                 Err(failure) => match failure.unsent {
-                    Some(unsent) if !fresh => body = unsent_body(unsent),
+                    Some(unsent) if !fresh => {
+                        body = unsent_body(unsent);
+                        stale += 1;
+                    }
                     _ => {
                         return Err(SendError::Exchange {
                             sent: failure.sent,
@@ -281,14 +291,6 @@ impl Endpoint {
                     }
                 },
             }
-        }
-        let connection = self.connect().await?;
-        match connection.send(head, extra, body, &self.returns).await {
-            Ok(response) => Ok(response.map(ProxyBody::Upstream)),
-            Err(failure) => Err(SendError::Exchange {
-                sent: failure.sent,
-                error: failure.error,
-            }),
         }
     }
 }

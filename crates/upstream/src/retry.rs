@@ -58,10 +58,18 @@ impl Kept {
 }
 
 /// Keeps the body for retries when it is small; a kept body is read in
-/// full first (bounded by `max_body`; the caller bounds the time). Reading
-/// it fails only on the client's side.
-async fn keep(body: ProxyBody, max_body: u64) -> Result<(ProxyBody, Option<Kept>), UpstreamError> {
-    if is_empty(&body) {
+/// full first, bounded by `max_body` and by `deadline`. Reading it fails
+/// only on the client's side: running out of time waits on the client
+/// alone, and `too_slow` makes that failure (408, never the upstream's).
+/// An empty body (most retry-safe requests: GETs) needs no read, watch or
+/// timer.
+async fn keep(
+    body: ProxyBody,
+    max_body: u64,
+    deadline: Instant,
+    too_slow: impl FnOnce(Option<&BodyWatch>) -> UpstreamError,
+) -> Result<(ProxyBody, Option<Kept>), UpstreamError> {
+    if body.is_end_stream() || body.size_hint().exact() == Some(0) {
         return Ok((ProxyBody::Empty, Some(Kept(None))));
     }
     if body.size_hint().exact().is_none_or(|n| n > max_body) {
@@ -69,12 +77,11 @@ async fn keep(body: ProxyBody, max_body: u64) -> Result<(ProxyBody, Option<Kept>
     }
     let mut body = body;
     let watch = body.watch();
-    let bytes = collect(body, watch.as_ref()).await?;
+    let bytes = match tokio::time::timeout_at(deadline, collect(body, watch.as_ref())).await {
+        Ok(read) => read?,
+        Err(_elapsed) => return Err(too_slow(watch.as_ref())),
+    };
     Ok((ProxyBody::full(bytes.clone()), Some(Kept(Some(bytes)))))
-}
-
-fn is_empty(body: &ProxyBody) -> bool {
-    body.is_end_stream() || body.size_hint().exact() == Some(0)
 }
 
 async fn collect(body: ProxyBody, watch: Option<&BodyWatch>) -> Result<Bytes, UpstreamError> {
@@ -158,22 +165,13 @@ pub async fn forward<'x>(
         .retry
         .as_ref()
         .filter(|_| !upgrade && is_retry_safe(&request));
-    let (mut head, mut body) = request.into_parts();
+    let (mut head, body) = request.into_parts();
     let (mut first, kept) = match retry {
         Some(settings) => {
-            let read = if is_empty(&body) {
-                // Most retry-safe requests (GETs): nothing to read or watch.
-                Ok((ProxyBody::Empty, Some(Kept(None))))
-            } else {
-                // Reading a kept body waits on the client alone: running out
-                // of time here is the client's lateness (408), never the
-                // upstream's.
-                let watch = body.watch();
-                match tokio::time::timeout_at(deadline, keep(body, settings.max_body)).await {
-                    Ok(read) => read,
-                    Err(_elapsed) => Err(body_timeout(upstream, watch.as_ref())),
-                }
-            };
+            let read = keep(body, settings.max_body, deadline, |watch| {
+                body_timeout(upstream, watch)
+            })
+            .await;
             let kept = match read {
                 Ok(kept) => kept,
                 Err(client_failure) => {
@@ -301,15 +299,19 @@ mod tests {
 
     #[tokio::test]
     async fn small_bodies_are_kept_and_large_or_unsized_ones_are_not() {
-        let (body, kept) = keep(ProxyBody::full("hello"), 16).await.expect("kept");
+        let later = Instant::now() + Duration::from_secs(3600);
+        let late = |_: Option<&BodyWatch>| -> UpstreamError { unreachable!("no timeout") };
+        let (body, kept) = keep(ProxyBody::full("hello"), 16, later, late)
+            .await
+            .expect("kept");
         let kept = kept.expect("small body kept");
         assert_eq!(collect(kept.body(), None).await.expect("body"), "hello");
         assert_eq!(collect(kept.body(), None).await.expect("body"), "hello");
         assert_eq!(collect(body, None).await.expect("body"), "hello");
 
         let big = ProxyBody::full(vec![0u8; 17]);
-        assert!(keep(big, 16).await.expect("ok").1.is_none());
-        let (body, kept) = keep(ProxyBody::Empty, 0).await.expect("ok");
+        assert!(keep(big, 16, later, late).await.expect("ok").1.is_none());
+        let (body, kept) = keep(ProxyBody::Empty, 0, later, late).await.expect("ok");
         assert!(body.is_end_stream());
         assert!(kept.expect("an empty body is kept").body().is_end_stream());
     }
