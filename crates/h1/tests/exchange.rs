@@ -104,6 +104,16 @@ where
         .await
 }
 
+/// The whole body of a response that is expected to end well.
+async fn body_of(response: http::Response<keel_h1::ResponseBody>) -> Bytes {
+    response
+        .into_body()
+        .collect()
+        .await
+        .expect("body")
+        .to_bytes()
+}
+
 fn get(path: &str) -> Request<Empty<Bytes>> {
     Request::get(path)
         .header("host", "upstream")
@@ -132,28 +142,12 @@ async fn a_response_read_with_its_head_frees_the_connection_at_once() {
     assert_eq!(response.status(), StatusCode::OK);
     assert_eq!(response.headers()["x-a"], "1");
     assert_eq!(kept.len(), 1, "back in the pool before the body is read");
-    assert_eq!(
-        response
-            .into_body()
-            .collect()
-            .await
-            .expect("body")
-            .to_bytes(),
-        "first"
-    );
+    assert_eq!(body_of(response).await, "first");
 
     let again = kept.take().expect("pooled");
     let response = send(again, get("/next"), &pool).await.expect("second");
     assert_eq!(response.status(), StatusCode::NOT_FOUND);
-    assert_eq!(
-        response
-            .into_body()
-            .collect()
-            .await
-            .expect("body")
-            .to_bytes(),
-        "second"
-    );
+    assert_eq!(body_of(response).await, "second");
     let (first, second) = upstream.await.expect("upstream");
     assert_eq!(first, "GET /a?b=c HTTP/1.1\r\nhost: upstream\r\n\r\n");
     assert!(second.starts_with("GET /next HTTP/1.1\r\n"));
@@ -270,15 +264,7 @@ async fn an_early_answer_ends_an_unfinished_upload_and_the_connection() {
         .expect("request");
     let response = send(connection, request, &pool).await.expect("an answer");
     assert_eq!(response.status(), StatusCode::PAYLOAD_TOO_LARGE);
-    assert_eq!(
-        response
-            .into_body()
-            .collect()
-            .await
-            .expect("body")
-            .to_bytes(),
-        "big"
-    );
+    assert_eq!(body_of(response).await, "big");
     assert_eq!(
         kept.len(),
         0,
@@ -363,12 +349,7 @@ async fn a_body_until_close_ends_at_the_fin_and_closes() {
     let upstream = answer_once(server, b"HTTP/1.1 200 OK\r\n\r\nall of it");
     let response = send(connection, get("/"), &pool).await.expect("head");
     drop(upstream.await.expect("upstream"));
-    let body = response
-        .into_body()
-        .collect()
-        .await
-        .expect("body")
-        .to_bytes();
+    let body = body_of(response).await;
     assert_eq!(body, "all of it");
     assert_eq!(kept.len(), 0);
 }
